@@ -1,0 +1,89 @@
+"""Where things land in an MLflow run: keys, artifact paths, tags, table columns.
+
+Everything that names something in MLflow lives here, so the sink, the compare feature and
+the docs agree on one layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+#: Root of every key and artifact path the package writes.
+ROOT = "eigencam"
+#: Name used in keys and paths when a sample came with ``ds_id=None``.
+ALL_DS = "all"
+
+#: Run tags.
+TAG_VERSION = "mlflow_eigencam.version"
+TAG_TARGET_LAYER = "mlflow_eigencam.target_layer"
+TAG_N_COMPONENTS = "mlflow_eigencam.n_components"
+TAG_N_SAMPLES = "mlflow_eigencam.n_samples"
+TAG_MODE = "mlflow_eigencam.mode"
+TAG_DS_ID = "mlflow_eigencam.ds_id"
+#: MLflow's own tag that lists a run's tables (what ``mlflow.log_table`` sets).
+MLFLOW_LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
+
+#: Fixed table columns; ``evr_1`` .. ``evr_k`` follow ``correct``, then ``image``.
+TABLE_COLUMNS = ("epoch", "sample_index", "sample_id", "label", "prediction", "correct")
+TABLE_IMAGE_COLUMN = "image"
+
+_SAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def safe_segment(name: str | None) -> str:
+    """Turn a mode or dataset id into one safe key / path segment.
+
+    Only ``[A-Za-z0-9_-]`` survive; anything else (slashes, dots, spaces, non-ASCII) becomes
+    ``_``. When that changed the name, a short hash of the original is appended so that two ids
+    which sanitise alike (``"a b"`` and ``"a/b"``) stay distinct.
+
+    Args:
+        name: The id; None means "every dataset" and maps to ``"all"``.
+
+    Returns:
+        A non-empty string safe both as an MLflow metric/image key segment and a path segment.
+    """
+    if name is None:
+        return ALL_DS
+    text = str(name)
+    cleaned = _SAFE.sub("_", text)
+    if cleaned != text or not cleaned:
+        digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        cleaned = f"{cleaned[:48]}-{digest}"
+    return cleaned
+
+
+def prefix(mode: str, ds_id: str | None) -> str:
+    """``eigencam/{mode}/{ds_id}``: the key prefix that groups a section in the MLflow UI."""
+    return f"{ROOT}/{safe_segment(mode)}/{safe_segment(ds_id)}"
+
+
+def image_key(mode: str, ds_id: str | None, index: int) -> str:
+    """Key of the per-sample image series (``log_image(key=..., step=epoch)``)."""
+    return f"{prefix(mode, ds_id)}/sample_{index}"
+
+
+def epoch_dir(mode: str, ds_id: str | None, epoch: int) -> str:
+    """Artifact folder of one epoch: ``eigencam/{mode}/{ds_id}/epoch_{epoch:04d}``."""
+    return f"{prefix(mode, ds_id)}/epoch_{epoch:04d}"
+
+
+def grid_path(mode: str, ds_id: str | None, epoch: int) -> str:
+    """Artifact path of an epoch's grid PNG."""
+    return f"{epoch_dir(mode, ds_id, epoch)}/grid.png"
+
+
+def strip_path(mode: str, ds_id: str | None, epoch: int, index: int) -> str:
+    """Artifact path of one sample's strip PNG at one epoch (what the table points to)."""
+    return f"{epoch_dir(mode, ds_id, epoch)}/sample_{index}.png"
+
+
+def table_path(mode: str, ds_id: str | None) -> str:
+    """Artifact path of the per-(mode, ds_id) table, one row per sample per epoch."""
+    return f"{prefix(mode, ds_id)}/samples.json"
+
+
+def metric_key(mode: str, ds_id: str | None, component: int) -> str:
+    """Mean explained-variance ratio of component ``component`` (1-based)."""
+    return f"{prefix(mode, ds_id)}/evr_{component}"

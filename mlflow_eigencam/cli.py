@@ -1,0 +1,48 @@
+"""``mlflow-eigencam``: send a leftover spool, compare epochs across runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _send_spool(args: argparse.Namespace) -> int:
+    from .sink import send_spool
+
+    sent, left = send_spool(args.path, tracking_uri=args.tracking_uri, timeout=args.timeout)
+    print(f"sent {sent} item(s); {left} left in {args.path}")
+    return 0 if left == 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (subcommands: send-spool, compare)."""
+    parser = argparse.ArgumentParser(prog="mlflow-eigencam",
+                                     description="EigenCAM overlays in MLflow: tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("send-spool", help="send what could not be sent to MLflow during training")
+    p.add_argument("path", help="spool folder named in the warning")
+    p.add_argument("--tracking-uri", default=None, help="send there instead of the recorded URI")
+    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    p.set_defaults(func=_send_spool)
+    try:
+        from .compare import add_compare_parser
+    except ImportError:  # compare not available in this build
+        pass
+    else:
+        add_compare_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``mlflow-eigencam`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, LookupError) as exc:
+        print(f"mlflow-eigencam: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

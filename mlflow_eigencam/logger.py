@@ -1,0 +1,514 @@
+"""The framework-free logger that every integration calls.
+
+Adapters hand it numpy arrays; it filters by mode and dataset id, keeps a capped set of
+samples, and at each epoch end runs the math, renders and hands the results to the sink.
+It never raises into the training loop (unless ``strict=True``): a failure warns and skips
+that epoch's images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _layout
+from .eigencam import eigencam
+from .filters import ds_id_filter, mode_filter
+from .render import encode_png, render_grid, render_strip, resolve_colormap, to_rgb_uint8
+from .samples import Sample, SampleBuffer
+from .sink import EigenCAMWarning, Item, MlflowSink, default_spool_root, probe
+
+_log = logging.getLogger("mlflow_eigencam")
+
+Key = Tuple[str, Optional[str]]
+_LAYOUTS = ("NCHW", "NHWC")
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass
+class _Stream:
+    """What streaming mode (``n_samples=None``) keeps between batches: files, not arrays."""
+
+    folder: Path
+    count: int = 0
+    evr_sum: Optional[np.ndarray] = None
+    rows: List[dict] = field(default_factory=list)
+    grid_strips: List[np.ndarray] = field(default_factory=list)
+
+
+class EigenCAMLogger:
+    """Collect samples during an epoch and log EigenCAM overlays to MLflow at its end.
+
+    Args:
+        n_components: Principal components per sample: an int >= 1, or a float in (0, 1) for
+            "as many as explain this fraction of the variance".
+        n_samples: Samples kept per (mode, ds_id) and epoch; None keeps all and streams them
+            (rendered per batch, kept on disk until the epoch end).
+        label_mapping: ``{name: index}`` or a sequence of names, for captions.
+        mode: Mode filter: None, "eval", {"eval", "test"}, "!train".
+        ds_id: Dataset id filter, same forms as ``mode``.
+        run_id: Log into this run (through ``MlflowClient``). Default: the active run, else a
+            run started here and ended in :meth:`close`.
+        tracking_uri: Where ``run_id`` lives; default ``mlflow.get_tracking_uri()``.
+        colormap: OpenCV colormap name ("jet", "viridis", ...) or constant.
+        alpha: Heat-map opacity in [0, 1].
+        log_every_n_epochs: Log epochs 0, n, 2n, ...
+        image_layout: "NCHW" or "NHWC" to force the image layout; None detects it.
+        channels_last: Activations arrive as (B, h, w, C) (Keras) instead of (B, C, h, w).
+        target_layer: Name of the layer the activations come from (a run tag).
+        strict: Raise errors inside the logger instead of warning (for debugging).
+        spool_dir: Folder for items MLflow has not confirmed yet; default
+            ``~/.cache/mlflow_eigencam/spool/<run_id>`` (or ``$MLFLOW_EIGENCAM_SPOOL_DIR``).
+        close_timeout: Seconds :meth:`close` waits for the upload to finish.
+        grid_max_rows: Rows in the per-epoch grid (streaming mode can have thousands).
+        extra_tags: More run tags.
+    """
+
+    def __init__(
+        self,
+        n_components: Union[int, float] = 3,
+        n_samples: Optional[int] = 5,
+        label_mapping: Union[Mapping[str, Any], Sequence[str], None] = None,
+        mode: Union[None, str, Sequence[str]] = "!train",
+        ds_id: Union[None, str, Sequence[str]] = None,
+        *,
+        run_id: Optional[str] = None,
+        tracking_uri: Optional[str] = None,
+        colormap: Union[str, int] = "jet",
+        alpha: float = 0.5,
+        log_every_n_epochs: int = 1,
+        image_layout: Optional[str] = None,
+        channels_last: bool = False,
+        target_layer: Optional[str] = None,
+        strict: bool = False,
+        spool_dir: Union[str, os.PathLike, None] = None,
+        close_timeout: float = 30.0,
+        grid_max_rows: int = 16,
+        extra_tags: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        _check_n_components(n_components)
+        if n_samples is not None and (isinstance(n_samples, bool)
+                                      or not isinstance(n_samples, numbers.Integral)):
+            raise TypeError(f"n_samples must be an int >= 1 or None, got {n_samples!r}")
+        if n_samples is not None and n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1 or None, got {n_samples!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        if (isinstance(log_every_n_epochs, bool)
+                or not isinstance(log_every_n_epochs, numbers.Integral) or log_every_n_epochs < 1):
+            raise ValueError(f"log_every_n_epochs must be an int >= 1, got {log_every_n_epochs!r}")
+        if image_layout is not None and image_layout not in _LAYOUTS:
+            raise ValueError(f"image_layout must be one of {_LAYOUTS} or None, got {image_layout!r}")
+        if isinstance(grid_max_rows, bool) or not isinstance(grid_max_rows, int) or grid_max_rows < 1:
+            raise ValueError(f"grid_max_rows must be an int >= 1, got {grid_max_rows!r}")
+        if close_timeout is not None and close_timeout < 0:
+            raise ValueError(f"close_timeout must be >= 0 or None, got {close_timeout!r}")
+        self.n_components = n_components
+        self.n_samples = None if n_samples is None else int(n_samples)
+        self.mode_filter = mode_filter(mode)
+        self.ds_id_filter = ds_id_filter(ds_id)
+        self.colormap = colormap
+        resolve_colormap(colormap)  # fail now, naming the bad colormap
+        self.alpha = float(alpha)
+        self.log_every_n_epochs = int(log_every_n_epochs)
+        self.image_layout = image_layout
+        self.channels_last = bool(channels_last)
+        self.strict = bool(strict)
+        self.close_timeout = close_timeout
+        self.grid_max_rows = grid_max_rows
+        self._buffer = SampleBuffer(self.n_samples, label_mapping)
+        # Label conversion for streaming mode goes through the same code path, uncapped.
+        self._stream_buffer = SampleBuffer(None, label_mapping)
+        self._streams: Dict[Key, _Stream] = {}
+        self._tables: Dict[Key, List[dict]] = {}
+        self._target_layer = target_layer
+        self._extra_tags = dict(extra_tags or {})
+        self._requested_run_id = run_id
+        self._tracking_uri = tracking_uri
+        self._run_id: Optional[str] = None
+        self._owns_run = False
+        self._spool_dir = Path(spool_dir) if spool_dir is not None else None
+        self._sink: Optional[MlflowSink] = None
+        self._warned: set = set()
+        self._closed = False
+        self._tmp_root: Optional[Path] = None
+
+    # -- what integrations ask before they copy anything -------------------------------------
+    def wants(self, mode: str, ds_id: Optional[str] = None) -> bool:
+        """True when (mode, ds_id) passes the filters (else the batch costs nothing)."""
+        return self.mode_filter(mode) and self.ds_id_filter(ds_id)
+
+    def room(self, mode: str, ds_id: Optional[str] = None) -> Optional[int]:
+        """Samples still wanted for (mode, ds_id) this epoch: 0, a count, or None (all)."""
+        if not self.wants(mode, ds_id):
+            return 0
+        if self.n_samples is None:
+            return None
+        return self._buffer.room(mode, ds_id)
+
+    def should_log(self, epoch: int) -> bool:
+        """True for the epochs that ``log_every_n_epochs`` selects."""
+        return int(epoch) % self.log_every_n_epochs == 0
+
+    def set_target_layer(self, name: str) -> None:
+        """Record the layer the activations come from (logged as a run tag)."""
+        changed = name != self._target_layer
+        self._target_layer = name
+        if changed and self._run_id is not None:
+            self._submit(Item("tags", self._run_id, self._uri(),
+                              tags={_layout.TAG_TARGET_LAYER: str(name)}))
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The run being logged to (None until the first logged epoch, unless given)."""
+        return self._run_id or self._requested_run_id
+
+    @property
+    def spool_dir(self) -> Optional[Path]:
+        """Folder that holds what MLflow has not confirmed yet."""
+        return self._sink.spool_dir if self._sink is not None else self._spool_dir
+
+    # -- batches -------------------------------------------------------------------------
+    def on_batch_end(self, images: Any, activations: Any, labels: Any = None, preds: Any = None,
+                     *, mode: str, ds_id: Optional[str] = None) -> None:
+        """Offer one batch.
+
+        Args:
+            images: (B, C, H, W) or (B, H, W, C) (or (B, H, W) grayscale); uint8 or float.
+            activations: (B, C, h, w), or (B, h, w, C) with ``channels_last=True``.
+            labels: (B,) class indices or strings, or (B, K) one-hot / probabilities.
+            preds: (B,) indices or (B, K) logits / probabilities (argmax is taken).
+            mode: "train", "eval", "test" or "infer".
+            ds_id: Dataset id, or None.
+        """
+        if not isinstance(mode, str):
+            raise TypeError(f"mode must be a string such as 'eval', got {mode!r}")
+        if not self.wants(mode, ds_id):
+            return
+        room = self.room(mode, ds_id)
+        if room == 0:
+            return
+        try:
+            self._batch(images, activations, labels, preds, mode, ds_id, room)
+        except Exception as exc:
+            self._fail(exc, f"on_batch_end(mode={mode!r}, ds_id={ds_id!r})")
+
+    def _batch(self, images, activations, labels, preds, mode, ds_id, room) -> None:
+        images = np.asarray(images)
+        activations = np.asarray(activations)
+        if activations.ndim != 4:
+            raise ValueError(
+                f"activations must be 4-D {'(B, h, w, C)' if self.channels_last else '(B, C, h, w)'}"
+                f", got shape {activations.shape}")
+        if images.ndim not in (3, 4):
+            raise ValueError(f"images must be (B, C, H, W), (B, H, W, C) or (B, H, W), "
+                             f"got shape {images.shape}")
+        sizes = {"images": len(images), "activations": len(activations)}
+        for name, value in (("labels", labels), ("preds", preds)):
+            if value is not None:
+                sizes[name] = len(value)
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"batch sizes differ: {sizes}")
+        n = len(images) if room is None else min(room, len(images))
+        if n == 0:
+            return
+        layout = self._image_layout(images)
+        hwc = np.stack([to_rgb_uint8(images[i], "HWC" if layout in ("NHWC", "NHW") else "CHW")
+                        for i in range(n)])
+        acts = activations[:n]
+        if self.channels_last:
+            acts = np.moveaxis(acts, -1, 1)
+        acts = np.array(acts, dtype=np.float32)  # a copy of only the kept samples
+        lab = None if labels is None else _head(labels, n)
+        prd = None if preds is None else _head(preds, n)
+        if self.n_samples is None:
+            self._stream_batch(mode, ds_id, hwc, acts, lab, prd)
+        else:
+            self._buffer.add(mode, ds_id, hwc, acts, lab, prd)
+
+    def _image_layout(self, images: np.ndarray) -> str:
+        if images.ndim == 3:
+            return "NHW"
+        if self.image_layout is not None:
+            return self.image_layout
+        first, last = images.shape[1] in (1, 3, 4), images.shape[-1] in (1, 3, 4)
+        if last and not first:
+            return "NHWC"
+        if first and not last:
+            return "NCHW"
+        raise ValueError(f"cannot tell the layout of images with shape {images.shape}: pass "
+                         f"image_layout='NCHW' or 'NHWC'")
+
+    # -- epochs --------------------------------------------------------------------------
+    def on_epoch_end(self, epoch: int, *, mode: Optional[str] = None,
+                     ds_id: Optional[str] = None) -> None:
+        """Log what was kept for every (mode, ds_id) seen (or only the one given); step=epoch."""
+        keys = [k for k in self._keys() if (mode is None or k[0] == mode)
+                and (ds_id is None or k[1] == ds_id)]
+        if not keys:
+            return
+        if not self.should_log(epoch):
+            for key in keys:
+                self._discard(key)
+            return
+        try:
+            self._ensure_run()
+        except Exception as exc:
+            for key in keys:
+                self._discard(key)
+            self._fail(exc, "starting the MLflow run")
+            return
+        for key in keys:
+            try:
+                self._log_key(int(epoch), key)
+            except Exception as exc:
+                self._discard(key)
+                self._fail(exc, f"on_epoch_end(epoch={epoch}, mode={key[0]!r}, ds_id={key[1]!r})")
+
+    def _keys(self) -> List[Key]:
+        keys = list(self._buffer.keys())
+        keys += [k for k in self._streams if k not in keys]
+        return keys
+
+    def _discard(self, key: Key) -> None:
+        self._buffer.take(*key)
+        stream = self._streams.pop(key, None)
+        if stream is not None:
+            shutil.rmtree(stream.folder, ignore_errors=True)
+
+    def _log_key(self, epoch: int, key: Key) -> None:
+        mode, ds_id = key
+        if key in self._streams:
+            self._log_stream(epoch, key, self._streams.pop(key))
+            return
+        samples = self._buffer.take(mode, ds_id)
+        if not samples:
+            return
+        result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
+        strips = [self._strip(s, result.maps[i], result.explained_variance_ratio[i])
+                  for i, s in enumerate(samples)]
+        rows = []
+        for s, strip, evr in zip(samples, strips, result.explained_variance_ratio):
+            self._submit(Item("image", self._run_id, self._uri(),
+                              key=_layout.image_key(mode, ds_id, s.index), step=epoch,
+                              payload=strip))
+            path = _layout.strip_path(mode, ds_id, epoch, s.index)
+            self._submit(Item("artifact", self._run_id, self._uri(), path=path, payload=strip))
+            rows.append(_row(epoch, s, evr, path))
+        self._finish_epoch(epoch, key, strips[: self.grid_max_rows],
+                           result.explained_variance_ratio.sum(axis=0), len(samples), rows)
+
+    def _strip(self, s: Sample, maps: np.ndarray, evr: np.ndarray) -> np.ndarray:
+        return render_strip(s.image, maps, explained_variance=evr, label=s.label, pred=s.pred,
+                            colormap=self.colormap, alpha=self.alpha)
+
+    def _finish_epoch(self, epoch: int, key: Key, grid_strips: List[np.ndarray],
+                      evr_sum: np.ndarray, count: int, rows: List[dict]) -> None:
+        mode, ds_id = key
+        grid = render_grid(grid_strips, epoch=epoch, mode=mode, ds_id=ds_id)
+        self._submit(Item("artifact", self._run_id, self._uri(),
+                          path=_layout.grid_path(mode, ds_id, epoch), payload=grid))
+        table = self._tables.setdefault(key, [])
+        table.extend(rows)
+        self._submit(Item("table", self._run_id, self._uri(), path=_layout.table_path(mode, ds_id),
+                          payload=_table_json(table)))
+        now = int(time.time() * 1000)
+        mean = evr_sum / max(count, 1)
+        metrics = [[_layout.metric_key(mode, ds_id, c + 1), float(v), epoch, now]
+                   for c, v in enumerate(mean)]
+        self._submit(Item("metrics", self._run_id, self._uri(), metrics=metrics))
+
+    # -- streaming (n_samples=None) ------------------------------------------------------
+    def _stream_batch(self, mode, ds_id, hwc, acts, labels, preds) -> None:
+        key = (mode, ds_id)
+        stream = self._streams.get(key)
+        if stream is None:
+            folder = self._pending_root() / uuid.uuid4().hex
+            folder.mkdir(parents=True)
+            stream = self._streams[key] = _Stream(folder)
+        self._stream_buffer.add(mode, ds_id, hwc, acts, labels, preds)
+        samples = self._stream_buffer.take(mode, ds_id)
+        result = eigencam(acts, self.n_components)
+        evr = result.explained_variance_ratio
+        for i, s in enumerate(samples):
+            index = stream.count + i
+            strip = self._strip(s, result.maps[i], evr[i])
+            (stream.folder / f"{index:08d}.png").write_bytes(encode_png(strip))
+            if len(stream.grid_strips) < self.grid_max_rows:
+                stream.grid_strips.append(strip)
+            s.index = index
+            stream.rows.append(_row(-1, s, evr[i], ""))
+        stream.count += len(samples)
+        total = evr.sum(axis=0)
+        if stream.evr_sum is None:
+            stream.evr_sum = total
+        else:  # n_components as a fraction can change k between batches: pad to the longer
+            k = max(len(total), len(stream.evr_sum))
+            stream.evr_sum = np.pad(stream.evr_sum, (0, k - len(stream.evr_sum))) + \
+                np.pad(total, (0, k - len(total)))
+
+    def _log_stream(self, epoch: int, key: Key, stream: _Stream) -> None:
+        mode, ds_id = key
+        try:
+            for row in stream.rows:
+                index = row["sample_index"]
+                data = (stream.folder / f"{index:08d}.png").read_bytes()
+                self._submit(Item("image", self._run_id, self._uri(),
+                                  key=_layout.image_key(mode, ds_id, index), step=epoch,
+                                  payload=data))
+                path = _layout.strip_path(mode, ds_id, epoch, index)
+                self._submit(Item("artifact", self._run_id, self._uri(), path=path, payload=data))
+                row["epoch"], row[_layout.TABLE_IMAGE_COLUMN] = epoch, path
+            evr_sum = stream.evr_sum if stream.evr_sum is not None else np.zeros(0)
+            self._finish_epoch(epoch, key, stream.grid_strips, evr_sum, stream.count, stream.rows)
+        finally:
+            shutil.rmtree(stream.folder, ignore_errors=True)
+
+    def _pending_root(self) -> Path:
+        if self._tmp_root is None:
+            self._tmp_root = Path(tempfile.mkdtemp(prefix="mlflow-eigencam-pending-"))
+        return self._tmp_root
+
+    # -- MLflow --------------------------------------------------------------------------
+    def _uri(self) -> str:
+        return self._tracking_uri  # set by _ensure_run
+
+    def _ensure_run(self) -> None:
+        if self._run_id is not None:
+            return
+        import mlflow
+
+        if self._tracking_uri is None:
+            self._tracking_uri = str(mlflow.get_tracking_uri())
+        if self._requested_run_id is not None:
+            self._run_id = self._requested_run_id
+        elif mlflow.active_run() is not None:
+            self._run_id = mlflow.active_run().info.run_id
+            self._tracking_uri = str(mlflow.get_tracking_uri())
+        else:
+            if not probe(self._tracking_uri):
+                raise ConnectionError(f"cannot reach MLflow at {self._tracking_uri} to start a run")
+            # As MLflow's autologging does: no run yet, so start one (ended in close()).
+            self._run_id = mlflow.start_run().info.run_id
+            self._tracking_uri = str(mlflow.get_tracking_uri())
+            self._owns_run = True
+        spool = self._spool_dir or default_spool_root() / self._run_id
+        self._sink = MlflowSink(spool)
+        self._submit(Item("tags", self._run_id, self._uri(), tags=self._tags()))
+
+    def _tags(self) -> Dict[str, str]:
+        tags = {
+            _layout.TAG_VERSION: _package_version(),
+            _layout.TAG_N_COMPONENTS: str(self.n_components),
+            _layout.TAG_N_SAMPLES: str(self.n_samples),
+            _layout.TAG_MODE: repr(self.mode_filter),
+            _layout.TAG_DS_ID: repr(self.ds_id_filter),
+        }
+        if self._target_layer is not None:
+            tags[_layout.TAG_TARGET_LAYER] = str(self._target_layer)
+        tags.update({str(k): str(v) for k, v in self._extra_tags.items()})
+        return tags
+
+    def _submit(self, item: Item) -> None:
+        assert self._sink is not None
+        self._sink.submit(item)
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until MLflow confirmed everything (True) or ``timeout`` seconds passed."""
+        return True if self._sink is None else self._sink.flush(timeout)
+
+    def close(self, timeout: Optional[float] = None) -> int:
+        """Flush (at most ``timeout``, default ``close_timeout`` seconds) and stop.
+
+        Returns:
+            Items left unsent in :attr:`spool_dir` (a warning names the folder).
+        """
+        if self._closed:
+            return 0
+        self._closed = True
+        left = 0
+        try:
+            for key in list(self._streams):
+                self._discard(key)
+            if self._sink is not None:
+                left = self._sink.close(self.close_timeout if timeout is None else timeout)
+            if self._owns_run:
+                import mlflow
+
+                active = mlflow.active_run()
+                if active is not None and active.info.run_id == self._run_id and probe(self._uri()):
+                    mlflow.end_run()
+        except Exception as exc:
+            self._fail(exc, "close()")
+        finally:
+            if self._tmp_root is not None:
+                shutil.rmtree(self._tmp_root, ignore_errors=True)
+        return left
+
+    def __enter__(self) -> "EigenCAMLogger":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _fail(self, exc: BaseException, where: str) -> None:
+        if self.strict:
+            raise exc
+        _log.warning("mlflow_eigencam: %s failed: %s", where, exc, exc_info=exc)
+        tag = (where.split("(")[0], type(exc).__name__)
+        if tag not in self._warned:
+            self._warned.add(tag)
+            warnings.warn(f"mlflow_eigencam: {where} failed ({type(exc).__name__}: {exc}); "
+                          f"skipping these EigenCAM images, training goes on.",
+                          EigenCAMWarning, stacklevel=3)
+
+
+def _check_n_components(n: Any) -> None:
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):
+        raise TypeError(f"n_components must be an int >= 1 or a float in (0, 1), got {n!r}")
+    if isinstance(n, numbers.Integral):
+        if n < 1:
+            raise ValueError(f"n_components must be >= 1, got {n!r}")
+    elif not 0 < float(n) < 1:
+        raise ValueError(f"n_components as a float must be in (0, 1), got {n!r}")
+
+
+def _head(values: Any, n: int) -> Any:
+    if isinstance(values, (list, tuple)):
+        return list(values[:n])
+    return np.asarray(values)[:n]
+
+
+def _row(epoch: int, s: Sample, evr: np.ndarray, path: str) -> dict:
+    row = {"epoch": epoch, "sample_index": int(s.index), "sample_id": s.sample_id,
+           "label": s.label, "prediction": s.pred, "correct": s.correct}
+    for c, v in enumerate(evr):
+        row[f"evr_{c + 1}"] = round(float(v), 6)
+    row[_layout.TABLE_IMAGE_COLUMN] = path
+    return row
+
+
+def _table_json(rows: List[dict]) -> bytes:
+    """MLflow's table format (pandas ``orient="split"``), so ``mlflow.load_table`` reads it."""
+    k = max((int(c[4:]) for r in rows for c in r if c.startswith("evr_")), default=0)
+    columns = list(_layout.TABLE_COLUMNS) + [f"evr_{c}" for c in range(1, k + 1)] + \
+        [_layout.TABLE_IMAGE_COLUMN]
+    data = [[r.get(c) for c in columns] for r in rows]
+    return json.dumps({"columns": columns, "data": data}).encode("utf-8")

@@ -1,0 +1,500 @@
+"""Rendering: image normalisation, heat overlays, per-sample strips, per-epoch grids, PNG bytes.
+
+Numpy, OpenCV and Pillow only; nothing here knows about MLflow or any training framework.
+Every function is deterministic: equal inputs give equal pixels and equal PNG bytes.
+
+Choices worth knowing:
+
+* Heat maps are ReLU'd, resized to the image with ``cv2.resize(m, (width, height))``
+  (OpenCV's ``dsize`` is (W, H)), then min-max normalised. A flat map (all equal after the
+  ReLU, e.g. all zero) carries no heat: it is drawn as the colormap's zero colour everywhere
+  (dark blue for ``"jet"``), the same colour as the cold regions of every other overlay, and
+  never as NaN.
+* Text uses Pillow's built-in font (``ImageFont.load_default``), which needs no file or
+  network; with Pillow >= 10.1 and FreeType it is a scalable embedded font, otherwise the
+  small bitmap font. Marks are ASCII (``[OK]`` / ``[X]``, coloured) because the bitmap font
+  has no check-mark glyphs.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    "COLORMAPS",
+    "to_rgb_uint8",
+    "resolve_colormap",
+    "overlay",
+    "render_strip",
+    "render_grid",
+    "encode_png",
+]
+
+#: OpenCV colormaps by lower-case name ("jet", "viridis", ...) -> cv2.COLORMAP_* constant.
+COLORMAPS: dict[str, int] = {
+    name[len("COLORMAP_") :].lower(): int(getattr(cv2, name)) for name in sorted(dir(cv2)) if name.startswith("COLORMAP_")
+}
+
+_LAYOUTS = ("HWC", "CHW")
+_CHANNELS = (1, 3, 4)
+
+# Layout of strips and grids, in pixels.
+_BACKGROUND = (255, 255, 255)
+_TEXT = (20, 20, 20)
+_MUTED = (110, 110, 110)
+_OK = (0, 130, 0)
+_WRONG = (200, 0, 0)
+_RULE = (210, 210, 210)
+_GAP = 4  # between panels and around the strip
+_ROW_GAP = 8  # between strips in a grid
+_FONT_SIZE = 13
+_HEADER_FONT_SIZE = 16
+
+
+# --------------------------------------------------------------------------- images
+
+
+def to_rgb_uint8(image: np.ndarray, layout: Optional[str] = None) -> np.ndarray:
+    """Convert one image to ``(H, W, 3)`` uint8 RGB.
+
+    Args:
+        image: ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` with C in 1 (grey, repeated to
+            RGB), 3 (RGB) or 4 (RGBA, alpha dropped). uint8 is kept; bool maps to 0/255;
+            other integers within [0, 255] are cast, outside it min-max normalised; floats
+            within [0, 1] are scaled by 255, any other float range is min-max normalised
+            (a flat out-of-range image becomes black). NaN and inf count as 0.
+        layout: ``"HWC"``, ``"CHW"`` or ``None`` to detect: a 3-D array whose last
+            dimension is 1, 3 or 4 is HWC, one whose first dimension is is CHW.
+
+    Returns:
+        ``(H, W, 3)`` uint8, C-contiguous, never sharing memory with ``image``.
+
+    Raises:
+        ValueError: An unknown layout, a shape that is not an image, or a shape that
+            fits both layouts (e.g. ``(3, 4, 3)``) with ``layout=None``.
+        TypeError: A dtype that is not boolean, integer or floating.
+    """
+    arr = np.asarray(image)
+    if layout is not None:
+        if not isinstance(layout, str) or layout.upper() not in _LAYOUTS:
+            raise ValueError(f"layout must be 'HWC', 'CHW' or None, got {layout!r}")
+        layout = layout.upper()
+
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    elif arr.ndim == 3:
+        if layout is None:
+            hwc, chw = arr.shape[2] in _CHANNELS, arr.shape[0] in _CHANNELS
+            if hwc and chw:
+                raise ValueError(
+                    f"image shape {arr.shape} fits both HWC and CHW; pass layout='HWC' or layout='CHW'"
+                )
+            if not (hwc or chw):
+                raise ValueError(
+                    f"image shape {arr.shape} has no channel axis of size 1, 3 or 4 first or last"
+                )
+            layout = "HWC" if hwc else "CHW"
+        if layout == "CHW":
+            arr = np.moveaxis(arr, 0, -1)
+        if arr.shape[2] not in _CHANNELS:
+            raise ValueError(f"image of shape {np.asarray(image).shape} as {layout} has {arr.shape[2]} channels; expected 1, 3 or 4")
+    else:
+        raise ValueError(f"image must be 2-D (HW) or 3-D (HWC / CHW), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"image has an empty side: shape {np.asarray(image).shape}")
+
+    if arr.shape[2] == 4:
+        arr = arr[:, :, :3]  # alpha is dropped, not composited: the colour is what the model saw
+    arr = _to_uint8(arr)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.array(arr, dtype=np.uint8, order="C", copy=True)
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Any boolean / integer / float array -> uint8 of the same shape (see ``to_rgb_uint8``)."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * np.uint8(255)
+    if np.issubdtype(arr.dtype, np.integer):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo >= 0 and hi <= 255:
+            return arr.astype(np.uint8)
+        return _minmax_uint8(arr.astype(np.float64))
+    if np.issubdtype(arr.dtype, np.floating):
+        data = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(data.min()), float(data.max())
+        if lo >= 0.0 and hi <= 1.0:
+            return np.rint(data * 255.0).astype(np.uint8)
+        return _minmax_uint8(data)
+    raise TypeError(f"image dtype must be boolean, integer or floating, got {arr.dtype}")
+
+
+def _minmax_uint8(data: np.ndarray) -> np.ndarray:
+    lo, hi = float(data.min()), float(data.max())
+    if hi <= lo:
+        return np.zeros(data.shape, np.uint8)
+    return np.rint((data - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- heat
+
+
+def resolve_colormap(name: Union[str, int]) -> int:
+    """An OpenCV colormap constant from a case-insensitive name or the constant itself.
+
+    Args:
+        name: ``"jet"``, ``"VIRIDIS"``, ``"COLORMAP_TURBO"`` or ``cv2.COLORMAP_JET``.
+
+    Raises:
+        ValueError: An unknown name or constant; the message lists the valid names.
+        TypeError: Neither a string nor an int.
+    """
+    if isinstance(name, str):
+        key = name.strip().lower()
+        if key.startswith("colormap_"):
+            key = key[len("colormap_") :]
+        if key in COLORMAPS:
+            return COLORMAPS[key]
+        raise ValueError(f"unknown colormap {name!r}; expected one of {', '.join(COLORMAPS)} or a cv2.COLORMAP_* int")
+    if isinstance(name, (int, np.integer)) and not isinstance(name, (bool, np.bool_)):
+        if int(name) in COLORMAPS.values():
+            return int(name)
+        raise ValueError(
+            f"unknown colormap constant {name!r}; expected one of "
+            + ", ".join(f"{v} ({k})" for k, v in COLORMAPS.items())
+        )
+    raise TypeError(f"colormap must be a name or a cv2.COLORMAP_* int, got {name!r} ({type(name).__name__})")
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r} ({type(alpha).__name__})")
+    if not 0.0 <= float(alpha) <= 1.0:  # also rejects NaN
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def _heat_rgb(cam_map: np.ndarray, width: int, height: int, colormap: int) -> np.ndarray:
+    """``(h, w)`` map -> ``(height, width, 3)`` uint8 RGB heat."""
+    m = np.asarray(cam_map)
+    if m.ndim != 2 or m.shape[0] == 0 or m.shape[1] == 0:
+        raise ValueError(f"cam_map must be a non-empty 2-D (h, w) array, got shape {m.shape}")
+    if not (np.issubdtype(m.dtype, np.floating) or np.issubdtype(m.dtype, np.integer) or m.dtype == np.bool_):
+        raise TypeError(f"cam_map must be numeric, got dtype {m.dtype}")
+    m = np.nan_to_num(m.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    m = np.maximum(m, 0.0)  # ReLU: only evidence for the component is drawn
+    # dsize is (width, height) in OpenCV; the reference passed (height, width).
+    m = cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR)
+    # Normalise after the resize so that the hottest visible pixel gets the top colour.
+    lo, hi = float(m.min()), float(m.max())
+    if hi - lo <= 1e-6 * max(abs(hi), abs(lo)):
+        # Flat (all zero after the ReLU, or constant): no heat, the colormap's zero colour.
+        norm = np.zeros((height, width), np.uint8)
+    else:
+        norm = np.rint((m - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    heat_bgr = cv2.applyColorMap(norm, colormap)
+    return cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB)
+
+
+def overlay(
+    image: np.ndarray,
+    cam_map: np.ndarray,
+    *,
+    colormap: Union[str, int] = "jet",
+    alpha: float = 0.5,
+    layout: Optional[str] = None,
+) -> np.ndarray:
+    """Blend one heat map over one image.
+
+    Args:
+        image: Any image ``to_rgb_uint8`` accepts (HWC / CHW / HW; uint8 or float).
+        cam_map: ``(h, w)`` float map, any sign and scale; ReLU'd, resized to the image
+            with bilinear interpolation and min-max normalised (a flat map gives no heat,
+            see the module docstring).
+        colormap: An OpenCV colormap name (case-insensitive) or ``cv2.COLORMAP_*`` int.
+        alpha: Weight of the heat in [0, 1]; 0 gives the image, 1 the heat alone.
+        layout: Passed to ``to_rgb_uint8``.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB, ``round((1 - alpha) * image + alpha * heat)``.
+    """
+    cmap = resolve_colormap(colormap)
+    a = _check_alpha(alpha)
+    rgb = to_rgb_uint8(image, layout)
+    height, width = rgb.shape[:2]
+    heat = _heat_rgb(cam_map, width, height, cmap)
+    blended = (1.0 - a) * rgb.astype(np.float32) + a * heat.astype(np.float32)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- text
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.ImageFont:
+    """Pillow's built-in font: embedded FreeType font when available, bitmap font otherwise."""
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1; no file, no network
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _text_width(font: ImageFont.ImageFont, text: str) -> int:
+    left, _, right, _ = font.getbbox(text)
+    return int(math.ceil(right - left))
+
+
+def _line_height(font: ImageFont.ImageFont) -> int:
+    # Measured on glyphs with ascenders and descenders so that every line gets the same height.
+    _, top, _, bottom = font.getbbox("Ag|y[]%")
+    return int(math.ceil(bottom)) + max(0, -int(top))
+
+
+def _fit(font: ImageFont.ImageFont, text: str, width: int) -> str:
+    """``text``, shortened with '...' until it fits ``width`` pixels."""
+    if _text_width(font, text) <= width:
+        return text
+    for end in range(len(text) - 1, -1, -1):
+        candidate = text[:end].rstrip() + "..."
+        if _text_width(font, candidate) <= width:
+            return candidate
+    return ""
+
+
+def _clean(text: object) -> str:
+    # One line: newlines or tabs in a class name would break the caption's layout.
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------- strips and grids
+
+
+def _scale_for(height: int, width: int, min_side: int, max_side: Optional[int]) -> tuple[int, int]:
+    """Target (height, width): integer upscale until the short side >= min_side, capped by max_side."""
+    short, long = min(height, width), max(height, width)
+    scale: float = 1.0
+    if short < min_side:
+        scale = float(math.ceil(min_side / short))
+    if max_side is not None and long * scale > max_side:
+        # Huge panels make huge PNGs in every epoch; the cap wins over min_side.
+        scale = max_side / long
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def _resize_image(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    if (h, w) == (height, width):
+        return rgb
+    if height % h == 0 and width % w == 0 and height // h == width // w:
+        f = height // h  # exact integer upscale: crisp pixels, the same on every platform
+        return np.repeat(np.repeat(rgb, f, axis=0), f, axis=1)
+    interp = cv2.INTER_NEAREST if height > h else cv2.INTER_AREA
+    return cv2.resize(rgb, (width, height), interpolation=interp)
+
+
+def _check_side(name: str, value: object) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return int(value)
+
+
+def render_strip(
+    image: np.ndarray,
+    maps: np.ndarray,
+    *,
+    explained_variance: Optional[Sequence[float]] = None,
+    label: Optional[str] = None,
+    pred: Optional[str] = None,
+    colormap: Union[str, int] = "jet",
+    alpha: float = 0.5,
+    min_side: int = 128,
+    max_side: Optional[int] = 512,
+    correct: Optional[bool] = None,
+    sample_id: Optional[str] = None,
+    layout: Optional[str] = "HWC",
+) -> np.ndarray:
+    """One sample as a row of panels: the image, then one overlay per component, with captions.
+
+    Layout: a title line over each panel (``"input"``, ``"PC1 62.3%"``), the panels side by
+    side, and a caption line under them (``"true: cat   pred: dog   [X]"``, the mark green
+    or red, the sample id in grey on the right). The caption line is left out when there is
+    nothing to put on it.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB (any image ``to_rgb_uint8`` accepts with ``layout``).
+        maps: ``(k, h, w)`` float maps (k may be 0), e.g. ``EigenCAMResult.maps[i]``.
+        explained_variance: ``(k,)`` ratios in [0, 1], shown in percent after each ``PCi``.
+        label: True label text, or ``None``.
+        pred: Prediction text, or ``None``.
+        colormap: See ``overlay``.
+        alpha: See ``overlay``.
+        min_side: Images whose short side is smaller are upscaled by the smallest integer
+            factor (nearest neighbour) that reaches it, so 28x28 digits stay readable.
+        max_side: Panels whose long side would exceed this are scaled down to it (this
+            wins over ``min_side``); ``None`` for no cap.
+        correct: The mark to draw; ``None`` derives it from ``label == pred`` when both are
+            given.
+        sample_id: Drawn in grey at the right of the caption line when given.
+        layout: Passed to ``to_rgb_uint8``; ``"HWC"`` because buffered samples are HWC
+            (a 4x4 RGB image would otherwise be ambiguous).
+
+    Returns:
+        ``(H', W', 3)`` uint8 RGB.
+    """
+    min_side = _check_side("min_side", min_side)
+    if max_side is not None and _check_side("max_side", max_side) < min_side:
+        raise ValueError(f"max_side ({max_side}) must be >= min_side ({min_side})")
+    cmap = resolve_colormap(colormap)
+    a = _check_alpha(alpha)
+    rgb = to_rgb_uint8(image, layout)
+    maps_arr = np.asarray(maps)
+    if maps_arr.ndim == 2:
+        maps_arr = maps_arr[None]
+    if maps_arr.ndim != 3:
+        raise ValueError(f"maps must be (k, h, w), got shape {maps_arr.shape}")
+    k = maps_arr.shape[0]
+    ev: Optional[np.ndarray] = None
+    if explained_variance is not None:
+        ev = np.asarray(explained_variance, dtype=np.float64).reshape(-1)
+        if ev.shape[0] != k:
+            raise ValueError(f"explained_variance has {ev.shape[0]} values for {k} maps")
+
+    height, width = _scale_for(rgb.shape[0], rgb.shape[1], min_side, max_side)
+    base = _resize_image(rgb, height, width)
+    panels = [base] + [overlay(base, maps_arr[i], colormap=cmap, alpha=a, layout="HWC") for i in range(k)]
+    titles = ["input"]
+    for i in range(k):
+        title = f"PC{i + 1}"
+        if ev is not None:
+            title += f" {ev[i] * 100:.1f}%" if np.isfinite(ev[i]) else " n/a"
+        titles.append(title)
+
+    font = _font(_FONT_SIZE)
+    line_h = _line_height(font)
+    strip_w = _GAP + len(panels) * (width + _GAP)
+    has_caption = label is not None or pred is not None or sample_id is not None
+    title_h = line_h + _GAP
+    caption_h = (line_h + _GAP) if has_caption else 0
+    strip_h = _GAP + title_h + height + _GAP + caption_h
+
+    canvas = Image.new("RGB", (strip_w, strip_h), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    top = _GAP + title_h
+    for i, (panel, title) in enumerate(zip(panels, titles)):
+        x = _GAP + i * (width + _GAP)
+        canvas.paste(Image.fromarray(panel), (x, top))
+        draw.text((x, _GAP), _fit(font, title, width), fill=_TEXT, font=font)
+
+    if has_caption:
+        y = top + height + _GAP
+        x = _GAP
+        right_edge = strip_w - _GAP
+        if sample_id is not None:
+            sid = _fit(font, f"id {_clean(sample_id)}", max(0, strip_w // 2))
+            sid_w = _text_width(font, sid)
+            draw.text((right_edge - sid_w, y), sid, fill=_MUTED, font=font)
+            right_edge -= sid_w + 3 * _GAP
+        if correct is None and label is not None and pred is not None:
+            correct = _clean(label) == _clean(pred)
+        mark = "" if correct is None else ("[OK]" if correct else "[X]")
+        mark_w = _text_width(font, mark) + 2 * _GAP if mark else 0
+        parts = []
+        if label is not None:
+            parts.append(f"true: {_clean(label)}")
+        if pred is not None:
+            parts.append(f"pred: {_clean(pred)}")
+        text = _fit(font, "   ".join(parts), max(0, right_edge - x - mark_w))
+        if text:
+            draw.text((x, y), text, fill=_TEXT, font=font)
+            x += _text_width(font, text) + 2 * _GAP
+        if mark:
+            draw.text((x, y), mark, fill=_OK if correct else _WRONG, font=font)
+    return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def render_grid(
+    strips: Sequence[np.ndarray],
+    *,
+    epoch: int,
+    mode: str,
+    ds_id: Optional[str],
+) -> np.ndarray:
+    """Stack strips into one image under a header ``"epoch 3 | mode eval | ds_id ds1"``.
+
+    Args:
+        strips: ``(H_i, W_i, 3)`` uint8 images (from ``render_strip``), one per row, padded
+            with white on the right to the widest.
+        epoch: Shown in the header.
+        mode: Shown in the header.
+        ds_id: Shown in the header; left out when ``None``.
+
+    Returns:
+        ``(H', W', 3)`` uint8 RGB.
+
+    Raises:
+        ValueError: No strips, or a strip that is not ``(H, W, 3)`` uint8.
+    """
+    if len(strips) == 0:
+        raise ValueError("render_grid needs at least one strip, got none")
+    rows = []
+    for i, strip in enumerate(strips):
+        s = np.asarray(strip)
+        if s.ndim != 3 or s.shape[2] != 3 or s.dtype != np.uint8:
+            raise ValueError(f"strip {i} must be (H, W, 3) uint8, got shape {s.shape} dtype {s.dtype}")
+        rows.append(s)
+
+    font = _font(_HEADER_FONT_SIZE)
+    header = f"epoch {epoch} | mode {_clean(mode)}"
+    if ds_id is not None:
+        header += f" | ds_id {_clean(ds_id)}"
+    line_h = _line_height(font)
+    header_h = _GAP + line_h + _GAP
+    width = max(max(r.shape[1] for r in rows), _text_width(font, header) + 2 * _GAP)
+    height = header_h + sum(r.shape[0] for r in rows) + _ROW_GAP * (len(rows) - 1) + 1
+
+    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((_GAP, _GAP), header, fill=_TEXT, font=font)
+    y = header_h
+    draw.line([(0, y - 1), (width - 1, y - 1)], fill=_RULE)
+    for i, row in enumerate(rows):
+        if i:
+            # A rule in the middle of the gap separates samples.
+            rule_y = y - _ROW_GAP // 2 - 1
+            draw.line([(0, rule_y), (width - 1, rule_y)], fill=_RULE)
+        canvas.paste(Image.fromarray(row), (0, y))
+        y += row.shape[0] + _ROW_GAP
+    return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of ``(H, W, 3)`` or ``(H, W)`` uint8; equal arrays give equal bytes.
+
+    Pillow writes no timestamp or text chunks unless asked, and the compression level is
+    fixed, so the bytes depend only on the pixels (and the zlib build).
+
+    Raises:
+        TypeError: A dtype other than uint8.
+        ValueError: Another shape.
+    """
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"encode_png needs uint8 pixels, got dtype {arr.dtype}")
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ValueError(f"encode_png needs (H, W, 3) or (H, W), got shape {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=6, optimize=False)
+    return buf.getvalue()

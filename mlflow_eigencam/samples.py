@@ -1,0 +1,388 @@
+"""The per-epoch sample buffer: a capped set of images, activations, labels and predictions.
+
+Samples are kept per ``(mode, ds_id)`` across batches until ``n_samples`` are found (all of
+them with ``n_samples=None``), and only the kept rows are copied. ``take`` hands the samples
+of one key over and clears it, which the logger does at every epoch end.
+
+Labels and predictions become one display string per sample (see ``class_values``):
+
+* class indices ``(B,)`` or ``(B, 1)`` -> ints;
+* one-hot, probabilities or logits ``(B, ..., K)`` with K > 1 -> argmax over the last axis;
+* a float vector or single column whose values all lie in [0, 1] -> a binary probability,
+  class 1 when ``> 0.5`` (integral 0.0 / 1.0 labels give the same answer either way);
+  other integral floats -> ints; other floats (e.g. a single logit, a regression target)
+  are shown as they are, rounded to 4 significant digits;
+* strings or bytes -> text.
+
+``label_mapping`` turns class indices into names: ``{name: index}`` (the reference's form),
+``{index: name}`` (detected when every key is an int and every value a string) or a
+sequence of names (``names[index]``). Values it does not map are shown as they are.
+
+Every kept sample gets a ``sample_id``: the first 12 hex digits of the SHA-1 of its uint8
+HWC RGB pixels and shape, so the same image can be found across epochs, runs and
+experiments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from mlflow_eigencam.render import to_rgb_uint8
+
+__all__ = ["Sample", "SampleBuffer", "class_values", "sample_id"]
+
+ClassValue = Union[int, str, None]
+LabelMapping = Union[Mapping[Any, Any], Sequence[str], None]
+
+
+@dataclass
+class Sample:
+    """One kept sample.
+
+    Attributes:
+        index: Position among this epoch's kept samples of its (mode, ds_id), 0..n-1.
+        image: ``(H, W, 3)`` uint8 RGB, a copy.
+        activations: ``(C, h, w)`` float32, a copy.
+        label: Display text after ``label_mapping``, or ``None``.
+        pred: Display text after ``label_mapping``, or ``None``.
+        correct: Whether label and prediction agree; ``None`` when either is missing.
+        sample_id: 12 hex chars, SHA-1 of the uint8 image bytes and shape.
+    """
+
+    index: int
+    image: np.ndarray = field(repr=False)  # arrays left out of repr: logs stay one line
+    activations: np.ndarray = field(repr=False)
+    label: Optional[str]
+    pred: Optional[str]
+    correct: Optional[bool]
+    sample_id: str
+
+
+def sample_id(image_uint8: np.ndarray) -> str:
+    """12 hex digits of the SHA-1 of an image's shape and uint8 bytes (C order).
+
+    Args:
+        image_uint8: ``(H, W, 3)`` uint8 RGB (any uint8 array is accepted).
+
+    Raises:
+        TypeError: A dtype other than uint8 (the id must not depend on float rounding).
+    """
+    arr = np.asarray(image_uint8)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"sample_id needs a uint8 image, got dtype {arr.dtype}")
+    digest = hashlib.sha1(repr(tuple(int(d) for d in arr.shape)).encode("ascii"))
+    digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _length(x: Any) -> int:
+    """Batch length of labels / predictions (a scalar counts as one)."""
+    if isinstance(x, (str, bytes)):
+        return 1
+    if isinstance(x, np.ndarray):
+        return 1 if x.ndim == 0 else x.shape[0]
+    try:
+        return len(x)
+    except TypeError:
+        return 1
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray, np.bytes_)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _from_floats(flat: np.ndarray) -> list[ClassValue]:
+    finite = np.isfinite(flat)
+    if finite.all() and flat.size and float(flat.min()) >= 0.0 and float(flat.max()) <= 1.0:
+        # A single sigmoid output per sample: class 1 above 0.5, as Keras' binary accuracy does.
+        return [int(v > 0.5) for v in flat]
+    out: list[ClassValue] = []
+    for v in flat:
+        if np.isfinite(v) and float(v).is_integer():
+            out.append(int(v))
+        else:
+            out.append(f"{float(v):.4g}")  # not a class index; shown as it is
+    return out
+
+
+def class_values(x: Any, batch_size: int, *, name: str = "values") -> list[ClassValue]:
+    """Per-sample class values (ints or strings) from labels or predictions of one batch.
+
+    Args:
+        x: ``None``; class indices ``(B,)`` / ``(B, 1)``; one-hot, probabilities or logits
+            ``(B, ..., K)`` with K > 1 (argmax over the last axis); a float vector or column
+            in [0, 1] (binary probability, threshold 0.5); strings or bytes (``(B,)`` array
+            or list). A scalar is accepted when ``batch_size`` is 1.
+        batch_size: The number of images in the batch.
+        name: Used in error messages (``"labels"``, ``"preds"``).
+
+    Returns:
+        ``batch_size`` entries: ``int`` class indices, ``str`` for text and for floats that
+        are not class indices, all ``None`` when ``x`` is ``None``.
+
+    Raises:
+        ValueError: The length differs from ``batch_size``, or more than one value per
+            sample remains after the argmax (e.g. a segmentation mask).
+    """
+    if x is None:
+        return [None] * batch_size
+    n = _length(x)
+    if n != batch_size:
+        raise ValueError(f"{name} have {n} entries but the batch has {batch_size} images")
+    if isinstance(x, (str, bytes, bytearray)):
+        return [_text(x)]
+    if isinstance(x, (list, tuple)) and all(isinstance(v, (str, bytes, bytearray, np.str_, np.bytes_)) for v in x):
+        return [_text(v) for v in x]
+
+    arr = np.asarray(x)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.dtype.kind in "USO":
+        if arr.ndim == 2 and arr.shape[1] == 1:
+            arr = arr[:, 0]
+        if arr.ndim != 1:
+            raise ValueError(f"{name} of strings must be (B,) or (B, 1), got shape {arr.shape}")
+        return [_text(v) for v in arr.tolist()]
+    if arr.dtype.kind not in "buif":
+        raise TypeError(f"{name} must be numbers, strings or bytes, got dtype {arr.dtype}")
+
+    if arr.ndim > 1 and arr.shape[-1] > 1:
+        arr = np.argmax(arr, axis=-1)
+    if arr.ndim > 1:
+        arr = arr.reshape(arr.shape[0], -1)
+        if arr.shape[1] != 1:
+            raise ValueError(
+                f"{name} of shape {np.shape(x)} leave {arr.shape[1]} values per sample; expected one class per sample"
+            )
+        arr = arr[:, 0]
+    if arr.dtype.kind == "f":
+        return _from_floats(arr.astype(np.float64))
+    return [int(v) for v in arr.tolist()]
+
+
+def _key(value: Any) -> Any:
+    """A hashable key for a mapping entry: integral numbers -> int, text -> str."""
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (numbers.Integral, np.integer)):
+        return int(value)
+    if isinstance(value, (numbers.Real, np.floating)) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, (str, bytes, bytearray, np.str_, np.bytes_)):
+        return _text(value)
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(f"label_mapping values must be class indices or strings, got {value!r}") from None
+    return value
+
+
+def _invert_mapping(label_mapping: LabelMapping) -> dict[Any, str]:
+    """``label_mapping`` in any accepted form -> {class value: display name}."""
+    if label_mapping is None:
+        return {}
+    if isinstance(label_mapping, Mapping):
+        items = list(label_mapping.items())
+        index_to_name = bool(items) and all(
+            isinstance(k, (numbers.Integral, np.integer)) and not isinstance(k, (bool, np.bool_)) and isinstance(v, str)
+            for k, v in items
+        )
+        pairs = [(k, v) for k, v in items] if index_to_name else [(v, k) for k, v in items]
+        out: dict[Any, str] = {}
+        for value, display in pairs:
+            key = _key(value)
+            if key in out:
+                raise ValueError(
+                    f"label_mapping maps {key!r} to both {out[key]!r} and {_text(display)!r}; each value needs one name"
+                )
+            out[key] = _text(display)
+        return out
+    if isinstance(label_mapping, (str, bytes)) or not isinstance(label_mapping, Sequence):
+        raise TypeError(
+            "label_mapping must be a {name: index} dict or a sequence of names, got "
+            f"{label_mapping!r} ({type(label_mapping).__name__})"
+        )
+    return {i: _text(display) for i, display in enumerate(label_mapping)}
+
+
+def _check_n_samples(n_samples: Optional[int]) -> Optional[int]:
+    if n_samples is None:
+        return None
+    if isinstance(n_samples, (bool, np.bool_)) or not isinstance(n_samples, (numbers.Integral, np.integer)):
+        raise TypeError(f"n_samples must be a positive int or None, got {n_samples!r} ({type(n_samples).__name__})")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1 or None, got {n_samples!r}")
+    return int(n_samples)
+
+
+class SampleBuffer:
+    """Keeps up to ``n_samples`` samples per ``(mode, ds_id)`` across the batches of an epoch.
+
+    Args:
+        n_samples: Samples kept per key; ``None`` keeps every sample (memory grows with the
+            dataset).
+        label_mapping: ``{name: index}``, ``{index: name}`` or a sequence of names; see the
+            module docstring.
+
+    Raises:
+        TypeError: ``n_samples`` is not an int (or is a bool), or ``label_mapping`` has
+            an unusable type.
+        ValueError: ``n_samples < 1``, or ``label_mapping`` gives one value two names.
+    """
+
+    def __init__(self, n_samples: Optional[int] = 5, label_mapping: LabelMapping = None) -> None:
+        self.n_samples = _check_n_samples(n_samples)
+        self._names = _invert_mapping(label_mapping)
+        self._kept: dict[tuple[str, Optional[str]], list[Sample]] = {}
+        # The buffer is filled on the training thread; the lock makes a take() from another
+        # thread (e.g. a background writer) safe.
+        self._lock = threading.Lock()
+
+    def room(self, mode: str, ds_id: Optional[str]) -> Optional[int]:
+        """Samples still wanted for this key this epoch; ``None`` when unlimited."""
+        if self.n_samples is None:
+            return None
+        with self._lock:
+            return max(0, self.n_samples - len(self._kept.get((mode, ds_id), ())))
+
+    def keys(self) -> list[tuple[str, Optional[str]]]:
+        """The keys holding at least one sample, in the order they were first filled."""
+        with self._lock:
+            return [k for k, v in self._kept.items() if v]
+
+    def take(self, mode: str, ds_id: Optional[str]) -> list[Sample]:
+        """The samples of one key, in the order they were added; the key is cleared."""
+        with self._lock:
+            return self._kept.pop((mode, ds_id), [])
+
+    def clear(self) -> None:
+        """Drop every kept sample."""
+        with self._lock:
+            self._kept.clear()
+
+    def _display(self, value: ClassValue) -> Optional[str]:
+        if value is None:
+            return None
+        text = str(value)
+        # Look up the value, then its text, so {"cat": "3"} still names class index 3.
+        return self._names.get(value, self._names.get(text, text))
+
+    def add(
+        self,
+        mode: str,
+        ds_id: Optional[str],
+        images_hwc_uint8: np.ndarray,
+        activations_nchw: np.ndarray,
+        labels: Any = None,
+        preds: Any = None,
+        *,
+        image_layout: Optional[str] = "HWC",
+        channels_last: bool = False,
+    ) -> list[Sample]:
+        """Keep the first rows of a batch while this key has room; copy only those rows.
+
+        Args:
+            mode: The mode name (``"train"``, ``"eval"``, ...).
+            ds_id: The dataset id, or ``None``.
+            images_hwc_uint8: ``(B, H, W, 3)`` uint8 RGB. Other layouts and dtypes that
+                ``render.to_rgb_uint8`` accepts are converted, kept rows only, with
+                ``image_layout`` (``None`` detects per image).
+            activations_nchw: ``(B, C, h, w)``, or ``(B, h, w, C)`` with
+                ``channels_last=True``; stored as float32 ``(C, h, w)``.
+            labels: See ``class_values``; ``None`` when absent.
+            preds: See ``class_values``; ``None`` when absent.
+            image_layout: Layout of each image in ``images_hwc_uint8``: ``"HWC"``,
+                ``"CHW"`` or ``None`` to detect.
+            channels_last: Whether the activations are NHWC.
+
+        Returns:
+            The samples kept from this batch (possibly none).
+
+        Raises:
+            TypeError: ``mode`` is not a string, or ``ds_id`` neither a string nor None.
+            ValueError: A wrong number of dimensions, or batch sizes that differ between
+                images, activations, labels and predictions (the message names them).
+        """
+        if not isinstance(mode, str):
+            raise TypeError(f"mode must be a string, got {mode!r} ({type(mode).__name__})")
+        if ds_id is not None and not isinstance(ds_id, str):
+            raise TypeError(f"ds_id must be a string or None, got {ds_id!r} ({type(ds_id).__name__})")
+        images = np.asarray(images_hwc_uint8)
+        acts = np.asarray(activations_nchw)
+        if images.ndim not in (3, 4):
+            raise ValueError(
+                f"images must be a batch (B, H, W, C) / (B, C, H, W) / (B, H, W), got shape {images.shape}"
+            )
+        if acts.ndim != 4:
+            axes = "(B, h, w, C)" if channels_last else "(B, C, h, w)"
+            raise ValueError(f"activations must be {axes}, got shape {acts.shape}")
+        sizes = {"images": images.shape[0], "activations": acts.shape[0]}
+        if labels is not None:
+            sizes["labels"] = _length(labels)
+        if preds is not None:
+            sizes["preds"] = _length(preds)
+        if len(set(sizes.values())) > 1:
+            raise ValueError("batch sizes differ: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+        batch = images.shape[0]
+
+        with self._lock:
+            kept = self._kept.setdefault((mode, ds_id), [])
+            room = batch if self.n_samples is None else max(0, self.n_samples - len(kept))
+            n = min(room, batch)
+            if n == 0:
+                if not kept:
+                    del self._kept[(mode, ds_id)]
+                return []
+            label_values = class_values(_head(labels, n), n, name="labels")
+            pred_values = class_values(_head(preds, n), n, name="preds")
+            if images.ndim == 4 and images.dtype == np.uint8 and images.shape[-1] == 3 and image_layout in ("HWC", "hwc"):
+                new_images = [np.array(images[i], order="C", copy=True) for i in range(n)]
+            else:
+                new_images = [to_rgb_uint8(images[i], image_layout if images.ndim == 4 else None) for i in range(n)]
+            head = acts[:n]
+            if channels_last:
+                head = np.moveaxis(head, -1, 1)
+            new_acts = np.array(head, dtype=np.float32, order="C", copy=True)
+
+            added: list[Sample] = []
+            for i in range(n):
+                lv, pv = label_values[i], pred_values[i]
+                label, pred = self._display(lv), self._display(pv)
+                correct: Optional[bool] = None
+                if label is not None and pred is not None:
+                    # Same kind (index vs index, text vs text): compare values; otherwise
+                    # compare display names, so a text label matches a mapped index.
+                    correct = bool(lv == pv) if type(lv) is type(pv) else label == pred
+                sample = Sample(
+                    index=len(kept),
+                    image=new_images[i],
+                    activations=new_acts[i],
+                    label=label,
+                    pred=pred,
+                    correct=correct,
+                    sample_id=sample_id(new_images[i]),
+                )
+                kept.append(sample)
+                added.append(sample)
+            return added
+
+
+def _head(x: Any, n: int) -> Any:
+    """The first ``n`` entries of labels / predictions (a scalar or None as is)."""
+    if x is None or isinstance(x, (str, bytes, bytearray)):
+        return x
+    if isinstance(x, np.ndarray) and x.ndim == 0:
+        return x
+    try:
+        return x[:n]
+    except TypeError:
+        return x

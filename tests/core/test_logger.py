@@ -1,0 +1,232 @@
+"""EigenCAMLogger against a real MLflow sqlite store: what a user sees in the run."""
+
+from __future__ import annotations
+
+import tracemalloc
+import warnings
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mlflow_eigencam import EigenCAMLogger, EigenCAMWarning
+from readback import image_series, list_all, load_json, load_png, metric_steps
+
+
+def blob_batch(n=4, h=32, w=32, c=8, hh=8, ww=8, seed=0, nchw=True):
+    """Images with a bright square and activations that light up at the same place."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 0.2, size=(n, h, w, 3)).astype(np.float32)
+    acts = rng.uniform(0, 0.05, size=(n, c, hh, ww)).astype(np.float32)
+    for i in range(n):
+        y, x = rng.integers(0, hh - 2), rng.integers(0, ww - 2)
+        acts[i, :, y:y + 2, x:x + 2] += rng.uniform(1, 2, size=(c, 1, 1))
+        images[i, y * h // hh:(y + 2) * h // hh, x * w // ww:(x + 2) * w // ww] = 1.0
+    if nchw:
+        images = images.transpose(0, 3, 1, 2)
+    labels = rng.integers(0, 3, size=n)
+    logits = rng.normal(size=(n, 3)).astype(np.float32)
+    return images, acts, labels, logits
+
+
+def test_epochs_land_as_keys_steps_grid_table_metrics_tags(tracking_uri):
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_components=2, n_samples=3, label_mapping=["circle", "square", "tri"],
+                                target_layer="layer4")
+        for epoch in range(2):
+            for b in range(3):
+                images, acts, labels, logits = blob_batch(seed=b)
+                logger.on_batch_end(images, acts, labels, logits, mode="eval", ds_id="val")
+            logger.on_epoch_end(epoch)
+        assert logger.flush(timeout=60)
+        logger.close()
+    rid = run.info.run_id
+    series = image_series(client, rid)
+    assert sorted(series) == [f"eigencam/eval/val/sample_{i}" for i in range(3)]
+    assert all(sorted(steps) == [0, 1] for steps in series.values())
+    strip = load_png(client, rid, series["eigencam/eval/val/sample_0"][1])
+    assert strip.dtype == np.uint8 and strip.shape[0] >= 128 and strip.shape[1] > 2 * strip.shape[0]
+
+    files = list_all(client, rid, "eigencam")
+    assert "eigencam/eval/val/epoch_0000/grid.png" in files
+    assert "eigencam/eval/val/epoch_0001/grid.png" in files
+    assert "eigencam/eval/val/epoch_0001/sample_2.png" in files
+    grid = load_png(client, rid, "eigencam/eval/val/epoch_0001/grid.png")
+    assert grid.shape[0] > 3 * 128
+
+    table = load_json(client, rid, "eigencam/eval/val/samples.json")
+    cols = table["columns"]
+    assert cols[:6] == ["epoch", "sample_index", "sample_id", "label", "prediction", "correct"]
+    assert "evr_1" in cols and "evr_2" in cols and cols[-1] == "image"
+    rows = [dict(zip(cols, r)) for r in table["data"]]
+    assert [r["epoch"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert {r["label"] for r in rows} <= {"circle", "square", "tri"}
+    # The same images at both epochs: sample ids (content hashes) match.
+    assert [r["sample_id"] for r in rows[:3]] == [r["sample_id"] for r in rows[3:]]
+    assert rows[4]["image"] == "eigencam/eval/val/epoch_0001/sample_1.png"
+    # mlflow.load_table reads it (the tag that log_table writes is set).
+    df = mlflow.load_table("eigencam/eval/val/samples.json", run_ids=[rid])
+    assert len(df) == 6
+
+    evr1 = metric_steps(client, rid, "eigencam/eval/val/evr_1")
+    assert [s for s, _ in evr1] == [0, 1] and all(0 < v <= 1 for _, v in evr1)
+    tags = client.get_run(rid).data.tags
+    assert tags["mlflow_eigencam.target_layer"] == "layer4"
+    assert tags["mlflow_eigencam.n_components"] == "2"
+    assert tags["mlflow_eigencam.version"]
+    assert "train" in tags["mlflow_eigencam.mode"]
+
+
+def test_filtered_modes_cost_nothing_and_log_nothing(tracking_uri):
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(mode="!train", ds_id="!noisy")
+        assert not logger.wants("train", None) and logger.room("train", None) == 0
+        images, acts, labels, logits = blob_batch()
+        logger.on_batch_end(images, acts, labels, logits, mode="train")
+        logger.on_batch_end(images, acts, labels, logits, mode="eval", ds_id="noisy")
+        logger.on_epoch_end(0)
+        logger.close()
+    assert image_series(client, run.info.run_id) == {}
+    assert list_all(client, run.info.run_id) == []
+
+
+def test_hostile_ids_stay_inside_the_run_and_distinct(tracking_uri):
+    client = MlflowClient()
+    ids = ["../../evil", "a b", "a/b", "naïve", None]
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_samples=1)
+        for ds in ids:
+            images, acts, labels, logits = blob_batch(n=1)
+            logger.on_batch_end(images, acts, labels, logits, mode="eval", ds_id=ds)
+        logger.on_epoch_end(0)
+        logger.close()
+    series = image_series(client, run.info.run_id)
+    assert len(series) == len(ids)
+    assert all(k.startswith("eigencam/eval/") and ".." not in k for k in series)
+    assert "eigencam/eval/all/sample_0" in series
+    files = list_all(client, run.info.run_id, "eigencam")
+    grids = [f for f in files if f.endswith("grid.png")]
+    assert len(grids) == len(ids)
+    assert all(f.count("/") == 4 for f in grids)  # eigencam/eval/<id>/epoch_0000/grid.png
+
+
+def test_starts_a_run_when_none_is_active_and_ends_it(tracking_uri):
+    logger = EigenCAMLogger(n_samples=2)
+    images, acts, labels, logits = blob_batch()
+    logger.on_batch_end(images, acts, labels, logits, mode="test")
+    logger.on_epoch_end(0)
+    rid = logger.run_id
+    assert rid is not None
+    logger.close()
+    assert mlflow.active_run() is None
+    client = MlflowClient()
+    assert client.get_run(rid).info.status == "FINISHED"
+    assert sorted(image_series(client, rid)) == ["eigencam/test/all/sample_0", "eigencam/test/all/sample_1"]
+
+
+def test_explicit_run_id_through_the_client(tracking_uri):
+    client = MlflowClient()
+    exp = mlflow.get_experiment_by_name("eigencam-tests").experiment_id
+    rid = client.create_run(exp).info.run_id
+    with EigenCAMLogger(n_samples=1, run_id=rid) as logger:
+        images, acts, labels, logits = blob_batch()
+        logger.on_batch_end(images, acts, labels, logits, mode="eval")
+        logger.on_epoch_end(3)
+    assert mlflow.active_run() is None
+    assert list(image_series(client, rid)) == ["eigencam/eval/all/sample_0"]
+    assert list(image_series(client, rid)["eigencam/eval/all/sample_0"]) == [3]
+
+
+def test_non_square_images_keep_their_shape(tracking_uri):
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_samples=1, n_components=1)
+        images, acts, labels, logits = blob_batch(n=1, h=20, w=36, hh=5, ww=9, nchw=False)
+        logger.on_batch_end(images, acts, mode="eval")
+        logger.on_epoch_end(0)
+        logger.close()
+    path = image_series(client, run.info.run_id)["eigencam/eval/all/sample_0"][0]
+    strip = load_png(client, run.info.run_id, path)
+    # Two panels (image + 1 component), each upscaled to short side >= 128 keeping 20:36.
+    assert strip.shape[1] >= 2 * round(128 * 36 / 20) - 8
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_components": 0}, "n_components"),
+    ({"n_components": 1.5}, "n_components"),
+    ({"n_samples": 0}, "n_samples"),
+    ({"alpha": 2}, "alpha"),
+    ({"colormap": "nope"}, "nope"),
+    ({"log_every_n_epochs": 0}, "log_every_n_epochs"),
+    ({"image_layout": "CHW"}, "image_layout"),
+    ({"mode": "validation"}, "validation"),
+    ({"mode": "!"}, "!"),
+])
+def test_bad_parameters_fail_at_construction_naming_the_value(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        EigenCAMLogger(**kwargs)
+
+
+def test_runtime_failures_warn_and_never_raise_unless_strict(tracking_uri):
+    images, acts, labels, logits = blob_batch()
+    with mlflow.start_run():
+        logger = EigenCAMLogger()
+        with pytest.warns(EigenCAMWarning, match="batch sizes differ"):
+            logger.on_batch_end(images, acts[:2], labels, logits, mode="eval")
+        with pytest.warns(EigenCAMWarning, match="layout"):
+            logger.on_batch_end(np.zeros((2, 3, 5, 3)), acts[:2], mode="eval")
+        logger.close()
+        strict = EigenCAMLogger(strict=True)
+        with pytest.raises(ValueError, match="batch sizes differ"):
+            strict.on_batch_end(images, acts[:2], labels, logits, mode="eval")
+        strict.close()
+
+
+def test_streaming_keeps_every_sample(tracking_uri):
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_samples=None, n_components=1)
+        assert logger.room("eval", None) is None
+        for b in range(3):
+            images, acts, labels, logits = blob_batch(seed=b)
+            logger.on_batch_end(images, acts, labels, logits, mode="eval")
+        logger.on_epoch_end(0)
+        logger.close()
+    rid = run.info.run_id
+    series = image_series(client, rid)
+    assert len(series) == 12
+    table = load_json(client, rid, "eigencam/eval/all/samples.json")
+    assert [r[1] for r in table["data"]] == list(range(12))
+
+
+def test_log_every_n_epochs(tracking_uri):
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_samples=1, log_every_n_epochs=2)
+        for epoch in range(5):
+            images, acts, labels, logits = blob_batch()
+            logger.on_batch_end(images, acts, labels, logits, mode="eval")
+            logger.on_epoch_end(epoch)
+        logger.close()
+    assert sorted(image_series(client, run.info.run_id)["eigencam/eval/all/sample_0"]) == [0, 2, 4]
+
+
+def test_twenty_epochs_do_not_grow_memory(tracking_uri):
+    images, acts, labels, logits = blob_batch(n=8, h=64, w=64, c=64, hh=8, ww=8)
+    with mlflow.start_run():
+        logger = EigenCAMLogger()
+        tracemalloc.start()
+        sizes = []
+        for epoch in range(20):
+            for _ in range(3):
+                logger.on_batch_end(images, acts, labels, logits, mode="eval")
+            logger.on_epoch_end(epoch)
+            logger.flush(timeout=60)
+            sizes.append(tracemalloc.get_traced_memory()[0])
+        tracemalloc.stop()
+        logger.close()
+    # After warm-up, 15 more epochs may only add table rows (a few hundred bytes each).
+    assert sizes[-1] - sizes[4] < 1_000_000, sizes
