@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+import re
 import os
 import shutil
 import tempfile
@@ -317,6 +318,7 @@ class EigenCAMLogger:
 
     def _strip(self, s: Sample, maps: np.ndarray, evr: np.ndarray) -> np.ndarray:
         return render_strip(s.image, maps, explained_variance=evr, label=s.label, pred=s.pred,
+                            correct=s.correct, sample_id=s.sample_id,
                             colormap=self.colormap, alpha=self.alpha)
 
     def _finish_epoch(self, epoch: int, key: Key, grid_strips: List[np.ndarray],
@@ -472,7 +474,8 @@ class EigenCAMLogger:
         if self.strict:
             raise exc
         _log.warning("mlflow_eigencam: %s failed: %s", where, exc, exc_info=exc)
-        tag = (where.split("(")[0], type(exc).__name__)
+        # Once per kind of failure (numbers masked), so a per-batch error does not flood the log.
+        tag = (where.split("(")[0], type(exc).__name__, re.sub(r"\d+", "#", str(exc))[:120])
         if tag not in self._warned:
             self._warned.add(tag)
             warnings.warn(f"mlflow_eigencam: {where} failed ({type(exc).__name__}: {exc}); "

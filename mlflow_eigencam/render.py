@@ -41,7 +41,9 @@ __all__ = [
 
 #: OpenCV colormaps by lower-case name ("jet", "viridis", ...) -> cv2.COLORMAP_* constant.
 COLORMAPS: dict[str, int] = {
-    name[len("COLORMAP_") :].lower(): int(getattr(cv2, name)) for name in sorted(dir(cv2)) if name.startswith("COLORMAP_")
+    name[len("COLORMAP_") :].lower(): int(getattr(cv2, name))
+    for name in sorted(dir(cv2))
+    if name.startswith("COLORMAP_")
 }
 
 _LAYOUTS = ("HWC", "CHW")
@@ -73,7 +75,7 @@ def to_rgb_uint8(image: np.ndarray, layout: Optional[str] = None) -> np.ndarray:
             within [0, 1] are scaled by 255, any other float range is min-max normalised
             (a flat out-of-range image becomes black). NaN and inf count as 0.
         layout: ``"HWC"``, ``"CHW"`` or ``None`` to detect: a 3-D array whose last
-            dimension is 1, 3 or 4 is HWC, one whose first dimension is is CHW.
+            dimension is 1, 3 or 4 is HWC, one whose first dimension is, CHW.
 
     Returns:
         ``(H, W, 3)`` uint8, C-contiguous, never sharing memory with ``image``.
@@ -106,7 +108,10 @@ def to_rgb_uint8(image: np.ndarray, layout: Optional[str] = None) -> np.ndarray:
         if layout == "CHW":
             arr = np.moveaxis(arr, 0, -1)
         if arr.shape[2] not in _CHANNELS:
-            raise ValueError(f"image of shape {np.asarray(image).shape} as {layout} has {arr.shape[2]} channels; expected 1, 3 or 4")
+            raise ValueError(
+                f"image of shape {np.asarray(image).shape} as {layout} has {arr.shape[2]} channels; "
+                "expected 1, 3 or 4"
+            )
     else:
         raise ValueError(f"image must be 2-D (HW) or 3-D (HWC / CHW), got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -330,8 +335,8 @@ def render_strip(
 
     Layout: a title line over each panel (``"input"``, ``"PC1 62.3%"``), the panels side by
     side, and a caption line under them (``"true: cat   pred: dog   [X]"``, the mark green
-    or red, the sample id in grey on the right). The caption line is left out when there is
-    nothing to put on it.
+    or red and repeated as a bar in the left margin, the sample id in grey on the right).
+    The caption line is left out when there is nothing to put on it.
 
     Args:
         image: ``(H, W, 3)`` uint8 RGB (any image ``to_rgb_uint8`` accepts with ``layout``).
@@ -421,7 +426,10 @@ def render_strip(
             draw.text((x, y), text, fill=_TEXT, font=font)
             x += _text_width(font, text) + 2 * _GAP
         if mark:
-            draw.text((x, y), mark, fill=_OK if correct else _WRONG, font=font)
+            colour = _OK if correct else _WRONG
+            draw.text((x, y), mark, fill=colour, font=font)
+            # A bar in the left margin too, so that mistakes stand out when scanning a grid.
+            draw.rectangle([(0, _GAP), (_GAP - 2, strip_h - _GAP - 1)], fill=colour)
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 

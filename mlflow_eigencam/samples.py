@@ -344,7 +344,8 @@ class SampleBuffer:
                 return []
             label_values = class_values(_head(labels, n), n, name="labels")
             pred_values = class_values(_head(preds, n), n, name="preds")
-            if images.ndim == 4 and images.dtype == np.uint8 and images.shape[-1] == 3 and image_layout in ("HWC", "hwc"):
+            already_hwc = isinstance(image_layout, str) and image_layout.upper() == "HWC"
+            if images.ndim == 4 and images.dtype == np.uint8 and images.shape[-1] == 3 and already_hwc:
                 new_images = [np.array(images[i], order="C", copy=True) for i in range(n)]
             else:
                 new_images = [to_rgb_uint8(images[i], image_layout if images.ndim == 4 else None) for i in range(n)]

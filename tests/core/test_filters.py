@@ -30,7 +30,7 @@ def test_iterables_allow_and_deny():
 
 def test_repr_is_sorted_compact_and_round_trips():
     assert repr(mode_filter(["test", "eval"])) == "eval,test"
-    assert repr(mode_filter({"test", "eval", "eval"})) == "eval,test"
+    assert repr(mode_filter(["test", "eval", "eval"])) == "eval,test"
     assert repr(ds_id_filter(["!b", "!a"])) == "!a,!b"
     for spec in (["test", "eval"], ["!train", "!infer"], "eval"):
         f = mode_filter(spec)

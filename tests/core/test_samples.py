@@ -176,7 +176,11 @@ def test_text_labels_match_mapped_predictions_and_missing_gives_none():
     kept = buf.add("eval", None, images, acts, labels=["cat", "dog", "cow"], preds=np.array([0, 0, 1]))
     assert [s.correct for s in kept] == [True, False, False]
     kept = buf.add("eval", None, images, acts, labels=None, preds=np.array([0, 0, 1]))
-    assert [(s.label, s.pred, s.correct) for s in kept] == [(None, "cat", None), (None, "cat", None), (None, "dog", None)]
+    assert [(s.label, s.pred, s.correct) for s in kept] == [
+        (None, "cat", None),
+        (None, "cat", None),
+        (None, "dog", None),
+    ]
 
 
 def test_only_kept_rows_of_labels_are_interpreted():
@@ -189,7 +193,9 @@ def test_only_kept_rows_of_labels_are_interpreted():
 # ------------------------------------------------------------------ errors
 
 
-@pytest.mark.parametrize("n, exc", [(0, ValueError), (-3, ValueError), (2.5, TypeError), ("5", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "n, exc", [(0, ValueError), (-3, ValueError), (2.5, TypeError), ("5", TypeError), (True, TypeError)]
+)
 def test_bad_n_samples(n, exc):
     with pytest.raises(exc, match=repr(n).replace(".", r"\.")):
         SampleBuffer(n)

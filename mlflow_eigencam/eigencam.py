@@ -1,0 +1,470 @@
+"""EigenCAM: signed principal-component maps of a layer's activations (arXiv 2008.00299).
+
+For one sample with activations ``A`` of shape ``(C, h, w)`` the textbook computation is::
+
+    X = A.reshape(C, h * w).T            # (h*w, C): one row per pixel
+    X = X - X.mean(axis=0)               # centre every channel over the pixels
+    U, S, Vt = np.linalg.svd(X)
+    map_i = (X @ Vt[i]).reshape(h, w)    # projection on the i-th principal direction
+    evr_i = S[i] ** 2 / (S ** 2).sum()
+
+:func:`eigencam` returns the same maps and ratios (up to the sign fixed below) for a whole
+batch without a per-sample SVD:
+
+* It works on the smaller Gram matrix of each sample, ``X.T @ X`` (C x C) when ``C <= h*w``
+  and ``X @ X.T`` (hw x hw) otherwise, computed by one batched float32 ``np.matmul``.
+  Centring is applied to the small Gram matrix (``G - s s^T / hw`` or double centring)
+  rather than to the activations, which saves a pass over the data; a sample whose mean
+  dominates its variance (``trace(G) > 16 * trace(G_centred)``, where float32 cancellation
+  would cost digits) is recomputed in float64 with explicit centring from the original data.
+* The top-k eigenpairs of the trace-normalised centred Gram matrix come from one block
+  Krylov Rayleigh-Ritz step in float64 (a fixed seeded start block, so the result is
+  deterministic). Every Ritz pair is checked by its residual ``||G v - theta v||``; samples
+  that do not meet the tolerance (near-degenerate or flat spectra) get a larger Krylov basis
+  and, failing that, a full batched ``np.linalg.eigh``. Full ``eigh`` costs 5-30x the Gram
+  product itself, which is why it is only the fallback.
+* A component whose variance is at rounding level (rank below k, constant input, or
+  ``n_components > min(C, h*w)``) is returned as a zero map with ratio 0.
+
+Sign rule. The sign of a principal direction is arbitrary: any SVD or eigensolver may return
+``-v`` for ``v``. EigenCAM overlays apply a ReLU to the map, so with the wrong sign the
+salient region vanishes and the heat goes to the background; across epochs the same image
+then flickers between the two (pytorch-grad-cam issue #315). We fix the sign so that each
+component's map has a non-negative correlation with the sample's channel-mean map
+``A.mean(axis=0)``. After centring this is exactly the same as "the loading vector ``v_i``
+sums to >= 0", because with ``Xc`` the centred matrix and ``1`` the all-ones C-vector::
+
+    map_i . (Xc 1) = v_i^T Xc^T Xc 1 = s_i^2 (v_i . 1)
+
+and ``Xc 1 / C`` is the centred channel-mean map (the map's own mean is 0, so centring the
+channel-mean map does not change the dot product). When that correlation is below 1e-6 in
+absolute value (no preferred sign, e.g. an antisymmetric pattern) the tie is broken
+deterministically: the pixel with the largest ``|map_i|`` (the first one in C order) is made
+positive.
+
+Non-finite values (NaN, +-Inf) are replaced by 0 on a private copy, with one
+:class:`NonFiniteActivationsWarning` per call naming how many values were replaced. The
+input is never modified.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+__all__ = ["EigenCAMResult", "NonFiniteActivationsWarning", "eigencam"]
+
+# trace(G) / trace(G_centred) above this: the Gram-side centring cancels too many float32
+# digits, so the sample is recomputed in float64 with explicit centring.
+_CANCELLATION_LIMIT = 16.0
+# Residual tolerance of a Ritz pair, relative to the top eigenvalue of the normalised
+# centred Gram matrix. The float32 Gram product itself carries errors of about this size,
+# so a tighter tolerance would not make the maps more accurate.
+_RESIDUAL_TOL = 1e-6
+# Block size above k and number of Krylov blocks of the first (cheap) attempt. A thin block
+# with more Krylov powers converges faster per basis vector than a wide block (measured on
+# CNN-like spectra: residual 1e-8 with (k+1) x 7 vectors, 4e-5 with (k+3) x 4).
+_OVERSAMPLE = 1
+_KRYLOV_BLOCKS = 5
+# Keep the Gram matrices of one chunk of samples under about this many bytes (float64).
+_CHUNK_BYTES = 256 * 2**20
+# |correlation with the channel-mean map| below this counts as a tie (see module docstring).
+_TIE_CORRELATION = 1e-6
+
+_Number = Union[int, float]
+
+
+class NonFiniteActivationsWarning(RuntimeWarning):
+    """Activations contained NaN or +-Inf; they were replaced by 0 on a copy."""
+
+
+@dataclass(frozen=True, eq=False)
+class EigenCAMResult:
+    """Principal-component maps of a batch of activations.
+
+    Attributes:
+        maps: float32 array (B, k, h, w): signed projections of each sample's centred
+            activations on its top-k principal directions, before any ReLU. Sign fixed so
+            each map correlates non-negatively with the sample's channel-mean map.
+        explained_variance_ratio: float32 array (B, k): share of the sample's total variance
+            explained by each component; non-increasing along k, sums to at most 1. Zero
+            for zero-variance components (whose maps are all zero).
+    """
+
+    maps: np.ndarray
+    explained_variance_ratio: np.ndarray
+
+    @property
+    def n_components(self) -> int:
+        """Number of components k (the second axis of ``maps``)."""
+        return int(self.maps.shape[1])
+
+
+def eigencam(
+    activations: Any,
+    n_components: _Number = 3,
+    *,
+    channels_last: bool = False,
+) -> EigenCAMResult:
+    """EigenCAM maps: the top principal components of each sample's activations.
+
+    Args:
+        activations: array-like (B, C, h, w), or (B, h, w, C) with ``channels_last=True``;
+            a 3-D array is one sample (the result still has B=1). float16/32/64 or integer
+            dtype. A torch tensor is handled by ``integrations.torch_math`` on its device
+            (torch is imported only then).
+        n_components: int in 1..C: number of components k. Components beyond
+            ``min(C, h*w)`` (the rank bound) are zero maps with ratio 0. Or a float in
+            (0, 1): the smallest k whose cumulative explained variance ratio reaches it,
+            the maximum over the batch so the output is rectangular.
+        channels_last: activations are (B, h, w, C) (Keras / TensorFlow layout).
+
+    Returns:
+        EigenCAMResult with ``maps`` float32 (B, k, h, w) and ``explained_variance_ratio``
+        float32 (B, k).
+
+    Raises:
+        TypeError: activations of a non-numeric dtype (bool, complex, object, ...), or
+            n_components of the wrong type (bool included).
+        ValueError: activations that are not 3-D/4-D or have an empty axis, or
+            n_components out of range (the message names the value and C).
+    """
+    if _is_torch_tensor(activations):
+        from mlflow_eigencam.integrations.torch_math import eigencam_torch
+
+        return eigencam_torch(activations, n_components, channels_last=channels_last)
+
+    arr = _as_numeric_array(activations)
+    x, (h, w) = _to_batch_channels_pixels(arr, channels_last)
+    k, frac = _check_n_components(n_components, x.shape[1])
+    maps, evr, n_bad = _batched_eigencam(x, k, frac)
+    if n_bad:
+        warnings.warn(
+            f"eigencam: {n_bad} non-finite activation value(s) (NaN/Inf) replaced by 0",
+            NonFiniteActivationsWarning,
+            stacklevel=2,
+        )
+    return EigenCAMResult(maps=maps.reshape(maps.shape[0], maps.shape[1], h, w), explained_variance_ratio=evr)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_torch_tensor(obj: Any) -> bool:
+    # Checked by module name so that importing this module never imports torch.
+    return type(obj).__module__.split(".")[0] == "torch"
+
+
+def _as_numeric_array(activations: Any) -> np.ndarray:
+    try:
+        arr = np.asarray(activations)
+    except Exception as exc:  # e.g. ragged nested lists
+        raise TypeError(
+            f"activations must be an array-like of numbers, got {type(activations).__name__}: {exc}"
+        ) from exc
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(
+            f"activations must have a float or integer dtype, got dtype {arr.dtype} "
+            f"(shape {arr.shape})"
+        )
+    return arr
+
+
+def _to_batch_channels_pixels(arr: np.ndarray, channels_last: bool) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """(B, C, h, w) / (B, h, w, C) / 3-D -> a (B, C, h*w) view (no copy when possible)."""
+    layout = "(h, w, C)" if channels_last else "(C, h, w)"
+    if arr.ndim == 3:
+        arr = arr[None]
+    elif arr.ndim != 4:
+        raise ValueError(
+            f"activations must be 4-D (B, {layout[1:]} or 3-D {layout} (one sample), "
+            f"got shape {arr.shape}"
+        )
+    if 0 in arr.shape:
+        raise ValueError(f"activations must not have an empty axis, got shape {arr.shape}")
+    if channels_last:
+        b, h, w, c = arr.shape
+        # (B, hw, C) seen as (B, C, hw): a transposed view; BLAS takes it without a copy.
+        x = arr.reshape(b, h * w, c).transpose(0, 2, 1)
+    else:
+        b, c, h, w = arr.shape
+        x = arr.reshape(b, c, h * w)
+    return x, (h, w)
+
+
+def _check_n_components(n_components: Any, n_channels: int) -> Tuple[Optional[int], Optional[float]]:
+    """Return (k, None) for an int request or (None, fraction) for a float request."""
+    if isinstance(n_components, (bool, np.bool_)):
+        raise TypeError(f"n_components must be an int in 1..{n_channels} or a float in (0, 1), got bool {n_components!r}")
+    if isinstance(n_components, numbers.Integral):
+        k = int(n_components)
+        if not 1 <= k <= n_channels:
+            raise ValueError(
+                f"n_components={k} is out of range: expected 1 <= n_components <= C={n_channels}"
+            )
+        return k, None
+    if isinstance(n_components, numbers.Real):
+        frac = float(n_components)
+        if not 0.0 < frac < 1.0:
+            raise ValueError(
+                f"n_components={n_components!r} is out of range: a float must be in (0, 1) "
+                f"(explained-variance target); use an int in 1..C={n_channels} for a count"
+            )
+        return None, frac
+    raise TypeError(
+        f"n_components must be an int in 1..{n_channels} or a float in (0, 1), "
+        f"got {type(n_components).__name__} {n_components!r}"
+    )
+
+
+# --------------------------------------------------------------------------- computation
+
+
+def _batched_eigencam(x: np.ndarray, k: Optional[int], frac: Optional[float]) -> Tuple[np.ndarray, np.ndarray, int]:
+    """x: (B, C, hw) any numeric dtype (maybe a view of the caller's array; never written).
+
+    Returns maps float32 (B, k, hw), ratios float32 (B, k) and the number of non-finite
+    values that were replaced by 0.
+    """
+    b, c, hw = x.shape
+    n = min(c, hw)
+    per_sample = 8 * n * n * 3  # G (float32) + centred float64 copies + eigensolver work
+    chunk = max(1, _CHUNK_BYTES // per_sample)
+    if b <= chunk:
+        return _eigencam_chunk(x, k, frac)
+    # Bounded memory for big batches: chunks of many samples, never a loop per sample.
+    parts = [_eigencam_chunk(x[i : i + chunk], k, frac) for i in range(0, b, chunk)]
+    n_bad = sum(p[2] for p in parts)
+    k_out = max(p[0].shape[1] for p in parts)
+    maps = np.zeros((b, k_out, hw), np.float32)
+    evr = np.zeros((b, k_out), np.float32)
+    for j, i in enumerate(range(0, b, chunk)):
+        m, r, _ = parts[j]
+        if m.shape[1] < k_out:
+            # float n_components: this chunk needed fewer; give it the batch's k.
+            m, r, _ = _eigencam_chunk(x[i : i + chunk], k_out, None)
+        maps[i : i + len(m)] = m
+        evr[i : i + len(m)] = r
+    return maps, evr, n_bad
+
+
+def _eigencam_chunk(src: np.ndarray, k: Optional[int], frac: Optional[float]) -> Tuple[np.ndarray, np.ndarray, int]:
+    b, c, hw = src.shape
+    n = min(c, hw)
+    channel_gram = c <= hw
+
+    # float32 working copy (no copy at all for float32 input).
+    x = np.asarray(src, dtype=np.float32)
+    sums = _sums(x, channel_gram)
+    n_bad = 0
+    fix = ~np.isfinite(sums).all(axis=1)  # NaN / Inf anywhere in the sample, or overflow
+    if fix.any():
+        bad_values = ~np.isfinite(x[fix])
+        n_bad = int(bad_values.sum())
+        if n_bad:
+            x = np.array(x, dtype=np.float32, copy=True)
+            x[~np.isfinite(x)] = 0.0
+            sums = _sums(x, channel_gram)
+
+    gram = _gram(x, channel_gram)
+    with np.errstate(all="ignore"):  # float32 overflow of huge finite values: redone below
+        g, trace_c, aux, redo = _centre_gram(gram, sums, hw, channel_gram)
+    redo |= ~np.isfinite(sums).all(axis=1)  # float32 overflow of finite huge values
+    if redo.any():
+        # Precise path for the few samples where float32 would lose digits.
+        idx = np.flatnonzero(redo)
+        x64 = np.array(src[idx], dtype=np.float64, copy=True)
+        x64[~np.isfinite(x64)] = 0.0
+        x64 -= x64.mean(axis=2, keepdims=True)
+        sums64 = _sums(x64, channel_gram)
+        g64, trace64, aux64, _ = _centre_gram(_gram(x64, channel_gram), sums64, hw, channel_gram, centred=True)
+        g[idx], trace_c[idx], aux[idx] = g64, trace64, aux64
+    else:
+        idx, x64 = None, None
+
+    # Top eigenpairs of the trace-normalised centred Gram matrix: theta = explained ratio.
+    if frac is not None:
+        theta_all, vec_all = np.linalg.eigh(g)
+        theta_all = np.clip(theta_all[..., ::-1], 0.0, None)
+        k = _k_for_fraction(theta_all, frac)
+        theta, vec = theta_all[:, :k], vec_all[..., ::-1][..., :k]
+    else:
+        theta, vec = _top_eigenpairs(g, min(k, n))
+        theta = np.clip(theta, 0.0, None)
+    assert k is not None
+    k_eff = theta.shape[1]
+
+    # Zero-variance components (rank below k, constant input): rounding noise, not signal.
+    zero_tol = np.where(redo, 1e-12, 64 * np.finfo(np.float32).eps)
+    alive = theta > zero_tol[:, None]
+    theta = np.where(alive, theta, 0.0)
+
+    if channel_gram:
+        # vec = loadings v_i (B, C, k); map_i = Xc v_i = X v_i - (mu . v_i).
+        vt = np.ascontiguousarray(vec.transpose(0, 2, 1))
+        maps = np.matmul(vt.astype(np.float32), x)
+        maps -= (vt @ aux[:, :, None]).astype(np.float32)  # aux = channel means mu (B, C)
+        if idx is not None:
+            maps[idx] = np.matmul(vt[idx], x64).astype(np.float32)
+        # corr(map_i, channel-mean map) = sqrt(theta_i) (1.v_i) / sqrt(1^T G 1)
+        total = np.sqrt(np.clip(g.sum(axis=(1, 2)), 0.0, None))
+        corr = np.sqrt(theta) * vec.sum(axis=1)
+        corr = np.divide(corr, total[:, None], out=np.zeros_like(corr), where=total[:, None] > 0)
+    else:
+        # vec = left singular vectors u_i (B, hw, k); map_i = s_i u_i.
+        scale = np.sqrt(theta * trace_c[:, None])
+        maps = (vec.transpose(0, 2, 1) * scale[:, :, None]).astype(np.float32)
+        # corr(map_i, channel-mean map) = u_i . r / |r|, r the centred channel-sum map (aux)
+        norm_r = np.linalg.norm(aux, axis=1)
+        corr = np.einsum("bpk,bp->bk", vec, aux)
+        corr = np.divide(corr, norm_r[:, None], out=np.zeros_like(corr), where=norm_r[:, None] > 0)
+
+    maps *= alive[:, :, None]
+    _fix_signs(maps, corr)
+
+    ratio = theta
+    over = ratio.sum(axis=1, keepdims=True)
+    ratio = np.where(over > 1.0, ratio / np.maximum(over, 1.0), ratio)
+    if k > k_eff:  # more components than the rank bound min(C, hw): zero maps, ratio 0
+        maps = np.concatenate([maps, np.zeros((b, k - k_eff, hw), np.float32)], axis=1)
+        ratio = np.concatenate([ratio, np.zeros((b, k - k_eff))], axis=1)
+    ratio32 = ratio.astype(np.float32)
+    # float32 rounding of ratios that sum to 1 in float64 may push the sum one ulp above.
+    ratio32 = np.where(ratio32.sum(axis=1, keepdims=True) > 1, ratio32 * np.float32(1 - 1e-7), ratio32)
+    return np.ascontiguousarray(maps), ratio32, n_bad
+
+
+def _sums(x: np.ndarray, channel_gram: bool) -> np.ndarray:
+    """Per-channel sums over pixels (B, C) or per-pixel sums over channels (B, hw)."""
+    # matmul with a ones vector runs in BLAS; ndarray.sum over a short axis is 4-5x slower.
+    if channel_gram:
+        return np.matmul(x, np.ones(x.shape[2], x.dtype))
+    return np.matmul(np.ones(x.shape[1], x.dtype), x)
+
+
+def _gram(x: np.ndarray, channel_gram: bool) -> np.ndarray:
+    """Uncentred Gram matrices: X^T X (B, C, C) or X X^T (B, hw, hw), in x's dtype."""
+    xt = x.transpose(0, 2, 1)
+    return np.matmul(x, xt) if channel_gram else np.matmul(xt, x)
+
+
+def _centre_gram(
+    gram: np.ndarray, sums: np.ndarray, hw: int, channel_gram: bool, centred: bool = False
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Centre the Gram matrices and normalise them to unit trace (float64).
+
+    Returns (g, trace, aux, redo): g (B, n, n) centred Gram / its trace (zero when the
+    trace is 0), trace (B,) total variance times hw, aux the channel means (B, C) or the
+    centred channel-sum map (B, hw), redo (B,) bool where float32 cancellation is too big.
+    """
+    g = gram.astype(np.float64)
+    sums = sums.astype(np.float64)
+    trace_raw = np.trace(g, axis1=1, axis2=2)
+    if channel_gram:
+        mu = sums / hw
+        if not centred:
+            g -= sums[:, :, None] * mu[:, None, :]  # X^T X - hw mu mu^T
+        aux = mu
+    else:
+        if not centred:
+            # X X^T with X centred per channel = P G P, P = I - 11^T / hw (double centring)
+            row = g.mean(axis=2)
+            g -= row[:, :, None]
+            g -= row[:, None, :]
+            g += row.mean(axis=1)[:, None, None]
+        aux = sums - sums.mean(axis=1, keepdims=True)
+    trace = np.trace(g, axis1=1, axis2=2)
+    redo = ~(trace * _CANCELLATION_LIMIT > trace_raw) if not centred else np.zeros(len(g), bool)
+    safe = np.where(trace > 0, trace, 1.0)
+    g /= safe[:, None, None]
+    g[trace <= 0] = 0.0
+    return g, np.where(trace > 0, trace, 0.0), aux, redo
+
+
+def _k_for_fraction(theta: np.ndarray, frac: float) -> int:
+    """Smallest k whose cumulative ratio reaches frac, maximised over the batch."""
+    cum = np.cumsum(theta, axis=1)
+    reached = cum >= frac - 1e-9
+    # argmax finds the first True; a sample that never reaches it (constant) asks for 1.
+    per_sample = np.where(reached.any(axis=1), reached.argmax(axis=1) + 1, 1)
+    return int(per_sample.max())
+
+
+_OMEGA_CACHE: dict = {}
+
+
+def _start_block(n: int, p: int) -> np.ndarray:
+    key = (n, p)
+    if key not in _OMEGA_CACHE:
+        # Fixed seed: same input, same maps (the sign rule removes the remaining freedom).
+        _OMEGA_CACHE[key] = np.random.default_rng(20080299).standard_normal((n, p))
+    return _OMEGA_CACHE[key]
+
+
+def _top_eigenpairs(g: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Top-k eigenpairs of symmetric PSD matrices g (B, n, n) with trace <= 1.
+
+    Returns theta (B, k) non-increasing and vectors (B, n, k).
+    """
+    b, n, _ = g.shape
+    p = k + _OVERSAMPLE
+    blocks = _KRYLOV_BLOCKS
+    theta = np.zeros((b, k))
+    vec = np.zeros((b, n, k))
+    todo = np.arange(b)
+    while todo.size:
+        if p * (blocks + 1) >= n:
+            # The basis would span the whole space: plain eigh is exact and no dearer.
+            w, v = np.linalg.eigh(g[todo] if todo.size < b else g)
+            theta[todo] = w[:, ::-1][:, :k]
+            vec[todo] = v[..., ::-1][..., :k]
+            break
+        sub = g[todo] if todo.size < b else g
+        t, v, ok = _block_krylov(sub, k, p, blocks)
+        theta[todo[ok]] = t[ok]
+        vec[todo[ok]] = v[ok]
+        todo = todo[~ok]
+        blocks *= 2
+    return theta, vec
+
+
+def _block_krylov(g: np.ndarray, k: int, p: int, blocks: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One Rayleigh-Ritz step on span[W, GW, ..., G^blocks W] (W a fixed n x p block).
+
+    Returns theta (B, k), vectors (B, n, k) and converged (B,) bool.
+    """
+    z = _start_block(g.shape[1], p)
+    basis = [np.broadcast_to(z, (g.shape[0],) + z.shape)]
+    for _ in range(blocks):
+        # No rescaling needed: trace(g) <= 1 so powers shrink, and the top eigenvalue is
+        # at least 1/n so the leading directions never underflow.
+        z = np.matmul(g, z)
+        basis.append(z)
+    q, _ = np.linalg.qr(np.concatenate(basis, axis=2))
+    gq = np.matmul(g, q)
+    t = np.matmul(q.transpose(0, 2, 1), gq)
+    t = 0.5 * (t + t.transpose(0, 2, 1))
+    w, s = np.linalg.eigh(t)
+    w = w[:, ::-1][:, :k]
+    s = s[..., ::-1][..., :k]
+    vec = np.matmul(q, s)
+    resid = np.matmul(gq, s) - vec * w[:, None, :]
+    rnorm = np.sqrt(np.einsum("bnk,bnk->bk", resid, resid))
+    ok = (rnorm <= _RESIDUAL_TOL * np.maximum(w[:, :1], 0.0) + 1e-300).all(axis=1)
+    return w, vec, ok
+
+
+def _fix_signs(maps: np.ndarray, corr: np.ndarray) -> None:
+    """In place: make each map correlate non-negatively with the channel-mean map."""
+    sign = np.sign(corr)
+    tie = np.abs(corr) <= _TIE_CORRELATION
+    if tie.any():
+        # Tie-break: the (first) pixel with the largest |value| is positive.
+        peak = np.take_along_axis(maps, np.abs(maps).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
+        sign = np.where(tie, np.sign(peak), sign)
+    sign = np.where(sign == 0, 1.0, sign).astype(np.float32)
+    maps *= sign[:, :, None]

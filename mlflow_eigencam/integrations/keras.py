@@ -1,0 +1,644 @@
+"""Keras 3 (TensorFlow backend) callback that logs EigenCAM overlays at every epoch end.
+
+Keras callbacks never see the batches, so the callback takes its samples from data once
+(``validation_data`` / ``train_data``, or what ``fit`` was given when autolog adds it) and
+keeps them pinned: the same images are explained at every epoch, so epochs can be compared.
+At each epoch end it runs one forward pass over those samples (``training=False``), taking the
+target layer's activations and the model's predictions together, and hands them to the
+framework-free :class:`~mlflow_eigencam.logger.EigenCAMLogger`.
+
+How the activations are read, without changing the model:
+
+* the layer is part of the model's own graph (functional and ``Sequential`` models): a probe
+  ``keras.Model(model.input, [layer.output, *model.outputs])``, built once, sharing weights;
+* otherwise (a layer inside a nested sub-model, a subclassed model, a layer called twice):
+  during the probe's forward pass only, the layer instance's ``call`` is wrapped to keep its
+  output, and the wrapper is removed in a ``finally`` block. Weights, layers, ``trainable``
+  flags and the compile state are never touched.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import json
+import numbers
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import keras
+import numpy as np
+
+from ..filters import FilterSpec
+from ..logger import EigenCAMLogger
+from ..sink import EigenCAMWarning
+
+try:  # tf.data is optional for the callback itself (Keras may run on another backend)
+    import tensorflow as _tf
+except ImportError:  # pragma: no cover - the [tensorflow] extra installs it
+    _tf = None
+
+__all__ = ["EigenCAMCallback"]
+
+Key = Tuple[str, Optional[str]]
+#: Samples per forward pass of the probe (n_samples=None can mean thousands of images).
+PROBE_BATCH_SIZE = 32
+#: Logger arguments the callback decides itself (it always hands over NHWC arrays).
+_FIXED_LOGGER_KWARGS = ("channels_last", "image_layout")
+
+
+@dataclass
+class _Pinned:
+    """The samples of one (mode, ds_id), taken once.
+
+    Attributes:
+        x: ``(N, H, W, C)`` or ``(N, H, W)`` images as the model takes them (any dtype).
+        y: ``(N,)`` / ``(N, K)`` labels, or None when the data has none usable per sample.
+    """
+
+    x: np.ndarray
+    y: Optional[np.ndarray]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "numpy"):  # tf.Tensor, without importing tf here
+        return np.asarray(value.numpy())
+    return np.asarray(value)
+
+
+def _is_dataset(data: Any) -> bool:
+    return _tf is not None and isinstance(data, _tf.data.Dataset)
+
+
+def _is_pydataset(data: Any) -> bool:
+    return isinstance(data, keras.utils.PyDataset)
+
+
+def _is_iterator(data: Any) -> bool:
+    """Generators and other one-shot iterators: reading them would consume the user's data."""
+    return isinstance(data, collections.abc.Iterator) and not (_is_dataset(data) or _is_pydataset(data))
+
+
+def _check_x(x: Any, what: str) -> np.ndarray:
+    if isinstance(x, (Mapping, list, tuple)):
+        raise TypeError(
+            f"{what} gives x as a {type(x).__name__}; EigenCAMCallback needs one array of images "
+            f"(N, H, W, C) or (N, H, W) (multi-input models are not supported)")
+    arr = _to_numpy(x)
+    if arr.ndim not in (3, 4):
+        raise ValueError(
+            f"{what} gives images of shape {arr.shape}; expected (N, H, W, C) or (N, H, W)"
+            " (tf.data datasets must yield batches, as fit expects)")
+    return arr
+
+
+def _check_y(y: Any, n: int) -> Optional[np.ndarray]:
+    """Labels that give one class per sample, else None (dicts, masks, multi-output lists)."""
+    if y is None or isinstance(y, (Mapping, list, tuple)):
+        return None
+    arr = _to_numpy(y)
+    if arr.ndim == 0 or arr.ndim > 2 or len(arr) != n:
+        return None
+    return arr
+
+
+def _unpack(batch: Any) -> Tuple[Any, Any]:
+    x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+    return x, y
+
+
+def _from_batches(batches: Iterator[Any], n: Optional[int], what: str) -> _Pinned:
+    xs: List[np.ndarray] = []
+    ys: List[Optional[np.ndarray]] = []
+    count = 0
+    for batch in batches:
+        x, y = _unpack(batch)
+        xb = _check_x(x, what)
+        need = len(xb) if n is None else min(len(xb), n - count)
+        xs.append(xb[:need])
+        ys.append(_check_y(y, len(xb)))
+        if ys[-1] is not None:
+            ys[-1] = ys[-1][:need]
+        count += need
+        if n is not None and count >= n:
+            break
+    if not xs or count == 0:
+        raise ValueError(f"{what} yielded no samples")
+    x_all = np.concatenate(xs, axis=0)
+    y_all = None if any(y is None for y in ys) else np.concatenate(ys, axis=0)
+    return _Pinned(x_all, y_all)
+
+
+def take_samples(data: Any, n: Optional[int], *, what: str = "data") -> _Pinned:
+    """Take the first ``n`` samples of ``data`` without consuming it.
+
+    Args:
+        data: A tuple ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)`` of arrays; an array of
+            images; a ``tf.data.Dataset`` yielding batches (iterated afresh, so not
+            consumed); a ``keras.utils.PyDataset`` (indexed ``[0]``, ``[1]``, ...); or any
+            re-iterable object yielding batches (``iter(data)`` is a new iterator each time).
+        n: How many samples; None for all of them (``data`` must be finite).
+        what: Name of the data in error messages.
+
+    Returns:
+        The samples: images ``(n, H, W, C)`` or ``(n, H, W)``, labels or None.
+
+    Raises:
+        TypeError: ``data`` is a generator or other one-shot iterator (it cannot be read
+            without consuming the user's data), or of an unsupported type.
+        ValueError: ``data`` is empty, infinite with ``n=None``, or not images.
+    """
+    if data is None:
+        raise TypeError(f"{what} is None")
+    if _is_iterator(data):
+        raise TypeError(
+            f"{what} is a {type(data).__name__} (a one-shot iterator): EigenCAMCallback cannot "
+            "take samples from it without consuming them; pass numpy arrays (x, y), a "
+            "tf.data.Dataset or a keras.utils.PyDataset instead")
+    if isinstance(data, (tuple, list)):
+        x, y = _unpack(tuple(data))
+        xa = _check_x(x, what)
+        stop = len(xa) if n is None else min(n, len(xa))
+        if stop == 0:
+            raise ValueError(f"{what} has no samples")
+        return _Pinned(xa[:stop].copy(), None if (ya := _check_y(y, len(xa))) is None else ya[:stop].copy())
+    if _is_dataset(data):
+        if n is None and int(data.cardinality()) == int(_tf.data.INFINITE_CARDINALITY):
+            raise ValueError(f"{what} is an infinite tf.data.Dataset; pass n_samples=<int> to use it")
+        return _from_batches(iter(data), n, what)
+    if _is_pydataset(data):
+        try:
+            total = data.num_batches
+        except NotImplementedError:
+            total = None
+        if total is None and n is None:
+            raise ValueError(f"{what} is an infinite PyDataset; pass n_samples=<int> to use it")
+        indices = range(total) if total is not None else _count()
+        return _from_batches((data[i] for i in indices), n, what)
+    if hasattr(data, "shape") and hasattr(data, "__len__"):  # one array of images, no labels
+        return take_samples((data,), n, what=what)
+    if isinstance(data, collections.abc.Iterable):  # re-iterable (e.g. a torch DataLoader)
+        return _from_batches(iter(data), n, what)
+    raise TypeError(
+        f"{what} must be (x, y) arrays, a tf.data.Dataset, a keras.utils.PyDataset or a "
+        f"re-iterable of batches; got {type(data).__name__}")
+
+
+def _count() -> Iterator[int]:
+    i = 0
+    while True:
+        yield i
+        i += 1
+
+
+def _split_at(n: int, validation_split: float) -> int:
+    """Where Keras splits arrays for ``validation_split`` (the last part is validation)."""
+    return int(np.floor(n * (1.0 - validation_split)))
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _walk(model: Any, parents: Tuple[Any, ...] = ()) -> Iterator[Tuple[Any, Tuple[Any, ...]]]:
+    """Every layer of ``model``, nested models included (depth first), with its parents."""
+    for layer in getattr(model, "layers", []):
+        yield layer, parents
+        if isinstance(layer, keras.Model):
+            yield from _walk(layer, parents + (layer,))
+
+
+def _static_shape(layer: Any) -> Optional[Tuple[Optional[int], ...]]:
+    """The layer's symbolic output shape, or None when Keras does not know it."""
+    try:
+        out = layer.output
+    except Exception:  # never called symbolically (subclassed model), or called twice
+        return None
+    if isinstance(out, (list, tuple, dict)):
+        return None
+    return tuple(out.shape)
+
+
+def _data_format(layer: Any) -> str:
+    return getattr(layer, "data_format", None) or keras.config.image_data_format()
+
+
+def _is_spatial(shape: Optional[Sequence[Optional[int]]], data_format: str) -> bool:
+    """A 4-D output whose height and width are both > 1 (None counts as unknown, fine)."""
+    if shape is None or len(shape) != 4:
+        return False
+    h, w = (shape[1], shape[2]) if data_format == "channels_last" else (shape[2], shape[3])
+    return all(s is None or s > 1 for s in (h, w))
+
+
+def _layer_path(layer: Any, parents: Tuple[Any, ...]) -> str:
+    return "/".join([p.name for p in parents] + [layer.name])
+
+
+@contextlib.contextmanager
+def _capture(layers: Sequence[Any]) -> Iterator[List[Tuple[Any, Any]]]:
+    """Record ``(layer, output)`` of every call of ``layers`` while the block runs.
+
+    Wraps each layer instance's ``call`` (an instance attribute shadowing the class method,
+    set with ``object.__setattr__`` so Keras' attribute tracking never sees it) and removes
+    the wrappers on exit, whatever happens; the model is as before afterwards.
+    """
+    record: List[Tuple[Any, Any]] = []
+    patched: List[Tuple[Any, Any, bool]] = []
+
+    def wrap(layer: Any, original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            record.append((layer, out))
+            return out
+
+        return call
+
+    try:
+        for layer in layers:
+            had_own = "call" in vars(layer)
+            original = layer.call
+            object.__setattr__(layer, "call", wrap(layer, original))
+            patched.append((layer, original, had_own))
+        yield record
+    finally:
+        for layer, original, had_own in reversed(patched):
+            if had_own:
+                object.__setattr__(layer, "call", original)
+            else:
+                object.__delattr__(layer, "call")
+
+
+def _single_output(out: Any) -> Optional[np.ndarray]:
+    """The model's prediction as one (B,) / (B, K) array, or None (multi-output, masks)."""
+    if isinstance(out, (list, tuple)):
+        if len(out) != 1:
+            return None
+        out = out[0]
+    if isinstance(out, Mapping):
+        return None
+    arr = np.asarray(keras.ops.convert_to_numpy(out))
+    return arr if 1 <= arr.ndim <= 2 else None
+
+
+def _is_chief() -> bool:
+    """False on the non-chief workers of a multi-worker strategy (read from ``TF_CONFIG``).
+
+    Single-process strategies (``MirroredStrategy``) call callbacks once, so they are chief.
+    """
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return True
+    try:
+        config = json.loads(raw)
+        task = config.get("task") or {}
+        kind, index = task.get("type"), int(task.get("index", 0))
+        if kind in (None, "chief"):
+            return True
+        if kind == "worker":
+            return index == 0 and "chief" not in (config.get("cluster") or {})
+        return False  # parameter servers and evaluators
+    except (ValueError, TypeError, AttributeError):
+        return True
+
+
+# --------------------------------------------------------------------------- the callback
+
+
+class EigenCAMCallback(keras.callbacks.Callback):
+    """Log EigenCAM overlays of a convolution layer to MLflow at every epoch end.
+
+    Args:
+        validation_data: Where the ``"eval"`` samples come from: ``(x, y)`` /
+            ``(x, y, sample_weight)`` arrays, a ``tf.data.Dataset`` yielding batches, a
+            ``keras.utils.PyDataset``, or a mapping ``{ds_id: data}`` for several datasets.
+            Generators and other one-shot iterators are refused (``TypeError``): they cannot
+            be read without consuming the user's data. None: use what ``fit`` was given when
+            autolog adds the callback (see :meth:`_set_fit_data`).
+        layer: The layer to explain: a name (nested models are searched), a layer object, or
+            None for the last top-level layer with a 4-D output whose height and width are
+            > 1 (a nested backbone model with a 4-D output is picked as a whole).
+        n_components: Principal components per sample (int >= 1, or a float in (0, 1)).
+        n_samples: Samples taken once from each data source and explained at every epoch;
+            None takes all of them.
+        label_mapping: ``{name: index}`` or a sequence of class names, for captions.
+        mode: Mode filter (``"eval"`` for validation data, ``"train"`` for ``train_data``):
+            None, ``"eval"``, ``{"eval", "train"}``, ``"!train"``.
+        ds_id: Dataset id filter, same forms as ``mode``.
+        train_data: Where ``"train"`` samples come from (same forms as ``validation_data``);
+            only read when ``mode`` lets ``"train"`` in.
+        **logger_kwargs: Passed to :class:`~mlflow_eigencam.logger.EigenCAMLogger`
+            (``run_id``, ``colormap``, ``alpha``, ``log_every_n_epochs``, ``strict``, ...).
+
+    Raises:
+        TypeError: A generator as data, an unsupported data or layer type, or a logger
+            argument the callback sets itself (``channels_last``, ``image_layout``).
+        ValueError: Bad ``n_components`` / ``n_samples`` / filters, empty data.
+
+    Note:
+        Reading a ``tf.data.Dataset`` iterates it once more. A dataset built with
+        ``shuffle(..., reshuffle_each_iteration=True)`` then shuffles differently in later
+        epochs than without the callback; use arrays or an unshuffled dataset when runs must
+        be bit-for-bit reproducible (this matters for training data only).
+    """
+
+    def __init__(
+        self,
+        validation_data: Any = None,
+        layer: Union[str, "keras.layers.Layer", None] = None,
+        n_components: Union[int, float] = 3,
+        n_samples: Optional[int] = 5,
+        label_mapping: Union[Mapping[str, Any], Sequence[str], None] = None,
+        mode: FilterSpec = "!train",
+        ds_id: FilterSpec = None,
+        train_data: Any = None,
+        **logger_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        for name in _FIXED_LOGGER_KWARGS:
+            if name in logger_kwargs:
+                raise TypeError(
+                    f"EigenCAMCallback sets {name} itself (it hands NHWC arrays to the logger); "
+                    f"got {name}={logger_kwargs[name]!r}")
+        if layer is not None and not isinstance(layer, (str, keras.layers.Layer)):
+            raise TypeError(f"layer must be a layer name, a keras layer or None, got {layer!r}")
+        self._logger_args: Dict[str, Any] = dict(
+            n_components=n_components, n_samples=n_samples, label_mapping=label_mapping,
+            mode=mode, ds_id=ds_id, channels_last=True, image_layout="NHWC", **logger_kwargs)
+        # The logger validates every setting now, so bad configuration fails here, loudly.
+        # Non-chief workers of a multi-worker strategy never build one (rank zero only).
+        self._chief = _is_chief()
+        self._logger: Optional[EigenCAMLogger] = (
+            EigenCAMLogger(**self._logger_args) if self._chief else None)
+        self.n_samples = n_samples
+        self.layer = layer
+        self._strict = bool(logger_kwargs.get("strict", False))
+        self._explicit: Dict[Key, _Pinned] = {}
+        self._from_fit: Dict[Key, _Pinned] = {}
+        self._warned: set = set()
+        self._target: Any = None
+        self._target_path: Optional[str] = None
+        self._forward: Optional[Callable[[np.ndarray], Tuple[np.ndarray, Any]]] = None
+        self._broken = False
+        self._logger_closed = False
+        if self._logger is not None:
+            self._explicit.update(self._pin("eval", validation_data, "validation_data", strict=True))
+            if train_data is not None and not self._wants_mode("train"):
+                self._warn_once("train_ignored",
+                                f"train_data is not used: mode={mode!r} filters out 'train' "
+                                "(pass mode=None or mode={'train', 'eval'})")
+            self._explicit.update(self._pin("train", train_data, "train_data", strict=True))
+
+    # -- data ------------------------------------------------------------------------------
+    @property
+    def logger(self) -> Optional[EigenCAMLogger]:
+        """The logger this callback feeds (None on non-chief workers)."""
+        return self._logger
+
+    def _wants_mode(self, mode: str) -> bool:
+        # ds_id is only known per source; a mode is worth reading if any ds_id could pass.
+        return self._logger is not None and self._logger.mode_filter(mode)
+
+    def _pin(self, mode: str, data: Any, what: str, *, strict: bool) -> Dict[Key, _Pinned]:
+        """Samples per (mode, ds_id) from one argument (None, a source, or {ds_id: source})."""
+        if data is None or not self._wants_mode(mode):
+            return {}
+        sources: Dict[Optional[str], Any]
+        if isinstance(data, Mapping):
+            sources = {str(k): v for k, v in data.items()}
+        else:
+            sources = {None: data}
+        pinned: Dict[Key, _Pinned] = {}
+        for ds_id, source in sources.items():
+            if self._logger is None or not self._logger.wants(mode, ds_id):
+                continue
+            label = what if ds_id is None else f"{what}[{ds_id!r}]"
+            try:
+                pinned[(mode, ds_id)] = take_samples(source, self.n_samples, what=label)
+            except (TypeError, ValueError) as exc:
+                if strict:
+                    raise
+                self._warn_once(("fit_data", mode, type(exc).__name__),
+                                f"no {mode!r} samples from {label}: {exc}")
+        return pinned
+
+    def _set_fit_data(self, x: Any = None, y: Any = None, validation_data: Any = None,
+                      validation_split: float = 0.0) -> None:
+        """Take samples from what ``fit`` was given (autolog calls this before ``fit`` runs).
+
+        Mirrors ``fit``: ``validation_data`` wins over ``validation_split``, which takes the
+        last fraction of the ``x`` / ``y`` arrays. ``"eval"`` samples come from there unless
+        the callback was given ``validation_data``; ``"train"`` samples come from ``x`` /
+        ``y`` (before the split) unless it was given ``train_data``, and only when ``mode``
+        lets ``"train"`` in. Calling it again (a new ``fit``) replaces what it took before.
+        It never raises: data it cannot read (a generator, say) warns once and is skipped.
+
+        Args:
+            x: ``fit``'s ``x``: arrays, a ``tf.data.Dataset``, a ``PyDataset``, ...
+            y: ``fit``'s ``y`` (None when ``x`` yields ``(x, y)`` batches).
+            validation_data: ``fit``'s ``validation_data``.
+            validation_split: ``fit``'s ``validation_split``.
+        """
+        self._from_fit = {}
+        if self._logger is None:
+            return
+        try:
+            arrays = x is not None and not isinstance(x, (Mapping, list, tuple)) and hasattr(x, "shape")
+            train: Any = None
+            val: Any = validation_data
+            if arrays:
+                n = len(x)
+                split = _split_at(n, validation_split) if validation_split and validation_data is None else n
+                train = (x[:split], None if y is None else y[:split])
+                if validation_data is None and validation_split and 0 < split < n:
+                    val = (x[split:], None if y is None else y[split:])
+            elif x is not None:
+                train = x if y is None else (x, y)
+            got: Dict[Key, _Pinned] = {}
+            if not any(k[0] == "eval" for k in self._explicit):
+                got.update(self._pin("eval", val, "fit's validation data", strict=False))
+            if not any(k[0] == "train" for k in self._explicit):
+                got.update(self._pin("train", train, "fit's x", strict=False))
+            self._from_fit = got
+        except Exception as exc:  # autolog must never break fit
+            self._fail(exc, "reading fit's data")
+
+    def _sources(self) -> Dict[Key, _Pinned]:
+        return {**self._from_fit, **self._explicit}
+
+    # -- layer and probe ------------------------------------------------------------------
+    def _resolve_layer(self, sample: Optional[np.ndarray]) -> Tuple[Any, str]:
+        """The target layer and its display path (``"backbone/conv2"`` when nested)."""
+        model = self.model
+        spec = self.layer
+        walked = list(_walk(model))
+        if isinstance(spec, str):
+            for layer, parents in sorted(walked, key=lambda lp: len(lp[1])):  # top level first
+                if layer.name == spec:
+                    return layer, _layer_path(layer, parents)
+            names = [_layer_path(layer, parents) for layer, parents in walked]
+            raise ValueError(f"layer {spec!r} is not in model {model.name!r}; its layers are {names}")
+        if spec is not None:
+            for layer, parents in walked:
+                if layer is spec:
+                    return layer, _layer_path(layer, parents)
+            raise ValueError(f"layer {spec.name!r} (a {type(spec).__name__}) is not part of model {model.name!r}")
+
+        top = list(model.layers)
+        shapes = {id(layer): _static_shape(layer) for layer in top}
+        if all(s is None for s in shapes.values()) and sample is not None:
+            # Subclassed models have no symbolic graph: find shapes from one real forward pass.
+            with _capture(top) as record:
+                model(sample[:1], training=False)
+            order = []
+            for layer, out in record:
+                if id(layer) not in {id(o) for o in order}:
+                    order.append(layer)
+                    shapes[id(layer)] = tuple(np.shape(out)) if not isinstance(out, (list, tuple, dict)) else None
+            top = order
+        for layer in reversed(top):
+            if _is_spatial(shapes.get(id(layer)), _data_format(layer)):
+                return layer, layer.name
+        described = [f"{layer.name} {shapes.get(id(layer))}" for layer in top]
+        raise ValueError(
+            f"no layer of model {model.name!r} has a 4-D output with height and width > 1; "
+            f"pass layer=<name> (layers and output shapes: {described})")
+
+    def _build_forward(self, layer: Any) -> Callable[[np.ndarray], Tuple[np.ndarray, Any]]:
+        """A function x -> (activations, model output), evaluated with ``training=False``."""
+        model = self.model
+        try:
+            inputs = model.inputs
+            if len(inputs) != 1:
+                raise TypeError(f"model {model.name!r} has {len(inputs)} inputs; EigenCAMCallback supports one")
+            # Sharing the model's layers and weights: nothing is copied or changed.
+            probe = keras.Model(inputs[0], [layer.output, *model.outputs], name=f"{model.name}_eigencam_probe")
+        except (AttributeError, ValueError):
+            probe = None  # not in the model's own graph (nested, subclassed, called twice)
+
+        if probe is not None:
+            n_out = len(model.outputs)
+
+            def run_probe(x: np.ndarray) -> Tuple[np.ndarray, Any]:
+                outs = probe(x, training=False)
+                return outs[0], (outs[1] if n_out == 1 else outs[1:])
+
+            return run_probe
+
+        def run_captured(x: np.ndarray) -> Tuple[np.ndarray, Any]:
+            with _capture([layer]) as record:
+                out = model(x, training=False)
+            if not record:
+                raise RuntimeError(f"layer {self._target_path!r} was not called in the forward pass of "
+                                   f"model {model.name!r}")
+            return record[0][1], out
+
+        return run_captured
+
+    def _prepare(self) -> bool:
+        """Resolve the layer and the forward function once; False when there is nothing to do."""
+        if self._forward is not None:
+            return True
+        sources = self._sources()
+        sample = next(iter(sources.values())).x if sources else None
+        self._target, self._target_path = self._resolve_layer(sample)
+        self._forward = self._build_forward(self._target)
+        assert self._logger is not None
+        self._logger.set_target_layer(self._target_path)
+        return True
+
+    def _explain(self, x: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """Activations (N, h, w, C) float and predictions for ``x``, in probe-sized batches."""
+        assert self._forward is not None
+        acts: List[np.ndarray] = []
+        preds: List[Optional[np.ndarray]] = []
+        for start in range(0, len(x), PROBE_BATCH_SIZE):
+            a, out = self._forward(x[start:start + PROBE_BATCH_SIZE])
+            a = np.asarray(keras.ops.convert_to_numpy(a))
+            if a.ndim != 4:
+                raise ValueError(f"layer {self._target_path!r} gives outputs of shape {a.shape}; "
+                                 "EigenCAM needs a 4-D (batch, height, width, channels) output")
+            if _data_format(self._target) == "channels_first":
+                a = np.moveaxis(a, 1, -1)
+            acts.append(a)
+            preds.append(_single_output(out))
+        pred = None if any(p is None for p in preds) else np.concatenate(preds, axis=0)
+        return np.concatenate(acts, axis=0), pred
+
+    # -- Keras hooks ----------------------------------------------------------------------
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Reopen the logger after a previous ``fit`` and resolve the layer."""
+        if not self._chief:
+            return
+        if self._logger is None or self._logger_closed:
+            self._logger = EigenCAMLogger(**self._logger_args)
+            self._logger_closed = False
+            if self._target_path is not None:
+                self._logger.set_target_layer(self._target_path)
+        self._forward = None  # the model may have changed since the last fit
+        self._broken = False
+        if not self._sources():
+            self._warn_once("no_samples",
+                            "EigenCAMCallback has no samples to explain: pass validation_data= "
+                            "(arrays, a tf.data.Dataset or a PyDataset), or train_data= with a "
+                            "mode that lets 'train' in")
+            return
+        try:
+            self._prepare()
+        except Exception as exc:
+            self._broken = True  # a missing layer stays missing: do not retry every epoch
+            self._fail(exc, "finding the target layer")
+
+    def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Explain the pinned samples and hand them to the logger (step = epoch)."""
+        logger = self._logger
+        if logger is None or self._broken or not logger.should_log(epoch):
+            return
+        for (mode, ds_id), pinned in self._sources().items():
+            if not logger.wants(mode, ds_id):
+                continue
+            try:
+                room = logger.room(mode, ds_id)
+                n = len(pinned.x) if room is None else min(room, len(pinned.x))
+                if n == 0:
+                    continue
+                self._prepare()
+                x = pinned.x[:n]
+                acts, preds = self._explain(x)
+                images = x
+                if x.ndim == 4 and keras.config.image_data_format() == "channels_first":
+                    images = np.moveaxis(x, 1, -1)
+                labels = None if pinned.y is None else pinned.y[:n]
+                logger.on_batch_end(images, acts, labels, preds, mode=mode, ds_id=ds_id)
+                logger.on_epoch_end(epoch, mode=mode, ds_id=ds_id)
+            except Exception as exc:
+                self._fail(exc, f"epoch {epoch} ({mode}, ds_id={ds_id!r})", kind="epoch")
+
+    def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Wait for the uploads and end the run the logger started (if it started one)."""
+        if self._logger is None:
+            return
+        self._logger_closed = True
+        try:
+            self._logger.close()
+        except Exception as exc:
+            self._fail(exc, "closing the logger")
+
+    # -- failures -------------------------------------------------------------------------
+    def _warn_once(self, key: Any, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(f"mlflow_eigencam: {message}", EigenCAMWarning, stacklevel=3)
+
+    def _fail(self, exc: BaseException, where: str, kind: Optional[str] = None) -> None:
+        """Warn once per kind of failure; training goes on (``strict=True`` raises instead)."""
+        if self._strict:
+            raise exc
+        self._warn_once(("fail", kind or where, type(exc).__name__),
+                        f"{where} failed ({type(exc).__name__}: {exc}); skipping these EigenCAM "
+                        "images, training goes on")

@@ -1,0 +1,379 @@
+"""Rendering: image conversion, overlays (non-square!), strips, grids and PNG bytes, checked on pixels."""
+
+import hashlib
+import io
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlflow_eigencam.render import (
+    COLORMAPS,
+    encode_png,
+    overlay,
+    render_grid,
+    render_strip,
+    resolve_colormap,
+    to_rgb_uint8,
+)
+
+JET_ZERO = (0, 0, 128)  # cv2 jet at 0, as RGB: dark blue
+JET_TOP = (128, 0, 0)  # cv2 jet at 255, as RGB: dark red
+OK_GREEN = (0, 130, 0)
+WRONG_RED = (200, 0, 0)
+
+
+def rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def find(haystack, needle):
+    """Top-left (y, x) positions where ``needle`` appears exactly in ``haystack``."""
+    nh, nw = needle.shape[:2]
+    hits = []
+    for y in range(haystack.shape[0] - nh + 1):
+        for x in range(haystack.shape[1] - nw + 1):
+            if np.array_equal(haystack[y : y + nh, x : x + nw], needle):
+                hits.append((y, x))
+    return hits
+
+
+def find_rows(haystack, needle, x):
+    """Rows y where ``needle`` appears at column ``x`` (a cheaper ``find``)."""
+    nh, nw = needle.shape[:2]
+    return [y for y in range(haystack.shape[0] - nh + 1) if np.array_equal(haystack[y : y + nh, x : x + nw], needle)]
+
+
+def count_colour(img, colour):
+    return int(np.all(img == np.array(colour, np.uint8), axis=-1).sum())
+
+
+# ------------------------------------------------------------------ to_rgb_uint8
+
+
+def test_hwc_uint8_is_copied_unchanged():
+    img = rgb(5, 7)
+    out = to_rgb_uint8(img)
+    np.testing.assert_array_equal(out, img)
+    assert not np.shares_memory(out, img) and out.flags.c_contiguous
+
+
+def test_chw_grey_and_rgba():
+    img = rgb(5, 7)
+    np.testing.assert_array_equal(to_rgb_uint8(np.moveaxis(img, -1, 0)), img)
+    grey = img[:, :, 0]
+    expected = np.repeat(grey[:, :, None], 3, axis=2)
+    for g in (grey, grey[:, :, None], grey[None]):
+        np.testing.assert_array_equal(to_rgb_uint8(g), expected)
+    rgba = np.concatenate([img, np.full((5, 7, 1), 9, np.uint8)], axis=2)
+    np.testing.assert_array_equal(to_rgb_uint8(rgba), img)
+    np.testing.assert_array_equal(to_rgb_uint8(np.moveaxis(rgba, -1, 0)), img)
+
+
+def test_float_ranges():
+    x = np.array([[0.0, 0.5, 1.0]], np.float32)
+    assert to_rgb_uint8(x)[0, :, 0].tolist() == [0, 128, 255]  # [0, 1] scaled, not stretched
+    assert to_rgb_uint8(x * 0.5)[0, :, 0].tolist() == [0, 64, 128]
+    assert to_rgb_uint8(np.array([[-1.0, 0.0, 3.0]]))[0, :, 0].tolist() == [0, 64, 255]  # min-max
+    assert to_rgb_uint8(np.array([[-2.0, np.nan, 2.0]]))[0, :, 0].tolist() == [0, 128, 255]  # NaN -> 0
+    assert to_rgb_uint8(np.full((2, 2), 7.0)).max() == 0  # flat out of range: black, no NaN
+    assert to_rgb_uint8(np.array([[0, 1000]], np.uint16))[0, :, 0].tolist() == [0, 255]
+    assert to_rgb_uint8(np.array([[0, 200]], np.int64))[0, :, 0].tolist() == [0, 200]
+    assert to_rgb_uint8(np.array([[False, True]]))[0, :, 0].tolist() == [0, 255]
+
+
+def test_ambiguous_layout_needs_a_hint():
+    img = rgb(3, 4)  # (3, 4, 3): HWC or CHW
+    with pytest.raises(ValueError, match=r"\(3, 4, 3\).*layout='HWC' or layout='CHW'"):
+        to_rgb_uint8(img)
+    np.testing.assert_array_equal(to_rgb_uint8(img, "HWC"), img)
+    assert to_rgb_uint8(img, "chw").shape == (4, 3, 3)
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 7), (2, 5, 6, 3), (7,)])
+def test_shapes_that_are_not_images(shape):
+    with pytest.raises(ValueError, match=str(shape).replace("(", r"\(").replace(")", r"\)")):
+        to_rgb_uint8(np.zeros(shape, np.uint8))
+
+
+def test_bad_layout_and_channel_count():
+    with pytest.raises(ValueError, match="layout must be 'HWC', 'CHW' or None, got 'NHWC'"):
+        to_rgb_uint8(rgb(4, 4), "NHWC")
+    with pytest.raises(ValueError, match="has 2 channels"):
+        to_rgb_uint8(np.zeros((4, 4, 2), np.uint8), "HWC")
+
+
+# ------------------------------------------------------------------ colormaps
+
+
+def test_resolve_colormap():
+    assert resolve_colormap("jet") == cv2.COLORMAP_JET
+    assert resolve_colormap("Viridis") == cv2.COLORMAP_VIRIDIS
+    assert resolve_colormap("COLORMAP_TURBO") == cv2.COLORMAP_TURBO
+    assert resolve_colormap(cv2.COLORMAP_HOT) == cv2.COLORMAP_HOT
+    assert resolve_colormap(np.int32(cv2.COLORMAP_HOT)) == cv2.COLORMAP_HOT
+    assert {"jet", "viridis", "turbo", "inferno"} <= set(COLORMAPS)
+    with pytest.raises(ValueError, match=r"unknown colormap 'jett'; expected one of .*\bjet\b.*\bviridis\b"):
+        resolve_colormap("jett")
+    with pytest.raises(ValueError, match="unknown colormap constant 999"):
+        resolve_colormap(999)
+    with pytest.raises(TypeError, match="got 1.5"):
+        resolve_colormap(1.5)
+    with pytest.raises(TypeError, match="got True"):
+        resolve_colormap(True)
+
+
+# ------------------------------------------------------------------ overlay
+
+
+def test_non_square_peak_lands_where_the_map_peaks():
+    h, w = 20, 36  # H != W: a (height, width) dsize would put the heat in the wrong place
+    cam = np.zeros((5, 9), np.float32)
+    cam[1, 7] = 1.0  # off-centre: top right
+    # The centre of map cell (1, 7) in image pixels (pixel centres at integer + 0.5):
+    cy, cx = (1 + 0.5) * h / 5 - 0.5, (7 + 0.5) * w / 9 - 0.5  # (5.5, 29.5)
+
+    hot = overlay(np.zeros((h, w, 3), np.uint8), cam, colormap="hot", alpha=1.0).astype(int)
+    assert hot.shape == (h, w, 3)
+    # "hot" is monotonic in every channel, so the brightest pixel is the hottest.
+    y, x = np.unravel_index(np.argmax(hot.sum(axis=-1)), (h, w))
+    assert abs(y - cy) <= 1 and abs(x - cx) <= 1
+    assert hot.sum(axis=-1)[h - 1 - 5, w - 1 - 29] == 0  # the mirrored spot is cold
+
+    jet = overlay(np.zeros((h, w, 3), np.uint8), cam, colormap="jet", alpha=1.0)
+    ys, xs = np.nonzero(np.all(jet == JET_TOP, axis=-1))  # jet's top colour, RGB (not BGR)
+    assert len(ys) > 0 and np.all(np.abs(ys - cy) <= 1) and np.all(np.abs(xs - cx) <= 1)
+    assert tuple(jet[h - 1, 0]) == JET_ZERO  # far corner: no heat
+
+    # The reference's cv2.resize(m, (h, w)) gives a (w, h) heat: it cannot even line up.
+    assert cv2.resize(cam, (h, w)).shape == (w, h)
+
+
+def test_blend_arithmetic_and_flat_maps():
+    img = np.full((5, 6, 3), 100, np.uint8)
+    for flat in (np.zeros((2, 3)), np.full((2, 3), 5.0), -np.ones((2, 3)), np.array([[-9.0, 0, 0], [0, 0, -1]])):
+        out = overlay(img, flat, alpha=0.5)
+        # Flat after the ReLU: no heat, jet's zero colour everywhere, never NaN garbage.
+        assert np.all(out == np.array([50, 50, 114], np.uint8))  # rint(0.5*100 + 0.5*(0, 0, 128))
+    cam = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(overlay(img, cam, alpha=0.0), img)
+    heat = overlay(img, cam, alpha=1.0)
+    np.testing.assert_array_equal(overlay(np.zeros_like(img), cam, alpha=1.0), heat)
+    expected = np.rint(0.3 * heat.astype(np.float32) + 0.7 * img.astype(np.float32)).astype(np.uint8)
+    np.testing.assert_array_equal(overlay(img, cam, alpha=0.3), expected)
+
+
+def test_relu_and_scale_invariance():
+    img = rgb(8, 8)
+    cam = np.zeros((4, 4), np.float32)
+    cam[0, 0], cam[3, 3] = 1.0, -50.0  # the negative peak must get no heat
+    out = overlay(img, cam, colormap="hot", alpha=1.0).astype(int).sum(axis=-1)
+    assert out[0, 0] == 255 * 3 and out[7, 7] == 0
+    np.testing.assert_array_equal(overlay(img, cam), overlay(img, cam * 1024.0))
+    np.testing.assert_array_equal(overlay(img, cam), overlay(img, cam.astype(np.float64)))
+
+
+def test_overlay_accepts_chw_float_images():
+    img = rgb(10, 12)
+    chw = np.moveaxis(img, -1, 0).astype(np.float32) / 255.0
+    cam = rgb(3, 3)[:, :, 0].astype(np.float32)
+    np.testing.assert_array_equal(overlay(chw, cam), overlay(img, cam))
+
+
+def test_overlay_argument_errors():
+    img = rgb(5, 6)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 1.5"):
+        overlay(img, np.ones((2, 2)), alpha=1.5)
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(img, np.ones((2, 2)), alpha=float("nan"))
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        overlay(img, np.ones((2, 2)), alpha="0.5")
+    with pytest.raises(ValueError, match=r"cam_map must be a non-empty 2-D \(h, w\) array, got shape \(1, 2, 2\)"):
+        overlay(img, np.ones((1, 2, 2)))
+    with pytest.raises(ValueError, match="unknown colormap 'nope'"):
+        overlay(img, np.ones((2, 2)), colormap="nope")
+
+
+# ------------------------------------------------------------------ strips
+
+
+def test_tiny_images_are_upscaled_and_panels_are_exact():
+    img = rgb(28, 28)
+    maps = np.random.default_rng(1).standard_normal((3, 7, 7)).astype(np.float32)
+    strip = render_strip(img, maps, explained_variance=[0.623, 0.2, 0.05], label="7", pred="7")
+    assert strip.dtype == np.uint8 and strip.ndim == 3 and strip.shape[2] == 3
+    up = np.repeat(np.repeat(img, 5, axis=0), 5, axis=1)  # smallest integer factor reaching 128: 5 -> 140
+    (y0,) = find_rows(strip, up, x=4)
+    assert strip.shape[1] == 4 + 4 * (140 + 4)  # image + 3 overlays, 4 px gaps
+    for i in range(3):
+        x = 4 + (i + 1) * 144
+        np.testing.assert_array_equal(strip[y0 : y0 + 140, x : x + 140], overlay(up, maps[i]))
+    assert y0 > 10  # titles above the panels
+    assert strip.shape[0] - (y0 + 140) > 10  # caption under the panels
+
+
+@pytest.mark.parametrize(
+    "hw, panel",
+    [((200, 300), (200, 300)), ((20, 36), (140, 252)), ((600, 800), (384, 512)), ((20, 2000), (5, 512))],
+)
+def test_panel_sizes(hw, panel):
+    strip = render_strip(rgb(*hw), np.ones((1, 4, 4), np.float32))
+    assert strip.shape[1] == 4 + 2 * (panel[1] + 4)
+    assert strip.shape[0] > panel[0]
+
+
+def test_caption_mark_colours():
+    img, maps = rgb(32, 32), np.ones((2, 4, 4), np.float32)
+    right = render_strip(img, maps, label="cat", pred="cat")
+    wrong = render_strip(img, maps, label="cat", pred="dog")
+    forced = render_strip(img, maps, label="cat", pred="dog", correct=True)
+    none = render_strip(img, maps)
+    caption = slice(-20, None)  # the caption line, under the panels
+    assert count_colour(right[caption], OK_GREEN) > 5 and count_colour(right[caption], WRONG_RED) == 0
+    assert count_colour(wrong[caption], WRONG_RED) > 5 and count_colour(wrong[caption], OK_GREEN) == 0
+    assert count_colour(forced[caption], OK_GREEN) > 5
+    assert none.shape[0] < right.shape[0]  # no caption line when there is nothing to say
+    assert right.shape == wrong.shape
+    # Only the caption and the left margin bar differ: panels and titles are the same pixels.
+    np.testing.assert_array_equal(right[: none.shape[0] - 4, 4:], none[: none.shape[0] - 4, 4:])
+    assert not np.array_equal(right, wrong)
+    bar = slice(4, right.shape[0] - 4)
+    assert np.all(right[bar, :3] == OK_GREEN) and np.all(wrong[bar, :3] == WRONG_RED)
+    assert np.all(none[:, :4] == 255)
+
+
+def test_text_is_drawn_and_does_not_widen_the_strip():
+    img, maps = rgb(32, 32), np.ones((1, 4, 4), np.float32)
+    short = render_strip(img, maps, label="a", pred="b", sample_id="0123456789ab")
+    long = render_strip(img, maps, label="x" * 500, pred="y" * 500, sample_id="0123456789ab")
+    assert short.shape == long.shape
+    dark = lambda a: int((a.max(axis=-1) < 100).sum())  # noqa: E731
+    assert dark(long[-20:]) > dark(short[-20:])  # more text, clipped to the width
+    # Titles: different explained variance, different title pixels, same panel pixels.
+    a = render_strip(img, maps, explained_variance=[0.1])
+    b = render_strip(img, maps, explained_variance=[0.9])
+    diff_rows = np.nonzero(np.any(a != b, axis=(1, 2)))[0]
+    assert len(diff_rows) and diff_rows.max() < 20
+
+
+def test_strip_without_components_and_errors():
+    img = rgb(130, 140)
+    strip = render_strip(img, np.zeros((0, 4, 4), np.float32))
+    assert strip.shape[1] == 4 + 140 + 4 and find_rows(strip, img, x=4)
+    with pytest.raises(ValueError, match="explained_variance has 2 values for 3 maps"):
+        render_strip(img, np.ones((3, 4, 4)), explained_variance=[0.5, 0.2])
+    with pytest.raises(ValueError, match=r"maps must be \(k, h, w\)"):
+        render_strip(img, np.ones((1, 3, 4, 4)))
+    with pytest.raises(ValueError, match="min_side must be >= 1, got 0"):
+        render_strip(img, np.ones((1, 4, 4)), min_side=0)
+    with pytest.raises(ValueError, match=r"max_side \(64\) must be >= min_side \(128\)"):
+        render_strip(img, np.ones((1, 4, 4)), max_side=64)
+
+
+def test_same_inputs_same_strip_and_bytes():
+    img = rgb(28, 36, seed=3)
+    maps = np.random.default_rng(4).standard_normal((3, 7, 9)).astype(np.float32)
+    kw = dict(explained_variance=[0.5, 0.25, 0.125], label="cat", pred="dog", sample_id="abcdefabcdef")
+    s1, s2 = render_strip(img, maps, **kw), render_strip(img.copy(), maps.copy(), **kw)
+    np.testing.assert_array_equal(s1, s2)
+    assert encode_png(s1) == encode_png(s2)
+
+
+def test_png_bytes_are_the_same_in_a_fresh_process():
+    code = textwrap.dedent(
+        """
+        import hashlib, numpy as np
+        from mlflow_eigencam.render import render_strip, render_grid, encode_png
+        img = np.arange(28 * 36 * 3, dtype=np.uint8).reshape(28, 36, 3)
+        maps = np.sin(np.arange(3 * 7 * 9, dtype=np.float32)).reshape(3, 7, 9)
+        s = render_strip(img, maps, explained_variance=[0.5, 0.25, 0.125], label="cat", pred="dog")
+        print(hashlib.sha256(encode_png(render_grid([s, s], epoch=2, mode="eval", ds_id="ds1"))).hexdigest())
+        """
+    )
+    img = np.arange(28 * 36 * 3, dtype=np.uint8).reshape(28, 36, 3)
+    maps = np.sin(np.arange(3 * 7 * 9, dtype=np.float32)).reshape(3, 7, 9)
+    s = render_strip(img, maps, explained_variance=[0.5, 0.25, 0.125], label="cat", pred="dog")
+    here = hashlib.sha256(encode_png(render_grid([s, s], epoch=2, mode="eval", ds_id="ds1"))).hexdigest()
+    there = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},  # another set/dict order than this process
+    ).stdout.strip()
+    assert there == here
+
+
+# ------------------------------------------------------------------ grids
+
+
+def test_grid_stacks_and_pads_strips():
+    a = rgb(50, 300, seed=1)
+    b = rgb(60, 420, seed=2)
+    grid = render_grid([a, b], epoch=3, mode="eval", ds_id="ds1")
+    assert grid.shape[1] == 420
+    (ya,) = find_rows(grid, a, x=0)
+    (yb,) = find_rows(grid, b, x=0)
+    assert 10 < ya and ya + 50 < yb  # header first, then the strips in order
+    assert np.all(grid[ya : ya + 50, 300:] == 255)  # the narrow strip is padded with white
+    assert grid.shape[0] == yb + 60 + 1
+
+
+def test_grid_header_text():
+    strip = rgb(40, 400)
+    g1 = render_grid([strip], epoch=1, mode="eval", ds_id="ds1")
+    g2 = render_grid([strip], epoch=2, mode="eval", ds_id="ds1")
+    g3 = render_grid([strip], epoch=1, mode="eval", ds_id=None)
+    assert g1.shape == g2.shape == g3.shape
+    (y,) = find_rows(g1, strip, x=0)
+    header = slice(0, y - 1)
+    assert (g1[header].max(axis=-1) < 100).sum() > 50  # dark text on white
+    assert not np.array_equal(g1[header], g2[header]) and not np.array_equal(g1[header], g3[header])
+    np.testing.assert_array_equal(g1[y:], g2[y:])
+    # A wide header widens a narrow grid instead of being cut.
+    narrow = render_grid([rgb(10, 10)], epoch=123456, mode="infer", ds_id="a-long-dataset-name")
+    assert narrow.shape[1] > 100
+
+
+def test_grid_errors():
+    with pytest.raises(ValueError, match="at least one strip"):
+        render_grid([], epoch=0, mode="eval", ds_id=None)
+    with pytest.raises(ValueError, match=r"strip 1 must be \(H, W, 3\) uint8, got shape \(4, 4, 3\) dtype float32"):
+        render_grid([rgb(4, 4), np.zeros((4, 4, 3), np.float32)], epoch=0, mode="eval", ds_id=None)
+
+
+# ------------------------------------------------------------------ PNG
+
+
+def png_chunks(data):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, kinds = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        crc = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0]
+        assert crc == zlib.crc32(data[pos + 4 : pos + 8 + length])
+        kinds.append(kind.decode())
+        pos += 12 + length
+    return kinds
+
+
+def test_encode_png_round_trips_without_metadata():
+    img = rgb(17, 23)
+    data = encode_png(img)
+    assert data == encode_png(img.copy()) == encode_png(np.asfortranarray(img))
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), img)
+    assert set(png_chunks(data)) == {"IHDR", "IDAT", "IEND"}  # no tIME / tEXt: bytes depend on pixels only
+    grey = img[:, :, 0]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encode_png(grey)))), grey)
+    with pytest.raises(TypeError, match="uint8"):
+        encode_png(img.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(17, 23, 4\)"):
+        encode_png(np.zeros((17, 23, 4), np.uint8))
