@@ -37,7 +37,7 @@ sums to >= 0", because with ``Xc`` the centred matrix and ``1`` the all-ones C-v
     map_i . (Xc 1) = v_i^T Xc^T Xc 1 = s_i^2 (v_i . 1)
 
 and ``Xc 1 / C`` is the centred channel-mean map (the map's own mean is 0, so centring the
-channel-mean map does not change the dot product). When that correlation is below 1e-6 in
+channel-mean map does not change the dot product). When that correlation is below 1e-4 in
 absolute value (no preferred sign, e.g. an antisymmetric pattern) the tie is broken
 deterministically: the pixel with the largest ``|map_i|`` (the first one in C order) is made
 positive.
@@ -65,15 +65,19 @@ _CANCELLATION_LIMIT = 16.0
 # centred Gram matrix. The float32 Gram product itself carries errors of about this size,
 # so a tighter tolerance would not make the maps more accurate.
 _RESIDUAL_TOL = 1e-6
-# Block size above k and number of Krylov blocks of the first (cheap) attempt. A thin block
-# with more Krylov powers converges faster per basis vector than a wide block (measured on
-# CNN-like spectra: residual 1e-8 with (k+1) x 7 vectors, 4e-5 with (k+3) x 4).
-_OVERSAMPLE = 1
-_KRYLOV_BLOCKS = 5
+# Block size above k, and the Krylov degrees tried before falling back to a full eigh. A thin
+# block with more Krylov powers converges faster per basis vector than a wide block
+# (measured on CNN-like spectra, k=3: worst residual 8e-8 with 3 x 7 vectors, 1e-7 with
+# 4 x 6, 4e-6 with 4 x 5, 4e-5 with 6 x 4), and the small eigh on the basis is what costs.
+_OVERSAMPLE = 0
+_KRYLOV_DEGREES = (6, 14)
+# A zero-variance component has ratio below this many float32 epsilons (times the
+# cancellation factor trace(G) / trace(G_centred)); measured rounding noise is ~0.5 eps.
+_ZERO_EPS = 16
 # Keep the Gram matrices of one chunk of samples under about this many bytes (float64).
 _CHUNK_BYTES = 256 * 2**20
 # |correlation with the channel-mean map| below this counts as a tie (see module docstring).
-_TIE_CORRELATION = 1e-6
+_TIE_CORRELATION = 1e-4
 
 _Number = Union[int, float]
 
@@ -138,17 +142,28 @@ def eigencam(
 
         return eigencam_torch(activations, n_components, channels_last=channels_last)
 
+    result, n_bad = _eigencam_numpy(activations, n_components, channels_last)
+    if n_bad:
+        _warn_non_finite(n_bad, stacklevel=3)
+    return result
+
+
+def _eigencam_numpy(activations: Any, n_components: Any, channels_last: bool) -> Tuple[EigenCAMResult, int]:
+    """eigencam() for array-likes; also returns the number of non-finite values replaced."""
     arr = _as_numeric_array(activations)
     x, (h, w) = _to_batch_channels_pixels(arr, channels_last)
     k, frac = _check_n_components(n_components, x.shape[1])
     maps, evr, n_bad = _batched_eigencam(x, k, frac)
-    if n_bad:
-        warnings.warn(
-            f"eigencam: {n_bad} non-finite activation value(s) (NaN/Inf) replaced by 0",
-            NonFiniteActivationsWarning,
-            stacklevel=2,
-        )
-    return EigenCAMResult(maps=maps.reshape(maps.shape[0], maps.shape[1], h, w), explained_variance_ratio=evr)
+    maps = maps.reshape(maps.shape[0], maps.shape[1], h, w)
+    return EigenCAMResult(maps=maps, explained_variance_ratio=evr), n_bad
+
+
+def _warn_non_finite(n_bad: int, stacklevel: int) -> None:
+    warnings.warn(
+        f"eigencam: {n_bad} non-finite activation value(s) (NaN/Inf) replaced by 0",
+        NonFiniteActivationsWarning,
+        stacklevel=stacklevel,
+    )
 
 
 # --------------------------------------------------------------------------- validation
@@ -258,31 +273,50 @@ def _eigencam_chunk(src: np.ndarray, k: Optional[int], frac: Optional[float]) ->
     channel_gram = c <= hw
 
     # float32 working copy (no copy at all for float32 input).
-    x = np.asarray(src, dtype=np.float32)
-    sums = _sums(x, channel_gram)
+    with np.errstate(over="ignore"):  # float64 beyond float32 range: redone below
+        x = np.asarray(src, dtype=np.float32)
+        sums = _sums(x, channel_gram)
     n_bad = 0
-    fix = ~np.isfinite(sums).all(axis=1)  # NaN / Inf anywhere in the sample, or overflow
+    # NaN / Inf anywhere in a sample (or a float32 overflow) makes its sums non-finite, so
+    # the common all-finite case costs no extra pass over the data.
+    fix = ~np.isfinite(sums).all(axis=1)
     if fix.any():
-        bad_values = ~np.isfinite(x[fix])
-        n_bad = int(bad_values.sum())
-        if n_bad:
-            x = np.array(x, dtype=np.float32, copy=True)
-            x[~np.isfinite(x)] = 0.0
-            sums = _sums(x, channel_gram)
+        n_bad = int(np.count_nonzero(~np.isfinite(src[fix])))
+        x = np.array(x, copy=True)  # never write to the caller's array
+        x[fix] = 0.0  # these samples are redone in float64 below
+        sums = _sums(x, channel_gram)
 
-    gram = _gram(x, channel_gram)
-    with np.errstate(all="ignore"):  # float32 overflow of huge finite values: redone below
-        g, trace_c, aux, redo = _centre_gram(gram, sums, hw, channel_gram)
-    redo |= ~np.isfinite(sums).all(axis=1)  # float32 overflow of finite huge values
+    with np.errstate(all="ignore"):
+        gram = _gram(x, channel_gram)
+        g, trace_c, trace_raw, aux = _centre_gram(gram, sums, hw, channel_gram)
+        mean_square = trace_raw / (c * hw)
+        # Redo in float64: digits lost to cancellation (mean >> spread, no variance at all),
+        # non-finite values, or magnitudes where float32 squares overflow or go subnormal.
+        redo = (
+            ~(trace_c * _CANCELLATION_LIMIT > trace_raw)
+            | fix
+            | ~(mean_square > 1e-28)
+            | ~(mean_square < 1e28)
+        )
+        zero_tol = _ZERO_EPS * np.finfo(np.float32).eps * np.where(redo, 1.0, trace_raw / np.where(redo, 1.0, trace_c))
+    unit = None
     if redo.any():
-        # Precise path for the few samples where float32 would lose digits.
+        # Precise path for the few samples where float32 would lose digits: float64 from
+        # the original values, explicit centring, scaled to max |x| = 1 (scale restored on
+        # the maps at the end).
         idx = np.flatnonzero(redo)
         x64 = np.array(src[idx], dtype=np.float64, copy=True)
         x64[~np.isfinite(x64)] = 0.0
         x64 -= x64.mean(axis=2, keepdims=True)
+        peak = np.abs(x64).max(axis=(1, 2))
+        peak = np.where(peak > 0, peak, 1.0)
+        x64 /= peak[:, None, None]
+        unit = np.ones(b)
+        unit[idx] = peak
         sums64 = _sums(x64, channel_gram)
-        g64, trace64, aux64, _ = _centre_gram(_gram(x64, channel_gram), sums64, hw, channel_gram, centred=True)
+        g64, trace64, _, aux64 = _centre_gram(_gram(x64, channel_gram), sums64, hw, channel_gram, centred=True)
         g[idx], trace_c[idx], aux[idx] = g64, trace64, aux64
+        zero_tol[idx] = 1e-12
     else:
         idx, x64 = None, None
 
@@ -296,10 +330,8 @@ def _eigencam_chunk(src: np.ndarray, k: Optional[int], frac: Optional[float]) ->
         theta, vec = _top_eigenpairs(g, min(k, n))
         theta = np.clip(theta, 0.0, None)
     assert k is not None
-    k_eff = theta.shape[1]
 
     # Zero-variance components (rank below k, constant input): rounding noise, not signal.
-    zero_tol = np.where(redo, 1e-12, 64 * np.finfo(np.float32).eps)
     alive = theta > zero_tol[:, None]
     theta = np.where(alive, theta, 0.0)
 
@@ -310,32 +342,58 @@ def _eigencam_chunk(src: np.ndarray, k: Optional[int], frac: Optional[float]) ->
         maps -= (vt @ aux[:, :, None]).astype(np.float32)  # aux = channel means mu (B, C)
         if idx is not None:
             maps[idx] = np.matmul(vt[idx], x64).astype(np.float32)
-        # corr(map_i, channel-mean map) = sqrt(theta_i) (1.v_i) / sqrt(1^T G 1)
-        total = np.sqrt(np.clip(g.sum(axis=(1, 2)), 0.0, None))
-        corr = np.sqrt(theta) * vec.sum(axis=1)
-        corr = np.divide(corr, total[:, None], out=np.zeros_like(corr), where=total[:, None] > 0)
+        corr = _channel_gram_correlation(theta, vec, g.sum(axis=(1, 2)))
     else:
         # vec = left singular vectors u_i (B, hw, k); map_i = s_i u_i.
         scale = np.sqrt(theta * trace_c[:, None])
         maps = (vec.transpose(0, 2, 1) * scale[:, :, None]).astype(np.float32)
-        # corr(map_i, channel-mean map) = u_i . r / |r|, r the centred channel-sum map (aux)
-        norm_r = np.linalg.norm(aux, axis=1)
-        corr = np.einsum("bpk,bp->bk", vec, aux)
-        corr = np.divide(corr, norm_r[:, None], out=np.zeros_like(corr), where=norm_r[:, None] > 0)
+        corr = _pixel_gram_correlation(vec, aux)
+    if unit is not None:
+        with np.errstate(over="ignore"):  # only beyond float32 range, where inf is the answer
+            maps *= unit[:, None, None].astype(np.float32)
+    maps, ratio = _finish(maps, theta, alive, corr, k)
+    return maps, ratio, n_bad
 
+
+def _channel_gram_correlation(theta: np.ndarray, vec: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """corr(map_i, channel-mean map) from loadings: sqrt(theta_i) (1 . v_i) / sqrt(1^T G 1).
+
+    theta (B, k) ratios, vec (B, C, k) loadings, total (B,) the sum of all entries of the
+    trace-normalised centred C x C Gram matrix (= |centred channel-sum map|^2 / trace).
+    """
+    norm = np.sqrt(np.clip(total, 0.0, None))[:, None]
+    corr = np.sqrt(theta) * vec.sum(axis=1)
+    return np.divide(corr, norm, out=np.zeros_like(corr), where=norm > 0)
+
+
+def _pixel_gram_correlation(vec: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """corr(map_i, channel-mean map) = u_i . r / |r|, r (B, hw) the centred channel-sum map."""
+    norm = np.linalg.norm(r, axis=1)[:, None]
+    corr = np.einsum("bpk,bp->bk", vec, r)
+    return np.divide(corr, norm, out=np.zeros_like(corr), where=norm > 0)
+
+
+def _finish(
+    maps: np.ndarray, theta: np.ndarray, alive: np.ndarray, corr: np.ndarray, k: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Zero dead components, fix signs, pad to k components, return float32 maps and ratios.
+
+    maps (B, k', hw) float32 with k' = min(k, rank bound), written in place; theta (B, k')
+    float64 explained ratios; alive (B, k') bool; corr (B, k') correlation with the
+    channel-mean map (only its sign matters, and whether it is a tie).
+    """
+    b, k_eff, hw = maps.shape
     maps *= alive[:, :, None]
     _fix_signs(maps, corr)
-
-    ratio = theta
-    over = ratio.sum(axis=1, keepdims=True)
-    ratio = np.where(over > 1.0, ratio / np.maximum(over, 1.0), ratio)
+    ratio = theta / np.maximum(theta.sum(axis=1, keepdims=True), 1.0)
     if k > k_eff:  # more components than the rank bound min(C, hw): zero maps, ratio 0
         maps = np.concatenate([maps, np.zeros((b, k - k_eff, hw), np.float32)], axis=1)
         ratio = np.concatenate([ratio, np.zeros((b, k - k_eff))], axis=1)
     ratio32 = ratio.astype(np.float32)
-    # float32 rounding of ratios that sum to 1 in float64 may push the sum one ulp above.
-    ratio32 = np.where(ratio32.sum(axis=1, keepdims=True) > 1, ratio32 * np.float32(1 - 1e-7), ratio32)
-    return np.ascontiguousarray(maps), ratio32, n_bad
+    # Rounding ratios that sum to 1 in float64 to float32 may push the sum one ulp above.
+    over = ratio32.sum(axis=1, keepdims=True, dtype=np.float64) > 1.0
+    ratio32 = np.where(over, ratio32 * np.float32(1.0 - 2.0**-22), ratio32)
+    return np.ascontiguousarray(maps), ratio32
 
 
 def _sums(x: np.ndarray, channel_gram: bool) -> np.ndarray:
@@ -357,9 +415,9 @@ def _centre_gram(
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Centre the Gram matrices and normalise them to unit trace (float64).
 
-    Returns (g, trace, aux, redo): g (B, n, n) centred Gram / its trace (zero when the
-    trace is 0), trace (B,) total variance times hw, aux the channel means (B, C) or the
-    centred channel-sum map (B, hw), redo (B,) bool where float32 cancellation is too big.
+    Returns (g, trace, trace_raw, aux): g (B, n, n) centred Gram / its trace (zero when
+    the trace is 0), trace (B,) the centred trace (total variance times hw), trace_raw (B,)
+    the uncentred one, aux the channel means (B, C) or the centred channel-sum map (B, hw).
     """
     g = gram.astype(np.float64)
     sums = sums.astype(np.float64)
@@ -378,11 +436,10 @@ def _centre_gram(
             g += row.mean(axis=1)[:, None, None]
         aux = sums - sums.mean(axis=1, keepdims=True)
     trace = np.trace(g, axis1=1, axis2=2)
-    redo = ~(trace * _CANCELLATION_LIMIT > trace_raw) if not centred else np.zeros(len(g), bool)
-    safe = np.where(trace > 0, trace, 1.0)
-    g /= safe[:, None, None]
-    g[trace <= 0] = 0.0
-    return g, np.where(trace > 0, trace, 0.0), aux, redo
+    positive = trace > 0
+    g /= np.where(positive, trace, 1.0)[:, None, None]
+    g[~positive] = 0.0
+    return g, np.where(positive, trace, 0.0), trace_raw, aux
 
 
 def _k_for_fraction(theta: np.ndarray, frac: float) -> int:
@@ -412,23 +469,22 @@ def _top_eigenpairs(g: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
     """
     b, n, _ = g.shape
     p = k + _OVERSAMPLE
-    blocks = _KRYLOV_BLOCKS
     theta = np.zeros((b, k))
     vec = np.zeros((b, n, k))
     todo = np.arange(b)
-    while todo.size:
-        if p * (blocks + 1) >= n:
-            # The basis would span the whole space: plain eigh is exact and no dearer.
-            w, v = np.linalg.eigh(g[todo] if todo.size < b else g)
-            theta[todo] = w[:, ::-1][:, :k]
-            vec[todo] = v[..., ::-1][..., :k]
+    for degree in _KRYLOV_DEGREES:
+        if not todo.size or 2 * p * (degree + 1) > n:
+            # A basis over half the space costs about as much as a full eigh.
             break
-        sub = g[todo] if todo.size < b else g
-        t, v, ok = _block_krylov(sub, k, p, blocks)
+        t, v, ok = _block_krylov(g[todo] if todo.size < b else g, k, p, degree)
         theta[todo[ok]] = t[ok]
         vec[todo[ok]] = v[ok]
         todo = todo[~ok]
-        blocks *= 2
+    if todo.size:
+        # Flat or tiny spectra: exact batched eigh for the samples left.
+        w, v = np.linalg.eigh(g[todo] if todo.size < b else g)
+        theta[todo] = w[:, ::-1][:, :k]
+        vec[todo] = v[..., ::-1][..., :k]
     return theta, vec
 
 

@@ -399,6 +399,11 @@ class EigenCAMCallback(keras.callbacks.Callback):
         """The logger this callback feeds (None on non-chief workers)."""
         return self._logger
 
+    @property
+    def target_layer(self) -> Optional[str]:
+        """Path of the layer being explained (``"backbone/conv2"`` when nested); None before fit."""
+        return self._target_path
+
     def _wants_mode(self, mode: str) -> bool:
         # ds_id is only known per source; a mode is worth reading if any ds_id could pass.
         return self._logger is not None and self._logger.mode_filter(mode)

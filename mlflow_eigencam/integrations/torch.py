@@ -181,7 +181,9 @@ def _token_grid_side(n_tokens: int) -> Tuple[int, int]:
 
 
 def tokens_to_grid(
-    activations: torch.Tensor, reshape_transform: Optional[ReshapeTransform] = None
+    activations: torch.Tensor,
+    reshape_transform: Optional[ReshapeTransform] = None,
+    grid_hw: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Bring a layer's output to ``(B, C, h, w)``.
 
@@ -189,9 +191,15 @@ def tokens_to_grid(
         activations: 4-D ``(B, C, h, w)`` (returned as is), or transformer tokens
             ``(B, N, D)``: ``N = extra + s * s`` with ``s = floor(sqrt(N))``; the ``extra``
             (at most :data:`MAX_EXTRA_TOKENS`) leading class/register tokens are dropped and
-            the rest folded row-major into ``(B, D, s, s)``.
+            the rest folded row-major into ``(B, D, s, s)``. A non-square grid is refused
+            when ``N`` is more than :data:`MAX_EXTRA_TOKENS` above a square; one closer to a
+            square (16 x 8 = 11 * 11 + 7) cannot be told from a square grid with leading
+            tokens, so give ``reshape_transform`` (or let auto-detection read the grid).
         reshape_transform: Optional callable ``tensor -> (B, C, h, w) tensor`` used instead
             (non-square token grids, channels-last layers, ...).
+        grid_hw: Known patch grid ``(h, w)`` (auto-detection reads it off the patch
+            embedding); then the ``N - h * w`` leading tokens are dropped, and non-square
+            grids work too.
 
     Returns:
         A ``(B, C, h, w)`` tensor (a view when possible).
@@ -210,9 +218,14 @@ def tokens_to_grid(
         return activations
     if activations.ndim == 3:
         batch, n_tokens, dim = activations.shape
-        side, extra = _token_grid_side(int(n_tokens))
+        if grid_hw is not None and 0 <= n_tokens - grid_hw[0] * grid_hw[1] <= MAX_EXTRA_TOKENS:
+            height, width = grid_hw
+            extra = int(n_tokens) - height * width
+        else:
+            height, extra = _token_grid_side(int(n_tokens))
+            width = height
         grid = activations[:, extra:, :].transpose(1, 2)
-        return grid.reshape(batch, dim, side, side)
+        return grid.reshape(batch, dim, height, width)
     raise ValueError(
         f"target layer output has shape {tuple(activations.shape)}; expected (B, C, h, w) or "
         "(B, N, D) tokens, or pass reshape_transform"
@@ -266,6 +279,12 @@ class _LayerFinder:
 
     def result(self) -> Optional[Tuple[str, nn.Module, torch.Tensor]]:
         return self.tokens if self.tokens is not None else self.conv
+
+    def token_grid(self) -> Optional[Tuple[int, int]]:
+        """The patch grid ``(h, w)`` behind the chosen token layer, if one was chosen."""
+        if self.tokens is None or self.conv is None:
+            return None
+        return int(self.conv[2].shape[2]), int(self.conv[2].shape[3])
 
 
 def find_target_layer(model: nn.Module, *example_inputs: Any) -> Tuple[str, nn.Module]:
@@ -426,6 +445,7 @@ class EigenCAMMonitor:
             raise TypeError(f"pin_samples must be a bool, got {pin_samples!r}")
         self._model = unwrap_model(model)
         self._reshape = reshape_transform
+        self._grid_hw: Optional[Tuple[int, int]] = None  # patch grid found by auto-detection
         self._pin_enabled = pin_samples and n_samples is not None
         self._denorm = _parse_denormalize(denormalize)
         self._preds_from_output = bool(preds_from_output)
@@ -555,7 +575,7 @@ class EigenCAMMonitor:
             k = min(k, cap.room)
         if k <= 0:
             return
-        grid = tokens_to_grid(act[:k], self._reshape)
+        grid = tokens_to_grid(act[:k], self._reshape, self._grid_hw)
         inputs = images_t[:k].detach().to("cpu", copy=True)
         labels_k = _to_numpy(labels, k)
         self._logger.on_batch_end(
@@ -691,6 +711,7 @@ class EigenCAMMonitor:
             raise ValueError(_NO_LAYER_MESSAGE.format(model=type(self._model).__name__))
         name, module, tensor = found
         self._target_name, self._target = name, module
+        self._grid_hw = finder.token_grid()
         _log.info("EigenCAM target layer (auto-detected): %s %s", name, tuple(tensor.shape))
         if self._logger is not None:
             self._logger.set_target_layer(name)
@@ -743,7 +764,7 @@ class EigenCAMMonitor:
             handle.remove()
         if cap.act is None:
             return
-        grid = tokens_to_grid(cap.act, self._reshape)
+        grid = tokens_to_grid(cap.act, self._reshape, self._grid_hw)
         self._logger.on_batch_end(
             self._images_for_logger(images),
             grid.float().cpu().numpy(),

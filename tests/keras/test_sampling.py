@@ -106,7 +106,7 @@ def test_generators_are_refused_at_construction_and_left_untouched(data, trackin
 
 def test_bad_data_is_named(data):
     x, y = data
-    with pytest.raises(ValueError, match=r"shape \(48, 960\)"):
+    with pytest.raises(ValueError, match=r"shape \(48, 2880\)"):
         take_samples((x.reshape(48, -1), y), 2)
     with pytest.raises(TypeError, match="multi-input"):
         take_samples(({"a": x}, y), 2)

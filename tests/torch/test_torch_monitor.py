@@ -1,0 +1,286 @@
+"""EigenCAMMonitor in a plain loop: hooks, flags, gradients, slicing, filters, ranks, MLflow."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch import nn
+
+from mlflow_eigencam import _layout
+from mlflow_eigencam.pytorch import EigenCAMMonitor
+from readback import image_series
+from torch_testing import (
+    RecordingLogger,
+    TinyCNN,
+    TinyResNet,
+    TinyViT,
+    all_hooks,
+    image_counts,
+    table_rows,
+)
+
+
+def _monitor(model, **kwargs):
+    logger = RecordingLogger(**{k: kwargs.pop(k) for k in list(kwargs) if k in ("mode", "ds_id", "n_samples")},
+                             image_layout="NCHW")
+    return EigenCAMMonitor(model, logger=logger, n_samples=logger.n_samples, **kwargs), logger
+
+
+def test_hooks_exist_only_inside_capture(tracking_uri, shapes):
+    x, y = shapes
+    model = TinyResNet()
+    monitor, _ = _monitor(model)
+    assert all_hooks(model) == 0
+    with monitor.capture("eval", "val"):
+        assert all_hooks(model) > 1  # auto-detection watches every module on the first pass
+        out = model(x[:8])
+        monitor.update(x[:8], y[:8], out)
+    assert all_hooks(model) == 0 and monitor.target_layer == "layer4"
+    with monitor.capture("eval", "val"):
+        assert all_hooks(model) == 1 and len(model.layer4._forward_hooks) == 1
+        monitor.update(x[8:16], y[8:16], model(x[8:16]))
+    assert all_hooks(model) == 0
+    monitor.epoch_end(0)
+    with monitor.capture("eval", "val"):  # pinned: nothing to hook per batch any more
+        assert all_hooks(model) == 0
+        monitor.update(x[:8], y[:8], model(x[:8]))
+    monitor.epoch_end(1)  # the extra forward pass hooks and unhooks
+    assert all_hooks(model) == 0
+    with monitor.capture("eval", "val"):
+        monitor.close()
+        assert all_hooks(model) == 0
+
+
+def test_hooks_removed_when_the_forward_fails(tracking_uri, shapes):
+    model = TinyCNN()
+    monitor, _ = _monitor(model, target_layer="features.3")
+    with pytest.raises(RuntimeError):
+        with monitor.capture("eval"):
+            model(torch.rand(2, 5, 16, 16))  # wrong channel count
+    assert all_hooks(model) == 0
+
+
+def test_training_flags_restored_after_extra_forward(tracking_uri, shapes):
+    x, y = shapes
+    model = TinyResNet().train()
+    model.layer2.bn1.eval()  # a frozen BatchNorm inside a training model
+    before = [m.training for m in model.modules()]
+    monitor, _ = _monitor(model, mode="train")
+    for epoch in range(2):
+        with monitor.capture("train", "train"):
+            monitor.update(x[:8], y[:8], model(x[:8]))
+        monitor.epoch_end(epoch)
+        assert [m.training for m in model.modules()] == before
+
+
+def _train(model, x, y, monitor=None, epochs=2):
+    """A seeded SGD loop with dropout; the monitor (if any) watches train and eval batches."""
+    torch.manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for epoch in range(epochs):
+        model.train()
+        for i in range(0, len(x), 8):
+            with monitor.capture("train", "train") if monitor else _null():
+                loss = nn.functional.cross_entropy(model(x[i:i + 8]), y[i:i + 8])
+                if monitor:
+                    monitor.update(x[i:i + 8], y[i:i + 8], None)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(x), 8):
+                with monitor.capture("eval", "val") if monitor else _null():
+                    out = model(x[i:i + 8])
+                    if monitor:
+                        monitor.update(x[i:i + 8], y[i:i + 8], out)
+        if monitor:
+            monitor.epoch_end(epoch)
+    return model
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_training_with_monitor_gives_identical_weights(tracking_uri, shapes):
+    x, y = shapes
+    torch.manual_seed(0)
+    base = TinyCNN(dropout=0.3)
+    plain = _train(copy.deepcopy(base), x, y)
+    watched_model = copy.deepcopy(base)
+    monitor = EigenCAMMonitor(watched_model, mode=None, n_samples=3)
+    watched = _train(watched_model, x, y, monitor, epochs=2)
+    monitor.close()
+    for (name, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
+        assert torch.equal(a, b), name
+    # ... and the random stream after training is where it would have been.
+    assert monitor.run_id is not None
+
+
+def test_only_kept_samples_are_passed_as_detached_numpy(tracking_uri, shapes):
+    x, y = shapes
+    model = TinyCNN()
+    monitor, logger = _monitor(model, n_samples=3, mode="train")
+    x = x.clone().requires_grad_(True)
+    with monitor.capture("train", "train"):
+        out = model(x[:8])
+        monitor.update(x[:8], y[:8], out)
+        assert monitor._capture.act is None  # the captured activations were released
+    assert len(logger.batches) == 1
+    batch = logger.batches[0]
+    for name in ("images", "activations", "labels", "preds"):
+        assert isinstance(batch[name], np.ndarray), name
+        assert len(batch[name]) == 3, name
+    assert batch["images"].shape == (3, 3, 16, 16) and batch["images"].dtype == np.float32
+    assert batch["activations"].shape == (3, 16, 8, 8)
+    np.testing.assert_array_equal(batch["images"], x[:3].detach().numpy())
+    ref = model.features(x[:3]).detach().numpy()
+    np.testing.assert_allclose(batch["activations"], ref, rtol=1e-5, atol=1e-6)
+    # Buffer full: the next capture installs no hook at all.
+    with monitor.capture("train", "train"):
+        assert all_hooks(model) == 0
+
+
+def test_hook_keeps_a_detached_copy_not_the_graph(tracking_uri, shapes):
+    x, y = shapes
+    model = TinyCNN()
+    monitor, _ = _monitor(model, target_layer="features.3", mode="train")
+    with monitor.capture("train", "train"):
+        out = model(x[:4])
+        act = monitor._capture.act
+        assert act.requires_grad is False and act.grad_fn is None
+        assert act._base is None  # a copy: later in-place ops (ReLU) cannot change it
+        pre_relu = model.features[:4](x[:4]).detach()
+        torch.testing.assert_close(act, pre_relu)
+        monitor.update(x[:4], y[:4], out)
+
+
+def test_filtered_mode_installs_nothing_and_logs_nothing(tracking_uri, shapes):
+    x, y = shapes
+    model = TinyCNN()
+    monitor, logger = _monitor(model)  # default mode "!train"
+    with monitor.capture("train", "train"):
+        assert all_hooks(model) == 0
+        monitor.update(x[:4], y[:4], model(x[:4]))
+    monitor.epoch_end(0)
+    assert logger.batches == [] and monitor.run_id is None
+
+
+def test_update_outside_capture_warns(tracking_uri, shapes):
+    x, y = shapes
+    monitor, logger = _monitor(TinyCNN())
+    with pytest.warns(RuntimeWarning, match="outside capture"):
+        monitor.update(x[:4], y[:4])
+    assert logger.batches == []
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(TypeError, match="nn.Module"):
+        EigenCAMMonitor("resnet")
+    with pytest.raises(ValueError, match="layer9"):
+        EigenCAMMonitor(TinyResNet(), target_layer="layer9")
+    with pytest.raises(ValueError, match="denormalize"):
+        EigenCAMMonitor(TinyCNN(), denormalize=([0.5, 0.5], [0.2]))
+    with pytest.raises(ValueError, match="mode"):
+        EigenCAMMonitor(TinyCNN(), mode="training")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        with EigenCAMMonitor(TinyCNN()).capture("validation"):
+            pass
+
+
+def test_denormalize_undoes_the_normalisation(tracking_uri, shapes):
+    x, y = shapes
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    normed = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    model = TinyCNN()
+    monitor, logger = _monitor(model, denormalize=(mean, std))
+    with monitor.capture("eval"):
+        monitor.update(normed[:4], y[:4], model(normed[:4]))
+    np.testing.assert_allclose(logger.batches[0]["images"], x[:4].numpy(), atol=1e-5)
+
+
+def test_other_ranks_are_a_no_op(tracking_uri, shapes, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    x, y = shapes
+    model = TinyCNN()
+    monitor = EigenCAMMonitor(model)
+    assert monitor.logger is None
+    with monitor.capture("eval", "val"):
+        assert all_hooks(model) == 0
+        monitor.update(x[:4], y[:4], model(x[:4]))
+    monitor.epoch_end(0)
+    monitor.close()
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_end_to_end_images_tags_and_steps(tracking_uri, shapes, caplog):
+    x, y = shapes
+    model = TinyResNet()
+    caplog.set_level(logging.INFO, logger="mlflow_eigencam")
+    with EigenCAMMonitor(model, n_samples=2, label_mapping=["circle", "square", "triangle"]) as monitor:
+        for epoch in range(2):
+            for ds_id in ("val", "holdout"):
+                for i in range(0, 16, 8):
+                    with monitor.capture(mode="eval", ds_id=ds_id):
+                        logits = model(x[i:i + 8])
+                        monitor.update(images=x[i:i + 8], labels=y[i:i + 8], preds=logits)
+            monitor.epoch_end(epoch)
+        run_id = monitor.run_id
+    assert "layer4" in caplog.text
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.data.tags[_layout.TAG_TARGET_LAYER] == "layer4"
+    counts = image_counts(client, run_id)
+    expected = {(f"eigencam/eval/{d}/sample_{i}", s) for d in ("val", "holdout") for i in range(2)
+                for s in range(2)}
+    assert counts == {key: 1 for key in expected}
+    rows = table_rows(client, run_id, "eval", "val")
+    assert [r["label"] for r in rows[:2]] == [["circle", "square", "triangle"][int(v)] for v in y[:2]]
+    assert all(r["prediction"] in ("circle", "square", "triangle") for r in rows)
+
+
+def test_vit_tokens_end_to_end(tracking_uri):
+    from torch_testing import shapes_tensors
+
+    x, y = shapes_tensors(8, (32, 16))  # non-square image: an 8x4 patch grid
+    model = TinyViT(registers=2)
+    with EigenCAMMonitor(model, n_samples=2) as monitor:
+        with monitor.capture("eval", "val"):
+            monitor.update(x, y, model(x))
+        assert monitor.target_layer == "norm"
+        assert monitor._grid_hw == (8, 4)
+        monitor.epoch_end(0)
+        run_id = monitor.run_id
+    assert set(image_series(MlflowClient(), run_id)) == {"eigencam/eval/val/sample_0",
+                                                         "eigencam/eval/val/sample_1"}
+
+
+def test_vit_explicit_layer_with_non_square_grid_needs_reshape(tracking_uri):
+    from torch_testing import shapes_tensors
+
+    x, y = shapes_tensors(4, (56, 40))  # 14 x 10 patches + 1 class token
+    model = TinyViT()
+    monitor, _ = _monitor(model, target_layer="blocks.1")
+    with pytest.raises(ValueError, match="reshape_transform"):
+        with monitor.capture("eval"):
+            monitor.update(x, y, model(x))
+    assert all_hooks(model) == 0
+
+    def to_grid(t):
+        return t[:, 1:].transpose(1, 2).reshape(t.shape[0], t.shape[2], 14, 10)
+
+    monitor, logger = _monitor(model, target_layer="blocks.1", reshape_transform=to_grid)
+    with monitor.capture("eval"):
+        monitor.update(x, y, model(x))
+    assert logger.batches[0]["activations"].shape == (4, 16, 14, 10)
