@@ -302,15 +302,15 @@ def _eigencam_chunk(src: np.ndarray, k: Optional[int], frac: Optional[float]) ->
     unit = None
     if redo.any():
         # Precise path for the few samples where float32 would lose digits: float64 from
-        # the original values, explicit centring, scaled to max |x| = 1 (scale restored on
-        # the maps at the end).
+        # the original values, scaled to max |x| = 1 (restored on the maps at the end) so
+        # that nothing overflows, then centred explicitly.
         idx = np.flatnonzero(redo)
         x64 = np.array(src[idx], dtype=np.float64, copy=True)
         x64[~np.isfinite(x64)] = 0.0
-        x64 -= x64.mean(axis=2, keepdims=True)
         peak = np.abs(x64).max(axis=(1, 2))
         peak = np.where(peak > 0, peak, 1.0)
         x64 /= peak[:, None, None]
+        x64 -= x64.mean(axis=2, keepdims=True)
         unit = np.ones(b)
         unit[idx] = peak
         sums64 = _sums(x64, channel_gram)

@@ -35,7 +35,7 @@ def _monitor(model, **kwargs):
 def test_hooks_exist_only_inside_capture(tracking_uri, shapes):
     x, y = shapes
     model = TinyResNet()
-    monitor, _ = _monitor(model)
+    monitor, _ = _monitor(model, n_samples=12)
     assert all_hooks(model) == 0
     with monitor.capture("eval", "val"):
         assert all_hooks(model) > 1  # auto-detection watches every module on the first pass

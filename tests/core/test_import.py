@@ -1,0 +1,38 @@
+"""Importing the package imports no deep-learning framework."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+FRAMEWORKS = ("torch", "tensorflow", "keras", "lightning", "pytorch_lightning", "jax")
+
+
+def _modules_after(code: str) -> set:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json\n"
+                          "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))"],
+                         check=True, capture_output=True, text=True).stdout
+    return set(json.loads(out.strip().splitlines()[-1]))
+
+
+def test_import_package_imports_no_framework():
+    loaded = _modules_after("import mlflow_eigencam")
+    assert not loaded & set(FRAMEWORKS), loaded & set(FRAMEWORKS)
+
+
+def test_core_modules_and_autolog_import_no_framework():
+    loaded = _modules_after(
+        "import mlflow_eigencam as m\n"
+        "from mlflow_eigencam import EigenCAMLogger, eigencam, send_spool, autolog\n"
+        "import mlflow_eigencam.render, mlflow_eigencam.samples, mlflow_eigencam.filters\n"
+        "import mlflow_eigencam.cli\n"
+        "m.autolog(silent=True)\n")
+    assert not loaded & set(FRAMEWORKS), loaded & set(FRAMEWORKS)
+
+
+def test_eigencam_name_is_the_function():
+    loaded = _modules_after(
+        "import mlflow_eigencam, mlflow_eigencam.logger\n"
+        "assert callable(mlflow_eigencam.eigencam), mlflow_eigencam.eigencam\n")
+    assert "mlflow_eigencam" in loaded
