@@ -37,10 +37,12 @@ sums to >= 0", because with ``Xc`` the centred matrix and ``1`` the all-ones C-v
     map_i . (Xc 1) = v_i^T Xc^T Xc 1 = s_i^2 (v_i . 1)
 
 and ``Xc 1 / C`` is the centred channel-mean map (the map's own mean is 0, so centring the
-channel-mean map does not change the dot product). When that correlation is below 1e-4 in
-absolute value (no preferred sign, e.g. an antisymmetric pattern) the tie is broken
-deterministically: the pixel with the largest ``|map_i|`` (the first one in C order) is made
-positive.
+channel-mean map does not change the dot product). We implement the loading-sum form: the
+scale-free quantity ``cos(v_i, 1) = (v_i . 1) / sqrt(C)`` is computed from ``v_i`` directly
+(C x C Gram) or as ``u_i . (Xc 1) / (s_i sqrt(C))`` (hw x hw Gram). When
+``|cos(v_i, 1)| < 1e-4`` the component has no preferred sign (e.g. channels that cancel
+in pairs, so the channel-mean map is flat) and the tie is broken deterministically: the
+pixel with the largest ``|map_i|`` (the first one in C order) is made positive.
 
 Non-finite values (NaN, +-Inf) are replaced by 0 on a private copy, with one
 :class:`NonFiniteActivationsWarning` per call naming how many values were replaced. The
@@ -76,8 +78,8 @@ _KRYLOV_DEGREES = (6, 14)
 _ZERO_EPS = 16
 # Keep the Gram matrices of one chunk of samples under about this many bytes (float64).
 _CHUNK_BYTES = 256 * 2**20
-# |correlation with the channel-mean map| below this counts as a tie (see module docstring).
-_TIE_CORRELATION = 1e-4
+# |cos(loading vector, all-ones)| below this counts as a tie (see module docstring).
+_TIE_COSINE = 1e-4
 
 _Number = Union[int, float]
 
@@ -342,49 +344,42 @@ def _eigencam_chunk(src: np.ndarray, k: Optional[int], frac: Optional[float]) ->
         maps -= (vt @ aux[:, :, None]).astype(np.float32)  # aux = channel means mu (B, C)
         if idx is not None:
             maps[idx] = np.matmul(vt[idx], x64).astype(np.float32)
-        corr = _channel_gram_correlation(theta, vec, g.sum(axis=(1, 2)))
+        cos = vec.sum(axis=1) / np.sqrt(c)
     else:
         # vec = left singular vectors u_i (B, hw, k); map_i = s_i u_i.
         scale = np.sqrt(theta * trace_c[:, None])
         maps = (vec.transpose(0, 2, 1) * scale[:, :, None]).astype(np.float32)
-        corr = _pixel_gram_correlation(vec, aux)
+        cos = _loading_cosine(vec, aux, scale, c)
     if unit is not None:
         with np.errstate(over="ignore"):  # only beyond float32 range, where inf is the answer
             maps *= unit[:, None, None].astype(np.float32)
-    maps, ratio = _finish(maps, theta, alive, corr, k)
+    maps, ratio = _finish(maps, theta, alive, cos, k)
     return maps, ratio, n_bad
 
 
-def _channel_gram_correlation(theta: np.ndarray, vec: np.ndarray, total: np.ndarray) -> np.ndarray:
-    """corr(map_i, channel-mean map) from loadings: sqrt(theta_i) (1 . v_i) / sqrt(1^T G 1).
+def _loading_cosine(u: np.ndarray, r: np.ndarray, s: np.ndarray, n_channels: int) -> np.ndarray:
+    """cos(v_i, 1) from the hw x hw side: (v_i . 1) / sqrt(C) = u_i . r / (s_i sqrt(C)).
 
-    theta (B, k) ratios, vec (B, C, k) loadings, total (B,) the sum of all entries of the
-    trace-normalised centred C x C Gram matrix (= |centred channel-sum map|^2 / trace).
+    u (B, hw, k) left singular vectors, r (B, hw) the centred channel-sum map ``Xc 1``,
+    s (B, k) singular values (0 for dead components, whose cosine is then 0).
     """
-    norm = np.sqrt(np.clip(total, 0.0, None))[:, None]
-    corr = np.sqrt(theta) * vec.sum(axis=1)
-    return np.divide(corr, norm, out=np.zeros_like(corr), where=norm > 0)
-
-
-def _pixel_gram_correlation(vec: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """corr(map_i, channel-mean map) = u_i . r / |r|, r (B, hw) the centred channel-sum map."""
-    norm = np.linalg.norm(r, axis=1)[:, None]
-    corr = np.einsum("bpk,bp->bk", vec, r)
-    return np.divide(corr, norm, out=np.zeros_like(corr), where=norm > 0)
+    dot = np.einsum("bpk,bp->bk", u, r)
+    denom = s * np.sqrt(n_channels)
+    return np.divide(dot, denom, out=np.zeros_like(dot), where=denom > 0)
 
 
 def _finish(
-    maps: np.ndarray, theta: np.ndarray, alive: np.ndarray, corr: np.ndarray, k: int
+    maps: np.ndarray, theta: np.ndarray, alive: np.ndarray, cos: np.ndarray, k: int
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Zero dead components, fix signs, pad to k components, return float32 maps and ratios.
 
     maps (B, k', hw) float32 with k' = min(k, rank bound), written in place; theta (B, k')
-    float64 explained ratios; alive (B, k') bool; corr (B, k') correlation with the
-    channel-mean map (only its sign matters, and whether it is a tie).
+    float64 explained ratios; alive (B, k') bool; cos (B, k') cos(loading vector, all-ones),
+    whose sign is the sign of the correlation with the channel-mean map.
     """
     b, k_eff, hw = maps.shape
     maps *= alive[:, :, None]
-    _fix_signs(maps, corr)
+    _fix_signs(maps, cos)
     ratio = theta / np.maximum(theta.sum(axis=1, keepdims=True), 1.0)
     if k > k_eff:  # more components than the rank bound min(C, hw): zero maps, ratio 0
         maps = np.concatenate([maps, np.zeros((b, k - k_eff, hw), np.float32)], axis=1)
@@ -514,10 +509,10 @@ def _block_krylov(g: np.ndarray, k: int, p: int, blocks: int) -> Tuple[np.ndarra
     return w, vec, ok
 
 
-def _fix_signs(maps: np.ndarray, corr: np.ndarray) -> None:
+def _fix_signs(maps: np.ndarray, cos: np.ndarray) -> None:
     """In place: make each map correlate non-negatively with the channel-mean map."""
-    sign = np.sign(corr)
-    tie = np.abs(corr) <= _TIE_CORRELATION
+    sign = np.sign(cos)
+    tie = np.abs(cos) <= _TIE_COSINE
     if tie.any():
         # Tie-break: the (first) pixel with the largest |value| is positive.
         peak = np.take_along_axis(maps, np.abs(maps).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]

@@ -7,7 +7,7 @@ Krylov Rayleigh-Ritz with a residual check, full batched ``torch.linalg.eigh`` a
 fallback, same sign rule), but on the device and in float64 from the start: a GPU has the
 bandwidth for it, float64 makes explicit centring exact for constant inputs, and it keeps
 the Gram product away from TF32 when a user has enabled it globally. Only the maps, the
-ratios and a (B, k) correlation table are copied back to the host.
+ratios and a (B, k) table of loading cosines (for the sign rule) are copied back to the host.
 
 A CPU tensor goes to the numpy code (``tensor.numpy()`` shares memory, nothing is written):
 on CPU it is as accurate and measured faster than running this module's code there.
@@ -75,8 +75,8 @@ def eigencam_torch(
     else:
         x, (h, w) = _to_batch_channels_pixels(t, channels_last)
         k, frac = _check_n_components(n_components, x.shape[1])
-        maps, theta, alive, corr, k, n_bad = _compute(x, k, frac)
-        maps, ratio = _finish(maps, theta, alive, corr, k)
+        maps, theta, alive, cos, k, n_bad = _compute(x, k, frac)
+        maps, ratio = _finish(maps, theta, alive, cos, k)
         maps = maps.reshape(maps.shape[0], maps.shape[1], h, w)
         result = EigenCAMResult(maps=maps, explained_variance_ratio=ratio)
     if n_bad:
@@ -150,20 +150,20 @@ def _compute(
 
     if channel_gram:
         maps = vec.transpose(1, 2) @ xc  # (B, k, hw)
-        norm = g.sum(dim=(1, 2)).clamp_min(0.0).sqrt()[:, None]
-        corr = theta.sqrt() * vec.sum(dim=1)
+        cos = vec.sum(dim=1) / c**0.5  # cos(v_i, 1): its sign is the sign rule
     else:
-        maps = vec.transpose(1, 2) * (theta * trace[:, None]).sqrt()[:, :, None]
+        s = (theta * trace[:, None]).sqrt()
+        maps = vec.transpose(1, 2) * s[:, :, None]
         r = xc.sum(dim=1)  # centred channel-sum map (B, hw)
-        norm = r.norm(dim=1)[:, None]
-        corr = torch.einsum("bpk,bp->bk", vec, r)
-    corr = torch.where(norm > 0, corr / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(corr))
+        denom = s * c**0.5
+        cos = torch.einsum("bpk,bp->bk", vec, r) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        cos = torch.where(denom > 0, cos, torch.zeros_like(cos))
     maps = (maps * peak[:, None, None]).to(torch.float32)
     return (
         maps.cpu().numpy(),
         theta.cpu().numpy(),
         alive.cpu().numpy(),
-        corr.cpu().numpy(),
+        cos.cpu().numpy(),
         int(k),
         n_bad,
     )

@@ -1,0 +1,252 @@
+"""The MLflow UI in a real browser: a run logged into `mlflow server` shows the EigenCAM images.
+
+The test starts `mlflow server` on 127.0.0.1, logs a run into it (the PyTorch quickstart, or a
+numpy-only logger script when that example is missing or fails), opens the run in headless
+Chromium and checks what a user would do:
+
+* the "Model metrics" tab has a section titled ``eigencam/{mode}/{ds}`` with one image chart per
+  sample key, and moving a chart's step slider shows another epoch's image (the ``src`` names the
+  new step and the pixels differ);
+* the "Artifacts" tab expands ``eigencam/{mode}/{ds}/epoch_0000`` and previews ``grid.png`` at
+  the size it was logged.
+
+It saves the two screenshots the docs use (``docs/images/mlflow_ui_images.png`` and
+``docs/images/mlflow_ui_grid.png``). They are rewritten when missing or when
+``MLFLOW_EIGENCAM_DOCS_SCREENSHOTS=1``; otherwise they go to the test's tmp dir, so that a test
+run does not change tracked files.
+
+Needs the ``playwright`` package and a Chromium binary (``/usr/bin/chromium``, or
+``$MLFLOW_EIGENCAM_CHROMIUM``); never runs ``playwright install``. Without them the test skips,
+unless ``MLFLOW_EIGENCAM_REQUIRE_BROWSER=1`` (CI), where it fails.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+
+from readback import image_series, list_all, load_png
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "pytorch_quickstart.py"
+FALLBACK = Path(__file__).with_name("_logger_run.py")
+DOCS_IMAGES = ROOT / "docs" / "images"
+CHROMIUM = os.environ.get("MLFLOW_EIGENCAM_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1400, "height": 900}
+EPOCHS = 3
+# The UI is a large single-page app; its first load on a busy 2-core machine can take a while.
+UI_TIMEOUT_MS = 60_000
+# Set before the app's scripts run: the "Model training" view (not GenAI), and no assistant
+# panel opening over a third of the page on the first visit. Unknown keys are harmless, so a
+# later MLflow that renames them only makes the screenshots busier.
+INIT_SCRIPT = """
+try {
+  localStorage.setItem('mlflow.workflowType_v1', '"machine_learning"');
+  localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
+  localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
+} catch (e) {}
+"""
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def _unavailable(reason: str) -> None:
+    """Skip, or fail when CI said the browser must be there."""
+    if os.environ.get("MLFLOW_EIGENCAM_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (and MLFLOW_EIGENCAM_REQUIRE_BROWSER=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def browser() -> Iterator["object"]:
+    """Headless Chromium driven by Playwright, from the system binary."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        _unavailable(f"playwright is not importable ({exc}); pip install playwright")
+    if not os.path.isfile(CHROMIUM) or not os.access(CHROMIUM, os.X_OK):
+        _unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set "
+                     f"MLFLOW_EIGENCAM_CHROMIUM)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _log_run(uri: str, tmp_path: Path) -> Tuple[str, str, str]:
+    """Log a 3-epoch run into the server; returns (experiment_id, run_id, what logged it)."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
+               MLFLOW_EIGENCAM_SPOOL_DIR=str(tmp_path / "spool"))
+    attempts: List[Path] = [EXAMPLE, FALLBACK] if EXAMPLE.exists() else [FALLBACK]
+    for script in attempts:
+        proc = subprocess.run(
+            [sys.executable, str(script), "--tracking-uri", uri, "--epochs", str(EPOCHS)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            break
+        if script is FALLBACK:
+            raise AssertionError(f"{script.name} failed:\n{proc.stderr[-3000:]}")
+        warnings.warn(f"{script.name} failed (rc={proc.returncode}), using {FALLBACK.name}: "
+                      f"{proc.stderr[-1500:]}")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = [r for r in client.search_runs(exp_ids)
+            if "mlflow_eigencam.version" in r.data.tags]
+    assert len(runs) == 1, f"expected one EigenCAM run, found {len(runs)}"
+    run = runs[0]
+    assert run.info.status == "FINISHED", run.info.status
+    return run.info.experiment_id, run.info.run_id, str(script.relative_to(ROOT))
+
+
+def _shot_path(name: str, tmp_path: Path) -> Path:
+    """docs/images/<name> when missing or asked for, else the tmp dir (tracked files stay put)."""
+    target = DOCS_IMAGES / name
+    if os.environ.get("MLFLOW_EIGENCAM_DOCS_SCREENSHOTS") == "1" or not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+    return tmp_path / name
+
+
+def _png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+def _step_in_src(src: str) -> int:
+    """The step MLflow's image chart shows: its ``src`` names ``<key>+step+<n>+timestamp+...``."""
+    m = re.search(r"\+step\+(\d+)\+", unquote(src or ""))
+    assert m, f"no step in image src {src!r}"
+    return int(m.group(1))
+
+
+def _wait_loaded(page, img) -> None:
+    """Until the <img> has decoded pixels (not only a src)."""
+    page.wait_for_function("e => e.complete && e.naturalWidth > 0", arg=img.element_handle(),
+                           timeout=UI_TIMEOUT_MS)
+
+
+def test_run_page_shows_eigencam_images_slider_and_grid(mlflow_server, browser, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import expect
+
+    uri = mlflow_server.uri
+    exp_id, run_id, source = _log_run(uri, tmp_path)
+    print(f"run logged by {source}")
+    client = MlflowClient(uri)
+    series: Dict[str, Dict[int, str]] = image_series(client, run_id)
+    multi = sorted(k for k, steps in series.items() if len(steps) >= 2)
+    assert multi, f"no image key with two or more steps: { {k: sorted(v) for k, v in series.items()} }"
+    # Prefer an eval section (the default mode filter), then its first sample.
+    key = next((k for k in multi if k.startswith("eigencam/eval/")), multi[0])
+    prefix = key.rsplit("/", 1)[0]
+    section_keys = sorted(k for k in series if k.rsplit("/", 1)[0] == prefix)
+    steps = sorted(series[key])
+    grid = f"{prefix}/epoch_{steps[0]:04d}/grid.png"
+    assert grid in list_all(client, run_id, prefix)
+    grid_h, grid_w = load_png(client, run_id, grid).shape[:2]
+
+    context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
+    context.add_init_script(INIT_SCRIPT)
+    page = context.new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    try:
+        # -- the run page, "Model metrics" tab: a section per key prefix ------------------
+        page.goto(f"{uri}/#/experiments/{exp_id}/runs/{run_id}")
+        page.get_by_role("tab", name="Model metrics").click()
+        expect(page).to_have_url(re.compile(r"/model-metrics"))
+        header = page.get_by_test_id("experiment-view-compare-runs-section-header").filter(
+            has=page.get_by_text(prefix, exact=True))
+        expect(header).to_be_visible()
+        # Only this section's image charts (the search box filters charts by key), so the
+        # screenshot shows the overlays rather than the metric plots next to them.
+        page.get_by_placeholder("Search metric charts").fill(f"{prefix}/sample_")
+        cards = page.get_by_test_id("experiment-view-compare-runs-card")
+        expect(cards).to_have_count(len(section_keys))
+        expect(header).to_contain_text(f"({len(section_keys)})")
+
+        card = cards.filter(has=page.get_by_role("heading", name=key, exact=True))
+        card.scroll_into_view_if_needed()
+        img = card.locator("img")
+        slider = card.get_by_role("slider")
+        expect(img).to_be_visible()
+        _wait_loaded(page, img)
+        before_step = _step_in_src(img.get_attribute("src"))
+        assert before_step in steps
+        assert slider.get_attribute("aria-valuemin") == str(steps[0])
+        assert slider.get_attribute("aria-valuemax") == str(steps[-1])
+        assert slider.get_attribute("aria-valuenow") == str(before_step)
+        before = _png(img.screenshot())
+
+        # Move the slider to the other end with the keyboard. MLflow's slider moves one logged
+        # step per arrow key; Home/End do nothing and an arrow past the end shows "Infinity",
+        # so press exactly as many arrows as there are steps in between.
+        target = steps[-1] if before_step != steps[-1] else steps[0]
+        key_name = "ArrowRight" if target > before_step else "ArrowLeft"
+        slider.focus()
+        for _ in range(abs(steps.index(target) - steps.index(before_step))):
+            page.keyboard.press(key_name)
+        expect(slider).to_have_attribute("aria-valuenow", str(target))
+        expect(img).to_have_attribute("src", re.compile(rf"%2Bstep%2B{target}%2B"))
+        _wait_loaded(page, img)
+        assert _step_in_src(img.get_attribute("src")) == target
+        after = _png(img.screenshot())
+        assert before.shape == after.shape
+        diff = np.abs(before - after).mean()
+        assert diff > 1.0, f"the image did not change between steps {before_step} and {target}"
+        assert after.std() > 10, "the image at the new step looks blank"
+
+        shot = _shot_path("mlflow_ui_images.png", tmp_path)
+        page.screenshot(path=str(shot))
+        assert _png(shot.read_bytes()).shape == (VIEWPORT["height"], VIEWPORT["width"], 3)
+
+        # -- "Artifacts" tab: expand eigencam/<mode>/<ds>/epoch_0000 and preview grid.png --
+        page.get_by_role("tab", name="Artifacts").click()
+        expect(page).to_have_url(re.compile(r"/artifacts"))
+        scope = page
+        for name in grid.split("/"):
+            # Each folder is an <li> that holds its children, so searching inside the last one
+            # finds this level's node even when a folder and its child share a name.
+            node = scope.get_by_test_id("artifact-tree-node").and_(
+                page.get_by_label(name, exact=True)).first
+            node.click()
+            scope = node.locator("xpath=ancestor::li[1]")
+        preview = page.get_by_role("img", name=grid, exact=True)
+        expect(preview).to_be_visible()
+        _wait_loaded(page, preview)
+        natural = preview.evaluate("e => [e.naturalHeight, e.naturalWidth]")
+        assert natural == [grid_h, grid_w], (natural, (grid_h, grid_w))
+        expect(page.get_by_text(grid, exact=True)).to_be_visible()  # the preview's title
+
+        shot = _shot_path("mlflow_ui_grid.png", tmp_path)
+        page.screenshot(path=str(shot))
+        assert _png(shot.read_bytes()).shape == (VIEWPORT["height"], VIEWPORT["width"], 3)
+    except BaseException:
+        failure = tmp_path / "failure.png"
+        try:
+            page.screenshot(path=str(failure))
+            print(f"screenshot at failure: {failure}")
+        except Exception:
+            pass
+        raise
+    finally:
+        context.close()

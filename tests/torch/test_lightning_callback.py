@@ -1,0 +1,168 @@
+"""EigenCAMCallback with a real Lightning Trainer, read back from a real MLflow store."""
+
+from __future__ import annotations
+
+import warnings
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
+
+from mlflow_eigencam import _layout  # noqa: E402
+from mlflow_eigencam.lightning import EigenCAMCallback, default_batch_to_xy  # noqa: E402
+from torch_testing import TinyResNet, all_hooks, image_counts, shapes_tensors, table_rows  # noqa: E402
+
+NAMES = ["circle", "square", "triangle"]
+
+
+class LitShapes(pl.LightningModule):
+    def __init__(self, batch_to_xy=default_batch_to_xy):
+        super().__init__()
+        self.net = TinyResNet(width=4)
+        self.to_xy = batch_to_xy
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = self.to_xy(batch)
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = self.to_xy(batch)
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    test_step = validation_step
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        return self(self.to_xy(batch)[0]).softmax(-1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class DictShapes(Dataset):
+    def __init__(self, n=16, seed=0):
+        self.x, self.y = shapes_tensors(n, 16, seed)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def _loader(n=16, seed=0, shuffle=False, batch_size=8):
+    x, y = shapes_tensors(n, 16, seed)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _trainer(tmp_path, callback, logger=False, epochs=2, **kwargs):
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, limit_train_batches=2,
+                      limit_val_batches=2, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, logger=logger, default_root_dir=tmp_path,
+                      callbacks=[callback], **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|shuffle|does not have many).*")
+        yield
+
+
+def test_fit_logs_validation_into_the_mlflow_logger_run(tmp_path, tracking_uri):
+    uri = f"sqlite:///{tmp_path / 'lightning.db'}"  # not the global one: the run's URI must win
+    mlf = MLFlowLogger(experiment_name="lit", tracking_uri=uri,
+                       artifact_location=(tmp_path / "lit-artifacts").as_uri())
+    model = LitShapes()
+    model.net.layer2.bn1.eval()
+    callback = EigenCAMCallback(n_samples=3, label_mapping=NAMES)
+    trainer = _trainer(tmp_path, callback, logger=mlf)
+    before = [m.training for m in model.modules()]
+    # A shuffling validation loader: pinning still shows the same samples at both epochs.
+    trainer.fit(model, _loader(32), _loader(16, seed=1, shuffle=True))
+    assert all_hooks(model) == 0
+    client = MlflowClient(uri)
+    counts = image_counts(client, mlf.run_id)
+    # Steps 0 and 1 once each: the sanity-check pass (also at epoch 0) logged nothing.
+    assert counts == {(f"eigencam/eval/val/sample_{i}", s): 1 for i in range(3) for s in range(2)}
+    tags = client.get_run(mlf.run_id).data.tags
+    assert tags[_layout.TAG_TARGET_LAYER] == "net.layer4"
+    rows = table_rows(client, mlf.run_id, "eval", "val")
+    by_epoch = {e: [(r["sample_id"], r["label"]) for r in rows if r["epoch"] == e] for e in (0, 1)}
+    assert by_epoch[0] == by_epoch[1] and len(by_epoch[0]) == 3
+    assert all(r["prediction"] in NAMES for r in rows)
+    assert MlflowClient(tracking_uri).search_runs(
+        [e.experiment_id for e in MlflowClient(tracking_uri).search_experiments()]) == []
+    model.train()
+    assert [m.training for m in model.modules()][1:] == before[1:]
+
+
+def test_several_validation_loaders_list_and_dict(tmp_path, tracking_uri):
+    callback = EigenCAMCallback(n_samples=1)
+    with mlflow.start_run() as run:
+        trainer = _trainer(tmp_path, callback)
+        trainer.validate(LitShapes(), [_loader(8, 1), _loader(8, 2)], verbose=False)
+        trainer.validate(LitShapes(), {"clean": _loader(8, 1), "noisy": _loader(8, 2)}, verbose=False)
+    keys = {key for key, _ in image_counts(MlflowClient(), run.info.run_id)}
+    assert keys == {f"eigencam/eval/{d}/sample_0" for d in ("val_0", "val_1", "clean", "noisy")}
+
+
+def test_train_mode_dict_batches_and_test_stage_share_a_started_run(tmp_path, tracking_uri):
+    callback = EigenCAMCallback(n_samples=2, mode=None)
+    model = LitShapes()
+    trainer = _trainer(tmp_path, callback, epochs=1)
+    dict_loader = DataLoader(DictShapes(16), batch_size=8)
+    trainer.fit(model, dict_loader, DataLoader(DictShapes(8, 3), batch_size=8))
+    run_id = callback.run_id
+    assert run_id is not None and mlflow.active_run() is None  # started here, ended at teardown
+    trainer.test(model, DataLoader(DictShapes(8, 4), batch_size=8), verbose=False)
+    trainer.predict(model, DataLoader(DictShapes(8, 5), batch_size=8))
+    assert callback.run_id == run_id
+    keys = {key for key, _ in image_counts(MlflowClient(), run_id)}
+    assert keys == {f"eigencam/{m}/{d}/sample_{i}" for m, d in
+                    [("train", "train"), ("eval", "val"), ("test", "test"), ("infer", "predict")]
+                    for i in range(2)}
+    rows = table_rows(MlflowClient(), run_id, "infer", "predict")
+    assert all(r["label"] is not None and r["prediction"] is not None for r in rows)
+
+
+def test_custom_batch_to_xy(tmp_path, tracking_uri):
+    def to_xy(batch):
+        meta, x, y = batch
+        return x, y
+
+    x, y = shapes_tensors(8, 16)
+    loader = DataLoader(TensorDataset(torch.arange(8), x, y), batch_size=8)
+    callback = EigenCAMCallback(n_samples=2, batch_to_xy=to_xy, target_layer="net.layer3")
+    with mlflow.start_run() as run:
+        _trainer(tmp_path, callback).validate(LitShapes(to_xy), loader, verbose=False)
+    client = MlflowClient()
+    assert client.get_run(run.info.run_id).data.tags[_layout.TAG_TARGET_LAYER] == "net.layer3"
+    assert len(image_counts(client, run.info.run_id)) == 2
+
+
+def test_default_batch_to_xy_forms():
+    x, y = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
+    assert default_batch_to_xy((x, y))[1] is y
+    assert default_batch_to_xy([x])[1] is None
+    assert default_batch_to_xy(x)[0] is x
+    assert default_batch_to_xy({"input": x, "target": y})[1] is y
+    with pytest.raises(TypeError, match="batch_to_xy"):
+        default_batch_to_xy({"pixels": x})
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match="bogus"):
+        EigenCAMCallback(mode="bogus")
+    with pytest.raises(TypeError, match="batch_to_xy"):
+        EigenCAMCallback(batch_to_xy=3)
+    with pytest.raises(ValueError, match="alpha"):
+        EigenCAMCallback(alpha=2.0)
