@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import json
 import numbers
@@ -37,7 +38,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -573,7 +574,7 @@ def compare(
     if not probe(uri):
         raise ConnectionError(f"cannot reach MLflow at {uri}")
 
-    with tempfile.TemporaryDirectory(prefix="mlflow-eigencam-compare-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mlflow-eigencam-compare-") as tmp, _quiet_downloads():
         reader = _Reader(uri, Path(tmp))
         selected: List[Tuple[Any, Optional[str]]] = []
         for rid, spec in parsed_runs:
@@ -636,6 +637,20 @@ def compare(
     else:
         out_path.write_text(_render_html(result, grid, inputs, title, component, uri), encoding="utf-8")
     return result
+
+
+@contextlib.contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """No MLflow progress bar per downloaded strip (hundreds of them), unless the user set one."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def _first_seen(loaded: List[_Run]) -> List[str]:
@@ -802,7 +817,7 @@ def _render_png(result: CompareResult, grid: Dict[Tuple[int, str, int], _Cell],
     grid_w = x + _MARGIN
 
     legend = [f"run {i + 1}: {r.run_id}  name {r.run_name or '-'}  experiment {r.experiment}  "
-              f"epochs {_epoch_list(list(r.epochs), 12)} (logged {len(r.logged)})"
+              f"epochs {_epoch_list(list(r.epochs), 12)} (logged {len(r.logged_epochs)})"
               for i, r in enumerate(result.runs)]
     width = max([grid_w, _text_width(big, title) + 2 * _MARGIN]
                 + [_text_width(font, t) + 2 * _MARGIN for t in legend])
@@ -919,6 +934,7 @@ table.grid thead tr:nth-child(2) th{top:22px}
 table.grid .in{position:sticky;left:0;z-index:2;border-right:1px solid #ccc}
 table.grid .first{border-left:2px solid #bbb}
 table.grid tbody tr+tr td,table.grid tbody tr+tr th{border-top:1px solid #eee}
+table.grid tbody th{font-weight:normal}h3{font-size:14px;margin:12px 0 6px}
 img{display:block;image-rendering:pixelated}
 .cap{margin-top:2px;line-height:1.35;max-width:var(--w)}
 .ok{color:#008200;font-weight:600}.bad{color:#c80000;font-weight:600}
@@ -956,7 +972,7 @@ def _render_html(result: CompareResult, grid: Dict[Tuple[int, str, int], _Cell],
     for i, r in enumerate(result.runs):
         out.append(f"<tr><td>run {i + 1}</td><td><code>{e(r.run_id)}</code></td>"
                    f"<td>{e(r.run_name or '-')}</td><td>{e(r.experiment)}</td>"
-                   f"<td>{e(_epoch_list(list(r.epochs)))}</td><td>{len(r.logged)}</td></tr>")
+                   f"<td>{e(_epoch_list(list(r.epochs)))}</td><td>{len(r.logged_epochs)}</td></tr>")
     out.append("</table>")
 
     out.append('<div class="scroll"><table class="grid"><thead><tr>'

@@ -1,0 +1,218 @@
+"""EigenCAM math benchmark: per-sample full SVD vs batched Gram + block Krylov, vs the floor.
+
+Prints one table, all columns measured in the same run on the same data:
+  * reference: the loop most EigenCAM code runs (FastEstimator's trace, pytorch-grad-cam):
+    per sample flatten, centre, ``np.linalg.svd(full_matrices=True)``, project on top-3;
+  * ours: ``mlflow_eigencam.eigencam.eigencam(a, 3)``;
+  * floor: one batched Gram product (``X^T X`` or ``X X^T``, whichever is smaller) with
+    ``np.matmul`` on the same float32 data: the one step any Gram-based method must take;
+  * optional: pytorch-grad-cam ``get_2d_projection`` when ``pytorch_grad_cam`` is importable,
+    and the torch on-device algorithm run on CPU (``eigencam_torch(..., on_device=True)``).
+Times are medians of ``--repeats`` runs (time.perf_counter); the slow per-sample SVD runs
+until ``--repeats`` runs or ``--ref-budget`` seconds, at least once (the count is printed).
+Data: float32 ReLU(low-rank smooth spatial structure + Gaussian noise), CNN-like spectra.
+
+Usage: python benchmarks/bench_eigencam.py [--markdown PATH] [--repeats N] [--ref-budget S]
+                                           [--shapes 16x512x7x7,...] [--no-torch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlflow_eigencam.eigencam import eigencam  # noqa: E402
+
+SHAPES = [
+    (16, 512, 7, 7),
+    (16, 2048, 7, 7),
+    (16, 512, 14, 14),
+    (16, 256, 28, 28),
+    (8, 256, 56, 56),
+    (16, 768, 14, 14),  # ViT-B tokens on a 14 x 14 grid
+]
+K = 3
+
+
+def make_activations(shape: Tuple[int, int, int, int], seed: int = 0, rank: int = 5) -> np.ndarray:
+    """float32 ReLU(2 L S + noise): S smooth Gaussian blobs (rank of them), L decaying loadings."""
+    b, c, h, w = shape
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy = rng.uniform(0, h, (b, rank, 1, 1))
+    cx = rng.uniform(0, w, (b, rank, 1, 1))
+    sigma = rng.uniform(0.15, 0.35, (b, rank, 1, 1)) * max(h, w)
+    spatial = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)).reshape(b, rank, h * w)
+    strengths = 3.0 * 0.7 ** np.arange(rank)
+    loadings = rng.standard_normal((b, c, rank)).astype(np.float32) * strengths.astype(np.float32)
+    z = 2.0 * loadings @ spatial.astype(np.float32)
+    z += rng.standard_normal((b, c, h * w), dtype=np.float32)
+    return np.maximum(z, 0.0, out=z).reshape(b, c, h, w)
+
+
+def reference(a: np.ndarray, k: int = K) -> np.ndarray:
+    """The per-sample full-SVD loop (FastEstimator's ``_project_2d``)."""
+    out = []
+    for sample in a:
+        flat = sample.reshape(sample.shape[0], -1).T
+        flat = flat - flat.mean(axis=0)
+        _, _, vt = np.linalg.svd(flat, full_matrices=True)
+        out.append((flat @ vt[:k].T).T.reshape((k,) + sample.shape[1:]))
+    return np.asarray(out, dtype=np.float32)
+
+
+def floor_gram(x: np.ndarray) -> Callable[[], np.ndarray]:
+    """One batched Gram product on the smaller side (x: (B, C, hw) float32)."""
+    xt = x.transpose(0, 2, 1)
+    if x.shape[1] <= x.shape[2]:
+        return lambda: np.matmul(x, xt)
+    return lambda: np.matmul(xt, x)
+
+
+def timed(fn: Callable[[], object], repeats: int, budget_s: Optional[float] = None, warmup: bool = True):
+    """Median seconds over repeats (stopping early past budget_s, after at least one run)."""
+    if warmup:
+        fn()
+    times: List[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if budget_s is not None and sum(times) > budget_s:
+            break
+    return statistics.median(times), len(times)
+
+
+def max_rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    dot = np.einsum("bkhw,bkhw->bk", ours.astype(np.float64), ref.astype(np.float64))
+    sign = np.where(dot < 0, -1.0, 1.0)[..., None, None]
+    err = np.linalg.norm(ours - sign * ref, axis=(2, 3)) / np.linalg.norm(ref, axis=(2, 3))
+    return float(err.max())
+
+
+def grad_cam_projection() -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    try:
+        from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+    except Exception:  # not installed (or its torch import failed): skip the column
+        return None
+    return get_2d_projection
+
+
+def torch_cpu() -> Optional[Callable[[np.ndarray], Callable[[], object]]]:
+    try:
+        import torch
+
+        from mlflow_eigencam.integrations.torch_math import eigencam_torch
+    except Exception:
+        return None
+
+    def make(a: np.ndarray) -> Callable[[], object]:
+        t = torch.from_numpy(a)
+        return lambda: eigencam_torch(t, K, on_device=True)
+
+    return make
+
+
+def ms(seconds: Optional[float]) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:,.1f}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", type=Path, help="also write the table as markdown here")
+    parser.add_argument("--repeats", type=int, default=7, help="runs per timing (median)")
+    parser.add_argument("--ref-budget", type=float, default=60.0, help="seconds per shape for the full-SVD loop")
+    parser.add_argument("--shapes", help="comma-separated BxCxHxW list (default: the standard six)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch CPU column")
+    args = parser.parse_args(argv)
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]  # type: ignore[misc]
+
+    gradcam = grad_cam_projection()
+    rows = []
+    for shape in shapes:
+        a = make_activations(shape)  # type: ignore[arg-type]
+        b, c, h, w = a.shape
+        x = a.reshape(b, c, h * w)
+        side = f"C x C ({c})" if c <= h * w else f"hw x hw ({h * w})"
+        ours_s, _ = timed(lambda: eigencam(a, K), args.repeats)
+        floor_s, _ = timed(floor_gram(x), args.repeats)
+        ref_maps = reference(a)  # also the reference's warm-up run
+        ref_s, ref_n = timed(lambda: reference(a), args.repeats, args.ref_budget, warmup=False)
+        gc_s = None
+        if gradcam is not None:
+            gc_s, _ = timed(lambda: gradcam(a.copy()), min(args.repeats, ref_n), args.ref_budget)
+        err = max_rel_error(eigencam(a, K).maps, ref_maps)
+        rows.append(dict(shape=shape, side=side, ref=ref_s, ref_n=ref_n, ours=ours_s, floor=floor_s, err=err, gc=gc_s))
+        print(f"  measured {shape}: ours {ms(ours_s)} ms, reference {ms(ref_s)} ms x{ref_n}", file=sys.stderr)
+
+    # torch last: its OpenMP workers keep spinning after each call and would slow numpy
+    make_torch = None if args.no_torch else torch_cpu()
+    for row in rows:
+        row["torch"] = None
+        if make_torch is not None:
+            row["torch"], _ = timed(make_torch(make_activations(row["shape"])), args.repeats)
+
+    header = [
+        "shape (B, C, h, w)", "Gram side", "full SVD loop ms (runs)", "ours ms", "speed-up",
+        "floor: Gram matmul ms", "ours / floor", "max rel err vs loop",
+        "grad-cam get_2d_projection ms", "torch CPU (device algo) ms",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(r["shape"]), r["side"], f"{ms(r['ref'])} ({r['ref_n']})", ms(r["ours"]),
+                    f"{r['ref'] / r['ours']:,.0f}x", ms(r["floor"]), f"{r['ours'] / r['floor']:.2f}x",
+                    f"{r['err']:.1e}", ms(r["gc"]), ms(r["torch"]),
+                ]
+            )
+            + " |"
+        )
+    threads = {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS", "OMP_", "MKL_"))}
+    env = (
+        f"numpy {np.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"{platform.machine()}, env {threads or '{}'}, load average {os.getloadavg()[0]:.2f}"
+    )
+    table = "\n".join(lines)
+    targets = []
+    for r in rows:
+        speed, over = r["ref"] / r["ours"], r["ours"] / r["floor"]
+        need = {(16, 2048, 7, 7): 20, (8, 256, 56, 56): 50}.get(tuple(r["shape"]), 3)
+        targets.append(
+            f"{r['shape']}: speed-up {speed:,.0f}x (target >= {need}x: {'ok' if speed >= need else 'MISSED'}), "
+            f"ours/floor {over:.2f}x (target <= 3x: {'ok' if over <= 3 else 'MISSED'})"
+        )
+    print(table)
+    print()
+    print(env)
+    print("\n".join(targets))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(
+            "# EigenCAM math: batched Gram + block Krylov vs per-sample full SVD\n\n"
+            + table
+            + "\n\n"
+            + env
+            + "\n\n"
+            + "\n".join(f"- {t}" for t in targets)
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,347 @@
+"""compare(): epochs side by side across runs and experiments, read back from a real MLflow store.
+
+One sqlite store for the whole module (creating one costs seconds), with runs made by
+EigenCAMLogger exactly as training would make them:
+
+* exp-a / a-old:   eval/val 3 samples at epochs 0-2, and test (no ds_id) 2 samples
+* exp-a / a-new:   eval/val, the same 3 images, epochs 0-4 (later than a-old)
+* exp-a / a-plain: latest run of exp-a, no EigenCAM data at all
+* exp-b / b:       eval/val, epochs 0-1, the same images except the third one
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from typing import Dict, List
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlflow_eigencam import EigenCAMLogger, compare as compare_fn, eigencam
+from mlflow_eigencam import compare as _unused  # noqa: F401  (the lazy attribute resolves)
+from mlflow_eigencam.cli import main
+from mlflow_eigencam.compare import (_COL_GAP, CompareResult, parse_epochs, strip_panels)
+import mlflow_eigencam.compare as cmp_mod
+from mlflow_eigencam.render import overlay, render_strip, to_rgb_uint8
+from mlflow_eigencam.samples import sample_id
+
+LABELS = ["circle", "square", "tri"]
+
+
+def blobs(n=3, seed=0, h=32, w=32, c=8, hh=8, ww=8):
+    """(n, H, W, 3) float images with a white square, (n, C, h, w) activations lit there."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 0.2, size=(n, h, w, 3)).astype(np.float32)
+    acts = rng.uniform(0, 0.05, size=(n, c, hh, ww)).astype(np.float32)
+    for i in range(n):
+        y, x = rng.integers(0, hh - 2), rng.integers(0, ww - 2)
+        acts[i, :, y:y + 2, x:x + 2] += rng.uniform(1, 2, size=(c, 1, 1))
+        images[i, y * h // hh:(y + 2) * h // hh, x * w // ww:(x + 2) * w // ww] = 1.0
+    return images, acts, rng.integers(0, 3, size=n)
+
+
+@dataclass
+class Store:
+    uri: str
+    a_old: str
+    a_new: str
+    a_plain: str
+    b: str
+    sids: List[str]      # sample ids of the shared images, in logging order
+    sid_b_only: str      # the image only run b logged
+    images: np.ndarray   # (3, 32, 32, 3) float, the shared images
+
+
+def _log_run(experiment_id: str, name: str, epochs, images, acts, labels, *, test_mode=False) -> str:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name) as run:
+        logger = EigenCAMLogger(n_components=2, n_samples=3, label_mapping=LABELS)
+        for epoch in epochs:
+            rng = np.random.default_rng(100 + epoch)  # predictions and maps change per epoch
+            logits = rng.normal(size=(len(images), 3)).astype(np.float32)
+            noisy = acts + rng.uniform(0, 0.3, size=acts.shape).astype(np.float32)
+            logger.on_batch_end(images, noisy, labels, logits, mode="eval", ds_id="val")
+            if test_mode:
+                logger.on_batch_end(images[:2], acts[:2], labels[:2], logits[:2], mode="test")
+            logger.on_epoch_end(epoch)
+        assert logger.flush(timeout=60)
+        logger.close()
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """The same store as the `tracking_uri` fixture, built once for the module."""
+    root = tmp_path_factory.mktemp("compare")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_EIGENCAM_SPOOL_DIR", str(root / "spool"))
+        mlflow.set_tracking_uri(uri)
+        exp_a = mlflow.create_experiment("exp-a", artifact_location=(root / "a").as_uri())
+        exp_b = mlflow.create_experiment("exp-b", artifact_location=(root / "b").as_uri())
+        images, acts, labels = blobs()
+        a_old = _log_run(exp_a, "a-old", range(3), images, acts, labels, test_mode=True)
+        a_new = _log_run(exp_a, "a-new", range(5), images, acts, labels)
+        with mlflow.start_run(experiment_id=exp_a, run_name="a-plain") as plain:
+            mlflow.log_metric("loss", 1.0)
+        other_images, other_acts, _ = blobs(n=1, seed=7)
+        b_images, b_acts = images.copy(), acts.copy()
+        b_images[2], b_acts[2] = other_images[0], other_acts[0]
+        b = _log_run(exp_b, "b", range(2), b_images, b_acts, labels)
+        sids = [sample_id(to_rgb_uint8(im)) for im in images]
+        yield Store(uri, a_old, a_new, plain.info.run_id, b, sids,
+                    sample_id(to_rgb_uint8(other_images[0])), images)
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+    mlflow.set_tracking_uri(previous)
+
+
+def _png(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _find(haystack: np.ndarray, needle: np.ndarray) -> List[tuple]:
+    """Top-left corners where ``needle`` occurs exactly in ``haystack``."""
+    nh, nw = needle.shape[:2]
+    first = (haystack == needle[0, 0]).all(axis=2)
+    hits = []
+    for y, x in zip(*np.nonzero(first)):
+        if y + nh <= haystack.shape[0] and x + nw <= haystack.shape[1] \
+                and np.array_equal(haystack[y:y + nh, x:x + nw], needle):
+            hits.append((int(y), int(x)))
+    return hits
+
+
+def _upscaled(image: np.ndarray, f: int = 4) -> np.ndarray:
+    """What render_strip draws for a 32x32 image: a 4x nearest-neighbour upscale (128 px)."""
+    rgb = to_rgb_uint8(image)
+    return np.repeat(np.repeat(rgb, f, axis=0), f, axis=1)
+
+
+# --------------------------------------------------------------------------- panels in a strip
+
+
+@pytest.mark.parametrize("shape, k, caption", [((32, 32), 2, True), ((20, 36), 3, True),
+                                               ((32, 32), 1, False)])
+def test_strip_panels_are_exactly_the_drawn_panels(shape, k, caption):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=shape + (3,), dtype=np.uint8)
+    maps = eigencam(rng.normal(size=(1, 6, 5, 9)).astype(np.float32), k).maps[0]
+    kwargs = dict(label="cat", pred="dog", sample_id="abc") if caption else {}
+    strip = render_strip(image, maps, explained_variance=[0.5] * k, **kwargs)
+    boxes = strip_panels(strip, k, caption=caption)
+    assert len(boxes) == k + 1
+    x, y, w, h = boxes[0]
+    factor = int(np.ceil(128 / min(shape)))
+    base = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+    assert (h, w) == base.shape[:2]
+    assert np.array_equal(strip[y:y + h, x:x + w], base)
+    for c in range(k):
+        x, y, w, h = boxes[c + 1]
+        assert np.array_equal(strip[y:y + h, x:x + w], overlay(base, maps[c], layout="HWC"))
+
+
+def test_strip_panels_found_from_pixels_when_the_font_differs():
+    # A strip rendered where Pillow had a taller font: 6 more title rows than here.
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 200, size=(32, 32, 3), dtype=np.uint8)
+    maps = eigencam(rng.normal(size=(1, 4, 8, 8)).astype(np.float32), 2).maps[0]
+    strip = render_strip(image, maps, label="a", pred="b", sample_id="x")
+    taller = np.concatenate([np.full((6,) + strip.shape[1:], 255, np.uint8), strip])
+    x, y, w, h = strip_panels(taller, 2)[1]
+    x0, y0, w0, h0 = strip_panels(strip, 2)[1]
+    assert (x, y, w, h) == (x0, y0 + 6, w0, h0)
+    with pytest.raises(ValueError, match="4 panels"):
+        strip_panels(strip, 3)
+
+
+# --------------------------------------------------------------------------- epoch specs
+
+
+def test_epoch_specs():
+    logged = [0, 2, 4, 6, 8]
+    assert parse_epochs(None, logged) == logged
+    assert parse_epochs("all", logged) == logged
+    assert parse_epochs("last", logged) == [8]
+    assert parse_epochs("first,last", logged) == [0, 8]
+    assert parse_epochs("0,4, 8", logged) == [0, 4, 8]
+    assert parse_epochs("1-5", logged) == [2, 4]       # a range takes the logged epochs in it
+    assert parse_epochs("6-100,0", logged) == [0, 6, 8]
+    with pytest.raises(LookupError, match=r"epoch 3 was not logged.*0, 2, 4, 6, 8"):
+        parse_epochs("3", logged)
+    with pytest.raises(LookupError, match="no epoch in 9-12"):
+        parse_epochs("9-12", logged)
+    for bad in ["", "x", "1-", "-1", "5-2", "1,,2", "last2"]:
+        with pytest.raises(ValueError, match="EPOCHS"):
+            parse_epochs(bad, logged)
+
+
+# --------------------------------------------------------------------------- PNG
+
+
+def test_png_rows_are_matched_samples_and_cells_are_exact_panels(store, tmp_path):
+    out = tmp_path / "c.png"
+    result = compare_fn([store.a_old, store.b], ds_id="val", out=out)
+    assert isinstance(result, CompareResult) and result.path == out
+    # The two shared images match across experiments; the third differs in run b.
+    assert result.matched == tuple(store.sids[:2])
+    assert result.unmatched == {store.a_old: (store.sids[2],), store.b: (store.sid_b_only,)}
+    assert [r.experiment for r in result.runs] == ["exp-a", "exp-b"]
+    assert result.columns == [(store.a_old, 0), (store.a_old, 1), (store.a_old, 2),
+                              (store.b, 0), (store.b, 1)]
+    assert result.labels[store.sids[0]] in LABELS
+
+    img = _png(out)
+    # The input column holds each matched image exactly as logged (4x upscale), one per row,
+    # in row order, at the left edge.
+    rows = [_find(img, _upscaled(store.images[i])) for i in range(2)]
+    assert all(len(hits) == 1 for hits in rows), rows
+    (y0, x0), (y1, x1) = rows[0][0], rows[1][0]
+    assert x0 == x1 == cmp_mod._MARGIN and y1 > y0 + 128
+    # The unmatched image is listed, not drawn.
+    assert _find(img, _upscaled(store.images[2])) == []
+    # Five overlay columns of 128 px right of the input column.
+    assert img.shape[1] >= cmp_mod._MARGIN + 6 * 128 + 4 * _COL_GAP + 2 * cmp_mod._RUN_GAP
+    # Same inputs, same bytes.
+    again = compare_fn([store.a_old, store.b], ds_id="val", out=tmp_path / "d.png")
+    assert again.path.read_bytes() == out.read_bytes()
+
+
+def test_png_size_follows_rows_and_columns(store, tmp_path):
+    one = _png(compare_fn(f"{store.a_old}@0", ds_id="val", out=tmp_path / "1.png").path)
+    two = _png(compare_fn(f"{store.a_old}@0,1", ds_id="val", out=tmp_path / "2.png").path)
+    # One more epoch: one more 128 px column (+ the gap), same height.
+    assert two.shape[1] - one.shape[1] == 128 + _COL_GAP
+    assert two.shape[0] == one.shape[0]
+    # Mode "test" logged 2 samples instead of 3: one row less, same width.
+    test = compare_fn(f"{store.a_old}@0", mode="test", out=tmp_path / "t.png")
+    assert len(test.matched) == 2
+    fewer = _png(test.path)
+    assert fewer.shape[1] == one.shape[1]
+    assert 128 < one.shape[0] - fewer.shape[0] < 128 + 60
+
+
+def test_png_caps_unselected_epochs_evenly_and_says_so(store, tmp_path):
+    capped = compare_fn(store.a_new, ds_id="val", out=tmp_path / "c.png", png_max_epochs=3)
+    assert capped.runs[0].epochs == (0, 2, 4)
+    assert capped.runs[0].logged_epochs == (0, 1, 2, 3, 4)
+    assert any("3 of 5" in n for n in capped.notes)
+    explicit = compare_fn(f"{store.a_new}@all", ds_id="val", out=tmp_path / "a.png", png_max_epochs=3)
+    assert explicit.runs[0].epochs == (0, 1, 2, 3, 4) and not explicit.notes
+    default = compare_fn(store.a_new, ds_id="val", out=tmp_path / "d.png", epochs="1-3")
+    assert default.runs[0].epochs == (1, 2, 3)
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def test_html_is_self_contained_with_every_run_epoch_and_unmatched(store, tmp_path):
+    out = tmp_path / "c.html"
+    result = compare_fn([store.a_new, store.b], ds_id="val", out=out, png_max_epochs=1)
+    page = out.read_text(encoding="utf-8")
+    assert result.runs[0].epochs == (0, 1, 2, 3, 4)  # HTML shows every epoch
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r"(src|href)=\"?(https?:)?//", page) and "<script" not in page
+    assert "<link" not in page and "@import" not in page and "url(" not in page
+    # One image per cell, one per matched input, one per unmatched thumbnail.
+    assert len(srcs) == 2 * (5 + 2) + 2 + 2
+    for run_id in (store.a_new, store.b):
+        assert run_id in page
+    for epoch in range(5):
+        assert f"epoch {epoch}</th>" in page
+    section = page[page.index("Unmatched samples"):]
+    assert store.sids[2] in section and store.sid_b_only in section
+    # Each embedded image decodes to a 128x128 panel.
+    first = Image.open(io.BytesIO(__import__("base64").b64decode(srcs[0].split(",", 1)[1])))
+    assert first.size == (128, 128)
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def test_experiment_takes_its_latest_run_with_eigencam_data(store, tmp_path):
+    # a-plain is newer but logged no EigenCAM data: a-new is picked.
+    result = compare_fn([], experiments=["exp-a", "exp-b@last"], ds_id="val",
+                        out=tmp_path / "e.png")
+    assert [r.run_id for r in result.runs] == [store.a_new, store.b]
+    assert result.runs[1].epochs == (1,)
+    # Mode "test" exists only in a-old: the latest run with that data.
+    test = compare_fn([], experiments="exp-a", mode="test", out=tmp_path / "t.png")
+    assert test.runs[0].run_id == store.a_old
+    with pytest.raises(LookupError, match="no experiment named 'nope'"):
+        compare_fn([], experiments=["nope"], out=tmp_path / "n.png")
+    with pytest.raises(LookupError, match="experiment 'exp-b' has no run with EigenCAM data"):
+        compare_fn([], experiments=["exp-b"], mode="test", out=tmp_path / "n.png")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_missing_thing(store, tmp_path):
+    out = tmp_path / "x.png"
+    with pytest.raises(LookupError, match="no run with id 'deadbeef'"):
+        compare_fn(["deadbeef"], out=out)
+    with pytest.raises(LookupError, match=f"run {store.a_plain} has no EigenCAM data.*at all"):
+        compare_fn([store.a_plain], out=out)
+    with pytest.raises(LookupError, match=r"ds_id=None .*it has: mode='eval' ds_id='val', "
+                                          r"mode='test' ds_id=None"):
+        compare_fn([store.a_old], out=out)
+    with pytest.raises(LookupError, match=r"epoch 7 was not logged.*logged epochs: 0, 1, 2$"):
+        compare_fn([f"{store.a_old}@7"], ds_id="val", out=out)
+    with pytest.raises(ValueError, match="bad EPOCHS spec 'seven'"):
+        compare_fn([f"{store.a_old}@seven"], ds_id="val", out=out)
+    with pytest.raises(LookupError, match="logged 2 component.*component 3"):
+        compare_fn([store.a_old], ds_id="val", component=3, out=out)
+    with pytest.raises(ValueError, match="component"):
+        compare_fn([store.a_old], ds_id="val", component=0, out=out)
+    with pytest.raises(ValueError, match="x.jpg"):
+        compare_fn([store.a_old], ds_id="val", out=tmp_path / "x.jpg")
+    with pytest.raises(ValueError, match="at least one"):
+        compare_fn([], out=out)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_prints_unmatched_and_exits_0(store, tmp_path, capsys):
+    out = tmp_path / "cli.png"
+    rc = main(["compare", store.a_old, f"{store.b}@0", "--ds-id", "val", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and out.stat().st_size > 0
+    assert f"wrote {out}: 2 matched sample(s) x 4 column(s)" in printed
+    assert "unmatched" in printed and store.sids[2] in printed and store.sid_b_only in printed
+
+
+def test_cli_tracking_uri_option_wins(store, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "elsewhere").as_uri())
+    mlflow.set_tracking_uri((tmp_path / "elsewhere").as_uri())
+    try:
+        rc = main(["compare", "--experiment", "exp-b", "--ds-id", "val", "--component", "2",
+                   "--tracking-uri", store.uri, "--out", str(tmp_path / "e.html")])
+    finally:
+        mlflow.set_tracking_uri(store.uri)
+    assert rc == 0, capsys.readouterr().err
+    assert store.b in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "deadbeef"], "no run with id 'deadbeef'"),
+    (["compare", "{a_old}@9", "--ds-id", "val"], "epoch 9 was not logged"),
+    (["compare", "{a_old}@9-", "--ds-id", "val"], "bad EPOCHS spec"),
+    (["compare", "{a_plain}"], "has no EigenCAM data"),
+    (["compare"], "at least one"),
+])
+def test_cli_errors_exit_2(store, tmp_path, capsys, argv, message):
+    argv = [a.format(a_old=store.a_old, a_plain=store.a_plain) for a in argv]
+    rc = main(argv + ["--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("mlflow-eigencam: error: ") and message in err
