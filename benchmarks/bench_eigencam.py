@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlflow_eigencam.eigencam import eigencam  # noqa: E402
+from mlflow_eigencam.eigencam import eigencam
 
 SHAPES = [
     (16, 512, 7, 7),
@@ -146,15 +146,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         b, c, h, w = a.shape
         x = a.reshape(b, c, h * w)
         side = f"C x C ({c})" if c <= h * w else f"hw x hw ({h * w})"
-        ours_s, _ = timed(lambda: eigencam(a, K), args.repeats)
+        ours_s, _ = timed(lambda a=a: eigencam(a, K), args.repeats)
         floor_s, _ = timed(floor_gram(x), args.repeats)
         ref_maps = reference(a)  # also the reference's warm-up run
-        ref_s, ref_n = timed(lambda: reference(a), args.repeats, args.ref_budget, warmup=False)
+        ref_s, ref_n = timed(lambda a=a: reference(a), args.repeats, args.ref_budget, warmup=False)
         gc_s = None
         if gradcam is not None:
-            gc_s, _ = timed(lambda: gradcam(a.copy()), min(args.repeats, ref_n), args.ref_budget)
+            # get_2d_projection zeroes NaNs in place: give it a copy
+            gc_s, _ = timed(lambda a=a: gradcam(a.copy()), min(args.repeats, ref_n), args.ref_budget)
         err = max_rel_error(eigencam(a, K).maps, ref_maps)
-        rows.append(dict(shape=shape, side=side, ref=ref_s, ref_n=ref_n, ours=ours_s, floor=floor_s, err=err, gc=gc_s))
+        rows.append(
+            {"shape": shape, "side": side, "ref": ref_s, "ref_n": ref_n, "ours": ours_s,
+             "floor": floor_s, "err": err, "gc": gc_s}
+        )
         print(f"  measured {shape}: ours {ms(ours_s)} ms, reference {ms(ref_s)} ms x{ref_n}", file=sys.stderr)
 
     # torch last: its OpenMP workers keep spinning after each call and would slow numpy

@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import tempfile
+import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +270,13 @@ def strip_panels(strip: np.ndarray, k: int, *, caption: bool = True) -> List[Box
     if found is None:  # nothing to go by (e.g. alpha=0): trust the layout
         found = (top, max(1, height - top - gap - ((line_h + gap) if caption else 0)))
     y, ph = found
+    # The columns between panels (and the right margin) are blank through the panel band;
+    # a wrong k puts them inside a panel.
+    band = arr[y:y + ph]
+    for x in xs:
+        if not (band[:, x + pw:x + pw + gap] == _BG).all():
+            raise ValueError(f"a strip {width} px wide does not hold {n} panels here: column "
+                             f"{x + pw} is not a gap; was it made with {k} component(s)?")
     return [(x, y, pw, ph) for x in xs]
 
 
@@ -1096,3 +1104,18 @@ def _cli_compare(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     sys.stdout.flush()
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """Makes ``mlflow_eigencam.compare(...)`` work even when this submodule was imported first.
+
+    The package exports the function ``compare`` lazily; once ``mlflow_eigencam.compare``
+    (this module) has been imported, e.g. by the CLI, Python binds the package attribute to the
+    module instead, and the lazy export is never consulted. Calling the module calls the function.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> CompareResult:
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -13,18 +13,22 @@ batch without a per-sample SVD:
 
 * It works on the smaller Gram matrix of each sample, ``X.T @ X`` (C x C) when ``C <= h*w``
   and ``X @ X.T`` (hw x hw) otherwise, computed by one batched float32 ``np.matmul``.
-  Centring is applied to the small Gram matrix (``G - s s^T / hw`` or double centring)
-  rather than to the activations, which saves a pass over the data; a sample whose mean
-  dominates its variance (``trace(G) > 16 * trace(G_centred)``, where float32 cancellation
-  would cost digits) is recomputed in float64 with explicit centring from the original data.
-* The top-k eigenpairs of the trace-normalised centred Gram matrix come from one block
-  Krylov Rayleigh-Ritz step in float64 (a fixed seeded start block, so the result is
-  deterministic). Every Ritz pair is checked by its residual ``||G v - theta v||``; samples
-  that do not meet the tolerance (near-degenerate or flat spectra) get a larger Krylov basis
-  and, failing that, a full batched ``np.linalg.eigh``. Full ``eigh`` costs 5-30x the Gram
-  product itself, which is why it is only the fallback.
-* A component whose variance is at rounding level (rank below k, constant input, or
-  ``n_components > min(C, h*w)``) is returned as a zero map with ratio 0.
+  Centring is applied to the small Gram matrix (``G - s s^T / hw``, or double centring
+  ``P G P``) rather than to the activations, which saves a pass over the data. A sample
+  where float32 would lose digits (mean dominating the spread, ``trace(G) >
+  16 trace(G_centred)``; NaN/Inf; magnitudes whose squares overflow or go subnormal) is
+  recomputed in float64 from the original values, scaled and explicitly centred.
+* The top-k eigenpairs of the trace-normalised centred Gram matrix (so eigenvalues are the
+  explained-variance ratios) come from one block Krylov Rayleigh-Ritz step in float64:
+  ``span[W, GW, ..., G^6 W]`` with a fixed seeded n x k block ``W`` (deterministic). Every
+  Ritz pair is checked by its residual ``||G v - theta v|| <= 1e-6 theta_1``, about the
+  rounding level of the float32 Gram product; samples that miss it (flat or clustered
+  spectra) get a degree-14 basis and, failing that, a full batched ``np.linalg.eigh``. A
+  full ``eigh`` costs 5-15x the Gram product itself on CNN-sized inputs, which is why it is
+  only the fallback.
+* A component whose ratio is at rounding level (16 float32 epsilons times the cancellation
+  factor; rank below k, constant input, ``n_components > min(C, h*w)``) is returned as a
+  zero map with ratio 0.
 
 Sign rule. The sign of a principal direction is arbitrary: any SVD or eigensolver may return
 ``-v`` for ``v``. EigenCAM overlays apply a ReLU to the map, so with the wrong sign the
@@ -34,7 +38,7 @@ component's map has a non-negative correlation with the sample's channel-mean ma
 ``A.mean(axis=0)``. After centring this is exactly the same as "the loading vector ``v_i``
 sums to >= 0", because with ``Xc`` the centred matrix and ``1`` the all-ones C-vector::
 
-    map_i . (Xc 1) = v_i^T Xc^T Xc 1 = s_i^2 (v_i . 1)
+    map_i . (Xc 1) = v_i^T Xc^T Xc 1 = s_i^2 (v_i . 1)        (s_i > 0)
 
 and ``Xc 1 / C`` is the centred channel-mean map (the map's own mean is 0, so centring the
 channel-mean map does not change the dot product). We implement the loading-sum form: the

@@ -556,23 +556,24 @@ class EigenCAMCallback(keras.callbacks.Callback):
         self._logger.set_target_layer(self._target_path)
         return True
 
-    def _explain(self, x: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """Activations (N, h, w, C) float and predictions for ``x``, in probe-sized batches."""
+    def _explain_batch(self, x: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """Activations ``(B, h, w, C)`` and predictions ``(B,)`` / ``(B, K)`` (or None) of one batch."""
         assert self._forward is not None
-        acts: List[np.ndarray] = []
-        preds: List[Optional[np.ndarray]] = []
-        for start in range(0, len(x), PROBE_BATCH_SIZE):
-            a, out = self._forward(x[start:start + PROBE_BATCH_SIZE])
-            a = np.asarray(keras.ops.convert_to_numpy(a))
-            if a.ndim != 4:
-                raise ValueError(f"layer {self._target_path!r} gives outputs of shape {a.shape}; "
-                                 "EigenCAM needs a 4-D (batch, height, width, channels) output")
-            if _data_format(self._target) == "channels_first":
-                a = np.moveaxis(a, 1, -1)
-            acts.append(a)
-            preds.append(_single_output(out))
+        a, out = self._forward(x)
+        acts = np.asarray(keras.ops.convert_to_numpy(a))
+        if acts.ndim != 4:
+            raise ValueError(f"layer {self._target_path!r} gives outputs of shape {acts.shape}; "
+                             "EigenCAM needs a 4-D (batch, height, width, channels) output")
+        if _data_format(self._target) == "channels_first":
+            acts = np.moveaxis(acts, 1, -1)
+        return acts, _single_output(out)
+
+    def _explain(self, x: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """:meth:`_explain_batch` over all of ``x`` in probe-sized batches, concatenated."""
+        parts = [self._explain_batch(x[i:i + PROBE_BATCH_SIZE]) for i in range(0, len(x), PROBE_BATCH_SIZE)]
+        preds = [p for _, p in parts]
         pred = None if any(p is None for p in preds) else np.concatenate(preds, axis=0)
-        return np.concatenate(acts, axis=0), pred
+        return np.concatenate([a for a, _ in parts], axis=0), pred
 
     # -- Keras hooks ----------------------------------------------------------------------
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
@@ -612,15 +613,21 @@ class EigenCAMCallback(keras.callbacks.Callback):
                 if n == 0:
                     continue
                 self._prepare()
-                x = pinned.x[:n]
-                acts, preds = self._explain(x)
-                images = x
-                if x.ndim == 4 and keras.config.image_data_format() == "channels_first":
-                    images = np.moveaxis(x, 1, -1)
-                labels = None if pinned.y is None else pinned.y[:n]
-                logger.on_batch_end(images, acts, labels, preds, mode=mode, ds_id=ds_id)
+                # Batch by batch, so n_samples=None never holds every activation at once.
+                for start in range(0, n, PROBE_BATCH_SIZE):
+                    stop = min(n, start + PROBE_BATCH_SIZE)
+                    x = pinned.x[start:stop]
+                    acts, preds = self._explain_batch(x)
+                    if x.ndim == 4 and keras.config.image_data_format() == "channels_first":
+                        x = np.moveaxis(x, 1, -1)
+                    labels = None if pinned.y is None else pinned.y[start:stop]
+                    logger.on_batch_end(x, acts, labels, preds, mode=mode, ds_id=ds_id)
                 logger.on_epoch_end(epoch, mode=mode, ds_id=ds_id)
             except Exception as exc:
+                # Drop what this epoch kept of the key, so that it cannot leak into the next one.
+                discard = getattr(logger, "_discard", None)
+                if callable(discard):
+                    discard((mode, ds_id))
                 self._fail(exc, f"epoch {epoch} ({mode}, ds_id={ds_id!r})", kind="epoch")
 
     def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:

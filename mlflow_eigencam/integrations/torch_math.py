@@ -117,7 +117,7 @@ def _compute(
     x: "torch.Tensor", k: Optional[int], frac: Optional[float]
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
     """x (B, C, hw) on any device -> host arrays for ``_finish`` plus k and the NaN count."""
-    b, c, hw = x.shape
+    _, c, hw = x.shape
     n = min(c, hw)
     channel_gram = c <= hw
     x = x.to(torch.float64)  # a new tensor unless the caller's was float64

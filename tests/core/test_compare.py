@@ -6,11 +6,13 @@ EigenCAMLogger exactly as training would make them:
 * exp-a / a-old:   eval/val 3 samples at epochs 0-2, and test (no ds_id) 2 samples
 * exp-a / a-new:   eval/val, the same 3 images, epochs 0-4 (later than a-old)
 * exp-a / a-plain: latest run of exp-a, no EigenCAM data at all
-* exp-b / b:       eval/val, epochs 0-1, the same images except the third one
+* exp-b / gappy:   eval/val, the same 3 images at epoch 0, only the last two at epoch 1
+* exp-b / b:       eval/val, epochs 0-1, the same images except the third one (latest)
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import re
 from dataclasses import dataclass
@@ -21,11 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import mlflow_eigencam
 from mlflow_eigencam import EigenCAMLogger, compare as compare_fn, eigencam
-from mlflow_eigencam import compare as _unused  # noqa: F401  (the lazy attribute resolves)
 from mlflow_eigencam.cli import main
-from mlflow_eigencam.compare import (_COL_GAP, CompareResult, parse_epochs, strip_panels)
-import mlflow_eigencam.compare as cmp_mod
+from mlflow_eigencam.compare import _COL_GAP, CompareResult, parse_epochs, strip_panels
+
+# `import mlflow_eigencam.compare as m` would give the function the package exports.
+cmp_mod = importlib.import_module("mlflow_eigencam.compare")
 from mlflow_eigencam.render import overlay, render_strip, to_rgb_uint8
 from mlflow_eigencam.samples import sample_id
 
@@ -51,6 +55,7 @@ class Store:
     a_new: str
     a_plain: str
     b: str
+    gappy: str
     sids: List[str]      # sample ids of the shared images, in logging order
     sid_b_only: str      # the image only run b logged
     images: np.ndarray   # (3, 32, 32, 3) float, the shared images
@@ -92,9 +97,16 @@ def store(tmp_path_factory):
         other_images, other_acts, _ = blobs(n=1, seed=7)
         b_images, b_acts = images.copy(), acts.copy()
         b_images[2], b_acts[2] = other_images[0], other_acts[0]
+        with mlflow.start_run(experiment_id=exp_b, run_name="gappy") as gappy:
+            # The first image is missing from epoch 1 (a shuffled or shortened eval set).
+            logger = EigenCAMLogger(n_components=2, n_samples=3, label_mapping=LABELS)
+            for epoch, keep in ((0, slice(0, 3)), (1, slice(1, 3))):
+                logger.on_batch_end(images[keep], acts[keep], labels[keep], mode="eval", ds_id="val")
+                logger.on_epoch_end(epoch)
+            logger.close()
         b = _log_run(exp_b, "b", range(2), b_images, b_acts, labels)
         sids = [sample_id(to_rgb_uint8(im)) for im in images]
-        yield Store(uri, a_old, a_new, plain.info.run_id, b, sids,
+        yield Store(uri, a_old, a_new, plain.info.run_id, b, gappy.info.run_id, sids,
                     sample_id(to_rgb_uint8(other_images[0])), images)
         while mlflow.active_run() is not None:
             mlflow.end_run()
@@ -127,6 +139,12 @@ def _upscaled(image: np.ndarray, f: int = 4) -> np.ndarray:
 # --------------------------------------------------------------------------- panels in a strip
 
 
+def test_package_attribute_is_callable_whichever_import_came_first():
+    # The CLI imports the submodule, which rebinds the package attribute to the module.
+    assert callable(mlflow_eigencam.compare) and callable(cmp_mod)
+    assert cmp_mod.compare is compare_fn or cmp_mod.compare is getattr(compare_fn, "compare", None)
+
+
 @pytest.mark.parametrize("shape, k, caption", [((32, 32), 2, True), ((20, 36), 3, True),
                                                ((32, 32), 1, False)])
 def test_strip_panels_are_exactly_the_drawn_panels(shape, k, caption):
@@ -157,7 +175,7 @@ def test_strip_panels_found_from_pixels_when_the_font_differs():
     x, y, w, h = strip_panels(taller, 2)[1]
     x0, y0, w0, h0 = strip_panels(strip, 2)[1]
     assert (x, y, w, h) == (x0, y0 + 6, w0, h0)
-    with pytest.raises(ValueError, match="4 panels"):
+    with pytest.raises(ValueError, match="does not hold 4 panels"):
         strip_panels(strip, 3)
 
 
@@ -214,14 +232,18 @@ def test_png_rows_are_matched_samples_and_cells_are_exact_panels(store, tmp_path
 
 
 def test_png_size_follows_rows_and_columns(store, tmp_path):
-    one = _png(compare_fn(f"{store.a_old}@0", ds_id="val", out=tmp_path / "1.png").path)
-    two = _png(compare_fn(f"{store.a_old}@0,1", ds_id="val", out=tmp_path / "2.png").path)
+    # Wide enough that the grid, not the legend line above it, sets the width.
+    runs = [f"{store.a_old}@0,1", f"{store.a_new}@0-2"]
+    one = _png(compare_fn(runs, ds_id="val", out=tmp_path / "1.png").path)
+    two = _png(compare_fn(runs[:1] + [f"{store.a_new}@0-3"], ds_id="val", out=tmp_path / "2.png").path)
     # One more epoch: one more 128 px column (+ the gap), same height.
     assert two.shape[1] - one.shape[1] == 128 + _COL_GAP
     assert two.shape[0] == one.shape[0]
     # Mode "test" logged 2 samples instead of 3: one row less, same width.
-    test = compare_fn(f"{store.a_old}@0", mode="test", out=tmp_path / "t.png")
-    assert len(test.matched) == 2
+    # (Only a-old logged it: the same run twice gives the same 2 + 3 columns.)
+    test = compare_fn([f"{store.a_old}@0,1", f"{store.a_old}@0-2"], mode="test",
+                      out=tmp_path / "t.png")
+    assert len(test.matched) == 2 and len(test.columns) == 5
     fewer = _png(test.path)
     assert fewer.shape[1] == one.shape[1]
     assert 128 < one.shape[0] - fewer.shape[0] < 128 + 60
@@ -236,6 +258,21 @@ def test_png_caps_unselected_epochs_evenly_and_says_so(store, tmp_path):
     assert explicit.runs[0].epochs == (0, 1, 2, 3, 4) and not explicit.notes
     default = compare_fn(store.a_new, ds_id="val", out=tmp_path / "d.png", epochs="1-3")
     assert default.runs[0].epochs == (1, 2, 3)
+
+
+def test_a_sample_missing_at_one_epoch_stays_matched_with_an_empty_cell(store, tmp_path):
+    result = compare_fn([store.gappy, store.a_old], ds_id="val", out=tmp_path / "g.html")
+    assert result.matched == tuple(store.sids) and not any(result.unmatched.values())
+    page = (tmp_path / "g.html").read_text(encoding="utf-8")
+    assert page.count(">not logged</div>") == 1
+    # No labels or predictions were logged: captions say so instead of failing.
+    assert "pred: -" in page
+    png = compare_fn([store.gappy], ds_id="val", out=tmp_path / "g.png")
+    img = _png(png.path)
+    # The empty cell is a flat grey box where sample 0 / epoch 1 would be.
+    (y, x), = _find(img, _upscaled(store.images[0]))
+    cell_x = x + 128 + cmp_mod._RUN_GAP + 128 + _COL_GAP
+    assert (img[y + 2:y + 40, cell_x + 2:cell_x + 120] == cmp_mod._EMPTY).all()
 
 
 # --------------------------------------------------------------------------- HTML

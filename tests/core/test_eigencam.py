@@ -14,7 +14,11 @@ import warnings
 import numpy as np
 import pytest
 
-from mlflow_eigencam.eigencam import EigenCAMResult, NonFiniteActivationsWarning, eigencam
+from mlflow_eigencam.eigencam import (
+    EigenCAMResult,
+    NonFiniteActivationsWarning,
+    eigencam,
+)
 
 E = importlib.import_module("mlflow_eigencam.eigencam")  # the module, for its internals
 
@@ -24,7 +28,7 @@ E = importlib.import_module("mlflow_eigencam.eigencam")  # the module, for its i
 
 def textbook(a: np.ndarray, k: int):
     """Reference: per sample, flatten to X (hw, C), centre columns, full float64 SVD."""
-    b, c, h, w = a.shape
+    _, c, h, w = a.shape
     maps, ratios, loadings = [], [], []
     for sample in a.astype(np.float64):
         x = sample.reshape(c, h * w).T

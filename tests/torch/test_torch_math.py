@@ -10,11 +10,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mlflow_eigencam.eigencam import NonFiniteActivationsWarning, eigencam  # noqa: E402
-from mlflow_eigencam.integrations.torch_math import eigencam_torch  # noqa: E402
+from mlflow_eigencam.eigencam import NonFiniteActivationsWarning, eigencam
+from mlflow_eigencam.integrations.torch_math import eigencam_torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "core"))
-from test_eigencam import low_rank, rel_errors, textbook  # noqa: E402
+from test_eigencam import low_rank, rel_errors, textbook
 
 
 @pytest.mark.parametrize(
