@@ -86,6 +86,7 @@ def main(argv=None) -> int:
 
     import lightning.pytorch as pl
     import mlflow
+    import mlflow.pytorch
     import torch
 
     import mlflow_eigencam
@@ -101,6 +102,8 @@ def main(argv=None) -> int:
     mlflow.set_experiment(name)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
+    # MLflow's own autologging for the loss curves (optional; the two coexist in one run).
+    mlflow.pytorch.autolog(log_models=False, silent=True)
     # The one EigenCAM line: every Lightning fit from here on logs overlays to MLflow.
     mlflow_eigencam.autolog(n_samples=6, n_components=2, label_mapping=list(SHAPES[:3]))
 

@@ -386,12 +386,12 @@ class EigenCAMCallback(keras.callbacks.Callback):
         self._broken = False
         self._logger_closed = False
         if self._logger is not None:
-            self._explicit.update(self._pin("eval", validation_data, "validation_data", strict=True))
+            self._explicit.update(self._pin("eval", validation_data, "validation_data", raise_errors=True))
             if train_data is not None and not self._wants_mode("train"):
                 self._warn_once("train_ignored",
                                 f"train_data is not used: mode={mode!r} filters out 'train' "
                                 "(pass mode=None or mode={'train', 'eval'})")
-            self._explicit.update(self._pin("train", train_data, "train_data", strict=True))
+            self._explicit.update(self._pin("train", train_data, "train_data", raise_errors=True))
 
     # -- data ------------------------------------------------------------------------------
     @property
@@ -408,7 +408,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
         # ds_id is only known per source; a mode is worth reading if any ds_id could pass.
         return self._logger is not None and self._logger.mode_filter(mode)
 
-    def _pin(self, mode: str, data: Any, what: str, *, strict: bool) -> Dict[Key, _Pinned]:
+    def _pin(self, mode: str, data: Any, what: str, *, raise_errors: bool) -> Dict[Key, _Pinned]:
         """Samples per (mode, ds_id) from one argument (None, a source, or {ds_id: source})."""
         if data is None or not self._wants_mode(mode):
             return {}
@@ -425,7 +425,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
             try:
                 pinned[(mode, ds_id)] = take_samples(source, self.n_samples, what=label)
             except (TypeError, ValueError) as exc:
-                if strict:
+                if raise_errors:
                     raise
                 self._warn_once(("fit_data", mode, type(exc).__name__),
                                 f"no {mode!r} samples from {label}: {exc}")
@@ -465,9 +465,9 @@ class EigenCAMCallback(keras.callbacks.Callback):
                 train = x if y is None else (x, y)
             got: Dict[Key, _Pinned] = {}
             if not any(k[0] == "eval" for k in self._explicit):
-                got.update(self._pin("eval", val, "fit's validation data", strict=False))
+                got.update(self._pin("eval", val, "fit's validation data", raise_errors=False))
             if not any(k[0] == "train" for k in self._explicit):
-                got.update(self._pin("train", train, "fit's x", strict=False))
+                got.update(self._pin("train", train, "fit's x", raise_errors=False))
             self._from_fit = got
         except Exception as exc:  # autolog must never break fit
             self._fail(exc, "reading fit's data")

@@ -24,11 +24,13 @@ def test_functional_default_is_the_last_spatial_layer(data):
     model = build_cnn()
     cb = _ready(model, x[:4])
     assert cb._target_path == "conv2"
-    acts, preds = cb._explain(x[:4])
-    reference = keras.Model(model.inputs[0], model.get_layer("conv2").output)(x[:4])
+    assert cb._forward.__name__ == "run_probe"
+    # 40 samples: two probe batches (PROBE_BATCH_SIZE = 32), put back together in order.
+    acts, preds = cb._explain(x[:40])
+    reference = keras.Model(model.inputs[0], model.get_layer("conv2").output)(x[:40])
     np.testing.assert_allclose(acts, np.asarray(reference), rtol=1e-5, atol=1e-6)
-    assert acts.shape == (4, 12, 20, 8)  # (B, h, w, C) of a 24 x 40 input after one pool
-    np.testing.assert_allclose(preds, np.asarray(model(x[:4])), rtol=1e-5, atol=1e-6)
+    assert acts.shape == (40, 12, 20, 8)  # (B, h, w, C) of a 24 x 40 input after one pool
+    np.testing.assert_allclose(preds, np.asarray(model(x[:40])), rtol=1e-5, atol=1e-6)
 
 
 def test_layers_with_a_1x1_output_are_skipped(data):
