@@ -8,8 +8,9 @@ Prints one table, all columns measured in the same run on the same data:
     ``np.matmul`` on the same float32 data: the one step any Gram-based method must take;
   * optional: pytorch-grad-cam ``get_2d_projection`` when ``pytorch_grad_cam`` is importable,
     and the torch on-device algorithm run on CPU (``eigencam_torch(..., on_device=True)``).
-Times are medians of ``--repeats`` runs (time.perf_counter); the slow per-sample SVD runs
-until ``--repeats`` runs or ``--ref-budget`` seconds, at least once (the count is printed).
+Times are medians of ``--repeats`` runs (time.perf_counter; ours and the floor alternate run
+by run so both see the same load); the slow per-sample SVD runs until ``--repeats`` runs or
+``--ref-budget`` seconds, at least once (the count is printed).
 Data: float32 ReLU(low-rank smooth spatial structure + Gaussian noise), CNN-like spectra.
 
 Usage: python benchmarks/bench_eigencam.py [--markdown PATH] [--repeats N] [--ref-budget S]
@@ -93,6 +94,20 @@ def timed(fn: Callable[[], object], repeats: int, budget_s: Optional[float] = No
     return statistics.median(times), len(times)
 
 
+def timed_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int) -> Tuple[float, float]:
+    """Medians of two functions timed alternately (after one warm-up call each)."""
+    fn_a()
+    fn_b()
+    times_a: List[float] = []
+    times_b: List[float] = []
+    for _ in range(repeats):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
 def max_rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
     dot = np.einsum("bkhw,bkhw->bk", ours.astype(np.float64), ref.astype(np.float64))
     sign = np.where(dot < 0, -1.0, 1.0)[..., None, None]
@@ -146,8 +161,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         b, c, h, w = a.shape
         x = a.reshape(b, c, h * w)
         side = f"C x C ({c})" if c <= h * w else f"hw x hw ({h * w})"
-        ours_s, _ = timed(lambda a=a: eigencam(a, K), args.repeats)
-        floor_s, _ = timed(floor_gram(x), args.repeats)
+        # ours and the floor alternate, so that both see the same machine load
+        ours_s, floor_s = timed_pair(lambda a=a: eigencam(a, K), floor_gram(x), args.repeats)
         ref_maps = reference(a)  # also the reference's warm-up run
         ref_s, ref_n = timed(lambda a=a: reference(a), args.repeats, args.ref_budget, warmup=False)
         gc_s = None

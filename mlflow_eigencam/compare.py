@@ -17,6 +17,8 @@ Output:
 
 Samples that are not in every run are not dropped silently: they are returned, printed by
 the CLI and listed at the bottom of the PNG and in an "Unmatched samples" section of the page.
+A sample that every run logged, but not at every selected epoch (a shuffled evaluation
+subset), is a row with a grey "not logged" cell where it is missing.
 
 Epoch selections (``RUN_ID@EPOCHS``, ``--epochs``): comma-separated items, each an epoch
 (``4``; it must have been logged), a range (``0-9``; the logged epochs in it, at least one),
@@ -46,8 +48,8 @@ import numpy as np
 from . import _layout
 from .render import _clean, _fit, _font, _line_height, _text_width, encode_png
 
-__all__ = ["CompareResult", "RunColumns", "compare", "parse_epochs", "strip_panels",
-           "add_compare_parser"]
+__all__ = ["CompareResult", "RunColumns", "add_compare_parser", "compare", "parse_epochs",
+           "strip_panels"]
 
 #: Epochs shown per run in a PNG when the run was given without an epoch selection.
 PNG_MAX_EPOCHS = 8
@@ -208,7 +210,7 @@ def _evenly(epochs: Sequence[int], n: int) -> List[int]:
         return list(epochs)
     if n == 1:
         return [epochs[-1]]
-    idx = sorted({int(round(i * (len(epochs) - 1) / (n - 1))) for i in range(n)})
+    idx = sorted({round(i * (len(epochs) - 1) / (n - 1)) for i in range(n)})
     return [epochs[i] for i in idx]
 
 
@@ -307,7 +309,7 @@ def _panel_band(arr: np.ndarray, xs: List[int], pw: int) -> Optional[Tuple[int, 
     rows = (a != b).any(axis=(1, 2))
     best: Optional[Tuple[int, int]] = None
     start = None
-    for y, d in enumerate(list(rows) + [False]):
+    for y, d in enumerate([*rows.tolist(), False]):
         if d and start is None:
             start = y
         elif not d and start is not None:
@@ -360,9 +362,11 @@ class _Reader:
             raise
 
     def experiment_name(self, experiment_id: str) -> str:
+        from mlflow.exceptions import MlflowException
+
         try:
             return self.client.get_experiment(experiment_id).name
-        except Exception:  # a name is only decoration
+        except (MlflowException, OSError):  # a name is only decoration
             return str(experiment_id)
 
     def listing(self, run_id: str, path: str) -> List[Any]:
@@ -679,8 +683,9 @@ def _fetch_strips(reader: _Reader, loaded: List[_Run],
     ``wanted``: the matched sample ids (every selected epoch); of the others only the first
     selected epoch is fetched, for the input image shown in the unmatched list.
     """
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     jobs: List[Tuple[str, str]] = []
     for r in loaded:
@@ -866,7 +871,7 @@ def _render_png(result: CompareResult, grid: Dict[Tuple[int, str, int], _Cell],
     for pos, (a, b) in enumerate(group_spans):
         draw.text((a, y), _fit(font, f"run {pos + 1} ({_short(result.runs[pos].run_id)})", b - a),
                   fill=_TEXT, font=font)
-    for pos, e, cx in cols:
+    for _, e, cx in cols:
         draw.text((cx, y + lh), _fit(font, f"epoch {e}", cw), fill=_TEXT, font=font)
     y += colhead_h
     grid_top = y - 2
@@ -971,11 +976,11 @@ def _render_html(result: CompareResult, grid: Dict[Tuple[int, str, int], _Cell],
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{e(title)}</title>", f"<style>{_CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
-        f'<p class="muted">Tracking URI <code>{e(uri)}</code>. Rows: samples matched across '
-        f"runs by sample id (a hash of the image). Columns: the input, then the overlay of "
-        f"principal component {component} per run and epoch.</p>",
-        '<table class="runs"><tr><th></th><th>run id</th><th>name</th><th>experiment</th>'
-        "<th>epochs shown</th><th>logged</th></tr>",
+        (f'<p class="muted">Tracking URI <code>{e(uri)}</code>. Rows: samples matched across '
+         f"runs by sample id (a hash of the image). Columns: the input, then the overlay of "
+         f"principal component {component} per run and epoch.</p>"),
+        ('<table class="runs"><tr><th></th><th>run id</th><th>name</th><th>experiment</th>'
+         "<th>epochs shown</th><th>logged</th></tr>"),
     ]
     for i, r in enumerate(result.runs):
         out.append(f"<tr><td>run {i + 1}</td><td><code>{e(r.run_id)}</code></td>"

@@ -12,11 +12,12 @@ EigenCAMLogger exactly as training would make them:
 
 from __future__ import annotations
 
+import base64
 import importlib
 import io
 import re
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import List
 
 import mlflow
 import numpy as np
@@ -24,14 +25,15 @@ import pytest
 from PIL import Image
 
 import mlflow_eigencam
-from mlflow_eigencam import EigenCAMLogger, compare as compare_fn, eigencam
+from mlflow_eigencam import EigenCAMLogger, eigencam
+from mlflow_eigencam import compare as compare_fn
 from mlflow_eigencam.cli import main
 from mlflow_eigencam.compare import _COL_GAP, CompareResult, parse_epochs, strip_panels
+from mlflow_eigencam.render import overlay, render_strip, to_rgb_uint8
+from mlflow_eigencam.samples import sample_id
 
 # `import mlflow_eigencam.compare as m` would give the function the package exports.
 cmp_mod = importlib.import_module("mlflow_eigencam.compare")
-from mlflow_eigencam.render import overlay, render_strip, to_rgb_uint8
-from mlflow_eigencam.samples import sample_id
 
 LABELS = ["circle", "square", "tri"]
 
@@ -151,7 +153,7 @@ def test_strip_panels_are_exactly_the_drawn_panels(shape, k, caption):
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, size=shape + (3,), dtype=np.uint8)
     maps = eigencam(rng.normal(size=(1, 6, 5, 9)).astype(np.float32), k).maps[0]
-    kwargs = dict(label="cat", pred="dog", sample_id="abc") if caption else {}
+    kwargs = {"label": "cat", "pred": "dog", "sample_id": "abc"} if caption else {}
     strip = render_strip(image, maps, explained_variance=[0.5] * k, **kwargs)
     boxes = strip_panels(strip, k, caption=caption)
     assert len(boxes) == k + 1
@@ -296,7 +298,7 @@ def test_html_is_self_contained_with_every_run_epoch_and_unmatched(store, tmp_pa
     section = page[page.index("Unmatched samples"):]
     assert store.sids[2] in section and store.sid_b_only in section
     # Each embedded image decodes to a 128x128 panel.
-    first = Image.open(io.BytesIO(__import__("base64").b64decode(srcs[0].split(",", 1)[1])))
+    first = Image.open(io.BytesIO(base64.b64decode(srcs[0].split(",", 1)[1])))
     assert first.size == (128, 128)
 
 
@@ -334,11 +336,11 @@ def test_errors_name_the_missing_thing(store, tmp_path):
         compare_fn([f"{store.a_old}@7"], ds_id="val", out=out)
     with pytest.raises(ValueError, match="bad EPOCHS spec 'seven'"):
         compare_fn([f"{store.a_old}@seven"], ds_id="val", out=out)
-    with pytest.raises(LookupError, match="logged 2 component.*component 3"):
+    with pytest.raises(LookupError, match=r"logged 2 component.*component 3"):
         compare_fn([store.a_old], ds_id="val", component=3, out=out)
     with pytest.raises(ValueError, match="component"):
         compare_fn([store.a_old], ds_id="val", component=0, out=out)
-    with pytest.raises(ValueError, match="x.jpg"):
+    with pytest.raises(ValueError, match=r"x\.jpg"):
         compare_fn([store.a_old], ds_id="val", out=tmp_path / "x.jpg")
     with pytest.raises(ValueError, match="at least one"):
         compare_fn([], out=out)

@@ -9,12 +9,19 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras_testing import (
+    artifact_paths,
+    build_cnn,
+    build_sequential,
+    find_panel,
+    logged_images,
+    make_images,
+    read_png,
+    upscaled,
+)
 
 from mlflow_eigencam.keras import EigenCAMCallback
 from mlflow_eigencam.sink import EigenCAMWarning
-
-from keras_testing import (artifact_paths, build_cnn, build_sequential, find_panel, logged_images,
-                           make_images, read_png, upscaled)
 
 NAMES = ["circle", "square", "triangle"]
 
@@ -49,8 +56,9 @@ def test_rgb_non_square_images_metrics_grid_and_tags(data, tracking_uri):
         grid = read_png(tracking_uri, run_id, f"eigencam/eval/all/epoch_{epoch:04d}/grid.png")
         assert grid.ndim == 3 and grid.shape[0] > 4 * 144  # four strips stacked
         assert f"eigencam/eval/all/epoch_{epoch:04d}/sample_3.png" in files
-    table = json.loads(open(mlflow.MlflowClient(tracking_uri).download_artifacts(
-        run_id, "eigencam/eval/all/samples.json")).read())
+    local = mlflow.MlflowClient(tracking_uri).download_artifacts(run_id, "eigencam/eval/all/samples.json")
+    with open(local) as f:
+        table = json.load(f)
     rows = [dict(zip(table["columns"], r)) for r in table["data"]]
     assert len(rows) == 12 and {r["epoch"] for r in rows} == {0, 1, 2}
     assert {r["label"] for r in rows} <= set(NAMES)
@@ -58,7 +66,7 @@ def test_rgb_non_square_images_metrics_grid_and_tags(data, tracking_uri):
 
     client = mlflow.MlflowClient(tracking_uri)
     history = {c: client.get_metric_history(run_id, f"eigencam/eval/all/evr_{c}") for c in (1, 2, 3)}
-    for c, points in history.items():
+    for points in history.values():
         assert sorted(p.step for p in points) == [0, 1, 2]
         assert all(0.0 < p.value <= 1.0 for p in points)
     for step in range(3):

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import mlflow
-
 from keras_testing import ROOT, logged_images
 
 

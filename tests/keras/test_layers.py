@@ -5,11 +5,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from keras_testing import build_cnn, build_nested, build_sequential
 
 from mlflow_eigencam.keras import EigenCAMCallback
 from mlflow_eigencam.sink import EigenCAMWarning
-
-from keras_testing import build_cnn, build_nested, build_sequential
 
 
 def _ready(model, x, **kwargs) -> EigenCAMCallback:
@@ -98,7 +97,7 @@ def test_subclassed_model_is_probed_by_one_forward_pass(data):
     model.fit(x[:8], y[:8], epochs=1, verbose=0)
     cb = _ready(model, x[:2])
     assert cb._target_path == "sub_c2"
-    acts, preds = cb._explain(x[:2])
+    acts, _ = cb._explain(x[:2])
     assert acts.shape == (2, 12, 20, 4)
     np.testing.assert_allclose(acts, np.asarray(model.c2(model.c1(x[:2]))), rtol=1e-5, atol=1e-6)
     assert all("call" not in vars(layer) for layer in model.layers)

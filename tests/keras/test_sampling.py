@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras_testing import make_images
 
 from mlflow_eigencam.keras import EigenCAMCallback, take_samples
 from mlflow_eigencam.sink import EigenCAMWarning
-
-from keras_testing import make_images
 
 
 class Batches(keras.utils.PyDataset):
@@ -24,7 +24,7 @@ class Batches(keras.utils.PyDataset):
         self.read = []
 
     def __len__(self):
-        return -(-len(self.x) // self.batch_size)
+        return math.ceil(len(self.x) / self.batch_size)
 
     def __getitem__(self, i):
         self.read.append(i)
