@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--experiment", default="mlflow-eigencam-lightning-quickstart")
     parser.add_argument("--n-samples", type=int, default=5, help="validation images to explain")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-size", type=int, default=512, help="training images per epoch")
     parser.add_argument("--root-dir", default=None, help="Lightning's default_root_dir")
     args = parser.parse_args(argv)
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> str:
 
     size = 32
     data = []
-    for n, s in ((512, args.seed), (64, args.seed + 1)):
+    for n, s in ((args.train_size, args.seed), (64, args.seed + 1)):
         x, y, _ = make_shapes(n, size, n_classes=N_CLASSES, seed=s)
         data.append(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)))
     train_loader = DataLoader(data[0], batch_size=32, shuffle=True)

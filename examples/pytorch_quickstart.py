@@ -37,7 +37,7 @@ def build_model(seed: int):
     )
 
 
-def loaders(size: int, seed: int, batch_size: int = 32):
+def loaders(size: int, seed: int, train_size: int = 512, batch_size: int = 32):
     """Shuffled training and validation loaders of normalised shapes."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -45,7 +45,7 @@ def loaders(size: int, seed: int, batch_size: int = 32):
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     out = []
-    for n, s in ((512, seed), (64, seed + 1)):
+    for n, s in ((train_size, seed), (64, seed + 1)):
         x, y, _ = make_shapes(n, size, n_classes=N_CLASSES, seed=s)
         data = TensorDataset((torch.from_numpy(x) - mean) / std, torch.from_numpy(y))
         # The validation loader shuffles too: pinned samples keep the same images in view.
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--experiment", default="mlflow-eigencam-pytorch-quickstart")
     parser.add_argument("--n-samples", type=int, default=5, help="validation images to explain")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-size", type=int, default=512, help="training images per epoch")
     args = parser.parse_args(argv)
 
     import mlflow
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> str:
     from mlflow_eigencam.pytorch import EigenCAMMonitor
 
     size = 32
-    train_loader, val_loader = loaders(size, args.seed)
+    train_loader, val_loader = loaders(size, args.seed, args.train_size)
     model = build_model(args.seed)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 

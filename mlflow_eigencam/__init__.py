@@ -32,7 +32,7 @@ _LAZY = {
     "EigenCAMWarning": ("mlflow_eigencam.sink", "EigenCAMWarning"),
     "send_spool": ("mlflow_eigencam.sink", "send_spool"),
     "autolog": ("mlflow_eigencam.autolog", "autolog"),
-    "compare": ("mlflow_eigencam.compare", "compare"),
+    "compare": ("mlflow_eigencam._compare", "compare"),
 }
 
 

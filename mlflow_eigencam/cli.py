@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     p.set_defaults(func=_send_spool)
     try:
-        from .compare import add_compare_parser
+        from ._compare import add_compare_parser
     except ImportError:  # compare not available in this build
         pass
     else:
@@ -39,7 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, LookupError) as exc:
+    except (ValueError, FileNotFoundError, LookupError, ConnectionError) as exc:
         print(f"mlflow-eigencam: error: {exc}", file=sys.stderr)
         return 2
 

@@ -21,7 +21,7 @@ def _run_example(name: str, tmp_path: Path, *extra: str) -> tuple:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--epochs", "2",
-                           "--n-samples", "3", "--tracking-uri", uri, *extra],
+                           "--n-samples", "3", "--train-size", "128", "--tracking-uri", uri, *extra],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"mlflow ui --backend-store-uri {uri}" in proc.stdout

@@ -613,21 +613,20 @@ def compare(
                 if e not in wanted:
                     continue
                 sid = str(row["sample_id"])
-                per_epoch = r.by_sample.setdefault(sid, {})
-                if sid not in r.order:
+                if sid not in r.by_sample:
+                    r.by_sample[sid] = {}
                     r.order.append(sid)
                 # A repeated image within one epoch: the first (lowest sample_index) stands.
-                per_epoch.setdefault(e, row)
+                r.by_sample[sid].setdefault(e, row)
 
         common = set(loaded[0].by_sample)
         for r in loaded[1:]:
             common &= set(r.by_sample)
         matched = [sid for sid in _first_seen(loaded) if sid in common]
-        unmatched = {}
-        for r in loaded:
-            unmatched.setdefault(r.run_id, ())
-            unmatched[r.run_id] += tuple(s for s in r.order if s not in common
-                                         and s not in unmatched[r.run_id])
+        unmatched: Dict[str, List[str]] = {}
+        for r in loaded:  # a run given twice (two epoch selections) is listed once
+            listed = unmatched.setdefault(r.run_id, [])
+            listed += [s for s in r.order if s not in common and s not in listed]
         labels: Dict[str, Optional[str]] = {}
         for r in loaded:
             for sid in r.order:
@@ -687,7 +686,7 @@ def _fetch_strips(reader: _Reader, loaded: List[_Run],
 
     from PIL import Image
 
-    jobs: List[Tuple[str, str]] = []
+    jobs: Dict[Tuple[str, str], None] = {}  # ordered set
     for r in loaded:
         for sid in r.order:
             # Every cell of a matched sample; one strip (for its input image) of the others.
@@ -695,9 +694,7 @@ def _fetch_strips(reader: _Reader, loaded: List[_Run],
             for e in epochs:
                 row = r.by_sample[sid].get(e)
                 if row is not None and row.get(_layout.TABLE_IMAGE_COLUMN):
-                    key = (r.run_id, str(row[_layout.TABLE_IMAGE_COLUMN]))
-                    if key not in jobs:
-                        jobs.append(key)
+                    jobs[(r.run_id, str(row[_layout.TABLE_IMAGE_COLUMN]))] = None
 
     def load(key):
         try:
@@ -1109,18 +1106,3 @@ def _cli_compare(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     sys.stdout.flush()
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    """Makes ``mlflow_eigencam.compare(...)`` work even when this submodule was imported first.
-
-    The package exports the function ``compare`` lazily; once ``mlflow_eigencam.compare``
-    (this module) has been imported, e.g. by the CLI, Python binds the package attribute to the
-    module instead, and the lazy export is never consulted. Calling the module calls the function.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> CompareResult:
-        return compare(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
