@@ -50,7 +50,7 @@ from mlflow_eigencam.eigencam import eigencam  # noqa: E402
 #: Class names, indexed by label.
 CLASSES: Tuple[str, ...] = ("circle", "square", "triangle")
 HEIGHT, WIDTH = 48, 64
-N_TRAIN, N_TEST, N_PINNED = 3000, 1000, 64
+N_TRAIN, N_TEST, N_PINNED = 2000, 500, 64
 EPOCHS = 8
 BATCH = 64
 
@@ -192,8 +192,8 @@ def build_model(n_classes: int = len(CLASSES)):
         def __init__(self) -> None:
             super().__init__()
             self.features = nn.Sequential(
-                nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                 nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
             )
             self.pool = nn.AdaptiveAvgPool2d(1)
@@ -244,7 +244,7 @@ def run_experiment(
     x_train, y_train, _, _ = make_data(n_train, seed)
     x_test, y_test, boxes, noise_boxes = make_data(n_test, seed + 1000)
     model = build_model()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
     xv = torch.from_numpy(x_test)
     order_rng = np.random.default_rng(seed)
@@ -270,36 +270,38 @@ def run_experiment(
     return exp
 
 
-# --------------------------------------------------------------------------- report
+# --------------------------------------------------------------------------- evaluation
 
 
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+@dataclass
+class Evaluation:
+    """The figures of one training run (one seed)."""
+
+    seed: int
+    rows: List[dict]  # per epoch: acc, hit_pkg, hit_raw, noise_pkg, noise_raw, flipped
+    flicker_pkg: float  # share of (pinned sample, epoch transition) pairs with a sign change
+    flicker_raw: float
+    ever_pkg: float  # share of pinned samples whose map changed sign at least once
+    ever_raw: float
+    chance: float  # mean object box area / image area
+    max_err: float  # package vs raw SVD maps, max relative error up to sign
+    seconds_pkg: float  # time in eigencam() over all epochs
+    seconds_raw: float  # time in the per-sample full SVD over all epochs
+    train_seconds: float
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", type=Path, help="also write the tables as markdown here")
-    parser.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, weights and batch order")
-    args = parser.parse_args(argv)
-
-    t_start = time.perf_counter()
-    exp = run_experiment(seed=args.seed, epochs=args.epochs)
-    pinned = slice(0, N_PINNED)
-
+def evaluate(exp: Experiment, seed: int) -> Evaluation:
+    """Pointing game, flips and flicker of one run, package maps vs raw SVD sign."""
     rows = []
     raw_pinned: List[np.ndarray] = []
     pkg_pinned: List[np.ndarray] = []
-    worst_err = 0.0
-    t_maps = {"package": 0.0, "raw": 0.0}
+    worst_err, t_pkg, t_raw = 0.0, 0.0, 0.0
     for rec in exp.epochs:
         t0 = time.perf_counter()
         pkg = package_maps(rec.activations)
-        t_maps["package"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         raw = raw_svd_maps(rec.activations)
-        t_maps["raw"] += time.perf_counter() - t0
+        t_pkg, t_raw = t_pkg + t1 - t0, t_raw + time.perf_counter() - t1
         worst_err = max(worst_err, max_rel_error_up_to_sign(pkg, raw))
         hit_pkg, noise_pkg = pointing(pkg, exp.test_boxes, exp.test_noise_boxes)
         hit_raw, noise_raw = pointing(raw, exp.test_boxes, exp.test_noise_boxes)
@@ -310,67 +312,133 @@ def main(argv: Optional[List[str]] = None) -> int:
                 noise_pkg=noise_pkg.mean(), noise_raw=noise_raw.mean(), flipped=flipped.mean(),
             )
         )
-        raw_pinned.append(raw[pinned])
-        pkg_pinned.append(pkg[pinned])
-
-    flick_raw = sign_changes(raw_pinned)
-    flick_pkg = sign_changes(pkg_pinned)
-    # Samples whose map changed sign at least once over training.
-    ever_raw = flick_raw.any(axis=0).mean() if len(raw_pinned) > 1 else 0.0
-    ever_pkg = flick_pkg.any(axis=0).mean() if len(pkg_pinned) > 1 else 0.0
+        raw_pinned.append(raw[:N_PINNED])
+        pkg_pinned.append(pkg[:N_PINNED])
+    changes_raw, changes_pkg = sign_changes(raw_pinned), sign_changes(pkg_pinned)
+    several = len(rows) > 1
     box = exp.test_boxes
-    chance = float(((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])).mean() / (HEIGHT * WIDTH))
+    return Evaluation(
+        seed=seed,
+        rows=rows,
+        flicker_pkg=float(changes_pkg.mean()) if several else 0.0,
+        flicker_raw=float(changes_raw.mean()) if several else 0.0,
+        ever_pkg=float(changes_pkg.any(axis=0).mean()) if several else 0.0,
+        ever_raw=float(changes_raw.any(axis=0).mean()) if several else 0.0,
+        chance=float(((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])).mean() / (HEIGHT * WIDTH)),
+        max_err=worst_err,
+        seconds_pkg=t_pkg,
+        seconds_raw=t_raw,
+        train_seconds=exp.train_seconds,
+    )
 
-    header = [
-        "epoch", "held-out accuracy", "pointing game: sign rule", "pointing game: raw SVD sign",
-        "argmax on noise: sign rule", "argmax on noise: raw SVD sign", "samples flipped by the rule",
-    ]
+
+# --------------------------------------------------------------------------- report
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _table(header: List[str], body: List[List[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        lines.append(
-            "| " + " | ".join([
-                str(r["epoch"]), pct(r["acc"]), pct(r["hit_pkg"]), pct(r["hit_raw"]),
-                pct(r["noise_pkg"]), pct(r["noise_raw"]), pct(r["flipped"]),
-            ]) + " |"
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", type=Path, help="also write the tables as markdown here")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs per run")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one training run each")
+    args = parser.parse_args(argv)
+    seeds = [int(v) for v in args.seeds.split(",")]
+
+    t_start = time.perf_counter()
+    evals = []
+    for seed in seeds:
+        print(f"seed {seed}:", file=sys.stderr)
+        evals.append(evaluate(run_experiment(seed=seed, epochs=args.epochs), seed))
+
+    # One row per seed at the final epoch, then the mean over seeds.
+    def final_row(label: str, vals: dict, ev: dict) -> List[str]:
+        return [
+            label, pct(vals["acc"]), pct(vals["hit_pkg"]), pct(vals["hit_raw"]), pct(vals["noise_pkg"]),
+            pct(vals["noise_raw"]), pct(vals["flipped"]), pct(ev["flicker_pkg"]), pct(ev["flicker_raw"]),
+        ]
+
+    body = []
+    keys = ("acc", "hit_pkg", "hit_raw", "noise_pkg", "noise_raw", "flipped")
+    for e in evals:
+        body.append(final_row(f"seed {e.seed}", e.rows[-1], vars(e)))
+    if len(evals) > 1:
+        mean = {k: float(np.mean([e.rows[-1][k] for e in evals])) for k in keys}
+        mean_ev = {k: float(np.mean([getattr(e, k) for e in evals])) for k in ("flicker_pkg", "flicker_raw")}
+        body.append(final_row("**mean**", mean, mean_ev))
+    summary = _table(
+        [
+            "run", "held-out accuracy", "pointing game: sign rule", "pointing game: raw SVD sign",
+            "argmax on noise: sign rule", "argmax on noise: raw SVD sign", "maps flipped by the rule",
+            "epoch flicker: sign rule", "epoch flicker: raw SVD sign",
+        ],
+        body,
+    )
+    per_epoch = {
+        e.seed: _table(
+            [
+                "epoch", "held-out accuracy", "pointing game: sign rule", "pointing game: raw SVD sign",
+                "argmax on noise: sign rule", "argmax on noise: raw SVD sign", "maps flipped by the rule",
+            ],
+            [[str(r["epoch"])] + [pct(r[k]) for k in keys] for r in e.rows],
         )
-    per_epoch = "\n".join(lines)
-    final = rows[-1]
-    n_pairs = flick_raw.size
-    summary = "\n".join([
-        "| measure (final epoch unless noted) | sign rule (package) | raw SVD sign |",
-        "|---|---|---|",
-        f"| pointing game, {N_TEST} held-out images | {pct(final['hit_pkg'])} | {pct(final['hit_raw'])} |",
-        f"| argmax on the noise patch | {pct(final['noise_pkg'])} | {pct(final['noise_raw'])} |",
-        f"| pointing game, mean over epochs 1-{len(rows)} | {pct(np.mean([r['hit_pkg'] for r in rows]))} "
-        f"| {pct(np.mean([r['hit_raw'] for r in rows]))} |",
-        f"| epoch flicker: sign changes between consecutive epochs, {N_PINNED} pinned samples x "
-        f"{len(rows) - 1} transitions | {pct(flick_pkg.mean() if n_pairs else 0.0)} "
-        f"| {pct(flick_raw.mean() if n_pairs else 0.0)} |",
-        f"| pinned samples whose map changed sign at least once | {pct(ever_pkg)} | {pct(ever_raw)} |",
-    ])
+        for e in evals
+    }
+    n_trans = len(evals[0].rows) - 1
     notes = [
-        f"chance level (mean object box area / image area): {pct(chance)}",
-        f"samples whose raw SVD map the rule flipped (final epoch): {pct(final['flipped'])}",
-        f"package vs raw SVD maps, max relative error up to sign (all epochs): {worst_err:.1e}",
-        f"map time over {len(rows)} epochs x {N_TEST} samples: package {t_maps['package']:.2f} s, "
-        f"per-sample full SVD {t_maps['raw']:.2f} s",
+        f"pointing game and argmax-on-noise: final epoch, {N_TEST} held-out images per run; "
+        f"chance level (mean object box area / image area) {pct(float(np.mean([e.chance for e in evals])))}",
+        "maps flipped by the rule: share of held-out samples whose package map is the negative of "
+        "the raw SVD map (final epoch)",
+        f"epoch flicker: share of ({N_PINNED} pinned held-out samples x {n_trans} consecutive-epoch "
+        "transitions) where the first-component map correlates negatively with the previous epoch's; "
+        "pinned samples whose map changed sign at least once: sign rule "
+        + ", ".join(pct(e.ever_pkg) for e in evals)
+        + "; raw SVD sign "
+        + ", ".join(pct(e.ever_raw) for e in evals)
+        + " (per seed)",
+        "package vs raw SVD maps, max relative error up to sign: "
+        + f"{max(e.max_err for e in evals):.1e} (the same maps; only the sign differs)",
+        f"map time per run ({len(evals[0].rows)} epochs x {N_TEST} samples): package "
+        + ", ".join(f"{e.seconds_pkg:.2f}" for e in evals)
+        + " s; per-sample full SVD "
+        + ", ".join(f"{e.seconds_raw:.2f}" for e in evals)
+        + " s",
     ]
     env = (
-        f"{N_TRAIN} training images, {len(rows)} epochs, seed {args.seed}; training {exp.train_seconds:.1f} s, "
-        f"total {time.perf_counter() - t_start:.1f} s; numpy {np.__version__}, torch {_torch_version()}, "
+        f"{N_TRAIN} training images, {args.epochs} epochs, seeds {args.seeds}; training "
+        + ", ".join(f"{e.train_seconds:.1f}" for e in evals)
+        + f" s; total {time.perf_counter() - t_start:.1f} s; numpy {np.__version__}, torch {_torch_version()}, "
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}"
     )
     print(summary)
     print()
-    print(per_epoch)
-    print()
+    for seed, table in per_epoch.items():
+        print(f"per epoch, seed {seed}:")
+        print(table)
+        print()
     print("\n".join(notes))
     print(env)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(
             "# EigenCAM quality: pointing game and epoch flicker, with and without the sign rule\n\n"
-            + summary + "\n\n" + per_epoch + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + env + "\n"
+            + summary
+            + "\n\n"
+            + "\n\n".join(f"Per epoch, seed {seed}:\n\n{table}" for seed, table in per_epoch.items())
+            + "\n\n"
+            + "\n".join(f"- {n}" for n in notes)
+            + "\n\n"
+            + env
+            + "\n"
         )
     return 0
 

@@ -11,7 +11,7 @@ How the activations are read, without changing the model:
 
 * the layer is part of the model's own graph (functional and ``Sequential`` models): a probe
   ``keras.Model(model.input, [layer.output, *model.outputs])``, built once, sharing weights;
-* otherwise (a layer inside a nested sub-model, a subclassed model, a layer called twice):
+* otherwise (a layer inside a nested sub-model, the layers of a subclassed model):
   during the probe's forward pass only, the layer instance's ``call`` is wrapped to keep its
   output, and the wrapper is removed in a ``finally`` block. Weights, layers, ``trainable``
   flags and the compile state are never touched.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import itertools
 import json
 import os
 import warnings
@@ -176,7 +177,8 @@ def take_samples(data: Any, n: Optional[int], *, what: str = "data") -> _Pinned:
         stop = len(xa) if n is None else min(n, len(xa))
         if stop == 0:
             raise ValueError(f"{what} has no samples")
-        return _Pinned(xa[:stop].copy(), None if (ya := _check_y(y, len(xa))) is None else ya[:stop].copy())
+        ya = _check_y(y, len(xa))
+        return _Pinned(xa[:stop].copy(), None if ya is None else ya[:stop].copy())
     if _is_dataset(data):
         if n is None and int(data.cardinality()) == int(_tf.data.INFINITE_CARDINALITY):
             raise ValueError(f"{what} is an infinite tf.data.Dataset; pass n_samples=<int> to use it")
@@ -188,7 +190,7 @@ def take_samples(data: Any, n: Optional[int], *, what: str = "data") -> _Pinned:
             total = None
         if total is None and n is None:
             raise ValueError(f"{what} is an infinite PyDataset; pass n_samples=<int> to use it")
-        indices = range(total) if total is not None else _count()
+        indices = range(total) if total is not None else itertools.count()
         return _from_batches((data[i] for i in indices), n, what)
     if hasattr(data, "shape") and hasattr(data, "__len__"):  # one array of images, no labels
         return take_samples((data,), n, what=what)
@@ -197,13 +199,6 @@ def take_samples(data: Any, n: Optional[int], *, what: str = "data") -> _Pinned:
     raise TypeError(
         f"{what} must be (x, y) arrays, a tf.data.Dataset, a keras.utils.PyDataset or a "
         f"re-iterable of batches; got {type(data).__name__}")
-
-
-def _count() -> Iterator[int]:
-    i = 0
-    while True:
-        yield i
-        i += 1
 
 
 def _split_at(n: int, validation_split: float) -> int:
@@ -226,7 +221,7 @@ def _static_shape(layer: Any) -> Optional[Tuple[Optional[int], ...]]:
     """The layer's symbolic output shape, or None when Keras does not know it."""
     try:
         out = layer.output
-    except Exception:  # never called symbolically (subclassed model), or called twice
+    except Exception:  # never called symbolically (the layers of a subclassed model)
         return None
     if isinstance(out, (list, tuple, dict)):
         return None
@@ -533,7 +528,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
             # Sharing the model's layers and weights: nothing is copied or changed.
             probe = keras.Model(inputs[0], [layer.output, *model.outputs], name=f"{model.name}_eigencam_probe")
         except (AttributeError, ValueError):
-            probe = None  # not in the model's own graph (nested, subclassed, called twice)
+            probe = None  # not in the model's own graph (nested sub-model, subclassed model)
 
         if probe is not None:
             n_out = len(model.outputs)

@@ -30,6 +30,8 @@ epoch's samples (no grad, eval mode, flags restored), so every epoch shows the s
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -45,7 +47,9 @@ except ImportError:  # pragma: no cover - depends on what is installed
     from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
     from pytorch_lightning.loggers import MLFlowLogger  # type: ignore[no-redef]
 
-from .torch import EigenCAMMonitor, ReshapeTransform, _check_mode, _first_tensor
+from .torch import EigenCAMMonitor, ReshapeTransform
+
+_log = logging.getLogger("mlflow_eigencam")
 
 BatchToXY = Callable[[Any], Tuple[Any, Any]]
 
@@ -65,6 +69,8 @@ _STAGES = {
 def default_batch_to_xy(batch: Any) -> Tuple[torch.Tensor, Any]:
     """Split a batch into ``(images, labels)``; labels may be None.
 
+    The images must be a ``(B, C, H, W)`` (or ``(B, H, W)``) tensor.
+
     Accepts a tensor, an ``(x, y, ...)`` / ``(x,)`` tuple or list, or a dict with an image
     key (``image``, ``images``, ``x``, ``input``, ``inputs``, ``pixel_values``) and optionally
     a label key (``label``, ``labels``, ``y``, ``target``, ``targets``).
@@ -82,8 +88,10 @@ def default_batch_to_xy(batch: Any) -> Tuple[torch.Tensor, Any]:
     elif isinstance(batch, (list, tuple)) and batch:
         x = batch[0]
         y = batch[1] if len(batch) > 1 else None
-    if not isinstance(x, torch.Tensor):
+    if not isinstance(x, torch.Tensor) or x.ndim not in (3, 4):
         what = sorted(map(str, batch)) if isinstance(batch, Mapping) else type(batch).__name__
+        if isinstance(x, torch.Tensor):
+            what = f"{what} whose images would be a {tuple(x.shape)} tensor"
         raise TypeError(
             f"cannot find the images in a batch of {what}; expected a tensor, an (x, y) tuple or "
             f"a dict with one of {_IMAGE_KEYS}: pass batch_to_xy=callable(batch) -> (x, y)"
@@ -118,10 +126,15 @@ class EigenCAMCallback(Callback):
         batch_to_xy: Callable ``batch -> (images, labels)`` for batches the default
             (:func:`default_batch_to_xy`) does not understand.
         **logger_kwargs: Passed to ``EigenCAMLogger`` (``colormap``, ``alpha``,
-            ``log_every_n_epochs``, ``run_id``, ``tracking_uri``...).
+            ``log_every_n_epochs``, ``run_id``, ``tracking_uri``, ``strict``...).
 
     Raises:
         TypeError / ValueError: Bad arguments, naming the value.
+
+    Errors found only once the model is known (a ``target_layer`` name it does not have, no
+    layer with a spatial output, a batch ``batch_to_xy`` cannot split) warn once with an
+    ``EigenCAMWarning`` naming the value and switch the callback off for the rest of that
+    stage, so training goes on; with ``strict=True`` they raise.
     """
 
     def __init__(
@@ -175,6 +188,8 @@ class EigenCAMCallback(Callback):
         self._module: Optional[nn.Module] = None
         self._ctx: Any = None
         self._run_id: Optional[str] = logger_kwargs.get("run_id")
+        self._strict = bool(logger_kwargs.get("strict", False))
+        self._disabled = False
 
     # ----------------------------------------------------------------- properties
 
@@ -196,6 +211,10 @@ class EigenCAMCallback(Callback):
         """Build the monitor on global rank zero (nothing on other ranks)."""
         if not trainer.is_global_zero:
             return
+        self._disabled = False
+        self._guard("setup", self._setup, trainer, pl_module)
+
+    def _setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._monitor is not None and self._module is pl_module:
             return
         self._close_monitor()
@@ -242,10 +261,32 @@ class EigenCAMCallback(Callback):
     def _close_monitor(self) -> None:
         self._close_ctx()
         if self._monitor is not None:
-            self._run_id = self._monitor.run_id or self._run_id
-            self._monitor.close()
-            self._monitor = None
-            self._module = None
+            monitor, self._monitor, self._module = self._monitor, None, None
+            self._run_id = monitor.run_id or self._run_id
+            monitor.close()
+
+    def _guard(self, where: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Run one hook's work; an error warns once and turns the callback off for this stage
+        (``strict=True`` raises instead), so a bad layer name or batch never stops training."""
+        if self._disabled:
+            return
+        try:
+            fn(*args)
+        except Exception as exc:
+            if self._strict:
+                raise
+            self._disabled = True
+            try:
+                self._close_monitor()
+            except Exception:  # pragma: no cover - closing is best effort here
+                pass
+            from mlflow_eigencam.sink import EigenCAMWarning
+
+            message = (f"mlflow_eigencam: EigenCAMCallback {where} failed "
+                       f"({type(exc).__name__}: {exc}); no EigenCAM images for the rest of "
+                       "this stage, training goes on.")
+            _log.warning(message)
+            warnings.warn(message, EigenCAMWarning, stacklevel=2)
 
     # ----------------------------------------------------------------- batches
 
@@ -268,15 +309,22 @@ class EigenCAMCallback(Callback):
     def _begin(self, trainer: "pl.Trainer", stage: str, dataloader_idx: int = 0) -> None:
         if self._monitor is None or trainer.sanity_checking:
             return
+        self._guard(f"on_{stage}_batch_start", self._begin_batch, trainer, stage, dataloader_idx)
+
+    def _begin_batch(self, trainer: "pl.Trainer", stage: str, dataloader_idx: int) -> None:
         self._close_ctx()  # a previous batch that never ended (skipped step)
         mode = _STAGES[stage][0]
         ctx = self._monitor.capture(mode, self._ds_id(trainer, stage, dataloader_idx))
         ctx.__enter__()
         self._ctx = ctx
 
-    def _end(self, outputs: Any, batch: Any) -> None:
+    def _end(self, outputs: Any, batch: Any, stage: str) -> None:
         if self._ctx is None or self._monitor is None:
             return
+        self._guard(f"on_{stage}_batch_end", self._end_batch, outputs, batch)
+
+    def _end_batch(self, outputs: Any, batch: Any) -> None:
+        assert self._monitor is not None
         try:
             if self._monitor._capture is None:
                 return  # filtered out / buffer full / pinned: nothing to read from the batch
@@ -297,9 +345,9 @@ class EigenCAMCallback(Callback):
         if self._monitor is None or trainer.sanity_checking:
             return
         self._close_ctx()
-        mode = _STAGES[stage][0]
-        _check_mode(mode)
-        self._monitor.epoch_end(trainer.current_epoch, mode=mode)
+        monitor = self._monitor
+        epoch, mode = trainer.current_epoch, _STAGES[stage][0]
+        self._guard(f"on_{stage}_epoch_end", lambda: monitor.epoch_end(epoch, mode=mode))
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                              batch: Any, batch_idx: int) -> None:
@@ -309,7 +357,7 @@ class EigenCAMCallback(Callback):
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         """Hand the kept samples to the logger and unhook."""
-        self._end(outputs, batch)
+        self._end(outputs, batch, "train")
 
     def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                   batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -320,7 +368,7 @@ class EigenCAMCallback(Callback):
                                 outputs: Any, batch: Any, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
         """Hand the kept samples to the logger and unhook."""
-        self._end(outputs, batch)
+        self._end(outputs, batch, "validation")
 
     def on_test_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                             batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -330,7 +378,7 @@ class EigenCAMCallback(Callback):
     def on_test_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                           outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Hand the kept samples to the logger and unhook."""
-        self._end(outputs, batch)
+        self._end(outputs, batch, "test")
 
     def on_predict_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -341,7 +389,7 @@ class EigenCAMCallback(Callback):
                              outputs: Any, batch: Any, batch_idx: int,
                              dataloader_idx: int = 0) -> None:
         """Hand the kept samples to the logger and unhook."""
-        self._end(outputs, batch)
+        self._end(outputs, batch, "predict")
 
     # ----------------------------------------------------------------- epochs
 

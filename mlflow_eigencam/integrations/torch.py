@@ -570,6 +570,11 @@ class EigenCAMMonitor:
         if preds is None and self._preds_from_output:
             preds = output
         images_t = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+        if images_t.ndim not in (3, 4):
+            raise ValueError(
+                f"images must be the model's (B, C, H, W) or (B, H, W) input, got shape "
+                f"{tuple(images_t.shape)}"
+            )
         k = min(int(images_t.shape[0]), int(act.shape[0]))
         if cap.room is not None:
             k = min(k, cap.room)

@@ -99,8 +99,10 @@ def test_fit_logs_validation_into_the_mlflow_logger_run(tmp_path, tracking_uri):
     by_epoch = {e: [(r["sample_id"], r["label"]) for r in rows if r["epoch"] == e] for e in (0, 1)}
     assert by_epoch[0] == by_epoch[1] and len(by_epoch[0]) == 3
     assert all(r["prediction"] in NAMES for r in rows)
-    assert MlflowClient(tracking_uri).search_runs(
-        [e.experiment_id for e in MlflowClient(tracking_uri).search_experiments()]) == []
+    # Nothing went to the globally set tracking URI.
+    other = MlflowClient(tracking_uri)
+    runs = other.search_runs([e.experiment_id for e in other.search_experiments()])
+    assert not [r for r in runs if _layout.TAG_VERSION in r.data.tags]
     # Lightning puts each module back in its own mode after validation; the extra forward
     # pass on the pinned samples must not have changed that (the frozen BatchNorm stays frozen).
     assert model.net.layer2.bn1.training is False
@@ -159,6 +161,8 @@ def test_default_batch_to_xy_forms():
     assert default_batch_to_xy({"input": x, "target": y})[1] is y
     with pytest.raises(TypeError, match="batch_to_xy"):
         default_batch_to_xy({"pixels": x})
+    with pytest.raises(TypeError, match=r"\(2,\) tensor"):
+        default_batch_to_xy((y, x))
 
 
 def test_bad_arguments_fail_at_construction():
@@ -168,3 +172,32 @@ def test_bad_arguments_fail_at_construction():
         EigenCAMCallback(batch_to_xy=3)
     with pytest.raises(ValueError, match="alpha"):
         EigenCAMCallback(alpha=2.0)
+
+
+def test_unknown_layer_warns_and_training_goes_on(tmp_path, tracking_uri):
+    from mlflow_eigencam.sink import EigenCAMWarning
+
+    model = LitShapes()
+    trainer = _trainer(tmp_path, EigenCAMCallback(target_layer="net.layer9"), epochs=1)
+    with pytest.warns(EigenCAMWarning, match=r"'net.layer9'.*close names: net.layer"):
+        trainer.fit(model, _loader(16), _loader(8))
+    assert trainer.current_epoch == 1 and all_hooks(model) == 0
+    strict = _trainer(tmp_path, EigenCAMCallback(target_layer="net.layer9", strict=True), epochs=1)
+    with pytest.raises(ValueError, match="net.layer9"):
+        strict.fit(LitShapes(), _loader(16), _loader(8))
+
+
+def test_unreadable_batch_warns_once_and_removes_hooks(tmp_path, tracking_uri):
+    from mlflow_eigencam.sink import EigenCAMWarning
+
+    x, y = shapes_tensors(8, 16)
+    loader = DataLoader(TensorDataset(torch.arange(8), x, y), batch_size=4)  # (meta, x, y)
+
+    def to_xy(batch):
+        return batch[1], batch[2]
+
+    model = LitShapes(to_xy)
+    # The default batch_to_xy would take the 1-D meta tensor for the images.
+    with pytest.warns(EigenCAMWarning, match=r"on_validation_batch_end.*\(4,\) tensor.*batch_to_xy"):
+        _trainer(tmp_path, EigenCAMCallback()).validate(model, loader, verbose=False)
+    assert all_hooks(model) == 0
