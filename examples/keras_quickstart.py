@@ -25,7 +25,7 @@ N_CLASSES = 4
 
 
 def build_model(size: int, seed: int):
-    """conv(16) -> pool -> conv(32) -> global average pool -> softmax over the shapes."""
+    """conv(16) -> pool -> conv(32) -> pool -> conv(64) -> global average pool -> softmax."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -33,6 +33,8 @@ def build_model(size: int, seed: int):
     h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inputs)
     h = keras.layers.MaxPooling2D(name="pool1")(h)
     h = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv2")(h)
+    h = keras.layers.MaxPooling2D(name="pool2")(h)
+    h = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="conv3")(h)
     h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
     outputs = keras.layers.Dense(N_CLASSES, activation="softmax", name="head")(h)
     model = keras.Model(inputs, outputs, name="shapes_cnn")
@@ -56,19 +58,19 @@ def main(argv: list[str] | None = None) -> str:
     from mlflow_eigencam.keras import EigenCAMCallback
 
     size = 32
-    x_train, y_train, _ = make_shapes(512, size, n_classes=N_CLASSES, seed=args.seed, layout="NHWC")
+    x_train, y_train, _ = make_shapes(1024, size, n_classes=N_CLASSES, seed=args.seed, layout="NHWC")
     x_val, y_val, _ = make_shapes(64, size, n_classes=N_CLASSES, seed=args.seed + 1, layout="NHWC")
     model = build_model(size, args.seed)
 
     mlflow.set_tracking_uri(args.tracking_uri)
     mlflow.set_experiment(args.experiment)
     # The callback explains the same n validation images at every epoch end (layer=None picks
-    # conv2, the last layer with a spatial output) and logs them into the active run.
+    # conv3, the last layer with a spatial output: 8 x 8) and logs them into the active run.
     eigencam = EigenCAMCallback(validation_data=(x_val, y_val), n_samples=args.n_samples,
                                 label_mapping=list(SHAPES[:N_CLASSES]))
     with mlflow.start_run(run_name="keras-quickstart") as run:
         mlflow.log_params({"epochs": args.epochs, "image_size": size, "seed": args.seed})
-        history = model.fit(x_train, y_train, epochs=args.epochs, batch_size=32,
+        history = model.fit(x_train, y_train, epochs=args.epochs, batch_size=16,
                             validation_data=(x_val, y_val), callbacks=[eigencam], verbose=2)
         for epoch, acc in enumerate(history.history["val_accuracy"]):
             mlflow.log_metric("val_accuracy", acc, step=epoch)

@@ -38,6 +38,7 @@ import difflib
 import logging
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -320,14 +321,19 @@ _NO_LAYER_MESSAGE = (
 )
 
 
-def _rank_or_none() -> Optional[int]:
-    """This process's global rank, or None when a distributed launch is under way but the
-    process group is not initialised yet (the monitor then decides at first use)."""
+def _rank_or_none(final: bool = True) -> Optional[int]:
+    """This process's global rank.
+
+    With ``final=False`` (at construction) None means "a distributed launch seems under way
+    (``MASTER_ADDR`` / ``WORLD_SIZE`` set) but the process group is not initialised yet": the
+    monitor decides at its first capture, by which time training code has called
+    ``init_process_group`` if it ever will.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return int(torch.distributed.get_rank())
     if os.environ.get("RANK", "").strip().isdigit():
         return int(os.environ["RANK"])
-    if "MASTER_ADDR" in os.environ or "WORLD_SIZE" in os.environ:
+    if not final and ("MASTER_ADDR" in os.environ or "WORLD_SIZE" in os.environ):
         return None
     return 0
 
@@ -397,7 +403,7 @@ class EigenCAMMonitor:
             forward pass, the last module whose output is 4-D with ``h * w > 1`` (a ResNet's
             ``layer4``; for a ViT the last token layer over the patch grid).
         n_components: Principal components per sample (int), or the explained-variance
-            fraction to reach (float in (0, 1]).
+            fraction to reach (float in (0, 1)).
         n_samples: Samples kept per (mode, ds_id) per epoch; None keeps all (no pinning).
         label_mapping: Class index -> display name (mapping or sequence), or None.
         mode: Mode filter: None, ``"eval"``, ``{"eval", "test"}``, ``"!train"``...
@@ -463,7 +469,6 @@ class EigenCAMMonitor:
             **logger_kwargs,
         )
         self._logger: Any = logger
-        self._logger_given = logger is not None
         self._logger_ready = False
         self._handles: List[Any] = []
         self._capture: Optional[_Capture] = None
@@ -472,7 +477,7 @@ class EigenCAMMonitor:
         self._pins: Dict[Key, _Pin] = {}
         self._warned: set = set()
         self._closed = False
-        if _rank_or_none() is not None:
+        if _rank_or_none(final=False) is not None:
             self._ensure_logger()
 
     # ----------------------------------------------------------------- public API
@@ -534,10 +539,18 @@ class EigenCAMMonitor:
             try:
                 yield self
             finally:
-                if self._capture is not None and self._capture.finder is not None:
-                    self._resolve_auto(self._capture)
-                self._remove_hooks()
-                self._capture = None
+                try:
+                    if self._capture is not None and self._capture.finder is not None:
+                        # A forward without update(): still learn the layer from it.
+                        in_flight = sys.exc_info()[0] is not None
+                        try:
+                            self._resolve_auto(self._capture)
+                        except ValueError:
+                            if not in_flight:  # never mask the user's own exception
+                                raise
+                finally:
+                    self._remove_hooks()
+                    self._capture = None
         finally:
             self._in_capture = False
 
@@ -650,8 +663,6 @@ class EigenCAMMonitor:
         if self._logger_ready:
             return self._logger
         rank = _rank_or_none()
-        if rank is None:  # distributed launch, process group not up yet: decide later
-            return None
         self._logger_ready = True
         if rank != 0:
             self._logger = None  # other ranks never build a logger nor communicate

@@ -283,3 +283,36 @@ def test_vit_explicit_layer_with_non_square_grid_needs_reshape():
     with monitor.capture("eval"):
         monitor.update(x, y, model(x))
     assert logger.batches[0]["activations"].shape == (4, 16, 14, 10)
+
+
+def test_first_forward_without_update_still_detects_the_layer(shapes):
+    x, _ = shapes
+    model = TinyResNet()
+    monitor, logger = _monitor(model)
+    with monitor.capture("eval"):
+        model(x[:2])
+    assert monitor.target_layer == "layer4" and all_hooks(model) == 0 and logger.batches == []
+
+
+def test_model_without_feature_map_raises_a_clear_error(shapes):
+    x, y = shapes
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))
+    monitor, _ = _monitor(model)
+    with pytest.raises(ValueError, match="pass target_layer"):
+        with monitor.capture("eval"):
+            monitor.update(x[:2], y[:2], model(x[:2]))
+    assert all_hooks(model) == 0
+
+
+def test_rank_decided_at_first_capture_when_the_group_starts_later(shapes, monkeypatch):
+    """mp.spawn style: MASTER_ADDR set, no RANK, process group not initialised at construction."""
+    x, y = shapes
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    model = TinyCNN()
+    monitor = EigenCAMMonitor(model)
+    assert monitor._logger_ready is False  # not decided yet
+    monkeypatch.setenv("RANK", "1")  # what get_rank() would say once the group is up
+    with monitor.capture("eval", "val"):
+        assert all_hooks(model) == 0
+    assert monitor.logger is None

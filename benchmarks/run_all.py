@@ -1,0 +1,105 @@
+"""Run every benchmark, each in its own process, and write docs/performance.md.
+
+Every figure is measured in this run, side by side with its baseline; nothing is copied from
+an earlier run. torch and TensorFlow benchmarks run in separate processes.
+
+    python benchmarks/run_all.py                  # writes docs/performance.md
+    python benchmarks/run_all.py --out /tmp/p.md --skip keras
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+#: (name, script, extra args, writes markdown?, title, what it shows)
+BENCHES = [
+    ("math", "bench_eigencam.py", [], True, "The math: EigenCAM on a batch of activations",
+     "Per-sample full SVD (the reference algorithm), pytorch-grad-cam's `get_2d_projection` "
+     "(when the `grad-cam` package is installed), this package, and a floor: one batched Gram "
+     "matmul, which any exact method must at least do. Median of repeated runs."),
+    ("logger", "bench_logger.py", [], True, "The epoch end and memory",
+     "`on_epoch_end` is render + hand-off to the background uploader (the upload itself is "
+     "not counted). Memory: resident set size of fresh processes."),
+    ("torch", "bench_torch_overhead.py", [], False, "Training overhead: PyTorch plain loop",
+     "A small CNN's epoch (train + eval) with and without `EigenCAMMonitor` at default "
+     "settings, interleaved repeats, medians."),
+    ("keras", "bench_keras_overhead.py", [], False, "Training overhead: Keras `fit`",
+     "A small CNN's `fit` epoch with and without `EigenCAMCallback` at default settings, "
+     "interleaved repeats, medians."),
+    ("quality", "bench_quality.py", [], True, "Quality: the pointing game, with and without the sign rule",
+     "A small CNN trained on synthetic shapes with a same-sized noise distractor; a hit is the "
+     "map's maximum inside the object's box."),
+]
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numpy
+
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"numpy {numpy.__version__}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
+    parser.add_argument("--skip", default="", help="comma-separated names to skip: "
+                        + ",".join(b[0] for b in BENCHES))
+    args = parser.parse_args()
+    skip = {s for s in args.skip.split(",") if s}
+
+    parts = ["# Performance", "",
+             f"Measured by `python benchmarks/run_all.py` on {datetime.date.today()} "
+             f"({_machine()}). Each benchmark ran in its own process; every ratio compares "
+             "figures measured in the same run. Unit tests assert no speed.", "",
+             "GPU: when activations arrive as CUDA tensors the math runs on the device "
+             "(batched `torch.linalg.eigh`) and only the maps are copied back. No GPU was "
+             "available to the session that produced this page, so no GPU figures are "
+             "given here.", ""]
+    failed = []
+    for name, script, extra, markdown, title, what in BENCHES:
+        if name in skip:
+            continue
+        print(f"== {name}: {script}", flush=True)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            md = Path(tmp) / "table.md"
+            cmd = [sys.executable, str(HERE / script), *extra]
+            if markdown:
+                cmd += ["--markdown", str(md)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+            print(proc.stdout[-4000:], flush=True)
+            parts += [f"## {title}", "", what, ""]
+            if proc.returncode != 0:
+                failed.append(name)
+                parts += ["```text", f"FAILED (exit {proc.returncode})", proc.stderr[-2000:], "```", ""]
+            elif markdown and md.exists():
+                parts += [md.read_text().strip(), ""]
+            else:
+                parts += ["```text", proc.stdout.strip(), "```", ""]
+            parts += [f"*`benchmarks/{script}`, {time.perf_counter() - start:.0f} s.*", ""]
+    args.out.write_text("\n".join(parts))
+    print(f"wrote {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
