@@ -185,16 +185,20 @@ def max_rel_error_up_to_sign(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def build_model(n_classes: int = len(CLASSES)):
-    """conv-pool-conv-pool-conv (the target layer, 12 x 16) - global average - linear."""
+    """3 x (conv-BN-ReLU), pooled twice; the last ReLU (32 x 12 x 16) is the target layer.
+
+    BatchNorm makes training reach ~99% held-out accuracy in a few epochs for every seed
+    tried (without it some seeds stall near chance for most of the run).
+    """
     from torch import nn
 
     class ShapesCNN(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.features = nn.Sequential(
-                nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
             )
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.head = nn.Linear(32, n_classes)

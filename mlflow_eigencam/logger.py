@@ -29,7 +29,7 @@ from .eigencam import eigencam
 from .filters import ds_id_filter, mode_filter
 from .render import encode_png, render_grid, render_strip, resolve_colormap, to_rgb_uint8
 from .samples import Sample, SampleBuffer
-from .sink import EigenCAMWarning, Item, MlflowSink, default_spool_root, probe
+from .sink import EigenCAMWarning, Item, MlflowSink, PNGPayload, default_spool_root, probe
 
 _log = logging.getLogger("mlflow_eigencam")
 
@@ -288,6 +288,10 @@ class EigenCAMLogger:
         keys += [k for k in self._streams if k not in keys]
         return keys
 
+    def discard(self, mode: str, ds_id: Optional[str] = None) -> None:
+        """Drop what was kept for (mode, ds_id) this epoch without logging it."""
+        self._discard((mode, ds_id))
+
     def _discard(self, key: Key) -> None:
         self._buffer.take(*key)
         stream = self._streams.pop(key, None)
@@ -307,11 +311,12 @@ class EigenCAMLogger:
                   for i, s in enumerate(samples)]
         rows = []
         for s, strip, evr in zip(samples, strips, result.explained_variance_ratio):
+            png = PNGPayload(strip)  # encoded once, on the worker, for both items
             self._submit(Item("image", self._run_id, self._uri(),
                               key=_layout.image_key(mode, ds_id, s.index), step=epoch,
-                              payload=strip))
+                              payload=png))
             path = _layout.strip_path(mode, ds_id, epoch, s.index)
-            self._submit(Item("artifact", self._run_id, self._uri(), path=path, payload=strip))
+            self._submit(Item("artifact", self._run_id, self._uri(), path=path, payload=png))
             rows.append(_row(epoch, s, evr, path))
         self._finish_epoch(epoch, key, strips[: self.grid_max_rows],
                            result.explained_variance_ratio.sum(axis=0), len(samples), rows)

@@ -82,7 +82,33 @@ class Item:
         return d
 
 
+class PNGPayload:
+    """An (H, W, 3) uint8 image encoded to PNG at most once, on first use (on the worker).
+
+    The same strip goes to MLflow twice (the image series and the per-epoch artifact); sharing
+    one of these halves the encoding work and keeps it off the training thread.
+    """
+
+    __slots__ = ("array", "_data", "_lock")
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self._data: Optional[bytes] = None
+        self._lock = threading.Lock()
+
+    def data(self) -> bytes:
+        with self._lock:
+            if self._data is None:
+                from .render import encode_png
+
+                self._data = encode_png(self.array)
+                self.array = None  # type: ignore[assignment]  # free the pixels once encoded
+            return self._data
+
+
 def _encode(payload: Any) -> bytes:
+    if isinstance(payload, PNGPayload):
+        return payload.data()
     if isinstance(payload, (bytes, bytearray)):
         return bytes(payload)
     if isinstance(payload, np.ndarray):

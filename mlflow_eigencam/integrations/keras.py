@@ -630,9 +630,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
                 logger.on_epoch_end(epoch, mode=mode, ds_id=ds_id)
             except Exception as exc:
                 # Drop what this epoch kept of the key, so that it cannot leak into the next one.
-                discard = getattr(logger, "_discard", None)
-                if callable(discard):
-                    discard((mode, ds_id))
+                logger.discard(mode, ds_id)
                 self._fail(exc, f"epoch {epoch} ({mode}, ds_id={ds_id!r})", kind="epoch")
 
     def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:

@@ -27,7 +27,7 @@ def test_quickstart_runs_and_logs(tmp_path):
     assert {k: sorted(v) for k, v in images.items()} == {
         f"eigencam/eval/all/sample_{i}": [0, 1] for i in range(3)}
     tags = mlflow.MlflowClient(uri).get_run(run_id).data.tags
-    assert tags["mlflow_eigencam.target_layer"] == "conv2"
+    assert tags["mlflow_eigencam.target_layer"] == "conv3"  # the last spatial layer, found
 
 
 def test_keras_integration_does_not_import_torch(tmp_path):
