@@ -13,8 +13,12 @@ by run so both see the same load); the slow per-sample SVD runs until ``--repeat
 ``--ref-budget`` seconds, at least once (the count is printed).
 Data: float32 ReLU(low-rank smooth spatial structure + Gaussian noise), CNN-like spectra.
 
+On a machine where other processes compete for the cores, multi-threaded BLAS calls can
+stall for tens of milliseconds each (a worker thread waits to be scheduled): pass
+``--blas-threads 1`` (uses threadpoolctl; torch gets the same count) for stable figures.
+
 Usage: python benchmarks/bench_eigencam.py [--markdown PATH] [--repeats N] [--ref-budget S]
-                                           [--shapes 16x512x7x7,...] [--no-torch]
+           [--shapes 16x512x7x7,...] [--no-torch] [--blas-threads N]
 """
 
 from __future__ import annotations
@@ -138,6 +142,15 @@ def torch_cpu() -> Optional[Callable[[np.ndarray], Callable[[], object]]]:
     return make
 
 
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "BLAS threads unknown: threadpoolctl not installed"
+    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return ", ".join(f"{i['internal_api']} {i.get('version')} {i['num_threads']} threads" for i in libs)
+
+
 def ms(seconds: Optional[float]) -> str:
     return "n/a" if seconds is None else f"{seconds * 1e3:,.1f}"
 
@@ -149,7 +162,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ref-budget", type=float, default=60.0, help="seconds per shape for the full-SVD loop")
     parser.add_argument("--shapes", help="comma-separated BxCxHxW list (default: the standard six)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch CPU column")
+    parser.add_argument("--blas-threads", type=int, help="limit BLAS (and torch) threads for every column")
     args = parser.parse_args(argv)
+    if args.blas_threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(args.blas_threads)  # for the rest of the process
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]  # type: ignore[misc]
@@ -178,6 +196,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # torch last: its OpenMP workers keep spinning after each call and would slow numpy
     make_torch = None if args.no_torch else torch_cpu()
+    if make_torch is not None and args.blas_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.blas_threads)
     for row in rows:
         row["torch"] = None
         if make_torch is not None:
@@ -203,8 +225,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     threads = {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS", "OMP_", "MKL_"))}
     env = (
-        f"numpy {np.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
-        f"{platform.machine()}, env {threads or '{}'}, load average {os.getloadavg()[0]:.2f}"
+        f"numpy {np.__version__} ({blas_info()}), Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, {platform.machine()}, env {threads or '{}'}, "
+        f"1-min load average at the end {os.getloadavg()[0]:.2f}"
     )
     table = "\n".join(lines)
     targets = []

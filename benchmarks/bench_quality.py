@@ -5,9 +5,10 @@ shape (the class) and a same-sized patch of bright random noise (a distractor), 
 non-overlapping positions, on a noisy background; both boxes are known. Images are 48 x 64
 (H x W, not square, so a (H, W) / (W, H) mix-up in a resize would show).
 
-Measured, all in one run on the same model and data:
+Measured for each of a few seeds (data, weights and batch order; three by default), one
+training run each, on the same model and data within a run:
 
-* Pointing game on held-out images: a hit when the argmax of the first-component map,
+* Pointing game on 500 held-out images: a hit when the argmax of the first-component map,
   ReLU'd and upsampled to the image with ``cv2.resize(m, (W, H))`` (bilinear), lies inside
   the object's box (strict: no tolerance margin). Two versions of the same map:
     - "sign rule": ``mlflow_eigencam.eigencam.eigencam`` (the package);
@@ -18,15 +19,16 @@ Measured, all in one run on the same model and data:
   way; the two agree up to sign (the relative error is printed).
   Also printed: how often the argmax falls in the noise patch, and the chance level (the
   mean share of the image covered by the object's box).
-* Flipped by the rule: the share of held-out samples whose package map is the negative of
-  the raw SVD map.
-* Epoch flicker: for pinned held-out samples, the share of consecutive-epoch pairs whose
-  first-component maps correlate negatively (the map's sign changed from one epoch to the
-  next), for the raw SVD sign and for the package.
+* Maps flipped by the rule: the share of held-out samples whose package map is the
+  negative of the raw SVD map.
+* Epoch flicker: for the first 64 held-out samples (pinned), the share of consecutive-epoch
+  pairs whose first-component maps correlate negatively (the map's sign changed from one
+  epoch to the next), for the raw SVD sign and for the package.
 
-Runs in well under a minute on 2 CPU cores. Seeded: the same machine prints the same figures.
+About 25 s per seed on 2 idle CPU cores (training is most of it). Seeded: the same machine
+and torch build print the same figures. ``docs/make_figures.py`` draws seed 0's run.
 
-Usage: python benchmarks/bench_quality.py [--markdown PATH] [--epochs N] [--seed S]
+Usage: python benchmarks/bench_quality.py [--markdown PATH] [--epochs N] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -36,19 +38,27 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
 
-import cv2
-import numpy as np
+# The per-sample SVDs are tiny (192 x 32): on a busy 2-core machine they ran 10x faster on one
+# BLAS thread than on two. Set before numpy loads OpenBLAS; an explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+from _shapes import SHAPES, _shape_mask  # noqa: E402  (the examples' shape drawing)
 
 from mlflow_eigencam.eigencam import eigencam  # noqa: E402
 
 #: Class names, indexed by label.
-CLASSES: Tuple[str, ...] = ("circle", "square", "triangle")
+CLASSES: tuple[str, ...] = SHAPES[:3]
 HEIGHT, WIDTH = 48, 64
 N_TRAIN, N_TEST, N_PINNED = 2000, 500, 64
 EPOCHS = 8
@@ -58,25 +68,12 @@ BATCH = 64
 # --------------------------------------------------------------------------- data
 
 
-def _shape_mask(kind: str, side: int) -> np.ndarray:
-    """(side, side) bool mask of one shape filling its box."""
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) + 0.5
-    c = side / 2.0
-    if kind == "circle":
-        return (yy - c) ** 2 + (xx - c) ** 2 <= c * c
-    if kind == "square":
-        return np.ones((side, side), dtype=bool)
-    if kind == "triangle":
-        return np.abs(xx - c) <= yy / 2.0  # apex at the top centre
-    raise ValueError(f"unknown shape {kind!r}; expected one of {CLASSES}")
-
-
-def _overlaps(a: Tuple[int, int, int, int], b: Tuple[int, int, int, int], margin: int = 2) -> bool:
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], margin: int = 2) -> bool:
     """Whether two (x0, y0, x1, y1) boxes, grown by margin pixels, intersect."""
     return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
 
-def make_data(n: int, seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def make_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Seeded shapes with a same-sized noise distractor.
 
     Returns:
@@ -137,7 +134,7 @@ def package_maps(activations: np.ndarray) -> np.ndarray:
     return eigencam(activations, 1).maps[:, 0]
 
 
-def pointing(maps: np.ndarray, boxes: np.ndarray, noise_boxes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def pointing(maps: np.ndarray, boxes: np.ndarray, noise_boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pointing game per sample.
 
     Args:
@@ -163,13 +160,15 @@ def pointing(maps: np.ndarray, boxes: np.ndarray, noise_boxes: np.ndarray) -> Tu
     return hit, on_noise
 
 
-def sign_changes(per_epoch: List[np.ndarray]) -> np.ndarray:
+def sign_changes(per_epoch: list[np.ndarray]) -> np.ndarray:
     """bool (epochs - 1, B): map of epoch e+1 correlates negatively with epoch e's.
 
     The maps are projections of centred data, so their means are 0 and the sign of the dot
     product is the sign of the correlation.
     """
-    dots = [np.einsum("bhw,bhw->b", a.astype(np.float64), b.astype(np.float64)) for a, b in zip(per_epoch, per_epoch[1:])]
+    dots = [
+        np.einsum("bhw,bhw->b", a.astype(np.float64), b.astype(np.float64)) for a, b in zip(per_epoch, per_epoch[1:])
+    ]
     return np.asarray(dots) < 0
 
 
@@ -196,9 +195,17 @@ def build_model(n_classes: int = len(CLASSES)):
         def __init__(self) -> None:
             super().__init__()
             self.features = nn.Sequential(
-                nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(8, 32, 3, padding=1),
+                nn.BatchNorm2d(32),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(32, 32, 3, padding=1),
+                nn.BatchNorm2d(32),
+                nn.ReLU(),
             )
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.head = nn.Linear(32, n_classes)
@@ -228,7 +235,7 @@ class Experiment:
     test_labels: np.ndarray
     test_boxes: np.ndarray
     test_noise_boxes: np.ndarray
-    epochs: List[EpochRecord] = field(default_factory=list)
+    epochs: list[EpochRecord] = field(default_factory=list)
     train_seconds: float = 0.0
 
 
@@ -282,7 +289,7 @@ class Evaluation:
     """The figures of one training run (one seed)."""
 
     seed: int
-    rows: List[dict]  # per epoch: acc, hit_pkg, hit_raw, noise_pkg, noise_raw, flipped
+    rows: list[dict]  # per epoch: acc, hit_pkg, hit_raw, noise_pkg, noise_raw, flipped
     flicker_pkg: float  # share of (pinned sample, epoch transition) pairs with a sign change
     flicker_raw: float
     ever_pkg: float  # share of pinned samples whose map changed sign at least once
@@ -297,8 +304,8 @@ class Evaluation:
 def evaluate(exp: Experiment, seed: int) -> Evaluation:
     """Pointing game, flips and flicker of one run, package maps vs raw SVD sign."""
     rows = []
-    raw_pinned: List[np.ndarray] = []
-    pkg_pinned: List[np.ndarray] = []
+    raw_pinned: list[np.ndarray] = []
+    pkg_pinned: list[np.ndarray] = []
     worst_err, t_pkg, t_raw = 0.0, 0.0, 0.0
     for rec in exp.epochs:
         t0 = time.perf_counter()
@@ -311,10 +318,15 @@ def evaluate(exp: Experiment, seed: int) -> Evaluation:
         hit_raw, noise_raw = pointing(raw, exp.test_boxes, exp.test_noise_boxes)
         flipped = np.einsum("bhw,bhw->b", pkg.astype(np.float64), raw.astype(np.float64)) < 0
         rows.append(
-            dict(
-                epoch=rec.epoch, acc=rec.accuracy, hit_pkg=hit_pkg.mean(), hit_raw=hit_raw.mean(),
-                noise_pkg=noise_pkg.mean(), noise_raw=noise_raw.mean(), flipped=flipped.mean(),
-            )
+            {
+                "epoch": rec.epoch,
+                "acc": rec.accuracy,
+                "hit_pkg": hit_pkg.mean(),
+                "hit_raw": hit_raw.mean(),
+                "noise_pkg": noise_pkg.mean(),
+                "noise_raw": noise_raw.mean(),
+                "flipped": flipped.mean(),
+            }
         )
         raw_pinned.append(raw[:N_PINNED])
         pkg_pinned.append(pkg[:N_PINNED])
@@ -343,13 +355,13 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _table(header: List[str], body: List[List[str]]) -> str:
+def _table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", type=Path, help="also write the tables as markdown here")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs per run")
@@ -364,10 +376,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         evals.append(evaluate(run_experiment(seed=seed, epochs=args.epochs), seed))
 
     # One row per seed at the final epoch, then the mean over seeds.
-    def final_row(label: str, vals: dict, ev: dict) -> List[str]:
+    def final_row(label: str, vals: dict, ev: dict) -> list[str]:
         return [
-            label, pct(vals["acc"]), pct(vals["hit_pkg"]), pct(vals["hit_raw"]), pct(vals["noise_pkg"]),
-            pct(vals["noise_raw"]), pct(vals["flipped"]), pct(ev["flicker_pkg"]), pct(ev["flicker_raw"]),
+            label,
+            pct(vals["acc"]),
+            pct(vals["hit_pkg"]),
+            pct(vals["hit_raw"]),
+            pct(vals["noise_pkg"]),
+            pct(vals["noise_raw"]),
+            pct(vals["flipped"]),
+            pct(ev["flicker_pkg"]),
+            pct(ev["flicker_raw"]),
         ]
 
     body = []
@@ -380,17 +399,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         body.append(final_row("**mean**", mean, mean_ev))
     summary = _table(
         [
-            "run", "held-out accuracy", "pointing game: sign rule", "pointing game: raw SVD sign",
-            "argmax on noise: sign rule", "argmax on noise: raw SVD sign", "maps flipped by the rule",
-            "epoch flicker: sign rule", "epoch flicker: raw SVD sign",
+            "run",
+            "held-out accuracy",
+            "pointing game: sign rule",
+            "pointing game: raw SVD sign",
+            "argmax on noise: sign rule",
+            "argmax on noise: raw SVD sign",
+            "maps flipped by the rule",
+            "epoch flicker: sign rule",
+            "epoch flicker: raw SVD sign",
         ],
         body,
     )
     per_epoch = {
         e.seed: _table(
             [
-                "epoch", "held-out accuracy", "pointing game: sign rule", "pointing game: raw SVD sign",
-                "argmax on noise: sign rule", "argmax on noise: raw SVD sign", "maps flipped by the rule",
+                "epoch",
+                "held-out accuracy",
+                "pointing game: sign rule",
+                "pointing game: raw SVD sign",
+                "argmax on noise: sign rule",
+                "argmax on noise: raw SVD sign",
+                "maps flipped by the rule",
             ],
             [[str(r["epoch"])] + [pct(r[k]) for k in keys] for r in e.rows],
         )
@@ -398,10 +428,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     n_trans = len(evals[0].rows) - 1
     notes = [
-        f"pointing game and argmax-on-noise: final epoch, {N_TEST} held-out images per run; "
-        f"chance level (mean object box area / image area) {pct(float(np.mean([e.chance for e in evals])))}",
-        "maps flipped by the rule: share of held-out samples whose package map is the negative of "
-        "the raw SVD map (final epoch)",
+        (
+            f"pointing game and argmax-on-noise: final epoch, {N_TEST} held-out images per run; "
+            f"chance level (mean object box area / image area) {pct(float(np.mean([e.chance for e in evals])))}"
+        ),
+        (
+            "maps flipped by the rule: share of held-out samples whose package map is the negative of "
+            "the raw SVD map (final epoch)"
+        ),
         f"epoch flicker: share of ({N_PINNED} pinned held-out samples x {n_trans} consecutive-epoch "
         "transitions) where the first-component map correlates negatively with the previous epoch's; "
         "pinned samples whose map changed sign at least once: sign rule "

@@ -24,8 +24,9 @@ batch without a per-sample SVD:
   Ritz pair is checked by its residual ``||G v - theta v|| <= 1e-6 theta_1``, about the
   rounding level of the float32 Gram product; samples that miss it (flat or clustered
   spectra) get a degree-14 basis and, failing that, a full batched ``np.linalg.eigh``. A
-  full ``eigh`` costs 5-15x the Gram product itself on CNN-sized inputs, which is why it is
-  only the fallback.
+  full ``eigh`` costs 2-10x the Gram product itself on CNN-sized inputs (measured: 16 x
+  49 x 49 2.0 ms vs 0.3 ms, 16 x 256 x 256 70 ms vs 10 ms), which is why it is only the
+  fallback.
 * A component whose ratio is at rounding level (16 float32 epsilons times the cancellation
   factor; rank below k, constant input, ``n_components > min(C, h*w)``) is returned as a
   zero map with ratio 0.
@@ -130,7 +131,8 @@ def eigencam(
         n_components: int in 1..C: number of components k. Components beyond
             ``min(C, h*w)`` (the rank bound) are zero maps with ratio 0. Or a float in
             (0, 1): the smallest k whose cumulative explained variance ratio reaches it,
-            the maximum over the batch so the output is rectangular.
+            the maximum over the batch so the output is rectangular (every sample gets
+            its top k; this mode runs a full batched eigh, as it needs every ratio).
         channels_last: activations are (B, h, w, C) (Keras / TensorFlow layout).
 
     Returns:
