@@ -468,8 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(
-            "# EigenCAM quality: pointing game and epoch flicker, with and without the sign rule\n\n"
-            + summary
+            summary
             + "\n\n"
             + "\n\n".join(f"Per epoch, seed {seed}:\n\n{table}" for seed, table in per_epoch.items())
             + "\n\n"

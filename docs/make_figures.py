@@ -13,7 +13,7 @@ Writes into ``docs/images/`` (or ``--out``):
 
 The model, data and epochs are seed 0 of ``benchmarks/bench_quality.py`` (the same code is
 imported from there), so the picture shows the run whose figures ``docs/sign-rule.md`` quotes.
-Under a minute on 2 CPU cores (about 35 s measured). Same machine and torch build, same PNG bytes.
+35 to 70 s measured on a shared 2-core CPU. Same machine and torch build, same PNG bytes.
 
 Usage: python docs/make_figures.py [--out DIR]
 """
