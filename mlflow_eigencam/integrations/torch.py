@@ -98,7 +98,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         seen += 1
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod  # torch.compile's OptimizedModule
         else:
             break

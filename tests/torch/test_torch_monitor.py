@@ -27,8 +27,8 @@ from torch_testing import (
 
 
 def _monitor(model, **kwargs):
-    logger = RecordingLogger(**{k: kwargs.pop(k) for k in list(kwargs) if k in ("mode", "ds_id", "n_samples")},
-                             image_layout="NCHW")
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in ("mode", "ds_id", "n_samples")}
+    logger = RecordingLogger(**settings, image_layout="NCHW")
     return EigenCAMMonitor(model, logger=logger, n_samples=logger.n_samples, **kwargs), logger
 
 
