@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shapes import SHAPES, make_shapes  # noqa: E402
+from _common import ui_uri  # noqa: E402
 
 N_CLASSES = 4
 
@@ -54,15 +55,6 @@ def build_module(seed: int):
             return torch.optim.Adam(self.parameters(), lr=3e-3)
 
     return ShapesClassifier()
-
-
-def ui_uri(tracking_uri: str) -> str:
-    """The tracking URI with a relative sqlite path made absolute, so the printed
-    ``mlflow ui`` command works from any folder (artifact locations are absolute already)."""
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix) and not tracking_uri.startswith(prefix + "/"):
-        return prefix + str(Path(tracking_uri[len(prefix):]).resolve())
-    return tracking_uri
 
 
 def main(argv: list[str] | None = None) -> str:

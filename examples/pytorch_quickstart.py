@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shapes import SHAPES, make_shapes  # noqa: E402
+from _common import ui_uri  # noqa: E402
 
 N_CLASSES = 4
 #: The inputs are normalised like ImageNet-style pipelines do; the monitor undoes it for display.
@@ -52,15 +53,6 @@ def loaders(size: int, seed: int, train_size: int = 512, batch_size: int = 32):
         out.append(DataLoader(data, batch_size=batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(s)))
     return out
-
-
-def ui_uri(tracking_uri: str) -> str:
-    """The tracking URI with a relative sqlite path made absolute, so the printed
-    ``mlflow ui`` command works from any folder (artifact locations are absolute already)."""
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix) and not tracking_uri.startswith(prefix + "/"):
-        return prefix + str(Path(tracking_uri[len(prefix):]).resolve())
-    return tracking_uri
 
 
 def main(argv: list[str] | None = None) -> str:

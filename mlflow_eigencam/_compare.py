@@ -56,11 +56,12 @@ PNG_MAX_EPOCHS = 8
 
 Box = Tuple[int, int, int, int]  # x, y, width, height
 
-# The strip layout of render.render_strip: panels of equal width, ``_GAP`` pixels apart and
-# around, a title line above, a caption line below. Kept in step with render.py.
-_STRIP_GAP = 4
-_STRIP_FONT_SIZE = 13
-_BG = 255
+# The strip layout and colours of render.render_strip, taken from render.py itself so the
+# panel geometry computed here cannot drift from what was drawn.
+from .render import _BACKGROUND, _FONT_SIZE as _STRIP_FONT_SIZE, _GAP as _STRIP_GAP  # noqa: E402
+from .render import _MUTED, _OK, _TEXT, _WRONG  # noqa: E402
+
+_BG = _BACKGROUND[0]
 
 # Layout of the comparison image, in pixels.
 _MARGIN = 8
@@ -68,11 +69,7 @@ _COL_GAP = 4
 _RUN_GAP = 14  # before each run's group of columns, a rule in its middle
 _ROW_GAP = 10
 _BAR = 3  # correct / wrong bar under each overlay
-_WHITE = (255, 255, 255)
-_TEXT = (20, 20, 20)
-_MUTED = (110, 110, 110)
-_OK = (0, 130, 0)
-_WRONG = (200, 0, 0)
+_WHITE = _BACKGROUND
 _RULE = (200, 200, 200)
 _EMPTY = (236, 236, 236)
 
