@@ -92,7 +92,11 @@ def main() -> int:
                 failed.append(name)
                 parts += ["```text", f"FAILED (exit {proc.returncode})", proc.stderr[-2000:], "```", ""]
             elif markdown and md.exists():
-                parts += [md.read_text().strip(), ""]
+                # Our own "##" heading stands above; demote the script's titles under it.
+                text = "\n".join("#" * 2 + line if line.startswith("# ") else
+                                  ("#" + line if line.startswith("## ") else line)
+                                  for line in md.read_text().strip().splitlines())
+                parts += [text, ""]
             else:
                 parts += ["```text", proc.stdout.strip(), "```", ""]
             parts += [f"*`benchmarks/{script}`, {time.perf_counter() - start:.0f} s.*", ""]

@@ -12,12 +12,13 @@ __version__ = "0.1.0"
 
 # Imported eagerly (numpy only) so that `mlflow_eigencam.eigencam` is the function, not the
 # submodule of the same name that Python would otherwise bind here on first import.
-from .eigencam import EigenCAMResult, eigencam  # noqa: E402
+from .eigencam import EigenCAMResult, NonFiniteActivationsWarning, eigencam  # noqa: E402
 
 __all__ = [
     "EigenCAMLogger",
     "EigenCAMResult",
     "EigenCAMWarning",
+    "NonFiniteActivationsWarning",
     "autolog",
     "compare",
     "eigencam",

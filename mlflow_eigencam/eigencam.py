@@ -420,26 +420,31 @@ def _centre_gram(
     the trace is 0), trace (B,) the centred trace (total variance times hw), trace_raw (B,)
     the uncentred one, aux the channel means (B, C) or the centred channel-sum map (B, hw).
     """
-    g = gram.astype(np.float64)
+    # Three passes over the (B, n, n) matrices: scale into float64, two rank-one updates.
     sums = sums.astype(np.float64)
-    trace_raw = np.trace(g, axis1=1, axis2=2)
+    trace_raw = np.trace(gram, axis1=1, axis2=2, dtype=np.float64)
     if channel_gram:
-        mu = sums / hw
-        if not centred:
-            g -= sums[:, :, None] * mu[:, None, :]  # X^T X - hw mu mu^T
+        mu = sums / hw  # channel means
+        # trace(X^T X - hw mu mu^T) = trace(G) - sum_i s_i mu_i
+        trace = trace_raw if centred else trace_raw - np.einsum("bc,bc->b", sums, mu)
         aux = mu
     else:
-        if not centred:
-            # X X^T with X centred per channel = P G P, P = I - 11^T / hw (double centring)
-            row = g.mean(axis=2)
-            g -= row[:, :, None]
-            g -= row[:, None, :]
-            g += row.mean(axis=1)[:, None, None]
-        aux = sums - sums.mean(axis=1, keepdims=True)
-    trace = np.trace(g, axis1=1, axis2=2)
+        # X X^T with X centred per channel = P G P, P = I - 11^T / hw (double centring)
+        # row means by BLAS (float32 sums of n terms: error at the Gram's own rounding level)
+        row = np.matmul(gram, np.full(gram.shape[2], 1.0 / gram.shape[2], gram.dtype)).astype(np.float64)
+        grand = row.mean(axis=1)
+        trace = trace_raw if centred else trace_raw - gram.shape[1] * grand
+        aux = sums - sums.mean(axis=1, keepdims=True)  # centred channel-sum map
     positive = trace > 0
-    g /= np.where(positive, trace, 1.0)[:, None, None]
-    g[~positive] = 0.0
+    inv = np.where(positive, 1.0 / np.where(positive, trace, 1.0), 0.0)  # no variance: g = 0
+    g = np.multiply(gram, inv[:, None, None], dtype=np.float64)
+    if not centred:
+        if channel_gram:
+            g -= (sums * inv[:, None])[:, :, None] * mu[:, None, :]
+        else:
+            row_n = row * inv[:, None]
+            g -= row_n[:, :, None]
+            g -= (row_n - (grand * inv)[:, None])[:, None, :]
     return g, np.where(positive, trace, 0.0), trace_raw, aux
 
 
@@ -494,14 +499,17 @@ def _block_krylov(g: np.ndarray, k: int, p: int, blocks: int) -> Tuple[np.ndarra
 
     Returns theta (B, k), vectors (B, n, k) and converged (B,) bool.
     """
-    z = _start_block(g.shape[1], p)
-    basis = [np.broadcast_to(z, (g.shape[0],) + z.shape)]
-    for _ in range(blocks):
+    b, n, _ = g.shape
+    m = p * (blocks + 1)
+    # Basis vectors stored as rows: each product below is a batched gemv on contiguous
+    # vectors, about 2x faster than a gemm with p columns (which repacks g every call).
+    rows = np.empty((b, m, n))
+    rows[:, :p] = _start_block(n, p).T
+    for j in range(p, m):
         # No rescaling needed: trace(g) <= 1 so powers shrink, and the top eigenvalue is
         # at least 1/n so the leading directions never underflow.
-        z = np.matmul(g, z)
-        basis.append(z)
-    q, _ = np.linalg.qr(np.concatenate(basis, axis=2))
+        np.matmul(g, rows[:, j - p, :, None], out=rows[:, j, :, None])
+    q, _ = np.linalg.qr(rows.transpose(0, 2, 1))
     gq = np.matmul(g, q)
     t = np.matmul(q.transpose(0, 2, 1), gq)
     t = 0.5 * (t + t.transpose(0, 2, 1))
