@@ -120,11 +120,32 @@ def max_rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
 
 
 def grad_cam_projection() -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    """pytorch-grad-cam's ``get_2d_projection``, or None when the package is not installed.
+
+    The package's ``__init__`` imports torchvision, ttach and more; its SVD module needs only
+    numpy and scikit-learn. So when the normal import fails, load that one file from the
+    installed package (``pip install --no-deps grad-cam scikit-learn``, benchmarks only).
+    """
     try:
         from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
-    except Exception:  # not installed (or its torch import failed): skip the column
+
+        return get_2d_projection
+    except Exception:
+        pass
+    try:
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.find_spec("pytorch_grad_cam")  # does not run its __init__
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(list(spec.submodule_search_locations)[0]) / "utils" / "svd_on_activations.py"
+        mod_spec = importlib.util.spec_from_file_location("_gradcam_svd", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        return module.get_2d_projection
+    except Exception:  # not installed, or scikit-learn missing: skip the column
         return None
-    return get_2d_projection
 
 
 def torch_cpu() -> Optional[Callable[[np.ndarray], Callable[[], object]]]:

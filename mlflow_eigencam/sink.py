@@ -240,8 +240,14 @@ def _upload_bytes(client, run_id: str, path: str, data: bytes) -> None:
         client.log_artifact(run_id, local, artifact_path=directory or None)
 
 
+_registered_tables: set = set()
+
+
 def _register_table(client, run_id: str, path: str) -> None:
     # Same tag that mlflow.log_table writes, so mlflow.load_table and the UI find the table.
+    # Once per (run, table) and process: it is a read-modify-write of a run tag.
+    if (run_id, path) in _registered_tables:
+        return
     run = client.get_run(run_id)
     current = json.loads(run.data.tags.get(_layout.MLFLOW_LOGGED_ARTIFACTS, "[]"))
     entry = {"path": path, "type": "table"}
@@ -249,6 +255,7 @@ def _register_table(client, run_id: str, path: str) -> None:
         current.append(entry)
         client.set_tag(run_id, _layout.MLFLOW_LOGGED_ARTIFACTS, json.dumps(current),
                        synchronous=True)
+    _registered_tables.add((run_id, path))
 
 
 def send_spool(spool: str | os.PathLike, *, tracking_uri: Optional[str] = None,
@@ -293,6 +300,17 @@ def _set_aside(spool: Path, path: Path, reason: str) -> None:
     os.replace(path, failed / path.name)
     warnings.warn(f"mlflow_eigencam: MLflow rejected {path.name} ({reason}); kept in {failed}",
                   EigenCAMWarning, stacklevel=2)
+
+
+def _lower_thread_priority() -> None:
+    """Let the training threads win the CPU: uploads can wait, an epoch should not.
+
+    On Linux a thread is a task with its own nice value; elsewhere this does nothing.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
 
 
 class MlflowSink:
@@ -397,6 +415,7 @@ class MlflowSink:
                 self._thread.start()
 
     def _run(self) -> None:
+        _lower_thread_priority()
         delay = self._backoff[0]
         while not self._stop:
             self._persist_queued()
