@@ -34,13 +34,16 @@ BENCHES = [
     ("torch", "bench_torch_overhead.py", [], False, "Training overhead: PyTorch plain loop",
      "A small CNN's epoch (train + eval) with and without `EigenCAMMonitor` at default "
      "settings, interleaved repeats, medians."),
-    ("torch-long", "bench_torch_overhead.py", ["--train-size", "8192"], False,
+    ("torch-long", "bench_torch_overhead.py", ["--train-size", "8192", "--epochs", "5"], False,
      "Training overhead: PyTorch plain loop, longer epochs",
-     "The same with 4x the training data per epoch: the monitor's cost per epoch is fixed, so "
-     "its share shrinks as epochs grow."),
+     "The same with 2x the training data per epoch and 5 epochs per run: the monitor's cost "
+     "per epoch is fixed and the final flush is shared by more epochs, so its share shrinks."),
     ("keras", "bench_keras_overhead.py", [], False, "Training overhead: Keras `fit`",
      "A small CNN's `fit` epoch with and without `EigenCAMCallback` at default settings, "
      "interleaved repeats, medians."),
+    ("keras-long", "bench_keras_overhead.py", ["--n-train", "16384", "--epochs", "5", "--repeats", "3"],
+     False, "Training overhead: Keras `fit`, longer epochs",
+     "The same with 2x the training data per epoch and 5 epochs per fit."),
     ("quality", "bench_quality.py", [], True, "Quality: the pointing game, with and without the sign rule",
      "A small CNN trained on synthetic shapes with a same-sized noise distractor; a hit is the "
      "map's maximum inside the object's box."),
