@@ -197,18 +197,23 @@ def _as_numeric_array(activations: Any) -> np.ndarray:
     return arr
 
 
-def _to_batch_channels_pixels(arr: np.ndarray, channels_last: bool) -> Tuple[np.ndarray, Tuple[int, int]]:
-    """(B, C, h, w) / (B, h, w, C) / 3-D -> a (B, C, h*w) view (no copy when possible)."""
+def _check_activation_shape(shape: Tuple[int, ...], channels_last: bool) -> None:
+    """ValueError naming the shape unless it is (B, C, h, w) / (B, h, w, C) or one sample."""
     layout = "(h, w, C)" if channels_last else "(C, h, w)"
-    if arr.ndim == 3:
-        arr = arr[None]
-    elif arr.ndim != 4:
+    if len(shape) not in (3, 4):
         raise ValueError(
             f"activations must be 4-D (B, {layout[1:]} or 3-D {layout} (one sample), "
-            f"got shape {arr.shape}"
+            f"got shape {shape}"
         )
-    if 0 in arr.shape:
-        raise ValueError(f"activations must not have an empty axis, got shape {arr.shape}")
+    if 0 in shape:
+        raise ValueError(f"activations must not have an empty axis, got shape {shape}")
+
+
+def _to_batch_channels_pixels(arr: np.ndarray, channels_last: bool) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """(B, C, h, w) / (B, h, w, C) / 3-D -> a (B, C, h*w) view (no copy when possible)."""
+    _check_activation_shape(arr.shape, channels_last)
+    if arr.ndim == 3:
+        arr = arr[None]
     if channels_last:
         b, h, w, c = arr.shape
         # (B, hw, C) seen as (B, C, hw): a transposed view; BLAS takes it without a copy.
@@ -219,15 +224,20 @@ def _to_batch_channels_pixels(arr: np.ndarray, channels_last: bool) -> Tuple[np.
     return x, (h, w)
 
 
-def _check_n_components(n_components: Any, n_channels: int) -> Tuple[Optional[int], Optional[float]]:
-    """Return (k, None) for an int request or (None, fraction) for a float request."""
+def _check_n_components(n_components: Any, n_channels: Optional[int]) -> Tuple[Optional[int], Optional[float]]:
+    """Return (k, None) for an int request or (None, fraction) for a float request.
+
+    ``n_channels=None`` checks only what can be checked before the activations are seen
+    (the logger validates its settings at construction this way).
+    """
+    c = "C" if n_channels is None else n_channels
     if isinstance(n_components, (bool, np.bool_)):
-        raise TypeError(f"n_components must be an int in 1..{n_channels} or a float in (0, 1), got bool {n_components!r}")
+        raise TypeError(f"n_components must be an int in 1..{c} or a float in (0, 1), got bool {n_components!r}")
     if isinstance(n_components, numbers.Integral):
         k = int(n_components)
-        if not 1 <= k <= n_channels:
+        if k < 1 or (n_channels is not None and k > n_channels):
             raise ValueError(
-                f"n_components={k} is out of range: expected 1 <= n_components <= C={n_channels}"
+                f"n_components={k} is out of range: expected 1 <= n_components <= C={c}"
             )
         return k, None
     if isinstance(n_components, numbers.Real):
@@ -235,11 +245,11 @@ def _check_n_components(n_components: Any, n_channels: int) -> Tuple[Optional[in
         if not 0.0 < frac < 1.0:
             raise ValueError(
                 f"n_components={n_components!r} is out of range: a float must be in (0, 1) "
-                f"(explained-variance target); use an int in 1..C={n_channels} for a count"
+                f"(explained-variance target); use an int in 1..C={c} for a count"
             )
         return None, frac
     raise TypeError(
-        f"n_components must be an int in 1..{n_channels} or a float in (0, 1), "
+        f"n_components must be an int in 1..{c} or a float in (0, 1), "
         f"got {type(n_components).__name__} {n_components!r}"
     )
 

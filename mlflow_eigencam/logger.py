@@ -25,9 +25,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _layout
-from .eigencam import eigencam
+from .eigencam import _check_n_components, eigencam
 from .filters import ds_id_filter, mode_filter
-from .render import encode_png, render_grid, render_strip, resolve_colormap, to_rgb_uint8
+from .render import encode_png, render_grid, render_strip, resolve_colormap
 from .samples import Sample, SampleBuffer
 from .sink import EigenCAMWarning, Item, MlflowSink, PNGPayload, default_spool_root, probe
 
@@ -35,6 +35,7 @@ _log = logging.getLogger("mlflow_eigencam")
 
 Key = Tuple[str, Optional[str]]
 _LAYOUTS = ("NCHW", "NHWC")
+_PER_IMAGE_LAYOUT = {"NCHW": "CHW", "NHWC": "HWC"}
 
 
 def _package_version() -> str:
@@ -104,12 +105,9 @@ class EigenCAMLogger:
         grid_max_rows: int = 16,
         extra_tags: Optional[Mapping[str, str]] = None,
     ) -> None:
-        _check_n_components(n_components)
-        if n_samples is not None and (isinstance(n_samples, bool)
-                                      or not isinstance(n_samples, numbers.Integral)):
-            raise TypeError(f"n_samples must be an int >= 1 or None, got {n_samples!r}")
-        if n_samples is not None and n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1 or None, got {n_samples!r}")
+        _check_n_components(n_components, None)
+        # Validates n_samples and label_mapping, naming the bad value.
+        self._buffer = SampleBuffer(n_samples, label_mapping)
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
         if (isinstance(log_every_n_epochs, bool)
@@ -122,7 +120,7 @@ class EigenCAMLogger:
         if close_timeout is not None and close_timeout < 0:
             raise ValueError(f"close_timeout must be >= 0 or None, got {close_timeout!r}")
         self.n_components = n_components
-        self.n_samples = None if n_samples is None else int(n_samples)
+        self.n_samples = self._buffer.n_samples
         self.mode_filter = mode_filter(mode)
         self.ds_id_filter = ds_id_filter(ds_id)
         self.colormap = colormap
@@ -134,7 +132,6 @@ class EigenCAMLogger:
         self.strict = bool(strict)
         self.close_timeout = close_timeout
         self.grid_max_rows = grid_max_rows
-        self._buffer = SampleBuffer(self.n_samples, label_mapping)
         # Label conversion for streaming mode goes through the same code path, uncapped.
         self._stream_buffer = SampleBuffer(None, label_mapping)
         self._streams: Dict[Key, _Stream] = {}
@@ -203,50 +200,25 @@ class EigenCAMLogger:
             raise TypeError(f"mode must be a string such as 'eval', got {mode!r}")
         if not self.wants(mode, ds_id):
             return
-        room = self.room(mode, ds_id)
-        if room == 0:
+        if self.room(mode, ds_id) == 0:
             return
         try:
-            self._batch(images, activations, labels, preds, mode, ds_id, room)
+            self._batch(images, activations, labels, preds, mode, ds_id)
         except Exception as exc:
             self._fail(exc, f"on_batch_end(mode={mode!r}, ds_id={ds_id!r})")
 
-    def _batch(self, images, activations, labels, preds, mode, ds_id, room) -> None:
+    def _batch(self, images, activations, labels, preds, mode, ds_id) -> None:
+        # The buffer checks shapes and batch sizes, and converts and copies only the rows it
+        # keeps; the logger only decides the image layout for the whole batch.
         images = np.asarray(images)
-        activations = np.asarray(activations)
-        if activations.ndim != 4:
-            raise ValueError(
-                f"activations must be 4-D {'(B, h, w, C)' if self.channels_last else '(B, C, h, w)'}"
-                f", got shape {activations.shape}")
-        if images.ndim not in (3, 4):
-            raise ValueError(f"images must be (B, C, H, W), (B, H, W, C) or (B, H, W), "
-                             f"got shape {images.shape}")
-        sizes = {"images": len(images), "activations": len(activations)}
-        for name, value in (("labels", labels), ("preds", preds)):
-            if value is not None:
-                sizes[name] = len(value)
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"batch sizes differ: {sizes}")
-        n = len(images) if room is None else min(room, len(images))
-        if n == 0:
-            return
-        layout = self._image_layout(images)
-        hwc = np.stack([to_rgb_uint8(images[i], "HWC" if layout in ("NHWC", "NHW") else "CHW")
-                        for i in range(n)])
-        acts = activations[:n]
-        if self.channels_last:
-            acts = np.moveaxis(acts, -1, 1)
-        acts = np.array(acts, dtype=np.float32)  # a copy of only the kept samples
-        lab = None if labels is None else _head(labels, n)
-        prd = None if preds is None else _head(preds, n)
+        per_image = _PER_IMAGE_LAYOUT[self._image_layout(images)] if images.ndim == 4 else None
+        kwargs = dict(image_layout=per_image, channels_last=self.channels_last)
         if self.n_samples is None:
-            self._stream_batch(mode, ds_id, hwc, acts, lab, prd)
+            self._stream_batch(mode, ds_id, images, activations, labels, preds, kwargs)
         else:
-            self._buffer.add(mode, ds_id, hwc, acts, lab, prd)
+            self._buffer.add(mode, ds_id, images, activations, labels, preds, **kwargs)
 
     def _image_layout(self, images: np.ndarray) -> str:
-        if images.ndim == 3:
-            return "NHW"
         if self.image_layout is not None:
             return self.image_layout
         first, last = images.shape[1] in (1, 3, 4), images.shape[-1] in (1, 3, 4)
@@ -343,16 +315,16 @@ class EigenCAMLogger:
         self._submit(Item("metrics", self._run_id, self._uri(), metrics=metrics))
 
     # -- streaming (n_samples=None) ------------------------------------------------------
-    def _stream_batch(self, mode, ds_id, hwc, acts, labels, preds) -> None:
+    def _stream_batch(self, mode, ds_id, images, activations, labels, preds, kwargs) -> None:
         key = (mode, ds_id)
         stream = self._streams.get(key)
         if stream is None:
             folder = self._pending_root() / uuid.uuid4().hex
             folder.mkdir(parents=True)
             stream = self._streams[key] = _Stream(folder)
-        self._stream_buffer.add(mode, ds_id, hwc, acts, labels, preds)
+        self._stream_buffer.add(mode, ds_id, images, activations, labels, preds, **kwargs)
         samples = self._stream_buffer.take(mode, ds_id)
-        result = eigencam(acts, self.n_components)
+        result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
         evr = result.explained_variance_ratio
         for i, s in enumerate(samples):
             index = stream.count + i
@@ -486,22 +458,6 @@ class EigenCAMLogger:
             warnings.warn(f"mlflow_eigencam: {where} failed ({type(exc).__name__}: {exc}); "
                           f"skipping these EigenCAM images, training goes on.",
                           EigenCAMWarning, stacklevel=3)
-
-
-def _check_n_components(n: Any) -> None:
-    if isinstance(n, bool) or not isinstance(n, numbers.Real):
-        raise TypeError(f"n_components must be an int >= 1 or a float in (0, 1), got {n!r}")
-    if isinstance(n, numbers.Integral):
-        if n < 1:
-            raise ValueError(f"n_components must be >= 1, got {n!r}")
-    elif not 0 < float(n) < 1:
-        raise ValueError(f"n_components as a float must be in (0, 1), got {n!r}")
-
-
-def _head(values: Any, n: int) -> Any:
-    if isinstance(values, (list, tuple)):
-        return list(values[:n])
-    return np.asarray(values)[:n]
 
 
 def _row(epoch: int, s: Sample, evr: np.ndarray, path: str) -> dict:

@@ -25,6 +25,7 @@ from mlflow_eigencam.eigencam import (
     _OVERSAMPLE,
     _RESIDUAL_TOL,
     EigenCAMResult,
+    _check_activation_shape,
     _check_n_components,
     _eigencam_numpy,
     _finish,
@@ -96,16 +97,9 @@ def _is_integer(dtype: "torch.dtype") -> bool:
 
 
 def _to_batch_channels_pixels(t: "torch.Tensor", channels_last: bool) -> Tuple["torch.Tensor", Tuple[int, int]]:
-    layout = "(h, w, C)" if channels_last else "(C, h, w)"
+    _check_activation_shape(tuple(t.shape), channels_last)
     if t.dim() == 3:
         t = t.unsqueeze(0)
-    elif t.dim() != 4:
-        raise ValueError(
-            f"activations must be 4-D (B, {layout[1:]} or 3-D {layout} (one sample), "
-            f"got shape {tuple(t.shape)}"
-        )
-    if 0 in t.shape:
-        raise ValueError(f"activations must not have an empty axis, got shape {tuple(t.shape)}")
     if channels_last:
         b, h, w, c = t.shape
         return t.reshape(b, h * w, c).transpose(1, 2), (h, w)

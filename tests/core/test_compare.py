@@ -31,6 +31,7 @@ from mlflow_eigencam.cli import main
 from mlflow_eigencam._compare import _COL_GAP, CompareResult, parse_epochs, strip_panels
 from mlflow_eigencam.render import overlay, render_strip, to_rgb_uint8
 from mlflow_eigencam.samples import sample_id
+from test_logger import blob_batch
 
 cmp_mod = importlib.import_module("mlflow_eigencam._compare")
 
@@ -39,14 +40,8 @@ LABELS = ["circle", "square", "tri"]
 
 def blobs(n=3, seed=0, h=32, w=32, c=8, hh=8, ww=8):
     """(n, H, W, 3) float images with a white square, (n, C, h, w) activations lit there."""
-    rng = np.random.default_rng(seed)
-    images = rng.uniform(0, 0.2, size=(n, h, w, 3)).astype(np.float32)
-    acts = rng.uniform(0, 0.05, size=(n, c, hh, ww)).astype(np.float32)
-    for i in range(n):
-        y, x = rng.integers(0, hh - 2), rng.integers(0, ww - 2)
-        acts[i, :, y:y + 2, x:x + 2] += rng.uniform(1, 2, size=(c, 1, 1))
-        images[i, y * h // hh:(y + 2) * h // hh, x * w // ww:(x + 2) * w // ww] = 1.0
-    return images, acts, rng.integers(0, 3, size=n)
+    images, acts, labels, _ = blob_batch(n=n, h=h, w=w, c=c, hh=hh, ww=ww, seed=seed, nchw=False)
+    return images, acts, labels
 
 
 @dataclass
