@@ -37,7 +37,6 @@ import os
 import re
 import sys
 import tempfile
-import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import sys
 import threading
 import warnings
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union

@@ -3,7 +3,6 @@ tables, metrics. Also a real `mlflow server` process for the tests that need one
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
