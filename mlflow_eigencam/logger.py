@@ -27,9 +27,9 @@ import numpy as np
 from . import _layout
 from .eigencam import _check_n_components, eigencam
 from .filters import ds_id_filter, mode_filter
-from .render import encode_png, render_grid, render_strip, resolve_colormap
+from .render import encode_png, encode_webp_preview, render_grid, render_strip, resolve_colormap
 from .samples import Sample, SampleBuffer
-from .sink import EigenCAMWarning, Item, MlflowSink, PNGPayload, default_spool_root, probe
+from .sink import EigenCAMWarning, Encoded, Item, MlflowSink, default_spool_root, probe
 
 _log = logging.getLogger("mlflow_eigencam")
 
@@ -281,16 +281,15 @@ class EigenCAMLogger:
         result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
         strips = [self._strip(s, result.maps[i], result.explained_variance_ratio[i])
                   for i, s in enumerate(samples)]
+        files: Dict[str, Any] = {}
         rows = []
+        now = int(time.time() * 1000)
         for s, strip, evr in zip(samples, strips, result.explained_variance_ratio):
-            png = PNGPayload(strip)  # encoded once, on the worker, for both items
-            self._submit(Item("image", self._run_id, self._uri(),
-                              key=_layout.image_key(mode, ds_id, s.index), step=epoch,
-                              payload=png))
-            path = _layout.strip_path(mode, ds_id, epoch, s.index)
-            self._submit(Item("artifact", self._run_id, self._uri(), path=path, payload=png))
+            # Encoded later, on the worker; the one PNG backs the series point and the strip.
+            path = _sample_files(files, mode, ds_id, epoch, s.index, now,
+                                 Encoded(strip), Encoded(strip, "webp-preview"))
             rows.append(_row(epoch, s, evr, path))
-        self._finish_epoch(epoch, key, strips[: self.grid_max_rows],
+        self._finish_epoch(epoch, key, files, strips[: self.grid_max_rows],
                            result.explained_variance_ratio.sum(axis=0), len(samples), rows)
 
     def _strip(self, s: Sample, maps: np.ndarray, evr: np.ndarray) -> np.ndarray:
@@ -298,21 +297,24 @@ class EigenCAMLogger:
                             correct=s.correct, sample_id=s.sample_id,
                             colormap=self.colormap, alpha=self.alpha)
 
-    def _finish_epoch(self, epoch: int, key: Key, grid_strips: List[np.ndarray],
-                      evr_sum: np.ndarray, count: int, rows: List[dict]) -> None:
+    def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any],
+                      grid_strips: List[np.ndarray], evr_sum: np.ndarray, count: int,
+                      rows: List[dict], spool_now: bool = False) -> None:
+        # One bundle per (mode, ds_id, epoch): one upload, one metrics call, tags once per run.
         mode, ds_id = key
         grid = render_grid(grid_strips, epoch=epoch, mode=mode, ds_id=ds_id)
-        self._submit(Item("artifact", self._run_id, self._uri(),
-                          path=_layout.grid_path(mode, ds_id, epoch), payload=grid))
+        files[_layout.grid_path(mode, ds_id, epoch)] = Encoded(grid)
         table = self._tables.setdefault(key, [])
         table.extend(rows)
-        self._submit(Item("table", self._run_id, self._uri(), path=_layout.table_path(mode, ds_id),
-                          payload=_table_json(table)))
+        table_path = _layout.table_path(mode, ds_id)
+        files[table_path] = _table_json(table)
         now = int(time.time() * 1000)
         mean = evr_sum / max(count, 1)
         metrics = [[_layout.metric_key(mode, ds_id, c + 1), float(v), epoch, now]
                    for c, v in enumerate(mean)]
-        self._submit(Item("metrics", self._run_id, self._uri(), metrics=metrics))
+        self._sink.submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
+                               tables=[table_path], tags={_layout.MLFLOW_LOGGED_IMAGES: "True"}),
+                          spool_now=spool_now)
 
     # -- streaming (n_samples=None) ------------------------------------------------------
     def _stream_batch(self, mode, ds_id, images, activations, labels, preds, kwargs) -> None:
@@ -330,6 +332,7 @@ class EigenCAMLogger:
             index = stream.count + i
             strip = self._strip(s, result.maps[i], evr[i])
             (stream.folder / f"{index:08d}.png").write_bytes(encode_png(strip))
+            (stream.folder / f"{index:08d}.webp").write_bytes(encode_webp_preview(strip))
             if len(stream.grid_strips) < self.grid_max_rows:
                 stream.grid_strips.append(strip)
             s.index = index
@@ -346,17 +349,18 @@ class EigenCAMLogger:
     def _log_stream(self, epoch: int, key: Key, stream: _Stream) -> None:
         mode, ds_id = key
         try:
+            files: Dict[str, Any] = {}
+            now = int(time.time() * 1000)
             for row in stream.rows:
                 index = row["sample_index"]
-                data = (stream.folder / f"{index:08d}.png").read_bytes()
-                self._submit(Item("image", self._run_id, self._uri(),
-                                  key=_layout.image_key(mode, ds_id, index), step=epoch,
-                                  payload=data))
-                path = _layout.strip_path(mode, ds_id, epoch, index)
-                self._submit(Item("artifact", self._run_id, self._uri(), path=path, payload=data))
+                stem = stream.folder / f"{index:08d}"
+                path = _sample_files(files, mode, ds_id, epoch, index, now,
+                                     stem.with_suffix(".png"), stem.with_suffix(".webp"))
                 row["epoch"], row[_layout.TABLE_IMAGE_COLUMN] = epoch, path
             evr_sum = stream.evr_sum if stream.evr_sum is not None else np.zeros(0)
-            self._finish_epoch(epoch, key, stream.grid_strips, evr_sum, stream.count, stream.rows)
+            # Spooled before returning: the files are paths into the folder deleted below.
+            self._finish_epoch(epoch, key, files, stream.grid_strips, evr_sum, stream.count,
+                               stream.rows, spool_now=True)
         finally:
             shutil.rmtree(stream.folder, ignore_errors=True)
 
@@ -458,6 +462,19 @@ class EigenCAMLogger:
             warnings.warn(f"mlflow_eigencam: {where} failed ({type(exc).__name__}: {exc}); "
                           f"skipping these EigenCAM images, training goes on.",
                           EigenCAMWarning, stacklevel=3)
+
+
+def _sample_files(files: Dict[str, Any], mode: str, ds_id: Optional[str], epoch: int,
+                  index: int, now_ms: int, png: Any, preview: Any) -> str:
+    """Add one sample's files to an epoch bundle: the image-series point (PNG and the UI's
+    WebP preview) and the strip artifact the table points to. Returns the strip's path."""
+    key = _layout.image_key(mode, ds_id, index)
+    png_path, preview_path = _layout.image_series_files(key, epoch, now_ms, str(uuid.uuid4()))
+    strip_path = _layout.strip_path(mode, ds_id, epoch, index)
+    files[png_path] = png
+    files[preview_path] = preview
+    files[strip_path] = png
+    return strip_path
 
 
 def _row(epoch: int, s: Sample, evr: np.ndarray, path: str) -> dict:

@@ -1,9 +1,9 @@
 """The only module that talks to MLflow: a background sender with a write-ahead spool.
 
 Why a spool: a training run must never wait on, or fail because of, the tracking server.
-Every item (image, artifact, table, metrics, tags) is handed to one background worker through
-a bounded queue; the worker first writes it to a local spool folder, then sends it, then
-deletes it. If MLflow cannot be reached the items stay on disk, in order, and are retried with
+Every item (one epoch's files, metrics and table for a (mode, ds_id), or run tags) is handed
+to one background worker through a bounded queue; the worker first writes it to a local spool
+folder, then sends it, then deletes it. If MLflow cannot be reached the items stay on disk, in order, and are retried with
 backoff; nothing is lost even if the process dies. A leftover spool can be sent later with
 :func:`send_spool` or ``mlflow-eigencam send-spool PATH``.
 
@@ -14,7 +14,6 @@ server costs seconds, not minutes, and only on the worker thread.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -41,7 +40,7 @@ _log = logging.getLogger("mlflow_eigencam")
 #: Environment variable that moves the default spool root.
 SPOOL_ENV = "MLFLOW_EIGENCAM_SPOOL_DIR"
 _ITEM_FILE = "item.json"
-_PAYLOAD_FILE = "payload"
+_FILES_DIR = "files"
 
 
 class EigenCAMWarning(UserWarning):
@@ -60,85 +59,107 @@ def default_spool_root() -> Path:
 class Item:
     """One unit of work for MLflow.
 
-    kind is ``image`` (key, step; payload PNG), ``artifact`` (path; payload bytes),
-    ``metrics`` (metrics: [[key, value, step, timestamp_ms], ...]), ``tags`` (tags dict) or
-    ``table`` (path; payload: full table JSON, uploaded whole so a retry is idempotent).
+    kind ``tags``: ``tags`` set on the run. kind ``bundle``: everything one (mode, ds_id)
+    logs at one epoch, sent together: ``files`` ({artifact path: payload}) uploaded in one
+    ``log_artifacts`` call, then ``metrics`` ([[key, value, step, timestamp_ms], ...]), then
+    ``tables`` registered as tables of the run, then ``tags``. Every part is idempotent (fixed
+    file names, whole tables, tags), so a bundle retried after a partial send duplicates
+    nothing.
     """
 
     kind: str
     run_id: str
     tracking_uri: str
-    key: Optional[str] = None
-    step: Optional[int] = None
-    path: Optional[str] = None
+    files: Optional[Dict[str, Any]] = None  # path -> bytes, str, Encoded or a local Path
     metrics: Optional[List[list]] = None
+    tables: Optional[List[str]] = None
     tags: Optional[Dict[str, str]] = None
-    payload: Any = None  # bytes, or an (H, W, 3) uint8 array encoded on the worker
     seq: int = 0
+    #: Set by :func:`read_item`: the spooled folder that holds ``files`` under their paths.
+    files_dir: Optional[Path] = None
 
     def meta(self) -> dict:
-        d = {k: getattr(self, k) for k in ("kind", "run_id", "tracking_uri", "key", "step",
-                                            "path", "metrics", "tags", "seq")}
+        d = {k: getattr(self, k) for k in ("kind", "run_id", "tracking_uri", "metrics",
+                                            "tables", "tags", "seq")}
+        d["files"] = sorted(self.files) if self.files else None
         return d
 
 
-class PNGPayload:
-    """An (H, W, 3) uint8 image encoded to PNG at most once, on first use (on the worker).
+class Encoded:
+    """An (H, W, 3) uint8 image encoded on first use, on the worker, not the training thread.
 
-    The same strip goes to MLflow twice (the image series and the per-epoch artifact); sharing
-    one of these halves the encoding work and keeps it off the training thread.
+    ``fmt`` is ``png`` (:func:`render.encode_png`) or ``webp-preview``
+    (:func:`render.encode_webp_preview`). One ``png`` object can back two files (the image
+    series point and the epoch's strip artifact): it is encoded once.
     """
 
-    __slots__ = ("array", "_data", "_lock")
+    __slots__ = ("array", "fmt", "_data", "_lock")
 
-    def __init__(self, array: np.ndarray) -> None:
+    def __init__(self, array: np.ndarray, fmt: str = "png") -> None:
+        if fmt not in ("png", "webp-preview"):
+            raise ValueError(f"fmt must be 'png' or 'webp-preview', got {fmt!r}")
         self.array = array
+        self.fmt = fmt
         self._data: Optional[bytes] = None
         self._lock = threading.Lock()
 
     def data(self) -> bytes:
         with self._lock:
             if self._data is None:
-                from .render import encode_png
+                from .render import encode_png, encode_webp_preview
 
-                self._data = encode_png(self.array)
-                self.array = None  # type: ignore[assignment]  # free the pixels once encoded
+                encode = encode_png if self.fmt == "png" else encode_webp_preview
+                self._data = encode(self.array)
             return self._data
 
 
-def _encode(payload: Any) -> bytes:
-    if isinstance(payload, PNGPayload):
-        return payload.data()
-    if isinstance(payload, (bytes, bytearray)):
-        return bytes(payload)
-    if isinstance(payload, np.ndarray):
-        from .render import encode_png
-
-        return encode_png(payload)
-    if isinstance(payload, str):
-        return payload.encode("utf-8")
-    raise TypeError(f"payload must be bytes, str or a uint8 image array, got {type(payload)!r}")
+def _write_payload(target: Path, payload: Any) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(payload, Path):
+        shutil.copyfile(payload, target)
+    elif isinstance(payload, Encoded):
+        target.write_bytes(payload.data())
+    elif isinstance(payload, (bytes, bytearray)):
+        target.write_bytes(bytes(payload))
+    elif isinstance(payload, str):
+        target.write_text(payload, encoding="utf-8")
+    else:
+        raise TypeError(f"a file payload must be bytes, str, Encoded or Path, got "
+                        f"{type(payload)!r}")
 
 
 def write_item(spool: Path, item: Item) -> Path:
-    """Persist one item in ``spool`` atomically (temp folder, then rename); returns its folder."""
+    """Persist one item in ``spool`` atomically (temp folder, then rename); returns its folder.
+
+    Files go under ``files/`` at their artifact paths, so the folder is what gets uploaded.
+    """
     spool.mkdir(parents=True, exist_ok=True)
     final = spool / f"{item.seq:010d}.{item.kind}"
     tmp = spool / f".tmp-{item.seq:010d}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     (tmp / _ITEM_FILE).write_text(json.dumps(item.meta()))
-    if item.payload is not None:
-        (tmp / _PAYLOAD_FILE).write_bytes(_encode(item.payload))
+    for path, payload in (item.files or {}).items():
+        _write_payload(tmp / _FILES_DIR / _safe_relative(path), payload)
     os.replace(tmp, final)
     return final
 
 
+def _safe_relative(path: str) -> Path:
+    rel = Path(path)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise ValueError(f"artifact path must be relative without '..', got {path!r}")
+    return rel
+
+
 def read_item(folder: Path) -> Item:
-    """Load an item written by :func:`write_item` (payload as bytes)."""
+    """Load an item written by :func:`write_item`; its files stay on disk (``files_dir``)."""
     meta = json.loads((folder / _ITEM_FILE).read_text())
-    payload_file = folder / _PAYLOAD_FILE
-    payload = payload_file.read_bytes() if payload_file.exists() else None
-    return Item(payload=payload, **meta)
+    files = meta.pop("files", None)
+    item = Item(**meta)
+    if files:
+        item.files = {p: folder / _FILES_DIR / p for p in files}
+        item.files_dir = folder / _FILES_DIR
+    return item
 
 
 def pending_items(spool: Path) -> List[Path]:
@@ -192,27 +213,14 @@ def send_item(item: Item) -> None:
     """
     if not probe(item.tracking_uri):
         raise Unreachable(item.tracking_uri)
-    from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
     client = _client(item.tracking_uri)
     try:
-        if item.kind == "image":
-            from PIL import Image
-
-            with Image.open(io.BytesIO(item.payload)) as im:
-                im.load()
-                client.log_image(item.run_id, im, key=item.key, step=item.step, synchronous=True)
-        elif item.kind in ("artifact", "table"):
-            _upload_bytes(client, item.run_id, item.path, item.payload)
-            if item.kind == "table":
-                _register_table(client, item.run_id, item.path)
-        elif item.kind == "metrics":
-            metrics = [Metric(k, float(v), int(ts), int(s)) for k, v, s, ts in item.metrics or []]
-            client.log_batch(item.run_id, metrics=metrics, synchronous=True)
+        if item.kind == "bundle":
+            _send_bundle(client, item)
         elif item.kind == "tags":
-            for k, v in (item.tags or {}).items():
-                client.set_tag(item.run_id, k, v, synchronous=True)
+            _log_batch(client, item.run_id, [], item.tags or {})
         else:
             raise PermanentError(f"unknown item kind {item.kind!r}")
     except MlflowException as exc:
@@ -231,31 +239,47 @@ def send_item(item: Item) -> None:
         raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _upload_bytes(client, run_id: str, path: str, data: bytes) -> None:
-    directory, name = os.path.split(path)
-    with tempfile.TemporaryDirectory(prefix="eigencam-") as tmp:
-        local = os.path.join(tmp, name)
-        with open(local, "wb") as f:
-            f.write(data)
-        client.log_artifact(run_id, local, artifact_path=directory or None)
+def _send_bundle(client, item: Item) -> None:
+    from mlflow.entities import Metric
+
+    if item.files:
+        if item.files_dir is None:  # not spooled (send_item called directly): stage it
+            with tempfile.TemporaryDirectory(prefix="eigencam-") as tmp:
+                for path, payload in item.files.items():
+                    _write_payload(Path(tmp) / _safe_relative(path), payload)
+                client.log_artifacts(item.run_id, tmp)
+        else:
+            client.log_artifacts(item.run_id, str(item.files_dir))
+    tags = {k: v for k, v in (item.tags or {}).items() if (item.run_id, k, v) not in _tags_set}
+    tables = [p for p in item.tables or [] if (item.run_id, p) not in _registered_tables]
+    if tables:
+        # The tag mlflow.log_table writes, so mlflow.load_table and the UI find the tables.
+        # Read-modify-write of a run tag: once per (run, table) and process.
+        current = json.loads(client.get_run(item.run_id).data.tags.get(
+            _layout.MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        entries = [{"path": p, "type": "table"} for p in tables]
+        if any(e not in current for e in entries):
+            tags[_layout.MLFLOW_LOGGED_ARTIFACTS] = json.dumps(
+                current + [e for e in entries if e not in current])
+    metrics = [Metric(k, float(v), int(ts), int(s)) for k, v, s, ts in item.metrics or []]
+    _log_batch(client, item.run_id, metrics, tags)
+    _registered_tables.update((item.run_id, p) for p in tables)
+    _tags_set.update((item.run_id, k, v) for k, v in (item.tags or {}).items())
 
 
+# What this process already set, per run: a bundle carries them at every epoch, and each costs
+# a server round trip (a sqlite commit on a local store).
 _registered_tables: set = set()
+_tags_set: set = set()
 
 
-def _register_table(client, run_id: str, path: str) -> None:
-    # Same tag that mlflow.log_table writes, so mlflow.load_table and the UI find the table.
-    # Once per (run, table) and process: it is a read-modify-write of a run tag.
-    if (run_id, path) in _registered_tables:
-        return
-    run = client.get_run(run_id)
-    current = json.loads(run.data.tags.get(_layout.MLFLOW_LOGGED_ARTIFACTS, "[]"))
-    entry = {"path": path, "type": "table"}
-    if entry not in current:
-        current.append(entry)
-        client.set_tag(run_id, _layout.MLFLOW_LOGGED_ARTIFACTS, json.dumps(current),
-                       synchronous=True)
-    _registered_tables.add((run_id, path))
+def _log_batch(client, run_id: str, metrics: list, tags: Dict[str, str]) -> None:
+    """Metrics and tags in one call (one commit on a local store, one request to a server)."""
+    if metrics or tags:
+        from mlflow.entities import RunTag
+
+        client.log_batch(run_id, metrics=metrics,
+                         tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
 
 
 def send_spool(spool: str | os.PathLike, *, tracking_uri: Optional[str] = None,
@@ -341,8 +365,12 @@ class MlflowSink:
         self.sent = 0
 
     # -- caller side ---------------------------------------------------------------------
-    def submit(self, item: Item) -> None:
-        """Queue an item without blocking; if the queue is full, write it to the spool here."""
+    def submit(self, item: Item, *, spool_now: bool = False) -> None:
+        """Queue an item without blocking; if the queue is full, write it to the spool here.
+
+        ``spool_now``: write it to the spool in the caller's thread before returning (for
+        items whose files are local paths that the caller deletes next).
+        """
         with self._seq_lock:
             item.seq = next(self._seq)
         self._ensure_thread()
@@ -351,10 +379,13 @@ class MlflowSink:
             # Warn from the caller's thread, where the user (and pytest) sees it.
             self._warned_down = True
             warnings.warn(self._down_message, EigenCAMWarning, stacklevel=3)
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        if spool_now:
             write_item(self.spool_dir, item)
+        else:
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                write_item(self.spool_dir, item)
         self._wake.set()
 
     def pending(self) -> int:

@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mlflow_eigencam
 from mlflow_eigencam import EigenCAMLogger, eigencam
 from mlflow_eigencam import compare as compare_fn
 from mlflow_eigencam.cli import main

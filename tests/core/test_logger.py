@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tracemalloc
-import warnings
 
 import mlflow
 import numpy as np
@@ -77,6 +76,45 @@ def test_epochs_land_as_keys_steps_grid_table_metrics_tags(tracking_uri):
     assert tags["mlflow_eigencam.n_components"] == "2"
     assert tags["mlflow_eigencam.version"]
     assert "train" in tags["mlflow_eigencam.mode"]
+
+
+def test_image_series_files_are_the_ones_log_image_writes(tracking_uri):
+    """The package writes MLflow's image-series files itself (one upload per epoch): same
+    names, same full-size PNG, a WebP preview of the same size, the same run tag."""
+    from PIL import Image
+
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_components=2, n_samples=1)
+        images, acts, labels, logits = blob_batch(n=1, h=24, w=40)
+        logger.on_batch_end(images, acts, labels, logits, mode="eval", ds_id="val")
+        logger.on_epoch_end(3)
+        assert logger.flush(timeout=60)
+        logger.close()
+        rid = run.info.run_id
+        ours = load_png(client, rid, image_series(client, rid)["eigencam/eval/val/sample_0"][3])
+        mlflow.log_image(ours, key="reference", step=3, synchronous=True)
+    names = sorted(f.path for f in client.list_artifacts(rid, "images"))
+    assert len(names) == 4
+    kinds = {}
+    for name in names:
+        key, rest = name[len("images/"):].split("+step+", 1)
+        assert rest.startswith("3+timestamp+")
+        kinds.setdefault(key, set()).add("preview" if name.endswith("+compressed.webp")
+                                         else rest.rsplit(".", 1)[1])
+    assert kinds == {"eigencam~eval~val~sample_0": {"png", "preview"},
+                     "reference": {"png", "preview"}}
+    series = image_series(client, rid)
+    assert np.array_equal(load_png(client, rid, series["reference"][3]), ours)
+    previews = {}
+    for name in names:
+        if name.endswith("+compressed.webp"):
+            local = client.download_artifacts(rid, name)
+            with Image.open(local) as im:
+                previews[name.split("+", 1)[0]] = (im.format, im.size)
+    assert previews["images/eigencam~eval~val~sample_0"] == previews["images/reference"]
+    assert previews["images/reference"][0] == "WEBP"
+    assert client.get_run(rid).data.tags["mlflow.loggedImages"] == "True"
 
 
 def test_filtered_modes_cost_nothing_and_log_nothing(tracking_uri):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import time
 import warnings
 
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_eigencam import EigenCAMLogger, EigenCAMWarning, send_spool
+from mlflow_eigencam import EigenCAMLogger, EigenCAMWarning
 from mlflow_eigencam.cli import main as cli_main
-from readback import MlflowServer, image_series, list_all, load_json, metric_steps
+from readback import image_series, list_all, load_json, metric_steps
 
 from test_logger import blob_batch
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import mlflow
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
