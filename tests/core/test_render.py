@@ -377,3 +377,15 @@ def test_encode_png_round_trips_without_metadata():
         encode_png(img.astype(np.float32))
     with pytest.raises(ValueError, match=r"\(17, 23, 4\)"):
         encode_png(np.zeros((17, 23, 4), np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 7, 3), (9, 1, 3), (31, 45, 3), (5, 8), (64, 3)])
+def test_encode_png_decodes_exactly_in_pillow_and_opencv(shape):
+    # Random pixels exercise the Up filter's wrap-around (row differences modulo 256).
+    img = np.random.default_rng(sum(shape)).integers(0, 256, size=shape, dtype=np.uint8)
+    data = encode_png(img)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), img)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(decoded[..., ::-1] if img.ndim == 3 else decoded, img)
+    with pytest.raises(ValueError, match=r"\(0, 4, 3\)"):
+        encode_png(np.zeros((0, 4, 3), np.uint8))
