@@ -363,6 +363,9 @@ class MlflowSink:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self.sent = 0
+        #: CPU seconds the worker thread used (encoding, spooling, sending): what the sink
+        #: costs the machine beside training, for benchmarks and diagnostics.
+        self.worker_cpu_s = 0.0
 
     # -- caller side ---------------------------------------------------------------------
     def submit(self, item: Item, *, spool_now: bool = False) -> None:
@@ -449,8 +452,10 @@ class MlflowSink:
         _lower_thread_priority()
         delay = self._backoff[0]
         while not self._stop:
+            cpu = time.thread_time()
             self._persist_queued()
             status = self._drain()
+            self.worker_cpu_s += time.thread_time() - cpu
             if status == "down":
                 self._wake.wait(timeout=delay)
                 self._wake.clear()
