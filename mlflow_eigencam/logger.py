@@ -28,7 +28,8 @@ import numpy as np
 from . import _layout
 from .eigencam import _check_n_components, eigencam
 from .filters import ds_id_filter, mode_filter
-from .render import encode_png, encode_webp_preview, render_grid, render_strip, resolve_colormap
+from .render import (PNGBand, encode_png, encode_webp_preview, grid_bands, render_strip,
+                     resolve_colormap)
 from .samples import Sample, SampleBuffer
 from .sink import EigenCAMWarning, Encoded, Item, MlflowSink, default_spool_root, probe
 
@@ -283,15 +284,17 @@ class EigenCAMLogger:
             result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
         strips = [self._strip(s, result.maps[i], result.explained_variance_ratio[i])
                   for i, s in enumerate(samples)]
+        bands = [PNGBand(strip) for strip in strips]
         files: Dict[str, Any] = {}
         rows = []
         now = int(time.time() * 1000)
-        for s, strip, evr in zip(samples, strips, result.explained_variance_ratio):
-            # Encoded later, on the worker; the one PNG backs the series point and the strip.
+        for s, band, evr in zip(samples, bands, result.explained_variance_ratio):
+            # Encoded later, on the worker; the one PNG backs the series point and the strip,
+            # and its compressed rows are reused by the grid.
             path = _sample_files(files, mode, ds_id, epoch, s.index, now,
-                                 Encoded(strip), Encoded(strip, "webp-preview"))
+                                 Encoded([band]), Encoded(band.pixels, "webp-preview"))
             rows.append(_row(epoch, s, evr, path))
-        self._finish_epoch(epoch, key, files, strips[: self.grid_max_rows],
+        self._finish_epoch(epoch, key, files, bands[: self.grid_max_rows],
                            result.explained_variance_ratio.sum(axis=0), len(samples), rows)
 
     def _strip(self, s: Sample, maps: np.ndarray, evr: np.ndarray) -> np.ndarray:
@@ -300,11 +303,11 @@ class EigenCAMLogger:
                             colormap=self.colormap, alpha=self.alpha)
 
     def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any],
-                      grid_strips: List[np.ndarray], evr_sum: np.ndarray, count: int,
+                      grid_strips: List[Any], evr_sum: np.ndarray, count: int,
                       rows: List[dict], spool_now: bool = False) -> None:
         # One bundle per (mode, ds_id, epoch): one upload, one metrics call, tags once per run.
         mode, ds_id = key
-        grid = render_grid(grid_strips, epoch=epoch, mode=mode, ds_id=ds_id)
+        grid = grid_bands(grid_strips, epoch=epoch, mode=mode, ds_id=ds_id)
         files[_layout.grid_path(mode, ds_id, epoch)] = Encoded(grid)
         table = self._tables.setdefault(key, [])
         table.extend(rows)

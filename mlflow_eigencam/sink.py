@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 
 from . import _layout
 
@@ -86,19 +85,20 @@ class Item:
 
 
 class Encoded:
-    """An (H, W, 3) uint8 image encoded on first use, on the worker, not the training thread.
+    """An image encoded on first use, on the worker, not the training thread.
 
-    ``fmt`` is ``png`` (:func:`render.encode_png`) or ``webp-preview``
-    (:func:`render.encode_webp_preview`). One ``png`` object can back two files (the image
-    series point and the epoch's strip artifact): it is encoded once.
+    ``fmt`` ``png``: ``source`` is an (H, W, 3) uint8 array or a list of
+    :class:`render.PNGBand` (a strip's band is compressed once for its own PNG and the grid).
+    ``webp-preview``: ``source`` is an (H, W, 3) uint8 array, see
+    :func:`render.encode_webp_preview`. One object may back several files: it is encoded once.
     """
 
-    __slots__ = ("array", "fmt", "_data", "_lock")
+    __slots__ = ("_data", "_lock", "fmt", "source")
 
-    def __init__(self, array: np.ndarray, fmt: str = "png") -> None:
+    def __init__(self, source: Any, fmt: str = "png") -> None:
         if fmt not in ("png", "webp-preview"):
             raise ValueError(f"fmt must be 'png' or 'webp-preview', got {fmt!r}")
-        self.array = array
+        self.source = source
         self.fmt = fmt
         self._data: Optional[bytes] = None
         self._lock = threading.Lock()
@@ -109,7 +109,7 @@ class Encoded:
                 from .render import encode_png, encode_webp_preview
 
                 encode = encode_png if self.fmt == "png" else encode_webp_preview
-                self._data = encode(self.array)
+                self._data = encode(self.source)
             return self._data
 
 

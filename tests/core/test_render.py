@@ -389,3 +389,20 @@ def test_encode_png_decodes_exactly_in_pillow_and_opencv(shape):
     np.testing.assert_array_equal(decoded[..., ::-1] if img.ndim == 3 else decoded, img)
     with pytest.raises(ValueError, match=r"\(0, 4, 3\)"):
         encode_png(np.zeros((0, 4, 3), np.uint8))
+
+
+def test_grid_from_bands_reuses_strip_rows_and_decodes_to_render_grid():
+    from mlflow_eigencam.render import PNGBand, grid_bands
+
+    wide = render_strip(rgb(20, 36), np.random.default_rng(1).random((2, 5, 9)), label="a", pred="b")
+    narrow = render_strip(rgb(20, 20), np.random.default_rng(2).random((1, 5, 5)))
+    strips = [PNGBand(wide), PNGBand(narrow), PNGBand(wide)]
+    alone = encode_png([strips[0]])  # compresses strip 0's rows once
+    assert alone == encode_png(wide)
+    bands = grid_bands(strips, epoch=4, mode="eval", ds_id="val")
+    assert bands[1] is strips[0] and bands[5] is strips[2]  # same width: reused as is
+    data = encode_png(bands)
+    expected = render_grid([wide, narrow, wide], epoch=4, mode="eval", ds_id="val")
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), expected)
+    with pytest.raises(ValueError, match="share width"):
+        encode_png([PNGBand(wide), PNGBand(narrow)])
