@@ -33,17 +33,20 @@ BENCHES = [
      "not counted). Memory: resident set size of fresh processes."),
     ("torch", "bench_torch_overhead.py", [], False, "Training overhead: PyTorch plain loop",
      "A small CNN's epoch (train on 8192 + eval on 512 images of 32x32) with and without "
-     "`EigenCAMMonitor` at default settings, interleaved repeats, medians. The last line is "
-     "the monitor's own CPU time (its calls on the training thread plus the upload thread): "
-     "on a machine whose cores the training already fills, that is what it costs."),
+     "`EigenCAMMonitor` at default settings. Runs with and without alternate; the overhead is "
+     "the median over adjacent pairs (each pair's spread is printed: this 2-core machine "
+     "drifts by more than the effect). The last line is the monitor's own CPU time (its calls "
+     "on the training thread plus the upload thread): on a machine whose cores the training "
+     "already fills, that is what it costs, and it does not depend on the drift."),
     ("torch-short", "bench_torch_overhead.py", ["--train-size", "4096"], False,
      "Training overhead: PyTorch plain loop, 1 s epochs",
      "The same with half the training data: the monitor's cost per epoch is fixed (about "
      "45 ms of CPU here), so its share doubles."),
     ("keras", "bench_keras_overhead.py", [], False, "Training overhead: Keras `fit`",
-     "A small CNN's `fit` epoch (8192 + 256 images of 32x32, a cached `tf.data` pipeline) with "
-     "and without `EigenCAMCallback` at default settings, interleaved repeats, medians of the "
-     "epochs after the first two of each fit."),
+     "A small CNN's `fit` epoch (8192 + 256 images of 32x32, a cached `tf.data` pipeline with "
+     "autotuning off, which otherwise stalls random epochs by a second in both arms) with and "
+     "without `EigenCAMCallback` at default settings: median over paired repeats of each "
+     "fit's median epoch, the first two epochs of each fit left out."),
     ("keras-long", "bench_keras_overhead.py", ["--n-train", "16384", "--repeats", "3"], False,
      "Training overhead: Keras `fit`, 2.5 s epochs",
      "The same with 2x the training data per epoch (the epoch length of the PyTorch figure)."),
