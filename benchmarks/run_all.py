@@ -47,7 +47,7 @@ BENCHES = [
      "autotuning off, which otherwise stalls random epochs by a second in both arms) with and "
      "without `EigenCAMCallback` at default settings: median over paired repeats of each "
      "fit's median epoch, the first two epochs of each fit left out."),
-    ("keras-long", "bench_keras_overhead.py", ["--n-train", "16384", "--repeats", "3"], False,
+    ("keras-long", "bench_keras_overhead.py", ["--n-train", "16384", "--repeats", "5"], False,
      "Training overhead: Keras `fit`, 2.5 s epochs",
      "The same with 2x the training data per epoch (the epoch length of the PyTorch figure)."),
     ("quality", "bench_quality.py", [], True, "Quality: the pointing game, with and without the sign rule",
