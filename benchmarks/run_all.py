@@ -86,7 +86,14 @@ def main() -> int:
              "GPU: when activations arrive as CUDA tensors the math runs on the device "
              "(batched `torch.linalg.eigh`) and only the maps are copied back. No GPU was "
              "available to the session that produced this page, so no GPU figures are "
-             "given here.", ""]
+             "given here.", "",
+             "Training overhead on this machine: a shared 2-core virtual machine whose speed "
+             "drifts by more than the effect being measured (whole runs slow down by 20-50 % "
+             "for seconds at a time, in both arms). The A/B figures therefore print every "
+             "pair; the same code gave per-epoch overheads from about 0 % to 15 % in different "
+             "runs on the same day. The line that does not drift is the component's own CPU "
+             "time per epoch (its calls on the training thread plus its upload thread): on a "
+             "machine whose cores the training already fills, that is the cost.", ""]
     failed = []
     for name, script, extra, markdown, title, what in BENCHES:
         if name in skip:
