@@ -481,7 +481,8 @@ def _blas_one_thread() -> Iterator[None]:
     0.1 s (measured: 105 ms of CPU after a 3 ms EigenCAM call on (5, 64, 8, 8)). Beside a
     training loop that already uses every core, that spin is stolen from training each epoch
     and was most of the logger's measured overhead. The logger's matrices are small, so one
-    thread costs little (5.2 -> 5.9 ms on (16, 2048, 7, 7)).
+    thread costs little (5.2 -> 5.9 ms on (16, 2048, 7, 7)). The limit is process-wide
+    (OpenBLAS has one setting), so it is held only for the few milliseconds of the call.
     """
     global _blas_limits
     try:
