@@ -317,9 +317,9 @@ class EigenCAMLogger:
         mean = evr_sum / max(count, 1)
         metrics = [[_layout.metric_key(mode, ds_id, c + 1), float(v), epoch, now]
                    for c, v in enumerate(mean)]
-        self._sink.submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
-                               tables=[table_path], tags={_layout.MLFLOW_LOGGED_IMAGES: "True"}),
-                          spool_now=spool_now)
+        self._submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
+                          tables=[table_path], tags={_layout.MLFLOW_LOGGED_IMAGES: "True"}),
+                     spool_now=spool_now)
 
     # -- streaming (n_samples=None) ------------------------------------------------------
     def _stream_batch(self, mode, ds_id, images, activations, labels, preds, kwargs) -> None:
@@ -415,9 +415,9 @@ class EigenCAMLogger:
         tags.update({str(k): str(v) for k, v in self._extra_tags.items()})
         return tags
 
-    def _submit(self, item: Item) -> None:
+    def _submit(self, item: Item, spool_now: bool = False) -> None:
         assert self._sink is not None
-        self._sink.submit(item)
+        self._sink.submit(item, spool_now=spool_now)
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until MLflow confirmed everything (True) or ``timeout`` seconds passed."""

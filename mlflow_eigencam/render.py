@@ -540,13 +540,7 @@ class PNGBand:
     __slots__ = ("_deflated", "pixels")
 
     def __init__(self, pixels: np.ndarray) -> None:
-        arr = np.asarray(pixels)
-        if arr.dtype != np.uint8:
-            raise TypeError(f"encode_png needs uint8 pixels, got dtype {arr.dtype}")
-        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)) or 0 in arr.shape:
-            raise ValueError(f"encode_png needs (H, W, 3) or (H, W) with H, W > 0, got shape "
-                             f"{arr.shape}")
-        self.pixels = arr
+        self.pixels = _check_pixels(pixels, "encode_png")
         self._deflated: Optional[tuple[bytes, int, int]] = None
 
     def deflated(self) -> tuple[bytes, int, int]:
@@ -618,6 +612,19 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return (struct.pack(">I", len(data)) + kind + data
             + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
 
+
+def _check_pixels(image: np.ndarray, who: str) -> np.ndarray:
+    """``image`` as an array if it is non-empty (H, W, 3) or (H, W) uint8, else an error that
+    names ``who`` and the bad dtype or shape."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"{who} needs uint8 pixels, got dtype {arr.dtype}")
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)) or 0 in arr.shape:
+        raise ValueError(f"{who} needs (H, W, 3) or (H, W) with H, W > 0, got shape "
+                         f"{arr.shape}")
+    return arr
+
+
 #: Longer side of the preview MLflow's UI loads for an image series (MLflow's own constant).
 PREVIEW_SIZE = 256
 
@@ -632,11 +639,7 @@ def encode_webp_preview(image: np.ndarray, max_size: int = PREVIEW_SIZE) -> byte
         TypeError: A dtype other than uint8.
         ValueError: Another shape.
     """
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"encode_webp_preview needs uint8 pixels, got dtype {arr.dtype}")
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
-        raise ValueError(f"encode_webp_preview needs (H, W, 3) or (H, W), got shape {arr.shape}")
+    arr = _check_pixels(image, "encode_webp_preview")
     height, width = arr.shape[:2]
     if width > height:
         size = (max_size, max(1, int(height * max_size / width)))

@@ -3,9 +3,9 @@
 Why a spool: a training run must never wait on, or fail because of, the tracking server.
 Every item (one epoch's files, metrics and table for a (mode, ds_id), or run tags) is handed
 to one background worker through a bounded queue; the worker first writes it to a local spool
-folder, then sends it, then deletes it. If MLflow cannot be reached the items stay on disk, in order, and are retried with
-backoff; nothing is lost even if the process dies. A leftover spool can be sent later with
-:func:`send_spool` or ``mlflow-eigencam send-spool PATH``.
+folder, then sends it, then deletes it. If MLflow cannot be reached the items stay on disk,
+in order, and are retried with backoff; nothing is lost even if the process dies. A leftover
+spool can be sent later with :func:`send_spool` or ``mlflow-eigencam send-spool PATH``.
 
 Why a health probe: MLflow's own HTTP client retries a down server for minutes. Before sending
 to an ``http(s)://`` tracking URI the worker asks ``/health`` with a short timeout, so a down
@@ -60,10 +60,11 @@ class Item:
 
     kind ``tags``: ``tags`` set on the run. kind ``bundle``: everything one (mode, ds_id)
     logs at one epoch, sent together: ``files`` ({artifact path: payload}) uploaded in one
-    ``log_artifacts`` call, then ``metrics`` ([[key, value, step, timestamp_ms], ...]), then
-    ``tables`` registered as tables of the run, then ``tags``. Every part is idempotent (fixed
-    file names, whole tables, tags), so a bundle retried after a partial send duplicates
-    nothing.
+    ``log_artifacts`` call, then one ``log_batch`` with ``metrics``
+    ([[key, value, step, timestamp_ms], ...]) and the tags this process has not set yet:
+    ``tags`` and the registration of ``tables`` as tables of the run. Every part is
+    idempotent (fixed file names, whole tables, tags), so a bundle retried after a partial
+    send duplicates nothing.
     """
 
     kind: str
@@ -242,14 +243,14 @@ def send_item(item: Item) -> None:
 def _send_bundle(client, item: Item) -> None:
     from mlflow.entities import Metric
 
+    if item.files and item.files_dir is None:
+        # Not spooled (send_item called directly): spool it to a temporary folder first, so
+        # the files are written by write_item alone.
+        with tempfile.TemporaryDirectory(prefix="eigencam-") as tmp:
+            _send_bundle(client, read_item(write_item(Path(tmp), item)))
+        return
     if item.files:
-        if item.files_dir is None:  # not spooled (send_item called directly): stage it
-            with tempfile.TemporaryDirectory(prefix="eigencam-") as tmp:
-                for path, payload in item.files.items():
-                    _write_payload(Path(tmp) / _safe_relative(path), payload)
-                client.log_artifacts(item.run_id, tmp)
-        else:
-            client.log_artifacts(item.run_id, str(item.files_dir))
+        client.log_artifacts(item.run_id, str(item.files_dir))
     tags = {k: v for k, v in (item.tags or {}).items() if (item.run_id, k, v) not in _tags_set}
     tables = [p for p in item.tables or [] if (item.run_id, p) not in _registered_tables]
     if tables:

@@ -268,3 +268,19 @@ def test_twenty_epochs_do_not_grow_memory(tracking_uri):
         logger.close()
     # After warm-up, 15 more epochs may only add table rows (a few hundred bytes each).
     assert sizes[-1] - sizes[4] < 1_000_000, sizes
+
+
+def test_send_item_sends_a_bundle_that_was_never_spooled(tracking_uri):
+    from mlflow_eigencam.sink import Encoded, Item, send_item
+
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        pass
+    rid = run.info.run_id
+    pixels = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    send_item(Item("bundle", rid, mlflow.get_tracking_uri(),
+                   files={"eigencam/x/img.png": Encoded(pixels), "eigencam/x/t.json": "{}"},
+                   metrics=[["eigencam/x/evr_1", 0.5, 2, 1000]], tags={"k": "v"}))
+    assert np.array_equal(load_png(client, rid, "eigencam/x/img.png"), pixels)
+    assert metric_steps(client, rid, "eigencam/x/evr_1") == [(2, 0.5)]
+    assert client.get_run(rid).data.tags["k"] == "v"
