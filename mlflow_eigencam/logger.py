@@ -282,17 +282,19 @@ class EigenCAMLogger:
             return
         with _blas_one_thread():
             result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
-        strips = [self._strip(s, result.maps[i], result.explained_variance_ratio[i])
-                  for i, s in enumerate(samples)]
-        bands = [PNGBand(strip) for strip in strips]
         files: Dict[str, Any] = {}
-        rows = []
+        bands, rows = [], []
         now = int(time.time() * 1000)
-        for s, band, evr in zip(samples, bands, result.explained_variance_ratio):
-            # Encoded later, on the worker; the one PNG backs the series point and the strip,
-            # and its compressed rows are reused by the grid.
-            path = _sample_files(files, mode, ds_id, epoch, s.index, now,
-                                 Encoded([band]), Encoded(band.pixels, "webp-preview"))
+        for i, s in enumerate(samples):
+            evr = result.explained_variance_ratio[i]
+            band = PNGBand(self._strip(s, result.maps[i], evr))
+            bands.append(band)
+            # Encoded on the worker, which starts while the next strip is rendered; the one
+            # PNG backs the series point and the strip, and the grid reuses its rows.
+            png, webp = Encoded([band]), Encoded(band.pixels, "webp-preview")
+            assert self._sink is not None
+            self._sink.encode_soon(png, webp)
+            path = _sample_files(files, mode, ds_id, epoch, s.index, now, png, webp)
             rows.append(_row(epoch, s, evr, path))
         self._finish_epoch(epoch, key, files, bands[: self.grid_max_rows],
                            result.explained_variance_ratio.sum(axis=0), len(samples), rows)

@@ -95,6 +95,12 @@ def _is_iterator(data: Any) -> bool:
     return isinstance(data, collections.abc.Iterator) and not (_is_dataset(data) or _is_pydataset(data))
 
 
+def _is_batch_factory(data: Any) -> bool:
+    """A generator function (or any plain callable): calling it gives a fresh iterator."""
+    return (callable(data) and not isinstance(data, type) and not hasattr(data, "shape")
+            and not (_is_dataset(data) or _is_pydataset(data)))
+
+
 def _check_x(x: Any, what: str) -> np.ndarray:
     if isinstance(x, (Mapping, list, tuple)):
         raise TypeError(
@@ -151,26 +157,44 @@ def take_samples(data: Any, n: Optional[int], *, what: str = "data") -> _Pinned:
     Args:
         data: A tuple ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)`` of arrays; an array of
             images; a ``tf.data.Dataset`` yielding batches (iterated afresh, so not
-            consumed); a ``keras.utils.PyDataset`` (indexed ``[0]``, ``[1]``, ...); or any
-            re-iterable object yielding batches (``iter(data)`` is a new iterator each time).
-        n: How many samples; None for all of them (``data`` must be finite).
+            consumed); a ``keras.utils.PyDataset`` (indexed ``[0]``, ``[1]``, ...); a
+            generator function or other callable that returns a new iterator of batches each
+            time it is called (called once); or any re-iterable object yielding batches
+            (``iter(data)`` is a new iterator each time).
+        n: How many samples; None for all of them (``data`` must be finite, and cannot be a
+            function).
         what: Name of the data in error messages.
 
     Returns:
         The samples: images ``(n, H, W, C)`` or ``(n, H, W)``, labels or None.
 
     Raises:
-        TypeError: ``data`` is a generator or other one-shot iterator (it cannot be read
-            without consuming the user's data), or of an unsupported type.
-        ValueError: ``data`` is empty, infinite with ``n=None``, or not images.
+        TypeError: ``data`` is a generator object or other one-shot iterator (it cannot be
+            read without consuming the user's data), or of an unsupported type.
+        ValueError: ``data`` is empty, infinite or a function with ``n=None``, or not images.
     """
     if data is None:
         raise TypeError(f"{what} is None")
     if _is_iterator(data):
         raise TypeError(
             f"{what} is a {type(data).__name__} (a one-shot iterator): EigenCAMCallback cannot "
-            "take samples from it without consuming them; pass numpy arrays (x, y), a "
-            "tf.data.Dataset or a keras.utils.PyDataset instead")
+            "take samples from it without consuming them; pass the generator function itself "
+            "(gen, not gen()), numpy arrays (x, y), a tf.data.Dataset or a keras.utils.PyDataset")
+    if _is_batch_factory(data):
+        if n is None:
+            raise ValueError(f"{what} is a function that makes batches, which may never end; pass "
+                             "n_samples=<int> to use it")
+        batches = data()
+        if not isinstance(batches, collections.abc.Iterable):
+            raise TypeError(f"{what}() returned a {type(batches).__name__}; expected an iterable of "
+                            "batches (x, y) or x")
+        iterator = iter(batches)
+        try:
+            return _from_batches(iterator, n, f"{what}()")
+        finally:
+            close = getattr(iterator, "close", None)  # a generator: run its cleanup now
+            if callable(close):
+                close()
     if isinstance(data, (tuple, list)):
         x, y = _unpack(tuple(data))
         xa = _check_x(x, what)
@@ -320,8 +344,9 @@ class EigenCAMCallback(keras.callbacks.Callback):
     Args:
         validation_data: Where the ``"eval"`` samples come from: ``(x, y)`` /
             ``(x, y, sample_weight)`` arrays, a ``tf.data.Dataset`` yielding batches, a
-            ``keras.utils.PyDataset``, or a mapping ``{ds_id: data}`` for several datasets.
-            Generators and other one-shot iterators are refused (``TypeError``): they cannot
+            ``keras.utils.PyDataset``, a generator function (``gen``, called once for a fresh
+            iterator), or a mapping ``{ds_id: data}`` for several datasets. Generator objects
+            (``gen()``) and other one-shot iterators are refused (``TypeError``): they cannot
             be read without consuming the user's data. None: use what ``fit`` was given when
             autolog adds the callback (see :meth:`_set_fit_data`).
         layer: The layer to explain: a name (nested models are searched), a layer object, or

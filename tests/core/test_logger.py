@@ -284,3 +284,58 @@ def test_send_item_sends_a_bundle_that_was_never_spooled(tracking_uri):
     assert np.array_equal(load_png(client, rid, "eigencam/x/img.png"), pixels)
     assert metric_steps(client, rid, "eigencam/x/evr_1") == [(2, 0.5)]
     assert client.get_run(rid).data.tags["k"] == "v"
+
+
+def test_one_image_under_two_names_is_written_once_and_moved_into_a_local_store(tracking_uri, tmp_path):
+    from mlflow_eigencam.sink import Encoded, Item, read_item, send_item, write_item
+
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        pass
+    rid = run.info.run_id
+    pixels = np.arange(6 * 7 * 3, dtype=np.uint8).reshape(6, 7, 3)
+    image = Encoded(pixels)
+    folder = write_item(tmp_path / "sp", Item("bundle", rid, mlflow.get_tracking_uri(),
+                                               files={"a/one.png": image, "b/two.png": image}))
+    one, two = folder / "files" / "a" / "one.png", folder / "files" / "b" / "two.png"
+    assert one.read_bytes() == two.read_bytes() == image.data()
+    assert one.stat().st_ino == two.stat().st_ino  # a hard link, not a second write
+    send_item(read_item(folder))
+    for path in ("a/one.png", "b/two.png"):
+        assert np.array_equal(load_png(client, rid, path), pixels)
+    assert not one.exists()  # moved into the local artifact store, not copied
+
+
+def test_files_are_copied_when_they_cannot_be_moved(tracking_uri, tmp_path, monkeypatch):
+    import os
+
+    from mlflow_eigencam.sink import Item, read_item, send_item, write_item
+
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        pass
+    rid = run.info.run_id
+
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    folder = write_item(tmp_path / "sp", Item("bundle", rid, mlflow.get_tracking_uri(),
+                                               files={"c/t.json": '{"a": 1}'}))
+    monkeypatch.setattr(os, "replace", cross_device)
+    send_item(read_item(folder))
+    assert load_json(client, rid, "c/t.json") == {"a": 1}
+
+
+def test_encode_soon_encodes_on_the_worker_before_the_item_is_submitted(tmp_path):
+    import time
+
+    from mlflow_eigencam.sink import Encoded, MlflowSink
+
+    sink = MlflowSink(tmp_path / "sp")
+    images = [Encoded(np.full((4, 4, 3), i, np.uint8)) for i in range(3)]
+    sink.encode_soon(*images)
+    deadline = time.monotonic() + 10
+    while any(im._data is None for im in images) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(im._data is not None for im in images)
+    assert sink.close(timeout=5) == 0

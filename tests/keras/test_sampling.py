@@ -96,7 +96,7 @@ def test_generators_are_refused_at_construction_and_left_untouched(data, trackin
             yield x[i:i + 8], y[i:i + 8]
 
     g = gen()
-    with pytest.raises(TypeError, match="one-shot iterator.*PyDataset"):
+    with pytest.raises(TypeError, match=r"one-shot iterator.*generator function itself \(gen, not gen\(\)\)"):
         EigenCAMCallback(validation_data=g)
     first = next(g)  # nothing was read from it
     np.testing.assert_array_equal(first[0], x[:8])
@@ -181,3 +181,26 @@ def test_bad_configuration_fails_at_construction():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         EigenCAMCallback()  # no data yet is fine (autolog gives it later)
+
+
+def test_a_generator_function_is_called_once_and_its_generator_closed(data, tracking_uri):
+    x, y = data
+    calls, closed = [], []
+
+    def gen():
+        calls.append(1)
+        try:
+            for i in range(0, len(x), 4):
+                yield x[i:i + 4], y[i:i + 4]
+        finally:
+            closed.append(1)
+
+    cb = EigenCAMCallback(validation_data=gen, n_samples=6)
+    pinned = cb._sources()[("eval", None)]
+    np.testing.assert_array_equal(pinned.x, x[:6])  # across a batch boundary
+    np.testing.assert_array_equal(pinned.y, y[:6])
+    assert calls == [1] and closed == [1]
+    with pytest.raises(ValueError, match="may never end.*n_samples=<int>"):
+        EigenCAMCallback(validation_data=gen, n_samples=None)
+    with pytest.raises(TypeError, match=r"gen2\(\) returned a int"):
+        take_samples(lambda: 3, 2, what="gen2")
