@@ -414,6 +414,7 @@ class MlflowSink:
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
+        self._idle_lock = threading.Lock()
         self._stop = False
         self._warned_down = False
         self._down_since: Optional[float] = None
@@ -436,18 +437,21 @@ class MlflowSink:
         with self._seq_lock:
             item.seq = next(self._seq)
         self._ensure_thread()
-        self._idle.clear()
         if self._down_since is not None and not self._warned_down:
             # Warn from the caller's thread, where the user (and pytest) sees it.
             self._warned_down = True
             warnings.warn(self._down_message, EigenCAMWarning, stacklevel=3)
-        if spool_now:
-            write_item(self.spool_dir, item)
-        else:
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
+        # Under the lock the worker takes to declare itself idle: it either sees this item
+        # or goes idle before it, never in between (flush would return with the item unsent).
+        with self._idle_lock:
+            self._idle.clear()
+            if spool_now:
                 write_item(self.spool_dir, item)
+            else:
+                try:
+                    self._queue.put_nowait(item)
+                except queue.Full:
+                    write_item(self.spool_dir, item)
         self._wake.set()
 
     def encode_soon(self, *images: Encoded) -> None:
@@ -533,8 +537,9 @@ class MlflowSink:
                 delay = min(delay * 2, self._backoff[1])
                 continue
             delay = self._backoff[0]
-            if self._queue.empty() and not pending_items(self.spool_dir):
-                self._idle.set()
+            with self._idle_lock:
+                if self._queue.empty() and not pending_items(self.spool_dir):
+                    self._idle.set()
             self._wake.wait(timeout=1.0)
             self._wake.clear()
 
