@@ -98,8 +98,9 @@ def main() -> int:
              "for seconds at a time, in both arms). The A/B figures therefore print every "
              "pair; the same code gave per-epoch overheads from about 0 % to 15 % in different "
              "runs on the same day. The line that does not drift is the component's own CPU "
-             "time per epoch (its calls on the training thread plus its upload thread): on a "
-             "machine whose cores the training already fills, that is the cost.", ""]
+             "time per epoch (its calls on the training thread plus its upload thread), and "
+             "the Keras benchmark's interleaved figure: epochs compared with their neighbours "
+             "a second apart inside one long fit, which resolves about 1 % here.", ""]
     failed = []
     for name, script, extra, markdown, title, what in BENCHES:
         if name in skip:
