@@ -282,6 +282,7 @@ class EigenCAMLogger:
             return
         with _blas_one_thread():
             result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
+        assert self._sink is not None  # _ensure_run made it
         files: Dict[str, Any] = {}
         bands, rows = [], []
         now = int(time.time() * 1000)
@@ -292,7 +293,6 @@ class EigenCAMLogger:
             # Encoded on the worker, which starts while the next strip is rendered; the one
             # PNG backs the series point and the strip, and the grid reuses its rows.
             png, webp = Encoded([band]), Encoded(band.pixels, "webp-preview")
-            assert self._sink is not None
             self._sink.encode_soon(png, webp)
             path = _sample_files(files, mode, ds_id, epoch, s.index, now, png, webp)
             rows.append(_row(epoch, s, evr, path))

@@ -117,19 +117,20 @@ class Encoded:
 
 def _write_payload(target: Path, payload: Any, written: Dict[int, Path]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One payload under two names (an image in the epoch folder and in the image series,
+    # encoded or a streamed file): write it once, link the second name.
+    first = written.get(id(payload))
+    if first is not None:
+        try:
+            os.link(first, target)
+            return
+        except OSError:  # no hard links on this filesystem
+            pass
+    written[id(payload)] = target
     if isinstance(payload, Path):
         shutil.copyfile(payload, target)
     elif isinstance(payload, Encoded):
-        # One image under two names (the epoch folder and the image series): write it once.
-        first = written.get(id(payload))
-        if first is not None:
-            try:
-                os.link(first, target)
-                return
-            except OSError:  # no hard links on this filesystem
-                pass
         target.write_bytes(payload.data())
-        written[id(payload)] = target
     elif isinstance(payload, (bytes, bytearray)):
         target.write_bytes(bytes(payload))
     elif isinstance(payload, str):
@@ -547,8 +548,6 @@ class MlflowSink:
         while self._early:
             try:
                 self._early.popleft().data()  # kept by the Encoded object for its item
-            except IndexError:
-                return
             except Exception as exc:  # the item's own send reports a bad image
                 _log.debug("mlflow_eigencam: early encoding failed: %s", exc)
 

@@ -304,6 +304,14 @@ def test_one_image_under_two_names_is_written_once_and_moved_into_a_local_store(
     for path in ("a/one.png", "b/two.png"):
         assert np.array_equal(load_png(client, rid, path), pixels)
     assert not one.exists()  # moved into the local artifact store, not copied
+    # A streamed file (a local path) under two names is copied once, too.
+    streamed = tmp_path / "streamed.png"
+    streamed.write_bytes(image.data())
+    folder = write_item(tmp_path / "sp2", Item("bundle", rid, mlflow.get_tracking_uri(),
+                                                files={"c/one.png": streamed, "d/two.png": streamed}))
+    one, two = folder / "files" / "c" / "one.png", folder / "files" / "d" / "two.png"
+    assert one.read_bytes() == two.read_bytes() == image.data()
+    assert one.stat().st_ino == two.stat().st_ino
 
 
 def test_files_are_copied_when_they_cannot_be_moved(tracking_uri, tmp_path, monkeypatch):
