@@ -8,6 +8,7 @@ that epoch's images.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -15,10 +16,13 @@ import numbers
 import re
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -31,7 +35,7 @@ from .filters import ds_id_filter, mode_filter
 from .render import (PNGBand, encode_png, encode_webp_preview, grid_bands, render_strip,
                      resolve_colormap)
 from .samples import Sample, SampleBuffer
-from .sink import EigenCAMWarning, Encoded, Item, MlflowSink, default_spool_root, probe
+from .sink import EigenCAMWarning, Encoded, Item, MlflowSink, Undelivered, default_spool_root
 
 _log = logging.getLogger("mlflow_eigencam")
 
@@ -68,8 +72,10 @@ class EigenCAMLogger:
         label_mapping: ``{name: index}`` or a sequence of names, for captions.
         mode: Mode filter: None, "eval", {"eval", "test"}, "!train".
         ds_id: Dataset id filter, same forms as ``mode``.
-        run_id: Log into this run (through ``MlflowClient``). Default: the active run, else a
-            run started here and ended in :meth:`close`.
+        run_id: Log into this run (through ``MlflowClient``). Default: the run active in the
+            thread that constructs the logger or first offers a batch, else a run created (in
+            the background) and ended in :meth:`close`. Once chosen, every call from any
+            thread logs there.
         tracking_uri: Where ``run_id`` lives; default ``mlflow.get_tracking_uri()``.
         colormap: OpenCV colormap name ("jet", "viridis", ...) or constant.
         alpha: Heat-map opacity in [0, 1].
@@ -78,8 +84,10 @@ class EigenCAMLogger:
         channels_last: Activations arrive as (B, h, w, C) (Keras) instead of (B, C, h, w).
         target_layer: Name of the layer the activations come from (a run tag).
         strict: Raise errors inside the logger instead of warning (for debugging).
-        spool_dir: Folder for items MLflow has not confirmed yet; default
-            ``~/.cache/mlflow_eigencam/spool/<run_id>`` (or ``$MLFLOW_EIGENCAM_SPOOL_DIR``).
+        spool_dir: Root folder for items MLflow has not confirmed yet; default
+            ``~/.cache/mlflow_eigencam/spool`` (or ``$MLFLOW_EIGENCAM_SPOOL_DIR``). A folder
+            that exists and was not made by the package is used through its sub-folder
+            ``mlflow-eigencam-spool``; nothing else in it is ever touched.
         close_timeout: Seconds :meth:`close` waits for the upload to finish.
         grid_max_rows: Rows in the per-epoch grid (streaming mode can have thousands).
         extra_tags: More run tags.
@@ -121,7 +129,8 @@ class EigenCAMLogger:
             raise ValueError(f"grid_max_rows must be an int >= 1, got {grid_max_rows!r}")
         if close_timeout is not None and close_timeout < 0:
             raise ValueError(f"close_timeout must be >= 0 or None, got {close_timeout!r}")
-        self.n_components = n_components
+        self._n_components = n_components
+        self._n_components_used: Optional[int] = None  # clamped to the layer's channels
         self.n_samples = self._buffer.n_samples
         self.mode_filter = mode_filter(mode)
         self.ds_id_filter = ds_id_filter(ds_id)
@@ -146,14 +155,42 @@ class EigenCAMLogger:
         self._owns_run = False
         self._spool_dir = Path(spool_dir) if spool_dir is not None else None
         self._sink: Optional[MlflowSink] = None
+        self._tags_submitted = False
         self._warned: set = set()
         self._closed = False
         self._tmp_root: Optional[Path] = None
+        # Batches and epoch ends may come from several threads: one at a time.
+        self._lock = threading.RLock()
+        # The run: given, or the one active in this thread (else decided at first use).
+        self._resolve_run(first_use=False)
+        _open_loggers.add(self)
+
+    @property
+    def n_components(self) -> Union[int, float]:
+        """Components per sample: as asked, or clamped to the layer's channel count."""
+        return self._n_components_used or self._n_components
+
+    @n_components.setter
+    def n_components(self, value: Union[int, float]) -> None:
+        _check_n_components(value, None)
+        self._n_components, self._n_components_used = value, None
 
     # -- what integrations ask before they copy anything -------------------------------------
     def wants(self, mode: str, ds_id: Optional[str] = None) -> bool:
-        """True when (mode, ds_id) passes the filters (else the batch costs nothing)."""
-        return self.mode_filter(mode) and self.ds_id_filter(ds_id)
+        """True when (mode, ds_id) passes the filters (else the batch costs nothing).
+
+        A mode that is not one of the known ones, or a ds_id that is not a string, warns
+        once and is skipped (raises with ``strict=True``): it must not stop training.
+        """
+        try:
+            if not isinstance(mode, str):
+                raise TypeError(f"mode must be a string such as 'eval', got {mode!r}")
+            if ds_id is not None and not isinstance(ds_id, str):
+                raise TypeError(f"ds_id must be a string or None, got {ds_id!r}")
+            return self.mode_filter(mode) and self.ds_id_filter(ds_id)
+        except (TypeError, ValueError) as exc:
+            self._fail(exc, f"on_batch_end(mode={mode!r}, ds_id={ds_id!r})")
+            return False
 
     def room(self, mode: str, ds_id: Optional[str] = None) -> Optional[int]:
         """Samples still wanted for (mode, ds_id) this epoch: 0, a count, or None (all)."""
@@ -171,19 +208,27 @@ class EigenCAMLogger:
         """Record the layer the activations come from (logged as a run tag)."""
         changed = name != self._target_layer
         self._target_layer = name
-        if changed and self._run_id is not None:
+        if changed and self._tags_submitted:
             self._submit(Item("tags", self._run_id, self._uri(),
                               tags={_layout.TAG_TARGET_LAYER: str(name)}))
 
     @property
     def run_id(self) -> Optional[str]:
-        """The run being logged to (None until the first logged epoch, unless given)."""
-        return self._run_id or self._requested_run_id
+        """The run being logged to (None before the first batch, unless given or active).
+
+        A run the logger creates is created by its sender thread; this waits up to 5 s for it.
+        """
+        if self._sink is None:
+            return self._requested_run_id
+        return self._sink.run_id or self._sink.wait_run(5.0)
 
     @property
     def spool_dir(self) -> Optional[Path]:
-        """Folder that holds what MLflow has not confirmed yet."""
-        return self._sink.spool_dir if self._sink is not None else self._spool_dir
+        """Folder that holds what MLflow has not confirmed yet (this logger's own folder
+        once it logged something)."""
+        if self._sink is not None:
+            return self._sink.spool_dir
+        return self._spool_dir if self._spool_dir is not None else default_spool_root()
 
     # -- batches -------------------------------------------------------------------------
     def on_batch_end(self, images: Any, activations: Any, labels: Any = None, preds: Any = None,
@@ -198,27 +243,44 @@ class EigenCAMLogger:
             mode: "train", "eval", "test" or "infer".
             ds_id: Dataset id, or None.
         """
-        if not isinstance(mode, str):
-            raise TypeError(f"mode must be a string such as 'eval', got {mode!r}")
-        if not self.wants(mode, ds_id):
-            return
-        if self.room(mode, ds_id) == 0:
-            return
-        try:
-            self._batch(images, activations, labels, preds, mode, ds_id)
-        except Exception as exc:
-            self._fail(exc, f"on_batch_end(mode={mode!r}, ds_id={ds_id!r})")
+        with self._lock:
+            if not self.wants(mode, ds_id):
+                return
+            if self.room(mode, ds_id) == 0:
+                return
+            try:
+                self._resolve_run(first_use=True)
+                self._batch(images, activations, labels, preds, mode, ds_id)
+            except Exception as exc:
+                self._fail(exc, f"on_batch_end(mode={mode!r}, ds_id={ds_id!r})")
 
     def _batch(self, images, activations, labels, preds, mode, ds_id) -> None:
         # The buffer checks shapes and batch sizes, and converts and copies only the rows it
         # keeps; the logger only decides the image layout for the whole batch.
         images = np.asarray(images)
+        self._clamp_components(activations)
         per_image = _PER_IMAGE_LAYOUT[self._image_layout(images)] if images.ndim == 4 else None
         kwargs = dict(image_layout=per_image, channels_last=self.channels_last)
         if self.n_samples is None:
             self._stream_batch(mode, ds_id, images, activations, labels, preds, kwargs)
         else:
             self._buffer.add(mode, ds_id, images, activations, labels, preds, **kwargs)
+
+    def _clamp_components(self, activations: Any) -> None:
+        """A layer with fewer channels than ``n_components`` (an int): use them all, once
+        warned, rather than skipping every epoch of the run."""
+        shape = getattr(activations, "shape", None)
+        k = self._n_components
+        if shape is None or len(shape) != 4 or isinstance(k, bool) or not isinstance(k, int):
+            return
+        channels = int(shape[-1] if self.channels_last else shape[1])
+        if 0 < channels < k and self._n_components_used != channels:
+            self._n_components_used = channels
+            warnings.warn(f"mlflow_eigencam: n_components={k} but the target layer has "
+                          f"{channels} channel(s); using n_components={channels}",
+                          EigenCAMWarning, stacklevel=4)
+        elif channels >= k:
+            self._n_components_used = None
 
     def _image_layout(self, images: np.ndarray) -> str:
         if self.image_layout is not None:
@@ -234,7 +296,15 @@ class EigenCAMLogger:
     # -- epochs --------------------------------------------------------------------------
     def on_epoch_end(self, epoch: int, *, mode: Optional[str] = None,
                      ds_id: Optional[str] = None) -> None:
-        """Log what was kept for every (mode, ds_id) seen (or only the one given); step=epoch."""
+        """Log what was kept for every (mode, ds_id) seen (or only the one given); step=epoch.
+
+        When this returns, the epoch's images, table rows and metrics are on disk in the spool
+        (see docs/server-down.md); the upload happens on a background thread.
+        """
+        with self._lock:
+            self._epoch_end(epoch, mode, ds_id)
+
+    def _epoch_end(self, epoch: int, mode: Optional[str], ds_id: Optional[str]) -> None:
         keys = [k for k in self._keys() if (mode is None or k[0] == mode)
                 and (ds_id is None or k[1] == ds_id)]
         if not keys:
@@ -244,7 +314,7 @@ class EigenCAMLogger:
                 self._discard(key)
             return
         try:
-            self._ensure_run()
+            self._resolve_run(first_use=True)  # never waits on MLflow
         except Exception as exc:
             for key in keys:
                 self._discard(key)
@@ -311,10 +381,10 @@ class EigenCAMLogger:
         mode, ds_id = key
         grid = grid_bands(grid_strips, epoch=epoch, mode=mode, ds_id=ds_id)
         files[_layout.grid_path(mode, ds_id, epoch)] = Encoded(grid)
-        table = self._tables.setdefault(key, [])
-        table.extend(rows)
+        # This epoch's rows only: the sink merges them into the run's table (a resumed run,
+        # a second logger and a retried item all append, dedup by epoch and sample).
         table_path = _layout.table_path(mode, ds_id)
-        files[table_path] = _table_json(table)
+        files[table_path] = _table_json(rows)
         now = int(time.time() * 1000)
         mean = evr_sum / max(count, 1)
         metrics = [[_layout.metric_key(mode, ds_id, c + 1), float(v), epoch, now]
@@ -381,28 +451,35 @@ class EigenCAMLogger:
     def _uri(self) -> str:
         return self._tracking_uri  # set by _ensure_run
 
-    def _ensure_run(self) -> None:
-        if self._run_id is not None:
-            return
-        import mlflow
+    def _resolve_run(self, *, first_use: bool) -> None:
+        """Decide the run once, in the calling thread, without waiting on MLflow.
 
-        if self._tracking_uri is None:
-            self._tracking_uri = str(mlflow.get_tracking_uri())
-        if self._requested_run_id is not None:
-            self._run_id = self._requested_run_id
-        elif mlflow.active_run() is not None:
-            self._run_id = mlflow.active_run().info.run_id
-            self._tracking_uri = str(mlflow.get_tracking_uri())
-        else:
-            if not probe(self._tracking_uri):
-                raise ConnectionError(f"cannot reach MLflow at {self._tracking_uri} to start a run")
-            # As MLflow's autologging does: no run yet, so start one (ended in close()).
-            self._run_id = mlflow.start_run().info.run_id
-            self._tracking_uri = str(mlflow.get_tracking_uri())
-            self._owns_run = True
-        spool = self._spool_dir or default_spool_root() / self._run_id
-        self._sink = MlflowSink(spool)
-        self._submit(Item("tags", self._run_id, self._uri(), tags=self._tags()))
+        ``run_id`` given, else the run active in this thread (only if ``mlflow`` is imported:
+        otherwise there is none, and importing it here would cost the training thread
+        seconds). Else, at first use, the sender creates a run in the background. Later
+        calls, from any thread, keep the choice.
+        """
+        if self._sink is not None:
+            return
+        with self._lock:
+            if self._sink is not None:
+                return
+            mlflow = sys.modules.get("mlflow")
+            uri, run_id = self._tracking_uri, self._requested_run_id
+            if run_id is None and mlflow is not None:
+                active = mlflow.active_run()
+                if active is not None:
+                    run_id, uri = active.info.run_id, str(mlflow.get_tracking_uri())
+            if run_id is None and not first_use:
+                return
+            if uri is None and mlflow is not None:
+                uri = str(mlflow.get_tracking_uri())
+            if uri is None:
+                uri = os.environ.get("MLFLOW_TRACKING_URI") or None  # else: on the sender
+            self._tracking_uri, self._run_id = uri, run_id
+            self._owns_run = run_id is None
+            self._sink = MlflowSink(self._spool_dir, run_id=run_id, tracking_uri=uri,
+                                    create_run=self._owns_run)
 
     def _tags(self) -> Dict[str, str]:
         tags = {
@@ -419,6 +496,9 @@ class EigenCAMLogger:
 
     def _submit(self, item: Item, spool_now: bool = False) -> None:
         assert self._sink is not None
+        if not self._tags_submitted:
+            self._tags_submitted = True
+            self._sink.submit(Item("tags", self._run_id, self._uri(), tags=self._tags()))
         self._sink.submit(item, spool_now=spool_now)
 
     def flush(self, timeout: Optional[float] = None) -> bool:
@@ -429,23 +509,21 @@ class EigenCAMLogger:
         """Flush (at most ``timeout``, default ``close_timeout`` seconds) and stop.
 
         Returns:
-            Items left unsent in :attr:`spool_dir` (a warning names the folder).
+            What was not delivered: an int (0 when everything arrived) that is an
+            :class:`~mlflow_eigencam.sink.Undelivered` (``.records`` in :attr:`spool_dir`,
+            ``.in_memory``, ``.reason``, ``.message()``); a warning says the same.
         """
         if self._closed:
             return 0
         self._closed = True
-        left = 0
+        left: int = 0
         try:
             for key in list(self._streams):
                 self._discard(key)
             if self._sink is not None:
-                left = self._sink.close(self.close_timeout if timeout is None else timeout)
-            if self._owns_run:
-                import mlflow
-
-                active = mlflow.active_run()
-                if active is not None and active.info.run_id == self._run_id and probe(self._uri()):
-                    mlflow.end_run()
+                # A run the logger created is ended (FINISHED) once all of it arrived.
+                left = self._sink.close(self.close_timeout if timeout is None else timeout,
+                                        end_run=self._owns_run)
         except Exception as exc:
             self._fail(exc, "close()")
         finally:
@@ -470,6 +548,23 @@ class EigenCAMLogger:
             warnings.warn(f"mlflow_eigencam: {where} failed ({type(exc).__name__}: {exc}); "
                           f"skipping these EigenCAM images, training goes on.",
                           EigenCAMWarning, stacklevel=3)
+
+
+_open_loggers: "weakref.WeakSet[EigenCAMLogger]" = weakref.WeakSet()
+#: Seconds each logger left open at exit may spend sending (its records stay on disk anyway).
+ATEXIT_TIMEOUT = 3.0
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """A script that never calls close(): send what can be sent in a short while, end the
+    runs the loggers created, and say what is left (it is on disk, see close())."""
+    for logger in list(_open_loggers):
+        if not logger._closed:
+            try:
+                logger.close(timeout=ATEXIT_TIMEOUT)
+            except Exception:
+                pass
 
 
 _blas_limits: Any = None
