@@ -55,7 +55,7 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
 
 
-class SpoolError(Exception):
+class SpoolError(ValueError):
     """A folder that is not a spool of this package, or a record that fails its checks."""
 
 
@@ -73,8 +73,10 @@ def _mark(folder: Path) -> None:
         fd = os.open(folder / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
     except FileExistsError:
         return
-    try:
+    try:  # the file's existence is the mark; its text is only for a curious user
         os.write(fd, _MARKER_TEXT.encode())
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

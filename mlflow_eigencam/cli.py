@@ -10,8 +10,10 @@ from typing import List, Optional
 def _send_spool(args: argparse.Namespace) -> int:
     from .sink import send_spool
 
-    sent, left = send_spool(args.path, tracking_uri=args.tracking_uri, timeout=args.timeout)
-    print(f"sent {sent} item(s); {left} left in {args.path}")
+    sent, left = send_spool(args.path, tracking_uri=args.tracking_uri, timeout=args.timeout,
+                            retarget=args.retarget, report=print)
+    where = args.path or "the spool root"
+    print(f"sent {sent} item(s); {left} left in {where}")
     return 0 if left == 0 else 1
 
 
@@ -21,8 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="EigenCAM overlays in MLflow: tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("send-spool", help="send what could not be sent to MLflow during training")
-    p.add_argument("path", help="spool folder named in the warning")
-    p.add_argument("--tracking-uri", default=None, help="send there instead of the recorded URI")
+    p.add_argument("path", nargs="?", default=None,
+                   help="spool folder named in the warning; default: every spool left under "
+                        "$MLFLOW_EIGENCAM_SPOOL_DIR or ~/.cache/mlflow_eigencam/spool")
+    p.add_argument("--tracking-uri", default=None,
+                   help="where to send (default $MLFLOW_TRACKING_URI); a spool recorded for "
+                        "another URI is refused unless --retarget")
+    p.add_argument("--retarget", action="store_true",
+                   help="send spools recorded for another tracking URI to --tracking-uri")
     p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     p.set_defaults(func=_send_spool)
     try:

@@ -129,6 +129,10 @@ class EigenCAMLogger:
             raise ValueError(f"grid_max_rows must be an int >= 1, got {grid_max_rows!r}")
         if close_timeout is not None and close_timeout < 0:
             raise ValueError(f"close_timeout must be >= 0 or None, got {close_timeout!r}")
+        if spool_dir is not None:
+            from ._spool import own_root
+
+            own_root(Path(spool_dir), create=False)  # a file, or a foreign sub-folder: fail now
         self._n_components = n_components
         self._n_components_used: Optional[int] = None  # clamped to the layer's channels
         self.n_samples = self._buffer.n_samples

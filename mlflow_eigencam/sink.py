@@ -880,6 +880,7 @@ class MlflowSink:
         """
         start = time.monotonic()
         done = self.flush(timeout)
+        self._warn_pending(stacklevel=2)
         if end_run and done and self.owns_run and self._run_id:
             left_s = None if timeout is None else max(0.5, timeout - (time.monotonic() - start))
             self._bounded(lambda: _client(self._tracking_uri).set_terminated(self._run_id),
@@ -1183,6 +1184,8 @@ class MlflowSink:
     def _mark_down(self, exc: BaseException, refused: bool = False) -> None:
         self._last_error = str(exc)[:300]
         where = self.folder or self.spool_dir
+        if self._disk_error is not None:
+            where = f"memory (the spool in {where} cannot be written: {self._disk_error})"
         if refused:
             self._state = "refused"
             msg = (f"mlflow_eigencam: MLflow refused the upload ({self._last_error}); check "
