@@ -138,6 +138,18 @@ class Encoded:
     def ready(self) -> bool:
         return self._data is not None
 
+    def encode_unless_busy(self) -> None:
+        """Encode now unless another thread is doing it (never wait on a starved sender)."""
+        if self._data is None and self._lock.acquire(blocking=False):
+            try:
+                if self._data is None:
+                    from .render import encode_png, encode_webp_preview
+
+                    encode = encode_png if self.fmt == "png" else encode_webp_preview
+                    self._data = encode(self.source)
+            finally:
+                self._lock.release()
+
 
 def _safe_relative(path: str) -> Path:
     rel = Path(path)
@@ -935,7 +947,7 @@ class MlflowSink:
             for payload in (it.files or {}).values():
                 if isinstance(payload, Encoded) and not payload.ready:
                     try:
-                        payload.data()
+                        payload.encode_unless_busy()
                     except Exception:  # the send reports a bad image
                         pass
 
@@ -1109,8 +1121,8 @@ class MlflowSink:
             return "ok"
         try:
             self._resolve()
-        except (Unreachable, PermanentError) as exc:
-            self._mark_down(exc)
+        except (Unreachable, PermanentError) as exc:  # kept on disk, retried with backoff
+            self._mark_down(exc, refused=isinstance(exc, Refused))
             return "down"
         if not self._adopted:
             self._adopted = True
