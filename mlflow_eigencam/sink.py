@@ -40,7 +40,6 @@ import urllib.error
 import urllib.request
 import uuid
 import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -385,6 +384,11 @@ class Refused(Unreachable):
     """MLflow said 401/403: the items are kept (never set aside) and retried with backoff."""
 
 
+class Unexpected(Unreachable):
+    """An error that is neither the network nor MLflow's verdict: retried a few times, then
+    the item is set aside (so one bad item cannot hold the others back forever)."""
+
+
 class PermanentError(Exception):
     """MLflow refused the item for good (bad run id, bad value); it is set aside."""
 
@@ -441,7 +445,9 @@ def _classify(exc: BaseException) -> Exception:
         return Unreachable(text)
     if type(exc).__module__.startswith(("requests", "urllib3")):
         return Unreachable(text)
-    return PermanentError(text)
+    if isinstance(exc, (ValueError, TypeError, KeyError)):
+        return PermanentError(text)  # what the item holds is wrong: retrying will not help
+    return Unexpected(text)  # e.g. "can't register atexit after shutdown": keep the item
 
 
 def send_item(item: Item, *, workdir: Optional[Path] = None) -> None:
@@ -726,8 +732,11 @@ class _Entry:
     submitted: float
 
 
-_live_sinks: "weakref.WeakSet[MlflowSink]" = weakref.WeakSet()
-#: Seconds the exit handler waits for each live sink to finish sending (records stay anyway).
+#: Sinks that took an item and were not closed: held strongly, so that a logger a script
+#: dropped without close() is still flushed, and reported, at exit.
+_live_sinks: "set[MlflowSink]" = set()
+_live_lock = threading.Lock()
+#: Seconds the exit handler lets the sinks left open finish sending (records stay anyway).
 ATEXIT_TIMEOUT = 3.0
 
 
@@ -790,6 +799,8 @@ class MlflowSink:
         self._pending_warnings: List[str] = []
         self._warned: set = set()
         self._early: "collections.deque[Encoded]" = collections.deque()
+        self._failures: Dict[str, int] = {}
+        self._niced = False
         self.sent = 0
         self.dropped = 0
         self.set_aside: List[Path] = []
@@ -798,7 +809,6 @@ class MlflowSink:
         #: CPU seconds the sender thread used (encoding, sending): what the sink costs the
         #: machine beside training, for benchmarks and diagnostics.
         self.worker_cpu_s = 0.0
-        _live_sinks.add(self)
 
     # -- what the logger asks --------------------------------------------------------------
     @property
@@ -836,6 +846,8 @@ class MlflowSink:
         network trouble. ``spool_now`` is accepted for compatibility: every item is.
         """
         self._reopen()
+        with _live_lock:
+            _live_sinks.add(self)
         self._materialize(item)
         with self._lock:
             name = f"{time.time_ns():020d}-{self.uid}-{next(self._seq):06d}{_spool.RECORD_SUFFIX}"
@@ -912,6 +924,8 @@ class MlflowSink:
         report = Undelivered(records, in_memory, self.folder, self._last_error if
                              (records or in_memory) else "")
         self._closed = True
+        with _live_lock:
+            _live_sinks.discard(self)
         if report:
             msg = report.message()
             warnings.warn(msg, EigenCAMWarning, stacklevel=2)
@@ -1052,7 +1066,13 @@ class MlflowSink:
                 self._thread.start()
 
     def _run(self) -> None:
-        _lower_thread_priority()
+        # Imported now, not at the first upload: a module that registers an exit hook
+        # (MLflow's HTTP artifact uploads use a thread pool) cannot be imported once the
+        # interpreter is shutting down, which is when the exit handler may send.
+        import concurrent.futures.thread  # noqa: F401
+
+        if self._niced:
+            _lower_thread_priority()
         delay = self._backoff[0]
         while True:
             cpu = time.thread_time()
@@ -1124,6 +1144,11 @@ class MlflowSink:
         except (Unreachable, PermanentError) as exc:  # kept on disk, retried with backoff
             self._mark_down(exc, refused=isinstance(exc, Refused))
             return "down"
+        if not self._niced:
+            # Only now: the one-off work (import mlflow, the store's first connection, the
+            # run) at a low priority took minutes on a loaded machine; uploads can wait.
+            self._niced = True
+            _lower_thread_priority()
         if not self._adopted:
             self._adopted = True
             try:
@@ -1152,6 +1177,13 @@ class MlflowSink:
                 send_item(item, workdir=self.folder if self._disk_error is None else None)
             except Refused as exc:
                 self._mark_down(exc, refused=True)
+                return "down"
+            except Unexpected as exc:
+                self._failures[name] = self._failures.get(name, 0) + 1
+                if self._failures[name] >= 3:
+                    self._give_up(name, entry, f"failed 3 times: {exc}")
+                    continue
+                self._mark_down(exc)
                 return "down"
             except Unreachable as exc:
                 self._mark_down(exc)
@@ -1283,13 +1315,16 @@ def _lower_thread_priority() -> None:
 
 
 @atexit.register
-def _flush_at_exit() -> None:
-    """A script that never calls close(): give each sender a short while to finish. What it
-    cannot send is on disk already (the record is the guarantee, not this)."""
-    for sink in list(_live_sinks):
+def _close_at_exit() -> None:
+    """A script that never calls close(): give the senders a short while to finish, end the
+    runs they created if all arrived, and warn with what is left. What they cannot send is on
+    disk already (the record is the guarantee, not this)."""
+    deadline = time.monotonic() + ATEXIT_TIMEOUT
+    with _live_lock:
+        sinks = list(_live_sinks)
+    for sink in sinks:
         try:
-            if sink.pending() and not sink._closed:
-                sink.flush(ATEXIT_TIMEOUT)
+            sink.close(max(0.2, deadline - time.monotonic()), end_run=sink.owns_run)
         except Exception:
             pass
 

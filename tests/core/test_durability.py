@@ -332,4 +332,4 @@ print(json.dumps({{"thread": first.get("mlflow"), "left": int(left)}}))
                          env=env, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"thread": "mlflow-eigencam-sink", "left": 0}
+    assert result == {"thread": "mlflow-eigencam-sink", "left": 0}, out.stderr[-3000:]
