@@ -1240,7 +1240,9 @@ class MlflowSink:
             if self._state == "ok":
                 self._down_since = time.monotonic()
             self._state = "down"
-            msg = (f"mlflow_eigencam: cannot reach MLflow ({self._last_error[:200]}); training "
+            what = ("cannot start the MLflow run" if isinstance(exc, PermanentError)
+                    else "cannot reach MLflow")
+            msg = (f"mlflow_eigencam: {what} ({self._last_error[:200]}); training "
                    f"goes on. EigenCAM images, tables and metrics are kept in {where} and "
                    f"retried with backoff.")
             self._queue_warning("down", msg)

@@ -325,9 +325,9 @@ logger.on_epoch_end(0)
 left = logger.close(timeout=120)
 print(json.dumps({{"thread": first.get("mlflow"), "left": int(left)}}))
 """
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}",
-               MLFLOW_TRACKING_URI="")
-    env.pop("MLFLOW_TRACKING_URI")
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(name, None)  # mlflow.set_experiment in other tests exports the id
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
