@@ -33,7 +33,7 @@ import struct
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 MARKER = ".mlflow-eigencam-spool"
 #: Sub-folder used when the folder given as the spool root exists and is not a spool.

@@ -35,7 +35,7 @@ from .filters import ds_id_filter, mode_filter
 from .render import (PNGBand, encode_png, encode_webp_preview, grid_bands, render_strip,
                      resolve_colormap)
 from .samples import Sample, SampleBuffer
-from .sink import EigenCAMWarning, Encoded, Item, MlflowSink, Undelivered, default_spool_root
+from .sink import EigenCAMWarning, Encoded, Item, MlflowSink, default_spool_root
 
 _log = logging.getLogger("mlflow_eigencam")
 

@@ -20,6 +20,9 @@ The promise, and how it is kept:
   encodes the images itself instead of queueing more work for a starved sender
   (``lag_limit``), and early encodes stop.
 
+Items and their records are in :mod:`._records`, the folders and files on disk in
+:mod:`._spool`; this module sends, and is the only one that imports MLflow.
+
 Why a health probe: MLflow's own HTTP client retries a down server for minutes. Before sending
 to an ``http(s)://`` tracking URI the sender asks ``/health`` with a short timeout.
 """
@@ -44,20 +47,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 
 from . import _layout
 from . import _spool
+from ._records import (RECORD_FORMAT as _RECORD_FORMAT, RUN_ID as _RUN_ID, Encoded, Item,
+                       _FILES_DIR, _checked_file, _safe_relative, _write_payload,
+                       item_from_record, item_to_record, read_item, write_item)
 from ._spool import SpoolError
+
+__all__ = ["EigenCAMWarning", "Encoded", "Item", "MlflowSink", "Undelivered",
+           "default_spool_root", "item_from_record", "item_to_record", "probe", "read_item",
+           "send_item", "send_spool", "write_item"]
 
 _log = logging.getLogger("mlflow_eigencam")
 
 #: Environment variable that moves the default spool root.
 SPOOL_ENV = "MLFLOW_EIGENCAM_SPOOL_DIR"
-_ITEM_FILE = "item.json"
-_FILES_DIR = "files"
-_RECORD_FORMAT = 1
-_RUN_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
 class EigenCAMWarning(UserWarning):
@@ -70,309 +75,6 @@ def default_spool_root() -> Path:
     if env:
         return Path(env)
     return Path.home() / ".cache" / "mlflow_eigencam" / "spool"
-
-
-@dataclass
-class Item:
-    """One unit of work for MLflow.
-
-    kind ``tags``: ``tags`` set on the run. kind ``bundle``: everything one (mode, ds_id)
-    logs at one epoch, sent together: ``files`` ({artifact path: payload}) uploaded in one
-    ``log_artifacts`` call, then one ``log_batch`` with ``metrics``
-    ([[key, value, step, timestamp_ms], ...]) and the tags this process has not set yet.
-    A file listed in ``tables`` is a table (MLflow's ``orient="split"`` JSON) whose rows are
-    merged into the run's table of that path (dedup by epoch and sample index), not a
-    replacement of it. Every part is idempotent (fixed file names, merged tables, tags,
-    identical metrics), so an item retried after a partial send duplicates nothing.
-    ``run_id`` / ``tracking_uri`` None: the sink's run (created by the sender).
-    """
-
-    kind: str
-    run_id: Optional[str]
-    tracking_uri: Optional[str]
-    files: Optional[Dict[str, Any]] = None  # path -> bytes, str, Encoded or a local Path
-    metrics: Optional[List[list]] = None
-    tables: Optional[List[str]] = None
-    tags: Optional[Dict[str, str]] = None
-    seq: int = 0
-    #: Legacy folder items (:func:`read_item`): the folder that holds ``files``.
-    files_dir: Optional[Path] = None
-
-    def meta(self) -> dict:
-        d = {k: getattr(self, k) for k in ("kind", "run_id", "tracking_uri", "metrics",
-                                            "tables", "tags", "seq")}
-        d["files"] = sorted(self.files) if self.files else None
-        return d
-
-
-class Encoded:
-    """An image encoded on first use (by the sender, or by the training thread under load).
-
-    ``fmt`` ``png``: ``source`` is an (H, W, 3) uint8 array or a list of
-    :class:`render.PNGBand` (a strip's band is compressed once for its own PNG and the grid).
-    ``webp-preview``: ``source`` is an (H, W, 3) uint8 array, see
-    :func:`render.encode_webp_preview`. One object may back several files: it is encoded once.
-    """
-
-    __slots__ = ("_data", "_lock", "fmt", "source")
-
-    def __init__(self, source: Any, fmt: str = "png") -> None:
-        if fmt not in ("png", "webp-preview"):
-            raise ValueError(f"fmt must be 'png' or 'webp-preview', got {fmt!r}")
-        self.source = source
-        self.fmt = fmt
-        self._data: Optional[bytes] = None
-        self._lock = threading.Lock()
-
-    def data(self) -> bytes:
-        with self._lock:
-            if self._data is None:
-                from .render import encode_png, encode_webp_preview
-
-                encode = encode_png if self.fmt == "png" else encode_webp_preview
-                self._data = encode(self.source)
-            return self._data
-
-    @property
-    def ready(self) -> bool:
-        return self._data is not None
-
-    def encode_unless_busy(self) -> None:
-        """Encode now unless another thread is doing it (never wait on a starved sender)."""
-        if self._data is None and self._lock.acquire(blocking=False):
-            try:
-                if self._data is None:
-                    from .render import encode_png, encode_webp_preview
-
-                    encode = encode_png if self.fmt == "png" else encode_webp_preview
-                    self._data = encode(self.source)
-            finally:
-                self._lock.release()
-
-
-def _safe_relative(path: str) -> Path:
-    rel = Path(path)
-    if (not isinstance(path, str) or rel.is_absolute() or ".." in rel.parts or not rel.parts
-            or "\\" in path or "\x00" in path):
-        raise ValueError(f"artifact path must be relative without '..', got {path!r}")
-    return rel
-
-
-# -- records: an item as a header and raw blobs ------------------------------------------
-def item_to_record(item: Item) -> Tuple[dict, list]:
-    """(header, blobs) of ``item`` for :func:`_spool.write_record`.
-
-    Images not encoded yet are stored as their raw uint8 pixel arrays (no copy, no
-    compression: the cheapest thing the training thread can write); encoded ones as bytes.
-    A payload shared by several paths, and a band shared by a strip and the grid, is stored
-    once.
-    """
-    from .render import PNGBand
-
-    if item.kind not in ("bundle", "tags"):
-        raise ValueError(f"unknown item kind {item.kind!r}")
-    blobs: list = []
-    keep: list = []  # objects whose id() is used as a key stay alive until we are done
-    blob_of: Dict[int, int] = {}
-    arrays: List[list] = []
-    array_of: Dict[int, int] = {}
-
-    def blob(obj: Any, buf: Any) -> int:
-        if id(obj) not in blob_of:
-            keep.append(obj)
-            blob_of[id(obj)] = len(blobs)
-            blobs.append(buf)
-        return blob_of[id(obj)]
-
-    def array(a: Any) -> int:
-        pixels = a.pixels if isinstance(a, PNGBand) else a
-        if id(pixels) not in array_of:
-            keep.append(pixels)
-            arr = np.ascontiguousarray(pixels)
-            if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
-                raise ValueError(f"image pixels must be 2-D or 3-D uint8, got {arr.dtype} "
-                                 f"{arr.shape}")
-            array_of[id(pixels)] = len(arrays)
-            arrays.append([blob(arr, arr), list(arr.shape)])
-        return array_of[id(pixels)]
-
-    files: Dict[str, dict] = {}
-    for path, payload in (item.files or {}).items():
-        _safe_relative(path)
-        if isinstance(payload, Encoded):
-            if payload.ready:
-                files[path] = {"bytes": blob(payload, payload.data())}
-            elif payload.fmt == "png":
-                src = payload.source
-                bands = [src] if isinstance(src, np.ndarray) else list(src)
-                files[path] = {"png": [array(b) for b in bands]}
-            else:
-                files[path] = {"webp": array(payload.source)}
-        elif isinstance(payload, (bytes, bytearray, memoryview)):
-            files[path] = {"bytes": blob(payload, payload)}
-        elif isinstance(payload, str):
-            files[path] = {"bytes": blob(payload, payload.encode("utf-8"))}
-        elif isinstance(payload, Path):
-            files[path] = {"bytes": blob(payload, payload.read_bytes())}
-        else:
-            raise TypeError(f"a file payload must be bytes, str, Encoded or Path, got "
-                            f"{type(payload)!r}")
-    header = {"format": _RECORD_FORMAT, "kind": item.kind, "run_id": item.run_id,
-              "tracking_uri": item.tracking_uri, "metrics": item.metrics,
-              "tables": item.tables, "tags": item.tags, "files": files, "arrays": arrays}
-    return header, blobs
-
-
-def item_from_record(path: Path) -> Item:
-    """Load a record written by :meth:`MlflowSink.submit`, checking every field.
-
-    Raises:
-        SpoolError: the record is damaged, a symlink, or holds something it should not.
-    """
-    from .render import PNGBand
-
-    header, _data, blobs = _spool.read_record(path)
-
-    def bad(what: str) -> SpoolError:
-        return SpoolError(f"{path.name}: {what}")
-
-    if header.get("format") != _RECORD_FORMAT or header.get("kind") not in ("bundle", "tags"):
-        raise bad(f"unknown record format/kind {header.get('format')!r}/{header.get('kind')!r}")
-    arrays = []
-    for entry in header.get("arrays") or []:
-        if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], int)
-                or not 0 <= entry[0] < len(blobs) or not isinstance(entry[1], list)):
-            raise bad(f"bad array entry {entry!r}")
-        shape = entry[1]
-        if (len(shape) not in (2, 3) or not all(isinstance(s, int) and s > 0 for s in shape)
-                or (len(shape) == 3 and shape[2] != 3)
-                or int(np.prod(shape)) != len(blobs[entry[0]])):
-            raise bad(f"bad array shape {shape!r}")
-        arrays.append(np.frombuffer(blobs[entry[0]], np.uint8).reshape(shape))
-
-    def index(i: Any, n: int) -> int:
-        if not isinstance(i, int) or not 0 <= i < n:
-            raise bad(f"bad index {i!r}")
-        return i
-
-    bands: Dict[int, Any] = {}
-    shared: Dict[str, Any] = {}
-    files: Dict[str, Any] = {}
-    raw_files = header.get("files") or {}
-    if not isinstance(raw_files, dict):
-        raise bad("bad file list")
-    for p, spec in raw_files.items():
-        try:
-            _safe_relative(p)
-        except ValueError as exc:
-            raise bad(str(exc)) from exc
-        if not isinstance(spec, dict) or len(spec) != 1:
-            raise bad(f"bad file entry for {p!r}")
-        key = json.dumps(spec, sort_keys=True)
-        if key not in shared:
-            (fmt, value), = spec.items()
-            if fmt == "bytes":
-                shared[key] = bytes(blobs[index(value, len(blobs))])
-            elif fmt == "png" and isinstance(value, list) and value:
-                shared[key] = Encoded([bands.setdefault(index(i, len(arrays)),
-                                                        PNGBand(arrays[i])) for i in value])
-            elif fmt == "webp":
-                shared[key] = Encoded(arrays[index(value, len(arrays))], "webp-preview")
-            else:
-                raise bad(f"bad file entry for {p!r}")
-        files[p] = shared[key]
-    metrics = header.get("metrics") or []
-    if not isinstance(metrics, list) or not all(
-            isinstance(m, list) and len(m) == 4 and isinstance(m[0], str)
-            and isinstance(m[1], (int, float)) and isinstance(m[2], int)
-            and isinstance(m[3], int) for m in metrics):
-        raise bad("bad metrics")
-    tags = header.get("tags") or {}
-    if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                             for k, v in tags.items()):
-        raise bad("bad tags")
-    tables = header.get("tables") or []
-    if not isinstance(tables, list) or not all(t in files for t in tables):
-        raise bad("bad table list")
-    run_id = header.get("run_id")
-    if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.match(run_id)):
-        raise bad(f"bad run id {run_id!r}")
-    uri = header.get("tracking_uri")
-    return Item(header["kind"], run_id, uri if isinstance(uri, str) else None,
-                files=files or None, metrics=metrics or None, tables=tables or None,
-                tags=tags or None)
-
-
-# -- legacy folder items (the spool format before records; kept for direct use) ------------
-def _write_payload(target: Path, payload: Any, written: Dict[int, Path]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # One payload under two names (an image in the epoch folder and in the image series,
-    # encoded or a streamed file): write it once, link the second name.
-    first = written.get(id(payload))
-    if first is not None:
-        try:
-            os.link(first, target)
-            return
-        except OSError:  # no hard links on this filesystem
-            pass
-    written[id(payload)] = target
-    if isinstance(payload, Path):
-        shutil.copyfile(payload, target)
-    elif isinstance(payload, Encoded):
-        target.write_bytes(payload.data())
-    elif isinstance(payload, (bytes, bytearray, memoryview)):
-        target.write_bytes(bytes(payload))
-    elif isinstance(payload, str):
-        target.write_text(payload, encoding="utf-8")
-    else:
-        raise TypeError(f"a file payload must be bytes, str, Encoded or Path, got "
-                        f"{type(payload)!r}")
-
-
-def write_item(spool: Path, item: Item) -> Path:
-    """Write ``item`` as a folder (``item.json`` and ``files/`` at their artifact paths).
-
-    The older spool format; the sink writes records (:func:`item_to_record`) instead.
-    """
-    spool.mkdir(parents=True, exist_ok=True)
-    final = spool / f"{item.seq:010d}.{item.kind}"
-    tmp = spool / f".tmp-{item.seq:010d}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    (tmp / _ITEM_FILE).write_text(json.dumps(item.meta()))
-    written: Dict[int, Path] = {}
-    for path, payload in (item.files or {}).items():
-        _write_payload(tmp / _FILES_DIR / _safe_relative(path), payload, written)
-    os.replace(tmp, final)
-    return final
-
-
-def read_item(folder: Path) -> Item:
-    """Load an item written by :func:`write_item`; its files stay on disk (``files_dir``)
-    and only the files it lists, as regular files reached without a symlink, are sent."""
-    meta = json.loads(_spool._read_regular(Path(folder) / _ITEM_FILE, _spool.MAX_JSON_BYTES))
-    files = meta.pop("files", None)
-    item = Item(**meta)
-    if files:
-        item.files = {p: Path(folder) / _FILES_DIR / _safe_relative(p) for p in files}
-        item.files_dir = Path(folder) / _FILES_DIR
-    return item
-
-
-def _checked_file(base: Path, rel: str) -> Path:
-    """``base/rel`` if no component below ``base`` (``base`` included) is a symlink and it
-    is a regular file; else SpoolError."""
-    import stat
-
-    path = base
-    for part in (None, *_safe_relative(rel).parts):
-        if part is not None:
-            path = path / part
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            raise SpoolError(f"{path} is a symlink; not followed")
-    if not stat.S_ISREG(os.lstat(path).st_mode):
-        raise SpoolError(f"{path} is not a regular file")
-    return path
 
 
 # -- MLflow ---------------------------------------------------------------------------------
@@ -707,7 +409,8 @@ class Undelivered(int):
     def __new__(cls, records: List[Path], in_memory: int, folder: Optional[Path],
                 reason: str = "") -> "Undelivered":
         obj = super().__new__(cls, len(records) + in_memory)
-        obj.records, obj.in_memory, obj.folder, obj.reason = list(records), in_memory, folder, reason
+        obj.records, obj.in_memory = list(records), in_memory
+        obj.folder, obj.reason = folder, reason
         return obj
 
     def message(self) -> str:

@@ -307,7 +307,8 @@ def test_send_spool_treats_the_spool_as_untrusted(tracking_uri, tmp_path, capsys
                                                  "eigencam/eval/val/sample_1"]
     tags = client.get_run(rid).data.tags
     assert "planted" not in tags
-    assert secret.read_text() == "do not upload" and (folder / "00000000000000000000-planted-000000.rec").is_symlink()
+    assert secret.read_text() == "do not upload"
+    assert (folder / "00000000000000000000-planted-000000.rec").is_symlink()
     assert _tree(user) == user_before
     assert not evil_db.exists()
     assert not list(tmp_path.rglob("escape.txt"))
