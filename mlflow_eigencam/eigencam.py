@@ -168,7 +168,10 @@ def eigencam(
     _check_dtype(xp, arr)
     x, (h, w) = _to_batch_channels_pixels(xp, arr, channels_last)
     k, frac = _check_n_components(n_components, x.shape[1])
-    with np.errstate(all="ignore"):  # overflow beyond float32 is handled (redone, or inf maps)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        # numpy: overflow beyond float32 is handled (redone, or inf maps). JAX without x64
+        # warns at every float64 request and computes in float32: the checks still hold.
+        warnings.filterwarnings("ignore", message="Explicitly requested dtype")
         maps, ratio, n_bad = _batched_eigencam(xp, x, k, frac)
     maps_np = np.ascontiguousarray(_to_numpy(maps), dtype=np.float32)
     result = EigenCAMResult(

@@ -461,3 +461,16 @@ def test_module_import_does_not_import_torch():
     code = "import sys, mlflow_eigencam.eigencam; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_jax_arrays_run_the_same_code_when_jax_is_installed():
+    """The array API implementation at no extra code: JAX arrays (immutable) on CPU."""
+    jnp = pytest.importorskip("jax.numpy")
+    for shape in [(3, 16, 9, 11), (3, 96, 5, 6), (2, 256, 12, 12)]:
+        a = low_rank(np.random.default_rng(0), *shape)
+        ref = eigencam(a)
+        res = eigencam(jnp.asarray(a))
+        assert isinstance(res.maps, np.ndarray) and res.maps.dtype == np.float32
+        scale = np.abs(ref.maps).max(axis=(2, 3), keepdims=True)
+        assert (np.abs(res.maps - ref.maps) / scale).max() <= 1e-4  # float32 unless x64
+        np.testing.assert_allclose(res.explained_variance_ratio, ref.explained_variance_ratio, atol=1e-5)
