@@ -185,7 +185,9 @@ def render_stored(read_artifact: Callable[[str], bytes], mode: str, ds_id: Optio
 
     Args:
         read_artifact: artifact path of the run -> its bytes; raises FileNotFoundError when
-            there is no such artifact.
+            there is no such artifact. Called twice per strip (the epoch's ``maps.npz``,
+            then one inputs file of at most one batch of images): a reader that renders
+            many rows should cache it (``functools.lru_cache``).
         mode, ds_id: as given to the logger (sanitised here through ``_layout``).
         epoch: the epoch (``step``) of the table row.
         sample_index: the row's ``sample_index``.
