@@ -144,3 +144,30 @@ def test_quantize_maps():
     assert q.dtype == np.uint8
     np.testing.assert_array_equal(q[0, 0], [[0, 0], [64, 255]])
     np.testing.assert_array_equal(q[0, 1], 0)
+
+
+def test_memory_stays_flat_over_batches_and_epochs(tracking_uri):
+    """Images go to files, not to lists: memory does not grow with the batches of an epoch
+    (beyond a table row and index entry per sample), nor with the epochs."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(8, 96, 96, 3), dtype=np.uint8)  # 27 kB each
+    acts = rng.uniform(0, 1, size=(8, 16, 6, 6)).astype(np.float32)
+    with mlflow.start_run():
+        logger = EigenCAMLogger(n_samples=None, n_components=2, grid_max_rows=2)
+        tracemalloc.start()
+        within, across = [], []
+        for epoch in range(6):
+            for b in range(40):  # 320 images an epoch: 8.8 MB of pixels if they were kept
+                shifted = np.roll(images, b, axis=1)  # new sample ids in every batch
+                logger.on_batch_end(shifted, acts, mode="eval")
+                if epoch == 0 and b in (5, 39):
+                    within.append(tracemalloc.get_traced_memory()[0])
+            logger.on_epoch_end(epoch)
+            assert logger.flush(timeout=60)
+            across.append(tracemalloc.get_traced_memory()[0])
+        tracemalloc.stop()
+        logger.close()
+    assert within[1] - within[0] < 1_500_000, within  # 272 rows and index entries, no pixels
+    assert across[-1] - across[1] < 1_000_000, across
