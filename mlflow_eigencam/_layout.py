@@ -103,3 +103,33 @@ def table_path(mode: str, ds_id: str | None) -> str:
 def metric_key(mode: str, ds_id: str | None, component: int) -> str:
     """Mean explained-variance ratio of component ``component`` (1-based)."""
     return f"{prefix(mode, ds_id)}/evr_{component}"
+
+
+# -- streaming mode (n_samples=None): what is kept to render on demand ----------------------
+
+#: Name pattern of a per-epoch table part (``table_part_path``), for readers that list them.
+TABLE_PART_RE = re.compile(r"^epoch_(\d{4,})\.json$")
+
+
+def stream_inputs_path(mode: str, ds_id: str | None, token: str) -> str:
+    """Artifact path of one file of streamed input images, each stored once per run:
+    ``eigencam/{mode}/{ds_id}/stream/inputs_{token}.npz`` (``token``: 12 hex digits, unique
+    per file; the epoch's ``maps.npz`` index names the file that holds each sample)."""
+    return f"{prefix(mode, ds_id)}/stream/inputs_{token}.npz"
+
+
+def stream_maps_path(mode: str, ds_id: str | None, epoch: int) -> str:
+    """Artifact path of a streamed epoch's maps, ratios and index:
+    ``eigencam/{mode}/{ds_id}/epoch_{epoch:04d}/maps.npz``."""
+    return f"{epoch_dir(mode, ds_id, epoch)}/maps.npz"
+
+
+def table_parts_dir(mode: str, ds_id: str | None) -> str:
+    """Folder of the per-epoch table parts: ``eigencam/{mode}/{ds_id}/table``."""
+    return f"{prefix(mode, ds_id)}/table"
+
+
+def table_part_path(mode: str, ds_id: str | None, epoch: int) -> str:
+    """Artifact path of one streamed epoch's table rows (MLflow split format, like
+    ``samples.json``): ``eigencam/{mode}/{ds_id}/table/epoch_{epoch:04d}.json``."""
+    return f"{table_parts_dir(mode, ds_id)}/epoch_{epoch:04d}.json"

@@ -23,13 +23,13 @@ import time
 import uuid
 import warnings
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _layout
+from ._streaming import StreamEpoch
 from .eigencam import _check_n_components, eigencam
 from .filters import ds_id_filter, mode_filter
 from .render import (PNGBand, encode_png, encode_webp_preview, grid_bands, render_strip,
@@ -50,25 +50,15 @@ def _package_version() -> str:
     return __version__
 
 
-@dataclass
-class _Stream:
-    """What streaming mode (``n_samples=None``) keeps between batches: files, not arrays."""
-
-    folder: Path
-    count: int = 0
-    evr_sum: Optional[np.ndarray] = None
-    rows: List[dict] = field(default_factory=list)
-    grid_strips: List[np.ndarray] = field(default_factory=list)
-
-
 class EigenCAMLogger:
     """Collect samples during an epoch and log EigenCAM overlays to MLflow at its end.
 
     Args:
         n_components: Principal components per sample: an int >= 1, or a float in (0, 1) for
             "as many as explain this fraction of the variance".
-        n_samples: Samples kept per (mode, ds_id) and epoch; None keeps all and streams them
-            (rendered per batch, kept on disk until the epoch end).
+        n_samples: Samples kept per (mode, ds_id) and epoch; None keeps all and streams them:
+            the first ``grid_max_rows`` are rendered, the rest stored as inputs (once per
+            run) and low-resolution maps, rendered on demand (see ``_streaming``).
         label_mapping: ``{name: index}`` or a sequence of names, for captions.
         mode: Mode filter: None, "eval", {"eval", "test"}, "!train".
         ds_id: Dataset id filter, same forms as ``mode``.
@@ -149,7 +139,8 @@ class EigenCAMLogger:
         self.grid_max_rows = grid_max_rows
         # Label conversion for streaming mode goes through the same code path, uncapped.
         self._stream_buffer = SampleBuffer(None, label_mapping)
-        self._streams: Dict[Key, _Stream] = {}
+        self._streams: Dict[Key, StreamEpoch] = {}
+        self._stream_inputs: Dict[Key, Dict[str, str]] = {}  # run-wide: sample_id -> inputs file
         self._tables: Dict[Key, List[dict]] = {}
         self._target_layer = target_layer
         self._extra_tags = dict(extra_tags or {})
@@ -404,45 +395,39 @@ class EigenCAMLogger:
         if stream is None:
             folder = self._pending_root() / uuid.uuid4().hex
             folder.mkdir(parents=True)
-            stream = self._streams[key] = _Stream(folder)
+            colormap = self.colormap if isinstance(self.colormap, str) else int(self.colormap)
+            stream = self._streams[key] = StreamEpoch(
+                folder, key, self.grid_max_rows, colormap, self.alpha,
+                self._stream_inputs.setdefault(key, {}))
         self._stream_buffer.add(mode, ds_id, images, activations, labels, preds, **kwargs)
         samples = self._stream_buffer.take(mode, ds_id)
         with _blas_one_thread():
             result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
-        evr = result.explained_variance_ratio
-        for i, s in enumerate(samples):
-            index = stream.count + i
-            strip = self._strip(s, result.maps[i], evr[i])
-            (stream.folder / f"{index:08d}.png").write_bytes(encode_png(strip))
-            (stream.folder / f"{index:08d}.webp").write_bytes(encode_webp_preview(strip))
-            if len(stream.grid_strips) < self.grid_max_rows:
-                stream.grid_strips.append(strip)
-            s.index = index
-            stream.rows.append(_row(-1, s, evr[i], ""))
-        stream.count += len(samples)
-        total = evr.sum(axis=0)
-        if stream.evr_sum is None:
-            stream.evr_sum = total
-        else:  # n_components as a fraction can change k between batches: pad to the longer
-            k = max(len(total), len(stream.evr_sum))
-            stream.evr_sum = np.pad(stream.evr_sum, (0, k - len(stream.evr_sum))) + \
-                np.pad(total, (0, k - len(total)))
+        # Copies only: inputs (new sample ids), uint8 maps, ratios; strips for the grid rows.
+        stream.add(samples, result.maps, result.explained_variance_ratio,
+                   lambda s, evr: _row(-1, s, evr, ""))
 
-    def _log_stream(self, epoch: int, key: Key, stream: _Stream) -> None:
+    def _log_stream(self, epoch: int, key: Key, stream: StreamEpoch) -> None:
         mode, ds_id = key
         try:
-            files: Dict[str, Any] = {}
+            files = stream.finish(epoch)
             now = int(time.time() * 1000)
-            for row in stream.rows:
-                index = row["sample_index"]
-                stem = stream.folder / f"{index:08d}"
-                path = _sample_files(files, mode, ds_id, epoch, index, now,
-                                     stem.with_suffix(".png"), stem.with_suffix(".webp"))
-                row["epoch"], row[_layout.TABLE_IMAGE_COLUMN] = epoch, path
+            bands = []
+            for row, strip in zip(stream.rows, stream.grid_strips):
+                band = PNGBand(strip)
+                png, webp = Encoded([band]), Encoded(band.pixels, "webp-preview")
+                self._sink.encode_soon(png, webp)
+                row[_layout.TABLE_IMAGE_COLUMN] = _sample_files(
+                    files, mode, ds_id, epoch, row["sample_index"], now, png, webp)
+                bands.append(band)
+            # This epoch's rows as a part of their own: the table grows by appending.
+            files[_layout.table_part_path(mode, ds_id, epoch)] = _table_json(stream.rows)
             evr_sum = stream.evr_sum if stream.evr_sum is not None else np.zeros(0)
             # Spooled before returning: the files are paths into the folder deleted below.
-            self._finish_epoch(epoch, key, files, stream.grid_strips, evr_sum, stream.count,
-                               stream.rows, spool_now=True)
+            # No rows for samples.json: streamed rows live in the parts only.
+            self._finish_epoch(epoch, key, files, bands, evr_sum, stream.count, [],
+                               spool_now=True)
+            stream.commit()
         finally:
             shutil.rmtree(stream.folder, ignore_errors=True)
 

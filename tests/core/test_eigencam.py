@@ -21,6 +21,7 @@ from mlflow_eigencam.eigencam import (
 )
 
 E = importlib.import_module("mlflow_eigencam.eigencam")  # the module, for its internals
+XP = E._numpy_namespace()  # the array API namespace numpy arrays are computed with
 
 
 # --------------------------------------------------------------------------- helpers
@@ -191,7 +192,7 @@ def test_top_eigenpairs_across_spectra(spectrum):
     lam = np.abs(lam) / np.abs(lam).sum()
     q, _ = np.linalg.qr(rng.standard_normal((b, n, n)))
     g = (q * lam) @ q.transpose(0, 2, 1)
-    theta, vec = E._top_eigenpairs(g, k)
+    theta, vec = E._top_eigenpairs(XP, g, k)
     expected = np.sort(lam)[::-1][:k]
     np.testing.assert_allclose(theta, np.broadcast_to(expected, theta.shape), atol=1e-9)
     resid = np.linalg.norm(g @ vec - vec * theta[:, None, :], axis=1)
@@ -265,8 +266,8 @@ def test_sign_independent_of_channel_order_and_solver_sign(c, h, w, monkeypatch)
 
     solve = E._top_eigenpairs
 
-    def flipped(g, k):  # an eigensolver that returns the opposite signs
-        theta, vec = solve(g, k)
+    def flipped(xp, g, k):  # an eigensolver that returns the opposite signs
+        theta, vec = solve(xp, g, k)
         return theta, -vec
 
     monkeypatch.setattr(E, "_top_eigenpairs", flipped)
@@ -460,3 +461,16 @@ def test_module_import_does_not_import_torch():
     code = "import sys, mlflow_eigencam.eigencam; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_jax_arrays_run_the_same_code_when_jax_is_installed():
+    """The array API implementation at no extra code: JAX arrays (immutable) on CPU."""
+    jnp = pytest.importorskip("jax.numpy")
+    for shape in [(3, 16, 9, 11), (3, 96, 5, 6), (2, 256, 12, 12)]:
+        a = low_rank(np.random.default_rng(0), *shape)
+        ref = eigencam(a)
+        res = eigencam(jnp.asarray(a))
+        assert isinstance(res.maps, np.ndarray) and res.maps.dtype == np.float32
+        scale = np.abs(ref.maps).max(axis=(2, 3), keepdims=True)
+        assert (np.abs(res.maps - ref.maps) / scale).max() <= 1e-4  # float32 unless x64
+        np.testing.assert_allclose(res.explained_variance_ratio, ref.explained_variance_ratio, atol=1e-5)
