@@ -29,6 +29,9 @@ MLFLOW_LOGGED_IMAGES = "mlflow.loggedImages"
 #: Fixed table columns; ``evr_1`` .. ``evr_k`` follow ``correct``, then ``image``.
 TABLE_COLUMNS = ("epoch", "sample_index", "sample_id", "label", "prediction", "correct")
 TABLE_IMAGE_COLUMN = "image"
+#: Explanation drift: 1 - Pearson correlation of the PC1 map with the previous logged epoch's
+#: (empty at the first epoch); between the ``evr_*`` columns and ``image``.
+TABLE_MAP_CHANGE_COLUMN = "map_change"
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -103,3 +106,9 @@ def table_path(mode: str, ds_id: str | None) -> str:
 def metric_key(mode: str, ds_id: str | None, component: int) -> str:
     """Mean explained-variance ratio of component ``component`` (1-based)."""
     return f"{prefix(mode, ds_id)}/evr_{component}"
+
+
+def map_change_key(mode: str, ds_id: str | None) -> str:
+    """Mean explanation drift of (mode, ds_id) at an epoch: 1 - correlation of each sample's
+    PC1 map with the previous logged epoch's, averaged over the samples seen at both."""
+    return f"{prefix(mode, ds_id)}/map_change"
