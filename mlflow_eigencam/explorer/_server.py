@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import tempfile
 import threading
@@ -72,8 +73,10 @@ class Explorer:
         self._reader: Optional[Reader] = Reader(tracking_uri) if tracking_uri else None
         self._ui = mlflow_ui
         self._lock = threading.Lock()
-        self._cache: Dict[Tuple[Any, ...], Tuple[float, Any]] = {}
+        self._cache: Dict[Tuple[Any, ...], Tuple[float, Any, bool]] = {}
         self._known: Dict[str, Any] = {}  # run id -> Run, for runs the page asked about
+        # One progress bar per downloaded preview would flood the server's terminal.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="eigencam-explorer")
 
     # -- WSGI ------------------------------------------------------------------------------
@@ -215,7 +218,11 @@ class Explorer:
                      if epoch in self._table(r, mode, ds_id).epochs]
             if not specs:
                 raise HTTPError(404, f"no selected run logged epoch {epoch}")
-        samples = [s for s in q.get("samples", "").split(",") if _SAMPLE_ID.match(s)] or None
+        samples = None  # no filter: every matched sample
+        if "samples" in q:  # the page's filtered rows, in its order
+            samples = [s for s in q["samples"].split(",") if _SAMPLE_ID.match(s)]
+            if not samples:
+                raise HTTPError(400, "no sample is shown: nothing to export")
         with tempfile.TemporaryDirectory(prefix="mlflow-eigencam-export-") as tmp:
             out = Path(tmp) / f"eigencam-{mode}-{ds_id or 'all'}.{fmt}"
             try:
@@ -257,14 +264,18 @@ class Explorer:
         return run is None or run.info.status in ("RUNNING", "SCHEDULED")
 
     def _cached(self, key: Tuple[Any, ...], rid: str, make: Callable[[], Any]) -> Any:
+        """What ``make`` returns, kept for good when it was read from a finished run, for
+        ``_LIVE_TTL_S`` when the run was still logging (its last read after it finished
+        is kept)."""
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
-        if hit is not None and (not self._live(rid) or now - hit[0] < _LIVE_TTL_S):
+        if hit is not None and (not hit[2] or now - hit[0] < _LIVE_TTL_S):
             return hit[1]
+        live = self._live(rid)
         value = make()
         with self._lock:
-            self._cache[key] = (now, value)
+            self._cache[key] = (now, value, live)
         return value
 
     def _available(self, run) -> List[Tuple[str, str]]:
@@ -318,7 +329,7 @@ class Explorer:
             return hit[1]
         value = make()
         with self._lock:
-            self._cache[key] = (time.monotonic(), value)
+            self._cache[key] = (time.monotonic(), value, False)
         return value
 
     def _run_data(self, rid: str, mode: str, ds_id: Optional[str]) -> Dict[str, Any]:

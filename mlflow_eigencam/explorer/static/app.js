@@ -432,7 +432,9 @@ function detail(run, row) {
 function exportLinks(sids) {
   const ok = RUNS.filter((r) => !r.error);
   const q = { runs: ok.map((r) => r.run_id).join(","), mode: S.mode, ds_id: S.ds_id, epoch: S.epoch,
-              component: S.component, samples: sids.join(",") };
+              component: S.component };
+  const filtered = S.filter || S.label || S.pred || S.sort;
+  if (filtered) q.samples = sids.join(",") || ","; // "," : filtered to nothing
   $("export-png").href = "api/export?" + qs(Object.assign({ format: "png" }, q));
   $("export-html").href = "api/export?" + qs(Object.assign({ format: "html" }, q));
 }
