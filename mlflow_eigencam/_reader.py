@@ -59,6 +59,8 @@ def check_tracking_uri(uri: str) -> str:
     text = str(uri)
     parsed = urlparse(text)
     scheme = parsed.scheme.lower()
+    if text in ("databricks", "databricks-uc", "uc"):  # profiles, not paths
+        return text
     if scheme in ("http", "https", "databricks", "databricks-uc", "uc") or (
             scheme and scheme not in ("sqlite", "file") and len(scheme) > 1):
         return text
@@ -144,8 +146,15 @@ class Reader:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        from mlflow.exceptions import MlflowException
+
         self.uri = check_tracking_uri(str(tracking_uri or mlflow.get_tracking_uri()))
-        self.client = MlflowClient(tracking_uri=self.uri)
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+            getattr(getattr(self.client, "_tracking_client", None), "store", None)  # opens it
+        except MlflowException as exc:  # e.g. MLflow 3 refusing a folder store: one line
+            first = str(exc.message if hasattr(exc, "message") else exc).split(". ")[0]
+            raise ValueError(f"tracking URI {self.uri}: {first}") from exc
         self._experiments: Dict[str, str] = {}
         self._lock = threading.Lock()
 
