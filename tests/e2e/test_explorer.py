@@ -80,10 +80,45 @@ def _run_id(proc: subprocess.Popen, marker: str) -> str:
                          f"{Path(proc.log_path).read_text()[-3000:]}")
 
 
+class AppServer(MlflowServer):
+    """``mlflow server --app-name eigencam``: the explorer plugin, found through its
+    ``mlflow.app`` entry point. A dist-info folder on the server's path declares it, as
+    installing the package (pyproject.toml) does."""
+
+    def start(self, timeout: float = 120.0) -> None:
+        dist = self.root / "ep" / "mlflow_eigencam_entrypoint-0.0.dist-info"
+        dist.mkdir(parents=True)
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mlflow-eigencam-entrypoint\n"
+                                       "Version: 0.0\n")
+        (dist / "entry_points.txt").write_text(
+            "[mlflow.app]\neigencam = mlflow_eigencam.explorer:create_app\n")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(dist.parent), str(HERE.parents[1])] + sys.path))
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--app-name", "eigencam",
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-3000:]}")
+            try:
+                if _get(self.uri + "/health")[0] == 200:
+                    return
+            except urllib.error.URLError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not start in {timeout}s")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("explorer")
-    server = MlflowServer(tmp / "server")
+    server = AppServer(tmp / "server")
     server.start()
     hold = tmp / "go"
     # The run that is still logging runs in its own process; the two finished ones are logged
@@ -364,3 +399,24 @@ def test_a_new_epoch_of_a_running_run_appears_without_a_reload(world, page):
     assert page.text_content("#epoch-label") == "epoch 2"  # it followed the newest epoch
     assert world.live.wait(timeout=60) == 0
     page.wait_for_function("() => !document.getElementById('live').textContent", timeout=30_000)
+
+
+# ----------------------------------------------------------------------------- mlflow.app plugin
+
+
+def test_mlflow_server_app_name_eigencam_serves_the_explorer_next_to_the_ui(world):
+    """``mlflow server --app-name eigencam`` (the server of every test here) finds the
+    ``mlflow.app`` entry point and serves the explorer at /eigencam/, reading through the
+    server's own REST API."""
+    base = world.server.uri
+    status, headers, body = _get(base + "/eigencam/")
+    assert status == 200 and b"EigenCAM explorer" in body, body[:300]
+    status, _, body = _get(base + "/eigencam/api/search?q=exp-a")
+    found = json.loads(body)["runs"]
+    assert status == 200 and [r["run_id"] for r in found] == [world.runs["good"]]
+    status, _, body = _get(base + "/eigencam/api/config")
+    assert json.loads(body)["mlflow_ui"] == base  # run links go to this server's UI
+    status, _, body = _get(f"{base}/eigencam/api/image?run={world.runs['good']}&mode=eval"
+                           f"&ds_id=val&epoch=0&index=1&kind=preview")
+    assert status == 200 and body[8:12] == b"WEBP"
+    assert _get(base + "/")[0] == 200  # the MLflow UI is still there
