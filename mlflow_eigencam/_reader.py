@@ -156,6 +156,7 @@ class Reader:
             first = str(exc.message if hasattr(exc, "message") else exc).split(". ")[0]
             raise ValueError(f"tracking URI {self.uri}: {first}") from exc
         self._experiments: Dict[str, str] = {}
+        self._repos: Dict[str, Any] = {}
         self._lock = threading.Lock()
 
     @property
@@ -334,8 +335,29 @@ class Reader:
         if not path or path.startswith("/") or ".." in path.split("/"):
             raise ValueError(f"not an artifact path: {path!r}")
         with tempfile.TemporaryDirectory(prefix="mlflow-eigencam-read-") as tmp:
-            local = self.client.download_artifacts(run_id, path, tmp)
-            return Path(local).read_bytes()
+            repo = self._repo(run_id)
+            download = getattr(repo, "_download_file", None)
+            if download is None:  # an artifact store plugin without it: the public way
+                return Path(self.client.download_artifacts(run_id, path, tmp)).read_bytes()
+            # One request per file: MlflowClient.download_artifacts asks for the run and
+            # lists the path (is it a folder?) before each download, three round trips per
+            # preview image on a remote server.
+            local = Path(tmp) / "file"
+            download(remote_file_path=path, local_path=str(local))
+            return local.read_bytes()
+
+    def _repo(self, run_id: str):
+        """The run's artifact repository, made once per run (its URI needs a get_run)."""
+        with self._lock:
+            repo = self._repos.get(run_id)
+        if repo is None:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            uri = self.client.get_run(run_id).info.artifact_uri
+            repo = get_artifact_repository(uri, tracking_uri=self.uri)
+            with self._lock:
+                self._repos[run_id] = repo
+        return repo
 
     def read_or_none(self, run_id: str, path: str) -> Optional[bytes]:
         """:meth:`read`, or None when the artifact is missing."""
@@ -362,9 +384,15 @@ class Reader:
         return any(f.path == path or f.path == f"{folder}/table"
                    for f in self.listing(run.info.run_id, folder))
 
-    def available(self, run) -> List[Tuple[str, str]]:
+    def available(self, run, *, list_artifacts: bool = True) -> List[Tuple[str, str]]:
         """``(mode, ds segment)`` pairs that have a table, from the table tag and the artifacts.
-        The ds segment is ``"all"`` for samples logged without a ds_id."""
+        The ds segment is ``"all"`` for samples logged without a ds_id.
+
+        Args:
+            run: An MLflow ``Run``.
+            list_artifacts: Also list the artifacts (a few requests) when the tag named
+                some; when it named none they are always listed.
+        """
         found = set()
         pattern = re.compile(rf"^{_layout.ROOT}/([^/]+)/([^/]+)/samples\.json$")
         try:
@@ -374,6 +402,8 @@ class Reader:
                     found.add((m.group(1), m.group(2)))
         except (ValueError, AttributeError):
             pass
+        if found and not list_artifacts:
+            return sorted(found)
         rid = run.info.run_id
         for mode_dir in self.listing(rid, _layout.ROOT):
             if not mode_dir.is_dir:

@@ -168,9 +168,27 @@ class Explorer:
         return _json({"runs": out, "errors": errors}, cache="no-cache")
 
     def data(self, q: Dict[str, str]):
+        """The tables of the runs for (mode, ds_id), with each run's summary and what it has.
+        Without ``mode`` / ``ds_id`` the first pair the runs have is taken (``eval`` first)."""
         ids = _ids(q.get("runs", ""))
-        mode, ds_id = _mode_ds(q)
-        results = list(self._pool.map(lambda rid: self._run_data(rid, mode, ds_id), ids))
+        resolved = list(self._pool.map(self._resolve_or_error, ids))
+        pairs: List[Tuple[str, str]] = []
+        for res in resolved:
+            if not isinstance(res, str):
+                pairs += [p for p in self._available(res) if p not in pairs]
+        mode, ds_id = q.get("mode"), q.get("ds_id")
+        if not mode or not any(m == mode for m, _ in pairs):
+            mode = next((m for m, _ in pairs if m == "eval"), pairs[0][0] if pairs else mode or "eval")
+        if not ds_id or (mode, ds_id) not in pairs:
+            ds_id = next((d for m, d in pairs if m == mode), ds_id or _layout.ALL_DS)
+        seg = None if ds_id == _layout.ALL_DS else ds_id
+        results = list(self._pool.map(lambda rid: self._run_data(rid, mode, seg), ids))
+        for rid, res, out in zip(ids, resolved, results):
+            if not isinstance(res, str):
+                with self._lock:  # the freshest copy (a live run's status)
+                    res = self._known.get(res.info.run_id, res)
+                out["summary"] = _summary_json(self.reader.summary(res))
+                out["available"] = [{"mode": m, "ds_id": d} for m, d in self._available(res)]
         body = _dumps({"mode": mode, "ds_id": ds_id, "runs": results})
         return 200, _json_headers() + [("Cache-Control", "no-cache"), ("ETag", _etag(body))], body
 
@@ -280,7 +298,9 @@ class Explorer:
 
     def _available(self, run) -> List[Tuple[str, str]]:
         rid = run.info.run_id
-        return self._cached(("available", rid), rid, lambda: self.reader.available(run))
+        # The table tag is enough for the page (a listing is several requests per run).
+        return self._cached(("available", rid), rid,
+                            lambda: self.reader.available(run, list_artifacts=False))
 
     def _table(self, rid: str, mode: str, ds_id: Optional[str]):
         return self._cached(("table", rid, mode, ds_id), rid,

@@ -129,17 +129,6 @@ async function load() {
     DATA = null;
     return;
   }
-  const missing = S.runs.filter((id) => !META[id]);
-  if (missing.length) {
-    let body;
-    try { body = await getJSON("api/runs?" + qs({ ids: missing.join(",") })); }
-    catch (e) { message(`cannot read runs: ${e.message}`); return; }
-    for (const r of body.runs) META[r.requested] = r;
-    for (const err of body.errors) META[err.id] = { error: err.message };
-  }
-  renderChips();
-  for (const id of S.runs) if (META[id] && META[id].error) message(`Run ${id}: ${META[id].error}`);
-  chooseModeDs();
   await fetchData(true);
 }
 
@@ -166,7 +155,7 @@ function fillSelect(sel, values, current, label) {
 }
 
 async function fetchData(first) {
-  if (!S.runs.length || !S.mode) { if (first && S.runs.length) message("None of these runs has EigenCAM data."); return; }
+  if (!S.runs.length) return;
   let body, text;
   try {
     const r = await fetch("api/data?" + qs({ runs: S.runs.join(","), mode: S.mode, ds_id: S.ds_id }));
@@ -178,9 +167,20 @@ async function fetchData(first) {
   const wasLast = EPOCHS.length && S.epoch === EPOCHS[EPOCHS.length - 1];
   dataText = text;
   DATA = body;
+  S.mode = body.mode;
+  S.ds_id = body.ds_id;
+  for (const r of body.runs) {
+    if (r.summary) META[r.requested] = Object.assign({}, r.summary, { available: r.available });
+  }
   index();
   if (!first && wasLast && EPOCHS.length) S.epoch = EPOCHS[EPOCHS.length - 1]; // follow a live run
-  if (first) for (const r of RUNS) if (r.error && !(META[r.requested] || {}).error) message(r.error);
+  if (first) {
+    $("messages").replaceChildren();
+    for (const r of RUNS) if (r.error) message(`Run ${r.requested}: ${r.error}`);
+    if (!RUNS.some((r) => !r.error)) message("None of these runs has EigenCAM data to show here.", "note");
+    renderChips();
+    chooseModeDs();
+  }
   render();
   schedulePoll();
 }
@@ -482,10 +482,11 @@ async function main() {
   readURL();
   try { CONFIG = await getJSON("api/config"); } catch (e) { message(`cannot reach the explorer's server: ${e.message}`); }
   $("uri").textContent = CONFIG.tracking_uri;
-  search();
   if (S.runs.length) $("picker").open = false;
+  else search();
   await load();
   document.body.dataset.ready = "1";
+  if (S.runs.length) search(); // after the first paint: it lists every run of every experiment
 }
 
 main();
