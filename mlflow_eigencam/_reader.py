@@ -157,6 +157,7 @@ class Reader:
             raise ValueError(f"tracking URI {self.uri}: {first}") from exc
         self._experiments: Dict[str, str] = {}
         self._repos: Dict[str, Any] = {}
+        self._artifact_uris: Dict[str, str] = {}
         self._lock = threading.Lock()
 
     @property
@@ -174,10 +175,14 @@ class Reader:
         from mlflow.exceptions import MlflowException
 
         text = str(run_id).strip()
-        if _PREFIX.match(text) and not _RUN_ID.match(text):
-            return self._by_prefix(text.lower())
         try:
-            return self.client.get_run(text)
+            if _PREFIX.match(text) and not _RUN_ID.match(text):
+                run = self._by_prefix(text.lower())
+            else:
+                run = self.client.get_run(text)
+            with self._lock:  # _repo needs it: no second get_run
+                self._artifact_uris[run.info.run_id] = run.info.artifact_uri
+            return run
         except MlflowException as exc:
             code = getattr(exc, "error_code", "")
             if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND",
@@ -322,7 +327,9 @@ class Reader:
     def listing(self, run_id: str, path: Optional[str]) -> List[Any]:
         """``FileInfo``s under ``path`` of the run ([] when the folder does not exist)."""
         try:
-            return list(self.client.list_artifacts(run_id, path))
+            # Through the run's repository: MlflowClient.list_artifacts asks for the run (and
+            # searches its logged models) before every listing.
+            return list(self._repo(run_id).list_artifacts(path))
         except OSError:  # a local store raises when the folder does not exist
             return []
 
@@ -353,7 +360,9 @@ class Reader:
         if repo is None:
             from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-            uri = self.client.get_run(run_id).info.artifact_uri
+            with self._lock:
+                uri = self._artifact_uris.get(run_id)
+            uri = uri or self.client.get_run(run_id).info.artifact_uri
             repo = get_artifact_repository(uri, tracking_uri=self.uri)
             with self._lock:
                 self._repos[run_id] = repo
