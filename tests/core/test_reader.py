@@ -144,3 +144,47 @@ def test_tracking_uri_checks_never_create_a_store(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.db"]
     assert check_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert check_tracking_uri("databricks") == "databricks"
+
+
+# --------------------------------------------------------------------------- the ui command
+
+
+def test_ui_command_serves_on_127_0_0_1_and_errors_are_one_line(tracking_uri, tmp_path, capsys):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from mlflow_eigencam.cli import main
+
+    (tmp_path / "file.db").write_text("x")
+    assert main(["ui", "--tracking-uri", str(tmp_path / "file.db")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a tracking store" in err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["ui", "--tracking-uri", tracking_uri, "--port", str(port)]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2])]
+                                                      + sys.path))
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow_eigencam", "ui", "--tracking-uri",
+                             tracking_uri, "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"at http://127.0.0.1:{port}/" in line, proc.stderr.read() if not line else line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/config", timeout=30) as r:
+            assert json.loads(r.read())["tracking_uri"] == tracking_uri
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+            assert b"EigenCAM explorer" in r.read()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
