@@ -78,6 +78,9 @@ class Explorer:
         # One progress bar per downloaded preview would flood the server's terminal.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="eigencam-explorer")
+        self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="eigencam-prefetch")
+        self._images = _LRU(max_bytes=256 * 2 ** 20)
+        self._prefetching: set = set()
 
     # -- WSGI ------------------------------------------------------------------------------
     def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -190,6 +193,14 @@ class Explorer:
                 out["summary"] = _summary_json(self.reader.summary(res))
                 out["available"] = [{"mode": m, "ds_id": d} for m, d in self._available(res)]
         body = _dumps({"mode": mode, "ds_id": ds_id, "runs": results})
+        # The page asks for these previews next: start fetching them (the epoch it shows,
+        # default the last logged one), in row order so the top of the table comes first.
+        epochs = [e for r in results for e in r.get("epochs", [])]
+        want = _int(q, "epoch", max(epochs)) if epochs else None
+        for r in results:
+            for row in r.get("rows", []) if want is not None else []:
+                if row["epoch"] == want:
+                    self._prefetch(r["run_id"], mode, seg, want, row["index"])
         return 200, _json_headers() + [("Cache-Control", "no-cache"), ("ETag", _etag(body))], body
 
     def image(self, q: Dict[str, str]):
@@ -206,15 +217,49 @@ class Explorer:
                          ("ETag", _etag(data))], data
         if kind != "preview":
             raise HTTPError(400, f"kind must be 'preview' or 'strip', got {kind!r}")
+        data = self._preview(rid, mode, ds_id, row)
+        if data is None:
+            raise HTTPError(404, _not_there(rid, row))
+        # The slider's next move is one epoch either way: fetch those now.
+        for e in (epoch - 1, epoch + 1):
+            self._prefetch(rid, mode, ds_id, e, index)
+        return 200, [("Content-Type", "image/webp"), ("Cache-Control", _IMMUTABLE),
+                     ("ETag", _etag(data))], data
+
+    def _preview(self, rid: str, mode: str, ds_id: Optional[str], row: dict) -> Optional[bytes]:
+        """A row's WebP preview, kept in memory (a logged point never changes)."""
+        epoch, index = int(row["epoch"]), int(row.get("sample_index", -1))
+        key = (rid, mode, ds_id, epoch, index)
+        data = self._images.get(key)
+        if data is not None:
+            return data
         path = self._previews(rid, mode, ds_id).get((epoch, index))
         data = self.reader.read_or_none(rid, path) if path else None
         if data is None:  # no preview logged (streamed, or an older version): make one
             strip = self.reader.strip(rid, mode, ds_id, row)
             if strip is None:
-                raise HTTPError(404, _not_there(rid, row))
+                return None
             data = _preview_of(strip)
-        return 200, [("Content-Type", "image/webp"), ("Cache-Control", _IMMUTABLE),
-                     ("ETag", _etag(data))], data
+        self._images.put(key, data)
+        return data
+
+    def _prefetch(self, rid: str, mode: str, ds_id: Optional[str], epoch: int, index: int) -> None:
+        key = (rid, mode, ds_id, epoch, index)
+        with self._lock:
+            if key in self._prefetching or self._images.get(key) is not None:
+                return
+            self._prefetching.add(key)
+
+        def run() -> None:
+            try:
+                row = self._row(rid, mode, ds_id, epoch, index)
+                self._preview(rid, mode, ds_id, row)
+            except Exception:  # a prefetch is only a guess
+                pass
+            finally:
+                with self._lock:
+                    self._prefetching.discard(key)
+        self._background.submit(run)
 
     def export(self, q: Dict[str, str]):
         from .._compare import compare
@@ -383,6 +428,34 @@ class Explorer:
 
 
 # ------------------------------------------------------------------------------- helpers
+
+
+class _LRU:
+    """Bytes by key, least recently used dropped past ``max_bytes`` (thread-safe)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        from collections import OrderedDict
+
+        self._data: "OrderedDict[Any, bytes]" = OrderedDict()
+        self._size = 0
+        self._max = max_bytes
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Optional[bytes]:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: bytes) -> None:
+        with self._lock:
+            old = self._data.pop(key, None)
+            self._size += len(value) - (len(old) if old is not None else 0)
+            self._data[key] = value
+            while self._size > self._max and self._data:
+                _, dropped = self._data.popitem(last=False)
+                self._size -= len(dropped)
 
 _STATUS = {200: "200 OK", 204: "204 No Content", 304: "304 Not Modified", 400: "400 Bad Request", 404: "404 Not Found",
            405: "405 Method Not Allowed", 502: "502 Bad Gateway"}

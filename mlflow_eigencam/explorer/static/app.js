@@ -158,7 +158,8 @@ async function fetchData(first) {
   if (!S.runs.length) return;
   let body, text;
   try {
-    const r = await fetch("api/data?" + qs({ runs: S.runs.join(","), mode: S.mode, ds_id: S.ds_id }));
+    const r = await fetch("api/data?" + qs({ runs: S.runs.join(","), mode: S.mode, ds_id: S.ds_id,
+                                             epoch: first ? S.epoch : null }));
     text = await r.text();
     body = JSON.parse(text);
     if (!r.ok) throw new Error(body.error || r.statusText);
