@@ -29,7 +29,7 @@ import re
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import parse_qs
@@ -80,7 +80,7 @@ class Explorer:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="eigencam-explorer")
         self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="eigencam-prefetch")
         self._images = _LRU(max_bytes=256 * 2 ** 20)
-        self._prefetching: set = set()
+        self._inflight: Dict[Tuple[Any, ...], Future] = {}
 
     # -- WSGI ------------------------------------------------------------------------------
     def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -227,38 +227,50 @@ class Explorer:
                      ("ETag", _etag(data))], data
 
     def _preview(self, rid: str, mode: str, ds_id: Optional[str], row: dict) -> Optional[bytes]:
-        """A row's WebP preview, kept in memory (a logged point never changes)."""
+        """A row's WebP preview, kept in memory (a logged point never changes). A request
+        for a preview that a prefetch is already fetching waits for that one."""
         epoch, index = int(row["epoch"]), int(row.get("sample_index", -1))
         key = (rid, mode, ds_id, epoch, index)
         data = self._images.get(key)
         if data is not None:
             return data
-        path = self._previews(rid, mode, ds_id).get((epoch, index))
-        data = self.reader.read_or_none(rid, path) if path else None
-        if data is None:  # no preview logged (streamed, or an older version): make one
-            strip = self.reader.strip(rid, mode, ds_id, row)
-            if strip is None:
-                return None
-            data = _preview_of(strip)
-        self._images.put(key, data)
-        return data
+        with self._lock:
+            fut = self._inflight.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._inflight[key] = Future()
+        if not mine:
+            return fut.result(timeout=300)
+        try:
+            path = self._previews(rid, mode, ds_id).get((epoch, index))
+            data = self.reader.read_or_none(rid, path) if path else None
+            if data is None:  # no preview logged (streamed, or an older version): make one
+                strip = self.reader.strip(rid, mode, ds_id, row)
+                data = None if strip is None else _preview_of(strip)
+            if data is not None:
+                self._images.put(key, data)
+            fut.set_result(data)
+            return data
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
 
     def _prefetch(self, rid: str, mode: str, ds_id: Optional[str], epoch: int, index: int) -> None:
         key = (rid, mode, ds_id, epoch, index)
         with self._lock:
-            if key in self._prefetching or self._images.get(key) is not None:
+            if key in self._inflight:
                 return
-            self._prefetching.add(key)
+        if self._images.get(key) is not None:
+            return
 
         def run() -> None:
             try:
-                row = self._row(rid, mode, ds_id, epoch, index)
-                self._preview(rid, mode, ds_id, row)
+                self._preview(rid, mode, ds_id, self._row(rid, mode, ds_id, epoch, index))
             except Exception:  # a prefetch is only a guess
                 pass
-            finally:
-                with self._lock:
-                    self._prefetching.discard(key)
         self._background.submit(run)
 
     def export(self, q: Dict[str, str]):
