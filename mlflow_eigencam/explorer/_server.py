@@ -196,11 +196,24 @@ class Explorer:
         # The page asks for these previews next: start fetching them (the epoch it shows,
         # default the last logged one), in row order so the top of the table comes first.
         epochs = [e for r in results for e in r.get("epochs", [])]
-        want = _int(q, "epoch", max(epochs)) if epochs else None
-        for r in results:
-            for row in r.get("rows", []) if want is not None else []:
-                if row["epoch"] == want:
-                    self._prefetch(r["run_id"], mode, seg, want, row["index"])
+        if epochs:
+            want = _int(q, "epoch", max(epochs))
+            # Row by row, as the page draws them: the top of the table first. The input
+            # column shows each sample's first logged row.
+            jobs: Dict[str, List[Tuple[str, int, int]]] = {}
+            for r in results:
+                firsts: Dict[str, dict] = {}
+                for row in r.get("rows", []):
+                    firsts.setdefault(row["sample_id"], row)
+                    if row["epoch"] == want:
+                        jobs.setdefault(row["sample_id"], []).append((r["run_id"], want, row["index"]))
+                for sid, row in firsts.items():
+                    if sid not in jobs or jobs[sid][0][0] != r["run_id"]:
+                        continue
+                    jobs[sid].insert(0, (r["run_id"], row["epoch"], row["index"]))
+            for todo in jobs.values():
+                for rid, e, index in dict.fromkeys(todo):
+                    self._prefetch(rid, mode, seg, e, index)
         return 200, _json_headers() + [("Cache-Control", "no-cache"), ("ETag", _etag(body))], body
 
     def image(self, q: Dict[str, str]):
@@ -220,9 +233,6 @@ class Explorer:
         data = self._preview(rid, mode, ds_id, row)
         if data is None:
             raise HTTPError(404, _not_there(rid, row))
-        # The slider's next move is one epoch either way: fetch those now.
-        for e in (epoch - 1, epoch + 1):
-            self._prefetch(rid, mode, ds_id, e, index)
         return 200, [("Content-Type", "image/webp"), ("Cache-Control", _IMMUTABLE),
                      ("ETag", _etag(data))], data
 
