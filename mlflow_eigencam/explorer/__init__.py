@@ -56,9 +56,10 @@ def serve(tracking_uri: Optional[str] = None, host: str = "127.0.0.1", port: int
     """Serve the explorer until interrupted (binds to 127.0.0.1 unless told otherwise)."""
     server = make_server_for(tracking_uri, host, port, mlflow_ui=mlflow_ui)
     app: Explorer = server.get_app()
-    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
-    print(f"EigenCAM explorer for {app.reader.uri} at http://{shown}:{server.server_port}/ "
-          f"(Ctrl-C stops it)", flush=True)
+    where = f"http://{host or '0.0.0.0'}:{server.server_port}/"
+    if host in ("", "0.0.0.0", "::"):
+        where += " (every address of this machine: anyone who can reach it can read the runs)"
+    print(f"EigenCAM explorer for {app.reader.uri} at {where} (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
