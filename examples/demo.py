@@ -2,8 +2,10 @@
 
 Trains a tiny CNN (Lightning, CPU) on synthetic shapes made on the fly, twice, with two
 learning rates, in one MLflow experiment. ``mlflow_eigencam.autolog()`` is the only EigenCAM
-line. Then it compares the two runs' epochs side by side (``compare.html`` / ``compare.png``)
-and prints the command that opens the MLflow UI.
+line. Then it prints each run's story (validation accuracy rising, ``map_change`` falling as
+the explanations settle, the low learning rate learning worse), compares the two runs' epochs
+side by side (``compare.html`` / ``compare.png``) and prints the commands that open the
+EigenCAM explorer and the MLflow UI.
 
     python examples/demo.py                 # ~1-2 minutes on a laptop CPU
     python examples/demo.py --epochs 2 --out-dir /tmp/demo
@@ -118,8 +120,7 @@ def main(argv=None) -> int:
                                  enable_model_summary=False, default_root_dir=str(out / "lightning"))
             trainer.fit(build_module(lr), train_dataloaders=train, val_dataloaders=val)
             run_ids.append(run.info.run_id)
-            print(f"run {run.info.run_id} (lr={lr:g}): val_acc="
-                  f"{float(trainer.callback_metrics.get('val_acc', float('nan'))):.2f}")
+        print(_story(uri, run.info.run_id, lr), flush=True)
 
     last = args.epochs - 1
     epochs = ",".join(str(e) for e in sorted({0, last // 2, last}))
@@ -130,14 +131,36 @@ def main(argv=None) -> int:
                                          ds_id="val", out=str(out / "compare.png"),
                                          tracking_uri=uri)
     print(f"comparison of epochs {epochs} of both runs: {_path(result_html)} and {_path(result_png)}")
+    print("the same samples across both runs, every epoch, in the EigenCAM explorer:")
+    print(f"  mlflow-eigencam ui --tracking-uri {uri}")
+    print(f"  then open http://127.0.0.1:5050/?runs={','.join(run_ids)}&mode=eval&ds_id=val")
     print("open the MLflow UI on these runs with:")
-    if args.tracking_uri:
-        print(f"  open {args.tracking_uri}")
-    else:
+    base = args.tracking_uri.rstrip("/") if args.tracking_uri else "http://127.0.0.1:5000"
+    if not args.tracking_uri:
         print(f"  mlflow ui --backend-store-uri {uri} --port 5000")
-        print("  then browse http://127.0.0.1:5000 -> experiment 'eigencam-demo' -> a run -> "
-              "Model metrics / Artifacts")
+    exp_id = mlflow.get_experiment_by_name(name).experiment_id
+    for rid in run_ids:
+        print(f"  {base}/#/experiments/{exp_id}/runs/{rid}   (tab 'Model metrics': the images)")
+    print("  MLflow 3 may open the experiment in its GenAI view, where no run is listed: pick "
+          "'Model training' at the top left, or open a run link above directly.")
     return 0
+
+
+def _story(uri: str, run_id: str, lr: float) -> str:
+    """One line per run: validation accuracy and mean map change by epoch (read back)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+
+    def series(key: str) -> dict:
+        return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+    acc, change = series("val_acc"), series("eigencam/eval/val/map_change")
+    epochs = sorted(set(series("eigencam/eval/val/evr_1")))
+    accs = " ".join(f"{acc[e]:.2f}" if e in acc else "-" for e in epochs) or "-"
+    changes = " ".join(f"{change[e]:.2f}" if e in change else "-" for e in epochs)
+    return (f"run {run_id[:8]} (lr={lr:g}): val_acc by epoch {accs} | "
+            f"map_change {changes}")
 
 
 def _path(result) -> str:

@@ -31,12 +31,10 @@ import argparse
 import base64
 import contextlib
 import html
-import json
 import numbers
 import os
 import re
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import _layout
+from ._reader import Reader, check_tracking_uri
 from .render import _clean, _fit, _font, _line_height, _text_width, encode_png
 
 __all__ = ["CompareResult", "RunColumns", "add_compare_parser", "compare", "parse_epochs",
@@ -335,112 +334,7 @@ class _Run:
     order: List[str] = field(default_factory=list)  # sample ids, first appearance
 
 
-class _Reader:
-    """Everything this module asks MLflow, through one client."""
-
-    def __init__(self, tracking_uri: str, tmp: Path) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.tmp = tmp
-        self._n = 0
-
-    def run(self, run_id: str):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.get_run(run_id)
-        except MlflowException as exc:
-            code = getattr(exc, "error_code", "")
-            if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "BAD_REQUEST"):
-                raise LookupError(f"no run with id {run_id!r} at tracking URI {self.uri}") from exc
-            raise
-
-    def experiment_name(self, experiment_id: str) -> str:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.get_experiment(experiment_id).name
-        except (MlflowException, OSError):  # a name is only decoration
-            return str(experiment_id)
-
-    def listing(self, run_id: str, path: str) -> List[Any]:
-        try:
-            return list(self.client.list_artifacts(run_id, path))
-        except OSError:  # a local store raises when the folder does not exist
-            return []
-
-    def has_table(self, run, mode: str, ds_id: Optional[str]) -> bool:
-        path = _layout.table_path(mode, ds_id)
-        logged = run.data.tags.get(_layout.MLFLOW_LOGGED_ARTIFACTS)
-        if logged:
-            try:
-                if any(e.get("path") == path for e in json.loads(logged)):
-                    return True
-            except (ValueError, AttributeError):
-                pass
-        folder = path.rsplit("/", 1)[0]
-        return any(f.path == path for f in self.listing(run.info.run_id, folder))
-
-    def available(self, run) -> List[Tuple[str, str]]:
-        """(mode, ds segment) pairs with a table, from the artifacts and the table tag."""
-        found = set()
-        pattern = re.compile(rf"^{_layout.ROOT}/([^/]+)/([^/]+)/samples\.json$")
-        try:
-            for e in json.loads(run.data.tags.get(_layout.MLFLOW_LOGGED_ARTIFACTS, "[]")):
-                m = pattern.match(str(e.get("path", "")))
-                if m:
-                    found.add((m.group(1), m.group(2)))
-        except (ValueError, AttributeError):
-            pass
-        rid = run.info.run_id
-        for mode_dir in self.listing(rid, _layout.ROOT):
-            if not mode_dir.is_dir:
-                continue
-            for ds_dir in self.listing(rid, mode_dir.path):
-                if ds_dir.is_dir and any(f.path.endswith("/samples.json")
-                                         for f in self.listing(rid, ds_dir.path)):
-                    found.add(tuple(ds_dir.path.split("/")[1:3]))
-        return sorted(found)
-
-    def download(self, run_id: str, path: str) -> bytes:
-        self._n += 1
-        dst = self.tmp / f"{self._n:06d}"
-        dst.mkdir()
-        local = self.client.download_artifacts(run_id, path, str(dst))
-        return Path(local).read_bytes()
-
-    def latest_run_with_data(self, name: str, mode: str, ds_id: Optional[str]):
-        from mlflow.entities import ViewType
-
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            names = sorted(e.name for e in self.client.search_experiments(max_results=50))
-            raise LookupError(f"no experiment named {name!r} at tracking URI {self.uri}; "
-                              f"experiments: {', '.join(repr(n) for n in names) or 'none'}")
-        searched = 0
-        token = None
-        while True:
-            page = self.client.search_runs([exp.experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
-                                           order_by=["attributes.start_time DESC"],
-                                           max_results=200, page_token=token)
-            for run in page:
-                searched += 1
-                tags = run.data.tags
-                # Runs the logger never touched have neither tag: skip without listing artifacts.
-                if (_layout.TAG_VERSION in tags or _layout.MLFLOW_LOGGED_ARTIFACTS in tags) \
-                        and self.has_table(run, mode, ds_id):
-                    return run
-            token = page.token
-            if not token:
-                break
-        raise LookupError(f"experiment {name!r} has no run with EigenCAM data for mode={mode!r}, "
-                          f"ds_id={ds_id!r} ({_layout.table_path(mode, ds_id)}); "
-                          f"{searched} run(s) searched")
-
-
-def _no_data_message(reader: _Reader, run, mode: str, ds_id: Optional[str]) -> str:
+def _no_data_message(reader: Reader, run, mode: str, ds_id: Optional[str]) -> str:
     rid = run.info.run_id
     have = reader.available(run)
     msg = (f"run {rid} has no EigenCAM data for mode={mode!r}, ds_id={ds_id!r} "
@@ -451,21 +345,13 @@ def _no_data_message(reader: _Reader, run, mode: str, ds_id: Optional[str]) -> s
     return msg + f"; it has: {listed}"
 
 
-def _load_run(reader: _Reader, run, spec: Optional[str], mode: str, ds_id: Optional[str],
+def _load_run(reader: Reader, run, spec: Optional[str], mode: str, ds_id: Optional[str],
               component: int) -> _Run:
     rid = run.info.run_id
     if not reader.has_table(run, mode, ds_id):
         raise LookupError(_no_data_message(reader, run, mode, ds_id))
-    path = _layout.table_path(mode, ds_id)
-    try:
-        table = json.loads(reader.download(rid, path).decode("utf-8"))
-        columns = list(table["columns"])
-        rows = [dict(zip(columns, r)) for r in table["data"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"run {rid}: {path} is not an EigenCAM table ({exc})") from exc
-    missing = [c for c in ("epoch", "sample_id", _layout.TABLE_IMAGE_COLUMN) if c not in columns]
-    if missing:
-        raise ValueError(f"run {rid}: {path} lacks column(s) {', '.join(missing)}")
+    table = reader.table(rid, mode, ds_id)
+    rows, columns = table.rows, table.columns
     n_evr = sum(1 for c in columns if re.fullmatch(r"evr_\d+", c))
     if component > n_evr:
         raise LookupError(f"run {rid} logged {n_evr} component(s) for mode={mode!r}, "
@@ -518,11 +404,13 @@ def compare(
     tracking_uri: Optional[str] = None,
     epochs: Optional[str] = None,
     png_max_epochs: int = PNG_MAX_EPOCHS,
+    sample_ids: Optional[Sequence[str]] = None,
 ) -> CompareResult:
     """Write a side-by-side comparison of EigenCAM overlays across epochs, runs and experiments.
 
     Args:
-        runs: Run ids, each optionally ``"RUN_ID@EPOCHS"`` (see the module docstring).
+        runs: Run ids (or a unique prefix of 4+ characters, as the CLI prints them), each
+            optionally ``"RUN_ID@EPOCHS"`` (see the module docstring).
         experiments: Experiment names, each optionally ``"NAME@EPOCHS"``: the latest active
             run of each that has EigenCAM data for (mode, ds_id) joins the comparison.
         mode: The mode the samples were logged under ("eval", "test", ...).
@@ -535,6 +423,8 @@ def compare(
         epochs: EPOCHS for runs given without ``@EPOCHS`` (default: all; for a PNG at most
             ``png_max_epochs`` of them, evenly spaced).
         png_max_epochs: See ``epochs``.
+        sample_ids: Only these matched samples, in this order (the explorer's filtered
+            rows); None: every matched sample.
 
     Returns:
         A :class:`CompareResult`: the path written, the matched sample ids, the unmatched
@@ -578,12 +468,13 @@ def compare(
 
     from .sink import probe
 
-    uri = str(tracking_uri or mlflow.get_tracking_uri())
+    uri = check_tracking_uri(str(tracking_uri or mlflow.get_tracking_uri()))
     if not probe(uri):
         raise ConnectionError(f"cannot reach MLflow at {uri}")
+    only = None if sample_ids is None else [str(s) for s in sample_ids]
 
-    with tempfile.TemporaryDirectory(prefix="mlflow-eigencam-compare-") as tmp, _quiet_downloads():
-        reader = _Reader(uri, Path(tmp))
+    with _quiet_downloads():
+        reader = Reader(uri)
         selected: List[Tuple[Any, Optional[str]]] = []
         for rid, spec in parsed_runs:
             selected.append((reader.run(rid), spec))
@@ -619,6 +510,8 @@ def compare(
         for r in loaded[1:]:
             common &= set(r.by_sample)
         matched = [sid for sid in _first_seen(loaded) if sid in common]
+        if only is not None:  # the rows the caller asked for, in its order
+            matched = [sid for sid in dict.fromkeys(only) if sid in common]
         unmatched: Dict[str, List[str]] = {}
         for r in loaded:  # a run given twice (two epoch selections) is listed once
             listed = unmatched.setdefault(r.run_id, [])
@@ -630,7 +523,7 @@ def compare(
                     first = next(iter(r.by_sample[sid].values()))
                     labels[sid] = _text(first.get("label"))
 
-        strips = _fetch_strips(reader, loaded, set(matched))
+        strips = _fetch_strips(reader, loaded, set(matched), mode, ds_id)
         grid, inputs = _cells(loaded, matched, strips, component, notes)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -671,9 +564,9 @@ def _first_seen(loaded: List[_Run]) -> List[str]:
     return seen
 
 
-def _fetch_strips(reader: _Reader, loaded: List[_Run],
-                  wanted: set) -> Dict[Tuple[str, str], Optional[np.ndarray]]:
-    """{(run_id, artifact path): strip or None (missing)} for every cell to draw.
+def _fetch_strips(reader: Reader, loaded: List[_Run], wanted: set, mode: str,
+                  ds_id: Optional[str]) -> Dict[Tuple[str, int, int], Optional[np.ndarray]]:
+    """{(run_id, epoch, sample_index): strip or None (missing)} for every cell to draw.
 
     ``wanted``: the matched sample ids (every selected epoch); of the others only the first
     selected epoch is fetched, for the input image shown in the unmatched list.
@@ -682,39 +575,37 @@ def _fetch_strips(reader: _Reader, loaded: List[_Run],
 
     from PIL import Image
 
-    jobs: Dict[Tuple[str, str], None] = {}  # ordered set
+    jobs: Dict[Tuple[str, int, int], dict] = {}  # ordered
     for r in loaded:
         for sid in r.order:
             # Every cell of a matched sample; one strip (for its input image) of the others.
             epochs = r.epochs if sid in wanted else [min(r.by_sample[sid])]
             for e in epochs:
                 row = r.by_sample[sid].get(e)
-                if row is not None and row.get(_layout.TABLE_IMAGE_COLUMN):
-                    jobs[(r.run_id, str(row[_layout.TABLE_IMAGE_COLUMN]))] = None
+                if row is not None:
+                    jobs[_strip_key(r.run_id, row)] = row
 
     def load(key):
-        try:
-            data = reader.download(*key)
-        except OSError:
+        data = reader.strip(key[0], mode, ds_id, jobs[key])
+        if data is None:
             return None
-        except Exception as exc:  # MlflowException for an artifact that never arrived
-            if type(exc).__name__ == "MlflowException":
-                return None
-            raise
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB")).copy()
 
     # Remote stores answer one request per file: a few at a time. Order does not matter for
     # the output (results are keyed), so the bytes stay deterministic.
-    workers = 1 if not reader.uri.startswith(("http://", "https://")) else 8
-    if workers == 1:
+    if not reader.remote:
         return {k: load(k) for k in jobs}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=8) as pool:
         return dict(zip(jobs, pool.map(load, jobs)))
 
 
+def _strip_key(run_id: str, row: dict) -> Tuple[str, int, int]:
+    return run_id, int(row["epoch"]), int(row.get("sample_index", -1))
+
+
 def _cells(loaded: List[_Run], matched: List[str],
-           strips: Dict[Tuple[str, str], Optional[np.ndarray]], component: int,
+           strips: Dict[Tuple[str, int, int], Optional[np.ndarray]], component: int,
            notes: List[str]) -> Tuple[Dict[Tuple[int, str, int], _Cell], Dict[str, np.ndarray]]:
     """Crop the panels: {(run position, sample_id, epoch): cell}, {sample_id: input panel}.
 
@@ -733,7 +624,7 @@ def _cells(loaded: List[_Run], matched: List[str],
                 if row is None:
                     grid[(pos, sid, e)] = _Cell(None, "not logged")
                     continue
-                strip = strips.get((r.run_id, str(row.get(_layout.TABLE_IMAGE_COLUMN))))
+                strip = strips.get(_strip_key(r.run_id, row))
                 k = _row_k(row, r.n_evr)
                 boxes = strip_panels(strip, k) if strip is not None else []
                 if boxes and sid not in inputs:
@@ -744,7 +635,9 @@ def _cells(loaded: List[_Run], matched: List[str],
                 evr = row.get(f"evr_{component}")
                 cell = _Cell(None, "", _text(row.get("prediction")), _as_bool(row.get("correct")),
                              None if evr is None else float(evr))
-                if not boxes:
+                if not boxes and not row.get(_layout.TABLE_IMAGE_COLUMN):
+                    cell.empty_text = "not rendered"  # streamed, and no renderer here
+                elif not boxes:
                     missing += 1
                     cell.empty_text = "strip missing"
                 elif component > k:

@@ -29,6 +29,9 @@ MLFLOW_LOGGED_IMAGES = "mlflow.loggedImages"
 #: Fixed table columns; ``evr_1`` .. ``evr_k`` follow ``correct``, then ``image``.
 TABLE_COLUMNS = ("epoch", "sample_index", "sample_id", "label", "prediction", "correct")
 TABLE_IMAGE_COLUMN = "image"
+#: Explanation drift: 1 - Pearson correlation of the PC1 map with the previous logged epoch's
+#: (empty at the first epoch); between the ``evr_*`` columns and ``image``.
+TABLE_MAP_CHANGE_COLUMN = "map_change"
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -133,3 +136,9 @@ def table_part_path(mode: str, ds_id: str | None, epoch: int) -> str:
     """Artifact path of one streamed epoch's table rows (MLflow split format, like
     ``samples.json``): ``eigencam/{mode}/{ds_id}/table/epoch_{epoch:04d}.json``."""
     return f"{table_parts_dir(mode, ds_id)}/epoch_{epoch:04d}.json"
+
+
+def map_change_key(mode: str, ds_id: str | None) -> str:
+    """Mean explanation drift of (mode, ds_id) at an epoch: 1 - correlation of each sample's
+    PC1 map with the previous logged epoch's, averaged over the samples seen at both."""
+    return f"{prefix(mode, ds_id)}/map_change"

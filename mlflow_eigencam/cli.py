@@ -17,8 +17,15 @@ def _send_spool(args: argparse.Namespace) -> int:
     return 0 if left == 0 else 1
 
 
+def _ui(args: argparse.Namespace) -> int:
+    from .explorer import serve
+
+    serve(args.tracking_uri, args.host, args.port, mlflow_ui=args.mlflow_ui)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands: send-spool, compare)."""
+    """The argument parser (subcommands: send-spool, ui, compare)."""
     parser = argparse.ArgumentParser(prog="mlflow-eigencam",
                                      description="EigenCAM overlays in MLflow: tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send spools recorded for another tracking URI to --tracking-uri")
     p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     p.set_defaults(func=_send_spool)
+    p = sub.add_parser("ui", help="serve the EigenCAM explorer (read-only) for a tracking server",
+                       description="Serve the EigenCAM explorer: the same samples across runs, "
+                                   "epochs and experiments, in a live page. Read-only.")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI / MLflow's default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5050, help="port (default: 5050)")
+    p.add_argument("--mlflow-ui", default=None, metavar="URL",
+                   help="MLflow UI address for run links (default: the tracking URI if http(s))")
+    p.set_defaults(func=_ui)
     try:
         from ._compare import add_compare_parser
     except ImportError:  # compare not available in this build

@@ -142,6 +142,8 @@ class EigenCAMLogger:
         self._streams: Dict[Key, StreamEpoch] = {}
         self._stream_inputs: Dict[Key, Dict[str, str]] = {}  # run-wide: sample_id -> inputs file
         self._tables: Dict[Key, List[dict]] = {}
+        # PC1 maps of the previous logged epoch per (mode, ds_id): {sample_id: (h, w)} (drift).
+        self._prev_maps: Dict[Key, Dict[str, np.ndarray]] = {}
         self._target_layer = target_layer
         self._extra_tags = dict(extra_tags or {})
         self._requested_run_id = run_id
@@ -351,6 +353,7 @@ class EigenCAMLogger:
         files: Dict[str, Any] = {}
         bands, rows = [], []
         now = int(time.time() * 1000)
+        previous, current = self._prev_maps.get(key, {}), {}
         for i, s in enumerate(samples):
             evr = result.explained_variance_ratio[i]
             band = PNGBand(self._strip(s, result.maps[i], evr))
@@ -360,7 +363,10 @@ class EigenCAMLogger:
             png, webp = Encoded([band]), Encoded(band.pixels, "webp-preview")
             self._sink.encode_soon(png, webp)
             path = _sample_files(files, mode, ds_id, epoch, s.index, now, png, webp)
-            rows.append(_row(epoch, s, evr, path))
+            pc1 = np.array(result.maps[i, 0]) if result.maps.shape[1] else None
+            current[s.sample_id] = pc1
+            rows.append(_row(epoch, s, evr, path, map_change(previous.get(s.sample_id), pc1)))
+        self._prev_maps[key] = current
         self._finish_epoch(epoch, key, files, bands[: self.grid_max_rows],
                            result.explained_variance_ratio.sum(axis=0), len(samples), rows)
 
@@ -384,6 +390,9 @@ class EigenCAMLogger:
         mean = evr_sum / max(count, 1)
         metrics = [[_layout.metric_key(mode, ds_id, c + 1), float(v), epoch, now]
                    for c, v in enumerate(mean)]
+        changes = [r["map_change"] for r in rows if r.get("map_change") is not None]
+        if changes:  # none at the first logged epoch
+            metrics.append([_layout.map_change_key(mode, ds_id), float(np.mean(changes)), epoch, now])
         self._submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
                           tables=[table_path], tags={_layout.MLFLOW_LOGGED_IMAGES: "True"}),
                      spool_now=spool_now)
@@ -596,11 +605,13 @@ def _sample_files(files: Dict[str, Any], mode: str, ds_id: Optional[str], epoch:
     return strip_path
 
 
-def _row(epoch: int, s: Sample, evr: np.ndarray, path: str) -> dict:
+def _row(epoch: int, s: Sample, evr: np.ndarray, path: str,
+         change: Optional[float] = None) -> dict:
     row = {"epoch": epoch, "sample_index": int(s.index), "sample_id": s.sample_id,
            "label": s.label, "prediction": s.pred, "correct": s.correct}
     for c, v in enumerate(evr):
         row[f"evr_{c + 1}"] = round(float(v), 6)
+    row[_layout.TABLE_MAP_CHANGE_COLUMN] = None if change is None else round(float(change), 6)
     row[_layout.TABLE_IMAGE_COLUMN] = path
     return row
 
@@ -609,6 +620,30 @@ def _table_json(rows: List[dict]) -> bytes:
     """MLflow's table format (pandas ``orient="split"``), so ``mlflow.load_table`` reads it."""
     k = max((int(c[4:]) for r in rows for c in r if c.startswith("evr_")), default=0)
     columns = list(_layout.TABLE_COLUMNS) + [f"evr_{c}" for c in range(1, k + 1)] + \
-        [_layout.TABLE_IMAGE_COLUMN]
+        [_layout.TABLE_MAP_CHANGE_COLUMN, _layout.TABLE_IMAGE_COLUMN]
     data = [[r.get(c) for c in columns] for r in rows]
     return json.dumps({"columns": columns, "data": data}).encode("utf-8")
+
+
+def map_change(previous: Optional[np.ndarray], current: Optional[np.ndarray]) -> Optional[float]:
+    """Explanation drift of one sample: ``1 - Pearson correlation`` of its PC1 maps at two
+    consecutive logged epochs, at map resolution.
+
+    Args:
+        previous: ``(h, w)`` float map of the previous logged epoch, or None (first epoch).
+        current: ``(h, w)`` float map of this epoch, or None.
+
+    Returns:
+        A float in [0, 2] (0: the same map up to scale and offset), or None when there is
+        nothing to compare (first epoch, no map, or a map of another size). A flat map
+        correlates with nothing: 0 when both are flat, else 1.
+    """
+    if previous is None or current is None or np.shape(previous) != np.shape(current):
+        return None
+    a = np.asarray(previous, dtype=np.float64).ravel()
+    b = np.asarray(current, dtype=np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    na, nb = float(np.sqrt(a @ a)), float(np.sqrt(b @ b))
+    if na == 0 or nb == 0:
+        return 0.0 if na == nb else 1.0
+    return float(np.clip(1.0 - (a @ b) / (na * nb), 0.0, 2.0))

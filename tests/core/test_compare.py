@@ -15,8 +15,12 @@ from __future__ import annotations
 import base64
 import importlib
 import io
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List
 
 import mlflow
@@ -377,3 +381,63 @@ def test_cli_errors_exit_2(store, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("mlflow-eigencam: error: ") and message in err
+
+
+# --------------------------------------------------------------------------- newcomer fixes
+
+
+def test_cli_accepts_the_short_run_ids_it_prints(store, tmp_path, capsys):
+    out = tmp_path / "short.png"
+    rc = main(["compare", store.a_new[:8], f"{store.b[:8]}@last", "--ds-id", "val", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert f"run 1: {store.a_new}" in printed.out and f"run 2: {store.b}" in printed.out
+    rc = main(["compare", "ffffffff", "--ds-id", "val", "--out", str(out)])
+    assert rc == 2 and "no run with id 'ffffffff' (or starting with it)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["file path", "missing sqlite folder", "missing sqlite file",
+                                  "missing folder", "default store"])
+def test_cli_tracking_uri_mistakes_give_one_line_and_create_nothing(store, tmp_path, capsys,
+                                                                     monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "runs.db"
+    db.write_bytes(b"not a store")
+    argv = ["compare", store.a_new, "--ds-id", "val", "--out", str(tmp_path / "x.png")]
+    if case == "file path":
+        argv += ["--tracking-uri", str(db)]
+        message = f"is a file, not a tracking store; for an MLflow sqlite database pass " \
+                  f"--tracking-uri sqlite:///{db}"
+    elif case == "missing sqlite folder":
+        argv += ["--tracking-uri", f"sqlite:///{tmp_path}/nowhere/mlflow.db"]
+        message = f"folder {tmp_path}/nowhere does not exist"
+    elif case == "missing sqlite file":
+        argv += ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+        message = "no sqlite database at"
+    elif case == "missing folder":
+        argv += ["--tracking-uri", str(tmp_path / "nowhere")]
+        message = "no MLflow store at"
+    if case == "default store":  # MLflow 3's default: sqlite:///mlflow.db in the working folder
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + sys.path)
+        proc = subprocess.run([sys.executable, "-m", "mlflow_eigencam", *argv], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+        rc, err = proc.returncode, proc.stderr
+        message = f"no sqlite database at {tmp_path}/mlflow.db"
+    else:
+        rc = main(argv)
+        err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert err.count("\n") == 1, err  # one line, no traceback
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "nowhere").exists()
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_sample_ids_pick_and_order_the_rows(store, tmp_path):
+    wanted = [store.sids[2], store.sids[0], "not-a-sample"]
+    result = compare_fn([store.a_old, store.a_new], ds_id="val", out=tmp_path / "s.html",
+                        sample_ids=wanted)
+    assert list(result.matched) == [store.sids[2], store.sids[0]]
+    page = (tmp_path / "s.html").read_text()
+    assert page.index(f'id="s-{store.sids[2]}"') < page.index(f'id="s-{store.sids[0]}"')
+    assert f'id="s-{store.sids[1]}"' not in page

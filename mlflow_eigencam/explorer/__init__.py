@@ -1,0 +1,94 @@
+"""The EigenCAM explorer: the same samples across runs, epochs and experiments, in a live page.
+
+``mlflow-eigencam ui --tracking-uri URI`` serves it (:func:`serve`); inside a team's tracking
+server, ``mlflow server --app-name eigencam`` serves it at ``/eigencam/`` next to the MLflow
+UI (:func:`create_app`, registered as an ``mlflow.app`` entry point). It only reads what
+:class:`~mlflow_eigencam.logger.EigenCAMLogger` wrote; see ``docs/explorer.md`` for the page
+and its URL parameters.
+"""
+
+from __future__ import annotations
+
+import socketserver
+import sys
+from typing import Any, Optional
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from ._server import Explorer
+
+__all__ = ["Explorer", "create_app", "make_server_for", "serve"]
+
+#: Where ``mlflow server --app-name eigencam`` serves the explorer.
+MOUNT = "/eigencam"
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow image download never keeps Ctrl-C waiting
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        pass
+
+
+def make_server_for(tracking_uri: Optional[str], host: str = "127.0.0.1", port: int = 5050,
+                    *, mlflow_ui: Optional[str] = None):
+    """A threaded WSGI server for the explorer (not started; call ``serve_forever``).
+
+    Raises:
+        FileNotFoundError, ValueError: A tracking URI that is not a store (one clear line).
+        ConnectionError: The address cannot be bound (the port is taken).
+    """
+    import mlflow
+
+    app = Explorer(str(tracking_uri or mlflow.get_tracking_uri()), mlflow_ui=mlflow_ui)
+    try:
+        return make_server(host, int(port), app, server_class=_ThreadingServer,
+                           handler_class=_QuietHandler)
+    except OSError as exc:  # port taken, address not ours: one line, not a traceback
+        raise ConnectionError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                              f"pass another --port") from exc
+
+
+def serve(tracking_uri: Optional[str] = None, host: str = "127.0.0.1", port: int = 5050, *,
+          mlflow_ui: Optional[str] = None) -> None:
+    """Serve the explorer until interrupted (binds to 127.0.0.1 unless told otherwise)."""
+    server = make_server_for(tracking_uri, host, port, mlflow_ui=mlflow_ui)
+    app: Explorer = server.get_app()
+    where = f"http://{host or '0.0.0.0'}:{server.server_port}/"
+    if host in ("", "0.0.0.0", "::"):
+        where += " (every address of this machine: anyone who can reach it can read the runs)"
+    print(f"EigenCAM explorer for {app.reader.uri} at {where} (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+
+
+def create_app(app: Any = None) -> Any:
+    """``mlflow.app`` entry point: MLflow's Flask app with the explorer at ``/eigencam/``.
+
+    Used as ``mlflow server --app-name eigencam``; the explorer reads through the server's
+    own REST API at the address each request came to, so it sees what the UI sees. Returns
+    what MLflow's server expects: the Flask app, or under uvicorn (MLflow's default) the
+    FastAPI app wrapping it, as MLflow's own ``basic-auth`` app does.
+    """
+    import os
+
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    if app is None:
+        from mlflow.server import app as flask_app
+
+        app = flask_app
+    explorer = Explorer(None)
+    app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {MOUNT: explorer})
+
+    if os.environ.get("_MLFLOW_SGI_NAME") == "uvicorn":
+        from mlflow.server.fastapi_app import create_fastapi_app
+
+        return create_fastapi_app(app)
+    return app

@@ -1,0 +1,559 @@
+"""The explorer's HTTP side: a small read-only WSGI app over :class:`~mlflow_eigencam._reader.Reader`.
+
+Routes (relative to where the app is mounted; ``mlflow-eigencam ui`` mounts it at ``/``, the
+``mlflow.app`` plugin at ``/eigencam``):
+
+* ``GET /``: the page; ``GET /static/app.js`` and ``/static/app.css``: its code (a fixed list).
+* ``GET /api/config``: the tracking URI and the MLflow UI's address (for run links).
+* ``GET /api/search?q=TEXT``: runs with EigenCAM data whose experiment, name, id or a tag
+  contains TEXT.
+* ``GET /api/runs?ids=A,B``: what each run has (modes, dataset ids); unknown ids are named.
+* ``GET /api/data?runs=A,B&mode=M&ds_id=D``: the joined tables, epochs and panel geometry.
+* ``GET /api/image?run=A&mode=M&ds_id=D&epoch=E&index=I&kind=preview|strip``: one image.
+* ``GET /api/export?runs=A,B&mode=M&ds_id=D&epoch=E&component=C&samples=S1,S2&format=png|html``:
+  the current view through ``compare``'s renderer, as a download.
+
+Safety: an image or export names a run id, a mode, a dataset id and integers; the artifact
+path is built from the layout (or taken from what MLflow listed for that run), so nothing in
+a URL reaches the filesystem. Nothing is written to MLflow. The page sets every text with
+``textContent``; JSON answers are ``application/json`` with ``nosniff``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from urllib.parse import parse_qs
+
+from .. import _layout
+from .._reader import Reader
+
+__all__ = ["Explorer"]
+
+_STATIC = Path(__file__).with_name("static")
+_FILES = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+_RUN_ID = re.compile(r"^[0-9A-Za-z]{4,64}$")
+_SAMPLE_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+# A finished run's table and listing do not change; a running run's are re-read this often.
+_LIVE_TTL_S = 2.0
+_IMMUTABLE = "public, max-age=31536000, immutable"
+
+StartResponse = Callable[..., Any]
+
+
+class HTTPError(Exception):
+    """An answer other than 200, with a one-line message for the page."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Explorer:
+    """The explorer as a WSGI application (read-only).
+
+    Args:
+        tracking_uri: Where the runs live; None: the address this app is served at (the
+            ``mlflow.app`` plugin, inside ``mlflow server``), found from the first request.
+        mlflow_ui: Base address of the MLflow UI for run links; default the tracking URI
+            when it is ``http(s)://``, else none.
+    """
+
+    def __init__(self, tracking_uri: Optional[str] = None, *, mlflow_ui: Optional[str] = None) -> None:
+        self._uri = tracking_uri
+        self._reader: Optional[Reader] = Reader(tracking_uri) if tracking_uri else None
+        self._ui = mlflow_ui
+        self._lock = threading.Lock()
+        self._cache: Dict[Tuple[Any, ...], Tuple[float, Any, bool]] = {}
+        self._known: Dict[str, Any] = {}  # run id -> Run, for runs the page asked about
+        # One progress bar per downloaded preview would flood the server's terminal.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="eigencam-explorer")
+        self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="eigencam-prefetch")
+        self._images = _LRU(max_bytes=256 * 2 ** 20)
+        self._inflight: Dict[Tuple[Any, ...], Future] = {}
+
+    # -- WSGI ------------------------------------------------------------------------------
+    def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if not path and environ.get("SCRIPT_NAME"):  # /eigencam -> /eigencam/ (relative links)
+            start_response("301 Moved Permanently", [("Location", environ["SCRIPT_NAME"] + "/"),
+                                                     ("Content-Length", "0")])
+            return [b""]
+        path = path or "/"
+        query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        try:
+            if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+                raise HTTPError(405, "the explorer is read-only")
+            if self._reader is None:
+                self._self_hosted(environ)
+            status, headers, body = self._route(path, query, environ)
+        except HTTPError as exc:
+            status, headers, body = exc.status, _json_headers(), _dumps({"error": str(exc)})
+            headers.append(("Cache-Control", "no-store"))
+        except Exception as exc:  # an MLflow or network failure: say it on the page
+            status, headers, body = 502, _json_headers(), _dumps(
+                {"error": f"{type(exc).__name__}: {exc}"})
+            headers.append(("Cache-Control", "no-store"))
+        etag = next((v for k, v in headers if k == "ETag"), None)
+        if status == 200 and etag and environ.get("HTTP_IF_NONE_MATCH") == etag:
+            status, body = 304, b""
+        headers.append(("Content-Length", str(len(body))))
+        headers.append(("X-Content-Type-Options", "nosniff"))
+        start_response(_STATUS.get(status, f"{status} Error"), headers)
+        return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else body]
+
+    def _self_hosted(self, environ: Dict[str, Any]) -> None:
+        host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME')}:{environ.get('SERVER_PORT')}"
+        uri = f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+        with self._lock:
+            if self._reader is None:
+                self._uri = uri
+                self._reader = Reader(uri)
+                self._ui = self._ui or uri
+
+    @property
+    def reader(self) -> Reader:
+        assert self._reader is not None
+        return self._reader
+
+    def _route(self, path: str, q: Dict[str, str], environ: Dict[str, Any]):
+        if path in ("/", "/index.html"):
+            return 200, [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-cache")], \
+                (_STATIC / "index.html").read_bytes()
+        if path == "/favicon.ico":
+            return 204, [("Cache-Control", "max-age=86400")], b""
+        if path.startswith("/static/"):
+            name = path[len("/static/"):]
+            if name not in _FILES:
+                raise HTTPError(404, f"no file {name!r}")
+            body = (_STATIC / name).read_bytes()
+            return 200, [("Content-Type", _FILES[name]), ("Cache-Control", "no-cache"),
+                         ("ETag", _etag(body))], body
+        handlers = {"/api/config": self.config, "/api/search": self.search,
+                    "/api/runs": self.runs, "/api/data": self.data, "/api/image": self.image,
+                    "/api/export": self.export}
+        handler = handlers.get(path)
+        if handler is None:
+            raise HTTPError(404, f"no page {path!r}")
+        return handler(q)
+
+    # -- API -------------------------------------------------------------------------------
+    def config(self, q: Dict[str, str]):
+        ui = self._ui or (self.reader.uri if self.reader.remote else None)
+        return _json({"tracking_uri": self.reader.uri, "mlflow_ui": ui})
+
+    def search(self, q: Dict[str, str]):
+        found = self.reader.search(q.get("q", ""), max_results=_int(q, "max", 200))
+        return _json({"runs": [_summary_json(s) for s in found]})
+
+    def runs(self, q: Dict[str, str]):
+        ids = _ids(q.get("ids", ""))
+        out, errors = [], []
+        for rid, res in zip(ids, self._pool.map(self._resolve_or_error, ids)):
+            if isinstance(res, str):
+                errors.append({"id": rid, "message": res})
+                continue
+            s = self.reader.summary(res)
+            entry = _summary_json(s)
+            entry["requested"] = rid
+            entry["available"] = [{"mode": m, "ds_id": d} for m, d in self._available(res)]
+            out.append(entry)
+        return _json({"runs": out, "errors": errors}, cache="no-cache")
+
+    def data(self, q: Dict[str, str]):
+        """The tables of the runs for (mode, ds_id), with each run's summary and what it has.
+        Without ``mode`` / ``ds_id`` the first pair the runs have is taken (``eval`` first)."""
+        ids = _ids(q.get("runs", ""))
+        resolved = list(self._pool.map(self._resolve_or_error, ids))
+        pairs: List[Tuple[str, str]] = []
+        for res in resolved:
+            if not isinstance(res, str):
+                pairs += [p for p in self._available(res) if p not in pairs]
+        mode, ds_id = q.get("mode"), q.get("ds_id")
+        if not mode or not any(m == mode for m, _ in pairs):
+            mode = next((m for m, _ in pairs if m == "eval"), pairs[0][0] if pairs else mode or "eval")
+        if not ds_id or (mode, ds_id) not in pairs:
+            ds_id = next((d for m, d in pairs if m == mode), ds_id or _layout.ALL_DS)
+        seg = None if ds_id == _layout.ALL_DS else ds_id
+        results = list(self._pool.map(lambda rid: self._run_data(rid, mode, seg), ids))
+        for rid, res, out in zip(ids, resolved, results):
+            if not isinstance(res, str):
+                with self._lock:  # the freshest copy (a live run's status)
+                    res = self._known.get(res.info.run_id, res)
+                out["summary"] = _summary_json(self.reader.summary(res))
+                out["available"] = [{"mode": m, "ds_id": d} for m, d in self._available(res)]
+        body = _dumps({"mode": mode, "ds_id": ds_id, "runs": results})
+        # The page asks for these previews next: start fetching them (the epoch it shows,
+        # default the last logged one), in row order so the top of the table comes first.
+        epochs = [e for r in results for e in r.get("epochs", [])]
+        if epochs:
+            want = _int(q, "epoch", max(epochs))
+            # Row by row, as the page draws them: the top of the table first. The input
+            # column shows each sample's first logged row.
+            jobs: Dict[str, List[Tuple[str, int, int]]] = {}
+            for r in results:
+                firsts: Dict[str, dict] = {}
+                for row in r.get("rows", []):
+                    firsts.setdefault(row["sample_id"], row)
+                    if row["epoch"] == want:
+                        jobs.setdefault(row["sample_id"], []).append((r["run_id"], want, row["index"]))
+                for sid, row in firsts.items():
+                    if sid not in jobs or jobs[sid][0][0] != r["run_id"]:
+                        continue
+                    jobs[sid].insert(0, (r["run_id"], row["epoch"], row["index"]))
+            for todo in jobs.values():
+                for rid, e, index in dict.fromkeys(todo):
+                    self._prefetch(rid, mode, seg, e, index)
+        return 200, _json_headers() + [("Cache-Control", "no-cache"), ("ETag", _etag(body))], body
+
+    def image(self, q: Dict[str, str]):
+        rid = self._run(q.get("run", "")).info.run_id
+        mode, ds_id = _mode_ds(q)
+        epoch, index = _int(q, "epoch"), _int(q, "index")
+        kind = q.get("kind", "preview")
+        row = self._row(rid, mode, ds_id, epoch, index)
+        if kind == "strip":
+            data = self.reader.strip(rid, mode, ds_id, row)
+            if data is None:
+                raise HTTPError(404, _not_there(rid, row))
+            return 200, [("Content-Type", "image/png"), ("Cache-Control", _IMMUTABLE),
+                         ("ETag", _etag(data))], data
+        if kind != "preview":
+            raise HTTPError(400, f"kind must be 'preview' or 'strip', got {kind!r}")
+        data = self._preview(rid, mode, ds_id, row)
+        if data is None:
+            raise HTTPError(404, _not_there(rid, row))
+        return 200, [("Content-Type", "image/webp"), ("Cache-Control", _IMMUTABLE),
+                     ("ETag", _etag(data))], data
+
+    def _preview(self, rid: str, mode: str, ds_id: Optional[str], row: dict) -> Optional[bytes]:
+        """A row's WebP preview, kept in memory (a logged point never changes). A request
+        for a preview that a prefetch is already fetching waits for that one."""
+        epoch, index = int(row["epoch"]), int(row.get("sample_index", -1))
+        key = (rid, mode, ds_id, epoch, index)
+        data = self._images.get(key)
+        if data is not None:
+            return data
+        with self._lock:
+            fut = self._inflight.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._inflight[key] = Future()
+        if not mine:
+            return fut.result(timeout=300)
+        try:
+            path = self._previews(rid, mode, ds_id).get((epoch, index))
+            data = self.reader.read_or_none(rid, path) if path else None
+            if data is None:  # no preview logged (streamed, or an older version): make one
+                strip = self.reader.strip(rid, mode, ds_id, row)
+                data = None if strip is None else _preview_of(strip)
+            if data is not None:
+                self._images.put(key, data)
+            fut.set_result(data)
+            return data
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _prefetch(self, rid: str, mode: str, ds_id: Optional[str], epoch: int, index: int) -> None:
+        key = (rid, mode, ds_id, epoch, index)
+        with self._lock:
+            if key in self._inflight:
+                return
+        if self._images.get(key) is not None:
+            return
+
+        def run() -> None:
+            try:
+                self._preview(rid, mode, ds_id, self._row(rid, mode, ds_id, epoch, index))
+            except Exception:  # a prefetch is only a guess
+                pass
+        self._background.submit(run)
+
+    def export(self, q: Dict[str, str]):
+        from .._compare import compare
+
+        ids = _ids(q.get("runs", ""))
+        if not ids:
+            raise HTTPError(400, "export needs runs=RUN_ID,...")
+        mode, ds_id = _mode_ds(q)
+        fmt = q.get("format", "html")
+        if fmt not in ("png", "html"):
+            raise HTTPError(400, f"format must be 'png' or 'html', got {fmt!r}")
+        component = _int(q, "component", 1)
+        resolved = [self._run(r).info.run_id for r in ids]
+        if len(resolved) == 1:
+            specs = [f"{resolved[0]}@all"]
+        else:
+            epoch = _int(q, "epoch")
+            specs = [f"{r}@{epoch}" for r in resolved
+                     if epoch in self._table(r, mode, ds_id).epochs]
+            if not specs:
+                raise HTTPError(404, f"no selected run logged epoch {epoch}")
+        samples = None  # no filter: every matched sample
+        if "samples" in q:  # the page's filtered rows, in its order
+            samples = [s for s in q["samples"].split(",") if _SAMPLE_ID.match(s)]
+            if not samples:
+                raise HTTPError(400, "no sample is shown: nothing to export")
+        with tempfile.TemporaryDirectory(prefix="mlflow-eigencam-export-") as tmp:
+            out = Path(tmp) / f"eigencam-{mode}-{ds_id or 'all'}.{fmt}"
+            try:
+                compare(specs, mode=mode, ds_id=ds_id, component=component, out=out,
+                        tracking_uri=self.reader.uri, sample_ids=samples)
+            except (LookupError, ValueError) as exc:
+                raise HTTPError(400, str(exc)) from exc
+            body = out.read_bytes()
+        ctype = "image/png" if fmt == "png" else "text/html; charset=utf-8"
+        return 200, [("Content-Type", ctype), ("Cache-Control", "no-store"),
+                     ("Content-Disposition", f'attachment; filename="{out.name}"')], body
+
+    # -- reading, cached -------------------------------------------------------------------
+    def _resolve_or_error(self, rid: str):
+        try:
+            return self._run(rid)
+        except HTTPError as exc:
+            return str(exc)
+
+    def _run(self, rid: str, *, fresh: bool = False):
+        """The Run of an id the page asked about (prefixes resolved), cached by id."""
+        if not _RUN_ID.match(rid or ""):
+            raise HTTPError(400, f"not a run id: {rid!r}")
+        with self._lock:
+            run = self._known.get(rid)
+        if run is not None and not fresh:
+            return run
+        try:
+            run = self.reader.run(rid)
+        except LookupError as exc:
+            raise HTTPError(404, str(exc)) from exc
+        with self._lock:
+            self._known[rid] = self._known[run.info.run_id] = run
+        return run
+
+    def _live(self, rid: str) -> bool:
+        with self._lock:
+            run = self._known.get(rid)
+        return run is None or run.info.status in ("RUNNING", "SCHEDULED")
+
+    def _cached(self, key: Tuple[Any, ...], rid: str, make: Callable[[], Any]) -> Any:
+        """What ``make`` returns, kept for good when it was read from a finished run, for
+        ``_LIVE_TTL_S`` when the run was still logging (its last read after it finished
+        is kept)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None and (not hit[2] or now - hit[0] < _LIVE_TTL_S):
+            return hit[1]
+        live = self._live(rid)
+        value = make()
+        with self._lock:
+            self._cache[key] = (now, value, live)
+        return value
+
+    def _available(self, run) -> List[Tuple[str, str]]:
+        rid = run.info.run_id
+        # The table tag is enough for the page (a listing is several requests per run).
+        return self._cached(("available", rid), rid,
+                            lambda: self.reader.available(run, list_artifacts=False))
+
+    def _table(self, rid: str, mode: str, ds_id: Optional[str]):
+        return self._cached(("table", rid, mode, ds_id), rid,
+                            lambda: self.reader.table(rid, mode, ds_id))
+
+    def _previews(self, rid: str, mode: str, ds_id: Optional[str]) -> Dict[Tuple[int, int], str]:
+        return self._cached(("previews", rid, mode, ds_id), rid,
+                            lambda: self.reader.previews(rid, mode, ds_id))
+
+    def _row(self, rid: str, mode: str, ds_id: Optional[str], epoch: int, index: int) -> dict:
+        try:
+            table = self._table(rid, mode, ds_id)
+        except LookupError as exc:
+            raise HTTPError(404, str(exc)) from exc
+        for row in table.rows:
+            if int(row["epoch"]) == epoch and int(row.get("sample_index", -1)) == index:
+                return row
+        raise HTTPError(404, f"run {rid} logged no sample {index} at epoch {epoch} for "
+                             f"mode={mode!r}, ds_id={ds_id!r}")
+
+    def _geometry(self, rid: str, mode: str, ds_id: Optional[str], row: dict, k: int):
+        """Panel boxes of the run's strips as fractions of the strip ({w, h, k, boxes})."""
+        def make():
+            from PIL import Image
+            import numpy as np
+
+            from .._compare import strip_panels
+
+            data = self.reader.strip(rid, mode, ds_id, row)
+            if data is None:
+                return None
+            with Image.open(io.BytesIO(data)) as im:
+                arr = np.asarray(im.convert("RGB"))
+            h, w = arr.shape[:2]
+            try:
+                boxes = strip_panels(arr, k)
+            except ValueError:
+                return None
+            return {"w": w, "h": h, "k": k,
+                    "boxes": [[x / w, y / h, bw / w, bh / h] for x, y, bw, bh in boxes]}
+        # Strips of one (run, mode, ds_id, k) share a layout: one download per run, kept.
+        key = ("geometry", rid, mode, ds_id, k)
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None and hit[1] is not None:
+            return hit[1]
+        value = make()
+        with self._lock:
+            self._cache[key] = (time.monotonic(), value, False)
+        return value
+
+    def _run_data(self, rid: str, mode: str, ds_id: Optional[str]) -> Dict[str, Any]:
+        try:
+            run = self._run(rid, fresh=self._live(rid))
+        except HTTPError as exc:
+            return {"requested": rid, "error": str(exc)}
+        full = run.info.run_id
+        base = {"requested": rid, "run_id": full, "status": run.info.status}
+        try:
+            table = self._table(full, mode, ds_id)
+        except LookupError:
+            have = ", ".join(f"{m}/{d}" for m, d in self._available(run)) or "nothing"
+            return dict(base, error=f"run {full} has no EigenCAM data for mode={mode!r}, "
+                                    f"ds_id={ds_id!r}; it has: {have}")
+        previews = self._previews(full, mode, ds_id)
+        rows, geometry = [], None
+        for row in table.rows:
+            evr = [row.get(f"evr_{c}") for c in range(1, table.n_evr + 1)]
+            k = sum(1 for v in evr if v is not None)
+            epoch, index = int(row["epoch"]), int(row.get("sample_index", -1))
+            rendered = bool(row.get(_layout.TABLE_IMAGE_COLUMN))
+            if geometry is None and rendered:
+                geometry = self._geometry(full, mode, ds_id, row, k)
+            rows.append({"epoch": epoch, "index": index, "sample_id": str(row["sample_id"]),
+                         "label": _text(row.get("label")), "prediction": _text(row.get("prediction")),
+                         "correct": _bool(row.get("correct")), "evr": evr, "k": k,
+                         "map_change": row.get(_layout.TABLE_MAP_CHANGE_COLUMN),
+                         "rendered": rendered, "preview": (epoch, index) in previews})
+        return dict(base, epochs=table.epochs, n_evr=table.n_evr, geometry=geometry, rows=rows)
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+class _LRU:
+    """Bytes by key, least recently used dropped past ``max_bytes`` (thread-safe)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        from collections import OrderedDict
+
+        self._data: "OrderedDict[Any, bytes]" = OrderedDict()
+        self._size = 0
+        self._max = max_bytes
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Optional[bytes]:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: bytes) -> None:
+        with self._lock:
+            old = self._data.pop(key, None)
+            self._size += len(value) - (len(old) if old is not None else 0)
+            self._data[key] = value
+            while self._size > self._max and self._data:
+                _, dropped = self._data.popitem(last=False)
+                self._size -= len(dropped)
+
+_STATUS = {200: "200 OK", 204: "204 No Content", 304: "304 Not Modified", 400: "400 Bad Request", 404: "404 Not Found",
+           405: "405 Method Not Allowed", 502: "502 Bad Gateway"}
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=str).encode("utf-8")
+
+
+def _json_headers() -> List[Tuple[str, str]]:
+    return [("Content-Type", "application/json; charset=utf-8")]
+
+
+def _json(obj: Any, cache: str = "no-store"):
+    return 200, _json_headers() + [("Cache-Control", cache)], _dumps(obj)
+
+
+def _etag(body: bytes) -> str:
+    return '"' + hashlib.sha1(body).hexdigest()[:20] + '"'
+
+
+def _ids(text: str) -> List[str]:
+    ids = [t.strip() for t in text.split(",") if t.strip()]
+    if len(ids) > 64:
+        raise HTTPError(400, f"at most 64 runs at once, got {len(ids)}")
+    return list(dict.fromkeys(ids))
+
+
+def _int(q: Dict[str, str], name: str, default: Optional[int] = None) -> int:
+    raw = q.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise HTTPError(400, f"missing parameter {name}")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise HTTPError(400, f"{name} must be an integer, got {raw!r}") from None
+
+
+def _mode_ds(q: Dict[str, str]) -> Tuple[str, Optional[str]]:
+    mode = q.get("mode") or "eval"
+    ds = q.get("ds_id")
+    # "all" is how samples logged without a ds_id are stored (layout segment).
+    return mode, (None if ds in (None, "", _layout.ALL_DS) else ds)
+
+
+def _text(v: Any) -> Optional[str]:
+    return None if v is None else str(v)
+
+
+def _bool(v: Any) -> Optional[bool]:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return v.strip().lower() in ("true", "1", "yes")
+    return bool(v)
+
+
+def _summary_json(s) -> Dict[str, Any]:
+    return {"run_id": s.run_id, "run_name": s.run_name, "experiment_id": s.experiment_id,
+            "experiment": s.experiment, "status": s.status, "start_time": s.start_time,
+            "tags": s.tags}
+
+
+def _not_there(rid: str, row: dict) -> str:
+    what = "was not rendered" if not row.get(_layout.TABLE_IMAGE_COLUMN) else "is missing"
+    return (f"the strip of sample {row.get('sample_index')} at epoch {row.get('epoch')} of run "
+            f"{rid} {what}")
+
+
+def _preview_of(png: bytes) -> bytes:
+    from PIL import Image
+    import numpy as np
+
+    from ..render import encode_webp_preview
+
+    with Image.open(io.BytesIO(png)) as im:
+        return encode_webp_preview(np.asarray(im.convert("RGB")))

@@ -1,0 +1,493 @@
+// EigenCAM explorer: vanilla JS, no build step. Every text from MLflow goes through
+// textContent (never innerHTML), so captions and labels cannot inject markup.
+"use strict";
+
+const CELL = 128; // CSS px of one overlay panel
+const POLL_MS = 3000;
+const PARAMS = ["runs", "mode", "ds_id", "epoch", "component", "filter", "label", "pred", "sort", "since"];
+
+const S = { runs: [], mode: "", ds_id: "", epoch: null, component: 1, filter: "", label: "",
+            pred: "", sort: "", since: null };
+let CONFIG = { tracking_uri: "", mlflow_ui: null };
+let META = {};        // requested id -> run summary from /api/runs
+let DATA = null;      // last /api/data answer
+let RUNS = [];        // indexed runs of DATA
+let EPOCHS = [];      // union of logged epochs
+let dataText = "";
+let pollTimer = null, playTimer = null;
+let lastResults = [];
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") e.className = v;
+    else if (k === "style") Object.assign(e.style, v);
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (k === "dataset") Object.assign(e.dataset, v);
+    else e.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const kid of kids.flat()) {
+    if (kid === null || kid === undefined || kid === false) continue;
+    e.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
+  }
+  return e;
+}
+
+function message(text, kind) {
+  $("messages").append(el("div", { class: kind || "error" }, text));
+}
+
+async function getJSON(url) {
+  const r = await fetch(url, { headers: { Accept: "application/json" } });
+  let body = null;
+  try { body = await r.json(); } catch (e) { /* not JSON */ }
+  if (!r.ok) throw new Error((body && body.error) || `${r.status} ${r.statusText} for ${url}`);
+  return body;
+}
+
+function qs(obj) {
+  const p = new URLSearchParams();
+  for (const [k, v] of Object.entries(obj)) if (v !== null && v !== undefined && v !== "") p.set(k, v);
+  return p.toString();
+}
+
+// ------------------------------------------------------------------------- URL state
+function readURL() {
+  const p = new URLSearchParams(location.search);
+  S.runs = (p.get("runs") || "").split(",").map((s) => s.trim()).filter(Boolean);
+  S.mode = p.get("mode") || "";
+  S.ds_id = p.get("ds_id") || "";
+  S.epoch = p.has("epoch") && p.get("epoch") !== "" ? parseInt(p.get("epoch"), 10) : null;
+  S.component = parseInt(p.get("component") || "1", 10) || 1;
+  S.filter = p.get("filter") || "";
+  S.label = p.get("label") || "";
+  S.pred = p.get("pred") || "";
+  S.sort = p.get("sort") || "";
+  S.since = p.has("since") && p.get("since") !== "" ? parseInt(p.get("since"), 10) : null;
+}
+
+function writeURL() {
+  const st = Object.assign({}, S, { runs: S.runs.join(","), component: S.component === 1 ? "" : S.component });
+  const q = qs(Object.fromEntries(PARAMS.map((k) => [k, st[k]])));
+  const url = location.pathname + (q ? "?" + q.replace(/%2C/g, ",") : "");
+  if (url !== location.pathname + location.search) history.replaceState(null, "", url);
+}
+
+// ------------------------------------------------------------------------- runs
+async function search() {
+  const q = $("search").value;
+  let body;
+  try { body = await getJSON("api/search?" + qs({ q })); }
+  catch (e) { message(`search failed: ${e.message}`); return; }
+  lastResults = body.runs;
+  const t = $("results");
+  t.replaceChildren(el("tr", {}, el("th", {}, ""), el("th", {}, "experiment"), el("th", {}, "run"),
+                       el("th", {}, "status"), el("th", {}, "started"), el("th", {}, "run id")));
+  if (!body.runs.length) t.append(el("tr", {}, el("td", { colspan: 6 }, "No run with EigenCAM data matches.")));
+  for (const r of body.runs) {
+    const box = el("input", { type: "checkbox", class: "pick", dataset: { run: r.run_id },
+      onchange: (ev) => toggleRun(r.run_id, ev.target.checked) });
+    box.checked = S.runs.includes(r.run_id);
+    t.append(el("tr", {}, el("td", {}, box), el("td", {}, r.experiment), el("td", {}, r.run_name || "-"),
+      el("td", { class: "status-" + r.status }, r.status),
+      el("td", {}, r.start_time ? new Date(r.start_time).toLocaleString() : "-"),
+      el("td", {}, el("code", {}, r.run_id))));
+  }
+}
+
+function toggleRun(id, on) {
+  const had = S.runs.includes(id);
+  if (on && !had) S.runs.push(id);
+  if (!on && had) S.runs = S.runs.filter((r) => r !== id);
+  load();
+}
+
+function renderChips() {
+  const c = $("selected");
+  c.replaceChildren();
+  for (const id of S.runs) {
+    const m = META[id];
+    const name = m ? `${m.run_name || id.slice(0, 8)} · ${m.experiment}` : id;
+    c.append(el("span", { class: "chip", dataset: { run: id } }, name,
+      el("button", { type: "button", title: "remove", onclick: () => toggleRun(id, false) }, "×")));
+  }
+  $("picked-count").textContent = S.runs.length ? `(${S.runs.length} selected)` : "(none selected: search and tick runs)";
+  for (const box of document.querySelectorAll("#results input.pick")) box.checked = S.runs.includes(box.dataset.run);
+}
+
+// ------------------------------------------------------------------------- data
+async function load() {
+  $("messages").replaceChildren();
+  writeURL();
+  renderChips();
+  if (!S.runs.length) {
+    $("controls").hidden = true;
+    $("grid").replaceChildren();
+    DATA = null;
+    return;
+  }
+  await fetchData(true);
+}
+
+function chooseModeDs() {
+  const pairs = [];
+  for (const id of S.runs) for (const a of (META[id] && META[id].available) || [])
+    if (!pairs.some((p) => p.mode === a.mode && p.ds_id === a.ds_id)) pairs.push(a);
+  if (!pairs.some((p) => p.mode === S.mode)) {
+    const best = pairs.find((p) => p.mode === "eval") || pairs[0];
+    if (best) S.mode = best.mode;
+  }
+  const dss = pairs.filter((p) => p.mode === S.mode).map((p) => p.ds_id);
+  if (!dss.includes(S.ds_id)) S.ds_id = dss[0] || S.ds_id;
+  fillSelect($("mode"), [...new Set(pairs.map((p) => p.mode))], S.mode);
+  fillSelect($("ds"), dss.length ? dss : [S.ds_id], S.ds_id, (d) => (d === "all" ? "(no ds_id)" : d));
+}
+
+function fillSelect(sel, values, current, label) {
+  sel.replaceChildren(...values.map((v) => {
+    const o = el("option", { value: v }, label ? label(v) : v);
+    if (String(v) === String(current)) o.selected = true;
+    return o;
+  }));
+}
+
+async function fetchData(first) {
+  if (!S.runs.length) return;
+  let body, text;
+  try {
+    const r = await fetch("api/data?" + qs({ runs: S.runs.join(","), mode: S.mode, ds_id: S.ds_id,
+                                             epoch: first ? S.epoch : null }));
+    text = await r.text();
+    body = JSON.parse(text);
+    if (!r.ok) throw new Error(body.error || r.statusText);
+  } catch (e) { message(`cannot read the tables: ${e.message}`); return; }
+  if (!first && text === dataText) { schedulePoll(); return; }
+  const wasLast = EPOCHS.length && S.epoch === EPOCHS[EPOCHS.length - 1];
+  dataText = text;
+  DATA = body;
+  S.mode = body.mode;
+  S.ds_id = body.ds_id;
+  for (const r of body.runs) {
+    if (r.summary) META[r.requested] = Object.assign({}, r.summary, { available: r.available });
+  }
+  index();
+  if (!first && wasLast && EPOCHS.length) S.epoch = EPOCHS[EPOCHS.length - 1]; // follow a live run
+  if (first) {
+    $("messages").replaceChildren();
+    for (const r of RUNS) if (r.error) message(`Run ${r.requested}: ${r.error}`);
+    if (!RUNS.some((r) => !r.error)) message("None of these runs has EigenCAM data to show here.", "note");
+    renderChips();
+    chooseModeDs();
+  }
+  render();
+  schedulePoll();
+}
+
+function schedulePoll() {
+  clearTimeout(pollTimer);
+  const live = RUNS.some((r) => r.status === "RUNNING" || r.status === "SCHEDULED");
+  $("live").textContent = live ? "live: a run is still logging; new epochs appear here" : "";
+  if (live) pollTimer = setTimeout(() => fetchData(false), POLL_MS);
+}
+
+function index() {
+  RUNS = DATA.runs.map((r) => {
+    const meta = META[r.requested] || {};
+    const bySid = new Map(); const order = [];
+    for (const row of r.rows || []) {
+      if (!bySid.has(row.sample_id)) { bySid.set(row.sample_id, new Map()); order.push(row.sample_id); }
+      const m = bySid.get(row.sample_id);
+      if (!m.has(row.epoch)) m.set(row.epoch, row); // a repeated image: the first stands
+    }
+    return Object.assign({}, r, { meta, bySid, order });
+  });
+  EPOCHS = [...new Set(RUNS.flatMap((r) => r.epochs || []))].sort((a, b) => a - b);
+  if (EPOCHS.length && (S.epoch === null || !EPOCHS.includes(S.epoch))) {
+    // An epoch from a link that is not logged: the nearest one below it, else the last.
+    const below = S.epoch === null ? [] : EPOCHS.filter((e) => e <= S.epoch);
+    S.epoch = below.length ? below[below.length - 1] : EPOCHS[EPOCHS.length - 1];
+  }
+}
+
+// ------------------------------------------------------------------------- the table
+function sinceEpoch() {
+  if (S.since !== null && EPOCHS.includes(S.since) && S.since !== S.epoch) return S.since;
+  const i = EPOCHS.indexOf(S.epoch);
+  return i > 0 ? EPOCHS[i - 1] : null;
+}
+
+function columns() {
+  const ok = RUNS.filter((r) => !r.error);
+  if (ok.length === 1) return ok[0].epochs.map((e) => ({ run: ok[0], epoch: e }));
+  return ok.map((r) => ({ run: r, epoch: null })); // epoch null: the slider's
+}
+
+function sampleRows() {
+  const seen = new Set(); const out = [];
+  for (const r of RUNS) for (const sid of r.order) if (!seen.has(sid)) { seen.add(sid); out.push(sid); }
+  return out;
+}
+
+function firstRow(sid) {
+  for (const r of RUNS) {
+    const m = r.bySid.get(sid);
+    if (m) { const e = Math.min(...m.keys()); return { run: r, row: m.get(e) }; }
+  }
+  return null;
+}
+
+// Cells a filter and a sort look at: each run's row at the slider's epoch.
+function considered(sid) {
+  return RUNS.filter((r) => !r.error).map((r) => ({ run: r, row: (r.bySid.get(sid) || new Map()).get(S.epoch) }))
+    .filter((c) => c.row);
+}
+
+function cellPasses(run, sid, row) {
+  if (!row) return false;
+  if (S.pred && row.prediction !== S.pred) return false;
+  const f = S.filter;
+  if (f === "correct") return row.correct === true;
+  if (f === "wrong") return row.correct === false;
+  if (f === "changed" || f === "became_right" || f === "became_wrong") {
+    const since = sinceEpoch();
+    const before = since === null ? null : (run.bySid.get(sid) || new Map()).get(since);
+    if (!before || before.correct === null || row.correct === null) return false;
+    if (f === "changed") return before.correct !== row.correct;
+    if (f === "became_right") return !before.correct && row.correct;
+    return before.correct && !row.correct;
+  }
+  return true;
+}
+
+function rowPasses(sid) {
+  if (S.label) { const f = firstRow(sid); if (!f || f.row.label !== S.label) return false; }
+  if (!S.filter && !S.pred) return true;
+  return considered(sid).some((c) => cellPasses(c.run, sid, c.row));
+}
+
+function sortKey(sid) {
+  const vals = considered(sid).map((c) => S.sort === "evr" ? c.row.evr[S.component - 1] : c.row.map_change)
+    .filter((v) => v !== null && v !== undefined);
+  return vals.length ? Math.max(...vals) : -Infinity;
+}
+
+function render() {
+  $("controls").hidden = false;
+  const nEvr = Math.max(1, ...RUNS.map((r) => r.n_evr || 0));
+  if (S.component > nEvr) S.component = 1;
+  fillSelect($("component"), Array.from({ length: nEvr }, (_, i) => i + 1), S.component, (c) => `PC${c}`);
+  const slider = $("epoch");
+  slider.max = Math.max(0, EPOCHS.length - 1);
+  slider.value = Math.max(0, EPOCHS.indexOf(S.epoch));
+  slider.disabled = EPOCHS.length < 2;
+  $("epoch-label").textContent = EPOCHS.length ? `epoch ${S.epoch}` : "no epochs";
+  $("epoch-label").dataset.epoch = S.epoch === null ? "" : S.epoch;
+  $("filter").value = S.filter;
+  $("sort").value = S.sort;
+  fillSelect($("since"), EPOCHS.filter((e) => e !== S.epoch), sinceEpoch());
+  $("since-wrap").hidden = !["changed", "became_right", "became_wrong"].includes(S.filter);
+  const labels = new Set(), preds = new Set();
+  for (const r of RUNS) for (const m of r.bySid.values()) for (const row of m.values()) {
+    if (row.label !== null) labels.add(row.label);
+    if (row.prediction !== null) preds.add(row.prediction);
+  }
+  fillSelect($("label"), ["", ...[...labels].sort()], S.label, (v) => v || "any");
+  fillSelect($("pred"), ["", ...[...preds].sort()], S.pred, (v) => v || "any");
+
+  let sids = sampleRows();
+  const total = sids.length;
+  sids = sids.filter(rowPasses);
+  if (S.sort) {
+    const keys = new Map(sids.map((s) => [s, sortKey(s)]));
+    sids = sids.map((s, i) => [s, i]).sort((a, b) => (keys.get(b[0]) - keys.get(a[0])) || (a[1] - b[1])).map((x) => x[0]);
+  }
+  $("count").textContent = `${sids.length} of ${total} samples`;
+  $("count").dataset.shown = sids.length;
+  renderGrid(sids);
+  exportLinks(sids);
+  writeURL();
+}
+
+function renderGrid(sids) {
+  const cols = columns();
+  const grid = $("grid");
+  const head = el("tr", {}, el("th", { class: "in" }, "input"));
+  for (const c of cols) head.append(columnHead(c));
+  const body = el("tbody");
+  for (const sid of sids) {
+    const tr = el("tr", { class: "sample", dataset: { sid } });
+    const first = firstRow(sid);
+    const label = first ? first.row.label : null;
+    tr.append(el("th", { class: "in", dataset: { label: label === null ? "" : label } },
+      first ? panel(first.run, first.row, 0) : el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, "no input"),
+      el("div", { class: "cap" }, `true: ${label === null ? "-" : label}`, el("br"),
+        el("span", { class: "muted" }, "id ", el("code", {}, sid)))));
+    for (const c of cols) tr.append(cell(c, sid));
+    body.append(tr);
+  }
+  if (!sids.length) body.append(el("tr", {}, el("td", { colspan: cols.length + 1 },
+    sampleRows().length ? "No sample matches these filters." : "These runs logged no samples here.")));
+  grid.replaceChildren(el("thead", {}, head), body);
+}
+
+function uiLink(run) {
+  if (!CONFIG.mlflow_ui || !run.meta.experiment_id) return null;
+  return `${CONFIG.mlflow_ui.replace(/\/$/, "")}/#/experiments/${encodeURIComponent(run.meta.experiment_id)}/runs/${encodeURIComponent(run.run_id)}`;
+}
+
+function epochStats(run, epoch) {
+  let n = 0, right = 0, known = 0, change = 0, nc = 0;
+  for (const m of run.bySid.values()) {
+    const row = m.get(epoch); if (!row) continue;
+    n++; if (row.correct !== null) { known++; if (row.correct) right++; }
+    if (row.map_change !== null && row.map_change !== undefined) { change += row.map_change; nc++; }
+  }
+  const parts = [];
+  if (known) parts.push(`acc ${Math.round(100 * right / known)}%`);
+  if (nc) parts.push(`map change ${(change / nc).toFixed(2)}`);
+  return parts.join(" · ");
+}
+
+function columnHead(c) {
+  const r = c.run, m = r.meta;
+  const epoch = c.epoch === null ? S.epoch : c.epoch;
+  const link = uiLink(r);
+  const th = el("th", { class: "runhead" + (c.epoch !== null && c.epoch === S.epoch ? " current" : ""),
+    dataset: { run: r.run_id, epoch: c.epoch === null ? "" : c.epoch } },
+    c.epoch !== null ? el("div", {}, `epoch ${c.epoch}`) : null,
+    el("div", {}, m.run_name || r.run_id.slice(0, 8)),
+    el("div", { class: "muted" }, `${m.experiment || ""} · `, el("code", {}, r.run_id.slice(0, 8))),
+    el("div", { class: "status-" + r.status }, r.status === "RUNNING" ? "running" : r.status.toLowerCase()),
+    el("div", { class: "muted" }, epochStats(r, epoch)),
+    link ? el("a", { href: link, target: "_blank", rel: "noopener" }, "open in MLflow") : null);
+  return th;
+}
+
+function imageURL(run, row, kind) {
+  return "api/image?" + qs({ run: run.run_id, mode: S.mode, ds_id: S.ds_id, epoch: row.epoch, index: row.index, kind });
+}
+
+// One panel of a row's preview: the input (0) or a component, cropped from the WebP preview.
+function panel(run, row, which) {
+  const g = run.geometry;
+  const img = el("img", { loading: "lazy", decoding: "async", alt: `${which ? "PC" + which : "input"} of sample ${row.sample_id}`,
+    src: imageURL(run, row, "preview") });
+  img.addEventListener("error", () => {
+    const why = row.rendered ? "image missing" : "not rendered";
+    img.replaceWith(el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, why));
+  });
+  if (!g || g.k !== row.k || which > row.k) return el("div", { class: "full" }, img);
+  const [fx, fy, fw, fh] = g.boxes[which];
+  const w = CELL / fw, h = w * g.h / g.w;
+  Object.assign(img.style, { width: w + "px", height: h + "px", left: (-fx * w) + "px", top: (-fy * h) + "px" });
+  return el("div", { class: "crop", style: { width: CELL + "px", height: Math.round(fh * h) + "px" } }, img);
+}
+
+function cell(c, sid) {
+  const r = c.run, epoch = c.epoch === null ? S.epoch : c.epoch;
+  const cls = c.epoch !== null && c.epoch === S.epoch ? "current" : "";
+  const m = r.bySid.get(sid);
+  if (!m) return el("td", { class: cls, dataset: { run: r.run_id, epoch, state: "missing" } },
+    el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, "not logged by this run"));
+  const row = m.get(epoch);
+  if (!row) return el("td", { class: cls, dataset: { run: r.run_id, epoch, state: "missing" } },
+    el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, `not logged at epoch ${epoch}`));
+  const active = (S.filter || S.pred) && (c.epoch === null || c.epoch === S.epoch);
+  const dim = active && !cellPasses(r, sid, row);
+  const td = el("td", { class: cls, dataset: { run: r.run_id, epoch, state: "logged",
+    correct: row.correct === null ? "" : String(row.correct), pred: row.prediction === null ? "" : row.prediction,
+    mapChange: row.map_change === null || row.map_change === undefined ? "" : row.map_change } });
+  const bar = row.correct === null ? "" : (row.correct ? " bar-ok" : " bar-bad");
+  const evr = row.evr[S.component - 1];
+  const box = el("div", { class: "cell" + bar + (dim ? " dim" : ""), tabindex: 0, title: "click for the full strip",
+    onclick: () => detail(r, row), onkeydown: (ev) => { if (ev.key === "Enter") detail(r, row); } },
+    S.component <= row.k ? panel(r, row, S.component) : el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, `no PC${S.component}`));
+  const mark = row.correct === null ? null : el("span", { class: row.correct ? "ok" : "bad" }, row.correct ? " ✓" : " ✗");
+  td.append(box, el("div", { class: "cap" }, `pred: ${row.prediction === null ? "-" : row.prediction}`, mark, el("br"),
+    el("span", { class: "muted" }, evr === null || evr === undefined ? `PC${S.component} n/a` : `PC${S.component} ${(evr * 100).toFixed(1)}%`,
+      row.map_change === null || row.map_change === undefined ? "" : ` · Δmap ${row.map_change.toFixed(2)}`)));
+  return td;
+}
+
+function detail(run, row) {
+  const m = run.meta;
+  const link = uiLink(run);
+  const evr = row.evr.map((v, i) => v === null ? null : `PC${i + 1} ${(v * 100).toFixed(1)}%`).filter(Boolean).join(", ");
+  $("detail-body").replaceChildren(
+    el("img", { id: "detail-img", src: imageURL(run, row, "strip"), alt: `strip of sample ${row.sample_id}` }),
+    el("p", {}, el("b", {}, `${m.run_name || run.run_id} · epoch ${row.epoch} · sample ${row.index}`)),
+    el("p", { id: "detail-caption" }, `true: ${row.label === null ? "-" : row.label} · predicted: ${row.prediction === null ? "-" : row.prediction}`,
+      row.correct === null ? "" : (row.correct ? " (correct)" : " (wrong)")),
+    el("p", { class: "muted" }, `explained variance: ${evr || "n/a"}`,
+      row.map_change === null || row.map_change === undefined ? "" : ` · map change since the previous logged epoch: ${row.map_change.toFixed(3)}`),
+    el("p", { class: "muted" }, `experiment ${m.experiment || "-"} · run `, el("code", {}, run.run_id), ` · sample id `, el("code", {}, row.sample_id)),
+    link ? el("p", {}, el("a", { id: "detail-link", href: link, target: "_blank", rel: "noopener" }, "open this run in the MLflow UI"))
+         : el("p", { class: "muted" }, `run in the MLflow UI: mlflow ui --backend-store-uri ${CONFIG.tracking_uri}`));
+  const d = $("detail");
+  if (d.showModal) { if (!d.open) d.showModal(); } else d.setAttribute("open", "");
+}
+
+function exportLinks(sids) {
+  const ok = RUNS.filter((r) => !r.error);
+  const q = { runs: ok.map((r) => r.run_id).join(","), mode: S.mode, ds_id: S.ds_id, epoch: S.epoch,
+              component: S.component };
+  const filtered = S.filter || S.label || S.pred || S.sort;
+  if (filtered) q.samples = sids.join(",") || ","; // "," : filtered to nothing
+  $("export-png").href = "api/export?" + qs(Object.assign({ format: "png" }, q));
+  $("export-html").href = "api/export?" + qs(Object.assign({ format: "html" }, q));
+}
+
+// ------------------------------------------------------------------------- controls
+function step(d) {
+  const i = EPOCHS.indexOf(S.epoch) + d;
+  if (i < 0 || i >= EPOCHS.length) return false;
+  S.epoch = EPOCHS[i];
+  render();
+  return true;
+}
+
+function play() {
+  if (playTimer) { clearInterval(playTimer); playTimer = null; $("play").textContent = "Play"; return; }
+  if (EPOCHS.indexOf(S.epoch) === EPOCHS.length - 1) S.epoch = EPOCHS[0];
+  render();
+  $("play").textContent = "Pause";
+  playTimer = setInterval(() => { if (!step(1)) play(); }, 900);
+}
+
+function wire() {
+  $("search-form").addEventListener("submit", (ev) => { ev.preventDefault(); search(); });
+  $("select-shown").addEventListener("click", () => {
+    for (const r of lastResults) if (!S.runs.includes(r.run_id)) S.runs.push(r.run_id);
+    load();
+  });
+  $("clear-runs").addEventListener("click", () => { S.runs = []; load(); });
+  $("mode").addEventListener("change", (ev) => { S.mode = ev.target.value; S.ds_id = ""; chooseModeDs(); fetchData(true); });
+  $("ds").addEventListener("change", (ev) => { S.ds_id = ev.target.value; fetchData(true); });
+  $("component").addEventListener("change", (ev) => { S.component = parseInt(ev.target.value, 10); render(); });
+  $("epoch").addEventListener("input", (ev) => { S.epoch = EPOCHS[parseInt(ev.target.value, 10)]; render(); });
+  $("prev").addEventListener("click", () => step(-1));
+  $("next").addEventListener("click", () => step(1));
+  $("play").addEventListener("click", play);
+  $("filter").addEventListener("change", (ev) => { S.filter = ev.target.value; render(); });
+  $("since").addEventListener("change", (ev) => { S.since = parseInt(ev.target.value, 10); render(); });
+  $("label").addEventListener("change", (ev) => { S.label = ev.target.value; render(); });
+  $("pred").addEventListener("change", (ev) => { S.pred = ev.target.value; render(); });
+  $("sort").addEventListener("change", (ev) => { S.sort = ev.target.value; render(); });
+}
+
+async function main() {
+  wire();
+  readURL();
+  try { CONFIG = await getJSON("api/config"); } catch (e) { message(`cannot reach the explorer's server: ${e.message}`); }
+  $("uri").textContent = CONFIG.tracking_uri;
+  if (S.runs.length) $("picker").open = false;
+  else search();
+  await load();
+  document.body.dataset.ready = "1";
+  if (S.runs.length) search(); // after the first paint: it lists every run of every experiment
+}
+
+main();

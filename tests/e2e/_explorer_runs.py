@@ -1,0 +1,78 @@
+"""Runs for the explorer's tests and benchmark, logged with EigenCAMLogger (numpy only).
+
+Each run sees the same fixed validation images (so rows join across runs by sample id); its
+activations find the object better each epoch (maps settle, map_change falls) and its logits
+move towards the true class at a rate set by ``--quality`` (a run that learns worse).
+
+    python tests/e2e/_explorer_runs.py --tracking-uri URI --experiment exp-a --run-name good \
+        --epochs 4 --n-samples 8 [--hold FILE]
+
+With ``--hold FILE`` the run logs every epoch but the last, prints ``HOLDING``, waits until
+FILE exists, then logs the last epoch and ends: a run that is still logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _logger_run import CLASSES, activations_at, make_eval_set  # noqa: E402
+
+
+def log_run(tracking_uri: str, experiment: str, run_name: str, epochs: int, n_samples: int,
+            quality: float = 1.0, hold: str | None = None, seed: int = 0, size: int = 64) -> str:
+    """Log one run; returns its run id."""
+    import mlflow
+
+    from mlflow_eigencam import EigenCAMLogger
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    images, labels, masks = make_eval_set(n=n_samples, size=size, seed=0)
+    rng = np.random.default_rng(seed + 7)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params({"quality": quality, "seed": seed})
+        logger = EigenCAMLogger(n_components=2, n_samples=n_samples, label_mapping=list(CLASSES),
+                                target_layer="features.3")
+        for epoch in range(epochs):
+            if hold and epoch == epochs - 1:
+                print("HOLDING", run.info.run_id, flush=True)
+                while not Path(hold).exists():
+                    time.sleep(0.1)
+            logits = rng.normal(0, 1, size=(len(labels), len(CLASSES)))
+            logits[np.arange(len(labels)), labels] += quality * 1.2 * epoch
+            acts = activations_at(int(epoch * quality), masks, seed=seed)
+            logger.on_batch_end(images, acts, labels, logits, mode="eval", ds_id="val")
+            logger.on_epoch_end(epoch)
+            mlflow.log_metric("val_acc", float((logits.argmax(1) == labels).mean()), step=epoch)
+            if not logger.flush(timeout=60):
+                raise SystemExit("EigenCAM items were not confirmed by MLflow within 60 s")
+            print("EPOCH", epoch, flush=True)
+        logger.close()
+    return run.info.run_id
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tracking-uri", required=True)
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--run-name", required=True)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--n-samples", type=int, default=8)
+    p.add_argument("--quality", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hold", default=None)
+    a = p.parse_args(argv)
+    rid = log_run(a.tracking_uri, a.experiment, a.run_name, a.epochs, a.n_samples, a.quality,
+                  a.hold, a.seed)
+    print("RUN", rid, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""The explorer (``mlflow-eigencam ui``) in a real browser against a real ``mlflow server``.
+
+Three runs in two experiments, logged by ``_explorer_runs.py`` into ``mlflow server``: exp-a
+"good", exp-b "worse" (learns slower), and exp-b "live", which holds before its last epoch
+until the test lets it go. The explorer is served in this process on 127.0.0.1 and driven in
+headless Chromium. What the tests check is what a user sees: rows, cells, image sources,
+the controls, the URL, a downloaded file. The expected rows come from the runs' tables,
+read back through MLflow.
+
+Needs the ``playwright`` package and a Chromium binary (``/usr/bin/chromium`` or
+``$MLFLOW_EIGENCAM_CHROMIUM``); never runs ``playwright install``. Without them the browser
+tests skip, unless ``MLFLOW_EIGENCAM_REQUIRE_BROWSER=1`` (CI).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import pytest
+
+from readback import MlflowServer, free_port
+
+HERE = Path(__file__).resolve().parent
+RUNS_SCRIPT = HERE / "_explorer_runs.py"
+CHROMIUM = os.environ.get("MLFLOW_EIGENCAM_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+N_SAMPLES = 6
+TIMEOUT_MS = 30_000
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class World:
+    """The server, the runs, the explorer."""
+
+    def __init__(self, server: MlflowServer, url: str, runs: Dict[str, str], hold: Path,
+                 live: subprocess.Popen) -> None:
+        self.server, self.url, self.runs, self.hold, self.live = server, url, runs, hold, live
+
+    def page_url(self, **params) -> str:
+        from urllib.parse import urlencode
+
+        return self.url + "?" + urlencode(params, safe=",")
+
+    def tables(self, mode: str = "eval", ds_id: str = "val"):
+        from mlflow_eigencam._reader import Reader
+
+        reader = Reader(self.server.uri)
+        return {name: reader.table(rid, mode, ds_id) for name, rid in self.runs.items()}
+
+
+def _spawn(uri: str, tmp: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, MLFLOW_EIGENCAM_SPOOL_DIR=str(tmp / "spool"),
+               PYTHONPATH=os.pathsep.join([str(HERE.parents[1])] + sys.path))
+    log = open(tmp / f"run-{len(list(tmp.glob('run-*.log')))}.log", "w")
+    proc = subprocess.Popen([sys.executable, str(RUNS_SCRIPT), "--tracking-uri", uri,
+                             "--n-samples", str(N_SAMPLES), *args], cwd=tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    proc.log_path = log.name  # type: ignore[attr-defined]
+    return proc
+
+
+def _run_id(proc: subprocess.Popen, marker: str) -> str:
+    for line in proc.stdout:
+        if line.startswith(marker):
+            return line.split()[1]
+    proc.wait(timeout=30)
+    raise AssertionError(f"run script ended without {marker}: "
+                         f"{Path(proc.log_path).read_text()[-3000:]}")
+
+
+class AppServer(MlflowServer):
+    """``mlflow server --app-name eigencam``: the explorer plugin, found through its
+    ``mlflow.app`` entry point. A dist-info folder on the server's path declares it, as
+    installing the package (pyproject.toml) does."""
+
+    def start(self, timeout: float = 120.0) -> None:
+        dist = self.root / "ep" / "mlflow_eigencam_entrypoint-0.0.dist-info"
+        dist.mkdir(parents=True)
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mlflow-eigencam-entrypoint\n"
+                                       "Version: 0.0\n")
+        (dist / "entry_points.txt").write_text(
+            "[mlflow.app]\neigencam = mlflow_eigencam.explorer:create_app\n")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(dist.parent), str(HERE.parents[1])] + sys.path))
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--app-name", "eigencam",
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-3000:]}")
+            try:
+                if _get(self.uri + "/health")[0] == 200:
+                    return
+            except urllib.error.URLError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not start in {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("explorer")
+    server = AppServer(tmp / "server")
+    server.start()
+    hold = tmp / "go"
+    # The run that is still logging runs in its own process; the two finished ones are logged
+    # here meanwhile (one import of MLflow instead of three on a busy machine).
+    procs = {"live": _spawn(server.uri, tmp, "--experiment", "exp-b", "--run-name", "live",
+                            "--epochs", "3", "--seed", "5", "--hold", str(hold))}
+    import mlflow
+
+    from _explorer_runs import log_run
+
+    previous = mlflow.get_tracking_uri()
+    try:
+        runs = {"good": log_run(server.uri, "exp-a", "good", 4, N_SAMPLES),
+                "worse": log_run(server.uri, "exp-b", "worse", 4, N_SAMPLES, quality=0.4, seed=3)}
+    finally:
+        mlflow.set_tracking_uri(previous)
+    runs["live"] = _run_id(procs["live"], "HOLDING")
+    from mlflow_eigencam.explorer import make_server_for
+
+    httpd = make_server_for(server.uri, "127.0.0.1", free_port())
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield World(server, f"http://127.0.0.1:{httpd.server_port}/", runs, hold, procs["live"])
+    finally:
+        hold.touch()
+        httpd.shutdown()
+        httpd.server_close()
+        try:
+            procs["live"].wait(timeout=60)
+        finally:
+            server.stop()
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("MLFLOW_EIGENCAM_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (and MLFLOW_EIGENCAM_REQUIRE_BROWSER=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        _unavailable(f"playwright is not importable ({exc}); pip install playwright")
+    if not os.path.isfile(CHROMIUM) or not os.access(CHROMIUM, os.X_OK):
+        _unavailable(f"no Chromium at {CHROMIUM} (or set MLFLOW_EIGENCAM_CHROMIUM)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser, tmp_path):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    errors: List[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def _open(page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']")
+
+
+def _shown(page) -> List[str]:
+    return page.eval_on_selector_all("#grid tbody tr.sample", "rs => rs.map(r => r.dataset.sid)")
+
+
+def _row_at(table, sid: str, epoch: int):
+    rows = [r for r in table.rows if r["sample_id"] == sid and int(r["epoch"]) == epoch]
+    return rows[0] if rows else None
+
+
+# ----------------------------------------------------------------------------- the HTTP side
+
+
+def _get(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_images_are_resolved_from_run_ids_never_from_paths(world):
+    good = world.runs["good"]
+    q = f"mode=eval&ds_id=val&epoch=1&index=0"
+    status, headers, body = _get(f"{world.url}api/image?run={good}&{q}&kind=preview")
+    assert status == 200 and body[:4] == b"RIFF" and body[8:12] == b"WEBP"
+    assert "immutable" in headers["Cache-Control"] and headers.get("ETag")
+    status, headers, body = _get(f"{world.url}api/image?run={good}&{q}&kind=strip")
+    assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
+    # A path instead of a run id, a traversal in ds_id, an unknown run: no file is served.
+    for bad in (f"run=../../etc&{q}", f"run={good}&mode=eval&ds_id=../../../etc&epoch=1&index=0",
+                f"run={'0' * 32}&{q}"):
+        status, _, body = _get(f"{world.url}api/image?{bad}&kind=strip")
+        assert status in (400, 404), (bad, status)
+        assert b"error" in body
+    status, _, _ = _get(f"{world.url}static/../_server.py")
+    assert status == 404
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def test_rows_are_joined_by_sample_id_across_runs_and_experiments(world, page):
+    tables = world.tables()
+    names = ["good", "worse", "live"]
+    _open(page, world.page_url(runs=",".join(world.runs[n] for n in names)))
+    heads = page.eval_on_selector_all("#grid thead th.runhead", "hs => hs.map(h => h.dataset.run)")
+    assert heads == [world.runs[n] for n in names]
+    expected = list(dict.fromkeys(r["sample_id"] for n in names for r in tables[n].rows))
+    assert _shown(page) == expected and len(expected) == N_SAMPLES
+    # Last common view: epoch 3; the live run has not logged it and says so.
+    assert page.text_content("#epoch-label") == "epoch 3"
+    live_cells = page.locator(f"#grid tbody td[data-run='{world.runs['live']}']")
+    assert live_cells.count() == N_SAMPLES
+    assert all("not logged at epoch 3" in t for t in live_cells.all_text_contents())
+    assert "exp-a" in page.text_content("#grid thead") and "exp-b" in page.text_content("#grid thead")
+
+
+def test_the_slider_moves_every_column(world, page):
+    ids = [world.runs["good"], world.runs["worse"], world.runs["live"]]
+    _open(page, world.page_url(runs=",".join(ids), epoch=3))
+    page.wait_for_selector("#grid tbody td[data-state='logged'] img")
+    page.click("#prev")
+    page.click("#prev")
+    assert page.text_content("#epoch-label") == "epoch 1"
+    assert "epoch=1" in page.url
+    srcs = page.eval_on_selector_all(
+        "#grid tbody td[data-state='logged'] img",
+        "is => is.map(i => [i.closest('td').dataset.run, i.getAttribute('src')])")
+    assert {run for run, _ in srcs} == set(ids)  # every column, the live one too
+    assert len(srcs) == 3 * N_SAMPLES and all("epoch=1&" in s for _, s in srcs)
+    # The preview images load (lazily) and are WebP previews, not the strips.
+    page.wait_for_function("() => [...document.querySelectorAll('#grid tbody td img')]"
+                           ".slice(0, 6).every(i => i.complete && i.naturalWidth > 0)")
+    assert all("kind=preview" in s for _, s in srcs)
+
+
+@pytest.mark.parametrize("flt", ["correct", "wrong", "changed", "label", "pred"])
+def test_each_filter_narrows_rows_to_what_the_tables_say(world, page, flt):
+    tables = world.tables()
+    names = ["good", "worse"]
+    epoch, since = 1, 0
+    sids = list(dict.fromkeys(r["sample_id"] for n in names for r in tables[n].rows))
+    rows = {n: {s: _row_at(tables[n], s, epoch) for s in sids} for n in names}
+    before = {n: {s: _row_at(tables[n], s, since) for s in sids} for n in names}
+    a_label = rows["good"][sids[0]]["label"]
+    a_pred = rows["worse"][sids[-1]]["prediction"]
+
+    def keep(s):
+        cells = [(rows[n][s], before[n][s]) for n in names if rows[n][s] is not None]
+        if flt == "correct":
+            return any(c["correct"] is True for c, _ in cells)
+        if flt == "wrong":
+            return any(c["correct"] is False for c, _ in cells)
+        if flt == "changed":
+            return any(b is not None and b["correct"] != c["correct"] for c, b in cells)
+        if flt == "label":
+            return rows["good"][s]["label"] == a_label
+        return any(c["prediction"] == a_pred for c, _ in cells)
+
+    _open(page, world.page_url(runs=",".join(world.runs[n] for n in names), epoch=epoch))
+    assert len(_shown(page)) == N_SAMPLES
+    # Set the filter with the controls, as a user does.
+    if flt in ("label", "pred"):
+        page.select_option(f"#{flt}", a_label if flt == "label" else a_pred)
+    else:
+        page.select_option("#filter", flt)
+        if flt == "changed":
+            page.select_option("#since", str(since))
+    expected = [s for s in sids if keep(s)]
+    assert _shown(page) == expected
+    assert page.get_attribute("#count", "data-shown") == str(len(expected))
+    if expected and flt in ("correct", "wrong"):
+        # The cells that match are the ones drawn at full strength.
+        want = "true" if flt == "correct" else "false"
+        bright = page.eval_on_selector_all(
+            "#grid tbody td[data-state='logged'] .cell:not(.dim)",
+            "cs => cs.map(c => c.closest('td').dataset.correct)")
+        assert bright and set(bright) == {want}
+    key = {"label": "label", "pred": "pred"}.get(flt, "filter")
+    assert f"{key}=" in page.url
+
+
+def test_a_deep_link_restores_the_view(world, page):
+    ids = ",".join([world.runs["good"], world.runs["worse"]])
+    _open(page, world.page_url(runs=ids))
+    page.click("#prev")
+    page.click("#prev")
+    page.select_option("#component", "2")
+    page.select_option("#filter", "wrong")
+    page.select_option("#sort", "map_change")
+    url, rows = page.url, _shown(page)
+    for part in ("epoch=1", "component=2", "filter=wrong", "sort=map_change", "mode=eval", "ds_id=val"):
+        assert part in url, (part, url)
+    fresh = page.context.new_page()
+    _open(fresh, url)
+    assert _shown(fresh) == rows
+    assert fresh.text_content("#epoch-label") == "epoch 1"
+    assert fresh.input_value("#component") == "2" and fresh.input_value("#filter") == "wrong"
+    assert fresh.input_value("#sort") == "map_change"
+    srcs = fresh.eval_on_selector_all("#grid tbody td[data-state='logged'] img",
+                                      "is => is.map(i => i.getAttribute('src'))")
+    assert srcs and all("epoch=1&" in s for s in srcs)
+    fresh.close()
+
+
+def test_export_writes_png_and_self_contained_html(world, page, tmp_path):
+    ids = ",".join([world.runs["good"], world.runs["worse"]])
+    _open(page, world.page_url(runs=ids, epoch=2, filter="correct"))
+    shown = _shown(page)
+    with page.expect_download() as dl:
+        page.click("#export-html")
+    html_path = tmp_path / "view.html"
+    dl.value.save_as(html_path)
+    text = html_path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and "<script" not in text
+    assert world.runs["good"] in text and world.runs["worse"] in text
+    assert text.count('<tr id="s-') == len(shown)  # the filtered rows, not all of them
+    with page.expect_download() as dl:
+        page.click("#export-png")
+    png_path = tmp_path / "view.png"
+    dl.value.save_as(png_path)
+    from PIL import Image
+
+    with Image.open(png_path) as im:
+        assert im.format == "PNG" and im.width > 200 and im.height > 100
+
+
+def test_click_shows_the_full_strip_with_caption_and_run_link(world, page):
+    good = world.runs["good"]
+    _open(page, world.page_url(runs=",".join([good, world.runs["worse"]]), epoch=1))
+    page.click(f"#grid tbody td[data-run='{good}'] .cell >> nth=0")
+    page.wait_for_selector("#detail[open]")
+    page.wait_for_function("() => document.getElementById('detail-img').naturalWidth > 0")
+    src = page.get_attribute("#detail-img", "src")
+    assert "kind=strip" in src and "epoch=1" in src
+    width = page.eval_on_selector("#detail-img", "i => i.naturalWidth")
+    from PIL import Image
+
+    status, _, body = _get(world.url + src)
+    assert status == 200 and Image.open(io.BytesIO(body)).width == width
+    assert "true:" in page.text_content("#detail-caption")
+    href = page.get_attribute("#detail-link", "href")
+    assert href.startswith(world.server.uri) and good in href
+
+
+def test_an_unknown_run_id_is_named_on_the_page(world, page):
+    unknown = "0123456789abcdef0123456789abcdef"
+    _open(page, world.page_url(runs=f"{world.runs['good']},{unknown}"))
+    msg = page.text_content("#messages")
+    assert f"no run with id '{unknown}'" in msg
+    assert len(_shown(page)) == N_SAMPLES  # the known run is still shown
+
+
+def test_a_new_epoch_of_a_running_run_appears_without_a_reload(world, page):
+    live = world.runs["live"]
+    _open(page, world.page_url(runs=live))
+    assert "still logging" in page.text_content("#live")
+    # One run: the columns are its epochs.
+    epochs = page.eval_on_selector_all("#grid thead th.runhead", "hs => hs.map(h => h.dataset.epoch)")
+    assert epochs == ["0", "1"]
+    world.hold.touch()  # the run logs its last epoch and ends
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#grid thead th.runhead')].map(h => h.dataset.epoch)"
+        ".join(',') === '0,1,2'", timeout=60_000)
+    assert page.text_content("#epoch-label") == "epoch 2"  # it followed the newest epoch
+    assert world.live.wait(timeout=60) == 0
+    page.wait_for_function("() => !document.getElementById('live').textContent", timeout=30_000)
+
+
+# ----------------------------------------------------------------------------- mlflow.app plugin
+
+
+def test_mlflow_server_app_name_eigencam_serves_the_explorer_next_to_the_ui(world):
+    """``mlflow server --app-name eigencam`` (the server of every test here) finds the
+    ``mlflow.app`` entry point and serves the explorer at /eigencam/, reading through the
+    server's own REST API."""
+    base = world.server.uri
+    status, headers, body = _get(base + "/eigencam/")
+    assert status == 200 and b"EigenCAM explorer" in body, body[:300]
+    status, _, body = _get(base + "/eigencam/api/search?q=exp-a")
+    found = json.loads(body)["runs"]
+    assert status == 200 and [r["run_id"] for r in found] == [world.runs["good"]]
+    status, _, body = _get(base + "/eigencam/api/config")
+    assert json.loads(body)["mlflow_ui"] == base  # run links go to this server's UI
+    status, _, body = _get(f"{base}/eigencam/api/image?run={world.runs['good']}&mode=eval"
+                           f"&ds_id=val&epoch=0&index=1&kind=preview")
+    assert status == 200 and body[8:12] == b"WEBP"
+    assert _get(base + "/")[0] == 200  # the MLflow UI is still there
