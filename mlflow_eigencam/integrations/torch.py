@@ -135,6 +135,9 @@ def resolve_target_layer(model: nn.Module, target: Union[nn.Module, str]) -> Tup
             f"target_layer must be an nn.Module, a dotted name or None, got {type(target).__name__}"
         )
     candidates = [target]
+    if " (auto:" in target:  # the run tag's value, pasted back
+        target = target.split(" (auto:", 1)[0]
+        candidates.append(target)
     if target.startswith("module."):
         candidates.append(target[len("module.") :])
     for candidate in candidates:
@@ -233,29 +236,88 @@ def tokens_to_grid(
     )
 
 
+def _fits_geometry(h: int, w: int, height: int, width: int) -> bool:
+    """Whether an ``(h, w)`` map can be the input ``(height, width)`` seen through one stride.
+
+    True when some stride ``s > 0`` gives ``|h - height / s| <= 1.5`` and ``|w - width / s| <=
+    1.5`` (padding and rounding move each side by about a pixel per stage). An attention
+    tensor ``(B, heads, tokens, head_dim)`` or a channels-last ``(B, h, w, C)`` map has no such
+    stride, so it is never taken for a feature map.
+    """
+    if h < 1 or w < 1 or h * w <= 1:
+        return False
+    slack = 1.5
+    low = max(height / (h + slack), width / (w + slack))
+    high = min(height / (h - slack) if h > slack else math.inf,
+               width / (w - slack) if w > slack else math.inf)
+    return low <= high
+
+
+def _search_scope(model: nn.Module) -> Tuple[str, str]:
+    """``(prefix, why)``: where auto-detection looks.
+
+    A detector or segmenter (torchvision's ``backbone`` / ``backbone.body``) is searched only
+    inside its backbone: after it come FPN extra levels (RetinaNet's 2x2 ``p7``), RoI pooling
+    over proposals and box heads, none of which is a map of the image. Other models: all of it.
+    """
+    names = [name for name, _ in model.named_modules() if name.split(".")[-1] == "backbone"]
+    if not names:
+        return "", ""
+    backbone = min(names, key=lambda n: (n.count("."), n))
+    module = model.get_submodule(backbone)
+    if isinstance(getattr(module, "body", None), nn.Module):
+        return backbone + ".body", "last feature map of the detection backbone"
+    return backbone, "last feature map of the backbone"
+
+
 class _LayerFinder:
     """Temporary hooks on every submodule that watch one forward pass.
 
-    The target is the LAST module, in order of forward completion, whose output is 4-D with
-    ``h * w > 1``. A container completes after its children, so for a ResNet ``layer4`` wins
-    over its last ReLU, and the 1x1 output of the average pool does not qualify. If modules
-    completing after that layer output ``(B, N, D)`` tokens with ``N`` = its ``h * w`` plus at
-    most :data:`MAX_EXTRA_TOKENS` (a ViT: patch-embedding conv, then transformer blocks over
-    those patches), the last of them wins instead.
+    The target is the LAST module, in order of forward completion, whose output is an image
+    feature map: 4-D ``(B, C, h, w)`` with the batch size of the first 4-D image tensor any
+    module received (the "input"), ``h * w > 1``, and ``(h, w)`` the input's ``(H, W)`` through
+    one stride (see :func:`_fits_geometry`; attention tensors and channels-last maps fail it).
+    A container completes after its children, so for a ResNet ``layer4`` wins over its last
+    ReLU, and the 1x1 output of the average pool does not qualify. If modules completing after
+    that layer output ``(B, N, D)`` tokens with ``N`` = its ``h * w`` plus at most
+    :data:`MAX_EXTRA_TOKENS` prefix tokens (a ViT: patch-embedding conv, then transformer
+    blocks over those patches, class / distillation / register tokens first), the last of them
+    wins instead, folded onto that ``h x w`` grid.
 
-    Only references are kept (no copies): to the latest 4-D candidate and the latest matching
-    token output, so the first batch can be used without a second forward pass.
+    Candidates are copied AT HOOK TIME (their first ``room`` rows): a later in-place op
+    (DenseNet's ``F.relu(features, inplace=True)`` after its ``features``) must not change
+    what is explained, or the first epoch would differ from the ones after it.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self._names: Dict[int, str] = {}
+    def __init__(self, model: nn.Module, room: Optional[int] = None) -> None:
+        self._room = room
         self._handles = []
         self.conv: Optional[Tuple[str, nn.Module, torch.Tensor]] = None
         self.tokens: Optional[Tuple[str, nn.Module, torch.Tensor]] = None
+        self.input_shape: Optional[Tuple[int, int, int]] = None  # (B, H, W) of the input
         self.called = False
+        self.prefix, self.scope_why = _search_scope(model)
         for name, module in model.named_modules():
-            if name:  # the root's output is the prediction, not a feature map
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+            in_scope = not self.prefix or name == self.prefix or name.startswith(self.prefix + ".")
+            if name and in_scope:  # the root's output is the prediction, not a feature map
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
+
+    def _pre_hook(self, module: nn.Module, inputs: Any) -> None:
+        if self.input_shape is not None:
+            return
+        tensor = _first_tensor(inputs)
+        if tensor is not None and tensor.ndim == 4:
+            self.input_shape = (int(tensor.shape[0]), int(tensor.shape[2]), int(tensor.shape[3]))
+
+    def _is_map(self, tensor: torch.Tensor) -> bool:
+        if tensor.ndim != 4 or tensor.shape[2] * tensor.shape[3] <= 1:
+            return False
+        if self.input_shape is None:
+            return True  # no image input seen (e.g. precomputed features): shape alone decides
+        batch, height, width = self.input_shape
+        return (int(tensor.shape[0]) == batch
+                and _fits_geometry(int(tensor.shape[2]), int(tensor.shape[3]), height, width))
 
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -263,13 +325,14 @@ class _LayerFinder:
             tensor = _first_tensor(output)
             if tensor is None:
                 return
-            if tensor.ndim == 4 and tensor.shape[2] * tensor.shape[3] > 1:
-                self.conv = (name, module, tensor.detach())
+            if self._is_map(tensor):
+                self.conv = (name, module, _keep(tensor, self._room))
                 self.tokens = None
             elif tensor.ndim == 3 and self.conv is not None:
                 grid = self.conv[2].shape[2] * self.conv[2].shape[3]
-                if 0 <= tensor.shape[1] - grid <= MAX_EXTRA_TOKENS:
-                    self.tokens = (name, module, tensor.detach())
+                same_batch = self.input_shape is None or tensor.shape[0] == self.input_shape[0]
+                if same_batch and 0 <= tensor.shape[1] - grid <= MAX_EXTRA_TOKENS:
+                    self.tokens = (name, module, _keep(tensor, self._room))
 
         return hook
 
@@ -287,6 +350,23 @@ class _LayerFinder:
             return None
         return int(self.conv[2].shape[2]), int(self.conv[2].shape[3])
 
+    def describe(self) -> str:
+        """What was chosen and why, for the target-layer tag (``"(auto: ...)"``)."""
+        found = self.result()
+        if found is None:
+            return ""
+        shape = tuple(int(d) for d in found[2].shape[1:])
+        if self.tokens is not None and self.conv is not None:
+            h, w = self.token_grid()
+            extra = shape[0] - h * w
+            what = (f"tokens (B, {shape[0]}, {shape[1]}) folded to a {h}x{w} patch grid "
+                    f"({extra} prefix token{'s' if extra != 1 else ''} dropped)")
+        else:
+            what = f"feature map (B, {shape[0]}, {shape[1]}, {shape[2]})"
+        if self.scope_why:
+            what += f", {self.scope_why}"
+        return f"auto: {what}"
+
 
 def find_target_layer(model: nn.Module, *example_inputs: Any) -> Tuple[str, nn.Module]:
     """Run one no-grad forward pass and return the layer auto-detection would pick.
@@ -302,7 +382,7 @@ def find_target_layer(model: nn.Module, *example_inputs: Any) -> Tuple[str, nn.M
         ValueError: No submodule outputs a 4-D map with spatial size above 1.
     """
     model = unwrap_model(model)
-    finder = _LayerFinder(model)
+    finder = _LayerFinder(model, room=1)  # only the shapes matter here
     try:
         with preserve_training_flags(model), torch.no_grad():
             model.eval()
@@ -456,6 +536,7 @@ class EigenCAMMonitor:
         self._denorm = _parse_denormalize(denormalize)
         self._preds_from_output = bool(preds_from_output)
         self._target_name: Optional[str] = None
+        self._target_detail = ""  # what auto-detection saw, for the run tag
         self._target: Optional[nn.Module] = None
         if target_layer is not None:
             self._target_name, self._target = resolve_target_layer(self._model, target_layer)
@@ -491,6 +572,16 @@ class EigenCAMMonitor:
     def target_layer(self) -> Optional[str]:
         """Dotted name of the hooked layer (None until auto-detection has run)."""
         return self._target_name
+
+    @property
+    def target_layer_tag(self) -> Optional[str]:
+        """The run tag's value: the layer name, and for an automatic choice what was chosen
+        (``"norm (auto: tokens (B, 197, 384) folded to a 14x14 patch grid ...)"``); the tag
+        can be passed back as ``target_layer=``."""
+        if self._target_name is None:
+            return None
+        detail = getattr(self, "_target_detail", "")
+        return f"{self._target_name} ({detail})" if detail else self._target_name
 
     @property
     def run_id(self) -> Optional[str]:
@@ -677,7 +768,7 @@ class EigenCAMMonitor:
                 kwargs.setdefault("target_layer", self._target_name)
             self._logger = EigenCAMLogger(**kwargs)
         elif self._target_name is not None:
-            self._logger.set_target_layer(self._target_name)
+            self._logger.set_target_layer(self.target_layer_tag)
         if self._target_name is not None:
             _log.info("EigenCAM target layer: %s", self._target_name)
         return self._logger
@@ -700,7 +791,7 @@ class EigenCAMMonitor:
 
     def _install_hooks(self, cap: _Capture) -> None:
         if self._target is None:
-            cap.finder = _LayerFinder(self._model)
+            cap.finder = _LayerFinder(self._model, cap.room)
         else:
             self._handles.append(self._target.register_forward_hook(self._make_hook(cap)))
         if self._preds_from_output:
@@ -728,10 +819,11 @@ class EigenCAMMonitor:
         name, module, tensor = found
         self._target_name, self._target = name, module
         self._grid_hw = finder.token_grid()
-        _log.info("EigenCAM target layer (auto-detected): %s %s", name, tuple(tensor.shape))
+        self._target_detail = finder.describe()
+        _log.info("EigenCAM target layer: %s (%s)", name, self._target_detail)
         if self._logger is not None:
-            self._logger.set_target_layer(name)
-        cap.act = _keep(tensor, cap.room)
+            self._logger.set_target_layer(self.target_layer_tag)
+        cap.act = tensor  # copied by the finder when its hook ran, before any in-place op
         # Later forwards inside this same capture block use the real hook.
         self._handles.append(module.register_forward_hook(self._make_hook(cap)))
 

@@ -239,7 +239,7 @@ def test_end_to_end_images_tags_and_steps(tracking_uri, shapes, caplog):
     assert "layer4" in caplog.text
     client = MlflowClient()
     run = client.get_run(run_id)
-    assert run.data.tags[_layout.TAG_TARGET_LAYER] == "layer4"
+    assert run.data.tags[_layout.TAG_TARGET_LAYER] == "layer4 (auto: feature map (B, 32, 2, 2))"
     counts = image_counts(client, run_id)
     expected = {(f"eigencam/eval/{d}/sample_{i}", s) for d in ("val", "holdout") for i in range(2)
                 for s in range(2)}
