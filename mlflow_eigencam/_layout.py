@@ -29,6 +29,9 @@ MLFLOW_LOGGED_IMAGES = "mlflow.loggedImages"
 #: Fixed table columns; ``evr_1`` .. ``evr_k`` follow ``correct``, then ``image``.
 TABLE_COLUMNS = ("epoch", "sample_index", "sample_id", "label", "prediction", "correct")
 TABLE_IMAGE_COLUMN = "image"
+#: Detectors only (boxes as preds / labels): boxes predicted and true per image, after
+#: ``correct`` (``label`` and ``prediction`` then read "3 boxes").
+TABLE_BOX_COLUMNS = ("n_boxes", "n_true_boxes")
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-]")
 

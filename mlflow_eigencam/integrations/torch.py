@@ -276,7 +276,8 @@ class _LayerFinder:
     The target is the LAST module, in order of forward completion, whose output is an image
     feature map: 4-D ``(B, C, h, w)`` with the batch size of the first 4-D image tensor any
     module received (the "input"), ``h * w > 1``, and ``(h, w)`` the input's ``(H, W)`` through
-    one stride (see :func:`_fits_geometry`; attention tensors and channels-last maps fail it).
+    one stride (see :func:`_fits_geometry`; attention tensors and channels-last maps fail it),
+    and ``h`` not the length of a token sequence already seen (``(B, heads, N, head_dim)``).
     A container completes after its children, so for a ResNet ``layer4`` wins over its last
     ReLU, and the 1x1 output of the average pool does not qualify. If modules completing after
     that layer output ``(B, N, D)`` tokens with ``N`` = its ``h * w`` plus at most
@@ -295,6 +296,7 @@ class _LayerFinder:
         self.conv: Optional[Tuple[str, nn.Module, torch.Tensor]] = None
         self.tokens: Optional[Tuple[str, nn.Module, torch.Tensor]] = None
         self.input_shape: Optional[Tuple[int, int, int]] = None  # (B, H, W) of the input
+        self._token_counts: set = set()  # lengths of the token sequences seen over the grid
         self.called = False
         self.prefix, self.scope_why = _search_scope(model)
         for name, module in model.named_modules():
@@ -316,6 +318,8 @@ class _LayerFinder:
         if self.input_shape is None:
             return True  # no image input seen (e.g. precomputed features): shape alone decides
         batch, height, width = self.input_shape
+        if int(tensor.shape[2]) in self._token_counts:
+            return False  # (B, heads, tokens, head_dim): attention over the token sequence
         return (int(tensor.shape[0]) == batch
                 and _fits_geometry(int(tensor.shape[2]), int(tensor.shape[3]), height, width))
 
@@ -333,6 +337,7 @@ class _LayerFinder:
                 same_batch = self.input_shape is None or tensor.shape[0] == self.input_shape[0]
                 if same_batch and 0 <= tensor.shape[1] - grid <= MAX_EXTRA_TOKENS:
                     self.tokens = (name, module, _keep(tensor, self._room))
+                    self._token_counts.add(int(tensor.shape[1]))
 
         return hook
 
@@ -429,9 +434,31 @@ def _to_numpy(x: Any, k: int) -> Any:
         return x.cpu().numpy()
     if isinstance(x, np.ndarray):
         return x[:k]
+    if _detections(x) is not None:
+        # Detector output / targets: one dict per image; tensors to CPU numpy.
+        return [{key: _to_numpy(value, len(value)) if isinstance(value, torch.Tensor) else value
+                 for key, value in item.items()} for item in x[:k]]
     if isinstance(x, (list, tuple)):
         return list(x[:k])
     return x
+
+
+def _detections(x: Any) -> Optional[list]:
+    """``x`` when it is a detector's output or targets (a list of dicts with ``"boxes"``)."""
+    if isinstance(x, (list, tuple)) and x and all(
+            isinstance(item, dict) and "boxes" in item for item in x):
+        return list(x)
+    return None
+
+
+def _stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A list of same-sized ``(C, H, W)`` images (what a detector takes) as one batch."""
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError(
+            f"a list of images must hold (C, H, W) tensors of one size, got shapes {sorted(shapes)}"
+        )
+    return torch.stack([im.detach() for im in images])
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -449,6 +476,7 @@ class _Pin:
     images: List[torch.Tensor] = field(default_factory=list)  # CPU chunks, as the model took them
     labels: List[Any] = field(default_factory=list)  # per-chunk numpy arrays / lists, or None
     established: bool = False
+    as_list: bool = False  # call the model with a list of images (torchvision detectors)
 
     def count(self) -> int:
         return sum(int(chunk.shape[0]) for chunk in self.images)
@@ -467,7 +495,7 @@ class _Capture:
     key: Key
     room: Optional[int]
     act: Optional[torch.Tensor] = None
-    output: Optional[torch.Tensor] = None
+    output: Any = None  # a tensor, or numpy detections (list of dicts)
     finder: Optional[_LayerFinder] = None
 
 
@@ -673,7 +701,10 @@ class EigenCAMMonitor:
             return
         if preds is None and self._preds_from_output:
             preds = output
-        images_t = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+        as_list = isinstance(images, (list, tuple)) and bool(images) and all(
+            isinstance(im, torch.Tensor) for im in images)
+        images_t = _stack_images(images) if as_list else (
+            images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images)))
         if images_t.ndim not in (3, 4):
             raise ValueError(
                 f"images must be the model's (B, C, H, W) or (B, H, W) input, got shape "
@@ -702,6 +733,7 @@ class EigenCAMMonitor:
                 if not pin.established:
                     pin.images.append(inputs)
                     pin.labels.append(labels_k)
+                    pin.as_list = as_list  # a detector takes a list of (C, H, W) images
 
     def epoch_end(self, epoch: int, *, mode: Optional[str] = None) -> None:
         """Log every (mode, ds_id) seen since the last call as MLflow step ``epoch``.
@@ -783,6 +815,10 @@ class EigenCAMMonitor:
 
     def _make_output_hook(self, cap: _Capture) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            boxes = _detections(output)
+            if boxes is not None:  # a detector's list of {"boxes", "labels", "scores"}
+                cap.output = _to_numpy(boxes, len(boxes) if cap.room is None else cap.room)
+                return
             tensor = _first_tensor(output)
             if tensor is not None and tensor.ndim >= 1:
                 cap.output = _keep(tensor, cap.room)
@@ -858,7 +894,8 @@ class EigenCAMMonitor:
             cuda = [device.index or 0] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda), preserve_training_flags(model), torch.no_grad():
                 model.eval()
-                output = model(images.to(device))
+                batch = images.to(device)
+                output = model(list(batch) if pin.as_list else batch)
         except Exception as exc:  # a logging failure never stops training
             self._pins.pop(key, None)
             self._warn_once(
@@ -877,7 +914,7 @@ class EigenCAMMonitor:
             self._images_for_logger(images),
             grid.float().cpu().numpy(),
             labels,
-            _to_numpy(_first_tensor(output), images.shape[0]),
+            _to_numpy(_detections(output) or _first_tensor(output), images.shape[0]),
             mode=key[0],
             ds_id=key[1],
         )
