@@ -326,6 +326,11 @@ class _LayerFinder:
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             self.called = True
+            if isinstance(output, dict):
+                # Several levels (a detection backbone's {"0": layer2, ..., "2": layer4}):
+                # the modules that made them were candidates already; the first value would
+                # be the finest level, not the last stage.
+                return
             tensor = _first_tensor(output)
             if tensor is None:
                 return
