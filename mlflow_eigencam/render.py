@@ -583,8 +583,9 @@ def render_detection_strip(
     """:func:`render_strip`, then the boxes drawn on every panel.
 
     Predicted boxes are coloured by class, with ``"name score"`` written on the input panel;
-    ground-truth boxes are thin white outlines beneath them. Captions are ``render_strip``'s
-    (the logger passes ``"3 boxes"`` as label / prediction text).
+    ground-truth boxes are thin white outlines beneath them. The caption reads
+    ``"pred: 6 boxes, true: 2 boxes"`` (the logger passes the counts as ``pred`` / ``label``),
+    with no right / wrong mark: a set of boxes has no single right answer.
 
     Args:
         image: As for :func:`render_strip`; the boxes are in its pixels.
@@ -596,8 +597,13 @@ def render_detection_strip(
     Returns:
         ``(H', W', 3)`` uint8 RGB, the size of ``render_strip``'s strip.
     """
+    label, pred = strip_kwargs.pop("label", None), strip_kwargs.pop("pred", None)
+    strip_kwargs.pop("correct", None)
+    # One caption field, so render_strip draws no [OK] / [X] from label != pred.
+    text = ", ".join(t for t in (None if pred is None else str(pred),
+                                  None if label is None else f"true: {label}") if t)
     strip = render_strip(image, maps, min_side=min_side, max_side=max_side, layout=layout,
-                         **strip_kwargs)  # type: ignore[arg-type]
+                         pred=text or None, **strip_kwargs)  # type: ignore[arg-type]
     rgb_hw = to_rgb_uint8(image, layout).shape[:2]
     k = np.asarray(maps).shape[0] if np.asarray(maps).ndim == 3 else 1
     for i, (x, y, w, h) in enumerate(strip_panels(rgb_hw, 1 + k, min_side=min_side,
