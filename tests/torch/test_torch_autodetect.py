@@ -110,8 +110,8 @@ class TinyDetector(nn.Module):
         extra = self.backbone.p7(p)
         scores = self.head(extra)
         self.roi(p.repeat(3, 1, 1, 1))  # "proposals": 3x the batch
-        return [{"boxes": torch.zeros(0, 4), "scores": s.flatten()[:0], "labels": torch.zeros(0)}
-                for s in scores]
+        return [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 24.0]]), "scores": s.flatten()[:1].sigmoid(),
+                 "labels": torch.tensor([1])} for s in scores]
 
 
 def _plain_svd(act: np.ndarray, k: int):
