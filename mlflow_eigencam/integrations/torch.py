@@ -315,11 +315,11 @@ class _LayerFinder:
     def _is_map(self, tensor: torch.Tensor) -> bool:
         if tensor.ndim != 4 or tensor.shape[2] * tensor.shape[3] <= 1:
             return False
+        if int(tensor.shape[2]) in self._token_counts:
+            return False  # (B, heads, tokens, head_dim): attention over the token sequence
         if self.input_shape is None:
             return True  # no image input seen (e.g. precomputed features): shape alone decides
         batch, height, width = self.input_shape
-        if int(tensor.shape[2]) in self._token_counts:
-            return False  # (B, heads, tokens, head_dim): attention over the token sequence
         return (int(tensor.shape[0]) == batch
                 and _fits_geometry(int(tensor.shape[2]), int(tensor.shape[3]), height, width))
 
@@ -513,8 +513,10 @@ class EigenCAMMonitor:
     Args:
         model: The user's model (DDP / DataParallel / compiled wrappers are unwrapped).
         target_layer: A submodule, its dotted name, or None to pick, on the first captured
-            forward pass, the last module whose output is 4-D with ``h * w > 1`` (a ResNet's
-            ``layer4``; for a ViT the last token layer over the patch grid).
+            forward pass, the last module whose output is an image feature map (4-D, the
+            input's batch and geometry, ``h * w > 1``: a ResNet's ``layer4``; a detector's
+            backbone's last stage), or the last token layer over its patch grid after it (a
+            ViT). The run tag says what was chosen (:attr:`target_layer_tag`).
         n_components: Principal components per sample (int), or the explained-variance
             fraction to reach (float in (0, 1)).
         n_samples: Samples kept per (mode, ds_id) per epoch; None keeps all (no pinning).
