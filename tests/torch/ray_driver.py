@@ -24,6 +24,7 @@ def train_loop(config: dict) -> None:
 
     torch.set_num_threads(1)
     rank = ray.train.get_context().get_world_rank()
+    Path(config["out"], f"addr{rank}.txt").write_text(os.environ.get("MASTER_ADDR", ""))
     torch.manual_seed(0)
     model = TinyResNet(width=4)
     ddp = prepare_model(model)  # DistributedDataParallel on CPU
@@ -56,9 +57,15 @@ def main() -> None:
     from ray.train.torch import TorchTrainer
 
     out = os.environ["RAY_TEST_OUT"]
+    # Loopback only: Ray's processes and the workers' gloo group talk to 127.0.0.1, never to
+    # the machine's other addresses. Ray maps 127.0.0.1 to the machine's address unless
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set by the test for this whole process tree).
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-                                       "OMP_NUM_THREADS": "1"}})
+                                       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                                       "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}})
     try:
         with mlflow.start_run() as run:
             TorchTrainer(

@@ -25,6 +25,7 @@ def test_ray_train_rank_zero_logs_into_the_driver_run(tmp_path, tracking_uri):
     repo = str(Path(__file__).parents[2])
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id,
                RAY_TEST_OUT=str(tmp_path), OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keeps Ray on 127.0.0.1
                PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(DRIVER)], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, timeout=240)  # a hang fails here
@@ -34,6 +35,7 @@ def test_ray_train_rank_zero_logs_into_the_driver_run(tmp_path, tracking_uri):
     assert ranks[0]["run_id"] == driver["run_id"] and ranks[0]["has_logger"]
     assert ranks[1]["run_id"] is None and not ranks[1]["has_logger"]
     assert ranks[0]["hooks"] == ranks[1]["hooks"] == 0 and ranks[0]["target"] == "layer4"
+    assert {(tmp_path / f"addr{r}.txt").read_text() for r in range(2)} == {"127.0.0.1"}
     client = MlflowClient()
     assert [r.info.run_id for r in client.search_runs([experiment_id])] == [driver["run_id"]]
     assert image_counts(client, driver["run_id"]) == {
