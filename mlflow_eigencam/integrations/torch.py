@@ -502,6 +502,7 @@ class _Capture:
     act: Optional[torch.Tensor] = None
     output: Any = None  # a tensor, or numpy detections (list of dicts)
     finder: Optional[_LayerFinder] = None
+    grid_finder: Optional[_LayerFinder] = None  # reads the patch grid for a named token layer
 
 
 # --------------------------------------------------------------------------- monitor
@@ -567,6 +568,8 @@ class EigenCAMMonitor:
         self._model = unwrap_model(model)
         self._reshape = reshape_transform
         self._grid_hw: Optional[Tuple[int, int]] = None  # patch grid found by auto-detection
+        # A named layer: its first captured forward also reads the patch grid (token layers).
+        self._grid_pending = target_layer is not None and reshape_transform is None
         self._pin_enabled = pin_samples and n_samples is not None
         self._denorm = _parse_denormalize(denormalize)
         self._preds_from_output = bool(preds_from_output)
@@ -817,6 +820,13 @@ class EigenCAMMonitor:
             tensor = _first_tensor(output)
             if tensor is not None:
                 cap.act = _keep(tensor, cap.room)
+                finder = cap.grid_finder
+                if tensor.ndim == 3 and finder is not None and finder.conv is not None:
+                    # A named token layer: fold onto the patch grid of the map before it
+                    # (non-square inputs too), as auto-detection would.
+                    h, w = int(finder.conv[2].shape[2]), int(finder.conv[2].shape[3])
+                    if 0 <= int(tensor.shape[1]) - h * w <= MAX_EXTRA_TOKENS:
+                        self._grid_hw = (h, w)
 
         return hook
 
@@ -836,6 +846,8 @@ class EigenCAMMonitor:
         if self._target is None:
             cap.finder = _LayerFinder(self._model, cap.room)
         else:
+            if self._grid_pending:
+                cap.grid_finder = _LayerFinder(self._model, room=1)
             self._handles.append(self._target.register_forward_hook(self._make_hook(cap)))
         if self._preds_from_output:
             self._handles.append(self._model.register_forward_hook(self._make_output_hook(cap)))
@@ -845,6 +857,11 @@ class EigenCAMMonitor:
         if cap is not None and cap.finder is not None:
             cap.finder.remove()
             cap.finder = None
+        if cap is not None and cap.grid_finder is not None:
+            cap.grid_finder.remove()
+            if cap.grid_finder.called:
+                self._grid_pending = False  # one forward pass told the grid (or that none)
+            cap.grid_finder = None
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -200,6 +200,23 @@ def test_timm_like_vit_folds_tokens_and_never_takes_the_attention_tensor(size, p
     monitor.close()
 
 
+@pytest.mark.parametrize("size", [(16, 24), (24, 16)])
+def test_a_named_token_layer_folds_onto_the_non_square_patch_grid(size):
+    model = TimmLikeViT(prefix=1).eval()
+    x = torch.randn(2, 3, *size)
+    logger = RecordingLogger(n_samples=4)
+    monitor = EigenCAMMonitor(model, "norm", logger=logger)  # pinned: epoch 1 is the extra pass
+    for epoch in range(2):
+        with torch.no_grad(), monitor.capture("eval"):
+            monitor.update(x, None, model(x))
+        monitor.epoch_end(epoch)
+    monitor.close()
+    grid = (size[0] // 4, size[1] // 4)
+    assert [b["activations"].shape for b in logger.batches] == [(2, 16, *grid)] * 2
+    np.testing.assert_array_equal(logger.batches[0]["activations"], logger.batches[1]["activations"])
+    assert monitor.target_layer_tag == "norm" and all_hooks(model) == 0
+
+
 def test_a_4d_output_that_does_not_fit_the_image_is_never_chosen():
     class OnlyAttention(nn.Module):
         def __init__(self) -> None:
