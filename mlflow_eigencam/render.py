@@ -592,7 +592,11 @@ def render_detection_strip(
         maps: ``(k, h, w)`` maps.
         pred_boxes: Boxes as :func:`draw_boxes` takes them, or None.
         true_boxes: Boxes as :func:`draw_boxes` takes them, or None.
-        min_side, max_side, layout, **strip_kwargs: Passed to :func:`render_strip`.
+        min_side: Passed to :func:`render_strip`.
+        max_side: Passed to :func:`render_strip`.
+        layout: Passed to :func:`render_strip`.
+        **strip_kwargs: Passed to :func:`render_strip` (``label`` and ``pred`` become the
+            caption described above; ``correct`` is ignored).
 
     Returns:
         ``(H', W', 3)`` uint8 RGB, the size of ``render_strip``'s strip.
