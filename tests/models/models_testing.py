@@ -117,8 +117,8 @@ def explained_tensor(model: nn.Module, tag: str, inputs: Any) -> np.ndarray:
 
 
 def check_logged_epochs(client: MlflowClient, monitor: EigenCAMMonitor, model: nn.Module,
-                        inputs: Any, n: int) -> Tuple[str, Dict[int, List[dict]]]:
-    """The checks every model shares; returns (tag, rows by epoch)."""
+                        inputs: Any, n: int) -> Tuple[str, Dict[int, List[dict]], np.ndarray]:
+    """The checks every model shares; returns (tag, rows by epoch, the explained tensor)."""
     run = client.get_run(monitor.run_id)
     tag = run.data.tags[_layout.TAG_TARGET_LAYER]
     assert tag == monitor.target_layer_tag
@@ -135,7 +135,7 @@ def check_logged_epochs(client: MlflowClient, monitor: EigenCAMMonitor, model: n
     _, ratios = plain_svd(act[:n])
     logged = np.array([[r[f"evr_{c}"] for c in range(1, K + 1)] for r in by_epoch[0]])
     np.testing.assert_allclose(logged, ratios, atol=2e-5)
-    return tag, by_epoch
+    return tag, by_epoch, act
 
 
 def assert_strip_close(client: MlflowClient, run_id: str, row: dict, expected: np.ndarray) -> None:

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from mlflow_eigencam.render import render_strip, to_rgb_uint8
 from models_testing import (assert_state_unchanged, assert_strip_close, check_logged_epochs,
-                            plain_svd, run_two_epochs, state_of, explained_tensor)
+                            plain_svd, run_two_epochs, state_of)
 
 tv = pytest.importorskip("torchvision.models")
 
@@ -59,9 +59,9 @@ def test_classifier_default_layer_and_logged_epoch(tracking_uri, factory, size, 
     assert_state_unchanged(before, model)
     assert monitor.target_layer_tag == expected_tag
     client = MlflowClient()
-    tag, by_epoch = check_logged_epochs(client, monitor, model, images, n)
+    tag, by_epoch, act = check_logged_epochs(client, monitor, model, images, n)
     # The maps: each logged strip equals one drawn here from the plain SVD's maps.
-    maps, _ = plain_svd(explained_tensor(model, tag, images))
+    maps, _ = plain_svd(act)
     for i, row in enumerate(by_epoch[0]):
         evr = [row[f"evr_{c}"] for c in (1, 2, 3)]
         expected = render_strip(to_rgb_uint8(images[i].numpy(), "CHW"), maps[i],

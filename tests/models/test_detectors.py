@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from mlflow_eigencam.render import box_colour, render_detection_strip, render_strip, to_rgb_uint8
 from models_testing import (assert_state_unchanged, assert_strip_close, check_logged_epochs,
-                            explained_tensor, plain_svd, run_two_epochs, state_of)
+                            plain_svd, run_two_epochs, state_of)
 
 tvd = pytest.importorskip("torchvision.models.detection")
 
@@ -62,13 +62,13 @@ def test_detector_boxes_counts_and_default_layer(tracking_uri, factory, expected
     assert_state_unchanged(before, model)
     assert monitor.target_layer_tag == expected_tag
     client = MlflowClient()
-    tag, by_epoch = check_logged_epochs(client, monitor, model, images, 2)
+    tag, by_epoch, act = check_logged_epochs(client, monitor, model, images, 2)
 
     model.eval()
     with torch.no_grad():
         detections = model(images)
     model.train()
-    maps, _ = plain_svd(explained_tensor(model, tag, images))
+    maps, _ = plain_svd(act)
     for i, row in enumerate(by_epoch[0]):
         n_true = len(targets[i]["boxes"])
         assert row["label"] == ("1 box" if n_true == 1 else f"{n_true} boxes")
