@@ -42,6 +42,9 @@ CASES = [
      "norm (auto: tokens (B, 16, 384) folded to a 3x5 patch grid (1 prefix token dropped))"),
     ("timm_deit_small_distilled", _timm("deit_small_distilled_patch16_224", img_size=64), (64, 64),
      "norm (auto: tokens (B, 18, 384) folded to a 4x4 patch grid (2 prefix tokens dropped))"),
+    # 4 register tokens after the class token: 5 prefix tokens.
+    ("timm_vit_small_reg4", _timm("vit_small_patch14_reg4_dinov2", img_size=56), (56, 56),
+     "norm (auto: tokens (B, 21, 384) folded to a 4x4 patch grid (5 prefix tokens dropped))"),
     ("timm_resnet18", _timm("resnet18"), (64, 96), "layer4 (auto: feature map (B, 512, 2, 3))"),
 ]
 
