@@ -111,7 +111,8 @@ def resolve_target_layer(model: nn.Module, target: Union[nn.Module, str]) -> Tup
     Args:
         model: The (unwrapped) model.
         target: A submodule of ``model`` or its dotted name, e.g. ``"layer4"`` or
-            ``"blocks.3.norm1"``; a leading ``"module."`` (DDP naming) is accepted.
+            ``"blocks.3.norm1"``; a leading ``"module."`` (DDP naming) is accepted, and so is
+            the run tag's value (``"norm (auto: ...)"``).
 
     Returns:
         ``(name, module)``.
