@@ -32,6 +32,9 @@ TABLE_IMAGE_COLUMN = "image"
 #: Explanation drift: 1 - Pearson correlation of the PC1 map with the previous logged epoch's
 #: (empty at the first epoch); between the ``evr_*`` columns and ``image``.
 TABLE_MAP_CHANGE_COLUMN = "map_change"
+#: Detectors only (boxes as preds / labels): boxes predicted and true per image, after
+#: ``correct`` (``label`` and ``prediction`` then read "3 boxes").
+TABLE_BOX_COLUMNS = ("n_boxes", "n_true_boxes")
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-]")
 

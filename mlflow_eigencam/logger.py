@@ -34,6 +34,7 @@ from .eigencam import _check_n_components, eigencam
 from .filters import ds_id_filter, mode_filter
 from .render import (PNGBand, encode_png, encode_webp_preview, grid_bands, render_strip,
                      resolve_colormap)
+from .render import render_detection_strip
 from .samples import Sample, SampleBuffer
 from .sink import EigenCAMWarning, Encoded, Item, MlflowSink, default_spool_root
 
@@ -371,6 +372,11 @@ class EigenCAMLogger:
                            result.explained_variance_ratio.sum(axis=0), len(samples), rows)
 
     def _strip(self, s: Sample, maps: np.ndarray, evr: np.ndarray) -> np.ndarray:
+        if s.pred_boxes is not None or s.label_boxes is not None:  # a detector's boxes
+            return render_detection_strip(
+                s.image, maps, pred_boxes=s.pred_boxes, true_boxes=s.label_boxes,
+                explained_variance=evr, label=s.label, pred=s.pred, correct=s.correct,
+                sample_id=s.sample_id, colormap=self.colormap, alpha=self.alpha)
         return render_strip(s.image, maps, explained_variance=evr, label=s.label, pred=s.pred,
                             correct=s.correct, sample_id=s.sample_id,
                             colormap=self.colormap, alpha=self.alpha)
@@ -612,6 +618,10 @@ def _row(epoch: int, s: Sample, evr: np.ndarray, path: str,
     for c, v in enumerate(evr):
         row[f"evr_{c + 1}"] = round(float(v), 6)
     row[_layout.TABLE_MAP_CHANGE_COLUMN] = None if change is None else round(float(change), 6)
+    if s.pred_boxes is not None or s.label_boxes is not None:  # detections: how many boxes
+        counts = (s.pred_boxes, s.label_boxes)
+        for column, boxes in zip(_layout.TABLE_BOX_COLUMNS, counts):
+            row[column] = None if boxes is None else len(boxes)
     row[_layout.TABLE_IMAGE_COLUMN] = path
     return row
 
@@ -621,6 +631,8 @@ def _table_json(rows: List[dict]) -> bytes:
     k = max((int(c[4:]) for r in rows for c in r if c.startswith("evr_")), default=0)
     columns = list(_layout.TABLE_COLUMNS) + [f"evr_{c}" for c in range(1, k + 1)] + \
         [_layout.TABLE_MAP_CHANGE_COLUMN, _layout.TABLE_IMAGE_COLUMN]
+    if any(_layout.TABLE_BOX_COLUMNS[0] in r for r in rows):  # a detector's table
+        columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_BOX_COLUMNS
     data = [[r.get(c) for c in columns] for r in rows]
     return json.dumps({"columns": columns, "data": data}).encode("utf-8")
 

@@ -12,7 +12,11 @@ Labels and predictions become one display string per sample (see ``class_values`
   class 1 when ``> 0.5`` (integral 0.0 / 1.0 labels give the same answer either way);
   other integral floats -> ints; other floats (e.g. a single logit, a regression target)
   are shown as they are, rounded to 4 significant digits;
-* strings or bytes -> text.
+* strings or bytes -> text;
+* detections (a list of one dict per image with ``"boxes"`` ``(n, 4)`` xyxy pixels and
+  optionally ``"labels"`` ``(n,)`` and ``"scores"`` ``(n,)``, torchvision's detector output
+  and targets) -> the text ``"3 boxes"``, the boxes themselves kept per sample as
+  :class:`Boxes` (label names through ``label_mapping``).
 
 ``label_mapping`` turns class indices into names: ``{name: index}`` (the reference's form),
 ``{index: name}`` (detected when every key is an int and every value a string) or a
@@ -36,10 +40,39 @@ import numpy as np
 
 from mlflow_eigencam.render import to_rgb_uint8
 
-__all__ = ["Sample", "SampleBuffer", "class_values", "sample_id"]
+__all__ = ["Boxes", "Sample", "SampleBuffer", "class_values", "is_detections", "sample_id"]
 
 ClassValue = Union[int, str, None]
 LabelMapping = Union[Mapping[Any, Any], Sequence[str], None]
+
+
+@dataclass(frozen=True, eq=False)
+class Boxes:
+    """The boxes of one image (a detector's prediction or its ground truth).
+
+    Attributes:
+        boxes: ``(n, 4)`` float64 ``(x1, y1, x2, y2)`` in pixels of the model's input image.
+        names: ``n`` display names (``label_mapping`` applied; ``""`` without labels).
+        scores: ``(n,)`` float64 confidences, or None (ground truth).
+    """
+
+    boxes: np.ndarray
+    names: tuple
+    scores: Optional[np.ndarray]
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+
+def count_text(n: int) -> str:
+    """``"1 box"``, ``"3 boxes"``: what captions and the table show for a detection."""
+    return f"{n} box" if n == 1 else f"{n} boxes"
+
+
+def is_detections(x: Any) -> bool:
+    """True for a list / tuple of dicts (one per image) that each have a ``"boxes"`` entry."""
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(
+        isinstance(item, Mapping) and "boxes" in item for item in x)
 
 
 @dataclass
@@ -54,6 +87,9 @@ class Sample:
         pred: Display text after ``label_mapping``, or ``None``.
         correct: Whether label and prediction agree; ``None`` when either is missing.
         sample_id: 12 hex chars, SHA-1 of the uint8 image bytes and shape.
+        pred_boxes: The predicted :class:`Boxes` when ``preds`` were detections, else None
+            (then ``pred`` is ``"3 boxes"``).
+        label_boxes: The ground-truth :class:`Boxes` when ``labels`` were detections.
     """
 
     index: int
@@ -63,6 +99,8 @@ class Sample:
     pred: Optional[str]
     correct: Optional[bool]
     sample_id: str
+    pred_boxes: Optional[Boxes] = field(default=None, repr=False)
+    label_boxes: Optional[Boxes] = field(default=None, repr=False)
 
 
 def sample_id(image_uint8: np.ndarray) -> str:
@@ -342,8 +380,12 @@ class SampleBuffer:
                 if not kept:
                     del self._kept[(mode, ds_id)]
                 return []
-            label_values = class_values(_head(labels, n), n, name="labels")
-            pred_values = class_values(_head(preds, n), n, name="preds")
+            label_boxes = self._boxes(labels, n, "labels")
+            pred_boxes = self._boxes(preds, n, "preds")
+            label_values = (class_values(_head(labels, n), n, name="labels")
+                            if label_boxes is None else [count_text(len(b)) for b in label_boxes])
+            pred_values = (class_values(_head(preds, n), n, name="preds")
+                           if pred_boxes is None else [count_text(len(b)) for b in pred_boxes])
             already_hwc = isinstance(image_layout, str) and image_layout.upper() == "HWC"
             if images.ndim == 4 and images.dtype == np.uint8 and images.shape[-1] == 3 and already_hwc:
                 new_images = [np.array(images[i], order="C", copy=True) for i in range(n)]
@@ -357,9 +399,12 @@ class SampleBuffer:
             added: list[Sample] = []
             for i in range(n):
                 lv, pv = label_values[i], pred_values[i]
-                label, pred = self._display(lv), self._display(pv)
+                label = lv if label_boxes is not None else self._display(lv)
+                pred = pv if pred_boxes is not None else self._display(pv)
                 correct: Optional[bool] = None
-                if label is not None and pred is not None:
+                if label_boxes is not None or pred_boxes is not None:
+                    pass  # boxes have no single right answer: no mark
+                elif label is not None and pred is not None:
                     # Same kind (index vs index, text vs text): compare values; otherwise
                     # compare display names, so a text label matches a mapped index.
                     correct = bool(lv == pv) if type(lv) is type(pv) else label == pred
@@ -371,10 +416,40 @@ class SampleBuffer:
                     pred=pred,
                     correct=correct,
                     sample_id=sample_id(new_images[i]),
+                    pred_boxes=None if pred_boxes is None else pred_boxes[i],
+                    label_boxes=None if label_boxes is None else label_boxes[i],
                 )
                 kept.append(sample)
                 added.append(sample)
             return added
+
+
+    def _boxes(self, x: Any, n: int, name: str) -> Optional[list]:
+        """The first ``n`` detections of ``x`` as :class:`Boxes` (None if ``x`` is not boxes)."""
+        if not is_detections(x):
+            return None
+        out = []
+        for i, item in enumerate(list(x)[:n]):
+            try:
+                boxes = np.array(item["boxes"], dtype=np.float64).reshape(-1, 4)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}[{i}]['boxes'] must be (n, 4) x1, y1, x2, y2; got "
+                                 f"shape {np.shape(item['boxes'])}") from None
+            count = boxes.shape[0]
+            names: tuple = ("",) * count
+            if item.get("labels") is not None:
+                values = np.asarray(item["labels"]).reshape(-1)
+                if values.shape[0] != count:
+                    raise ValueError(f"{name}[{i}] has {count} boxes but {values.shape[0]} labels")
+                names = tuple(self._display(_key(v.item() if hasattr(v, "item") else v)) or ""
+                              for v in values)
+            scores = None
+            if item.get("scores") is not None:
+                scores = np.array(item["scores"], dtype=np.float64).reshape(-1)
+                if scores.shape[0] != count:
+                    raise ValueError(f"{name}[{i}] has {count} boxes but {scores.shape[0]} scores")
+            out.append(Boxes(boxes, names, scores))
+        return out
 
 
 def _head(x: Any, n: int) -> Any:

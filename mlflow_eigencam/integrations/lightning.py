@@ -69,7 +69,8 @@ _STAGES = {
 def default_batch_to_xy(batch: Any) -> Tuple[torch.Tensor, Any]:
     """Split a batch into ``(images, labels)``; labels may be None.
 
-    The images must be a ``(B, C, H, W)`` (or ``(B, H, W)``) tensor.
+    The images must be a ``(B, C, H, W)`` (or ``(B, H, W)``) tensor, or (a detector's batch)
+    a list / tuple of same-sized ``(C, H, W)`` tensors, with a list of target dicts as labels.
 
     Accepts a tensor, an ``(x, y, ...)`` / ``(x,)`` tuple or list, or a dict with an image
     key (``image``, ``images``, ``x``, ``input``, ``inputs``, ``pixel_values``) and optionally
@@ -88,6 +89,8 @@ def default_batch_to_xy(batch: Any) -> Tuple[torch.Tensor, Any]:
     elif isinstance(batch, (list, tuple)) and batch:
         x = batch[0]
         y = batch[1] if len(batch) > 1 else None
+    if _image_list(x):
+        return x, y  # a detector's batch: a list / tuple of (C, H, W) images, targets
     if not isinstance(x, torch.Tensor) or x.ndim not in (3, 4):
         what = sorted(map(str, batch)) if isinstance(batch, Mapping) else type(batch).__name__
         if isinstance(x, torch.Tensor):
@@ -97,6 +100,12 @@ def default_batch_to_xy(batch: Any) -> Tuple[torch.Tensor, Any]:
             f"a dict with one of {_IMAGE_KEYS}: pass batch_to_xy=callable(batch) -> (x, y)"
         )
     return x, y
+
+
+def _image_list(x: Any) -> bool:
+    """A detector's images: a non-empty list / tuple of (C, H, W) tensors."""
+    return isinstance(x, (list, tuple)) and bool(x) and all(
+        isinstance(im, torch.Tensor) and im.ndim == 3 for im in x)
 
 
 def _step_preds(outputs: Any, batch_size: int) -> Any:
@@ -331,7 +340,7 @@ class EigenCAMCallback(Callback):
             x, y = self._batch_to_xy(batch)
             preds = None
             if self._monitor._capture.output is None:
-                preds = _step_preds(outputs, int(x.shape[0]))
+                preds = _step_preds(outputs, len(x) if _image_list(x) else int(x.shape[0]))
             self._monitor.update(images=x, labels=y, preds=preds)
         finally:
             self._close_ctx()

@@ -111,7 +111,8 @@ def resolve_target_layer(model: nn.Module, target: Union[nn.Module, str]) -> Tup
     Args:
         model: The (unwrapped) model.
         target: A submodule of ``model`` or its dotted name, e.g. ``"layer4"`` or
-            ``"blocks.3.norm1"``; a leading ``"module."`` (DDP naming) is accepted.
+            ``"blocks.3.norm1"``; a leading ``"module."`` (DDP naming) is accepted, and so is
+            the run tag's value (``"norm (auto: ...)"``).
 
     Returns:
         ``(name, module)``.
@@ -135,6 +136,9 @@ def resolve_target_layer(model: nn.Module, target: Union[nn.Module, str]) -> Tup
             f"target_layer must be an nn.Module, a dotted name or None, got {type(target).__name__}"
         )
     candidates = [target]
+    if " (auto:" in target:  # the run tag's value, pasted back
+        target = target.split(" (auto:", 1)[0]
+        candidates.append(target)
     if target.startswith("module."):
         candidates.append(target[len("module.") :])
     for candidate in candidates:
@@ -233,43 +237,113 @@ def tokens_to_grid(
     )
 
 
+def _fits_geometry(h: int, w: int, height: int, width: int) -> bool:
+    """Whether an ``(h, w)`` map can be the input ``(height, width)`` seen through one stride.
+
+    True when some stride ``s > 0`` gives ``|h - height / s| <= 1.5`` and ``|w - width / s| <=
+    1.5`` (padding and rounding move each side by about a pixel per stage). An attention
+    tensor ``(B, heads, tokens, head_dim)`` or a channels-last ``(B, h, w, C)`` map has no such
+    stride, so it is never taken for a feature map.
+    """
+    if h < 1 or w < 1 or h * w <= 1:
+        return False
+    slack = 1.5
+    low = max(height / (h + slack), width / (w + slack))
+    high = min(height / (h - slack) if h > slack else math.inf,
+               width / (w - slack) if w > slack else math.inf)
+    return low <= high
+
+
+def _search_scope(model: nn.Module) -> Tuple[str, str]:
+    """``(prefix, why)``: where auto-detection looks.
+
+    A detector or segmenter (torchvision's ``backbone`` / ``backbone.body``) is searched only
+    inside its backbone: after it come FPN extra levels (RetinaNet's 2x2 ``p7``), RoI pooling
+    over proposals and box heads, none of which is a map of the image. Other models: all of it.
+    """
+    names = [name for name, _ in model.named_modules() if name.split(".")[-1] == "backbone"]
+    if not names:
+        return "", ""
+    backbone = min(names, key=lambda n: (n.count("."), n))
+    module = model.get_submodule(backbone)
+    if isinstance(getattr(module, "body", None), nn.Module):
+        return backbone + ".body", "last feature map of the detection backbone"
+    return backbone, "last feature map of the backbone"
+
+
 class _LayerFinder:
     """Temporary hooks on every submodule that watch one forward pass.
 
-    The target is the LAST module, in order of forward completion, whose output is 4-D with
-    ``h * w > 1``. A container completes after its children, so for a ResNet ``layer4`` wins
-    over its last ReLU, and the 1x1 output of the average pool does not qualify. If modules
-    completing after that layer output ``(B, N, D)`` tokens with ``N`` = its ``h * w`` plus at
-    most :data:`MAX_EXTRA_TOKENS` (a ViT: patch-embedding conv, then transformer blocks over
-    those patches), the last of them wins instead.
+    The target is the LAST module, in order of forward completion, whose output is an image
+    feature map: 4-D ``(B, C, h, w)`` with the batch size of the first 4-D image tensor any
+    module received (the "input"), ``h * w > 1``, and ``(h, w)`` the input's ``(H, W)`` through
+    one stride (see :func:`_fits_geometry`; attention tensors and channels-last maps fail it),
+    and ``h`` not the length of a token sequence already seen (``(B, heads, N, head_dim)``).
+    A container completes after its children, so for a ResNet ``layer4`` wins over its last
+    ReLU, and the 1x1 output of the average pool does not qualify. If modules completing after
+    that layer output ``(B, N, D)`` tokens with ``N`` = its ``h * w`` plus at most
+    :data:`MAX_EXTRA_TOKENS` prefix tokens (a ViT: patch-embedding conv, then transformer
+    blocks over those patches, class / distillation / register tokens first), the last of them
+    wins instead, folded onto that ``h x w`` grid.
 
-    Only references are kept (no copies): to the latest 4-D candidate and the latest matching
-    token output, so the first batch can be used without a second forward pass.
+    Candidates are copied AT HOOK TIME (their first ``room`` rows): a later in-place op
+    (DenseNet's ``F.relu(features, inplace=True)`` after its ``features``) must not change
+    what is explained, or the first epoch would differ from the ones after it.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self._names: Dict[int, str] = {}
+    def __init__(self, model: nn.Module, room: Optional[int] = None) -> None:
+        self._room = room
         self._handles = []
         self.conv: Optional[Tuple[str, nn.Module, torch.Tensor]] = None
         self.tokens: Optional[Tuple[str, nn.Module, torch.Tensor]] = None
+        self.input_shape: Optional[Tuple[int, int, int]] = None  # (B, H, W) of the input
+        self._token_counts: set = set()  # lengths of the token sequences seen over the grid
         self.called = False
+        self.prefix, self.scope_why = _search_scope(model)
         for name, module in model.named_modules():
-            if name:  # the root's output is the prediction, not a feature map
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+            in_scope = not self.prefix or name == self.prefix or name.startswith(self.prefix + ".")
+            if name and in_scope:  # the root's output is the prediction, not a feature map
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
+
+    def _pre_hook(self, module: nn.Module, inputs: Any) -> None:
+        if self.input_shape is not None:
+            return
+        tensor = _first_tensor(inputs)
+        if tensor is not None and tensor.ndim == 4:
+            self.input_shape = (int(tensor.shape[0]), int(tensor.shape[2]), int(tensor.shape[3]))
+
+    def _is_map(self, tensor: torch.Tensor) -> bool:
+        if tensor.ndim != 4 or tensor.shape[2] * tensor.shape[3] <= 1:
+            return False
+        if int(tensor.shape[2]) in self._token_counts:
+            return False  # (B, heads, tokens, head_dim): attention over the token sequence
+        if self.input_shape is None:
+            return True  # no image input seen (e.g. precomputed features): shape alone decides
+        batch, height, width = self.input_shape
+        return (int(tensor.shape[0]) == batch
+                and _fits_geometry(int(tensor.shape[2]), int(tensor.shape[3]), height, width))
 
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             self.called = True
+            if isinstance(output, dict):
+                # Several levels (a detection backbone's {"0": layer2, ..., "2": layer4}):
+                # the modules that made them were candidates already; the first value would
+                # be the finest level, not the last stage.
+                return
             tensor = _first_tensor(output)
             if tensor is None:
                 return
-            if tensor.ndim == 4 and tensor.shape[2] * tensor.shape[3] > 1:
-                self.conv = (name, module, tensor.detach())
+            if self._is_map(tensor):
+                self.conv = (name, module, _keep(tensor, self._room))
                 self.tokens = None
             elif tensor.ndim == 3 and self.conv is not None:
                 grid = self.conv[2].shape[2] * self.conv[2].shape[3]
-                if 0 <= tensor.shape[1] - grid <= MAX_EXTRA_TOKENS:
-                    self.tokens = (name, module, tensor.detach())
+                same_batch = self.input_shape is None or tensor.shape[0] == self.input_shape[0]
+                if same_batch and 0 <= tensor.shape[1] - grid <= MAX_EXTRA_TOKENS:
+                    self.tokens = (name, module, _keep(tensor, self._room))
+                    self._token_counts.add(int(tensor.shape[1]))
 
         return hook
 
@@ -287,6 +361,23 @@ class _LayerFinder:
             return None
         return int(self.conv[2].shape[2]), int(self.conv[2].shape[3])
 
+    def describe(self) -> str:
+        """What was chosen and why, for the target-layer tag (``"(auto: ...)"``)."""
+        found = self.result()
+        if found is None:
+            return ""
+        shape = tuple(int(d) for d in found[2].shape[1:])
+        if self.tokens is not None and self.conv is not None:
+            h, w = self.token_grid()
+            extra = shape[0] - h * w
+            what = (f"tokens (B, {shape[0]}, {shape[1]}) folded to a {h}x{w} patch grid "
+                    f"({extra} prefix token{'s' if extra != 1 else ''} dropped)")
+        else:
+            what = f"feature map (B, {shape[0]}, {shape[1]}, {shape[2]})"
+        if self.scope_why:
+            what += f", {self.scope_why}"
+        return f"auto: {what}"
+
 
 def find_target_layer(model: nn.Module, *example_inputs: Any) -> Tuple[str, nn.Module]:
     """Run one no-grad forward pass and return the layer auto-detection would pick.
@@ -302,7 +393,7 @@ def find_target_layer(model: nn.Module, *example_inputs: Any) -> Tuple[str, nn.M
         ValueError: No submodule outputs a 4-D map with spatial size above 1.
     """
     model = unwrap_model(model)
-    finder = _LayerFinder(model)
+    finder = _LayerFinder(model, room=1)  # only the shapes matter here
     try:
         with preserve_training_flags(model), torch.no_grad():
             model.eval()
@@ -349,9 +440,31 @@ def _to_numpy(x: Any, k: int) -> Any:
         return x.cpu().numpy()
     if isinstance(x, np.ndarray):
         return x[:k]
+    if _detections(x) is not None:
+        # Detector output / targets: one dict per image; tensors to CPU numpy.
+        return [{key: _to_numpy(value, len(value)) if isinstance(value, torch.Tensor) else value
+                 for key, value in item.items()} for item in x[:k]]
     if isinstance(x, (list, tuple)):
         return list(x[:k])
     return x
+
+
+def _detections(x: Any) -> Optional[list]:
+    """``x`` when it is a detector's output or targets (a list of dicts with ``"boxes"``)."""
+    if isinstance(x, (list, tuple)) and x and all(
+            isinstance(item, dict) and "boxes" in item for item in x):
+        return list(x)
+    return None
+
+
+def _stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A list of same-sized ``(C, H, W)`` images (what a detector takes) as one batch."""
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError(
+            f"a list of images must hold (C, H, W) tensors of one size, got shapes {sorted(shapes)}"
+        )
+    return torch.stack([im.detach() for im in images])
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -369,6 +482,7 @@ class _Pin:
     images: List[torch.Tensor] = field(default_factory=list)  # CPU chunks, as the model took them
     labels: List[Any] = field(default_factory=list)  # per-chunk numpy arrays / lists, or None
     established: bool = False
+    as_list: bool = False  # call the model with a list of images (torchvision detectors)
 
     def count(self) -> int:
         return sum(int(chunk.shape[0]) for chunk in self.images)
@@ -387,8 +501,9 @@ class _Capture:
     key: Key
     room: Optional[int]
     act: Optional[torch.Tensor] = None
-    output: Optional[torch.Tensor] = None
+    output: Any = None  # a tensor, or numpy detections (list of dicts)
     finder: Optional[_LayerFinder] = None
+    grid_finder: Optional[_LayerFinder] = None  # reads the patch grid for a named token layer
 
 
 # --------------------------------------------------------------------------- monitor
@@ -400,8 +515,10 @@ class EigenCAMMonitor:
     Args:
         model: The user's model (DDP / DataParallel / compiled wrappers are unwrapped).
         target_layer: A submodule, its dotted name, or None to pick, on the first captured
-            forward pass, the last module whose output is 4-D with ``h * w > 1`` (a ResNet's
-            ``layer4``; for a ViT the last token layer over the patch grid).
+            forward pass, the last module whose output is an image feature map (4-D, the
+            input's batch and geometry, ``h * w > 1``: a ResNet's ``layer4``; a detector's
+            backbone's last stage), or the last token layer over its patch grid after it (a
+            ViT). The run tag says what was chosen (:attr:`target_layer_tag`).
         n_components: Principal components per sample (int), or the explained-variance
             fraction to reach (float in (0, 1)).
         n_samples: Samples kept per (mode, ds_id) per epoch; None keeps all (no pinning).
@@ -452,10 +569,13 @@ class EigenCAMMonitor:
         self._model = unwrap_model(model)
         self._reshape = reshape_transform
         self._grid_hw: Optional[Tuple[int, int]] = None  # patch grid found by auto-detection
+        # A named layer: its first captured forward also reads the patch grid (token layers).
+        self._grid_pending = target_layer is not None and reshape_transform is None
         self._pin_enabled = pin_samples and n_samples is not None
         self._denorm = _parse_denormalize(denormalize)
         self._preds_from_output = bool(preds_from_output)
         self._target_name: Optional[str] = None
+        self._target_detail = ""  # what auto-detection saw, for the run tag
         self._target: Optional[nn.Module] = None
         if target_layer is not None:
             self._target_name, self._target = resolve_target_layer(self._model, target_layer)
@@ -491,6 +611,16 @@ class EigenCAMMonitor:
     def target_layer(self) -> Optional[str]:
         """Dotted name of the hooked layer (None until auto-detection has run)."""
         return self._target_name
+
+    @property
+    def target_layer_tag(self) -> Optional[str]:
+        """The run tag's value: the layer name, and for an automatic choice what was chosen
+        (``"norm (auto: tokens (B, 197, 384) folded to a 14x14 patch grid ...)"``); the tag
+        can be passed back as ``target_layer=``."""
+        if self._target_name is None:
+            return None
+        detail = getattr(self, "_target_detail", "")
+        return f"{self._target_name} ({detail})" if detail else self._target_name
 
     @property
     def run_id(self) -> Optional[str]:
@@ -582,7 +712,10 @@ class EigenCAMMonitor:
             return
         if preds is None and self._preds_from_output:
             preds = output
-        images_t = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+        as_list = isinstance(images, (list, tuple)) and bool(images) and all(
+            isinstance(im, torch.Tensor) for im in images)
+        images_t = _stack_images(images) if as_list else (
+            images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images)))
         if images_t.ndim not in (3, 4):
             raise ValueError(
                 f"images must be the model's (B, C, H, W) or (B, H, W) input, got shape "
@@ -611,6 +744,7 @@ class EigenCAMMonitor:
                 if not pin.established:
                     pin.images.append(inputs)
                     pin.labels.append(labels_k)
+                    pin.as_list = as_list  # a detector takes a list of (C, H, W) images
 
     def epoch_end(self, epoch: int, *, mode: Optional[str] = None) -> None:
         """Log every (mode, ds_id) seen since the last call as MLflow step ``epoch``.
@@ -677,7 +811,7 @@ class EigenCAMMonitor:
                 kwargs.setdefault("target_layer", self._target_name)
             self._logger = EigenCAMLogger(**kwargs)
         elif self._target_name is not None:
-            self._logger.set_target_layer(self._target_name)
+            self._logger.set_target_layer(self.target_layer_tag)
         if self._target_name is not None:
             _log.info("EigenCAM target layer: %s", self._target_name)
         return self._logger
@@ -687,11 +821,22 @@ class EigenCAMMonitor:
             tensor = _first_tensor(output)
             if tensor is not None:
                 cap.act = _keep(tensor, cap.room)
+                finder = cap.grid_finder
+                if tensor.ndim == 3 and finder is not None and finder.conv is not None:
+                    # A named token layer: fold onto the patch grid of the map before it
+                    # (non-square inputs too), as auto-detection would.
+                    h, w = int(finder.conv[2].shape[2]), int(finder.conv[2].shape[3])
+                    if 0 <= int(tensor.shape[1]) - h * w <= MAX_EXTRA_TOKENS:
+                        self._grid_hw = (h, w)
 
         return hook
 
     def _make_output_hook(self, cap: _Capture) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            boxes = _detections(output)
+            if boxes is not None:  # a detector's list of {"boxes", "labels", "scores"}
+                cap.output = _to_numpy(boxes, len(boxes) if cap.room is None else cap.room)
+                return
             tensor = _first_tensor(output)
             if tensor is not None and tensor.ndim >= 1:
                 cap.output = _keep(tensor, cap.room)
@@ -700,8 +845,10 @@ class EigenCAMMonitor:
 
     def _install_hooks(self, cap: _Capture) -> None:
         if self._target is None:
-            cap.finder = _LayerFinder(self._model)
+            cap.finder = _LayerFinder(self._model, cap.room)
         else:
+            if self._grid_pending:
+                cap.grid_finder = _LayerFinder(self._model, room=1)
             self._handles.append(self._target.register_forward_hook(self._make_hook(cap)))
         if self._preds_from_output:
             self._handles.append(self._model.register_forward_hook(self._make_output_hook(cap)))
@@ -711,6 +858,11 @@ class EigenCAMMonitor:
         if cap is not None and cap.finder is not None:
             cap.finder.remove()
             cap.finder = None
+        if cap is not None and cap.grid_finder is not None:
+            cap.grid_finder.remove()
+            if cap.grid_finder.called:
+                self._grid_pending = False  # one forward pass told the grid (or that none)
+            cap.grid_finder = None
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -728,10 +880,11 @@ class EigenCAMMonitor:
         name, module, tensor = found
         self._target_name, self._target = name, module
         self._grid_hw = finder.token_grid()
-        _log.info("EigenCAM target layer (auto-detected): %s %s", name, tuple(tensor.shape))
+        self._target_detail = finder.describe()
+        _log.info("EigenCAM target layer: %s (%s)", name, self._target_detail)
         if self._logger is not None:
-            self._logger.set_target_layer(name)
-        cap.act = _keep(tensor, cap.room)
+            self._logger.set_target_layer(self.target_layer_tag)
+        cap.act = tensor  # copied by the finder when its hook ran, before any in-place op
         # Later forwards inside this same capture block use the real hook.
         self._handles.append(module.register_forward_hook(self._make_hook(cap)))
 
@@ -766,7 +919,8 @@ class EigenCAMMonitor:
             cuda = [device.index or 0] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda), preserve_training_flags(model), torch.no_grad():
                 model.eval()
-                output = model(images.to(device))
+                batch = images.to(device)
+                output = model(list(batch) if pin.as_list else batch)
         except Exception as exc:  # a logging failure never stops training
             self._pins.pop(key, None)
             self._warn_once(
@@ -785,7 +939,7 @@ class EigenCAMMonitor:
             self._images_for_logger(images),
             grid.float().cpu().numpy(),
             labels,
-            _to_numpy(_first_tensor(output), images.shape[0]),
+            _to_numpy(_detections(output) or _first_tensor(output), images.shape[0]),
             mode=key[0],
             ds_id=key[1],
         )

@@ -94,7 +94,7 @@ def test_fit_logs_validation_into_the_mlflow_logger_run(tmp_path, tracking_uri):
     # Steps 0 and 1 once each: the sanity-check pass (also at epoch 0) logged nothing.
     assert counts == {(f"eigencam/eval/val/sample_{i}", s): 1 for i in range(3) for s in range(2)}
     tags = client.get_run(mlf.run_id).data.tags
-    assert tags[_layout.TAG_TARGET_LAYER] == "net.layer4"
+    assert tags[_layout.TAG_TARGET_LAYER].startswith("net.layer4 (auto: feature map (B, ")
     rows = table_rows(client, mlf.run_id, "eval", "val")
     by_epoch = {e: [(r["sample_id"], r["label"]) for r in rows if r["epoch"] == e] for e in (0, 1)}
     assert by_epoch[0] == by_epoch[1] and len(by_epoch[0]) == 3

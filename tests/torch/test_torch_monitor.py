@@ -239,7 +239,7 @@ def test_end_to_end_images_tags_and_steps(tracking_uri, shapes, caplog):
     assert "layer4" in caplog.text
     client = MlflowClient()
     run = client.get_run(run_id)
-    assert run.data.tags[_layout.TAG_TARGET_LAYER] == "layer4"
+    assert run.data.tags[_layout.TAG_TARGET_LAYER] == "layer4 (auto: feature map (B, 32, 2, 2))"
     counts = image_counts(client, run_id)
     expected = {(f"eigencam/eval/{d}/sample_{i}", s) for d in ("val", "holdout") for i in range(2)
                 for s in range(2)}
@@ -265,15 +265,16 @@ def test_vit_tokens_end_to_end(tracking_uri):
                                                          "eigencam/eval/val/sample_1"}
 
 
-def test_vit_explicit_layer_with_non_square_grid_needs_reshape():
+def test_vit_explicit_layer_with_non_square_grid_reads_the_patch_grid():
     from torch_testing import shapes_tensors
 
     x, y = shapes_tensors(4, (56, 40))  # 14 x 10 patches + 1 class token
     model = TinyViT()
-    monitor, _ = _monitor(model, target_layer="blocks.1")
-    with pytest.raises(ValueError, match="reshape_transform"):
-        with monitor.capture("eval"):
-            monitor.update(x, y, model(x))
+    # The named token layer is folded onto the patch conv's 14 x 10 grid, as auto-detection does.
+    monitor, logger = _monitor(model, target_layer="blocks.1")
+    with monitor.capture("eval"):
+        monitor.update(x, y, model(x))
+    assert logger.batches[0]["activations"].shape == (4, 16, 14, 10)
     assert all_hooks(model) == 0
 
     def to_grid(t):

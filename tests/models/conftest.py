@@ -1,0 +1,23 @@
+"""Real torchvision and timm architectures at random init (never a weight download)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # for `import models_testing`
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same torch random state, on few threads (2-core CI)."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    yield
+    torch.set_num_threads(threads)

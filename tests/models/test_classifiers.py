@@ -1,0 +1,74 @@
+"""torchvision and timm classifiers at random init: the default layer, an epoch read back from
+MLflow, its ratios and maps those of a plain per-sample SVD of the tensor the tag names, the
+same maps at both epochs, and the model as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mlflow_eigencam.render import render_strip, to_rgb_uint8
+from models_testing import (assert_state_unchanged, assert_strip_close, check_logged_epochs,
+                            plain_svd, run_two_epochs, state_of)
+
+tv = pytest.importorskip("torchvision.models")
+
+
+def _timm(name, **kwargs):
+    timm = pytest.importorskip("timm")
+    return lambda: timm.create_model(name, pretrained=False, **kwargs)
+
+
+# (id, factory, input (H, W), expected tag). Small inputs; non-square where the model allows.
+CASES = [
+    ("resnet18", lambda: tv.resnet18(weights=None), (64, 96),
+     "layer4 (auto: feature map (B, 512, 2, 3))"),
+    ("mobilenet_v3_small", lambda: tv.mobilenet_v3_small(weights=None), (64, 64),
+     "features (auto: feature map (B, 576, 2, 2))"),
+    # features' output, copied before DenseNet's F.relu(inplace=True) runs on it.
+    ("densenet121", lambda: tv.densenet121(weights=None), (64, 64),
+     "features (auto: feature map (B, 1024, 2, 2))"),
+    ("convnext_tiny", lambda: tv.convnext_tiny(weights=None), (64, 96),
+     "features (auto: feature map (B, 768, 2, 3))"),
+    ("vit_b_16", lambda: tv.vit_b_16(weights=None, image_size=64), (64, 64),
+     "encoder (auto: tokens (B, 17, 768) folded to a 4x4 patch grid (1 prefix token dropped))"),
+    ("swin_t", lambda: tv.swin_t(weights=None), (64, 96),
+     "permute (auto: feature map (B, 768, 2, 3))"),
+    ("timm_vit_small_patch16_224", _timm("vit_small_patch16_224", img_size=64), (64, 64),
+     "norm (auto: tokens (B, 17, 384) folded to a 4x4 patch grid (1 prefix token dropped))"),
+    ("timm_vit_small_dynamic", _timm("vit_small_patch16_224", dynamic_img_size=True), (48, 80),
+     "norm (auto: tokens (B, 16, 384) folded to a 3x5 patch grid (1 prefix token dropped))"),
+    ("timm_deit_small_distilled", _timm("deit_small_distilled_patch16_224", img_size=64), (64, 64),
+     "norm (auto: tokens (B, 18, 384) folded to a 4x4 patch grid (2 prefix tokens dropped))"),
+    # 4 register tokens after the class token: 5 prefix tokens.
+    ("timm_vit_small_reg4", _timm("vit_small_patch14_reg4_dinov2", img_size=56), (56, 56),
+     "norm (auto: tokens (B, 21, 384) folded to a 4x4 patch grid (5 prefix tokens dropped))"),
+    ("timm_resnet18", _timm("resnet18"), (64, 96), "layer4 (auto: feature map (B, 512, 2, 3))"),
+]
+
+
+@pytest.mark.parametrize("factory, size, expected_tag", [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_classifier_default_layer_and_logged_epoch(tracking_uri, factory, size, expected_tag):
+    torch.manual_seed(0)
+    model = factory()
+    model.train()
+    n = 3
+    images = torch.rand(n, 3, *size)
+    before = state_of(model)
+    monitor = run_two_epochs(model, images, model, n_samples=n)
+    assert_state_unchanged(before, model)
+    assert monitor.target_layer_tag == expected_tag
+    client = MlflowClient()
+    tag, by_epoch, act = check_logged_epochs(client, monitor, model, images, n)
+    # The maps: each logged strip equals one drawn here from the plain SVD's maps.
+    maps, _ = plain_svd(act)
+    for i, row in enumerate(by_epoch[0]):
+        evr = [row[f"evr_{c}"] for c in (1, 2, 3)]
+        expected = render_strip(to_rgb_uint8(images[i].numpy(), "CHW"), maps[i],
+                                explained_variance=evr, label=row["label"],
+                                pred=row["prediction"], sample_id=row["sample_id"])
+        assert_strip_close(client, monitor.run_id, row, expected)
+    assert_state_unchanged(before, model)

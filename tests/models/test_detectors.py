@@ -1,0 +1,91 @@
+"""torchvision detectors at random init: the backbone's last stage by default, boxes drawn
+with class names and scores, box counts in the caption and the table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mlflow_eigencam.render import box_colour, render_detection_strip, render_strip, to_rgb_uint8
+from models_testing import (assert_state_unchanged, assert_strip_close, check_logged_epochs,
+                            plain_svd, run_two_epochs, state_of)
+
+tvd = pytest.importorskip("torchvision.models.detection")
+
+NAMES = ["background", "cat", "dog", "bird"]
+PER_IMAGE = 6  # detections kept per image; score thresholds at 0 so random weights give some
+
+
+def _retinanet_resnet18():
+    import torchvision
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    backbone = _resnet_fpn_extractor(torchvision.models.resnet18(weights=None), 5,
+                                     returned_layers=[2, 3, 4],
+                                     extra_blocks=LastLevelP6P7(256, 256))
+    return tvd.RetinaNet(backbone, num_classes=len(NAMES), min_size=96, max_size=128,
+                         score_thresh=0.0, detections_per_img=PER_IMAGE, topk_candidates=16)
+
+
+def _fasterrcnn_mobilenet():
+    return tvd.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, num_classes=len(NAMES), min_size=96, max_size=128,
+        box_score_thresh=0.0, box_detections_per_img=PER_IMAGE)
+
+
+CASES = [
+    ("retinanet_resnet18_fpn", _retinanet_resnet18,
+     "backbone.body.layer4 (auto: feature map (B, 512, 3, 4), last feature map of the "
+     "detection backbone)"),
+    ("fasterrcnn_mobilenet_v3_large_fpn", _fasterrcnn_mobilenet,
+     "backbone.body.16 (auto: feature map (B, 960, 3, 4), last feature map of the "
+     "detection backbone)"),
+]
+
+
+@pytest.mark.parametrize("factory, expected_tag", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_detector_boxes_counts_and_default_layer(tracking_uri, factory, expected_tag):
+    torch.manual_seed(0)
+    model = factory()
+    images = [torch.rand(3, 96, 128) for _ in range(2)]  # a detector takes a list of images
+    targets = [
+        {"boxes": torch.tensor([[8.0, 10.0, 60.0, 70.0], [70.0, 20.0, 120.0, 90.0]]),
+         "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[30.0, 30.0, 90.0, 80.0]]), "labels": torch.tensor([3])},
+    ]
+    before = state_of(model)
+    monitor = run_two_epochs(model, images, model, labels=targets, n_samples=2,
+                             label_mapping=NAMES)
+    assert_state_unchanged(before, model)
+    assert monitor.target_layer_tag == expected_tag
+    client = MlflowClient()
+    tag, by_epoch, act = check_logged_epochs(client, monitor, model, images, 2)
+
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    model.train()
+    maps, _ = plain_svd(act)
+    for i, row in enumerate(by_epoch[0]):
+        n_true = len(targets[i]["boxes"])
+        assert row["label"] == ("1 box" if n_true == 1 else f"{n_true} boxes")
+        assert row["prediction"] == f"{PER_IMAGE} boxes"
+        assert (row["n_boxes"], row["n_true_boxes"], row["correct"]) == (PER_IMAGE, n_true, None)
+        det = detections[i]
+        pred = (det["boxes"].numpy(), [NAMES[int(v)] for v in det["labels"]], det["scores"].numpy())
+        truth = (targets[i]["boxes"].numpy(), [NAMES[int(v)] for v in targets[i]["labels"]], None)
+        image = to_rgb_uint8(images[i].numpy(), "CHW")
+        evr = [row[f"evr_{c}"] for c in (1, 2, 3)]
+        kwargs = dict(explained_variance=evr, label=row["label"], pred=row["prediction"],
+                      sample_id=row["sample_id"])
+        expected = render_detection_strip(image, maps[i], pred_boxes=pred, true_boxes=truth, **kwargs)
+        assert_strip_close(client, monitor.run_id, row, expected)
+        # The boxes are there: in the colours of their class names, where no box was drawn.
+        plain = render_strip(image, maps[i], **kwargs)
+        changed = np.any(expected != plain, axis=2)
+        colours = {box_colour(name) for name in pred[1]} | {(255, 255, 255)}
+        assert changed.mean() > 0.005
+        assert any(np.all(expected[changed] == np.array(c), axis=1).any() for c in colours)

@@ -1,0 +1,268 @@
+"""What auto-detection explains: copies taken at hook time, image-shaped maps only, prefix
+tokens folded onto the patch grid (square or not), detectors inside their backbone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow import MlflowClient
+from torch import nn
+
+from mlflow_eigencam import _layout
+from mlflow_eigencam.eigencam import eigencam
+from mlflow_eigencam.pytorch import EigenCAMMonitor, find_target_layer, resolve_target_layer
+from torch_testing import RecordingLogger, all_hooks, table_rows
+
+
+class InplaceAfterFeatures(nn.Module):
+    """DenseNet's pattern: ``features`` (no final ReLU), then ``F.relu(out, inplace=True)``
+    on the very tensor ``features`` returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.features(x), inplace=True)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class Attention(nn.Module):
+    """timm's Attention: q/k normed as (B, heads, N, head_dim), a 4-D tensor that is no map."""
+
+    def __init__(self, dim: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm = nn.LayerNorm(dim // heads)
+        self.k_norm = nn.LayerNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class TimmLikeViT(nn.Module):
+    """Patch conv -> class (+ distillation) tokens -> blocks with 4-D attention -> norm."""
+
+    def __init__(self, dim: int = 16, patch: int = 4, prefix: int = 1) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, patch)
+        self.prefix_tokens = nn.Parameter(torch.randn(1, prefix, dim))
+        self.attn = Attention(dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(x).flatten(2).transpose(1, 2)  # any grid: dynamic image size
+        tokens = torch.cat([self.prefix_tokens.expand(len(x), -1, -1), tokens], dim=1)
+        tokens = self.norm(tokens + self.attn(tokens))
+        return self.head(tokens[:, 0])
+
+
+class Permute(nn.Module):
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+class SwinLike(nn.Module):
+    """torchvision's Swin layout: channels-last stages, ``norm``, then ``permute`` to NCHW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 4, 4), Permute(0, 2, 3, 1), nn.LayerNorm(8))
+        self.norm = nn.LayerNorm(8)
+        self.permute = Permute(0, 3, 1, 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.permute(self.norm(self.features(x)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class TinyDetector(nn.Module):
+    """torchvision detection layout: ``backbone.body`` stages, an FPN with an extra 1x1
+    level, then a head and RoI features (K proposals, not B images)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1))
+        self.backbone.fpn = nn.Conv2d(16, 8, 1)
+        self.backbone.p7 = nn.Conv2d(8, 8, 3, 2, 1)
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+        self.roi = nn.Conv2d(8, 8, 1)
+
+    def forward(self, images: list) -> list:
+        x = torch.stack(list(images))
+        p = self.backbone.fpn(self.backbone.body(x))
+        extra = self.backbone.p7(p)
+        scores = self.head(extra)
+        self.roi(p.repeat(3, 1, 1, 1))  # "proposals": 3x the batch
+        return [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 24.0]]), "scores": s.flatten()[:1].sigmoid(),
+                 "labels": torch.tensor([1])} for s in scores]
+
+
+def _plain_svd(act: np.ndarray, k: int):
+    """The textbook per-sample EigenCAM (module docstring of eigencam.py) with its sign rule:
+    loadings summing to >= 0; a tie (|cos(v, 1)| < 1e-4, e.g. LayerNorm'd tokens, whose
+    channels sum to 0) makes the largest |map| pixel positive."""
+    maps, ratios = [], []
+    for a in act.astype(np.float64):
+        c, h, w = a.shape
+        x = a.reshape(c, h * w).T
+        x = x - x.mean(axis=0)
+        _, s, vt = np.linalg.svd(x, full_matrices=False)
+        m = (x @ vt[:k].T).T.reshape(k, h * w)
+        for i in range(k):
+            cos = vt[i].sum() / np.sqrt(c)
+            sign = np.sign(cos) if abs(cos) >= 1e-4 else np.sign(m[i][np.argmax(np.abs(m[i]))])
+            m[i] *= sign
+        maps.append(m.reshape(k, h, w))
+        ratios.append(s[:k] ** 2 / (s ** 2).sum())
+    return np.stack(maps), np.stack(ratios)
+
+
+def test_in_place_op_after_the_found_layer_does_not_change_epoch_0(tracking_uri):
+    torch.manual_seed(0)
+    model = InplaceAfterFeatures().eval()
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        expected = model.features(x).numpy()  # before the ReLU: what `features` returned
+    assert (expected < 0).any()
+    logger = RecordingLogger(n_samples=4)
+    monitor = EigenCAMMonitor(model, logger=logger)  # pinned: epoch 1 is the extra forward
+    for epoch in range(2):
+        with torch.no_grad(), monitor.capture("eval", "val"):
+            monitor.update(x, None, model(x))
+        monitor.epoch_end(epoch)
+    monitor.close()
+    assert monitor.target_layer == "features" and all_hooks(model) == 0
+    assert len(logger.batches) == 2
+    for batch in logger.batches:  # the auto-detected first epoch and the pinned second alike
+        np.testing.assert_array_equal(batch["activations"], expected)
+    rows = table_rows(MlflowClient(), monitor.run_id, "eval", "val")
+    by_epoch = {e: [r["evr_1"] for r in rows if r["epoch"] == e] for e in (0, 1)}
+    assert by_epoch[0] == by_epoch[1]
+    _, ratios = _plain_svd(expected, 3)
+    np.testing.assert_allclose(by_epoch[0], ratios[:, 0], atol=2e-6)
+
+
+def test_in_place_op_after_an_explicit_layer_is_not_seen_either():
+    model = InplaceAfterFeatures().eval()
+    x = torch.randn(2, 3, 8, 8)
+    logger = RecordingLogger(n_samples=2)
+    monitor = EigenCAMMonitor(model, "features", logger=logger)
+    with torch.no_grad(), monitor.capture("eval"):
+        model(x)
+        monitor.update(x)
+    with torch.no_grad():
+        np.testing.assert_array_equal(logger.batches[0]["activations"], model.features(x).numpy())
+    monitor.close()
+
+
+@pytest.mark.parametrize("size", [(16, 16), (16, 24), (20, 12)])
+@pytest.mark.parametrize("prefix", [1, 2, 5])
+def test_timm_like_vit_folds_tokens_and_never_takes_the_attention_tensor(size, prefix):
+    torch.manual_seed(0)
+    model = TimmLikeViT(prefix=prefix).eval()
+    x = torch.randn(3, 3, *size)
+    logger = RecordingLogger(n_samples=3)
+    monitor = EigenCAMMonitor(model, logger=logger)
+    with torch.no_grad(), monitor.capture("eval"):
+        monitor.update(x, None, model(x))
+    grid = (size[0] // 4, size[1] // 4)
+    assert monitor.target_layer == "norm"  # not attn.k_norm's (B, heads, N, head_dim)
+    assert monitor.target_layer_tag == (
+        f"norm (auto: tokens (B, {prefix + grid[0] * grid[1]}, 16) folded to a "
+        f"{grid[0]}x{grid[1]} patch grid ({prefix} prefix token{'s' if prefix > 1 else ''} dropped))")
+    # The folded grid is exactly norm's patch tokens, row-major, prefix tokens dropped.
+    with torch.no_grad():
+        tokens = {}
+        handle = model.norm.register_forward_hook(lambda m, i, o: tokens.setdefault("t", o))
+        model(x)
+        handle.remove()
+    expected = tokens["t"][:, prefix:].transpose(1, 2).reshape(3, 16, *grid).numpy()
+    np.testing.assert_array_equal(logger.batches[0]["activations"], expected)
+    # The tag's value is accepted back as target_layer.
+    assert resolve_target_layer(model, monitor.target_layer_tag) == ("norm", model.norm)
+    monitor.close()
+
+
+@pytest.mark.parametrize("size", [(16, 24), (24, 16)])
+def test_a_named_token_layer_folds_onto_the_non_square_patch_grid(size):
+    model = TimmLikeViT(prefix=1).eval()
+    x = torch.randn(2, 3, *size)
+    logger = RecordingLogger(n_samples=4)
+    monitor = EigenCAMMonitor(model, "norm", logger=logger)  # pinned: epoch 1 is the extra pass
+    for epoch in range(2):
+        with torch.no_grad(), monitor.capture("eval"):
+            monitor.update(x, None, model(x))
+        monitor.epoch_end(epoch)
+    monitor.close()
+    grid = (size[0] // 4, size[1] // 4)
+    assert [b["activations"].shape for b in logger.batches] == [(2, 16, *grid)] * 2
+    np.testing.assert_array_equal(logger.batches[0]["activations"], logger.batches[1]["activations"])
+    assert monitor.target_layer_tag == "norm" and all_hooks(model) == 0
+
+
+def test_a_4d_output_that_does_not_fit_the_image_is_never_chosen():
+    class OnlyAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flat = nn.Flatten(1)
+            self.k_norm = nn.LayerNorm(8)
+
+        def forward(self, x):  # (B, 3, 16, 16) -> (B, 2, 48, 8): heads x tokens x head_dim
+            return self.k_norm(self.flat(x).reshape(len(x), 2, 48, 8))
+
+    with pytest.raises(ValueError, match="target_layer"):
+        find_target_layer(OnlyAttention(), torch.rand(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 48)])
+def test_channels_last_maps_are_skipped_for_the_nchw_permute(size):
+    name, _ = find_target_layer(SwinLike(), torch.rand(2, 3, *size))
+    assert name == "permute"
+
+
+def test_detector_default_is_the_backbone_last_stage(tracking_uri):
+    model = TinyDetector().eval()
+    images = [torch.rand(3, 32, 48) for _ in range(2)]
+    logger = RecordingLogger(n_samples=2)
+    monitor = EigenCAMMonitor(model, logger=logger)
+    with torch.no_grad(), monitor.capture("eval"):
+        out = model(images)
+        monitor.update(images, None, out)
+    assert monitor.target_layer == "backbone.body"
+    assert monitor.target_layer_tag == ("backbone.body (auto: feature map (B, 16, 8, 12), last "
+                                        "feature map of the detection backbone)")
+    assert logger.batches[0]["activations"].shape == (2, 16, 8, 12)
+    monitor.close()
+
+
+def test_maps_equal_a_plain_svd_of_the_explained_tensor():
+    torch.manual_seed(0)
+    model = TimmLikeViT(prefix=2).eval()
+    x = torch.randn(2, 3, 16, 24)
+    logger = RecordingLogger(n_samples=2)
+    monitor = EigenCAMMonitor(model, logger=logger)
+    with torch.no_grad(), monitor.capture("eval"):
+        monitor.update(x, None, model(x))
+    act = logger.batches[0]["activations"]
+    result = eigencam(act, 3)
+    maps, ratios = _plain_svd(act, 3)
+    np.testing.assert_allclose(result.explained_variance_ratio, ratios, atol=1e-5)
+    np.testing.assert_allclose(result.maps, maps, atol=1e-4 * np.abs(maps).max())
+    monitor.close()
