@@ -1,4 +1,4 @@
-"""Keras 3 (TensorFlow backend) callback that logs EigenCAM overlays at every epoch end.
+"""Keras 3 callback that logs EigenCAM overlays at every epoch end (TensorFlow, JAX, torch).
 
 Keras callbacks never see the batches, so the callback takes its samples from data once
 (``validation_data`` / ``train_data``, or what ``fit`` was given when autolog adds it) and
@@ -9,8 +9,10 @@ framework-free :class:`~mlflow_eigencam.logger.EigenCAMLogger`.
 
 How the activations are read, without changing the model:
 
-* the layer is part of the model's own graph (functional and ``Sequential`` models): a probe
-  ``keras.Model(model.input, [layer.output, *model.outputs])``, built once, sharing weights;
+* the tensor is part of the model's own graph (functional and ``Sequential`` models): a probe
+  ``keras.Model(model.input, [tensor, *model.outputs])``, built once, sharing weights. The
+  tensor can be a layer's output, the input of a layer (the default: what the head pools), or
+  the output of an op that no layer owns (``inputs + branch`` in ConvNeXt);
 * otherwise (a layer inside a nested sub-model, the layers of a subclassed model):
   during the probe's forward pass only, the layer instance's ``call`` is wrapped to keep its
   output, and the wrapper is removed in a ``finally`` block. Weights, layers, ``trainable``
@@ -24,6 +26,7 @@ import contextlib
 import itertools
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import (
@@ -46,10 +49,22 @@ from ..filters import FilterSpec
 from ..logger import EigenCAMLogger
 from ..sink import EigenCAMWarning
 
-try:  # tf.data is optional for the callback itself (Keras may run on another backend)
-    import tensorflow as _tf
-except ImportError:  # pragma: no cover - the [tensorflow] extra installs it
-    _tf = None
+
+
+def _tf_module() -> Any:
+    """TensorFlow, only where it is already paid for: the backend, or imported by the user.
+
+    Under ``KERAS_BACKEND=torch`` / ``jax`` the callback never imports TensorFlow itself (it
+    costs seconds and gigabytes); a ``tf.data.Dataset`` can only exist if the user imported
+    it, and then ``sys.modules`` has it.
+    """
+    if keras.backend.backend() == "tensorflow":
+        try:
+            import tensorflow
+        except ImportError:  # pragma: no cover - Keras' TF backend needs it
+            return None
+        return tensorflow
+    return sys.modules.get("tensorflow")
 
 __all__ = ["EigenCAMCallback"]
 
@@ -77,13 +92,19 @@ class _Pinned:
 
 
 def _to_numpy(value: Any) -> np.ndarray:
+    """A framework array as numpy, at the boundary: numpy, torch, TensorFlow or JAX."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor (maybe with grad)
+        return np.asarray(value.detach().cpu().numpy())
     if hasattr(value, "numpy"):  # tf.Tensor, without importing tf here
         return np.asarray(value.numpy())
-    return np.asarray(value)
+    return np.asarray(value)  # JAX arrays, lists
 
 
 def _is_dataset(data: Any) -> bool:
-    return _tf is not None and isinstance(data, _tf.data.Dataset)
+    tf = _tf_module()
+    return tf is not None and isinstance(data, tf.data.Dataset)
 
 
 def _is_pydataset(data: Any) -> bool:
@@ -204,7 +225,7 @@ def take_samples(data: Any, n: Optional[int], *, what: str = "data") -> _Pinned:
         ya = _check_y(y, len(xa))
         return _Pinned(xa[:stop].copy(), None if ya is None else ya[:stop].copy())
     if _is_dataset(data):
-        if n is None and int(data.cardinality()) == int(_tf.data.INFINITE_CARDINALITY):
+        if n is None and int(data.cardinality()) == int(_tf_module().data.INFINITE_CARDINALITY):
             raise ValueError(f"{what} is an infinite tf.data.Dataset; pass n_samples=<int> to use it")
         return _from_batches(iter(data), n, what)
     if _is_pydataset(data):
@@ -269,8 +290,9 @@ def _layer_path(layer: Any, parents: Tuple[Any, ...]) -> str:
 
 
 @contextlib.contextmanager
-def _capture(layers: Sequence[Any]) -> Iterator[List[Tuple[Any, Any]]]:
-    """Record ``(layer, output)`` of every call of ``layers`` while the block runs.
+def _capture(layers: Sequence[Any], which: str = "output") -> Iterator[List[Tuple[Any, Any]]]:
+    """Record ``(layer, output)`` (or ``(layer, input)``) of every call of ``layers`` while
+    the block runs.
 
     Wraps each layer instance's ``call`` (an instance attribute shadowing the class method,
     set with ``object.__setattr__`` so Keras' attribute tracking never sees it) and removes
@@ -282,7 +304,10 @@ def _capture(layers: Sequence[Any]) -> Iterator[List[Tuple[Any, Any]]]:
     def wrap(layer: Any, original: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
-            record.append((layer, out))
+            if which == "input":
+                record.append((layer, args[0] if args else next(iter(kwargs.values()), None)))
+            else:
+                record.append((layer, out))
             return out
 
         return call
@@ -300,6 +325,65 @@ def _capture(layers: Sequence[Any]) -> Iterator[List[Tuple[Any, Any]]]:
                 object.__setattr__(layer, "call", original)
             else:
                 object.__delattr__(layer, "call")
+
+
+#: Layers that turn a feature map into a vector for the classifier head: the tensor they
+#: take is what the model's prediction is computed from, so it is the default to explain.
+_HEAD_LAYERS = ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten")
+#: ``layer="name:input"`` explains the tensor a layer takes, ``"name:output"`` what it gives.
+_WHICH = ("input", "output")
+
+
+@dataclass
+class _Target:
+    """What the callback explains.
+
+    Attributes:
+        path: The name shown in the tag and in errors: a layer path (``"backbone/conv2"``),
+            ``"layer_name:input"`` for the tensor a layer takes, or an op's name.
+        layer: The layer whose output (or input) is captured at call time, or None when
+            ``tensor`` is read from a probe model.
+        tensor: A KerasTensor of the model's own graph (read with a probe model sharing the
+            model's weights), or None.
+        which: ``"output"`` or ``"input"`` of ``layer`` (only for capture).
+        data_format: ``"channels_last"`` or ``"channels_first"`` of the activations.
+    """
+
+    path: str
+    layer: Any = None
+    tensor: Any = None
+    which: str = "output"
+    data_format: str = "channels_last"
+
+
+def _is_keras_tensor(obj: Any) -> bool:
+    return isinstance(obj, keras.KerasTensor)
+
+
+def _single_tensor(value: Any) -> Any:
+    """``value`` if it is one KerasTensor, else None (lists, dicts, no symbolic graph)."""
+    return value if _is_keras_tensor(value) else None
+
+
+def _symbolic(layer: Any, which: str) -> Any:
+    """The layer's symbolic input / output in its model's graph, or None (shared, never called)."""
+    try:
+        return _single_tensor(layer.input if which == "input" else layer.output)
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+
+
+def _producer(tensor: Any) -> Any:
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else history.operation
+
+
+def _split_spec(spec: str) -> Tuple[str, str]:
+    """``"name:input"`` -> ``("name", "input")``; a plain name is its output."""
+    name, sep, which = spec.rpartition(":")
+    if sep and which in _WHICH and name:
+        return name, which
+    return spec, "output"
 
 
 def _single_output(out: Any) -> Optional[np.ndarray]:
@@ -349,9 +433,19 @@ class EigenCAMCallback(keras.callbacks.Callback):
             (``gen()``) and other one-shot iterators are refused (``TypeError``): they cannot
             be read without consuming the user's data. None: use what ``fit`` was given when
             autolog adds the callback (see :meth:`_set_fit_data`).
-        layer: The layer to explain: a name (nested models are searched), a layer object, or
-            None for the last top-level layer with a 4-D output whose height and width are
-            > 1 (a nested backbone model with a 4-D output is picked as a whole).
+        layer: What to explain. None (the default): the feature map the classifier head
+            takes, i.e. the input of the last ``GlobalAveragePooling2D`` /
+            ``GlobalMaxPooling2D`` / ``Flatten`` layer whose input is 4-D with height and
+            width > 1, whatever op made it (in ConvNeXt the last block's ``inputs + branch``,
+            which is no layer's output); failing that (no such head, a subclassed model), the
+            last top-level layer with such an output (a nested backbone model is picked as a
+            whole). Or a layer name (nested models are searched) for its output;
+            ``"name:input"`` for the tensor that layer takes (``"head_gap:input"``); the name
+            of an op of a functional model (``"add_17"``); a layer object; or a
+            ``KerasTensor`` of the model's graph (``model.get_layer("gap").input``, or a
+            tensor kept while building the model), read through a probe model that shares
+            the model's weights. ``target_layer`` says what was picked, in the form
+            ``layer=`` accepts back.
         n_components: Principal components per sample (int >= 1, or a float in (0, 1)).
         n_samples: Samples taken once from each data source and explained at every epoch;
             None takes all of them.
@@ -379,7 +473,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
     def __init__(
         self,
         validation_data: Any = None,
-        layer: Union[str, "keras.layers.Layer", None] = None,
+        layer: Union[str, "keras.layers.Layer", "keras.KerasTensor", None] = None,
         n_components: Union[int, float] = 3,
         n_samples: Optional[int] = 5,
         label_mapping: Union[Mapping[str, Any], Sequence[str], None] = None,
@@ -394,8 +488,9 @@ class EigenCAMCallback(keras.callbacks.Callback):
                 raise TypeError(
                     f"EigenCAMCallback sets {name} itself (it hands NHWC arrays to the logger); "
                     f"got {name}={logger_kwargs[name]!r}")
-        if layer is not None and not isinstance(layer, (str, keras.layers.Layer)):
-            raise TypeError(f"layer must be a layer name, a keras layer or None, got {layer!r}")
+        if layer is not None and not isinstance(layer, (str, keras.layers.Layer, keras.KerasTensor)):
+            raise TypeError("layer must be a layer name ('name' or 'name:input'), a keras layer, a "
+                            f"KerasTensor of the model or None, got {layer!r}")
         self._logger_args: Dict[str, Any] = dict(
             n_components=n_components, n_samples=n_samples, label_mapping=label_mapping,
             mode=mode, ds_id=ds_id, channels_last=True, image_layout="NHWC", **logger_kwargs)
@@ -506,28 +601,104 @@ class EigenCAMCallback(keras.callbacks.Callback):
         return {**self._from_fit, **self._explicit}
 
     # -- layer and probe ------------------------------------------------------------------
-    def _resolve_layer(self, sample: Optional[np.ndarray]) -> Tuple[Any, str]:
-        """The target layer and its display path (``"backbone/conv2"`` when nested)."""
+    def _graph_ok(self) -> bool:
+        """Whether the model has one symbolic input to build probe models from."""
+        try:
+            return len(self.model.inputs) == 1 and _is_keras_tensor(self.model.inputs[0])
+        except (AttributeError, ValueError, TypeError):
+            return False
+
+    def _describe(self, tensor: Any) -> str:
+        """A name for a tensor of the model's graph that ``layer=`` accepts back."""
+        top = list(self.model.layers)
+        op = _producer(tensor)
+        # (Not ``op.output is tensor``: a nested model's ``output`` is that of its own graph.)
+        if op is not None and any(op is layer for layer in top):
+            return op.name
+        for layer in top:
+            if _symbolic(layer, "input") is tensor:
+                return f"{layer.name}:input"
+        return getattr(op, "name", None) or getattr(tensor, "name", "tensor")
+
+    def _tensor_target(self, tensor: Any, path: Optional[str] = None,
+                       data_format: Optional[str] = None) -> _Target:
+        op = _producer(tensor)
+        fmt = data_format or (getattr(op, "data_format", None) if isinstance(op, keras.layers.Layer) else None)
+        return _Target(path or self._describe(tensor), tensor=tensor,
+                       data_format=fmt or keras.config.image_data_format())
+
+    def _layer_target(self, layer: Any, parents: Tuple[Any, ...], which: str) -> _Target:
+        """A named layer's output (or input): from the graph when top level, else captured."""
+        path = _layer_path(layer, parents) + (":input" if which == "input" else "")
+        fmt = _data_format(layer)
+        if which == "input" and layer.__class__.__name__ not in _HEAD_LAYERS:
+            fmt = keras.config.image_data_format()  # a layer's data_format is about its output
+        tensor = _symbolic(layer, which) if not parents and self._graph_ok() else None
+        if tensor is not None:
+            return _Target(path, tensor=tensor, data_format=fmt)
+        return _Target(path, layer=layer, which=which, data_format=fmt)
+
+    def _head_input(self) -> Optional[_Target]:
+        """The feature map the classifier head pools or flattens (the last such layer).
+
+        This is the tensor the prediction is computed from, wherever it comes from: in
+        ``keras.applications.ConvNeXtTiny`` it is the last block's ``inputs + branch``, the
+        output of an ``add`` op that no layer owns.
+        """
+        if not self._graph_ok():
+            return None
+        for layer in reversed(list(self.model.layers)):
+            if layer.__class__.__name__ not in _HEAD_LAYERS:
+                continue
+            tensor = _symbolic(layer, "input")
+            fmt = _data_format(layer)
+            if any(tensor is t for t in self.model.inputs):
+                continue  # the images themselves (a dense-only model): not a feature map
+            if tensor is not None and _is_spatial(tuple(tensor.shape), fmt):
+                return self._tensor_target(tensor, data_format=fmt)
+        return None
+
+    def _resolve_layer(self, sample: Optional[np.ndarray]) -> _Target:
+        """What to explain: the ``layer`` argument resolved, or the default (see the class)."""
         model = self.model
         spec = self.layer
         walked = list(_walk(model))
+        if _is_keras_tensor(spec):
+            target = self._tensor_target(spec)
+            try:  # the tensor must be computable from the model's input
+                keras.Model(model.inputs[0], spec)
+            except Exception as exc:
+                raise ValueError(f"layer={spec!r} is not a tensor of model {model.name!r} computed from its "
+                                 f"input ({type(exc).__name__}: {exc})") from None
+            return target
         if isinstance(spec, str):
+            name, which = _split_spec(spec)
             for layer, parents in sorted(walked, key=lambda lp: len(lp[1])):  # top level first
-                if layer.name == spec:
-                    return layer, _layer_path(layer, parents)
+                if layer.name == name:
+                    return self._layer_target(layer, parents, which)
+            if which == "output" and self._graph_ok():  # an op of the graph: "add_17"
+                for op in getattr(model, "operations", []):
+                    if op.name == name and not isinstance(op, keras.layers.Layer):
+                        tensor = _single_tensor(getattr(op, "output", None))
+                        if tensor is not None:
+                            return self._tensor_target(tensor, path=name)
             names = [_layer_path(layer, parents) for layer, parents in walked]
-            raise ValueError(f"layer {spec!r} is not in model {model.name!r}; its layers are {names}")
+            raise ValueError(f"layer {spec!r} is not in model {model.name!r}; its layers are {names} "
+                             "(add ':input' to a name for the tensor that layer takes)")
         if spec is not None:
             for layer, parents in walked:
                 if layer is spec:
-                    return layer, _layer_path(layer, parents)
+                    return self._layer_target(layer, parents, "output")
             raise ValueError(f"layer {spec.name!r} (a {type(spec).__name__}) is not part of model {model.name!r}")
 
+        head = self._head_input()
+        if head is not None:
+            return head
         top = list(model.layers)
         shapes = {id(layer): _static_shape(layer) for layer in top}
         if all(s is None for s in shapes.values()) and sample is not None:
             # Subclassed models have no symbolic graph: find shapes from one real forward pass.
-            with _capture(top) as record:
+            with _capture(top) as record, self._no_grad():
                 model(sample[:1], training=False)
             order = []
             for layer, out in record:
@@ -537,38 +708,47 @@ class EigenCAMCallback(keras.callbacks.Callback):
             top = order
         for layer in reversed(top):
             if _is_spatial(shapes.get(id(layer)), _data_format(layer)):
-                return layer, layer.name
+                return self._layer_target(layer, (), "output")
         described = [f"{layer.name} {shapes.get(id(layer))}" for layer in top]
         raise ValueError(
             f"no layer of model {model.name!r} has a 4-D output with height and width > 1; "
             f"pass layer=<name> (layers and output shapes: {described})")
 
-    def _build_forward(self, layer: Any) -> Callable[[np.ndarray], Tuple[np.ndarray, Any]]:
+    @staticmethod
+    def _no_grad() -> Any:
+        """No autograd graph for the callback's forward passes under the torch backend."""
+        if keras.backend.backend() == "torch":
+            import torch  # already imported by Keras' torch backend
+
+            return torch.no_grad()
+        return contextlib.nullcontext()
+
+    def _build_forward(self, target: _Target) -> Callable[[np.ndarray], Tuple[Any, Any]]:
         """A function x -> (activations, model output), evaluated with ``training=False``."""
         model = self.model
-        try:
-            inputs = model.inputs
-            if len(inputs) != 1:
-                raise TypeError(f"model {model.name!r} has {len(inputs)} inputs; EigenCAMCallback supports one")
+        no_grad = self._no_grad
+        if target.tensor is not None:
+            if len(model.inputs) != 1:
+                raise TypeError(f"model {model.name!r} has {len(model.inputs)} inputs; EigenCAMCallback supports one")
             # Sharing the model's layers and weights: nothing is copied or changed.
-            probe = keras.Model(inputs[0], [layer.output, *model.outputs], name=f"{model.name}_eigencam_probe")
-        except (AttributeError, ValueError):
-            probe = None  # not in the model's own graph (nested sub-model, subclassed model)
-
-        if probe is not None:
+            probe = keras.Model(model.inputs[0], [target.tensor, *model.outputs],
+                                name=f"{model.name}_eigencam_probe")
             n_out = len(model.outputs)
 
-            def run_probe(x: np.ndarray) -> Tuple[np.ndarray, Any]:
-                outs = probe(x, training=False)
+            def run_probe(x: np.ndarray) -> Tuple[Any, Any]:
+                with no_grad():
+                    outs = probe(x, training=False)
                 return outs[0], (outs[1] if n_out == 1 else outs[1:])
 
             return run_probe
 
-        def run_captured(x: np.ndarray) -> Tuple[np.ndarray, Any]:
-            with _capture([layer]) as record:
+        layer, which = target.layer, target.which
+
+        def run_captured(x: np.ndarray) -> Tuple[Any, Any]:
+            with _capture([layer], which) as record, no_grad():
                 out = model(x, training=False)
             if not record:
-                raise RuntimeError(f"layer {self._target_path!r} was not called in the forward pass of "
+                raise RuntimeError(f"layer {target.path!r} was not called in the forward pass of "
                                    f"model {model.name!r}")
             return record[0][1], out
 
@@ -580,7 +760,8 @@ class EigenCAMCallback(keras.callbacks.Callback):
             return True
         sources = self._sources()
         sample = next(iter(sources.values())).x if sources else None
-        self._target, self._target_path = self._resolve_layer(sample)
+        self._target = self._resolve_layer(sample)
+        self._target_path = self._target.path
         self._forward = self._build_forward(self._target)
         assert self._logger is not None
         self._logger.set_target_layer(self._target_path)
@@ -590,11 +771,12 @@ class EigenCAMCallback(keras.callbacks.Callback):
         """Activations ``(B, h, w, C)`` and predictions ``(B,)`` / ``(B, K)`` (or None) of one batch."""
         assert self._forward is not None
         a, out = self._forward(x)
+        # Backend tensors (TF, torch, JAX) become numpy here, at the boundary.
         acts = np.asarray(keras.ops.convert_to_numpy(a))
         if acts.ndim != 4:
             raise ValueError(f"layer {self._target_path!r} gives outputs of shape {acts.shape}; "
                              "EigenCAM needs a 4-D (batch, height, width, channels) output")
-        if _data_format(self._target) == "channels_first":
+        if self._target.data_format == "channels_first":
             acts = np.moveaxis(acts, 1, -1)
         return acts, _single_output(out)
 
