@@ -242,9 +242,10 @@ class EigenCAMCallback(keras.callbacks.Callback):
             takes, i.e. the input of the last ``GlobalAveragePooling2D`` /
             ``GlobalMaxPooling2D`` / ``Flatten`` layer whose input is 4-D with height and
             width > 1, whatever op made it (in ConvNeXt the last block's ``inputs + branch``,
-            which is no layer's output); failing that (no such head, a subclassed model), the
+            which is no layer's output), or inside a nested backbone that pools itself
+            (``"backbone/avg_pool:input"``); failing that (no such head, a subclassed model), the
             last top-level layer with such an output (a nested backbone model is picked as a
-            whole). Or a layer name (nested models are searched) for its output;
+            whole). Or a layer name or path (nested models are searched) for its output;
             ``"name:input"`` for the tensor that layer takes (``"head_gap:input"``); the name
             of an op of a functional model (``"add_17"``); a layer object; or a
             ``KerasTensor`` of the model's graph (``model.get_layer("gap").input``, or a
@@ -450,9 +451,8 @@ class EigenCAMCallback(keras.callbacks.Callback):
         ``keras.applications.ConvNeXtTiny`` it is the last block's ``inputs + branch``, the
         output of an ``add`` op that no layer owns.
         """
-        if not self._graph_ok():
-            return None
-        for layer in reversed(list(self.model.layers)):
+        top = list(self.model.layers) if self._graph_ok() else []
+        for layer in reversed(top):
             if layer.__class__.__name__ not in _HEAD_LAYERS:
                 continue
             tensor = _symbolic(layer, "input")
@@ -461,6 +461,17 @@ class EigenCAMCallback(keras.callbacks.Callback):
                 continue  # the images themselves (a dense-only model): not a feature map
             if tensor is not None and _is_spatial(tuple(tensor.shape), fmt):
                 return self._tensor_target(tensor, data_format=fmt)
+        # A backbone that pools inside itself (``ResNet50(include_top=False, pooling="avg")``
+        # nested in the model): what its pooling layer takes, read when that layer is called.
+        for layer, parents in reversed(list(_walk(self.model))):
+            if not parents or layer.__class__.__name__ not in _HEAD_LAYERS:
+                continue
+            tensor = _symbolic(layer, "input")
+            fmt = _data_format(layer)
+            if tensor is not None and not any(tensor is t for t in parents[-1].inputs) \
+                    and _is_spatial(tuple(tensor.shape), fmt):
+                return _Target(_layer_path(layer, parents) + ":input", layer=layer, which="input",
+                               data_format=fmt)
         return None
 
     def _resolve_layer(self, sample: Optional[np.ndarray]) -> _Target:
@@ -479,7 +490,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
         if isinstance(spec, str):
             name, which = _split_spec(spec)
             for layer, parents in sorted(walked, key=lambda lp: len(lp[1])):  # top level first
-                if layer.name == name:
+                if name in (layer.name, _layer_path(layer, parents)):  # "conv_a" or "backbone/conv_a"
                     return self._layer_target(layer, parents, which)
             if which == "output" and self._graph_ok():  # an op of the graph: "add_17"
                 for op in getattr(model, "operations", []):
