@@ -1,7 +1,8 @@
-"""Keras 3 / TensorFlow integration: ``from mlflow_eigencam.keras import EigenCAMCallback``.
+"""Keras 3 integration: ``from mlflow_eigencam.keras import EigenCAMCallback``.
 
-Importing this module imports Keras (and TensorFlow, its backend here); the package itself
-does not.
+Importing this module imports Keras, and through it the backend Keras is set to
+(``KERAS_BACKEND``: TensorFlow, JAX or torch); it imports TensorFlow itself only when that
+is the backend. The package itself imports no framework.
 """
 
 from __future__ import annotations

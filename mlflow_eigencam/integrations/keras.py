@@ -1,4 +1,4 @@
-"""Keras 3 (TensorFlow backend) callback that logs EigenCAM overlays at every epoch end.
+"""Keras 3 callback that logs EigenCAM overlays at every epoch end (TensorFlow, JAX, torch).
 
 Keras callbacks never see the batches, so the callback takes its samples from data once
 (``validation_data`` / ``train_data``, or what ``fit`` was given when autolog adds it) and
@@ -9,8 +9,10 @@ framework-free :class:`~mlflow_eigencam.logger.EigenCAMLogger`.
 
 How the activations are read, without changing the model:
 
-* the layer is part of the model's own graph (functional and ``Sequential`` models): a probe
-  ``keras.Model(model.input, [layer.output, *model.outputs])``, built once, sharing weights;
+* the tensor is part of the model's own graph (functional and ``Sequential`` models): a probe
+  ``keras.Model(model.input, [tensor, *model.outputs])``, built once, sharing weights. The
+  tensor can be a layer's output, the input of a layer (the default: what the head pools), or
+  the output of an op that no layer owns (``inputs + branch`` in ConvNeXt);
 * otherwise (a layer inside a nested sub-model, the layers of a subclassed model):
   during the probe's forward pass only, the layer instance's ``call`` is wrapped to keep its
   output, and the wrapper is removed in a ``finally`` block. Weights, layers, ``trainable``
@@ -19,9 +21,7 @@ How the activations are read, without changing the model:
 
 from __future__ import annotations
 
-import collections.abc
 import contextlib
-import itertools
 import json
 import os
 import warnings
@@ -45,11 +45,7 @@ import numpy as np
 from ..filters import FilterSpec
 from ..logger import EigenCAMLogger
 from ..sink import EigenCAMWarning
-
-try:  # tf.data is optional for the callback itself (Keras may run on another backend)
-    import tensorflow as _tf
-except ImportError:  # pragma: no cover - the [tensorflow] extra installs it
-    _tf = None
+from .keras_data import _Pinned, _split_at, take_samples  # noqa: F401 (take_samples re-exported)
 
 __all__ = ["EigenCAMCallback"]
 
@@ -58,176 +54,6 @@ Key = Tuple[str, Optional[str]]
 PROBE_BATCH_SIZE = 32
 #: Logger arguments the callback decides itself (it always hands over NHWC arrays).
 _FIXED_LOGGER_KWARGS = ("channels_last", "image_layout")
-
-
-@dataclass
-class _Pinned:
-    """The samples of one (mode, ds_id), taken once.
-
-    Attributes:
-        x: ``(N, H, W, C)`` or ``(N, H, W)`` images as the model takes them (any dtype).
-        y: ``(N,)`` / ``(N, K)`` labels, or None when the data has none usable per sample.
-    """
-
-    x: np.ndarray
-    y: Optional[np.ndarray]
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "numpy"):  # tf.Tensor, without importing tf here
-        return np.asarray(value.numpy())
-    return np.asarray(value)
-
-
-def _is_dataset(data: Any) -> bool:
-    return _tf is not None and isinstance(data, _tf.data.Dataset)
-
-
-def _is_pydataset(data: Any) -> bool:
-    return isinstance(data, keras.utils.PyDataset)
-
-
-def _is_iterator(data: Any) -> bool:
-    """Generators and other one-shot iterators: reading them would consume the user's data."""
-    return isinstance(data, collections.abc.Iterator) and not (_is_dataset(data) or _is_pydataset(data))
-
-
-def _is_batch_factory(data: Any) -> bool:
-    """A generator function (or any plain callable): calling it gives a fresh iterator."""
-    return (callable(data) and not isinstance(data, type) and not hasattr(data, "shape")
-            and not (_is_dataset(data) or _is_pydataset(data)))
-
-
-def _check_x(x: Any, what: str) -> np.ndarray:
-    if isinstance(x, (Mapping, list, tuple)):
-        raise TypeError(
-            f"{what} gives x as a {type(x).__name__}; EigenCAMCallback needs one array of images "
-            f"(N, H, W, C) or (N, H, W) (multi-input models are not supported)")
-    arr = _to_numpy(x)
-    if arr.ndim not in (3, 4):
-        raise ValueError(
-            f"{what} gives images of shape {arr.shape}; expected (N, H, W, C) or (N, H, W)"
-            " (tf.data datasets must yield batches, as fit expects)")
-    return arr
-
-
-def _check_y(y: Any, n: int) -> Optional[np.ndarray]:
-    """Labels that give one class per sample, else None (dicts, masks, multi-output lists)."""
-    if y is None or isinstance(y, (Mapping, list, tuple)):
-        return None
-    arr = _to_numpy(y)
-    if arr.ndim == 0 or arr.ndim > 2 or len(arr) != n:
-        return None
-    return arr
-
-
-def _unpack(batch: Any) -> Tuple[Any, Any]:
-    x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
-    return x, y
-
-
-def _from_batches(batches: Iterator[Any], n: Optional[int], what: str) -> _Pinned:
-    xs: List[np.ndarray] = []
-    ys: List[Optional[np.ndarray]] = []
-    count = 0
-    for batch in batches:
-        x, y = _unpack(batch)
-        xb = _check_x(x, what)
-        need = len(xb) if n is None else min(len(xb), n - count)
-        xs.append(xb[:need])
-        ys.append(_check_y(y, len(xb)))
-        if ys[-1] is not None:
-            ys[-1] = ys[-1][:need]
-        count += need
-        if n is not None and count >= n:
-            break
-    if not xs or count == 0:
-        raise ValueError(f"{what} yielded no samples")
-    x_all = np.concatenate(xs, axis=0)
-    y_all = None if any(y is None for y in ys) else np.concatenate(ys, axis=0)
-    return _Pinned(x_all, y_all)
-
-
-def take_samples(data: Any, n: Optional[int], *, what: str = "data") -> _Pinned:
-    """Take the first ``n`` samples of ``data`` without consuming it.
-
-    Args:
-        data: A tuple ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)`` of arrays; an array of
-            images; a ``tf.data.Dataset`` yielding batches (iterated afresh, so not
-            consumed); a ``keras.utils.PyDataset`` (indexed ``[0]``, ``[1]``, ...); a
-            generator function or other callable that returns a new iterator of batches each
-            time it is called (called once); or any re-iterable object yielding batches
-            (``iter(data)`` is a new iterator each time).
-        n: How many samples; None for all of them (``data`` must be finite, and cannot be a
-            function).
-        what: Name of the data in error messages.
-
-    Returns:
-        The samples: images ``(n, H, W, C)`` or ``(n, H, W)``, labels or None.
-
-    Raises:
-        TypeError: ``data`` is a generator object or other one-shot iterator (it cannot be
-            read without consuming the user's data), or of an unsupported type.
-        ValueError: ``data`` is empty, infinite or a function with ``n=None``, or not images.
-    """
-    if data is None:
-        raise TypeError(f"{what} is None")
-    if _is_iterator(data):
-        raise TypeError(
-            f"{what} is a {type(data).__name__} (a one-shot iterator): EigenCAMCallback cannot "
-            "take samples from it without consuming them; pass the generator function itself "
-            "(gen, not gen()), numpy arrays (x, y), a tf.data.Dataset or a keras.utils.PyDataset")
-    if _is_batch_factory(data):
-        if n is None:
-            raise ValueError(f"{what} is a function that makes batches, which may never end; pass "
-                             "n_samples=<int> to use it")
-        batches = data()
-        if not isinstance(batches, collections.abc.Iterable):
-            raise TypeError(f"{what}() returned a {type(batches).__name__}; expected an iterable of "
-                            "batches (x, y) or x")
-        iterator = iter(batches)
-        try:
-            return _from_batches(iterator, n, f"{what}()")
-        finally:
-            close = getattr(iterator, "close", None)  # a generator: run its cleanup now
-            if callable(close):
-                close()
-    if isinstance(data, (tuple, list)):
-        x, y = _unpack(tuple(data))
-        xa = _check_x(x, what)
-        stop = len(xa) if n is None else min(n, len(xa))
-        if stop == 0:
-            raise ValueError(f"{what} has no samples")
-        ya = _check_y(y, len(xa))
-        return _Pinned(xa[:stop].copy(), None if ya is None else ya[:stop].copy())
-    if _is_dataset(data):
-        if n is None and int(data.cardinality()) == int(_tf.data.INFINITE_CARDINALITY):
-            raise ValueError(f"{what} is an infinite tf.data.Dataset; pass n_samples=<int> to use it")
-        return _from_batches(iter(data), n, what)
-    if _is_pydataset(data):
-        try:
-            total = data.num_batches
-        except NotImplementedError:
-            total = None
-        if total is None and n is None:
-            raise ValueError(f"{what} is an infinite PyDataset; pass n_samples=<int> to use it")
-        indices = range(total) if total is not None else itertools.count()
-        return _from_batches((data[i] for i in indices), n, what)
-    if hasattr(data, "shape") and hasattr(data, "__len__"):  # one array of images, no labels
-        return take_samples((data,), n, what=what)
-    if isinstance(data, collections.abc.Iterable):  # re-iterable (e.g. a torch DataLoader)
-        return _from_batches(iter(data), n, what)
-    raise TypeError(
-        f"{what} must be (x, y) arrays, a tf.data.Dataset, a keras.utils.PyDataset or a "
-        f"re-iterable of batches; got {type(data).__name__}")
-
-
-def _split_at(n: int, validation_split: float) -> int:
-    """Where Keras splits arrays for ``validation_split`` (the last part is validation)."""
-    return int(np.floor(n * (1.0 - validation_split)))
 
 
 # --------------------------------------------------------------------------- layers
@@ -269,8 +95,9 @@ def _layer_path(layer: Any, parents: Tuple[Any, ...]) -> str:
 
 
 @contextlib.contextmanager
-def _capture(layers: Sequence[Any]) -> Iterator[List[Tuple[Any, Any]]]:
-    """Record ``(layer, output)`` of every call of ``layers`` while the block runs.
+def _capture(layers: Sequence[Any], which: str = "output") -> Iterator[List[Tuple[Any, Any]]]:
+    """Record ``(layer, output)`` (or ``(layer, input)``) of every call of ``layers`` while
+    the block runs.
 
     Wraps each layer instance's ``call`` (an instance attribute shadowing the class method,
     set with ``object.__setattr__`` so Keras' attribute tracking never sees it) and removes
@@ -282,7 +109,10 @@ def _capture(layers: Sequence[Any]) -> Iterator[List[Tuple[Any, Any]]]:
     def wrap(layer: Any, original: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
-            record.append((layer, out))
+            if which == "input":
+                record.append((layer, args[0] if args else next(iter(kwargs.values()), None)))
+            else:
+                record.append((layer, out))
             return out
 
         return call
@@ -300,6 +130,65 @@ def _capture(layers: Sequence[Any]) -> Iterator[List[Tuple[Any, Any]]]:
                 object.__setattr__(layer, "call", original)
             else:
                 object.__delattr__(layer, "call")
+
+
+#: Layers that turn a feature map into a vector for the classifier head: the tensor they
+#: take is what the model's prediction is computed from, so it is the default to explain.
+_HEAD_LAYERS = ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten")
+#: ``layer="name:input"`` explains the tensor a layer takes, ``"name:output"`` what it gives.
+_WHICH = ("input", "output")
+
+
+@dataclass
+class _Target:
+    """What the callback explains.
+
+    Attributes:
+        path: The name shown in the tag and in errors: a layer path (``"backbone/conv2"``),
+            ``"layer_name:input"`` for the tensor a layer takes, or an op's name.
+        layer: The layer whose output (or input) is captured at call time, or None when
+            ``tensor`` is read from a probe model.
+        tensor: A KerasTensor of the model's own graph (read with a probe model sharing the
+            model's weights), or None.
+        which: ``"output"`` or ``"input"`` of ``layer`` (only for capture).
+        data_format: ``"channels_last"`` or ``"channels_first"`` of the activations.
+    """
+
+    path: str
+    layer: Any = None
+    tensor: Any = None
+    which: str = "output"
+    data_format: str = "channels_last"
+
+
+def _is_keras_tensor(obj: Any) -> bool:
+    return isinstance(obj, keras.KerasTensor)
+
+
+def _single_tensor(value: Any) -> Any:
+    """``value`` if it is one KerasTensor, else None (lists, dicts, no symbolic graph)."""
+    return value if _is_keras_tensor(value) else None
+
+
+def _symbolic(layer: Any, which: str) -> Any:
+    """The layer's symbolic input / output in its model's graph, or None (shared, never called)."""
+    try:
+        return _single_tensor(layer.input if which == "input" else layer.output)
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+
+
+def _producer(tensor: Any) -> Any:
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else history.operation
+
+
+def _split_spec(spec: str) -> Tuple[str, str]:
+    """``"name:input"`` -> ``("name", "input")``; a plain name is its output."""
+    name, sep, which = spec.rpartition(":")
+    if sep and which in _WHICH and name:
+        return name, which
+    return spec, "output"
 
 
 def _single_output(out: Any) -> Optional[np.ndarray]:
@@ -349,9 +238,20 @@ class EigenCAMCallback(keras.callbacks.Callback):
             (``gen()``) and other one-shot iterators are refused (``TypeError``): they cannot
             be read without consuming the user's data. None: use what ``fit`` was given when
             autolog adds the callback (see :meth:`_set_fit_data`).
-        layer: The layer to explain: a name (nested models are searched), a layer object, or
-            None for the last top-level layer with a 4-D output whose height and width are
-            > 1 (a nested backbone model with a 4-D output is picked as a whole).
+        layer: What to explain. None (the default): the feature map the classifier head
+            takes, i.e. the input of the last ``GlobalAveragePooling2D`` /
+            ``GlobalMaxPooling2D`` / ``Flatten`` layer whose input is 4-D with height and
+            width > 1, whatever op made it (in ConvNeXt the last block's ``inputs + branch``,
+            which is no layer's output), or inside a nested backbone that pools itself
+            (``"backbone/avg_pool:input"``); failing that (no such head, a subclassed model), the
+            last top-level layer with such an output (a nested backbone model is picked as a
+            whole). Or a layer name or path (nested models are searched) for its output;
+            ``"name:input"`` for the tensor that layer takes (``"head_gap:input"``); the name
+            of an op of a functional model (``"add_17"``); a layer object; or a
+            ``KerasTensor`` of the model's graph (``model.get_layer("gap").input``, or a
+            tensor kept while building the model), read through a probe model that shares
+            the model's weights. ``target_layer`` says what was picked, in the form
+            ``layer=`` accepts back.
         n_components: Principal components per sample (int >= 1, or a float in (0, 1)).
         n_samples: Samples taken once from each data source and explained at every epoch;
             None takes all of them.
@@ -379,7 +279,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
     def __init__(
         self,
         validation_data: Any = None,
-        layer: Union[str, "keras.layers.Layer", None] = None,
+        layer: Union[str, "keras.layers.Layer", "keras.KerasTensor", None] = None,
         n_components: Union[int, float] = 3,
         n_samples: Optional[int] = 5,
         label_mapping: Union[Mapping[str, Any], Sequence[str], None] = None,
@@ -394,8 +294,9 @@ class EigenCAMCallback(keras.callbacks.Callback):
                 raise TypeError(
                     f"EigenCAMCallback sets {name} itself (it hands NHWC arrays to the logger); "
                     f"got {name}={logger_kwargs[name]!r}")
-        if layer is not None and not isinstance(layer, (str, keras.layers.Layer)):
-            raise TypeError(f"layer must be a layer name, a keras layer or None, got {layer!r}")
+        if layer is not None and not isinstance(layer, (str, keras.layers.Layer, keras.KerasTensor)):
+            raise TypeError("layer must be a layer name ('name' or 'name:input'), a keras layer, a "
+                            f"KerasTensor of the model or None, got {layer!r}")
         self._logger_args: Dict[str, Any] = dict(
             n_components=n_components, n_samples=n_samples, label_mapping=label_mapping,
             mode=mode, ds_id=ds_id, channels_last=True, image_layout="NHWC", **logger_kwargs)
@@ -506,28 +407,114 @@ class EigenCAMCallback(keras.callbacks.Callback):
         return {**self._from_fit, **self._explicit}
 
     # -- layer and probe ------------------------------------------------------------------
-    def _resolve_layer(self, sample: Optional[np.ndarray]) -> Tuple[Any, str]:
-        """The target layer and its display path (``"backbone/conv2"`` when nested)."""
+    def _graph_ok(self) -> bool:
+        """Whether the model has one symbolic input to build probe models from."""
+        try:
+            return len(self.model.inputs) == 1 and _is_keras_tensor(self.model.inputs[0])
+        except (AttributeError, ValueError, TypeError):
+            return False
+
+    def _describe(self, tensor: Any) -> str:
+        """A name for a tensor of the model's graph that ``layer=`` accepts back."""
+        top = list(self.model.layers)
+        op = _producer(tensor)
+        # (Not ``op.output is tensor``: a nested model's ``output`` is that of its own graph.)
+        if op is not None and any(op is layer for layer in top):
+            return op.name
+        for layer in top:
+            if _symbolic(layer, "input") is tensor:
+                return f"{layer.name}:input"
+        return getattr(op, "name", None) or getattr(tensor, "name", "tensor")
+
+    def _tensor_target(self, tensor: Any, path: Optional[str] = None,
+                       data_format: Optional[str] = None) -> _Target:
+        op = _producer(tensor)
+        fmt = data_format or (getattr(op, "data_format", None) if isinstance(op, keras.layers.Layer) else None)
+        return _Target(path or self._describe(tensor), tensor=tensor,
+                       data_format=fmt or keras.config.image_data_format())
+
+    def _layer_target(self, layer: Any, parents: Tuple[Any, ...], which: str) -> _Target:
+        """A named layer's output (or input): from the graph when top level, else captured."""
+        path = _layer_path(layer, parents) + (":input" if which == "input" else "")
+        fmt = _data_format(layer)
+        if which == "input" and layer.__class__.__name__ not in _HEAD_LAYERS:
+            fmt = keras.config.image_data_format()  # a layer's data_format is about its output
+        tensor = _symbolic(layer, which) if not parents and self._graph_ok() else None
+        if tensor is not None:
+            return _Target(path, tensor=tensor, data_format=fmt)
+        return _Target(path, layer=layer, which=which, data_format=fmt)
+
+    def _head_input(self) -> Optional[_Target]:
+        """The feature map the classifier head pools or flattens (the last such layer).
+
+        This is the tensor the prediction is computed from, wherever it comes from: in
+        ``keras.applications.ConvNeXtTiny`` it is the last block's ``inputs + branch``, the
+        output of an ``add`` op that no layer owns.
+        """
+        top = list(self.model.layers) if self._graph_ok() else []
+        for layer in reversed(top):
+            if layer.__class__.__name__ not in _HEAD_LAYERS:
+                continue
+            tensor = _symbolic(layer, "input")
+            fmt = _data_format(layer)
+            if any(tensor is t for t in self.model.inputs):
+                continue  # the images themselves (a dense-only model): not a feature map
+            if tensor is not None and _is_spatial(tuple(tensor.shape), fmt):
+                return self._tensor_target(tensor, data_format=fmt)
+        # A backbone that pools inside itself (``ResNet50(include_top=False, pooling="avg")``
+        # nested in the model): what its pooling layer takes, read when that layer is called.
+        for layer, parents in reversed(list(_walk(self.model))):
+            if not parents or layer.__class__.__name__ not in _HEAD_LAYERS:
+                continue
+            tensor = _symbolic(layer, "input")
+            fmt = _data_format(layer)
+            if tensor is not None and not any(tensor is t for t in parents[-1].inputs) \
+                    and _is_spatial(tuple(tensor.shape), fmt):
+                return _Target(_layer_path(layer, parents) + ":input", layer=layer, which="input",
+                               data_format=fmt)
+        return None
+
+    def _resolve_layer(self, sample: Optional[np.ndarray]) -> _Target:
+        """What to explain: the ``layer`` argument resolved, or the default (see the class)."""
         model = self.model
         spec = self.layer
         walked = list(_walk(model))
+        if _is_keras_tensor(spec):
+            target = self._tensor_target(spec)
+            try:  # the tensor must be computable from the model's input
+                keras.Model(model.inputs[0], spec)
+            except Exception as exc:
+                raise ValueError(f"layer={spec!r} is not a tensor of model {model.name!r} computed from its "
+                                 f"input ({type(exc).__name__}: {exc})") from None
+            return target
         if isinstance(spec, str):
+            name, which = _split_spec(spec)
             for layer, parents in sorted(walked, key=lambda lp: len(lp[1])):  # top level first
-                if layer.name == spec:
-                    return layer, _layer_path(layer, parents)
+                if name in (layer.name, _layer_path(layer, parents)):  # "conv_a" or "backbone/conv_a"
+                    return self._layer_target(layer, parents, which)
+            if which == "output" and self._graph_ok():  # an op of the graph: "add_17"
+                for op in getattr(model, "operations", []):
+                    if op.name == name and not isinstance(op, keras.layers.Layer):
+                        tensor = _single_tensor(getattr(op, "output", None))
+                        if tensor is not None:
+                            return self._tensor_target(tensor, path=name)
             names = [_layer_path(layer, parents) for layer, parents in walked]
-            raise ValueError(f"layer {spec!r} is not in model {model.name!r}; its layers are {names}")
+            raise ValueError(f"layer {spec!r} is not in model {model.name!r}; its layers are {names} "
+                             "(add ':input' to a name for the tensor that layer takes)")
         if spec is not None:
             for layer, parents in walked:
                 if layer is spec:
-                    return layer, _layer_path(layer, parents)
+                    return self._layer_target(layer, parents, "output")
             raise ValueError(f"layer {spec.name!r} (a {type(spec).__name__}) is not part of model {model.name!r}")
 
+        head = self._head_input()
+        if head is not None:
+            return head
         top = list(model.layers)
         shapes = {id(layer): _static_shape(layer) for layer in top}
         if all(s is None for s in shapes.values()) and sample is not None:
             # Subclassed models have no symbolic graph: find shapes from one real forward pass.
-            with _capture(top) as record:
+            with _capture(top) as record, self._no_grad():
                 model(sample[:1], training=False)
             order = []
             for layer, out in record:
@@ -537,38 +524,47 @@ class EigenCAMCallback(keras.callbacks.Callback):
             top = order
         for layer in reversed(top):
             if _is_spatial(shapes.get(id(layer)), _data_format(layer)):
-                return layer, layer.name
+                return self._layer_target(layer, (), "output")
         described = [f"{layer.name} {shapes.get(id(layer))}" for layer in top]
         raise ValueError(
             f"no layer of model {model.name!r} has a 4-D output with height and width > 1; "
             f"pass layer=<name> (layers and output shapes: {described})")
 
-    def _build_forward(self, layer: Any) -> Callable[[np.ndarray], Tuple[np.ndarray, Any]]:
+    @staticmethod
+    def _no_grad() -> Any:
+        """No autograd graph for the callback's forward passes under the torch backend."""
+        if keras.backend.backend() == "torch":
+            import torch  # already imported by Keras' torch backend
+
+            return torch.no_grad()
+        return contextlib.nullcontext()
+
+    def _build_forward(self, target: _Target) -> Callable[[np.ndarray], Tuple[Any, Any]]:
         """A function x -> (activations, model output), evaluated with ``training=False``."""
         model = self.model
-        try:
-            inputs = model.inputs
-            if len(inputs) != 1:
-                raise TypeError(f"model {model.name!r} has {len(inputs)} inputs; EigenCAMCallback supports one")
+        no_grad = self._no_grad
+        if target.tensor is not None:
+            if len(model.inputs) != 1:
+                raise TypeError(f"model {model.name!r} has {len(model.inputs)} inputs; EigenCAMCallback supports one")
             # Sharing the model's layers and weights: nothing is copied or changed.
-            probe = keras.Model(inputs[0], [layer.output, *model.outputs], name=f"{model.name}_eigencam_probe")
-        except (AttributeError, ValueError):
-            probe = None  # not in the model's own graph (nested sub-model, subclassed model)
-
-        if probe is not None:
+            probe = keras.Model(model.inputs[0], [target.tensor, *model.outputs],
+                                name=f"{model.name}_eigencam_probe")
             n_out = len(model.outputs)
 
-            def run_probe(x: np.ndarray) -> Tuple[np.ndarray, Any]:
-                outs = probe(x, training=False)
+            def run_probe(x: np.ndarray) -> Tuple[Any, Any]:
+                with no_grad():
+                    outs = probe(x, training=False)
                 return outs[0], (outs[1] if n_out == 1 else outs[1:])
 
             return run_probe
 
-        def run_captured(x: np.ndarray) -> Tuple[np.ndarray, Any]:
-            with _capture([layer]) as record:
+        layer, which = target.layer, target.which
+
+        def run_captured(x: np.ndarray) -> Tuple[Any, Any]:
+            with _capture([layer], which) as record, no_grad():
                 out = model(x, training=False)
             if not record:
-                raise RuntimeError(f"layer {self._target_path!r} was not called in the forward pass of "
+                raise RuntimeError(f"layer {target.path!r} was not called in the forward pass of "
                                    f"model {model.name!r}")
             return record[0][1], out
 
@@ -580,7 +576,8 @@ class EigenCAMCallback(keras.callbacks.Callback):
             return True
         sources = self._sources()
         sample = next(iter(sources.values())).x if sources else None
-        self._target, self._target_path = self._resolve_layer(sample)
+        self._target = self._resolve_layer(sample)
+        self._target_path = self._target.path
         self._forward = self._build_forward(self._target)
         assert self._logger is not None
         self._logger.set_target_layer(self._target_path)
@@ -590,11 +587,12 @@ class EigenCAMCallback(keras.callbacks.Callback):
         """Activations ``(B, h, w, C)`` and predictions ``(B,)`` / ``(B, K)`` (or None) of one batch."""
         assert self._forward is not None
         a, out = self._forward(x)
+        # Backend tensors (TF, torch, JAX) become numpy here, at the boundary.
         acts = np.asarray(keras.ops.convert_to_numpy(a))
         if acts.ndim != 4:
             raise ValueError(f"layer {self._target_path!r} gives outputs of shape {acts.shape}; "
                              "EigenCAM needs a 4-D (batch, height, width, channels) output")
-        if _data_format(self._target) == "channels_first":
+        if self._target.data_format == "channels_first":
             acts = np.moveaxis(acts, 1, -1)
         return acts, _single_output(out)
 

@@ -162,3 +162,25 @@ def test_a_missing_layer_warns_and_fit_goes_on(data, tracking_uri):
     with pytest.warns(EigenCAMWarning, match="finding the target layer failed.*'nope'"):
         history = model.fit(x[:16], y[:16], epochs=2, verbose=0, callbacks=[cb])
     assert len(history.history["loss"]) == 2
+
+
+def test_a_backbone_that_pools_inside_itself_is_read_before_its_pooling(data):
+    """``include_top=False, pooling="avg"`` backbones nested in a model: the map they pool."""
+    x, _ = data
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((24, 40, 3))
+    h = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="bb_conv")(inp)
+    h = keras.layers.Conv2D(5, 3, strides=2, padding="same", name="bb_last")(h)
+    backbone = keras.Model(inp, keras.layers.GlobalAveragePooling2D(name="bb_pool")(h), name="bb")
+    model = keras.Sequential([keras.Input((24, 40, 3)), backbone, keras.layers.Dense(3, name="top")])
+    cb = _ready(model, x[:3])
+    assert cb.target_layer == "bb/bb_pool:input"
+    acts, preds = cb._explain(x[:3])
+    reference = keras.Model(backbone.inputs[0], backbone.get_layer("bb_last").output)(x[:3])
+    np.testing.assert_allclose(acts, np.asarray(reference), rtol=1e-5, atol=1e-6)
+    assert acts.shape == (3, 12, 20, 5)
+    np.testing.assert_allclose(preds, np.asarray(model(x[:3])), rtol=1e-5, atol=1e-6)
+    assert all("call" not in vars(layer) for layer, _ in __import__(
+        "mlflow_eigencam.integrations.keras", fromlist=["_walk"])._walk(model))
+    again, _ = _ready(model, x[:3], layer=cb.target_layer)._explain(x[:3])
+    np.testing.assert_array_equal(again, acts)
