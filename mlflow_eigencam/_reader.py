@@ -363,7 +363,10 @@ class Reader:
             with self._lock:
                 uri = self._artifact_uris.get(run_id)
             uri = uri or self.client.get_run(run_id).info.artifact_uri
-            repo = get_artifact_repository(uri, tracking_uri=self.uri)
+            try:
+                repo = get_artifact_repository(uri, tracking_uri=self.uri)
+            except TypeError:  # MLflow < 3.2 resolves mlflow-artifacts: by the global URI
+                repo = _legacy_artifact_repository(get_artifact_repository, uri, self.uri)
             with self._lock:
                 self._repos[run_id] = repo
         return repo
@@ -519,3 +522,13 @@ class Reader:
         return sorted((int(m.step), float(m.value))
                       for m in self.client.get_metric_history(run_id, key))
 
+
+def _legacy_artifact_repository(factory, uri: str, tracking_uri: str):
+    """``get_artifact_repository(uri)`` on MLflow < 3.2, with ``tracking_uri`` as the URI it
+    resolves ``mlflow-artifacts:`` against (it takes no ``tracking_uri`` argument there)."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    except ImportError:
+        return factory(uri)
+    with _use_tracking_uri(tracking_uri):
+        return factory(uri)
