@@ -56,6 +56,14 @@ BENCHES = [
      "Training overhead: Keras `fit`, 2.5 s epochs",
      "The same A/B with 2x the training data per epoch (the epoch length of the PyTorch "
      "figure)."),
+    ("sink", "bench_sink.py", ["--epochs", "20"], False, "The write-ahead sink: cost and upload lag",
+     "What handing an epoch's bundle to the sink costs the training thread (the record written, "
+     "fsynced and renamed before `on_epoch_end` returns), and the lag from an epoch end to "
+     "MLflow confirming it with every core busy, beside the in-memory queue of 70350d7."),
+    ("streaming", "bench_streaming.py", [], False, "Streaming mode (`n_samples=None`)",
+     "A no-grad eval pass of 8 batches of 32 images at 224x224 through a CNN of about "
+     "ResNet-18's cost, with and without streaming every image: wall time, CPU, the monitor's "
+     "own CPU, and the disk written per image."),
     ("quality", "bench_quality.py", [], True, "Quality: the pointing game, with and without the sign rule",
      "A small CNN trained on synthetic shapes with a same-sized noise distractor; a hit is the "
      "map's maximum inside the object's box."),
