@@ -4,7 +4,7 @@ Prints, for this checkout ("new") and, when git can produce it, the package at 7
 ("old", an in-memory queue that a nice-10 worker spooled and sent):
 
 1. The training thread's cost of handing one epoch's bundle to the sink (``submit``: for
-   "new" the whole write-ahead step, record written, fsynced, renamed; for "old" a queue put,
+   "new" the whole write-ahead step, record written and renamed (the sender fsyncs it); for "old" a queue put,
    with nothing on disk), and of the whole ``on_epoch_end``.
 2. Upload lag with every core busy: epochs of 1 s of busy training on the main thread, one
    busy-loop process per core beside it; lag = time from ``submit`` to MLflow confirming the
@@ -214,7 +214,7 @@ def main() -> None:
     print("\n1. training-thread cost per epoch (idle machine; median / p90 ms)")
     print(f"   {'impl':<5} {'submit (write-ahead step)':>28} {'whole on_epoch_end':>22}")
     for name, r in results.items():
-        note = "record on disk, fsynced" if name == "new" else "queue put, nothing on disk"
+        note = "record written + renamed" if name == "new" else "queue put, nothing on disk"
         print(f"   {name:<5} {_median(r['submit_ms']):>9.2f} / {_p90(r['submit_ms']):>6.2f}"
               f" ({note}) {_median(r['epoch_end_ms']):>8.1f} / {_p90(r['epoch_end_ms']):>6.1f}")
     print(f"\n2. upload lag, every core busy ({args.epochs} epochs of {args.epoch_seconds:g} s "

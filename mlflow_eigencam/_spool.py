@@ -12,8 +12,8 @@ Layout (``ROOT`` is ``spool_dir=``, ``$MLFLOW_EIGENCAM_SPOOL_DIR`` or
         <time_ns>-<uid>-<seq>.rec  one record per item, written atomically (below)
         failed/                    records MLflow refused for good, each with a .err note
 
-Why one file per item: a record is written to a temporary name, fsynced and renamed, so a
-reader sees a whole record or none; a crash at any point leaves either the old state or the
+Why one file per item: a record is written to a temporary name and renamed (the sink's
+sender fsyncs it and the folder right after), so a reader sees a whole record or none; a crash at any point leaves either the old state or the
 new one. Nothing outside marked folders is ever created, moved or deleted, and inside them
 only names of the shapes above (the package never runs ``rmtree`` on a spool).
 
@@ -126,6 +126,20 @@ def new_folder(root: Path, run_id: Optional[str], uid: str) -> Path:
     folder.mkdir()
     _mark(folder)
     return folder
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to the disk; a file already sent and deleted is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _BINARY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: Path) -> None:
