@@ -128,11 +128,10 @@ def new_folder(root: Path, run_id: Optional[str], uid: str) -> Path:
     return folder
 
 
-def fsync_file(path: Path) -> None:
-    """Flush a written file's data to the disk; a file already sent and deleted is skipped."""
+def _fsync(path: Path, flags: int) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _BINARY)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | flags)
+    except OSError:  # gone (a record already sent), or a folder that cannot be opened
         return
     try:
         os.fsync(fd)
@@ -140,20 +139,16 @@ def fsync_file(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to the disk; a file already sent and deleted is skipped."""
+    _fsync(path, _NOFOLLOW | _BINARY)
 
 
 def fsync_dir(folder: Path) -> None:
     """Make renames inside ``folder`` durable (no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    _fsync(folder, 0)
 
 
 def _write_atomic(folder: Path, name: str, chunks: Sequence[Any], *, fsync: bool = True) -> Path:
