@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import tracemalloc
 
 import mlflow
@@ -267,7 +268,10 @@ def test_twenty_epochs_do_not_grow_memory(tracking_uri):
         tracemalloc.stop()
         logger.close()
     # After warm-up, 15 more epochs may only add table rows (a few hundred bytes each).
-    assert sizes[-1] - sizes[4] < 1_000_000, sizes
+    # Medians of five epochs each: one epoch end that catches the sender (or MLflow's client)
+    # holding a transient buffer is not growth (seen once, +4 MB at the last epoch only, on
+    # MLflow 2.10 in CI); a leak still shows, as a rise across the ten epochs between.
+    assert statistics.median(sizes[-5:]) - statistics.median(sizes[4:9]) < 1_000_000, sizes
 
 
 def test_send_item_sends_a_bundle_that_was_never_spooled(tracking_uri):
