@@ -449,6 +449,13 @@ def _to_numpy(x: Any, k: int) -> Any:
     return x
 
 
+def _rows(x: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of numpy labels / preds or a list of them; None stays None."""
+    if x is None or not isinstance(x, (np.ndarray, list, tuple)):
+        return x
+    return x[start:stop]
+
+
 def _detections(x: Any) -> Optional[list]:
     """``x`` when it is a detector's output or targets (a list of dicts with ``"boxes"``)."""
     if isinstance(x, (list, tuple)) and x and all(
@@ -465,6 +472,70 @@ def _stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
             f"a list of images must hold (C, H, W) tensors of one size, got shapes {sorted(shapes)}"
         )
     return torch.stack([im.detach() for im in images])
+
+
+def _transform_of(model: nn.Module) -> Optional[nn.Module]:
+    """A torchvision detector's ``transform`` (``GeneralizedRCNNTransform``), else None: the
+    module that resizes each image and pads the batch before the backbone sees it."""
+    transform = getattr(model, "transform", None)
+    return transform if isinstance(transform, nn.Module) else None
+
+
+def _canvas_of(output: Any) -> Optional["_Canvas"]:
+    """What a detector's transform returned, ``(ImageList, targets)``, as a :class:`_Canvas`;
+    None for any other output (the model is then treated like a classifier)."""
+    first = output[0] if isinstance(output, (tuple, list)) and output else output
+    sizes, tensors = getattr(first, "image_sizes", None), getattr(first, "tensors", None)
+    if not isinstance(tensors, torch.Tensor) or tensors.ndim != 4 or not sizes:
+        return None
+    try:
+        hw = [(int(h), int(w)) for h, w in sizes]
+    except (TypeError, ValueError):
+        return None
+    return _Canvas(height=int(tensors.shape[-2]), width=int(tensors.shape[-1]), image_sizes=hw)
+
+
+@dataclass
+class _Canvas:
+    """The padded batch a detector's backbone saw: ``(height, width)`` pixels, and each
+    image's ``(h, w)`` after the resize, in its top-left corner (the rest is zero padding)."""
+
+    height: int
+    width: int
+    image_sizes: List[Tuple[int, int]]
+
+    def cells(self, grid_hw: Tuple[int, int], index: int) -> Optional[Tuple[int, int]]:
+        """The ``(rows, cols)`` of a ``grid_hw`` feature map over this canvas that cover image
+        ``index``: ``ceil(h * rows_total / height)`` (and the same for the width), so a
+        row or column only partly over the image is kept. None when the map is not a map of
+        this canvas (another geometry) or the index has no size."""
+        if index >= len(self.image_sizes):
+            return None
+        gh, gw = int(grid_hw[0]), int(grid_hw[1])
+        if not _fits_geometry(gh, gw, self.height, self.width):
+            return None
+        h, w = self.image_sizes[index]
+        rows = min(gh, max(1, -(-h * gh // self.height)))  # integer ceil
+        cols = min(gw, max(1, -(-w * gw // self.width)))
+        return rows, cols
+
+
+def _crop_to_images(grid: torch.Tensor, canvas: Optional[_Canvas]) -> List[torch.Tensor]:
+    """Split a ``(B, C, h, w)`` map of the padded canvas into runs of samples whose own
+    region has one size, each cropped to it: ``[(b, C, rows, cols), ...]`` in order. One
+    run for same-size images (the usual case); the whole map when there is no canvas."""
+    if canvas is None:
+        return [grid]
+    hw = (int(grid.shape[2]), int(grid.shape[3]))
+    crops = [canvas.cells(hw, i) or hw for i in range(int(grid.shape[0]))]
+    runs: List[torch.Tensor] = []
+    start = 0
+    for i in range(1, len(crops) + 1):
+        if i == len(crops) or crops[i] != crops[start]:
+            rows, cols = crops[start]
+            runs.append(grid[start:i, :, :rows, :cols])
+            start = i
+    return runs
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -504,6 +575,7 @@ class _Capture:
     output: Any = None  # a tensor, or numpy detections (list of dicts)
     finder: Optional[_LayerFinder] = None
     grid_finder: Optional[_LayerFinder] = None  # reads the patch grid for a named token layer
+    canvas: Optional[_Canvas] = None  # a detector's padded batch, from its transform
 
 
 # --------------------------------------------------------------------------- monitor
@@ -729,14 +801,8 @@ class EigenCAMMonitor:
         grid = tokens_to_grid(act[:k], self._reshape, self._grid_hw)
         inputs = images_t[:k].detach().to("cpu", copy=True)
         labels_k = _to_numpy(labels, k)
-        self._logger.on_batch_end(
-            self._images_for_logger(inputs),
-            grid.float().cpu().numpy(),
-            labels_k,
-            _to_numpy(preds, k),
-            mode=cap.key[0],
-            ds_id=cap.key[1],
-        )
+        canvas, cap.canvas = cap.canvas, None
+        self._log_cropped(cap.key, inputs, grid, labels_k, _to_numpy(preds, k), canvas)
         if cap.room is not None:
             cap.room -= k
             if self._pin_enabled:
@@ -843,7 +909,17 @@ class EigenCAMMonitor:
 
         return hook
 
+    def _make_canvas_hook(self, cap: _Capture) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            # The resized size of each image and the padded batch (sizes only, no tensor kept).
+            cap.canvas = _canvas_of(output)
+
+        return hook
+
     def _install_hooks(self, cap: _Capture) -> None:
+        transform = _transform_of(self._model)
+        if transform is not None:  # a detector: crop each map to its image (see update())
+            self._handles.append(transform.register_forward_hook(self._make_canvas_hook(cap)))
         if self._target is None:
             cap.finder = _LayerFinder(self._model, cap.room)
         else:
@@ -912,7 +988,10 @@ class EigenCAMMonitor:
         cap = _Capture(key=key, room=None)
         model = self._model
         device = _device_of(model)
-        handle = self._target.register_forward_hook(self._make_hook(cap))
+        handles = [self._target.register_forward_hook(self._make_hook(cap))]
+        transform = _transform_of(model)
+        if transform is not None:
+            handles.append(transform.register_forward_hook(self._make_canvas_hook(cap)))
         try:
             # fork_rng: a model drawing random numbers in eval mode must not shift the
             # user's random stream (their next batch / dropout mask stays the same).
@@ -931,18 +1010,32 @@ class EigenCAMMonitor:
             self._pin_enabled = False
             return
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if cap.act is None:
             return
         grid = tokens_to_grid(cap.act, self._reshape, self._grid_hw)
-        self._logger.on_batch_end(
-            self._images_for_logger(images),
-            grid.float().cpu().numpy(),
-            labels,
-            _to_numpy(_detections(output) or _first_tensor(output), images.shape[0]),
-            mode=key[0],
-            ds_id=key[1],
-        )
+        preds = _to_numpy(_detections(output) or _first_tensor(output), images.shape[0])
+        self._log_cropped(key, images, grid, labels, preds, cap.canvas)
+
+    def _log_cropped(self, key: Key, images: torch.Tensor, grid: torch.Tensor, labels: Any,
+                     preds: Any, canvas: Optional[_Canvas]) -> None:
+        """Hand a batch to the logger, each sample's map cropped to its own image's region
+        of a detector's padded canvas (one call per run of samples with one crop size)."""
+        parts = _crop_to_images(grid, canvas)
+        whole = len(parts) == 1  # the usual case: labels and preds handed on as they are
+        start = 0
+        for part in parts:
+            stop = start + int(part.shape[0])
+            self._logger.on_batch_end(
+                self._images_for_logger(images[start:stop]),
+                part.float().cpu().numpy(),
+                labels if whole else _rows(labels, start, stop),
+                preds if whole else _rows(preds, start, stop),
+                mode=key[0],
+                ds_id=key[1],
+            )
+            start = stop
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
