@@ -449,13 +449,6 @@ def _to_numpy(x: Any, k: int) -> Any:
     return x
 
 
-def _rows(x: Any, start: int, stop: int) -> Any:
-    """Rows ``start:stop`` of numpy labels / preds or a list of them; None stays None."""
-    if x is None or not isinstance(x, (np.ndarray, list, tuple)):
-        return x
-    return x[start:stop]
-
-
 def _detections(x: Any) -> Optional[list]:
     """``x`` when it is a detector's output or targets (a list of dicts with ``"boxes"``)."""
     if isinstance(x, (list, tuple)) and x and all(
@@ -520,22 +513,20 @@ class _Canvas:
         return rows, cols
 
 
-def _crop_to_images(grid: torch.Tensor, canvas: Optional[_Canvas]) -> List[torch.Tensor]:
-    """Split a ``(B, C, h, w)`` map of the padded canvas into runs of samples whose own
-    region has one size, each cropped to it: ``[(b, C, rows, cols), ...]`` in order. One
-    run for same-size images (the usual case); the whole map when there is no canvas."""
+def _crop_to_images(grid: torch.Tensor, canvas: Optional[_Canvas]) -> torch.Tensor:
+    """A ``(B, C, h, w)`` map of the padded canvas cropped, top left, to the cells that
+    cover the images (:meth:`_Canvas.cells`); the whole map when there is no canvas.
+
+    Same-size images (what ``update()`` takes) share one crop. Should the transform give
+    the samples different sizes (training-mode multi-scale ``min_size``), the largest crop is
+    used for all: the logger computes one epoch's maps from samples of one shape.
+    """
     if canvas is None:
-        return [grid]
+        return grid
     hw = (int(grid.shape[2]), int(grid.shape[3]))
     crops = [canvas.cells(hw, i) or hw for i in range(int(grid.shape[0]))]
-    runs: List[torch.Tensor] = []
-    start = 0
-    for i in range(1, len(crops) + 1):
-        if i == len(crops) or crops[i] != crops[start]:
-            rows, cols = crops[start]
-            runs.append(grid[start:i, :, :rows, :cols])
-            start = i
-    return runs
+    rows, cols = max(c[0] for c in crops), max(c[1] for c in crops)
+    return grid[:, :, :rows, :cols]
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -762,7 +753,9 @@ class EigenCAMMonitor:
         Call inside ``capture()``, after the forward pass.
 
         Args:
-            images: The model's input, float ``(B, C, H, W)`` (or ``(B, H, W)``) tensor.
+            images: The model's input, float ``(B, C, H, W)`` (or ``(B, H, W)``) tensor, or
+                a list of same-size ``(C, H, W)`` images (a torchvision detector; its map is
+                then cropped to the cells over each resized image, not its padding).
             labels: Class indices ``(B,)``, one-hot / probabilities ``(B, K)``, strings, or None.
             preds: The model's output for the batch (logits ``(B, K)``...), or None.
         """
@@ -1020,22 +1013,16 @@ class EigenCAMMonitor:
 
     def _log_cropped(self, key: Key, images: torch.Tensor, grid: torch.Tensor, labels: Any,
                      preds: Any, canvas: Optional[_Canvas]) -> None:
-        """Hand a batch to the logger, each sample's map cropped to its own image's region
-        of a detector's padded canvas (one call per run of samples with one crop size)."""
-        parts = _crop_to_images(grid, canvas)
-        whole = len(parts) == 1  # the usual case: labels and preds handed on as they are
-        start = 0
-        for part in parts:
-            stop = start + int(part.shape[0])
-            self._logger.on_batch_end(
-                self._images_for_logger(images[start:stop]),
-                part.float().cpu().numpy(),
-                labels if whole else _rows(labels, start, stop),
-                preds if whole else _rows(preds, start, stop),
-                mode=key[0],
-                ds_id=key[1],
-            )
-            start = stop
+        """Hand a batch to the logger, the map cropped to the images' own region of a
+        detector's padded canvas (the whole map for other models)."""
+        self._logger.on_batch_end(
+            self._images_for_logger(images),
+            _crop_to_images(grid, canvas).float().cpu().numpy(),
+            labels,
+            preds,
+            mode=key[0],
+            ds_id=key[1],
+        )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
