@@ -513,20 +513,32 @@ class _Canvas:
         return rows, cols
 
 
-def _crop_to_images(grid: torch.Tensor, canvas: Optional[_Canvas]) -> torch.Tensor:
+def _crop_to_images(
+    grid: torch.Tensor, canvas: Optional[_Canvas],
+) -> Tuple[torch.Tensor, Optional[Tuple[float, float]]]:
     """A ``(B, C, h, w)`` map of the padded canvas cropped, top left, to the cells that
-    cover the images (:meth:`_Canvas.cells`); the whole map when there is no canvas.
+    cover the images (:meth:`_Canvas.cells`), and the fractions ``(fy, fx)`` of the kept
+    cells that the images fill (the last row / column may be partly padding: the renderer
+    draws the map over ``1 / fy`` of the image's height and shows the image's part). The
+    whole map and None when there is no canvas.
 
     Same-size images (what ``update()`` takes) share one crop. Should the transform give
     the samples different sizes (training-mode multi-scale ``min_size``), the largest crop is
     used for all: the logger computes one epoch's maps from samples of one shape.
     """
     if canvas is None:
-        return grid
-    hw = (int(grid.shape[2]), int(grid.shape[3]))
-    crops = [canvas.cells(hw, i) or hw for i in range(int(grid.shape[0]))]
+        return grid, None
+    gh, gw = int(grid.shape[2]), int(grid.shape[3])
+    crops = [canvas.cells((gh, gw), i) for i in range(int(grid.shape[0]))]
+    if any(c is None for c in crops):
+        return grid, None  # not a map of this canvas: left as it is
     rows, cols = max(c[0] for c in crops), max(c[1] for c in crops)
-    return grid[:, :, :rows, :cols]
+    n = len(crops)
+    height = max(h for h, _ in canvas.image_sizes[:n])
+    width = max(w for _, w in canvas.image_sizes[:n])
+    extent = (min(1.0, height * gh / (rows * canvas.height)),
+              min(1.0, width * gw / (cols * canvas.width)))
+    return grid[:, :, :rows, :cols], (None if extent == (1.0, 1.0) else extent)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -1015,13 +1027,16 @@ class EigenCAMMonitor:
                      preds: Any, canvas: Optional[_Canvas]) -> None:
         """Hand a batch to the logger, the map cropped to the images' own region of a
         detector's padded canvas (the whole map for other models)."""
+        cropped, extent = _crop_to_images(grid, canvas)
+        kwargs = {} if extent is None else {"map_extent": extent}
         self._logger.on_batch_end(
             self._images_for_logger(images),
-            _crop_to_images(grid, canvas).float().cpu().numpy(),
+            cropped.float().cpu().numpy(),
             labels,
             preds,
             mode=key[0],
             ds_id=key[1],
+            **kwargs,
         )
 
     def _warn_once(self, key: str, message: str) -> None:
