@@ -230,7 +230,8 @@ class EigenCAMLogger:
 
     # -- batches -------------------------------------------------------------------------
     def on_batch_end(self, images: Any, activations: Any, labels: Any = None, preds: Any = None,
-                     *, mode: str, ds_id: Optional[str] = None) -> None:
+                     *, mode: str, ds_id: Optional[str] = None,
+                     map_extent: Optional[Tuple[float, float]] = None) -> None:
         """Offer one batch.
 
         Args:
@@ -240,6 +241,9 @@ class EigenCAMLogger:
             preds: (B,) indices or (B, K) logits / probabilities (argmax is taken).
             mode: "train", "eval", "test" or "infer".
             ds_id: Dataset id, or None.
+            map_extent: ``(fy, fx)``: the images cover only these fractions of the map's
+                height and width, top left (a detector's padded canvas; see
+                ``render.overlay``); kept samples only (``n_samples=None`` draws the whole map).
         """
         with self._lock:
             if not self.wants(mode, ds_id):
@@ -248,11 +252,11 @@ class EigenCAMLogger:
                 return
             try:
                 self._resolve_run(first_use=True)
-                self._batch(images, activations, labels, preds, mode, ds_id)
+                self._batch(images, activations, labels, preds, mode, ds_id, map_extent)
             except Exception as exc:
                 self._fail(exc, f"on_batch_end(mode={mode!r}, ds_id={ds_id!r})")
 
-    def _batch(self, images, activations, labels, preds, mode, ds_id) -> None:
+    def _batch(self, images, activations, labels, preds, mode, ds_id, map_extent=None) -> None:
         # The buffer checks shapes and batch sizes, and converts and copies only the rows it
         # keeps; the logger only decides the image layout for the whole batch.
         images = np.asarray(images)
@@ -262,7 +266,8 @@ class EigenCAMLogger:
         if self.n_samples is None:
             self._stream_batch(mode, ds_id, images, activations, labels, preds, kwargs)
         else:
-            self._buffer.add(mode, ds_id, images, activations, labels, preds, **kwargs)
+            self._buffer.add(mode, ds_id, images, activations, labels, preds, **kwargs,
+                             map_extent=map_extent)
 
     def _clamp_components(self, activations: Any) -> None:
         """A layer with fewer channels than ``n_components`` (an int): use them all, once
@@ -376,10 +381,11 @@ class EigenCAMLogger:
             return render_detection_strip(
                 s.image, maps, pred_boxes=s.pred_boxes, true_boxes=s.label_boxes,
                 explained_variance=evr, label=s.label, pred=s.pred, correct=s.correct,
-                sample_id=s.sample_id, colormap=self.colormap, alpha=self.alpha)
+                sample_id=s.sample_id, colormap=self.colormap, alpha=self.alpha,
+                map_extent=s.map_extent)
         return render_strip(s.image, maps, explained_variance=evr, label=s.label, pred=s.pred,
                             correct=s.correct, sample_id=s.sample_id,
-                            colormap=self.colormap, alpha=self.alpha)
+                            colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent)
 
     def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any],
                       grid_strips: List[Any], evr_sum: np.ndarray, count: int,

@@ -200,8 +200,14 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def _heat_rgb(cam_map: np.ndarray, width: int, height: int, colormap: int) -> np.ndarray:
-    """``(h, w)`` map -> ``(height, width, 3)`` uint8 RGB heat."""
+def _heat_rgb(cam_map: np.ndarray, width: int, height: int, colormap: int,
+              extent: Optional[tuple[float, float]] = None) -> np.ndarray:
+    """``(h, w)`` map -> ``(height, width, 3)`` uint8 RGB heat.
+
+    ``extent``: the fractions ``(fy, fx)`` in (0, 1] of the map's height and width that the
+    image covers from the top left (a detector's map whose last cells are partly padding);
+    the map is resized to ``height / fy`` x ``width / fx`` and cropped to the image.
+    """
     m = np.asarray(cam_map)
     if m.ndim != 2 or m.shape[0] == 0 or m.shape[1] == 0:
         raise ValueError(f"cam_map must be a non-empty 2-D (h, w) array, got shape {m.shape}")
@@ -210,7 +216,12 @@ def _heat_rgb(cam_map: np.ndarray, width: int, height: int, colormap: int) -> np
     m = np.nan_to_num(m.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     m = np.maximum(m, 0.0)  # ReLU: only evidence for the component is drawn
     # dsize is (width, height) in OpenCV; the reference passed (height, width).
-    m = cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR)
+    if extent is not None:
+        fy, fx = (min(1.0, max(float(f), 1e-3)) for f in extent)
+        full = (max(width, int(round(width / fx))), max(height, int(round(height / fy))))
+        m = cv2.resize(m, full, interpolation=cv2.INTER_LINEAR)[:height, :width]
+    else:
+        m = cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR)
     # Normalise after the resize so that the hottest visible pixel gets the top colour.
     lo, hi = float(m.min()), float(m.max())
     if hi - lo <= 1e-6 * max(abs(hi), abs(lo)):
@@ -236,6 +247,7 @@ def overlay(
     colormap: Union[str, int] = "jet",
     alpha: float = 0.5,
     layout: Optional[str] = None,
+    map_extent: Optional[tuple[float, float]] = None,
 ) -> np.ndarray:
     """Blend one heat map over one image.
 
@@ -247,6 +259,8 @@ def overlay(
         colormap: An OpenCV colormap name (case-insensitive) or ``cv2.COLORMAP_*`` int.
         alpha: Weight of the heat in [0, 1]; 0 gives the image, 1 the heat alone.
         layout: Passed to ``to_rgb_uint8``.
+        map_extent: ``(fy, fx)``: the image covers only these fractions of the map's
+            height and width, from the top left (a detector's padded canvas); None: all.
 
     Returns:
         ``(H, W, 3)`` uint8 RGB, ``round((1 - alpha) * image + alpha * heat)``.
@@ -255,7 +269,7 @@ def overlay(
     a = _check_alpha(alpha)
     rgb = to_rgb_uint8(image, layout)
     height, width = rgb.shape[:2]
-    heat = _heat_rgb(cam_map, width, height, cmap)
+    heat = _heat_rgb(cam_map, width, height, cmap, map_extent)
     blended = (1.0 - a) * rgb.astype(np.float32) + a * heat.astype(np.float32)
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
@@ -351,6 +365,7 @@ def render_strip(
     correct: Optional[bool] = None,
     sample_id: Optional[str] = None,
     layout: Optional[str] = "HWC",
+    map_extent: Optional[tuple[float, float]] = None,
 ) -> np.ndarray:
     """One sample as a row of panels: the image, then one overlay per component, with captions.
 
@@ -376,6 +391,7 @@ def render_strip(
         sample_id: Drawn in grey at the right of the caption line when given.
         layout: Passed to ``to_rgb_uint8``; ``"HWC"`` because buffered samples are HWC
             (a 4x4 RGB image would otherwise be ambiguous).
+        map_extent: See ``overlay``.
 
     Returns:
         ``(H', W', 3)`` uint8 RGB.
@@ -400,7 +416,8 @@ def render_strip(
 
     height, width = _scale_for(rgb.shape[0], rgb.shape[1], min_side, max_side)
     base = _resize_image(rgb, height, width)
-    panels = [base] + [overlay(base, maps_arr[i], colormap=cmap, alpha=a, layout="HWC") for i in range(k)]
+    panels = [base] + [overlay(base, maps_arr[i], colormap=cmap, alpha=a, layout="HWC",
+                                    map_extent=map_extent) for i in range(k)]
     titles = ["input"]
     for i in range(k):
         title = f"PC{i + 1}"

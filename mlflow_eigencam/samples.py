@@ -101,6 +101,7 @@ class Sample:
     sample_id: str
     pred_boxes: Optional[Boxes] = field(default=None, repr=False)
     label_boxes: Optional[Boxes] = field(default=None, repr=False)
+    map_extent: Optional[tuple[float, float]] = None  # see render.overlay (detectors)
 
 
 def sample_id(image_uint8: np.ndarray) -> str:
@@ -325,6 +326,7 @@ class SampleBuffer:
         *,
         image_layout: Optional[str] = "HWC",
         channels_last: bool = False,
+        map_extent: Optional[tuple[float, float]] = None,
     ) -> list[Sample]:
         """Keep the first rows of a batch while this key has room; copy only those rows.
 
@@ -341,6 +343,8 @@ class SampleBuffer:
             image_layout: Layout of each image in ``images_hwc_uint8``: ``"HWC"``,
                 ``"CHW"`` or ``None`` to detect.
             channels_last: Whether the activations are NHWC.
+            map_extent: ``(fy, fx)`` fractions of the map the images cover (see
+                ``render.overlay``), kept on each sample; None for the whole map.
 
         Returns:
             The samples kept from this batch (possibly none).
@@ -418,6 +422,7 @@ class SampleBuffer:
                     sample_id=sample_id(new_images[i]),
                     pred_boxes=None if pred_boxes is None else pred_boxes[i],
                     label_boxes=None if label_boxes is None else label_boxes[i],
+                    map_extent=map_extent,
                 )
                 kept.append(sample)
                 added.append(sample)

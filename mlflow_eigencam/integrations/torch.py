@@ -467,6 +467,80 @@ def _stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([im.detach() for im in images])
 
 
+def _transform_of(model: nn.Module) -> Optional[nn.Module]:
+    """A torchvision detector's ``transform`` (``GeneralizedRCNNTransform``), else None: the
+    module that resizes each image and pads the batch before the backbone sees it."""
+    transform = getattr(model, "transform", None)
+    return transform if isinstance(transform, nn.Module) else None
+
+
+def _canvas_of(output: Any) -> Optional["_Canvas"]:
+    """What a detector's transform returned, ``(ImageList, targets)``, as a :class:`_Canvas`;
+    None for any other output (the model is then treated like a classifier)."""
+    first = output[0] if isinstance(output, (tuple, list)) and output else output
+    sizes, tensors = getattr(first, "image_sizes", None), getattr(first, "tensors", None)
+    if not isinstance(tensors, torch.Tensor) or tensors.ndim != 4 or not sizes:
+        return None
+    try:
+        hw = [(int(h), int(w)) for h, w in sizes]
+    except (TypeError, ValueError):
+        return None
+    return _Canvas(height=int(tensors.shape[-2]), width=int(tensors.shape[-1]), image_sizes=hw)
+
+
+@dataclass
+class _Canvas:
+    """The padded batch a detector's backbone saw: ``(height, width)`` pixels, and each
+    image's ``(h, w)`` after the resize, in its top-left corner (the rest is zero padding)."""
+
+    height: int
+    width: int
+    image_sizes: List[Tuple[int, int]]
+
+    def cells(self, grid_hw: Tuple[int, int], index: int) -> Optional[Tuple[int, int]]:
+        """The ``(rows, cols)`` of a ``grid_hw`` feature map over this canvas that cover image
+        ``index``: ``ceil(h * rows_total / height)`` (and the same for the width), so a
+        row or column only partly over the image is kept. None when the map is not a map of
+        this canvas (another geometry) or the index has no size."""
+        if index >= len(self.image_sizes):
+            return None
+        gh, gw = int(grid_hw[0]), int(grid_hw[1])
+        if not _fits_geometry(gh, gw, self.height, self.width):
+            return None
+        h, w = self.image_sizes[index]
+        rows = min(gh, max(1, -(-h * gh // self.height)))  # integer ceil
+        cols = min(gw, max(1, -(-w * gw // self.width)))
+        return rows, cols
+
+
+def _crop_to_images(
+    grid: torch.Tensor, canvas: Optional[_Canvas],
+) -> Tuple[torch.Tensor, Optional[Tuple[float, float]]]:
+    """A ``(B, C, h, w)`` map of the padded canvas cropped, top left, to the cells that
+    cover the images (:meth:`_Canvas.cells`), and the fractions ``(fy, fx)`` of the kept
+    cells that the images fill (the last row / column may be partly padding: the renderer
+    draws the map over ``1 / fy`` of the image's height and shows the image's part). The
+    whole map and None when there is no canvas.
+
+    Same-size images (what ``update()`` takes) share one crop. Should the transform give
+    the samples different sizes (training-mode multi-scale ``min_size``), the largest crop is
+    used for all: the logger computes one epoch's maps from samples of one shape.
+    """
+    if canvas is None:
+        return grid, None
+    gh, gw = int(grid.shape[2]), int(grid.shape[3])
+    crops = [canvas.cells((gh, gw), i) for i in range(int(grid.shape[0]))]
+    if any(c is None for c in crops):
+        return grid, None  # not a map of this canvas: left as it is
+    rows, cols = max(c[0] for c in crops), max(c[1] for c in crops)
+    n = len(crops)
+    height = max(h for h, _ in canvas.image_sizes[:n])
+    width = max(w for _, w in canvas.image_sizes[:n])
+    extent = (min(1.0, height * gh / (rows * canvas.height)),
+              min(1.0, width * gw / (cols * canvas.width)))
+    return grid[:, :, :rows, :cols], (None if extent == (1.0, 1.0) else extent)
+
+
 def _device_of(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
@@ -504,6 +578,7 @@ class _Capture:
     output: Any = None  # a tensor, or numpy detections (list of dicts)
     finder: Optional[_LayerFinder] = None
     grid_finder: Optional[_LayerFinder] = None  # reads the patch grid for a named token layer
+    canvas: Optional[_Canvas] = None  # a detector's padded batch, from its transform
 
 
 # --------------------------------------------------------------------------- monitor
@@ -690,7 +765,9 @@ class EigenCAMMonitor:
         Call inside ``capture()``, after the forward pass.
 
         Args:
-            images: The model's input, float ``(B, C, H, W)`` (or ``(B, H, W)``) tensor.
+            images: The model's input, float ``(B, C, H, W)`` (or ``(B, H, W)``) tensor, or
+                a list of same-size ``(C, H, W)`` images (a torchvision detector; its map is
+                then cropped to the cells over each resized image, not its padding).
             labels: Class indices ``(B,)``, one-hot / probabilities ``(B, K)``, strings, or None.
             preds: The model's output for the batch (logits ``(B, K)``...), or None.
         """
@@ -729,14 +806,8 @@ class EigenCAMMonitor:
         grid = tokens_to_grid(act[:k], self._reshape, self._grid_hw)
         inputs = images_t[:k].detach().to("cpu", copy=True)
         labels_k = _to_numpy(labels, k)
-        self._logger.on_batch_end(
-            self._images_for_logger(inputs),
-            grid.float().cpu().numpy(),
-            labels_k,
-            _to_numpy(preds, k),
-            mode=cap.key[0],
-            ds_id=cap.key[1],
-        )
+        canvas, cap.canvas = cap.canvas, None
+        self._log_cropped(cap.key, inputs, grid, labels_k, _to_numpy(preds, k), canvas)
         if cap.room is not None:
             cap.room -= k
             if self._pin_enabled:
@@ -843,7 +914,17 @@ class EigenCAMMonitor:
 
         return hook
 
+    def _make_canvas_hook(self, cap: _Capture) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            # The resized size of each image and the padded batch (sizes only, no tensor kept).
+            cap.canvas = _canvas_of(output)
+
+        return hook
+
     def _install_hooks(self, cap: _Capture) -> None:
+        transform = _transform_of(self._model)
+        if transform is not None:  # a detector: crop each map to its image (see update())
+            self._handles.append(transform.register_forward_hook(self._make_canvas_hook(cap)))
         if self._target is None:
             cap.finder = _LayerFinder(self._model, cap.room)
         else:
@@ -912,7 +993,10 @@ class EigenCAMMonitor:
         cap = _Capture(key=key, room=None)
         model = self._model
         device = _device_of(model)
-        handle = self._target.register_forward_hook(self._make_hook(cap))
+        handles = [self._target.register_forward_hook(self._make_hook(cap))]
+        transform = _transform_of(model)
+        if transform is not None:
+            handles.append(transform.register_forward_hook(self._make_canvas_hook(cap)))
         try:
             # fork_rng: a model drawing random numbers in eval mode must not shift the
             # user's random stream (their next batch / dropout mask stays the same).
@@ -931,17 +1015,28 @@ class EigenCAMMonitor:
             self._pin_enabled = False
             return
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if cap.act is None:
             return
         grid = tokens_to_grid(cap.act, self._reshape, self._grid_hw)
+        preds = _to_numpy(_detections(output) or _first_tensor(output), images.shape[0])
+        self._log_cropped(key, images, grid, labels, preds, cap.canvas)
+
+    def _log_cropped(self, key: Key, images: torch.Tensor, grid: torch.Tensor, labels: Any,
+                     preds: Any, canvas: Optional[_Canvas]) -> None:
+        """Hand a batch to the logger, the map cropped to the images' own region of a
+        detector's padded canvas (the whole map for other models)."""
+        cropped, extent = _crop_to_images(grid, canvas)
+        kwargs = {} if extent is None else {"map_extent": extent}
         self._logger.on_batch_end(
             self._images_for_logger(images),
-            grid.float().cpu().numpy(),
+            cropped.float().cpu().numpy(),
             labels,
-            _to_numpy(_detections(output) or _first_tensor(output), images.shape[0]),
+            preds,
             mode=key[0],
             ds_id=key[1],
+            **kwargs,
         )
 
     def _warn_once(self, key: str, message: str) -> None:

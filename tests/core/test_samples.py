@@ -231,5 +231,5 @@ def test_bad_label_mapping():
 def test_sample_is_a_dataclass_with_the_contract_fields():
     assert list(Sample.__dataclass_fields__) == [
         "index", "image", "activations", "label", "pred", "correct", "sample_id",
-        "pred_boxes", "label_boxes",
+        "pred_boxes", "label_boxes", "map_extent",
     ]

@@ -10,7 +10,8 @@ from mlflow import MlflowClient
 
 from mlflow_eigencam.render import box_colour, render_detection_strip, render_strip, to_rgb_uint8
 from models_testing import (assert_state_unchanged, assert_strip_close, check_logged_epochs,
-                            plain_svd, run_two_epochs, state_of)
+                            explained_tensor, plain_svd, rows_by_epoch, run_two_epochs, state_of)
+from readback import load_png
 
 tvd = pytest.importorskip("torchvision.models.detection")
 
@@ -89,3 +90,54 @@ def test_detector_boxes_counts_and_default_layer(tracking_uri, factory, expected
         colours = {box_colour(name) for name in pred[1]} | {(255, 255, 255)}
         assert changed.mean() > 0.005
         assert any(np.all(expected[changed] == np.array(c), axis=1).any() for c in colours)
+
+
+@pytest.mark.parametrize("layer, cells", [("backbone.body.layer2", (10, 16)), (None, (3, 4))],
+                         ids=["layer2-stride8", "default-layer4-stride32"])
+def test_detector_map_covers_the_image_not_the_padding(tracking_uri, layer, cells):
+    """A 60x100 image is resized to 76x128 and padded to 96x128 (a multiple of 32): the
+    backbone's map covers the padded canvas. The logged maps are a plain SVD of each image's
+    own cells, ceil(76 / stride) x ceil(128 / stride), top left (stride 8: 10 of 12 rows;
+    stride 32: 3 of 3), drawn so that the cells keep their size on the image: the last row,
+    76 - 9 * 8 = 4 of 8 (stride 32: 12 of 32) pixels image, is cut at the image's edge."""
+    torch.manual_seed(0)
+    model = _retinanet_resnet18()
+    images = [torch.rand(3, 60, 100) for _ in range(2)]
+    before = state_of(model)
+    monitor = run_two_epochs(model, images, model, target_layer=layer, n_samples=2,
+                             label_mapping=NAMES)
+    assert_state_unchanged(before, model)
+    client = MlflowClient()
+    by_epoch = rows_by_epoch(client, monitor.run_id)
+    assert sorted(by_epoch) == [0, 1]
+
+    full = explained_tensor(model, monitor.target_layer_tag, images)
+    stride = 8 if layer else 32
+    assert full.shape[2:] == (96 // stride, 128 // stride)  # the padded 96x128 canvas
+    rows, cols = cells
+    maps, ratios = plain_svd(full[:, :, :rows, :cols])
+    logged = np.array([[r[f"evr_{c}"] for c in (1, 2, 3)] for r in by_epoch[0]])
+    np.testing.assert_allclose(logged, ratios, atol=2e-5)
+    extent = (76 / (rows * stride), 1.0)  # the image's share of the kept cells
+
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    model.train()
+    for i, row in enumerate(by_epoch[0]):
+        for later in by_epoch[1]:  # the same images, the same strip at the next epoch
+            if later["sample_id"] == row["sample_id"]:
+                np.testing.assert_array_equal(load_png(client, monitor.run_id, row["image"]),
+                                              load_png(client, monitor.run_id, later["image"]))
+        det = detections[i]
+        pred = (det["boxes"].numpy(), [NAMES[int(v)] for v in det["labels"]], det["scores"].numpy())
+        image = to_rgb_uint8(images[i].numpy(), "CHW")
+        kwargs = dict(explained_variance=list(logged[i]), label=row["label"],
+                      pred=row["prediction"], sample_id=row["sample_id"], pred_boxes=pred)
+        expected = render_detection_strip(image, maps[i], map_extent=extent, **kwargs)
+        assert_strip_close(client, monitor.run_id, row, expected)
+        # Stretching the kept cells over the image, or the whole padded map, draws otherwise.
+        padded_maps, _ = plain_svd(full[i:i + 1])
+        for other in (render_detection_strip(image, maps[i], **kwargs),
+                      render_detection_strip(image, padded_maps[0], **kwargs)):
+            assert np.abs(other.astype(int) - expected).max(axis=2).astype(bool).mean() > 0.02
