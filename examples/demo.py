@@ -7,7 +7,7 @@ the explanations settle, the low learning rate learning worse), compares the two
 side by side (``compare.html`` / ``compare.png``) and prints the commands that open the
 EigenCAM explorer and the MLflow UI.
 
-    python examples/demo.py                 # ~1-2 minutes on a laptop CPU
+    python examples/demo.py                 # 25-70 s on a shared 2-core CPU
     python examples/demo.py --epochs 2 --out-dir /tmp/demo
 """
 
