@@ -1,6 +1,7 @@
 """Make the documentation's figures from the code itself (CPU, seeded, nothing downloaded).
 
-Writes into ``docs/images/`` (or ``--out``):
+Writes into ``docs/images/`` (or ``--out``; ``tox -e docs`` points it at a copy of the docs
+under ``.tox/``, so a test run leaves the tracked figures as they are):
 
 * ``sign_rule.png``: the first EigenCAM component of a few pinned held-out images after
   every training epoch, once with the sign the SVD happens to return (the textbook

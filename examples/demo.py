@@ -7,7 +7,7 @@ the explanations settle, the low learning rate learning worse), compares the two
 side by side (``compare.html`` / ``compare.png``) and prints the commands that open the
 EigenCAM explorer and the MLflow UI.
 
-    python examples/demo.py                 # ~1-2 minutes on a laptop CPU
+    python examples/demo.py                 # 25-70 s on a shared 2-core CPU
     python examples/demo.py --epochs 2 --out-dir /tmp/demo
 """
 
@@ -29,15 +29,19 @@ def build_module(lr: float):
     from torch import nn
 
     class ShapesCNN(pl.LightningModule):
-        """conv-relu-pool x2 -> conv -> global average pool -> linear."""
+        """(conv-BN-ReLU-pool) x2 -> conv-BN-ReLU -> global average pool -> linear.
+
+        BatchNorm is what lets lr=0.003 get from chance to ~100% in six epochs (without it
+        the same net stalls near 0.6-0.7); lr=0.0003 then visibly learns slower.
+        """
 
         def __init__(self) -> None:
             super().__init__()
             self.save_hyperparameters()
             self.features = nn.Sequential(
-                nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
             )
             self.head = nn.Linear(32, 3)
 
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
                         help="log there instead of a sqlite store in --out-dir")
     parser.add_argument("--lrs", default="0.003,0.0003", help="learning rates, one run each")
     parser.add_argument("--n-train", type=int, default=512)
-    parser.add_argument("--size", type=int, default=48)
+    parser.add_argument("--size", type=int, default=40)
     args = parser.parse_args(argv)
 
     import lightning.pytorch as pl
