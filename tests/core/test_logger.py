@@ -267,11 +267,12 @@ def test_twenty_epochs_do_not_grow_memory(tracking_uri):
             sizes.append(tracemalloc.get_traced_memory()[0])
         tracemalloc.stop()
         logger.close()
-    # After warm-up, 15 more epochs may only add table rows (a few hundred bytes each).
-    # Medians of five epochs each: one epoch end that catches the sender (or MLflow's client)
-    # holding a transient buffer is not growth (seen once, +4 MB at the last epoch only, on
-    # MLflow 2.10 in CI); a leak still shows, as a rise across the ten epochs between.
-    assert statistics.median(sizes[-5:]) - statistics.median(sizes[4:9]) < 1_000_000, sizes
+    # After warm-up, 15 more epochs may only add table rows (a few hundred bytes each). A leak
+    # grows at every epoch, so it shows in both halves; a one-off step does not (on MLflow
+    # 2.10, CI saw traced memory step once by +3.9 MB between epochs 5 and 15, then stay
+    # flat: a cache or lazy import of MLflow's, filled once). Medians of four epochs each.
+    early, mid, late = (statistics.median(sizes[i:i + 4]) for i in (4, 10, 16))
+    assert min(mid - early, late - mid) < 500_000, sizes
 
 
 def test_send_item_sends_a_bundle_that_was_never_spooled(tracking_uri):
