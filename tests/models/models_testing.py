@@ -15,31 +15,14 @@ from torch import nn
 from mlflow_eigencam import _layout
 from mlflow_eigencam.pytorch import EigenCAMMonitor, resolve_target_layer, tokens_to_grid
 from readback import load_json, load_png
+from readback import plain_svd as _plain_svd
 
 K = 3  # components, the monitor's default
 
 
 def plain_svd(act: np.ndarray, k: int = K) -> Tuple[np.ndarray, np.ndarray]:
-    """Textbook EigenCAM per sample (``np.linalg.svd`` of the centred pixel x channel matrix)
-    with the package's documented sign rule: loadings sum >= 0, and on a tie (|cos(v, 1)| <
-    1e-4: LayerNorm'd tokens sum to 0 over channels) the largest |map| pixel is positive.
-
-    Returns:
-        ``(maps (B, k, h, w) float64, ratios (B, k) float64)``.
-    """
-    maps, ratios = [], []
-    for a in np.asarray(act, dtype=np.float64):
-        c, h, w = a.shape
-        x = a.reshape(c, h * w).T
-        x = x - x.mean(axis=0)
-        _, s, vt = np.linalg.svd(x, full_matrices=False)
-        m = (x @ vt[:k].T).T.reshape(k, h * w)
-        for i in range(k):
-            cos = vt[i].sum() / np.sqrt(c)
-            m[i] *= np.sign(cos) if abs(cos) >= 1e-4 else np.sign(m[i][np.argmax(np.abs(m[i]))])
-        maps.append(m.reshape(k, h, w))
-        ratios.append(s[:k] ** 2 / (s ** 2).sum())
-    return np.stack(maps), np.stack(ratios)
+    """:func:`readback.plain_svd` with the monitor's default ``k``."""
+    return _plain_svd(act, k)
 
 
 def state_of(model: nn.Module) -> Dict[str, Any]:

@@ -14,6 +14,7 @@ from mlflow_eigencam import _layout
 from mlflow_eigencam.eigencam import eigencam
 from mlflow_eigencam.pytorch import EigenCAMMonitor, find_target_layer, resolve_target_layer
 from torch_testing import RecordingLogger, all_hooks, table_rows
+from readback import plain_svd
 
 
 class InplaceAfterFeatures(nn.Module):
@@ -114,26 +115,6 @@ class TinyDetector(nn.Module):
                  "labels": torch.tensor([1])} for s in scores]
 
 
-def _plain_svd(act: np.ndarray, k: int):
-    """The textbook per-sample EigenCAM (module docstring of eigencam.py) with its sign rule:
-    loadings summing to >= 0; a tie (|cos(v, 1)| < 1e-4, e.g. LayerNorm'd tokens, whose
-    channels sum to 0) makes the largest |map| pixel positive."""
-    maps, ratios = [], []
-    for a in act.astype(np.float64):
-        c, h, w = a.shape
-        x = a.reshape(c, h * w).T
-        x = x - x.mean(axis=0)
-        _, s, vt = np.linalg.svd(x, full_matrices=False)
-        m = (x @ vt[:k].T).T.reshape(k, h * w)
-        for i in range(k):
-            cos = vt[i].sum() / np.sqrt(c)
-            sign = np.sign(cos) if abs(cos) >= 1e-4 else np.sign(m[i][np.argmax(np.abs(m[i]))])
-            m[i] *= sign
-        maps.append(m.reshape(k, h, w))
-        ratios.append(s[:k] ** 2 / (s ** 2).sum())
-    return np.stack(maps), np.stack(ratios)
-
-
 def test_in_place_op_after_the_found_layer_does_not_change_epoch_0(tracking_uri):
     torch.manual_seed(0)
     model = InplaceAfterFeatures().eval()
@@ -155,7 +136,7 @@ def test_in_place_op_after_the_found_layer_does_not_change_epoch_0(tracking_uri)
     rows = table_rows(MlflowClient(), monitor.run_id, "eval", "val")
     by_epoch = {e: [r["evr_1"] for r in rows if r["epoch"] == e] for e in (0, 1)}
     assert by_epoch[0] == by_epoch[1]
-    _, ratios = _plain_svd(expected, 3)
+    _, ratios = plain_svd(expected, 3)
     np.testing.assert_allclose(by_epoch[0], ratios[:, 0], atol=2e-6)
 
 
@@ -262,7 +243,7 @@ def test_maps_equal_a_plain_svd_of_the_explained_tensor():
         monitor.update(x, None, model(x))
     act = logger.batches[0]["activations"]
     result = eigencam(act, 3)
-    maps, ratios = _plain_svd(act, 3)
+    maps, ratios = plain_svd(act, 3)
     np.testing.assert_allclose(result.explained_variance_ratio, ratios, atol=1e-5)
     np.testing.assert_allclose(result.maps, maps, atol=1e-4 * np.abs(maps).max())
     monitor.close()
