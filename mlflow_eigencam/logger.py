@@ -32,9 +32,8 @@ from . import _layout
 from ._streaming import StreamEpoch
 from .eigencam import _check_n_components, eigencam
 from .filters import ds_id_filter, mode_filter
-from .render import (PNGBand, encode_png, encode_webp_preview, grid_bands, render_strip,
+from .render import (PNGBand, grid_bands, render_detection_strip, render_strip,
                      resolve_colormap)
-from .render import render_detection_strip
 from .samples import Sample, SampleBuffer
 from .sink import EigenCAMWarning, Encoded, Item, MlflowSink, default_spool_root
 
@@ -142,7 +141,6 @@ class EigenCAMLogger:
         self._stream_buffer = SampleBuffer(None, label_mapping)
         self._streams: Dict[Key, StreamEpoch] = {}
         self._stream_inputs: Dict[Key, Dict[str, str]] = {}  # run-wide: sample_id -> inputs file
-        self._tables: Dict[Key, List[dict]] = {}
         # PC1 maps of the previous logged epoch per (mode, ds_id): {sample_id: (h, w)} (drift).
         self._prev_maps: Dict[Key, Dict[str, np.ndarray]] = {}
         self._target_layer = target_layer
@@ -355,7 +353,7 @@ class EigenCAMLogger:
             return
         with _blas_one_thread():
             result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
-        assert self._sink is not None  # _ensure_run made it
+        assert self._sink is not None  # _resolve_run made it
         files: Dict[str, Any] = {}
         bands, rows = [], []
         now = int(time.time() * 1000)
@@ -459,7 +457,7 @@ class EigenCAMLogger:
 
     # -- MLflow --------------------------------------------------------------------------
     def _uri(self) -> str:
-        return self._tracking_uri  # set by _ensure_run
+        return self._tracking_uri  # set by _resolve_run (None: the sender decides)
 
     def _resolve_run(self, *, first_use: bool) -> None:
         """Decide the run once, in the calling thread, without waiting on MLflow.

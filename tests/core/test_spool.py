@@ -9,12 +9,10 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 import warnings
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 

@@ -214,7 +214,7 @@ def _get(url: str):
 
 def test_images_are_resolved_from_run_ids_never_from_paths(world):
     good = world.runs["good"]
-    q = f"mode=eval&ds_id=val&epoch=1&index=0"
+    q = "mode=eval&ds_id=val&epoch=1&index=0"
     status, headers, body = _get(f"{world.url}api/image?run={good}&{q}&kind=preview")
     assert status == 200 and body[:4] == b"RIFF" and body[8:12] == b"WEBP"
     assert "immutable" in headers["Cache-Control"] and headers.get("ETag")

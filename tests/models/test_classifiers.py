@@ -4,7 +4,6 @@ same maps at both epochs, and the model as it was."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient

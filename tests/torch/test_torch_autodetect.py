@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from mlflow import MlflowClient
 from torch import nn
 
-from mlflow_eigencam import _layout
 from mlflow_eigencam.eigencam import eigencam
 from mlflow_eigencam.pytorch import EigenCAMMonitor, find_target_layer, resolve_target_layer
 from torch_testing import RecordingLogger, all_hooks, table_rows
