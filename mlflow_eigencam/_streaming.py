@@ -92,6 +92,8 @@ class StreamEpoch:
     evr_sum: Optional[np.ndarray] = None
     rows: List[dict] = field(default_factory=list)
     grid_strips: List[np.ndarray] = field(default_factory=list)
+    #: {sample_id: (h, w) float16 PC1 map} of this epoch, for the next epoch's map_change.
+    pc1: Dict[str, np.ndarray] = field(default_factory=dict)
     _index: List[list] = field(default_factory=list)
     _new: Dict[str, str] = field(default_factory=dict)
     _inputs: Dict[str, Path] = field(default_factory=dict)

@@ -387,7 +387,8 @@ class EigenCAMLogger:
 
     def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any],
                       grid_strips: List[Any], evr_sum: np.ndarray, count: int,
-                      rows: List[dict], spool_now: bool = False) -> None:
+                      rows: List[dict], spool_now: bool = False,
+                      changes: Optional[List[Optional[float]]] = None) -> None:
         # One bundle per (mode, ds_id, epoch): one upload, one metrics call, tags once per run.
         mode, ds_id = key
         grid = grid_bands(grid_strips, epoch=epoch, mode=mode, ds_id=ds_id)
@@ -400,7 +401,9 @@ class EigenCAMLogger:
         mean = evr_sum / max(count, 1)
         metrics = [[_layout.metric_key(mode, ds_id, c + 1), float(v), epoch, now]
                    for c, v in enumerate(mean)]
-        changes = [r["map_change"] for r in rows if r.get("map_change") is not None]
+        if changes is None:
+            changes = [r.get(_layout.TABLE_MAP_CHANGE_COLUMN) for r in rows]
+        changes = [c for c in changes if c is not None]
         if changes:  # none at the first logged epoch
             metrics.append([_layout.map_change_key(mode, ds_id), float(np.mean(changes)), epoch, now])
         self._submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
@@ -422,9 +425,19 @@ class EigenCAMLogger:
         samples = self._stream_buffer.take(mode, ds_id)
         with _blas_one_thread():
             result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
+        # Explanation drift against the previous logged epoch, as in capped mode; this
+        # epoch's PC1 maps are kept (float16, map resolution: 2 h w bytes per sample) for
+        # the next one.
+        previous = self._prev_maps.get(key, {})
+        changes = {}
+        for i, s in enumerate(samples):
+            pc1 = result.maps[i, 0] if result.maps.shape[1] else None
+            changes[s.sample_id] = map_change(previous.get(s.sample_id), pc1)
+            if pc1 is not None:
+                stream.pc1[s.sample_id] = pc1.astype(np.float16)
         # Copies only: inputs (new sample ids), uint8 maps, ratios; strips for the grid rows.
         stream.add(samples, result.maps, result.explained_variance_ratio,
-                   lambda s, evr: _row(-1, s, evr, ""))
+                   lambda s, evr: _row(-1, s, evr, "", changes.get(s.sample_id)))
 
     def _log_stream(self, epoch: int, key: Key, stream: StreamEpoch) -> None:
         mode, ds_id = key
@@ -445,8 +458,10 @@ class EigenCAMLogger:
             # Spooled before returning: the files are paths into the folder deleted below.
             # No rows for samples.json: streamed rows live in the parts only.
             self._finish_epoch(epoch, key, files, bands, evr_sum, stream.count, [],
-                               spool_now=True)
+                               spool_now=True, changes=[r[_layout.TABLE_MAP_CHANGE_COLUMN]
+                                                        for r in stream.rows])
             stream.commit()
+            self._prev_maps[key] = stream.pc1
         finally:
             shutil.rmtree(stream.folder, ignore_errors=True)
 

@@ -10,13 +10,16 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from mlflow_eigencam import EigenCAMLogger, _layout, eigencam
 from mlflow_eigencam._streaming import quantize_maps, render_stored, stored_strip, table_part_paths
 from mlflow_eigencam.samples import SampleBuffer
-from readback import image_series, list_all, load_json, load_png
+from mlflow_eigencam._reader import Reader
+from mlflow_eigencam.logger import map_change
+from readback import image_series, list_all, load_json, load_png, metric_steps
 
 N, BATCH, ROWS = 10, 4, 3  # 10 images in batches of 4, 3 grid rows
 
@@ -127,6 +130,29 @@ def test_render_stored_round_trip_equals_live_strips(tracking_uri):
     assert render_stored(read, "eval", "val", 5, 0) is None
     assert render_stored(read, "eval", "val", 1, N) is None
     assert render_stored(read, "train", None, 0, 0) is None
+
+
+def test_streamed_rows_carry_map_change_and_its_mean_metric(tracking_uri):
+    client = MlflowClient()
+    rid = run_epochs(3)
+    table = Reader(tracking_uri).table(rid, "eval", "val")
+    by_epoch = {}
+    for row in table.rows:
+        by_epoch.setdefault(row["epoch"], {})[row["sample_id"]] = row["map_change"]
+    assert list(by_epoch[0].values()) == [None] * N  # nothing to compare with yet
+    # The drift itself, from the maps the logger computed: 1 - corr(PC1 at e-1, PC1 at e).
+    images, acts, labels = dataset()
+    maps = [eigencam(acts * np.float32(1 + 0.1 * e) ** np.arange(6)[:, None, None], 2).maps[:, 0]
+            for e in range(3)]
+    ids = list(by_epoch[0])
+    for e in (1, 2):
+        expected = [map_change(maps[e - 1][i], maps[e][i]) for i in range(N)]
+        assert [by_epoch[e][sid] for sid in ids] == pytest.approx(expected, abs=1e-3)
+        assert any(v > 1e-4 for v in expected)  # the activations really drift
+    history = metric_steps(client, rid, "eigencam/eval/val/map_change")
+    assert [s for s, _ in history] == [1, 2]
+    assert [v for _, v in history] == pytest.approx(
+        [float(np.mean(list(by_epoch[e].values()))) for e in (1, 2)], abs=1e-5)
 
 
 def test_skipped_epochs_store_inputs_in_the_next_logged_one(tracking_uri):
