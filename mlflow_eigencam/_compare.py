@@ -57,7 +57,8 @@ Box = Tuple[int, int, int, int]  # x, y, width, height
 # The strip layout and colours of render.render_strip, taken from render.py itself so the
 # panel geometry computed here cannot drift from what was drawn.
 from .render import _BACKGROUND, _FONT_SIZE as _STRIP_FONT_SIZE, _GAP as _STRIP_GAP  # noqa: E402
-from .render import _MUTED, _OK, _TEXT, _WRONG, _grid_shape, tile_layout  # noqa: E402
+from .render import _MUTED, _OK, _TEXT, _WRONG, _TILE_COL_GAP, _grid_shape  # noqa: E402
+from .render import tile_layout  # noqa: E402
 
 _BG = _BACKGROUND[0]
 
@@ -271,9 +272,10 @@ def _tile_panels(arr: np.ndarray, n: int, caption: bool) -> Optional[List[Box]]:
     height, width = arr.shape[:2]
     gap = _STRIP_GAP
     cols, rows = _grid_shape(n)
-    if (width - gap) % cols or (width - gap) // cols - gap < 1:
+    spare = width - 2 * gap - (cols - 1) * _TILE_COL_GAP
+    if spare % cols or spare // cols < 1:
         return None
-    pw = (width - gap) // cols - gap
+    pw = spare // cols
     for has_caption in (caption, not caption):
         probe = tile_layout((1, pw), n, caption=has_caption)  # everything but the panel height
         extra = probe["size"][0] - rows * 1
@@ -297,12 +299,12 @@ def _tiles_plausible(arr: np.ndarray, geo: dict, n: int) -> bool:
             return False
         # Blank columns between the panels and in the right margin.
         for c in range(cols):
-            x = gap + c * (pw + gap) + pw
-            if not (arr[top:top + ph, x:x + gap] == bg).all():
+            x = gap + c * (pw + _TILE_COL_GAP) + pw
+            if not (arr[top:top + ph, x:x + (_TILE_COL_GAP if c < cols - 1 else gap)] == bg).all():
                 return False
         for i in range(n, rows * cols):  # empty cells are white, title included
             if r == i // cols:
-                x = gap + (i % cols) * (pw + gap)
+                x = gap + (i % cols) * (pw + _TILE_COL_GAP)
                 if not (arr[top - gap - geo["line"]:top + ph, x:x + pw] == bg).all():
                     return False
     boxes = geo["boxes"]

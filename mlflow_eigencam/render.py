@@ -84,6 +84,9 @@ GRID_COLUMNS = 4
 _TILE_FONT_FRACTION = 0.11
 _LINE_FACTOR = 1.25
 _CAPTION_LINES = 2
+# Between a card's columns: wider than _GAP, so that a 2 x 2 card of square panels (taller
+# than wide, for its titles and caption) is shown at least 200 px wide in MLflow's preview.
+_TILE_COL_GAP = 16
 
 
 # --------------------------------------------------------------------------- images
@@ -535,19 +538,21 @@ def tile_layout(panel_hw: tuple[int, int], n_panels: int, *, caption: bool = Tru
     Returns:
         ``{"size": (H, W), "boxes": [(x, y, w, h), ...], "font_size": int, "line": int,
         "cols": int, "rows": int, "caption_top": int}``: the panel boxes in card pixels
-        (input first, row by row), each panel's title in the ``line`` rows that end
-        ``_GAP`` above its box, the caption's lines from ``caption_top``.
+        (input first, row by row, columns ``_TILE_COL_GAP`` apart), each panel's title in
+        the ``line`` rows that end ``_GAP`` above its box, the caption's lines from
+        ``caption_top``.
     """
     ph, pw = int(panel_hw[0]), int(panel_hw[1])
     cols, rows = _grid_shape(n_panels)
     size = _tile_font_size(pw)
     line = _line_band(size)
     row_h = line + _GAP + ph + _GAP
-    boxes = [(_GAP + (i % cols) * (pw + _GAP), _GAP + (i // cols) * row_h + line + _GAP, pw, ph)
-             for i in range(n_panels)]
+    boxes = [(_GAP + (i % cols) * (pw + _TILE_COL_GAP), _GAP + (i // cols) * row_h + line + _GAP,
+              pw, ph) for i in range(n_panels)]
     caption_top = _GAP + rows * row_h
     height = caption_top + ((_CAPTION_LINES * line + _GAP) if caption else 0)
-    return {"size": (height, _GAP + cols * (pw + _GAP)), "boxes": boxes, "font_size": size,
+    width = 2 * _GAP + cols * pw + (cols - 1) * _TILE_COL_GAP
+    return {"size": (height, width), "boxes": boxes, "font_size": size,
             "line": line, "cols": cols, "rows": rows, "caption_top": caption_top}
 
 

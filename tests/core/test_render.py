@@ -213,12 +213,12 @@ def test_tiny_images_are_upscaled_and_panels_are_exact():
     assert strip.dtype == np.uint8 and strip.ndim == 3 and strip.shape[2] == 3
     up = np.repeat(np.repeat(img, 5, axis=0), 5, axis=1)  # smallest integer factor reaching 128: 5 -> 140
     (y0,) = find_rows(strip, up, x=4)
-    assert strip.shape[1] == 4 + 2 * (140 + 4)  # a 2 x 2 card: input, PC1 / PC2, PC3; 4 px gaps
+    assert strip.shape[1] == 4 + 140 + 16 + 140 + 4  # a 2 x 2 card: input, PC1 / PC2, PC3
     assert y0 > 10  # titles above the panels
-    cells = [(4, y0), (148, y0)]
+    cells = [(4, y0), (160, y0)]
     (y1,) = find_rows(strip, overlay(up, maps[1]), x=4)
     assert y1 > y0 + 140 + 10  # the second row, under its own titles
-    cells += [(4, y1), (148, y1)]
+    cells += [(4, y1), (160, y1)]
     np.testing.assert_array_equal(strip[y0:y0 + 140, 4:144], up)
     for i in range(3):
         x, y = cells[i + 1]
@@ -275,11 +275,11 @@ def test_card_geometry_k1_k2_and_long_captions():
     img = rgb(32, 32)
     one = render_strip(img, np.ones((1, 4, 4), np.float32), label="a", pred="b", sample_id="x")
     two = render_strip(img, np.random.default_rng(3).random((2, 4, 4)), label="a", pred="b")
-    assert one.shape[1] == two.shape[1] == 4 + 2 * (128 + 4)  # two columns
+    assert one.shape[1] == two.shape[1] == 4 + 128 + 16 + 128 + 4  # two columns
     assert two.shape[0] > one.shape[0] + 128  # two rows
     # k = 2: the fourth cell is empty (white, title included).
     x, y, w, h = tile_layout((128, 128), 3)["boxes"][2]
-    assert np.all(two[y - 4 - 20:y + h, x + w + 4:] == 255)
+    assert np.all(two[y - 4 - 20:y + h, x + w + 16:] == 255)
     # A caption too long for one line goes on two, the mark stays visible.
     long = render_strip(img, np.ones((1, 4, 4), np.float32), label="golden retriever " * 3,
                         pred="Labrador retriever " * 3, sample_id="0123456789ab")
@@ -293,8 +293,10 @@ def test_card_geometry_k1_k2_and_long_captions():
 )
 def test_panel_sizes(hw, panel):
     strip = render_strip(rgb(*hw), np.ones((1, 4, 4), np.float32))
-    assert strip.shape[1] == 4 + 2 * (panel[1] + 4)
+    assert strip.shape[1] == 4 + panel[1] + 16 + panel[1] + 4  # a card's two columns
     assert strip.shape[0] > panel[0]
+    row = render_strip(rgb(*hw), np.ones((1, 4, 4), np.float32), arrangement="row")
+    assert row.shape[1] == 4 + 2 * (panel[1] + 4)
 
 
 def test_caption_mark_colours():
