@@ -9,7 +9,7 @@ under ``.tox/``, so a test run leaves the tracked figures as they are):
   ``mlflow_eigencam.eigencam`` (sign rule). Each cell is ``mlflow_eigencam.render.overlay``
   of the map on the image, the object's box drawn in white and the noise patch's in grey,
   and a caption saying whether the pointing game hits the object.
-* ``overlay_example.png``: one strip from ``mlflow_eigencam.render.render_strip`` (image,
+* ``overlay_example.png``: one card from ``mlflow_eigencam.render.render_strip`` (image,
   three components, explained variance, true and predicted class) of the trained model.
 
 The model, data and epochs are seed 0 of ``benchmarks/bench_quality.py`` (the same code is

@@ -57,7 +57,8 @@ Box = Tuple[int, int, int, int]  # x, y, width, height
 # The strip layout and colours of render.render_strip, taken from render.py itself so the
 # panel geometry computed here cannot drift from what was drawn.
 from .render import _BACKGROUND, _FONT_SIZE as _STRIP_FONT_SIZE, _GAP as _STRIP_GAP  # noqa: E402
-from .render import _MUTED, _OK, _TEXT, _WRONG  # noqa: E402
+from .render import _MUTED, _OK, _TEXT, _WRONG, _TILE_COL_GAP, _grid_shape  # noqa: E402
+from .render import tile_layout  # noqa: E402
 
 _BG = _BACKGROUND[0]
 
@@ -221,60 +222,167 @@ def _split_at(text: str) -> Tuple[str, Optional[str]]:
 
 
 def strip_panels(strip: np.ndarray, k: int, *, caption: bool = True) -> List[Box]:
-    """Boxes of the ``k + 1`` panels (input, PC1..PCk) of a strip from ``render_strip``.
+    """Boxes of the ``k + 1`` panels (input, PC1..PCk) of a logged sample image.
 
-    The panels are equally wide and ``4`` px apart and around, so the width follows from
-    the strip's width alone. The top and height follow from the caption font's line height;
-    when the strip disagrees with that (rendered where Pillow had another default font),
-    they are found from the pixels instead: rows where the input panel and the first overlay
-    differ form the panel band (the title and caption bands are separated from it by blank
-    rows).
+    Two arrangements are read (see ``render.render_strip``): the card (``"tiles"``, what the
+    logger draws now) and the row strip of older runs. The card's geometry follows from its
+    size and ``k`` alone (:func:`render.tile_layout`); it is checked on the pixels (blank
+    gaps around every panel, nothing in the empty cells, the input and the first overlay
+    differing) and, failing that, the row strip is tried.
+
+    Row strips: the panels are equally wide and ``4`` px apart and around, so the width
+    follows from the strip's width alone. The top and height follow from the caption font's
+    line height; when the strip disagrees with that (rendered where Pillow had another
+    default font), they are found from the pixels instead: rows where the input panel and
+    the first overlay differ form the panel band (the title and caption bands are separated
+    from it by blank rows).
 
     Args:
         strip: ``(H, W, 3)`` uint8, as logged.
         k: Components drawn in it (the row's number of ``evr_*`` values).
-        caption: Whether the strip has a caption line (the logger always draws one).
+        caption: Whether the strip has a caption (the logger always draws one); the other
+            case is tried too.
 
     Returns:
         ``[(x, y, width, height), ...]``, ``k + 1`` boxes, input first.
 
     Raises:
-        ValueError: The strip's width does not split into ``k + 1`` panels.
+        ValueError: Neither a card nor a row strip of ``k + 1`` panels fits the image.
     """
     arr = np.asarray(strip)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"strip must be (H, W, 3), got shape {arr.shape}")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
         raise ValueError(f"k must be an int >= 0, got {k!r}")
+    tiles = _tile_panels(arr, int(k) + 1, caption)
+    if tiles is not None:
+        return tiles
+    try:
+        return _row_panels(arr, int(k), caption)
+    except ValueError as exc:
+        height, width = arr.shape[:2]
+        cols, rows = _grid_shape(int(k) + 1)
+        raise ValueError(f"a {width} x {height} image holds neither a card of {int(k) + 1} "
+                         f"panels ({cols} x {rows}) nor a row of them ({exc}); was it made by "
+                         f"render_strip with {k} component(s)?") from None
+
+
+def _tile_panels(arr: np.ndarray, n: int, caption: bool) -> Optional[List[Box]]:
+    """The panel boxes of a card of ``n`` panels, or None if the pixels say it is not one."""
+    height, width = arr.shape[:2]
+    gap = _STRIP_GAP
+    cols, rows = _grid_shape(n)
+    spare = width - 2 * gap - (cols - 1) * _TILE_COL_GAP
+    if spare % cols or spare // cols < 1:
+        return None
+    pw = spare // cols
+    for has_caption in (caption, not caption):
+        probe = tile_layout((1, pw), n, caption=has_caption)  # everything but the panel height
+        extra = probe["size"][0] - rows * 1
+        if (height - extra) % rows or (height - extra) // rows < 1:
+            continue
+        geo = tile_layout(((height - extra) // rows, pw), n, caption=has_caption)
+        if geo["size"] == (height, width) and _tiles_plausible(arr, geo, n):
+            return list(geo["boxes"])
+    return None
+
+
+def _tiles_plausible(arr: np.ndarray, geo: dict, n: int) -> bool:
+    gap, bg = _STRIP_GAP, _BG
+    cols, rows = geo["cols"], geo["rows"]
+    (x0, y0, pw, ph) = geo["boxes"][0]
+    for r in range(rows):
+        top = y0 + r * (geo["line"] + 2 * gap + ph)
+        # Blank rows right above and below the row of panels (x >= gap: the left margin
+        # holds the correct / wrong bar).
+        if not (arr[top - gap:top, gap:] == bg).all() or not (arr[top + ph:top + ph + gap, gap:] == bg).all():
+            return False
+        # Blank columns between the panels and in the right margin.
+        for c in range(cols):
+            x = gap + c * (pw + _TILE_COL_GAP) + pw
+            if not (arr[top:top + ph, x:x + (_TILE_COL_GAP if c < cols - 1 else gap)] == bg).all():
+                return False
+        for i in range(n, rows * cols):  # empty cells are white, title included
+            if r == i // cols:
+                x = gap + (i % cols) * (pw + _TILE_COL_GAP)
+                if not (arr[top - gap - geo["line"]:top + ph, x:x + pw] == bg).all():
+                    return False
+    boxes = geo["boxes"]
+    inp = arr[y0:y0 + ph, x0:x0 + pw]
+    for x, y, w, h in boxes[1:]:
+        # An overlay is never blank (a missing panel would be), and has no white row or
+        # column unless it equals the input (alpha=0): those are gaps between a card's cells.
+        panel = arr[y:y + h, x:x + w]
+        white = panel == bg
+        if white.all():
+            return False
+        if not (panel == inp).all() and (white.all(axis=(1, 2)).any() or white.all(axis=(0, 2)).any()):
+            return False
+    if n > 1:
+        (ax, ay, _, _), (bx, by, _, _) = boxes[0], boxes[1]
+        a, b = arr[ay:ay + ph, ax:ax + pw], arr[by:by + ph, bx:bx + pw]
+        if not (a == b).all():  # identical panels (alpha=0) prove nothing either way
+            diff = (a != b).any(axis=(1, 2))
+            return bool(diff[0] and diff[-1])
+    return True
+
+
+def _row_panels(arr: np.ndarray, k: int, caption: bool) -> List[Box]:
+    """The panel boxes of a row strip (the arrangement of runs logged before the card)."""
     height, width = arr.shape[:2]
     gap, n = _STRIP_GAP, int(k) + 1
     if (width - gap) % n or (width - gap) // n - gap < 1:
         raise ValueError(f"a strip {width} px wide does not hold {n} panels of equal width "
-                         f"({gap} px apart); was it made by render_strip with {k} component(s)?")
+                         f"({gap} px apart)")
     pw = (width - gap) // n - gap
     xs = [gap + i * (pw + gap) for i in range(n)]
 
     line_h = _line_height(_font(_STRIP_FONT_SIZE))
     top = 2 * gap + line_h
-    found: Optional[Tuple[int, int]] = None
+    candidates: List[Tuple[int, int]] = []
     for has_caption in (caption, not caption):
         ph = height - top - gap - ((line_h + gap) if has_caption else 0)
         if ph >= 1 and _plausible(arr, xs, pw, top, ph):
-            found = (top, ph)
-            break
-    if found is None and n > 1:
+            candidates.append((top, ph))
+    if not candidates and n > 1:
         found = _panel_band(arr, xs, pw)
-    if found is None:  # nothing to go by (e.g. alpha=0): trust the layout
-        found = (top, max(1, height - top - gap - ((line_h + gap) if caption else 0)))
-    y, ph = found
+        # Another font moves the band by a few rows, not by more than two lines of text: a
+        # band far from both ends is one row of a card's panels, not a strip's.
+        if found is not None and (found[0] > top + 2 * line_h
+                                  or height - found[0] - found[1] > 3 * (line_h + gap)):
+            raise ValueError(f"the {n} panels found in a strip {width} x {height} px leave "
+                             "too much above or below them")
+        if found is not None:
+            candidates.append(found)
+    if not candidates and n == 1:
+        raise ValueError(f"no blank rows around one panel in a strip {width} x {height} px")
+    if not candidates:  # nothing to go by (e.g. alpha=0): trust the layout
+        candidates.append((top, max(1, height - top - gap - ((line_h + gap) if caption else 0))))
+    problem = ""
+    for y, ph in candidates:
+        problem = _row_problem(arr, xs, pw, y, ph)
+        if not problem:
+            return [(x, y, pw, ph) for x in xs]
+    raise ValueError(problem)
+
+
+def _row_problem(arr: np.ndarray, xs: List[int], pw: int, y: int, ph: int) -> str:
+    """Why the band ``y:y + ph`` is not a row strip's panels ("" if it is)."""
+    gap, (height, width) = _STRIP_GAP, arr.shape[:2]
     # The columns between panels (and the right margin) are blank through the panel band;
-    # a wrong k puts them inside a panel.
+    # a wrong k (or a caption taken for panel rows) puts them inside a panel.
     band = arr[y:y + ph]
     for x in xs:
         if not (band[:, x + pw:x + pw + gap] == _BG).all():
-            raise ValueError(f"a strip {width} px wide does not hold {n} panels here: column "
-                             f"{x + pw} is not a gap; was it made with {k} component(s)?")
-    return [(x, y, pw, ph) for x in xs]
+            return (f"a strip {width} px wide does not hold {len(xs)} panels here: column "
+                    f"{x + pw} is not a gap")
+    if len(xs) > 1:
+        # An overlay has no white row (the heat is never white), unless it is the input
+        # itself (alpha=0); a white row inside the band is the gap between a card's rows.
+        a, b = band[:, xs[0]:xs[0] + pw], band[:, xs[1]:xs[1] + pw]
+        if not (a == b).all() and (b == _BG).all(axis=(1, 2)).any():
+            return f"the panel band of a strip {width} x {height} px has a blank row"
+    return ""
 
 
 def _plausible(arr: np.ndarray, xs: List[int], pw: int, top: int, ph: int) -> bool:

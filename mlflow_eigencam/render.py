@@ -41,6 +41,8 @@ __all__ = [
     "draw_boxes",
     "box_colour",
     "strip_panels",
+    "tile_layout",
+    "ARRANGEMENTS",
     "MAX_DRAWN_BOXES",
     "render_grid",
     "grid_bands",
@@ -70,6 +72,21 @@ _GAP = 4  # between panels and around the strip
 _ROW_GAP = 8  # between strips in a grid
 _FONT_SIZE = 13
 _HEADER_FONT_SIZE = 16
+#: Arrangements of a sample's panels: ``"tiles"`` (a near-square card, the default) or
+#: ``"row"`` (side by side: what runs logged before the card; still read by the readers).
+ARRANGEMENTS = ("tiles", "row")
+#: Cards side by side in an epoch's grid.
+GRID_COLUMNS = 4
+# Card text: a fraction of the panel width (never below _FONT_SIZE), so that it stays about
+# 10 px tall in MLflow's 256 px preview; each text line gets a band of _LINE_FACTOR * size
+# rows (the embedded font's glyphs reach 1.2 * size), so the card's geometry follows from the
+# panel size alone, whatever font Pillow has.
+_TILE_FONT_FRACTION = 0.11
+_LINE_FACTOR = 1.25
+_CAPTION_LINES = 2
+# Between a card's columns: wider than _GAP, so that a 2 x 2 card of square panels (taller
+# than wide, for its titles and caption) is shown at least 200 px wide in MLflow's preview.
+_TILE_COL_GAP = 16
 
 
 # --------------------------------------------------------------------------- images
@@ -351,6 +368,13 @@ def _check_side(name: str, value: object) -> int:
     return int(value)
 
 
+def _check_arrangement(arrangement: object) -> str:
+    if arrangement not in ARRANGEMENTS:
+        raise ValueError(f"arrangement must be one of {', '.join(map(repr, ARRANGEMENTS))}, "
+                         f"got {arrangement!r}")
+    return str(arrangement)
+
+
 def render_strip(
     image: np.ndarray,
     maps: np.ndarray,
@@ -366,13 +390,20 @@ def render_strip(
     sample_id: Optional[str] = None,
     layout: Optional[str] = "HWC",
     map_extent: Optional[tuple[float, float]] = None,
+    arrangement: str = "tiles",
 ) -> np.ndarray:
-    """One sample as a row of panels: the image, then one overlay per component, with captions.
+    """One sample as a card of panels: the image, then one overlay per component, with captions.
 
-    Layout: a title line over each panel (``"input"``, ``"PC1 62.3%"``), the panels side by
-    side, and a caption line under them (``"true: cat   pred: dog   [X]"``, the mark green
-    or red and repeated as a bar in the left margin, the sample id in grey on the right).
-    The caption line is left out when there is nothing to put on it.
+    Layout (``arrangement="tiles"``, the default): the ``n = 1 + k`` panels in
+    ``ceil(sqrt(n))`` columns (k=3: 2 x 2; k=1: 2 x 1; k=2: 2 x 2 with an empty cell), a
+    title over each panel (``"input"``, ``"PC1 62.3%"``), and a two-line caption at the
+    bottom (``"true: cat   pred: dog   [X]"``, the mark green or red and repeated as a bar in
+    the left margin, then the sample id in grey). The text size is 11% of the panel width
+    (at least 13 px), so it stays legible in MLflow's 256 px preview of the card; the
+    geometry follows from the panel size alone (see :func:`tile_layout`).
+    ``arrangement="row"``: the layout of runs logged before the card, the panels side by side
+    under 13 px titles and over one caption line. The caption is left out when there is
+    nothing to put on it.
 
     Args:
         image: ``(H, W, 3)`` uint8 RGB (any image ``to_rgb_uint8`` accepts with ``layout``).
@@ -392,10 +423,12 @@ def render_strip(
         layout: Passed to ``to_rgb_uint8``; ``"HWC"`` because buffered samples are HWC
             (a 4x4 RGB image would otherwise be ambiguous).
         map_extent: See ``overlay``.
+        arrangement: ``"tiles"`` (a near-square card) or ``"row"`` (the legacy strip).
 
     Returns:
         ``(H', W', 3)`` uint8 RGB.
     """
+    _check_arrangement(arrangement)
     min_side = _check_side("min_side", min_side)
     if max_side is not None and _check_side("max_side", max_side) < min_side:
         raise ValueError(f"max_side ({max_side}) must be >= min_side ({min_side})")
@@ -425,10 +458,21 @@ def render_strip(
             title += f" {ev[i] * 100:.1f}%" if np.isfinite(ev[i]) else " n/a"
         titles.append(title)
 
+    has_caption = label is not None or pred is not None or sample_id is not None
+    if correct is None and label is not None and pred is not None:
+        correct = _clean(label) == _clean(pred)
+    draw = _draw_row if arrangement == "row" else _draw_tiles
+    return draw(panels, titles, height, width, label=label, pred=pred, correct=correct,
+                sample_id=sample_id, has_caption=has_caption)
+
+
+def _draw_row(panels: list, titles: list, height: int, width: int, *, label: Optional[str],
+              pred: Optional[str], correct: Optional[bool], sample_id: Optional[str],
+              has_caption: bool) -> np.ndarray:
+    """The legacy arrangement: titles, the panels side by side, one caption line."""
     font = _font(_FONT_SIZE)
     line_h = _line_height(font)
     strip_w = _GAP + len(panels) * (width + _GAP)
-    has_caption = label is not None or pred is not None or sample_id is not None
     title_h = line_h + _GAP
     caption_h = (line_h + _GAP) if has_caption else 0
     strip_h = _GAP + title_h + height + _GAP + caption_h
@@ -450,8 +494,6 @@ def render_strip(
             sid_w = _text_width(font, sid)
             draw.text((right_edge - sid_w, y), sid, fill=_MUTED, font=font)
             right_edge -= sid_w + 3 * _GAP
-        if correct is None and label is not None and pred is not None:
-            correct = _clean(label) == _clean(pred)
         mark = "" if correct is None else ("[OK]" if correct else "[X]")
         mark_w = _text_width(font, mark) + 2 * _GAP if mark else 0
         parts = []
@@ -468,6 +510,130 @@ def render_strip(
             draw.text((x, y), mark, fill=colour, font=font)
             # A bar in the left margin too, so that mistakes stand out when scanning a grid.
             draw.rectangle([(0, _GAP), (_GAP - 2, strip_h - _GAP - 1)], fill=colour)
+    return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def _tile_font_size(panel_width: int) -> int:
+    return max(_FONT_SIZE, int(round(_TILE_FONT_FRACTION * panel_width)))
+
+
+def _line_band(font_size: int) -> int:
+    return int(math.ceil(_LINE_FACTOR * font_size))
+
+
+def _grid_shape(n_panels: int) -> tuple[int, int]:
+    """(columns, rows) of a card of ``n_panels`` panels: ceil(sqrt(n)) columns."""
+    cols = max(1, int(math.ceil(math.sqrt(n_panels))))
+    return cols, max(1, int(math.ceil(n_panels / cols)))
+
+
+def tile_layout(panel_hw: tuple[int, int], n_panels: int, *, caption: bool = True) -> dict:
+    """Geometry of a card (``arrangement="tiles"``), from the panel size alone (no font metrics).
+
+    Args:
+        panel_hw: (height, width) of each panel, after scaling.
+        n_panels: 1 + k.
+        caption: Whether the card has its caption band (two lines) at the bottom.
+
+    Returns:
+        ``{"size": (H, W), "boxes": [(x, y, w, h), ...], "font_size": int, "line": int,
+        "cols": int, "rows": int, "caption_top": int}``: the panel boxes in card pixels
+        (input first, row by row, columns ``_TILE_COL_GAP`` apart), each panel's title in
+        the ``line`` rows that end ``_GAP`` above its box, the caption's lines from
+        ``caption_top``.
+    """
+    ph, pw = int(panel_hw[0]), int(panel_hw[1])
+    cols, rows = _grid_shape(n_panels)
+    size = _tile_font_size(pw)
+    line = _line_band(size)
+    row_h = line + _GAP + ph + _GAP
+    boxes = [(_GAP + (i % cols) * (pw + _TILE_COL_GAP), _GAP + (i // cols) * row_h + line + _GAP,
+              pw, ph) for i in range(n_panels)]
+    caption_top = _GAP + rows * row_h
+    height = caption_top + ((_CAPTION_LINES * line + _GAP) if caption else 0)
+    width = 2 * _GAP + cols * pw + (cols - 1) * _TILE_COL_GAP
+    return {"size": (height, width), "boxes": boxes, "font_size": size,
+            "line": line, "cols": cols, "rows": rows, "caption_top": caption_top}
+
+
+def _text_line(canvas: Image.Image, xy: tuple[int, int], size: tuple[int, int],
+               pieces: list, font: ImageFont.ImageFont) -> None:
+    """Draw ``[(text, colour, x offset), ...]`` on a white band of ``size`` (w, h) pasted at
+    ``xy``: text never leaves its band, whatever the font's real height."""
+    band = Image.new("RGB", size, _BACKGROUND)
+    draw = ImageDraw.Draw(band)
+    for text, colour, dx in pieces:
+        if text:
+            draw.text((dx, 0), text, fill=colour, font=font)
+    canvas.paste(band, xy)
+
+
+def _draw_tiles(panels: list, titles: list, height: int, width: int, *, label: Optional[str],
+                pred: Optional[str], correct: Optional[bool], sample_id: Optional[str],
+                has_caption: bool) -> np.ndarray:
+    """A near-square card: panels in ceil(sqrt(n)) columns, each under its title; a two-line
+    caption at the bottom (true / pred and the mark, then the sample id in grey)."""
+    geo = tile_layout((height, width), len(panels), caption=has_caption)
+    card_h, card_w = geo["size"]
+    line = geo["line"]
+    font = _font(geo["font_size"])
+    canvas = Image.new("RGB", (card_w, card_h), _BACKGROUND)
+    for panel, title, (x, y, w, h) in zip(panels, titles, geo["boxes"]):
+        canvas.paste(Image.fromarray(panel), (x, y))
+        _text_line(canvas, (x, y - _GAP - line), (w, line), [(_fit(font, title, w), _TEXT, 0)], font)
+    if not has_caption:
+        return np.asarray(canvas, dtype=np.uint8).copy()
+
+    inner = card_w - 2 * _GAP
+    mark = "" if correct is None else ("[OK]" if correct else "[X]")
+    mark_colour = _OK if correct else _WRONG
+    sep = _text_width(font, "   ")
+    mark_w = _text_width(font, mark) if mark else 0
+    true_t = None if label is None else f"true: {_clean(label)}"
+    pred_t = None if pred is None else f"pred: {_clean(pred)}"
+    sid = None if sample_id is None else f"id {_clean(sample_id)}"
+    both = "   ".join(t for t in (true_t, pred_t) if t)
+    lines: list = [[], []]
+
+    def place(row: int, text: Optional[str], colour: tuple, room: int, x: int) -> int:
+        if not text:
+            return x
+        fitted = _fit(font, text, max(0, room))
+        if fitted:
+            lines[row].append((fitted, colour, x))
+            x += _text_width(font, fitted) + sep
+        return x
+
+    def place_mark(row: int, x: int) -> None:
+        if mark:
+            lines[row].append((mark, mark_colour, x))
+
+    room1 = inner - (mark_w + sep if mark else 0)
+    if not both or _text_width(font, both) <= room1:
+        # Line 1: "true: cat   pred: dog   [X]"; line 2: the sample id.
+        place_mark(0, place(0, both, _TEXT, room1, 0))
+        place(1, sid, _MUTED, inner, 0)
+    else:
+        # Too long for one line: true on line 1; pred, the mark and the id on line 2.
+        second = pred_t if true_t is not None else None
+        place(0, true_t if true_t is not None else pred_t, _TEXT, inner if second else room1, 0)
+        if second is None:
+            place_mark(0, _text_width(font, lines[0][0][0]) + sep if lines[0] else 0)
+            place(1, sid, _MUTED, inner, 0)
+        else:
+            sid_w = min(_text_width(font, sid), inner // 3) if sid else 0
+            x = place(1, second, _TEXT, room1 - (sid_w + sep if sid else 0), 0)
+            place_mark(1, x)
+            if sid:
+                fitted = _fit(font, sid, max(0, inner - x - mark_w - sep))
+                if fitted:
+                    lines[1].append((fitted, _MUTED, inner - _text_width(font, fitted)))
+    for row, pieces in enumerate(lines):
+        _text_line(canvas, (_GAP, geo["caption_top"] + row * line), (inner, line), pieces, font)
+    if mark:
+        # A bar in the left margin too, so that mistakes stand out when scanning a grid.
+        ImageDraw.Draw(canvas).rectangle([(0, _GAP), (_GAP - 2, card_h - _GAP - 1)],
+                                         fill=mark_colour)
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
@@ -578,10 +744,13 @@ def draw_boxes(
 
 
 def strip_panels(image_hw: tuple[int, int], n_panels: int, *, min_side: int = 128,
-                 max_side: Optional[int] = 512) -> list[tuple[int, int, int, int]]:
+                 max_side: Optional[int] = 512,
+                 arrangement: str = "tiles") -> list[tuple[int, int, int, int]]:
     """Where :func:`render_strip` puts its panels: ``(x, y, width, height)`` of each, in strip
     pixels, for an image of ``image_hw`` (the same scale and layout rules)."""
     height, width = _scale_for(int(image_hw[0]), int(image_hw[1]), min_side, max_side)
+    if _check_arrangement(arrangement) == "tiles":
+        return list(tile_layout((height, width), n_panels)["boxes"])
     top = _GAP + _line_height(_font(_FONT_SIZE)) + _GAP
     return [(_GAP + i * (width + _GAP), top, width, height) for i in range(n_panels)]
 
@@ -595,6 +764,7 @@ def render_detection_strip(
     min_side: int = 128,
     max_side: Optional[int] = 512,
     layout: Optional[str] = "HWC",
+    arrangement: str = "tiles",
     **strip_kwargs: object,
 ) -> np.ndarray:
     """:func:`render_strip`, then the boxes drawn on every panel.
@@ -612,6 +782,7 @@ def render_detection_strip(
         min_side: Passed to :func:`render_strip`.
         max_side: Passed to :func:`render_strip`.
         layout: Passed to :func:`render_strip`.
+        arrangement: Passed to :func:`render_strip`.
         **strip_kwargs: Passed to :func:`render_strip` (``label`` and ``pred`` become the
             caption described above; ``correct`` is ignored).
 
@@ -624,11 +795,12 @@ def render_detection_strip(
     text = ", ".join(t for t in (None if pred is None else str(pred),
                                   None if label is None else f"true: {label}") if t)
     strip = render_strip(image, maps, min_side=min_side, max_side=max_side, layout=layout,
-                         pred=text or None, **strip_kwargs)  # type: ignore[arg-type]
+                         arrangement=arrangement, pred=text or None,
+                         **strip_kwargs)  # type: ignore[arg-type]
     rgb_hw = to_rgb_uint8(image, layout).shape[:2]
     k = np.asarray(maps).shape[0] if np.asarray(maps).ndim == 3 else 1
     for i, (x, y, w, h) in enumerate(strip_panels(rgb_hw, 1 + k, min_side=min_side,
-                                                  max_side=max_side)):
+                                                  max_side=max_side, arrangement=arrangement)):
         scale = (w / rgb_hw[1], h / rgb_hw[0])
         panel = strip[y:y + h, x:x + w]
         if true_boxes is not None:
@@ -647,11 +819,13 @@ def render_grid(
     mode: str,
     ds_id: Optional[str],
 ) -> np.ndarray:
-    """Stack strips into one image under a header ``"epoch 3 | mode eval | ds_id ds1"``.
+    """Lay cards out under a header ``"epoch 3 | mode eval | ds_id ds1"``, up to
+    ``GRID_COLUMNS`` (4) per row, in order, left to right then top to bottom.
 
     Args:
-        strips: ``(H_i, W_i, 3)`` uint8 images (from ``render_strip``), one per row, padded
-            with white on the right to the widest.
+        strips: ``(H_i, W_i, 3)`` uint8 images (from ``render_strip``). Each sits at the top
+            left of a cell as wide as the widest and as tall as the tallest of its row, white
+            around it; thin rules separate the cells.
         epoch: Shown in the header.
         mode: Shown in the header.
         ds_id: Shown in the header; left out when ``None``.
@@ -673,19 +847,18 @@ def grid_bands(
     mode: str,
     ds_id: Optional[str],
 ) -> list["PNGBand"]:
-    """:func:`render_grid` as horizontal bands, top to bottom: the header, strip 0, a gap,
-    strip 1, ..., a bottom row. A strip given as a :class:`PNGBand` that already has the
-    grid's width is returned as that same object, so the PNG encoder reuses its compressed
-    rows instead of compressing the grid's pixels again (half the encoding work per epoch).
-    """
+    """:func:`render_grid` as horizontal bands, top to bottom: the header, row 0 of cards, a
+    gap, row 1, ..., a bottom row; :func:`encode_png` writes them as one PNG. Strips may be
+    given as :class:`PNGBand` (their pixels are used: cards side by side share scanlines, so
+    a card's compressed rows cannot be reused here)."""
     if len(strips) == 0:
         raise ValueError("render_grid needs at least one strip, got none")
-    rows = []
+    cards = []
     for i, strip in enumerate(strips):
         s = strip.pixels if isinstance(strip, PNGBand) else np.asarray(strip)
         if s.ndim != 3 or s.shape[2] != 3 or s.dtype != np.uint8:
             raise ValueError(f"strip {i} must be (H, W, 3) uint8, got shape {s.shape} dtype {s.dtype}")
-        rows.append(s)
+        cards.append(s)
 
     font = _font(_HEADER_FONT_SIZE)
     header = f"epoch {epoch} | mode {_clean(mode)}"
@@ -693,7 +866,9 @@ def grid_bands(
         header += f" | ds_id {_clean(ds_id)}"
     line_h = _line_height(font)
     header_h = _GAP + line_h + _GAP
-    width = max(max(r.shape[1] for r in rows), _text_width(font, header) + 2 * _GAP)
+    per_row = min(GRID_COLUMNS, len(cards))
+    cell_w = max(c.shape[1] for c in cards)
+    width = max(per_row * cell_w + (per_row - 1) * _ROW_GAP, _text_width(font, header) + 2 * _GAP)
 
     head = Image.new("RGB", (width, header_h), _BACKGROUND)
     draw = ImageDraw.Draw(head)
@@ -703,15 +878,17 @@ def grid_bands(
     gap[_ROW_GAP - _ROW_GAP // 2 - 1] = _RULE  # a rule in the middle of the gap
     gap_band = PNGBand(gap)
     bands = [PNGBand(np.asarray(head, dtype=np.uint8))]
-    for i, (strip, row) in enumerate(zip(strips, rows)):
-        if i:
+    for r in range(0, len(cards), per_row):
+        row = cards[r:r + per_row]
+        band = np.full((max(c.shape[0] for c in row), width, 3), _BACKGROUND, np.uint8)
+        for c, card in enumerate(row):
+            x = c * (cell_w + _ROW_GAP)
+            band[: card.shape[0], x:x + card.shape[1]] = card
+            if c:  # a rule in the middle of the gap before the card
+                band[:, x - _ROW_GAP // 2 - 1] = _RULE
+        if r:
             bands.append(gap_band)
-        if row.shape[1] == width:
-            bands.append(strip if isinstance(strip, PNGBand) else PNGBand(row))
-        else:
-            padded = np.full((row.shape[0], width, 3), _BACKGROUND, np.uint8)
-            padded[:, : row.shape[1]] = row
-            bands.append(PNGBand(padded))
+        bands.append(PNGBand(band))
     bands.append(PNGBand(np.full((1, width, 3), _BACKGROUND, np.uint8)))
     return bands
 

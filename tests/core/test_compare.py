@@ -33,6 +33,7 @@ from mlflow_eigencam import compare as compare_fn
 from mlflow_eigencam.cli import main
 from mlflow_eigencam._compare import _COL_GAP, CompareResult, parse_epochs, strip_panels
 from mlflow_eigencam.render import overlay, render_strip, to_rgb_uint8
+from mlflow_eigencam.render import strip_panels as render_strip_panels
 from mlflow_eigencam.samples import sample_id
 from test_logger import blob_batch
 
@@ -144,15 +145,25 @@ def test_package_attribute_is_the_function_after_the_cli_import():
     assert mlflow_eigencam.compare is cmp_mod.compare is compare_fn
 
 
+@pytest.mark.parametrize("arrangement", ["tiles", "row"])
 @pytest.mark.parametrize("shape, k, caption", [((32, 32), 2, True), ((20, 36), 3, True),
-                                               ((32, 32), 1, False)])
-def test_strip_panels_are_exactly_the_drawn_panels(shape, k, caption):
+                                               ((32, 32), 1, False), ((64, 128), 3, True),
+                                               ((30, 20), 0, True)])
+def test_strip_panels_are_exactly_the_drawn_panels(shape, k, caption, arrangement):
+    # Cards (what the logger draws) and row strips (what older runs have on disk) alike.
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, size=shape + (3,), dtype=np.uint8)
-    maps = eigencam(rng.normal(size=(1, 6, 5, 9)).astype(np.float32), k).maps[0]
+    maps = eigencam(rng.normal(size=(1, 6, 5, 9)).astype(np.float32), max(k, 1)).maps[0][:k]
     kwargs = {"label": "cat", "pred": "dog", "sample_id": "abc"} if caption else {}
-    strip = render_strip(image, maps, explained_variance=[0.5] * k, **kwargs)
+    strip = render_strip(image, maps, explained_variance=[0.5] * k, arrangement=arrangement,
+                         **kwargs)
     boxes = strip_panels(strip, k, caption=caption)
+    if k:  # the other case is tried too (one panel alone cannot tell a caption from a panel)
+        assert boxes == strip_panels(strip, k, caption=not caption)
+    if arrangement == "tiles":
+        assert boxes == render_strip_panels(shape, k + 1)
+        if k == 3:  # 2 x 2
+            assert boxes[0][1] == boxes[1][1] < boxes[2][1] == boxes[3][1]
     assert len(boxes) == k + 1
     x, y, w, h = boxes[0]
     factor = int(np.ceil(128 / min(shape)))
@@ -169,13 +180,29 @@ def test_strip_panels_found_from_pixels_when_the_font_differs():
     rng = np.random.default_rng(2)
     image = rng.integers(0, 200, size=(32, 32, 3), dtype=np.uint8)
     maps = eigencam(rng.normal(size=(1, 4, 8, 8)).astype(np.float32), 2).maps[0]
-    strip = render_strip(image, maps, label="a", pred="b", sample_id="x")
+    # (A legacy row strip: a card's geometry does not depend on the font.)
+    strip = render_strip(image, maps, label="a", pred="b", sample_id="x", arrangement="row")
     taller = np.concatenate([np.full((6,) + strip.shape[1:], 255, np.uint8), strip])
     x, y, w, h = strip_panels(taller, 2)[1]
     x0, y0, w0, h0 = strip_panels(strip, 2)[1]
     assert (x, y, w, h) == (x0, y0 + 6, w0, h0)
-    with pytest.raises(ValueError, match="does not hold 4 panels"):
+    with pytest.raises(ValueError, match="holds neither a card of 4 panels"):
         strip_panels(strip, 3)
+
+
+@pytest.mark.parametrize("wrong_k", [1, 2, 4])
+def test_strip_panels_rejects_a_card_read_with_another_k(wrong_k):
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, size=(28, 28, 3), dtype=np.uint8)
+    maps = eigencam(rng.normal(size=(1, 6, 7, 7)).astype(np.float32), 3).maps[0]
+    card = render_strip(image, maps, label="a", pred="b", sample_id="x")
+    assert len(strip_panels(card, 3)) == 4
+    # k=2 has the same 2 x 2 grid, k=1 the same column width as a row strip: the pixels
+    # (an empty cell, white rows inside a "panel") tell them apart.
+    with pytest.raises(ValueError, match=f"holds neither a card of {wrong_k + 1} panels"):
+        strip_panels(card, wrong_k)
+    with pytest.raises(ValueError, match="holds neither"):
+        strip_panels(rng.integers(0, 256, size=card.shape, dtype=np.uint8), 3)
 
 
 # --------------------------------------------------------------------------- epoch specs

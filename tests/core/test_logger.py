@@ -47,14 +47,15 @@ def test_epochs_land_as_keys_steps_grid_table_metrics_tags(tracking_uri):
     assert sorted(series) == [f"eigencam/eval/val/sample_{i}" for i in range(3)]
     assert all(sorted(steps) == [0, 1] for steps in series.values())
     strip = load_png(client, rid, series["eigencam/eval/val/sample_0"][1])
-    assert strip.dtype == np.uint8 and strip.shape[0] >= 128 and strip.shape[1] > 2 * strip.shape[0]
+    # A near-square card: input and PC1 over PC2 (k=2), panels of 128 px.
+    assert strip.dtype == np.uint8 and strip.shape[0] > 2 * 128 and 0.7 <= strip.shape[1] / strip.shape[0] <= 1.5
 
     files = list_all(client, rid, "eigencam")
     assert "eigencam/eval/val/epoch_0000/grid.png" in files
     assert "eigencam/eval/val/epoch_0001/grid.png" in files
     assert "eigencam/eval/val/epoch_0001/sample_2.png" in files
     grid = load_png(client, rid, "eigencam/eval/val/epoch_0001/grid.png")
-    assert grid.shape[0] > 3 * 128
+    assert grid.shape[1] >= 3 * strip.shape[1] and grid.shape[0] > strip.shape[0]  # 3 cards in a row
 
     table = load_json(client, rid, "eigencam/eval/val/samples.json")
     cols = table["columns"]

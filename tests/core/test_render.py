@@ -19,8 +19,10 @@ from mlflow_eigencam.render import (
     encode_png,
     overlay,
     render_grid,
+    encode_webp_preview,
     render_strip,
     resolve_colormap,
+    tile_layout,
     to_rgb_uint8,
 )
 
@@ -211,12 +213,78 @@ def test_tiny_images_are_upscaled_and_panels_are_exact():
     assert strip.dtype == np.uint8 and strip.ndim == 3 and strip.shape[2] == 3
     up = np.repeat(np.repeat(img, 5, axis=0), 5, axis=1)  # smallest integer factor reaching 128: 5 -> 140
     (y0,) = find_rows(strip, up, x=4)
-    assert strip.shape[1] == 4 + 4 * (140 + 4)  # image + 3 overlays, 4 px gaps
+    assert strip.shape[1] == 4 + 140 + 16 + 140 + 4  # a 2 x 2 card: input, PC1 / PC2, PC3
+    assert y0 > 10  # titles above the panels
+    cells = [(4, y0), (160, y0)]
+    (y1,) = find_rows(strip, overlay(up, maps[1]), x=4)
+    assert y1 > y0 + 140 + 10  # the second row, under its own titles
+    cells += [(4, y1), (160, y1)]
+    np.testing.assert_array_equal(strip[y0:y0 + 140, 4:144], up)
+    for i in range(3):
+        x, y = cells[i + 1]
+        np.testing.assert_array_equal(strip[y:y + 140, x:x + 140], overlay(up, maps[i]))
+    assert strip.shape[0] - (y1 + 140) > 20  # the caption, under the panels
+
+
+def test_row_arrangement_is_the_legacy_strip():
+    img = rgb(28, 28)
+    maps = np.random.default_rng(1).standard_normal((3, 7, 7)).astype(np.float32)
+    strip = render_strip(img, maps, explained_variance=[0.623, 0.2, 0.05], label="7", pred="7",
+                         arrangement="row")
+    up = np.repeat(np.repeat(img, 5, axis=0), 5, axis=1)
+    (y0,) = find_rows(strip, up, x=4)
+    assert strip.shape[1] == 4 + 4 * (140 + 4)  # image + 3 overlays side by side, 4 px gaps
     for i in range(3):
         x = 4 + (i + 1) * 144
         np.testing.assert_array_equal(strip[y0 : y0 + 140, x : x + 140], overlay(up, maps[i]))
-    assert y0 > 10  # titles above the panels
-    assert strip.shape[0] - (y0 + 140) > 10  # caption under the panels
+    assert y0 > 10 and strip.shape[0] - (y0 + 140) > 10
+    with pytest.raises(ValueError, match="arrangement must be one of 'tiles', 'row'"):
+        render_strip(img, maps, arrangement="column")
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (64, 64), (224, 224), (64, 128)])
+def test_card_is_near_square_and_its_text_is_legible_in_the_preview(hw):
+    img = rgb(*hw)
+    maps = np.random.default_rng(2).random((3, 7, 7)).astype(np.float32)
+    kw = dict(explained_variance=[0.623, 0.2, 0.05], sample_id="0123456789ab")
+    card = render_strip(img, maps, label="7", pred="1", **kw)
+    height, width = card.shape[:2]
+    assert 0.7 <= width / height <= 1.5, card.shape
+    # Text in MLflow's preview (longer side 256 px): measured on the pixels of the preview,
+    # as the height of the caption's first line (dark text on white; "true: 7  pred: 1" has
+    # no descenders, so this is the height of the digits and capitals).
+    preview = np.asarray(Image.open(io.BytesIO(encode_webp_preview(card))).convert("RGB"))
+    plain = render_strip(img, maps, label=None, pred=None, **kw)  # the id line only
+    geo = tile_layout(_panel_of(hw), 4)
+    scale = preview.shape[0] / height
+    top, line = geo["caption_top"], geo["line"]
+    band = preview[int(top * scale):int((top + line) * scale) + 1, int(8 * scale):]
+    dark_rows = np.nonzero((band.min(axis=-1) < 120).any(axis=1))[0]
+    assert dark_rows.size and dark_rows.max() - dark_rows.min() + 1 >= 7  # cap height
+    assert geo["font_size"] * scale >= 9.5  # the font's size (em) in preview pixels
+    assert plain.shape == card.shape
+
+
+def _panel_of(hw):
+    from mlflow_eigencam.render import _scale_for
+
+    return _scale_for(hw[0], hw[1], 128, 512)
+
+
+def test_card_geometry_k1_k2_and_long_captions():
+    img = rgb(32, 32)
+    one = render_strip(img, np.ones((1, 4, 4), np.float32), label="a", pred="b", sample_id="x")
+    two = render_strip(img, np.random.default_rng(3).random((2, 4, 4)), label="a", pred="b")
+    assert one.shape[1] == two.shape[1] == 4 + 128 + 16 + 128 + 4  # two columns
+    assert two.shape[0] > one.shape[0] + 128  # two rows
+    # k = 2: the fourth cell is empty (white, title included).
+    x, y, w, h = tile_layout((128, 128), 3)["boxes"][2]
+    assert np.all(two[y - 4 - 20:y + h, x + w + 16:] == 255)
+    # A caption too long for one line goes on two, the mark stays visible.
+    long = render_strip(img, np.ones((1, 4, 4), np.float32), label="golden retriever " * 3,
+                        pred="Labrador retriever " * 3, sample_id="0123456789ab")
+    assert long.shape == one.shape
+    assert count_colour(long[-30:], WRONG_RED) > 5
 
 
 @pytest.mark.parametrize(
@@ -225,8 +293,10 @@ def test_tiny_images_are_upscaled_and_panels_are_exact():
 )
 def test_panel_sizes(hw, panel):
     strip = render_strip(rgb(*hw), np.ones((1, 4, 4), np.float32))
-    assert strip.shape[1] == 4 + 2 * (panel[1] + 4)
+    assert strip.shape[1] == 4 + panel[1] + 16 + panel[1] + 4  # a card's two columns
     assert strip.shape[0] > panel[0]
+    row = render_strip(rgb(*hw), np.ones((1, 4, 4), np.float32), arrangement="row")
+    assert row.shape[1] == 4 + 2 * (panel[1] + 4)
 
 
 def test_caption_mark_colours():
@@ -314,16 +384,20 @@ def test_png_bytes_are_the_same_in_a_fresh_process():
 # ------------------------------------------------------------------ grids
 
 
-def test_grid_stacks_and_pads_strips():
-    a = rgb(50, 300, seed=1)
-    b = rgb(60, 420, seed=2)
-    grid = render_grid([a, b], epoch=3, mode="eval", ds_id="ds1")
-    assert grid.shape[1] == 420
-    (ya,) = find_rows(grid, a, x=0)
-    (yb,) = find_rows(grid, b, x=0)
-    assert 10 < ya and ya + 50 < yb  # header first, then the strips in order
-    assert np.all(grid[ya : ya + 50, 300:] == 255)  # the narrow strip is padded with white
-    assert grid.shape[0] == yb + 60 + 1
+def test_grid_lays_cards_out_four_per_row():
+    cards = [rgb(50, 300, seed=i) for i in range(5)] + [rgb(60, 320, seed=9)]
+    grid = render_grid(cards, epoch=3, mode="eval", ds_id="ds1")
+    assert grid.shape[1] == 4 * 320 + 3 * 8  # four cells as wide as the widest card, 8 px apart
+    (y0,) = find_rows(grid, cards[0], x=0)
+    assert y0 > 10  # under the header
+    for i in range(1, 4):
+        assert find_rows(grid, cards[i], x=i * 328) == [y0]  # the first row, left to right
+    assert np.all(grid[y0:y0 + 50, 300:320] == 255)  # a narrower card is padded with white
+    (y1,) = find_rows(grid, cards[4], x=0)
+    assert y1 >= y0 + 50 + 8  # the second row, under a gap
+    assert find_rows(grid, cards[5], x=328) == [y1]
+    assert np.all(grid[y1:, 2 * 328:] == 255)  # the rest of the last row is white
+    assert grid.shape[0] == y1 + 60 + 1
 
 
 def test_grid_header_text():
@@ -391,18 +465,16 @@ def test_encode_png_decodes_exactly_in_pillow_and_opencv(shape):
         encode_png(np.zeros((0, 4, 3), np.uint8))
 
 
-def test_grid_from_bands_reuses_strip_rows_and_decodes_to_render_grid():
+def test_grid_from_bands_decodes_to_render_grid():
     from mlflow_eigencam.render import PNGBand, grid_bands
 
     wide = render_strip(rgb(20, 36), np.random.default_rng(1).random((2, 5, 9)), label="a", pred="b")
     narrow = render_strip(rgb(20, 20), np.random.default_rng(2).random((1, 5, 5)))
-    strips = [PNGBand(wide), PNGBand(narrow), PNGBand(wide)]
-    alone = encode_png([strips[0]])  # compresses strip 0's rows once
-    assert alone == encode_png(wide)
+    strips = [PNGBand(wide), PNGBand(narrow), PNGBand(wide)] * 2
+    assert encode_png([strips[0]]) == encode_png(wide)
     bands = grid_bands(strips, epoch=4, mode="eval", ds_id="val")
-    assert bands[1] is strips[0] and bands[5] is strips[2]  # same width: reused as is
     data = encode_png(bands)
-    expected = render_grid([wide, narrow, wide], epoch=4, mode="eval", ds_id="val")
+    expected = render_grid([wide, narrow, wide] * 2, epoch=4, mode="eval", ds_id="val")
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), expected)
     with pytest.raises(ValueError, match="share width"):
         encode_png([PNGBand(wide), PNGBand(narrow)])

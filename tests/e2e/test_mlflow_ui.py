@@ -10,10 +10,12 @@ Chromium and checks what a user would do:
 * the "Artifacts" tab expands ``eigencam/{mode}/{ds}/epoch_0000`` and previews ``grid.png`` at
   the size it was logged.
 
+The run gets the parameters ``mlflow.pytorch.autolog`` logs (they share the page with the
+charts), and the sample's card must be displayed at least ~200 x 180 CSS px, near square.
+
 It saves the two screenshots the docs use (``docs/images/mlflow_ui_images.png`` and
-``docs/images/mlflow_ui_grid.png``). They are rewritten when missing or when
-``MLFLOW_EIGENCAM_DOCS_SCREENSHOTS=1``; otherwise they go to the test's tmp dir, so that a test
-run does not change tracked files.
+``docs/images/mlflow_ui_grid.png``) only when ``MLFLOW_EIGENCAM_DOCS_SCREENSHOTS=1``;
+otherwise they go to the test's tmp dir, so that a test run does not change tracked files.
 
 Needs the ``playwright`` package and a Chromium binary (``/usr/bin/chromium``, or
 ``$MLFLOW_EIGENCAM_CHROMIUM``); never runs ``playwright install``. Without them the test skips,
@@ -116,12 +118,32 @@ def _log_run(uri: str, tmp_path: Path) -> Tuple[str, str, str]:
 
 
 def _shot_path(name: str, tmp_path: Path) -> Path:
-    """docs/images/<name> when missing or asked for, else the tmp dir (tracked files stay put)."""
-    target = DOCS_IMAGES / name
-    if os.environ.get("MLFLOW_EIGENCAM_DOCS_SCREENSHOTS") == "1" or not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
+    """docs/images/<name> only when MLFLOW_EIGENCAM_DOCS_SCREENSHOTS=1, else the tmp dir (a
+    test run never writes into the checkout)."""
+    if os.environ.get("MLFLOW_EIGENCAM_DOCS_SCREENSHOTS") == "1":
+        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+        return DOCS_IMAGES / name
     return tmp_path / name
+
+
+#: The parameters ``mlflow.pytorch.autolog`` (Lightning) logs for an Adam optimizer: a run
+#: page with them is where the sample images used to be pushed into a thin band.
+AUTOLOG_PARAMS = {
+    "epochs": "3", "optimizer_name": "Adam", "lr": "0.001", "betas": "(0.9, 0.999)",
+    "eps": "1e-08", "weight_decay": "0", "amsgrad": "False", "foreach": "None",
+    "maximize": "False", "capturable": "False", "differentiable": "False", "fused": "None",
+    "batch_size": "32", "accumulate_grad_batches": "1", "max_epochs": "3",
+    "precision": "32-true",
+}
+
+
+def _log_autolog_params(client, run_id: str) -> None:
+    """Add the autolog parameters the run does not have yet (a logged value cannot change)."""
+    from mlflow.entities import Param
+
+    have = client.get_run(run_id).data.params
+    client.log_batch(run_id, params=[Param(k, v) for k, v in AUTOLOG_PARAMS.items()
+                                     if k not in have])
 
 
 def _png(data: bytes) -> np.ndarray:
@@ -153,6 +175,8 @@ def test_run_page_shows_eigencam_images_slider_and_grid(browser, mlflow_server, 
     exp_id, run_id, source = _log_run(uri, tmp_path)
     print(f"run logged by {source}")
     client = MlflowClient(uri)
+    _log_autolog_params(client, run_id)
+    assert len(client.get_run(run_id).data.params) >= len(AUTOLOG_PARAMS)
     series: Dict[str, Dict[int, str]] = image_series(client, run_id)
     multi = sorted(k for k, steps in series.items() if len(steps) >= 2)
     assert multi, f"no image key with two or more steps: { {k: sorted(v) for k, v in series.items()} }"
@@ -197,6 +221,13 @@ def test_run_page_shows_eigencam_images_slider_and_grid(browser, mlflow_server, 
         assert slider.get_attribute("aria-valuemax") == str(steps[-1])
         assert slider.get_attribute("aria-valuenow") == str(before_step)
         before = _png(img.screenshot())
+        # The card is legible at the chart's default size: displayed at least ~200 x 180 CSS
+        # px, and the preview MLflow loads (longer side 256) is near square, not a thin band.
+        box = img.bounding_box()
+        assert box and box["width"] >= 200 and box["height"] >= 180, box
+        natural_h, natural_w = img.evaluate("e => [e.naturalHeight, e.naturalWidth]")
+        assert max(natural_h, natural_w) == 256 and 0.7 <= natural_w / natural_h <= 1.5, \
+            (natural_w, natural_h)
 
         # Move the slider to the other end with the keyboard. MLflow's slider moves one logged
         # step per arrow key; Home/End do nothing and an arrow past the end shows "Infinity",
