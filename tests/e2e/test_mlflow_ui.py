@@ -229,6 +229,30 @@ def test_run_page_shows_eigencam_images_slider_and_grid(browser, mlflow_server, 
         assert max(natural_h, natural_w) == 256 and 0.7 <= natural_w / natural_h <= 1.5, \
             (natural_w, natural_h)
 
+        # MLflow lists the run's parameters above the image inside the chart's scrolling body
+        # (its default; with autolog's ~16 parameters they fill half of it). The chart's
+        # Configure -> "Show run parameters" switch, which the docs point to, hides them:
+        # then the card's panels are in view without scrolling.
+        card.get_by_test_id("experiment-view-compare-runs-card-menu").click()
+        page.get_by_role("menuitem", name="Configure").click()
+        switch = page.get_by_role("switch")
+        expect(switch).to_have_attribute("aria-checked", "true")
+        switch.click()
+        expect(switch).to_have_attribute("aria-checked", "false")
+        page.get_by_role("button", name="Save changes").click()
+        expect(card.get_by_text("optimizer_name=Adam")).to_have_count(0)
+        visible = img.evaluate("""e => {
+            let p = e.parentElement;
+            while (p && !['auto', 'scroll'].includes(getComputedStyle(p).overflowY)) p = p.parentElement;
+            if (!p) return null;
+            p.scrollTop = 0;
+            const r = e.getBoundingClientRect(), q = p.getBoundingClientRect();
+            return (Math.min(r.bottom, q.bottom) - Math.max(r.top, q.top)) / r.height;
+        }""")
+        assert visible is not None and visible >= 0.75, visible
+        _wait_loaded(page, img)
+        before = _png(img.screenshot())  # the layout moved: the same step, taken again
+
         # Move the slider to the other end with the keyboard. MLflow's slider moves one logged
         # step per arrow key; Home/End do nothing and an arrow past the end shows "Infinity",
         # so press exactly as many arrows as there are steps in between.
