@@ -9,7 +9,15 @@ every overlay image in the viewport has loaded (decoded, ``naturalWidth > 0``). 
 * warm server: a fresh browser (empty HTTP cache) against the explorer that has read them;
 * reload: the same browser again (previews from its HTTP cache, ``immutable``);
 * one epoch step: a click on the slider's "previous" button until the viewport has loaded;
-* bytes: what the viewport's previews weigh against the strip PNGs they stand for.
+* bytes: what the viewport's previews weigh against the strip PNGs they stand for;
+* CPU: seconds of CPU the tracking server (its whole process tree: uvicorn and MLflow's
+  job runner too) and this process (the explorer) spent on a cold paint, a figure that a
+  busy machine inflates less than the wall-clock times.
+
+The tracking server answers one ``get_run`` per run before the first measurement (a server
+that has just started answers its first requests several times slower); the explorer's own
+caches are empty for every cold paint. The 1-minute load average is printed beside the
+figures.
 
     python benchmarks/bench_explorer.py [--runs 5 --epochs 20 --samples 16 --repeat 3]
 """
@@ -65,6 +73,39 @@ def log_runs(uri: str, tmp: Path, runs: int, epochs: int, samples: int) -> list:
     return ids
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its descendants so far (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    todo, total = [pid], 0.0
+    while todo:
+        p = todo.pop()
+        total += parents.get(p, (0, 0.0))[1]
+        todo += [c for c, (pp, _) in parents.items() if pp == p]
+    return total
+
+
+def self_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def load() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
 def paint(browser, url: str, context=None):
     """(seconds to first meaningful paint, the page)."""
     ctx = context or browser.new_context(viewport={"width": 1400, "height": 900})
@@ -84,7 +125,14 @@ def main() -> None:
     ap.add_argument("--store", default=None,
                     help="keep the logged runs in this folder and reuse them on the next call")
     a = ap.parse_args()
-    from playwright.sync_api import sync_playwright
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        print(f"skipped: playwright is not importable ({exc})")
+        return
+    if not os.access(CHROMIUM, os.X_OK):
+        print(f"skipped: no Chromium at {CHROMIUM} (set MLFLOW_EIGENCAM_CHROMIUM)")
+        return
 
     from mlflow_eigencam.explorer import make_server_for
 
@@ -102,15 +150,24 @@ def main() -> None:
                 print(f"logged {a.runs} runs x {a.epochs} epochs x {a.samples} samples in "
                       f"{time.perf_counter() - t:.1f} s")
                 saved.write_text("\n".join(ids))
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=server.uri)
+            for rid in ids:
+                client.get_run(rid)
+            loads = [load()]
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-                cold, warm, reload_, steps = [], [], [], []
+                cold, warm, reload_, steps, cpu_server, cpu_explorer = [], [], [], [], [], []
                 for _ in range(a.repeat):
                     httpd = make_server_for(server.uri, "127.0.0.1", free_port())
                     threading.Thread(target=httpd.serve_forever, daemon=True).start()
                     url = f"http://127.0.0.1:{httpd.server_port}/?runs={','.join(ids)}&epoch={a.epochs - 1}"
+                    m0, e0 = tree_cpu(server.proc.pid), self_cpu()
                     s, page = paint(browser, url)
                     cold.append(s)
+                    cpu_server.append(tree_cpu(server.proc.pid) - m0)
+                    cpu_explorer.append(self_cpu() - e0)
                     page.context.close()
                     s, page = paint(browser, url)
                     warm.append(s)
@@ -136,17 +193,21 @@ def main() -> None:
                     page.context.close()
                     httpd.shutdown()
                     httpd.server_close()
+                    loads.append(load())
                 browser.close()
         finally:
             server.stop()
     med = statistics.median
     print(f"first meaningful paint, {a.runs} runs x {a.epochs} epochs x {a.samples} samples "
-          f"(median of {a.repeat}; {n_imgs} images on the page, lazy):")
+          f"(median of {a.repeat}; {n_imgs} images on the page, lazy; 1-min load average "
+          f"{', '.join(loads)}):")
     print(f"  cold explorer, fresh browser:   {med(cold) * 1000:7.0f} ms  (all: "
           f"{', '.join(f'{x * 1000:.0f}' for x in cold)})")
     print(f"  warm explorer, fresh browser:   {med(warm) * 1000:7.0f} ms")
     print(f"  reload (HTTP cache):            {med(reload_) * 1000:7.0f} ms")
     print(f"  one epoch step (slider):        {med(steps) * 1000:7.0f} ms")
+    print(f"  CPU of a cold paint:            tracking server {med(cpu_server):.2f} s, "
+          f"explorer {med(cpu_explorer):.2f} s")
     webp, png = sizes
     print(f"  10 previews {webp / 1024:.0f} KiB vs their strip PNGs {png / 1024:.0f} KiB "
           f"({png / max(webp, 1):.1f}x smaller)")

@@ -64,6 +64,10 @@ BENCHES = [
      "A no-grad eval pass of 8 batches of 32 images at 224x224 through a CNN of about "
      "ResNet-18's cost, with and without streaming every image: wall time, CPU, the monitor's "
      "own CPU, and the disk written per image."),
+    ("explorer", "bench_explorer.py", [], False, "Explorer: first meaningful paint",
+     "5 runs x 20 epochs x 16 samples logged into a local `mlflow server`, a deep link to "
+     "all 5 opened in headless Chromium: time until the rows are drawn and every image in "
+     "the viewport has loaded (needs the `playwright` package and a Chromium binary)."),
     ("quality", "bench_quality.py", [], True, "Quality: the pointing game, with and without the sign rule",
      "A small CNN trained on synthetic shapes with a same-sized noise distractor; a hit is the "
      "map's maximum inside the object's box."),

@@ -38,6 +38,8 @@ _PART = re.compile(r"^epoch_(\d+)\.json$")
 _SERIES = re.compile(r"^(?P<key>.+?)\+step\+(?P<step>\d+)\+timestamp\+(?P<ts>\d+)\+"
                      r"(?P<uid>[0-9A-Za-z-]+?)(?P<webp>\+compressed\.webp|\.png)$")
 _SAMPLE_KEY = re.compile(r"^(?P<prefix>.+)/sample_(?P<index>\d+)$")
+# Requests one reader keeps in flight at once against an http(s):// server.
+_REMOTE_READS = 8
 
 
 def check_tracking_uri(uri: str) -> str:
@@ -159,6 +161,7 @@ class Reader:
         self._repos: Dict[str, Any] = {}
         self._artifact_uris: Dict[str, str] = {}
         self._lock = threading.Lock()
+        self._io: Any = None  # a thread pool for remote reads, made when first needed
 
     @property
     def remote(self) -> bool:
@@ -371,6 +374,23 @@ class Reader:
                 self._repos[run_id] = repo
         return repo
 
+    def _map(self, fn: Callable[[Any], Any], items: List[Any]) -> List[Any]:
+        """``[fn(x) for x in items]``, a few at a time against a remote server (in order)."""
+        if not self.remote or len(items) < 2:
+            return [fn(x) for x in items]
+        with self._lock:
+            if self._io is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._io = ThreadPoolExecutor(max_workers=_REMOTE_READS,
+                                              thread_name_prefix="eigencam-read")
+        return list(self._io.map(fn, items))
+
+    def _both(self, a: Callable[[], Any], b: Callable[[], Any]) -> Tuple[Any, Any]:
+        """``(a(), b())``, at once against a remote server."""
+        first, second = self._map(lambda f: f(), [a, b])
+        return first, second
+
     def read_or_none(self, run_id: str, path: str) -> Optional[bytes]:
         """:meth:`read`, or None when the artifact is missing."""
         try:
@@ -434,18 +454,19 @@ class Reader:
             ValueError: A file that is not an EigenCAM table.
         """
         main = _layout.table_path(mode, ds_id)
-        sources: List[Tuple[str, bytes]] = []
-        data = self.read_or_none(run_id, main)
-        if data is not None:
-            sources.append((main, data))
         folder = f"{_layout.prefix(mode, ds_id)}/table"
+        # samples.json and the parts' listing at once, then the parts a few at a time: on a
+        # remote server each is a round trip, and one after the other they add up.
+        first, listed = self._both(lambda: self.read_or_none(run_id, main),
+                                   lambda: self.listing(run_id, folder))
         parts = []
-        for f in self.listing(run_id, folder):
+        for f in listed:
             m = _PART.match(f.path.rsplit("/", 1)[-1])
             if m and not f.is_dir:
                 parts.append((int(m.group(1)), f.path))
-        for _, path in sorted(parts):
-            data = self.read_or_none(run_id, path)
+        paths = [path for _, path in sorted(parts)]
+        sources: List[Tuple[str, bytes]] = [] if first is None else [(main, first)]
+        for path, data in zip(paths, self._map(lambda path: self.read_or_none(run_id, path), paths)):
             if data is not None:
                 sources.append((path, data))
         if not sources:

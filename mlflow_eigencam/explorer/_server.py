@@ -46,6 +46,8 @@ _SAMPLE_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 # A finished run's table and listing do not change; a running run's are re-read this often.
 _LIVE_TTL_S = 2.0
 _IMMUTABLE = "public, max-age=31536000, immutable"
+# Rows whose previews are read ahead when a table is served (about a screenful).
+_PREFETCH_ROWS = 8
 
 StartResponse = Callable[..., Any]
 
@@ -78,6 +80,10 @@ class Explorer:
         # One progress bar per downloaded preview would flood the server's terminal.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="eigencam-explorer")
+        # The runs' image listings (a few hundred entries each: the slowest read of a first
+        # look), started as soon as the runs are known, beside the tables. Their own pool:
+        # the prefetches wait for them.
+        self._listings = ThreadPoolExecutor(max_workers=8, thread_name_prefix="eigencam-list")
         self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="eigencam-prefetch")
         self._images = _LRU(max_bytes=256 * 2 ** 20)
         self._inflight: Dict[Tuple[Any, ...], Future] = {}
@@ -185,13 +191,13 @@ class Explorer:
         if not ds_id or (mode, ds_id) not in pairs:
             ds_id = next((d for m, d in pairs if m == mode), ds_id or _layout.ALL_DS)
         seg = None if ds_id == _layout.ALL_DS else ds_id
-        results = list(self._pool.map(lambda rid: self._run_data(rid, mode, seg), ids))
-        for rid, res, out in zip(ids, resolved, results):
+        # The previews' listings are not needed for this answer, only for the images the
+        # page asks for next: start them now, beside the tables.
+        for res in resolved:
             if not isinstance(res, str):
-                with self._lock:  # the freshest copy (a live run's status)
-                    res = self._known.get(res.info.run_id, res)
-                out["summary"] = _summary_json(self.reader.summary(res))
-                out["available"] = [{"mode": m, "ds_id": d} for m, d in self._available(res)]
+                self._listings.submit(_quietly, self._experiment, str(res.info.experiment_id))
+                self._listings.submit(_quietly, self._previews, res.info.run_id, mode, seg)
+        results = list(self._pool.map(lambda rid: self._run_data(rid, mode, seg), ids))
         body = _dumps({"mode": mode, "ds_id": ds_id, "runs": results})
         # The page asks for these previews next: start fetching them (the epoch it shows,
         # default the last logged one), in row order so the top of the table comes first.
@@ -201,19 +207,34 @@ class Explorer:
             # Row by row, as the page draws them: the top of the table first. The input
             # column shows each sample's first logged row.
             jobs: Dict[str, List[Tuple[str, int, int]]] = {}
+            at: Dict[Tuple[str, int], List[Tuple[str, int]]] = {}  # (sid, epoch) -> [(run, index)]
             for r in results:
                 firsts: Dict[str, dict] = {}
                 for row in r.get("rows", []):
                     firsts.setdefault(row["sample_id"], row)
+                    at.setdefault((row["sample_id"], row["epoch"]), []).append((r["run_id"], row["index"]))
                     if row["epoch"] == want:
                         jobs.setdefault(row["sample_id"], []).append((r["run_id"], want, row["index"]))
                 for sid, row in firsts.items():
                     if sid not in jobs or jobs[sid][0][0] != r["run_id"]:
                         continue
                     jobs[sid].insert(0, (r["run_id"], row["epoch"], row["index"]))
-            for todo in jobs.values():
-                for rid, e, index in dict.fromkeys(todo):
+            # Only the first screenful: the rows below it are asked for as they scroll into
+            # view, and reading them ahead now would compete with the rows on screen.
+            first = list(jobs)[:_PREFETCH_ROWS]
+            for sid in first:
+                for rid, e, index in dict.fromkeys(jobs[sid]):
                     self._prefetch(rid, mode, seg, e, index)
+            # Then the same rows at the neighbouring epochs (a slider step), behind them in
+            # the queue: the shown epoch's previews are all under way before these start.
+            logged = sorted(set(epochs))
+            i = logged.index(want) if want in logged else -1
+            near = [logged[j] for j in (i - 1, i + 1) if i >= 0 and 0 <= j < len(logged)]
+            if len({r["run_id"] for r in results if r.get("rows")}) > 1:  # one run: no slider
+                for e in near:
+                    for sid in first:
+                        for rid, index in at.get((sid, e), []):
+                            self._prefetch(rid, mode, seg, e, index)
         return 200, _json_headers() + [("Cache-Control", "no-cache"), ("ETag", _etag(body))], body
 
     def image(self, q: Dict[str, str]):
@@ -348,20 +369,35 @@ class Explorer:
             run = self._known.get(rid)
         return run is None or run.info.status in ("RUNNING", "SCHEDULED")
 
-    def _cached(self, key: Tuple[Any, ...], rid: str, make: Callable[[], Any]) -> Any:
-        """What ``make`` returns, kept for good when it was read from a finished run, for
-        ``_LIVE_TTL_S`` when the run was still logging (its last read after it finished
-        is kept)."""
+    def _cached(self, key: Tuple[Any, ...], rid: Optional[str], make: Callable[[], Any]) -> Any:
+        """What ``make`` returns, kept for good when it was read from a finished run (or
+        ``rid`` is None), for ``_LIVE_TTL_S`` when the run was still logging (its last read
+        after it finished is kept). Callers that want a value being made wait for it
+        instead of asking MLflow again."""
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
-        if hit is not None and (not hit[2] or now - hit[0] < _LIVE_TTL_S):
-            return hit[1]
-        live = self._live(rid)
-        value = make()
-        with self._lock:
-            self._cache[key] = (now, value, live)
-        return value
+            if hit is not None and (not hit[2] or now - hit[0] < _LIVE_TTL_S):
+                return hit[1]
+            fut = self._inflight.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._inflight[key] = Future()
+        if not mine:
+            return fut.result(timeout=300)
+        try:
+            live = rid is not None and self._live(rid)
+            value = make()
+            with self._lock:
+                self._cache[key] = (now, value, live)
+            fut.set_result(value)
+            return value
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
 
     def _available(self, run) -> List[Tuple[str, str]]:
         rid = run.info.run_id
@@ -408,16 +444,24 @@ class Explorer:
                 return None
             return {"w": w, "h": h, "k": k,
                     "boxes": [[x / w, y / h, bw / w, bh / h] for x, y, bw, bh in boxes]}
-        # Strips of one (run, mode, ds_id, k) share a layout: one download per run, kept.
+        # Strips of one (run, mode, ds_id, k) share a layout: one download per run, kept
+        # (a strip that could not be read is tried again next time).
         key = ("geometry", rid, mode, ds_id, k)
-        with self._lock:
-            hit = self._cache.get(key)
-        if hit is not None and hit[1] is not None:
-            return hit[1]
-        value = make()
-        with self._lock:
-            self._cache[key] = (time.monotonic(), value, False)
+        value = self._cached(key, None, make)
+        if value is None:
+            with self._lock:
+                self._cache.pop(key, None)
         return value
+
+    def _experiment(self, eid: str) -> str:
+        return self._cached(("experiment", eid), None, lambda: self.reader.experiment_name(eid))
+
+    def _about(self, run) -> Dict[str, Any]:
+        """The run's summary and what it has, for the page's chips, headers and selects (its
+        experiment's name read here, in the run's own thread, once per experiment)."""
+        self._experiment(str(run.info.experiment_id))
+        return {"summary": _summary_json(self.reader.summary(run)),
+                "available": [{"mode": m, "ds_id": d} for m, d in self._available(run)]}
 
     def _run_data(self, rid: str, mode: str, ds_id: Optional[str]) -> Dict[str, Any]:
         try:
@@ -431,22 +475,23 @@ class Explorer:
         except LookupError:
             have = ", ".join(f"{m}/{d}" for m, d in self._available(run)) or "nothing"
             return dict(base, error=f"run {full} has no EigenCAM data for mode={mode!r}, "
-                                    f"ds_id={ds_id!r}; it has: {have}")
-        previews = self._previews(full, mode, ds_id)
-        rows, geometry = [], None
+                                    f"ds_id={ds_id!r}; it has: {have}", **self._about(run))
+        rows, geometry, tried = [], None, set()
         for row in table.rows:
             evr = [row.get(f"evr_{c}") for c in range(1, table.n_evr + 1)]
             k = sum(1 for v in evr if v is not None)
             epoch, index = int(row["epoch"]), int(row.get("sample_index", -1))
             rendered = bool(row.get(_layout.TABLE_IMAGE_COLUMN))
-            if geometry is None and rendered:
+            if geometry is None and rendered and k not in tried:  # one strip per k at most
+                tried.add(k)
                 geometry = self._geometry(full, mode, ds_id, row, k)
             rows.append({"epoch": epoch, "index": index, "sample_id": str(row["sample_id"]),
                          "label": _text(row.get("label")), "prediction": _text(row.get("prediction")),
                          "correct": _bool(row.get("correct")), "evr": evr, "k": k,
                          "map_change": row.get(_layout.TABLE_MAP_CHANGE_COLUMN),
-                         "rendered": rendered, "preview": (epoch, index) in previews})
-        return dict(base, epochs=table.epochs, n_evr=table.n_evr, geometry=geometry, rows=rows)
+                         "rendered": rendered})
+        return dict(base, epochs=table.epochs, n_evr=table.n_evr, geometry=geometry, rows=rows,
+                    **self._about(run))
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -541,6 +586,14 @@ def _summary_json(s) -> Dict[str, Any]:
     return {"run_id": s.run_id, "run_name": s.run_name, "experiment_id": s.experiment_id,
             "experiment": s.experiment, "status": s.status, "start_time": s.start_time,
             "tags": s.tags}
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+    """``fn(*args)`` for a read ahead: its failure is the later request's to report."""
+    try:
+        fn(*args)
+    except Exception:
+        pass
 
 
 def _not_there(rid: str, row: dict) -> str:

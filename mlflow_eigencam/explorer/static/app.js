@@ -16,6 +16,9 @@ let EPOCHS = [];      // union of logged epochs
 let dataText = "";
 let pollTimer = null, playTimer = null;
 let lastResults = [];
+let configReady = null; // the /api/config answer, asked for beside the first /api/data
+let searched = false;
+let renders = 0;       // render() calls: a read-ahead of an older view stops
 
 const $ = (id) => document.getElementById(id);
 
@@ -164,6 +167,7 @@ async function fetchData(first) {
     body = JSON.parse(text);
     if (!r.ok) throw new Error(body.error || r.statusText);
   } catch (e) { message(`cannot read the tables: ${e.message}`); return; }
+  if (configReady) await configReady; // run links need the MLflow UI's address
   if (!first && text === dataText) { schedulePoll(); return; }
   const wasLast = EPOCHS.length && S.epoch === EPOCHS[EPOCHS.length - 1];
   dataText = text;
@@ -309,7 +313,40 @@ function render() {
   renderGrid(sids);
   exportLinks(sids);
   writeURL();
+  readAhead(++renders);
 }
+
+// Once the rows on screen have their images, fetch the same rows' previews at the
+// neighbouring epochs (into the browser's cache, immutable), so that a slider step is drawn
+// from the cache. Only with several runs (one run shows its epochs side by side already).
+function readAhead(gen) {
+  if (!EPOCHS.length || columns().some((c) => c.epoch !== null)) return;
+  const onScreen = () => [...document.querySelectorAll("#grid tbody tr.sample")].filter((tr) => {
+    const r = tr.getBoundingClientRect();
+    return r.bottom > 0 && r.top < innerHeight;
+  });
+  const loaded = onScreen().flatMap((tr) => [...tr.querySelectorAll("img")]).map((img) =>
+    img.complete ? null : new Promise((ok) => { img.addEventListener("load", ok); img.addEventListener("error", ok); }));
+  const later = (fn) => (window.requestIdleCallback ? requestIdleCallback(fn, { timeout: 1000 }) : setTimeout(fn, 100));
+  Promise.race([Promise.all(loaded), new Promise((ok) => setTimeout(ok, 5000))]).then(() => later(() => {
+    if (gen !== renders) return; // the view changed meanwhile: its own read-ahead follows
+    const i = EPOCHS.indexOf(S.epoch);
+    const near = [EPOCHS[i - 1], EPOCHS[i + 1]].filter((e) => e !== undefined);
+    for (const tr of onScreen()) for (const epoch of near) for (const run of RUNS) {
+      if (run.error) continue;
+      const row = (run.bySid.get(tr.dataset.sid) || new Map()).get(epoch);
+      if (!row || S.component > row.k) continue;
+      const url = imageURL(run, row, "preview");
+      if (AHEAD.has(url)) continue;
+      const im = new Image();
+      im.decoding = "async";
+      AHEAD.set(url, im);
+      im.src = url;
+    }
+    while (AHEAD.size > 2000) AHEAD.delete(AHEAD.keys().next().value);
+  }));
+}
+const AHEAD = new Map(); // url -> Image read ahead (kept so that its decoded copy is reused)
 
 function renderGrid(sids) {
   const cols = columns();
@@ -478,16 +515,27 @@ function wire() {
   $("sort").addEventListener("change", (ev) => { S.sort = ev.target.value; render(); });
 }
 
+function searchOnce() {
+  if (searched) return;
+  searched = true;
+  search();
+}
+
 async function main() {
   wire();
   readURL();
-  try { CONFIG = await getJSON("api/config"); } catch (e) { message(`cannot reach the explorer's server: ${e.message}`); }
-  $("uri").textContent = CONFIG.tracking_uri;
-  if (S.runs.length) $("picker").open = false;
-  else search();
+  // The config and the tables at once: one round trip before the rows, not two.
+  configReady = getJSON("api/config").then((c) => { CONFIG = c; $("uri").textContent = c.tracking_uri; })
+    .catch((e) => message(`cannot reach the explorer's server: ${e.message}`));
+  if (S.runs.length) {
+    // A link to runs opens on them: the run search (every run of every experiment, a load
+    // on the tracking server beside the first images) waits until the list is opened.
+    $("picker").open = false;
+    $("picker").addEventListener("toggle", () => { if ($("picker").open) searchOnce(); });
+  } else searchOnce();
   await load();
+  await configReady;
   document.body.dataset.ready = "1";
-  if (S.runs.length) search(); // after the first paint: it lists every run of every experiment
 }
 
 main();
