@@ -96,9 +96,10 @@ _PREDICT_SLACK = 30.0
 # _top_eigenpairs): ||g||_F^2 * n < _FLAT_RANK.
 _FLAT_RANK = 3.0
 # Per-sample LAPACK subset solver (scipy) from this size up; below it one batched eigh
-# costs less than a Python loop of LAPACK calls (measured on 16 flat-spectrum matrices, one
-# run: n = 49 0.87x, 64 1.2x, 100 1.85x, 196 2.2x faster than the batched eigh).
-_SUBSET_MIN_N = 64
+# costs less than a Python loop of LAPACK calls. Measured with ssyevx called directly, 16
+# flat-spectrum samples, whole eigencam call, idle machine: n = 9 0.66x, 16 0.87x, 25 1.22x,
+# 36 1.52x, 49 1.58x the speed of the batched eigh.
+_SUBSET_MIN_N = 25
 # A zero-variance component has ratio below this many float32 epsilons (times the
 # cancellation factor trace(G) / trace(G_centred)); measured rounding noise is ~0.5 eps.
 _ZERO_EPS = 16
