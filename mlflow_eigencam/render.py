@@ -560,12 +560,23 @@ def _text_line(canvas: Image.Image, xy: tuple[int, int], size: tuple[int, int],
                pieces: list, font: ImageFont.ImageFont) -> None:
     """Draw ``[(text, colour, x offset), ...]`` on a white band of ``size`` (w, h) pasted at
     ``xy``: text never leaves its band, whatever the font's real height."""
-    band = Image.new("RGB", size, _BACKGROUND)
-    draw = ImageDraw.Draw(band)
-    for text, colour, dx in pieces:
-        if text:
-            draw.text((dx, 0), text, fill=colour, font=font)
+    # Cached: titles ("input", "PC1 62.3%") and captions repeat across samples and epochs,
+    # and FreeType rendering at a card's font size was a sixth of the epoch end.
+    key = (size, tuple(pieces), getattr(font, "size", None))  # the font is _font(size)
+    band = _TEXT_BANDS.get(key)
+    if band is None:
+        band = Image.new("RGB", size, _BACKGROUND)
+        draw = ImageDraw.Draw(band)
+        for text, colour, dx in pieces:
+            if text:
+                draw.text((dx, 0), text, fill=colour, font=font)
+        if len(_TEXT_BANDS) >= 1024:
+            _TEXT_BANDS.clear()
+        _TEXT_BANDS[key] = band
     canvas.paste(band, xy)
+
+
+_TEXT_BANDS: dict = {}
 
 
 def _draw_tiles(panels: list, titles: list, height: int, width: int, *, label: Optional[str],
