@@ -265,6 +265,22 @@ class Explorer:
         data = self._images.get(key)
         if data is not None:
             return data
+
+        def make() -> Optional[bytes]:
+            path = self._previews(rid, mode, ds_id).get((epoch, index))
+            data = self.reader.read_or_none(rid, path) if path else None
+            if data is None:  # no preview logged (streamed, or an older version): make one
+                strip = self.reader.strip(rid, mode, ds_id, row)
+                data = None if strip is None else _preview_of(strip)
+            if data is not None:
+                self._images.put(key, data)
+            return data
+
+        return self._single_flight(key, make)
+
+    def _single_flight(self, key: Tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        """``make()``, run once however many threads ask for ``key`` at the same time: the
+        others wait for its result (or its exception) instead of asking MLflow again."""
         with self._lock:
             fut = self._inflight.get(key)
             mine = fut is None
@@ -273,15 +289,9 @@ class Explorer:
         if not mine:
             return fut.result(timeout=300)
         try:
-            path = self._previews(rid, mode, ds_id).get((epoch, index))
-            data = self.reader.read_or_none(rid, path) if path else None
-            if data is None:  # no preview logged (streamed, or an older version): make one
-                strip = self.reader.strip(rid, mode, ds_id, row)
-                data = None if strip is None else _preview_of(strip)
-            if data is not None:
-                self._images.put(key, data)
-            fut.set_result(data)
-            return data
+            value = make()
+            fut.set_result(value)
+            return value
         except BaseException as exc:
             fut.set_exception(exc)
             raise
@@ -379,25 +389,15 @@ class Explorer:
             hit = self._cache.get(key)
             if hit is not None and (not hit[2] or now - hit[0] < _LIVE_TTL_S):
                 return hit[1]
-            fut = self._inflight.get(key)
-            mine = fut is None
-            if mine:
-                fut = self._inflight[key] = Future()
-        if not mine:
-            return fut.result(timeout=300)
-        try:
+
+        def make_and_keep() -> Any:
             live = rid is not None and self._live(rid)
             value = make()
             with self._lock:
                 self._cache[key] = (now, value, live)
-            fut.set_result(value)
             return value
-        except BaseException as exc:
-            fut.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                self._inflight.pop(key, None)
+
+        return self._single_flight(key, make_and_keep)
 
     def _available(self, run) -> List[Tuple[str, str]]:
         rid = run.info.run_id
