@@ -43,7 +43,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import _layout
-from ._reader import Reader, check_tracking_uri
+from ._reader import Reader, cell_bool, check_tracking_uri
 from .render import _clean, _fit, _font, _line_height, _text_width, encode_png
 
 __all__ = ["CompareResult", "RunColumns", "add_compare_parser", "compare", "parse_epochs",
@@ -292,7 +292,7 @@ def _tiles_plausible(arr: np.ndarray, geo: dict, n: int) -> bool:
     cols, rows = geo["cols"], geo["rows"]
     (x0, y0, pw, ph) = geo["boxes"][0]
     for r in range(rows):
-        top = y0 + r * (geo["line"] + 2 * gap + ph)
+        top = geo["boxes"][r * cols][1]  # every row starts with a panel
         # Blank rows right above and below the row of panels (x >= gap: the left margin
         # holds the correct / wrong bar).
         if not (arr[top - gap:top, gap:] == bg).all() or not (arr[top + ph:top + ph + gap, gap:] == bg).all():
@@ -484,14 +484,6 @@ class _Cell:
 
 def _row_k(row: dict, n_evr: int) -> int:
     return sum(1 for c in range(1, n_evr + 1) if row.get(f"evr_{c}") is not None)
-
-
-def _as_bool(v: Any) -> Optional[bool]:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        return v.strip().lower() in ("true", "1", "yes")
-    return bool(v)
 
 
 def _text(v: Any) -> Optional[str]:
@@ -741,7 +733,7 @@ def _cells(loaded: List[_Run], matched: List[str],
                 if not full:
                     continue
                 evr = row.get(f"evr_{component}")
-                cell = _Cell(None, "", _text(row.get("prediction")), _as_bool(row.get("correct")),
+                cell = _Cell(None, "", _text(row.get("prediction")), cell_bool(row.get("correct")),
                              None if evr is None else float(evr))
                 if not boxes and not row.get(_layout.TABLE_IMAGE_COLUMN):
                     cell.empty_text = "not rendered"  # streamed, and no renderer here

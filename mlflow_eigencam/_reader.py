@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlparse
 
 from . import _layout
 
-__all__ = ["Reader", "RunSummary", "Table", "check_tracking_uri"]
+__all__ = ["Reader", "RunSummary", "Table", "cell_bool", "check_tracking_uri"]
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _PREFIX = re.compile(r"^[0-9a-fA-F]{4,31}$")
@@ -89,6 +89,16 @@ def check_tracking_uri(uri: str) -> str:
         raise FileNotFoundError(f"tracking URI {text!r}: no MLflow store at {path} "
                                 f"(the folder does not exist; nothing was created)")
     return text
+
+
+def cell_bool(v: Any) -> Optional[bool]:
+    """A table cell read as a bool (``correct``): None stays None; MLflow's table may give
+    back "True" / "false" / "1" as text."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return v.strip().lower() in ("true", "1", "yes")
+    return bool(v)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import parse_qs
 
 from .. import _layout
-from .._reader import Reader
+from .._reader import Reader, cell_bool
 
 __all__ = ["Explorer"]
 
@@ -454,7 +454,8 @@ class Explorer:
         return value
 
     def _experiment(self, eid: str) -> str:
-        return self._cached(("experiment", eid), None, lambda: self.reader.experiment_name(eid))
+        # The reader keeps the names; this only makes concurrent first asks one request.
+        return self._single_flight(("experiment", eid), lambda: self.reader.experiment_name(eid))
 
     def _about(self, run) -> Dict[str, Any]:
         """The run's summary and what it has, for the page's chips, headers and selects (its
@@ -487,7 +488,7 @@ class Explorer:
                 geometry = self._geometry(full, mode, ds_id, row, k)
             rows.append({"epoch": epoch, "index": index, "sample_id": str(row["sample_id"]),
                          "label": _text(row.get("label")), "prediction": _text(row.get("prediction")),
-                         "correct": _bool(row.get("correct")), "evr": evr, "k": k,
+                         "correct": cell_bool(row.get("correct")), "evr": evr, "k": k,
                          "map_change": row.get(_layout.TABLE_MAP_CHANGE_COLUMN),
                          "rendered": rendered})
         return dict(base, epochs=table.epochs, n_evr=table.n_evr, geometry=geometry, rows=rows,
@@ -572,14 +573,6 @@ def _mode_ds(q: Dict[str, str]) -> Tuple[str, Optional[str]]:
 
 def _text(v: Any) -> Optional[str]:
     return None if v is None else str(v)
-
-
-def _bool(v: Any) -> Optional[bool]:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        return v.strip().lower() in ("true", "1", "yes")
-    return bool(v)
 
 
 def _summary_json(s) -> Dict[str, Any]:
