@@ -32,9 +32,6 @@ from readback import MlflowServer, free_port
 
 HERE = Path(__file__).resolve().parent
 RUNS_SCRIPT = HERE / "_explorer_runs.py"
-CHROMIUM = os.environ.get("MLFLOW_EIGENCAM_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 N_SAMPLES = 6
 TIMEOUT_MS = 30_000
 
@@ -151,28 +148,6 @@ def world(tmp_path_factory) -> Iterator[World]:
             procs["live"].wait(timeout=60)
         finally:
             server.stop()
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("MLFLOW_EIGENCAM_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason} (and MLFLOW_EIGENCAM_REQUIRE_BROWSER=1)", pytrace=False)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:
-        _unavailable(f"playwright is not importable ({exc}); pip install playwright")
-    if not os.path.isfile(CHROMIUM) or not os.access(CHROMIUM, os.X_OK):
-        _unavailable(f"no Chromium at {CHROMIUM} (or set MLFLOW_EIGENCAM_CHROMIUM)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

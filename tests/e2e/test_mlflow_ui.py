@@ -31,7 +31,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 from urllib.parse import unquote
 
 import numpy as np
@@ -43,9 +43,6 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "pytorch_quickstart.py"
 FALLBACK = Path(__file__).with_name("_logger_run.py")
 DOCS_IMAGES = ROOT / "docs" / "images"
-CHROMIUM = os.environ.get("MLFLOW_EIGENCAM_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1400, "height": 900}
 EPOCHS = 3
 # The UI is a large single-page app; its first load on a busy 2-core machine can take a while.
@@ -62,31 +59,6 @@ try {
 """
 
 pytestmark = pytest.mark.timeout(420)
-
-
-def _unavailable(reason: str) -> None:
-    """Skip, or fail when CI said the browser must be there."""
-    if os.environ.get("MLFLOW_EIGENCAM_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason} (and MLFLOW_EIGENCAM_REQUIRE_BROWSER=1)", pytrace=False)
-    pytest.skip(reason)
-
-
-@pytest.fixture
-def browser() -> Iterator[object]:
-    """Headless Chromium driven by Playwright, from the system binary."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:
-        _unavailable(f"playwright is not importable ({exc}); pip install playwright")
-    if not os.path.isfile(CHROMIUM) or not os.access(CHROMIUM, os.X_OK):
-        _unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set "
-                     f"MLFLOW_EIGENCAM_CHROMIUM)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _log_run(uri: str, tmp_path: Path) -> Tuple[str, str, str]:
