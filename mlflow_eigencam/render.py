@@ -570,13 +570,20 @@ def _text_line(canvas: Image.Image, xy: tuple[int, int], size: tuple[int, int],
         for text, colour, dx in pieces:
             if text:
                 draw.text((dx, 0), text, fill=colour, font=font)
-        if len(_TEXT_BANDS) >= 1024:
+        global _TEXT_BYTES
+        if _TEXT_BYTES > _TEXT_CACHE_BYTES:  # unique lines (sample ids) must not pile up
             _TEXT_BANDS.clear()
+            _TEXT_BYTES = 0
         _TEXT_BANDS[key] = band
+        _TEXT_BYTES += 3 * size[0] * size[1]
     canvas.paste(band, xy)
 
 
 _TEXT_BANDS: dict = {}
+_TEXT_BYTES = 0
+# A 224 px card's caption line is ~45 kB of RGB and a 512 px one ~225 kB: bound the cache
+# by bytes, not by count.
+_TEXT_CACHE_BYTES = 16 * 2**20
 
 
 def _draw_tiles(panels: list, titles: list, height: int, width: int, *, label: Optional[str],
