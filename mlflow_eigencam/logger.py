@@ -434,7 +434,11 @@ class EigenCAMLogger:
             pc1 = result.maps[i, 0] if result.maps.shape[1] else None
             changes[s.sample_id] = map_change(previous.get(s.sample_id), pc1)
             if pc1 is not None:
-                stream.pc1[s.sample_id] = pc1.astype(np.float16)
+                # Scaled to max |m| = 1 first: map_change is scale-free, and a raw map's
+                # values can pass float16's 65504 (activations in the thousands, summed).
+                peak = float(np.max(np.abs(pc1)))
+                scale = 1.0 / peak if np.isfinite(peak) and peak > 0 else 1.0
+                stream.pc1[s.sample_id] = (pc1 * scale).astype(np.float16)
         # Copies only: inputs (new sample ids), uint8 maps, ratios; strips for the grid rows.
         stream.add(samples, result.maps, result.explained_variance_ratio,
                    lambda s, evr: _row(-1, s, evr, "", changes.get(s.sample_id)))

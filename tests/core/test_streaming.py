@@ -155,6 +155,25 @@ def test_streamed_rows_carry_map_change_and_its_mean_metric(tracking_uri):
         [float(np.mean(list(by_epoch[e].values()))) for e in (1, 2)], abs=1e-5)
 
 
+def test_streamed_map_change_of_large_activations_stays_finite(tracking_uri):
+    # PC1 values of ~2e5 do not fit float16 (max 65504): the kept maps must be scaled first.
+    images, acts, labels = dataset()
+    big = [acts * np.float32(1e5), acts * np.float32(1e5) * (1 + 0.3 * np.arange(6, dtype=np.float32))[:, None, None]]
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_samples=None, n_components=2, grid_max_rows=ROWS)
+        for epoch, a in enumerate(big):
+            logger.on_batch_end(images, a, labels, np.eye(3)[labels], mode="eval", ds_id="val")
+            logger.on_epoch_end(epoch)
+        assert logger.flush(timeout=60)
+        logger.close()
+    rows = [r for r in Reader(tracking_uri).table(run.info.run_id, "eval", "val").rows if r["epoch"] == 1]
+    maps = [eigencam(a, 2).maps[:, 0] for a in big]
+    assert np.abs(maps[0]).max() > 65504
+    expected = [map_change(maps[0][i], maps[1][i]) for i in range(N)]
+    assert [r["map_change"] for r in rows] == pytest.approx(expected, abs=1e-3)
+    assert all(np.isfinite(r["map_change"]) for r in rows)
+
+
 def test_skipped_epochs_store_inputs_in_the_next_logged_one(tracking_uri):
     client = MlflowClient()
     rid = run_epochs(3, log_every_n_epochs=2)  # epochs 0 and 2 logged, 1 discarded
