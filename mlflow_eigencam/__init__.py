@@ -30,7 +30,7 @@ __all__ = [
 # `mlflow_eigencam.eigencam` alone should not pay for at import time.
 _LAZY = {
     "EigenCAMLogger": ("mlflow_eigencam.logger", "EigenCAMLogger"),
-    "EigenCAMWarning": ("mlflow_eigencam.sink", "EigenCAMWarning"),
+    "EigenCAMWarning": ("mlflow_eigencam.errors", "EigenCAMWarning"),
     "send_spool": ("mlflow_eigencam.sink", "send_spool"),
     "autolog": ("mlflow_eigencam.autolog", "autolog"),
     "compare": ("mlflow_eigencam._compare", "compare"),

@@ -60,14 +60,12 @@ __all__ = ["EigenCAMWarning", "Encoded", "Item", "MlflowSink", "Undelivered",
            "default_spool_root", "item_from_record", "item_to_record", "probe", "read_item",
            "send_item", "send_spool", "write_item"]
 
+from .errors import EigenCAMWarning
+
 _log = logging.getLogger("mlflow_eigencam")
 
 #: Environment variable that moves the default spool root.
 SPOOL_ENV = "MLFLOW_EIGENCAM_SPOOL_DIR"
-
-
-class EigenCAMWarning(UserWarning):
-    """Warnings from mlflow_eigencam (unreachable server, skipped epochs, leftovers)."""
 
 
 def default_spool_root() -> Path:

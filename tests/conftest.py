@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # for `import readback`
-
-from readback import MlflowServer  # noqa: E402
+from tests.helpers.readback import MlflowServer
 
 
 @pytest.fixture(autouse=True)

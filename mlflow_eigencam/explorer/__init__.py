@@ -10,7 +10,9 @@ and its URL parameters.
 from __future__ import annotations
 
 import socketserver
+import signal
 import sys
+import threading
 from typing import Any, Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -60,12 +62,24 @@ def serve(tracking_uri: Optional[str] = None, host: str = "127.0.0.1", port: int
     if host in ("", "0.0.0.0", "::"):
         where += " (every address of this machine: anyone who can reach it can read the runs)"
     print(f"EigenCAM explorer for {app.reader.uri} at {where} (Ctrl-C stops it)", flush=True)
+    # SIGTERM (a job scheduler's or `kill`'s stop) stops it like Ctrl-C. SIGINT keeps the
+    # disposition the process was started with: under `nohup` or `&` in a script it is
+    # ignored, and SIGTERM is the way to stop it.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
     finally:
         server.server_close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def create_app(app: Any = None) -> Any:

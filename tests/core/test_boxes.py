@@ -9,10 +9,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mlflow_eigencam import EigenCAMLogger
-from mlflow_eigencam.render import (TRUTH_BOX_COLOUR, box_colour, draw_boxes,
-                                    render_detection_strip, render_strip, strip_panels)
+from mlflow_eigencam.render import (
+    TRUTH_BOX_COLOUR,
+    box_colour,
+    draw_boxes,
+    render_detection_strip,
+    render_strip,
+    strip_panels,
+)
 from mlflow_eigencam.samples import SampleBuffer
-from readback import image_series, load_json, load_png
+from tests.helpers.readback import image_series, load_json, load_png
 
 GREY = (90, 90, 90)
 

@@ -20,7 +20,6 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List
 
 import mlflow
@@ -30,12 +29,13 @@ from PIL import Image
 
 from mlflow_eigencam import EigenCAMLogger, eigencam
 from mlflow_eigencam import compare as compare_fn
-from mlflow_eigencam.cli import main
 from mlflow_eigencam._compare import _COL_GAP, CompareResult, parse_epochs, strip_panels
+from mlflow_eigencam.cli import main
 from mlflow_eigencam.render import overlay, render_strip, to_rgb_uint8
 from mlflow_eigencam.render import strip_panels as render_strip_panels
 from mlflow_eigencam.samples import sample_id
-from test_logger import blob_batch
+from tests.helpers import child_env
+from tests.helpers.oracle import blob_batch
 
 cmp_mod = importlib.import_module("mlflow_eigencam._compare")
 
@@ -446,7 +446,7 @@ def test_cli_tracking_uri_mistakes_give_one_line_and_create_nothing(store, tmp_p
         message = "no MLflow store at"
     if case == "default store":  # MLflow 3's default: sqlite:///mlflow.db in the working folder
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + sys.path)
+        env["PYTHONPATH"] = child_env()["PYTHONPATH"]
         proc = subprocess.run([sys.executable, "-m", "mlflow_eigencam", *argv], cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=120)
         rc, err = proc.returncode, proc.stderr

@@ -24,9 +24,9 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_eigencam import EigenCAMLogger, EigenCAMWarning
 from mlflow_eigencam.cli import main as cli_main
-from readback import MlflowServer, free_port, list_all, load_json, metric_steps
-
-from test_logger import blob_batch
+from tests.helpers import child_env
+from tests.helpers.oracle import blob_batch
+from tests.helpers.readback import MlflowServer, free_port, list_all, load_json, metric_steps
 
 CHILD = Path(__file__).with_name("_durability_child.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -54,9 +54,7 @@ class _Child:
 
     def __init__(self, uri: str, run_id: str, first: int, n: int, seconds: float,
                  close: bool = True) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(REPO), str(REPO / "tests")] + [p for p in os.environ.get("PYTHONPATH", "").split(
-                os.pathsep) if p]))
+        env = child_env()
         self.proc = subprocess.Popen(
             [sys.executable, str(CHILD), uri, run_id, str(first), str(n), str(seconds),
              "1" if close else "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -309,7 +307,6 @@ def test_import_mlflow_happens_off_the_training_thread(tmp_path):
     """A script that never imported mlflow: the logger imports it on its sender thread."""
     code = f"""
 import sys, threading, json, time
-sys.path.insert(0, {str(REPO / 'tests' / 'core')!r})
 first = {{}}
 def hook(event, args):
     if event == "import" and args[0] == "mlflow" and "mlflow" not in first:
@@ -327,7 +324,7 @@ logger.on_epoch_end(0)
 left = logger.close(timeout=120)
 print(json.dumps({{"thread": first.get("mlflow"), "left": int(left)}}))
 """
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    env = child_env()
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(name, None)  # mlflow.set_experiment in other tests exports the id
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

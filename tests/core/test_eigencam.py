@@ -19,54 +19,13 @@ from mlflow_eigencam.eigencam import (
     NonFiniteActivationsWarning,
     eigencam,
 )
+from tests.helpers.oracle import blob_sample, corr, low_rank, rel_errors, textbook
 
 E = importlib.import_module("mlflow_eigencam.eigencam")  # the module, for its internals
 XP = E._numpy_namespace()  # the array API namespace numpy arrays are computed with
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def textbook(a: np.ndarray, k: int):
-    """Reference: per sample, flatten to X (hw, C), centre columns, full float64 SVD."""
-    _, c, h, w = a.shape
-    maps, ratios, loadings = [], [], []
-    for sample in a.astype(np.float64):
-        x = sample.reshape(c, h * w).T
-        x = x - x.mean(axis=0)
-        _, s, vt = np.linalg.svd(x, full_matrices=False)
-        maps.append((x @ vt[:k].T).T.reshape(k, h, w))
-        ratios.append(s[:k] ** 2 / (s**2).sum())
-        loadings.append(vt[:k])
-    return np.array(maps), np.array(ratios), np.array(loadings)
-
-
-def low_rank(rng, b, c, h, w, strengths=(3.0, 2.0, 1.4, 1.0, 0.7)):
-    """ReLU of smooth low-rank spatial structure plus noise: a CNN-like, decaying spectrum."""
-    yy, xx = np.mgrid[0:h, 0:w]
-    r = len(strengths)
-    spatial = np.empty((b, r, h * w))
-    for i in range(b):
-        for j in range(r):
-            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-            sigma = rng.uniform(0.15, 0.35) * max(h, w)
-            spatial[i, j] = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)).ravel()
-    loadings = rng.standard_normal((b, c, r)) * np.asarray(strengths)
-    z = 2.0 * loadings @ spatial + rng.standard_normal((b, c, h * w))
-    return np.maximum(z, 0.0).astype(np.float32).reshape(b, c, h, w)
-
-
-def rel_errors(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Per (sample, component) relative error after matching the arbitrary reference sign."""
-    dot = np.einsum("bkhw,bkhw->bk", ours.astype(np.float64), ref)
-    sign = np.where(dot < 0, -1.0, 1.0)[..., None, None]
-    return np.linalg.norm(ours - sign * ref, axis=(2, 3)) / np.linalg.norm(ref, axis=(2, 3))
-
-
-def corr(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.ravel() - a.mean()
-    b = b.ravel() - b.mean()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 # --------------------------------------------------------------------------- parity
@@ -233,17 +192,6 @@ def test_flat_spectrum_noise_still_matches():
 
 
 # --------------------------------------------------------------------------- sign rule
-
-
-def blob_sample(rng, c, h, w):
-    """Small positive background; a bright blob in a random half of the channels."""
-    yy, xx = np.mgrid[0:h, 0:w]
-    cy, cx = rng.integers(1, h - 1), rng.integers(1, w - 1)
-    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 2.0)
-    a = np.abs(rng.normal(0.0, 0.1, (c, h, w)))
-    channels = rng.choice(c, size=c // 2, replace=False)
-    a[channels] += rng.uniform(1.0, 3.0, (len(channels), 1, 1)) * blob
-    return a.astype(np.float32), (cy, cx)
 
 
 @pytest.mark.parametrize("c, h, w", [(8, 12, 12), (200, 6, 6)])  # both Gram sides

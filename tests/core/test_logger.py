@@ -11,23 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mlflow_eigencam import EigenCAMLogger, EigenCAMWarning
-from readback import image_series, list_all, load_json, load_png, metric_steps
-
-
-def blob_batch(n=4, h=32, w=32, c=8, hh=8, ww=8, seed=0, nchw=True):
-    """Images with a bright square and activations that light up at the same place."""
-    rng = np.random.default_rng(seed)
-    images = rng.uniform(0, 0.2, size=(n, h, w, 3)).astype(np.float32)
-    acts = rng.uniform(0, 0.05, size=(n, c, hh, ww)).astype(np.float32)
-    for i in range(n):
-        y, x = rng.integers(0, hh - 2), rng.integers(0, ww - 2)
-        acts[i, :, y:y + 2, x:x + 2] += rng.uniform(1, 2, size=(c, 1, 1))
-        images[i, y * h // hh:(y + 2) * h // hh, x * w // ww:(x + 2) * w // ww] = 1.0
-    if nchw:
-        images = images.transpose(0, 3, 1, 2)
-    labels = rng.integers(0, 3, size=n)
-    logits = rng.normal(size=(n, 3)).astype(np.float32)
-    return images, acts, labels, logits
+from tests.helpers.oracle import blob_batch
+from tests.helpers.readback import image_series, list_all, load_json, load_png, metric_steps
 
 
 def test_epochs_land_as_keys_steps_grid_table_metrics_tags(tracking_uri):

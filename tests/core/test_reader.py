@@ -12,8 +12,9 @@ from mlflow.tracking import MlflowClient
 from mlflow_eigencam import EigenCAMLogger
 from mlflow_eigencam._reader import Reader, check_tracking_uri
 from mlflow_eigencam.logger import map_change
-from readback import metric_steps
-from test_logger import blob_batch
+from tests.helpers import child_env
+from tests.helpers.oracle import blob_batch
+from tests.helpers.readback import metric_steps
 
 LABELS = ["circle", "square", "tri"]
 
@@ -150,13 +151,11 @@ def test_tracking_uri_checks_never_create_a_store(tmp_path):
 
 
 def test_ui_command_serves_on_127_0_0_1_and_errors_are_one_line(tracking_uri, tmp_path, capsys):
-    import os
     import signal
     import socket
     import subprocess
     import sys
     import urllib.request
-    from pathlib import Path
 
     from mlflow_eigencam.cli import main
 
@@ -173,11 +172,12 @@ def test_ui_command_serves_on_127_0_0_1_and_errors_are_one_line(tracking_uri, tm
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2])]
-                                                      + sys.path))
+    env = child_env()
+    # Started as under `nohup` or a job scheduler, SIGINT ignored: SIGTERM still stops it.
     proc = subprocess.Popen([sys.executable, "-m", "mlflow_eigencam", "ui", "--tracking-uri",
                              tracking_uri, "--port", str(port)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = proc.stdout.readline()
         assert f"at http://127.0.0.1:{port}/" in line, proc.stderr.read() if not line else line
@@ -185,6 +185,10 @@ def test_ui_command_serves_on_127_0_0_1_and_errors_are_one_line(tracking_uri, tm
             assert json.loads(r.read())["tracking_uri"] == tracking_uri
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
             assert b"EigenCAM explorer" in r.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped" in proc.stderr.read()
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        if proc.poll() is None:  # never leave a server behind, whatever failed above
+            proc.kill()
+            proc.wait(timeout=30)

@@ -17,9 +17,9 @@ from PIL import Image
 from mlflow_eigencam.render import (
     COLORMAPS,
     encode_png,
+    encode_webp_preview,
     overlay,
     render_grid,
-    encode_webp_preview,
     render_strip,
     resolve_colormap,
     tile_layout,

@@ -10,9 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_eigencam import EigenCAMLogger, EigenCAMWarning
 from mlflow_eigencam.cli import main as cli_main
-from readback import image_series, list_all, load_json, metric_steps
-
-from test_logger import blob_batch
+from tests.helpers.oracle import blob_batch
+from tests.helpers.readback import image_series, list_all, load_json, metric_steps
 
 
 def _new_run(uri: str) -> str:

@@ -16,13 +16,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_eigencam import EigenCAMLogger, EigenCAMWarning
-from mlflow_eigencam import _spool
+from mlflow_eigencam import EigenCAMLogger, EigenCAMWarning, _spool
 from mlflow_eigencam.cli import main as cli_main
 from mlflow_eigencam.sink import Item, item_to_record
-from readback import free_port, image_series, load_json, metric_steps
-
-from test_logger import blob_batch
+from tests.helpers.oracle import blob_batch
+from tests.helpers.readback import free_port, image_series, load_json, metric_steps
 
 
 def _epoch(logger, epoch, ds="val"):

@@ -15,11 +15,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from mlflow_eigencam import EigenCAMLogger, _layout, eigencam
-from mlflow_eigencam._streaming import quantize_maps, render_stored, stored_strip, table_part_paths
-from mlflow_eigencam.samples import SampleBuffer
 from mlflow_eigencam._reader import Reader
+from mlflow_eigencam._streaming import quantize_maps, render_stored, stored_strip, table_part_paths
 from mlflow_eigencam.logger import map_change
-from readback import image_series, list_all, load_json, load_png, metric_steps
+from mlflow_eigencam.samples import SampleBuffer
+from tests.helpers.readback import image_series, list_all, load_json, load_png, metric_steps
 
 N, BATCH, ROWS = 10, 4, 3  # 10 images in batches of 4, 3 grid rows
 

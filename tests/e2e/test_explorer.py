@@ -1,6 +1,6 @@
 """The explorer (``mlflow-eigencam ui``) in a real browser against a real ``mlflow server``.
 
-Three runs in two experiments, logged by ``_explorer_runs.py`` into ``mlflow server``: exp-a
+Three runs in two experiments, logged by ``tests/helpers/explorer_runs.py`` into ``mlflow server``: exp-a
 "good", exp-b "worse" (learns slower), and exp-b "live", which holds before its last epoch
 until the test lets it go. The explorer is served in this process on 127.0.0.1 and driven in
 headless Chromium. What the tests check is what a user sees: rows, cells, image sources,
@@ -28,10 +28,11 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from readback import MlflowServer, free_port
+from tests.helpers import child_env
+from tests.helpers.readback import MlflowServer, free_port
 
 HERE = Path(__file__).resolve().parent
-RUNS_SCRIPT = HERE / "_explorer_runs.py"
+RUNS_SCRIPT = HERE.parent / "helpers" / "explorer_runs.py"
 N_SAMPLES = 6
 TIMEOUT_MS = 30_000
 
@@ -58,8 +59,7 @@ class World:
 
 
 def _spawn(uri: str, tmp: Path, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, MLFLOW_EIGENCAM_SPOOL_DIR=str(tmp / "spool"),
-               PYTHONPATH=os.pathsep.join([str(HERE.parents[1])] + sys.path))
+    env = child_env(MLFLOW_EIGENCAM_SPOOL_DIR=str(tmp / "spool"))
     log = open(tmp / f"run-{len(list(tmp.glob('run-*.log')))}.log", "w")
     proc = subprocess.Popen([sys.executable, str(RUNS_SCRIPT), "--tracking-uri", uri,
                              "--n-samples", str(N_SAMPLES), *args], cwd=tmp, env=env,
@@ -89,8 +89,8 @@ class AppServer(MlflowServer):
                                        "Version: 0.0\n")
         (dist / "entry_points.txt").write_text(
             "[mlflow.app]\neigencam = mlflow_eigencam.explorer:create_app\n")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(dist.parent), str(HERE.parents[1])] + sys.path))
+        env = child_env()
+        env["PYTHONPATH"] = os.pathsep.join([str(dist.parent), env["PYTHONPATH"]])
         log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--app-name", "eigencam",
@@ -124,7 +124,7 @@ def world(tmp_path_factory) -> Iterator[World]:
                             "--epochs", "3", "--seed", "5", "--hold", str(hold))}
     import mlflow
 
-    from _explorer_runs import log_run
+    from tests.helpers.explorer_runs import log_run
 
     previous = mlflow.get_tracking_uri()
     try:

@@ -37,11 +37,11 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from readback import image_series, list_all, load_png
+from tests.helpers.readback import image_series, list_all, load_png
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "pytorch_quickstart.py"
-FALLBACK = Path(__file__).with_name("_logger_run.py")
+FALLBACK = ROOT / "tests" / "helpers" / "logger_run.py"
 DOCS_IMAGES = ROOT / "docs" / "images"
 VIEWPORT = {"width": 1400, "height": 900}
 EPOCHS = 3

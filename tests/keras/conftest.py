@@ -16,7 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
-from keras_testing import make_images  # noqa: E402
+
+from tests.helpers.keras_models import make_images  # noqa: E402
 
 
 @pytest.fixture

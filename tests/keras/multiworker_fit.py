@@ -37,10 +37,8 @@ strategy = tf.distribute.MultiWorkerMirroredStrategy()
 import keras  # noqa: E402
 import mlflow  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from keras_testing import build_cnn, make_images  # noqa: E402
-
 from mlflow_eigencam.keras import EigenCAMCallback  # noqa: E402
+from tests.helpers.keras_models import build_cnn, make_images  # noqa: E402
 
 
 def main(uri: str) -> None:

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 import mlflow_eigencam
 from mlflow_eigencam.keras import EigenCAMCallback
-from keras_testing import build_cnn, logged_images
+from tests.helpers.keras_models import build_cnn, logged_images
 
 
 @pytest.fixture(autouse=True)

@@ -19,10 +19,11 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from keras_testing import build_cnn, build_sequential, logged_images
 
 from mlflow_eigencam.eigencam import eigencam
 from mlflow_eigencam.keras import EigenCAMCallback
+from tests.helpers import child_env
+from tests.helpers.keras_models import build_cnn, build_sequential, logged_images
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -137,9 +138,8 @@ def test_the_callback_never_imports_tensorflow(tmp_path):
                 return None  # recorded; found (or not) as usual
 
         sys.meta_path.insert(0, Spy())
-        sys.path[:0] = [{str(HERE)!r}, {str(ROOT)!r}]
         import keras, mlflow
-        from keras_testing import build_cnn, make_images
+        from tests.helpers.keras_models import build_cnn, make_images
         from mlflow_eigencam.keras import EigenCAMCallback
         mlflow.set_tracking_uri("sqlite:///{tmp_path / 'm.db'}")
         x, y = make_images(12)
@@ -150,7 +150,7 @@ def test_the_callback_never_imports_tensorflow(tmp_path):
         print("OURS", len(ours), "TF_LOADED", "tensorflow" in sys.modules, keras.backend.backend())
         print("".join(ours[:1]))
     """)
-    env = dict(os.environ, MLFLOW_EIGENCAM_SPOOL_DIR=str(tmp_path / "spool"))
+    env = child_env(MLFLOW_EIGENCAM_SPOOL_DIR=str(tmp_path / "spool"))
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

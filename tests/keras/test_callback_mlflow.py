@@ -9,7 +9,10 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from keras_testing import (
+
+from mlflow_eigencam.keras import EigenCAMCallback
+from mlflow_eigencam.sink import EigenCAMWarning
+from tests.helpers.keras_models import (
     artifact_paths,
     build_cnn,
     build_sequential,
@@ -19,9 +22,6 @@ from keras_testing import (
     read_png,
     upscaled,
 )
-
-from mlflow_eigencam.keras import EigenCAMCallback
-from mlflow_eigencam.sink import EigenCAMWarning
 
 NAMES = ["circle", "square", "triangle"]
 

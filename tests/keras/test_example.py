@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import mlflow
-from keras_testing import ROOT, logged_images
+
+from tests.helpers import ROOT, child_env
+from tests.helpers.keras_models import logged_images
 
 
 def _env(tmp_path):
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", MLFLOW_EIGENCAM_SPOOL_DIR=str(tmp_path / "spool"))
+    return child_env(TF_CPP_MIN_LOG_LEVEL="2", MLFLOW_EIGENCAM_SPOOL_DIR=str(tmp_path / "spool"))
 
 
 def test_quickstart_runs_and_logs(tmp_path):

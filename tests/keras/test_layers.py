@@ -5,10 +5,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from keras_testing import build_cnn, build_nested, build_sequential
 
 from mlflow_eigencam.keras import EigenCAMCallback
 from mlflow_eigencam.sink import EigenCAMWarning
+from tests.helpers.keras_models import build_cnn, build_nested, build_sequential
 
 
 def _ready(model, x, **kwargs) -> EigenCAMCallback:

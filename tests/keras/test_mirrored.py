@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,12 +11,14 @@ from pathlib import Path
 
 import mlflow
 
+from tests.helpers import child_env
+
 HERE = Path(__file__).resolve().parent
 
 
 def test_mirrored_strategy_logs_once(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", MLFLOW_EIGENCAM_SPOOL_DIR=str(tmp_path / "spool"))
+    env = child_env(TF_CPP_MIN_LOG_LEVEL="2", MLFLOW_EIGENCAM_SPOOL_DIR=str(tmp_path / "spool"))
     proc = subprocess.run([sys.executable, str(HERE / "mirrored_fit.py"), uri], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

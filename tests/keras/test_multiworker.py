@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 import socket
 import subprocess
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+
+from tests.helpers import child_env
 
 HERE = Path(__file__).resolve().parent
 # Generous: two TensorFlow processes start and train on a busy 2-core machine.
@@ -43,7 +44,7 @@ def test_two_workers_log_once_in_the_chiefs_run(tmp_path):
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+        env = child_env(TF_CPP_MIN_LOG_LEVEL="2",
                    TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
                    MLFLOW_EIGENCAM_SPOOL_DIR=str(tmp_path / f"spool{index}"))
         procs.append(subprocess.Popen([sys.executable, str(HERE / "multiworker_fit.py"), uri], cwd=tmp_path,

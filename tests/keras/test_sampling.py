@@ -9,10 +9,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from keras_testing import make_images
 
 from mlflow_eigencam.keras import EigenCAMCallback, take_samples
 from mlflow_eigencam.sink import EigenCAMWarning
+from tests.helpers.keras_models import make_images
 
 
 class Batches(keras.utils.PyDataset):

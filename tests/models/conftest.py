@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # for `import models_testing`
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")

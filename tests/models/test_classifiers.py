@@ -9,8 +9,14 @@ import torch
 from mlflow import MlflowClient
 
 from mlflow_eigencam.render import render_strip, to_rgb_uint8
-from models_testing import (assert_state_unchanged, assert_strip_close, check_logged_epochs,
-                            plain_svd, run_two_epochs, state_of)
+from tests.helpers.zoo import (
+    assert_state_unchanged,
+    assert_strip_close,
+    check_logged_epochs,
+    plain_svd,
+    run_two_epochs,
+    state_of,
+)
 
 tv = pytest.importorskip("torchvision.models")
 

@@ -9,9 +9,17 @@ import torch
 from mlflow import MlflowClient
 
 from mlflow_eigencam.render import box_colour, render_detection_strip, render_strip, to_rgb_uint8
-from models_testing import (assert_state_unchanged, assert_strip_close, check_logged_epochs,
-                            explained_tensor, plain_svd, rows_by_epoch, run_two_epochs, state_of)
-from readback import load_png
+from tests.helpers.readback import load_png
+from tests.helpers.zoo import (
+    assert_state_unchanged,
+    assert_strip_close,
+    check_logged_epochs,
+    explained_tensor,
+    plain_svd,
+    rows_by_epoch,
+    run_two_epochs,
+    state_of,
+)
 
 tvd = pytest.importorskip("torchvision.models.detection")
 

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # for `import torch_testing`
 
 torch = pytest.importorskip("torch")
 
@@ -25,6 +20,6 @@ def _seeded():
 @pytest.fixture
 def shapes():
     """32 seeded 16x16 shape images (float32 NCHW) and their labels."""
-    from torch_testing import shapes_tensors
+    from tests.helpers.torch_models import shapes_tensors
 
     return shapes_tensors(32, 16)

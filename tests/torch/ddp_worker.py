@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from torch_testing import TinyResNet, all_hooks, shapes_tensors  # noqa: E402
-
 from mlflow_eigencam.pytorch import EigenCAMMonitor  # noqa: E402
+from tests.helpers.torch_models import TinyResNet, all_hooks, shapes_tensors
 
 
 def main() -> None:

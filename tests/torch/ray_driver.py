@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
 
 def train_loop(config: dict) -> None:
-    import torch
     import ray.train
+    import torch
     from ray.train.torch import prepare_model
 
-    sys.path.insert(0, config["here"])
-    from torch_testing import TinyResNet, all_hooks, shapes_tensors
-
     from mlflow_eigencam.pytorch import EigenCAMMonitor
+    from tests.helpers.torch_models import TinyResNet, all_hooks, shapes_tensors
 
     torch.set_num_threads(1)
     rank = ray.train.get_context().get_world_rank()

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import mlflow_eigencam
 from mlflow_eigencam.lightning import EigenCAMCallback
-from readback import image_series
-from torch_testing import TinyCNN, shapes_tensors
+from tests.helpers.readback import image_series
+from tests.helpers.torch_models import TinyCNN, shapes_tensors
 
 
 class Lit(pl.LightningModule):

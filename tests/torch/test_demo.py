@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from readback import image_series
+from tests.helpers.readback import image_series
 
 ROOT = Path(__file__).resolve().parents[2]
 

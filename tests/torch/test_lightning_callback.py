@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
 
 from mlflow_eigencam import _layout  # noqa: E402
 from mlflow_eigencam.lightning import EigenCAMCallback, default_batch_to_xy  # noqa: E402
-from torch_testing import TinyResNet, all_hooks, image_counts, shapes_tensors, table_rows  # noqa: E402
+from tests.helpers.torch_models import TinyResNet, all_hooks, image_counts, shapes_tensors, table_rows  # noqa: E402
 
 NAMES = ["circle", "square", "triangle"]
 

@@ -14,8 +14,12 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from mlflow_eigencam import _layout  # noqa: E402
 from mlflow_eigencam.lightning import EigenCAMCallback, default_batch_to_xy  # noqa: E402
-from test_torch_autodetect import TinyDetector  # noqa: E402
-from torch_testing import all_hooks, image_counts, table_rows  # noqa: E402
+from tests.helpers.torch_models import (  # noqa: E402
+    TinyDetector,  # noqa: E402
+    all_hooks,
+    image_counts,
+    table_rows,
+)
 
 
 class LitDetector(pl.LightningModule):

@@ -15,18 +15,18 @@ from mlflow import MlflowClient
 
 pytest.importorskip("ray.train.torch")
 
-from torch_testing import image_counts  # noqa: E402
+from tests.helpers import child_env
+from tests.helpers.torch_models import image_counts  # noqa: E402
 
 DRIVER = Path(__file__).with_name("ray_driver.py")
 
 
 def test_ray_train_rank_zero_logs_into_the_driver_run(tmp_path, tracking_uri):
     experiment_id = mlflow.get_experiment_by_name("eigencam-tests").experiment_id
-    repo = str(Path(__file__).parents[2])
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id,
                RAY_TEST_OUT=str(tmp_path), OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keeps Ray on 127.0.0.1
-               PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # keeps Ray on 127.0.0.1
+    env = child_env(**env)
     proc = subprocess.run([sys.executable, str(DRIVER)], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, timeout=240)  # a hang fails here
     assert proc.returncode == 0, proc.stdout.decode(errors="replace")[-4000:]

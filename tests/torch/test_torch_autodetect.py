@@ -12,8 +12,8 @@ from torch import nn
 
 from mlflow_eigencam.eigencam import eigencam
 from mlflow_eigencam.pytorch import EigenCAMMonitor, find_target_layer, resolve_target_layer
-from torch_testing import RecordingLogger, all_hooks, table_rows
-from readback import plain_svd
+from tests.helpers.oracle import plain_svd
+from tests.helpers.torch_models import RecordingLogger, TinyDetector, all_hooks, table_rows
 
 
 class InplaceAfterFeatures(nn.Module):
@@ -89,29 +89,6 @@ class SwinLike(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.permute(self.norm(self.features(x)))
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-class TinyDetector(nn.Module):
-    """torchvision detection layout: ``backbone.body`` stages, an FPN with an extra 1x1
-    level, then a head and RoI features (K proposals, not B images)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Module()
-        self.backbone.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1))
-        self.backbone.fpn = nn.Conv2d(16, 8, 1)
-        self.backbone.p7 = nn.Conv2d(8, 8, 3, 2, 1)
-        self.head = nn.Conv2d(8, 4, 3, padding=1)
-        self.roi = nn.Conv2d(8, 8, 1)
-
-    def forward(self, images: list) -> list:
-        x = torch.stack(list(images))
-        p = self.backbone.fpn(self.backbone.body(x))
-        extra = self.backbone.p7(p)
-        scores = self.head(extra)
-        self.roi(p.repeat(3, 1, 1, 1))  # "proposals": 3x the batch
-        return [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 24.0]]), "scores": s.flatten()[:1].sigmoid(),
-                 "labels": torch.tensor([1])} for s in scores]
 
 
 def test_in_place_op_after_the_found_layer_does_not_change_epoch_0(tracking_uri):

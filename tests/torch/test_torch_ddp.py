@@ -11,8 +11,9 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from readback import free_port
-from torch_testing import image_counts
+from tests.helpers import child_env
+from tests.helpers.readback import free_port
+from tests.helpers.torch_models import image_counts
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -21,8 +22,8 @@ def test_ddp_only_rank_zero_logs_and_no_rank_hangs(tmp_path, tracking_uri):
     experiment_id = mlflow.get_experiment_by_name("eigencam-tests").experiment_id
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id,
-               DDP_OUT=str(tmp_path), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+               DDP_OUT=str(tmp_path), OMP_NUM_THREADS="1")
+    env = child_env(**env)
     procs = [subprocess.Popen([sys.executable, str(WORKER)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
     outputs = []

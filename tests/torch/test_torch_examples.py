@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,14 +10,15 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from torch_testing import image_counts
+from tests.helpers import child_env
+from tests.helpers.torch_models import image_counts
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run_example(name: str, tmp_path: Path, *extra: str) -> tuple:
     uri = f"sqlite:///{tmp_path / 'examples.db'}"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = child_env()
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--epochs", "2",
                            "--n-samples", "3", "--train-size", "128", "--tracking-uri", uri, *extra],

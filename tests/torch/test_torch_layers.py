@@ -13,7 +13,7 @@ from mlflow_eigencam.pytorch import (
     tokens_to_grid,
     unwrap_model,
 )
-from torch_testing import TinyCNN, TinyResNet, TinyViT, all_hooks
+from tests.helpers.torch_models import TinyCNN, TinyResNet, TinyViT, all_hooks
 
 
 def test_auto_detection_picks_resnet_layer4():

@@ -14,8 +14,8 @@ from torch import nn
 
 from mlflow_eigencam import _layout
 from mlflow_eigencam.pytorch import EigenCAMMonitor
-from readback import image_series
-from torch_testing import (
+from tests.helpers.readback import image_series
+from tests.helpers.torch_models import (
     RecordingLogger,
     TinyCNN,
     TinyResNet,
@@ -250,7 +250,7 @@ def test_end_to_end_images_tags_and_steps(tracking_uri, shapes, caplog):
 
 
 def test_vit_tokens_end_to_end(tracking_uri):
-    from torch_testing import shapes_tensors
+    from tests.helpers.torch_models import shapes_tensors
 
     x, y = shapes_tensors(8, (32, 16))  # non-square image: an 8x4 patch grid
     model = TinyViT(registers=2)
@@ -266,7 +266,7 @@ def test_vit_tokens_end_to_end(tracking_uri):
 
 
 def test_vit_explicit_layer_with_non_square_grid_reads_the_patch_grid():
-    from torch_testing import shapes_tensors
+    from tests.helpers.torch_models import shapes_tensors
 
     x, y = shapes_tensors(4, (56, 40))  # 14 x 10 patches + 1 class token
     model = TinyViT()

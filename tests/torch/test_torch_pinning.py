@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 from torch.utils.data import DataLoader, TensorDataset
 
 from mlflow_eigencam.pytorch import EigenCAMMonitor
-from torch_testing import TinyCNN, all_hooks, image_counts, table_rows
+from tests.helpers.torch_models import TinyCNN, all_hooks, image_counts, table_rows
 
 
 def _run(x, y, pin: bool, epochs: int = 3):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from torch_testing import make_shapes
+from tests.helpers.torch_models import make_shapes
 
 
 def test_seeded_layouts_and_ranges():

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any, List, Tuple
 
 import numpy as np
 import torch
+from _shapes import make_shapes  # examples/_shapes.py (pytest's pythonpath; child_env)
 from torch import nn
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-from _shapes import make_shapes  # noqa: E402
-
-from mlflow_eigencam.logger import EigenCAMLogger  # noqa: E402
+from mlflow_eigencam.logger import EigenCAMLogger
 
 
 class BasicBlock(nn.Module):
@@ -137,7 +130,7 @@ class RecordingLogger(EigenCAMLogger):
 def table_rows(client, run_id: str, mode: str, ds_id: str) -> List[dict]:
     """Rows of the per-(mode, ds_id) table as dicts."""
     from mlflow_eigencam import _layout
-    from readback import load_json
+    from tests.helpers.readback import load_json
 
     table = load_json(client, run_id, _layout.table_path(mode, ds_id))
     return [dict(zip(table["columns"], row)) for row in table["data"]]
@@ -145,7 +138,7 @@ def table_rows(client, run_id: str, mode: str, ds_id: str) -> List[dict]:
 
 def image_counts(client, run_id: str) -> dict:
     """{(key, step): number of PNGs logged} (duplicates show as counts > 1)."""
-    from readback import _IMAGE_NAME
+    from tests.helpers.readback import _IMAGE_NAME
 
     counts: dict = {}
     for f in client.list_artifacts(run_id, "images"):
@@ -158,3 +151,26 @@ def image_counts(client, run_id: str) -> dict:
 
 def as_numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+class TinyDetector(nn.Module):
+    """torchvision detection layout: ``backbone.body`` stages, an FPN with an extra 1x1
+    level, then a head and RoI features (K proposals, not B images)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1))
+        self.backbone.fpn = nn.Conv2d(16, 8, 1)
+        self.backbone.p7 = nn.Conv2d(8, 8, 3, 2, 1)
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+        self.roi = nn.Conv2d(8, 8, 1)
+
+    def forward(self, images: list) -> list:
+        x = torch.stack(list(images))
+        p = self.backbone.fpn(self.backbone.body(x))
+        extra = self.backbone.p7(p)
+        scores = self.head(extra)
+        self.roi(p.repeat(3, 1, 1, 1))  # "proposals": 3x the batch
+        return [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 24.0]]), "scores": s.flatten()[:1].sigmoid(),
+                 "labels": torch.tensor([1])} for s in scores]

@@ -22,33 +22,6 @@ _IMAGE_NAME = re.compile(r"^(?P<key>.+?)[+%]step[+%](?P<step>\d+)[+%]timestamp[+
                          r"[+%](?P<uuid>[0-9a-f-]+)\.png$")
 
 
-def plain_svd(act: np.ndarray, k: int = 3) -> Tuple[np.ndarray, np.ndarray]:
-    """Textbook EigenCAM per sample (``np.linalg.svd`` of the centred pixel x channel matrix)
-    with the package's documented sign rule: loadings sum >= 0, and on a tie (|cos(v, 1)| <
-    1e-4: LayerNorm'd tokens sum to 0 over channels) the largest |map| pixel is positive.
-
-    Args:
-        act: ``(B, C, h, w)`` activations, any float dtype.
-        k: Components.
-
-    Returns:
-        ``(maps (B, k, h, w) float64, ratios (B, k) float64)``.
-    """
-    maps, ratios = [], []
-    for a in np.asarray(act, dtype=np.float64):
-        c, h, w = a.shape
-        x = a.reshape(c, h * w).T
-        x = x - x.mean(axis=0)
-        _, s, vt = np.linalg.svd(x, full_matrices=False)
-        m = (x @ vt[:k].T).T.reshape(k, h * w)
-        for i in range(k):
-            cos = vt[i].sum() / np.sqrt(c)
-            m[i] *= np.sign(cos) if abs(cos) >= 1e-4 else np.sign(m[i][np.argmax(np.abs(m[i]))])
-        maps.append(m.reshape(k, h, w))
-        ratios.append(s[:k] ** 2 / (s ** 2).sum())
-    return np.stack(maps), np.stack(ratios)
-
-
 def image_series(client, run_id: str) -> Dict[str, Dict[int, str]]:
     """{key: {step: artifact_path}} for every image logged with ``log_image(key=..., step=...)``."""
     out: Dict[str, Dict[int, str]] = defaultdict(dict)
@@ -62,8 +35,9 @@ def image_series(client, run_id: str) -> Dict[str, Dict[int, str]]:
 
 def load_png(client, run_id: str, path: str) -> np.ndarray:
     """An artifact PNG as an (H, W, 3) uint8 array."""
-    from PIL import Image
     import tempfile
+
+    from PIL import Image
 
     with tempfile.TemporaryDirectory() as d:
         local = client.download_artifacts(run_id, path, d)

@@ -5,7 +5,7 @@ missing or fails. It mimics a model that learns: the evaluation images stay the 
 epoch (as a fixed validation set does) while the activations focus more on the object and the
 predictions become right, so each epoch's overlay differs from the last one.
 
-    python tests/e2e/_logger_run.py --tracking-uri http://127.0.0.1:5000 --epochs 3
+    python -m tests.helpers.logger_run --tracking-uri http://127.0.0.1:5000 --epochs 3
 """
 
 from __future__ import annotations

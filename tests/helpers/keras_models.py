@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
 
 
 def make_images(n: int, height: int = 24, width: int = 40, channels: int = 3,
                 n_classes: int = 3, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """Seeded shapes images ``(n, H, W, C)`` float32 in [0, 1] and int64 labels ``(n,)``."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        from _shapes import make_shapes
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    from _shapes import make_shapes  # examples/_shapes.py (pytest's pythonpath; child_env)
+
     x, y, _ = make_shapes(n, (height, width), n_classes=n_classes, seed=seed, layout="NHWC")
     if channels == 1:
         x = x.mean(axis=-1, keepdims=True).astype(np.float32)

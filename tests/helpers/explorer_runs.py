@@ -4,7 +4,7 @@ Each run sees the same fixed validation images (so rows join across runs by samp
 activations find the object better each epoch (maps settle, map_change falls) and its logits
 move towards the true class at a rate set by ``--quality`` (a run that learns worse).
 
-    python tests/e2e/_explorer_runs.py --tracking-uri URI --experiment exp-a --run-name good \
+    python -m tests.helpers.explorer_runs --tracking-uri URI --experiment exp-a --run-name good \
         --epochs 4 --n-samples 8 [--hold FILE]
 
 With ``--hold FILE`` the run logs every epoch but the last, prints ``HOLDING``, waits until
@@ -14,15 +14,12 @@ FILE exists, then logs the last epoch and ends: a run that is still logging.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _logger_run import CLASSES, activations_at, make_eval_set  # noqa: E402
+from tests.helpers.logger_run import CLASSES, activations_at, make_eval_set
 
 
 def log_run(tracking_uri: str, experiment: str, run_name: str, epochs: int, n_samples: int,

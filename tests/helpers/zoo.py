@@ -14,8 +14,8 @@ from torch import nn
 
 from mlflow_eigencam import _layout
 from mlflow_eigencam.pytorch import EigenCAMMonitor, resolve_target_layer, tokens_to_grid
-from readback import load_json, load_png
-from readback import plain_svd as _plain_svd
+from tests.helpers.oracle import plain_svd as _plain_svd
+from tests.helpers.readback import load_json, load_png
 
 K = 3  # components, the monitor's default
 
