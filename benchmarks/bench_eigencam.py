@@ -148,7 +148,8 @@ def timed_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: 
 
 def timed_rounds(ours: Callable[[], object], floor: Callable[[], object], ref: Callable[[], object],
                  repeats: int, ref_budget: float,
-                 exact: Optional[Callable[[], object]] = None) -> Tuple[float, float, float, int, float, float, Optional[float], Optional[float]]:
+                 exact: Optional[Callable[[], object]] = None
+                 ) -> Tuple[float, float, float, int, float, float, Optional[float], Optional[float]]:
     """Rounds of (ours x3, floor x3, reference x1), so that the ratios come from neighbouring
     runs: on a loaded machine the load drifts over the minutes one shape takes.
 
@@ -303,7 +304,8 @@ def main(argv: Optional[List[str]] = None) -> int:
              "floor": floor_s, "err": err, "gc": gc_s, "speed": speed, "over": over,
              "exact": exact_s, "bound": bound}
         )
-        print(f"  measured {spectrum} {shape}: ours {ms(ours_s)} ms, reference {ms(ref_s)} ms x{ref_n}", file=sys.stderr)
+        print(f"  measured {spectrum} {shape}: ours {ms(ours_s)} ms, reference {ms(ref_s)} ms x{ref_n}",
+              file=sys.stderr)
 
     # torch last: its OpenMP workers keep spinning after each call and would slow numpy
     make_torch = None if args.no_torch else torch_cpu()

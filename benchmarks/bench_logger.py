@@ -73,7 +73,7 @@ def _child_stream(n: int) -> None:
             base = _rss_mb()
             peak = base
             batch = 50
-            for start in range(0, n, batch):
+            for _ in range(0, n, batch):
                 images = rng.uniform(size=(batch, 3, 64, 64)).astype(np.float32)
                 acts = np.maximum(rng.normal(size=(batch, 64, 8, 8)), 0).astype(np.float32)
                 logger.on_batch_end(images, acts, rng.integers(0, 3, batch), mode="eval")

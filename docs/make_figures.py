@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         data = encode_png(pixels)
         (args.out / name).write_bytes(data)
         print(
-            f"wrote {args.out / name} ({pixels.shape[1]} x {pixels.shape[0]}, sha1 {hashlib.sha1(data).hexdigest()[:12]})"
+            f"wrote {args.out / name} ({pixels.shape[1]} x {pixels.shape[0]}, "
+            f"sha1 {hashlib.sha1(data).hexdigest()[:12]})"
         )
     print(f"{time.perf_counter() - t0:.1f} s")
     return 0

@@ -13,8 +13,9 @@ Layout (``ROOT`` is ``spool_dir=``, ``$MLFLOW_EIGENCAM_SPOOL_DIR`` or
         failed/                    records MLflow refused for good, each with a .err note
 
 Why one file per item: a record is written to a temporary name and renamed (the sink's
-sender fsyncs it and the folder right after), so a reader sees a whole record or none; a crash at any point leaves either the old state or the
-new one. Nothing outside marked folders is ever created, moved or deleted, and inside them
+sender fsyncs it and the folder right after), so a reader sees a whole record or none; a
+crash at any point leaves either the old state or the new one. Nothing outside marked folders
+is ever created, moved or deleted, and inside them
 only names of the shapes above (the package never runs ``rmtree`` on a spool).
 
 A record is ``MAGIC | u64 header length | u32 crc32 | header JSON | data``; the header lists

@@ -15,19 +15,44 @@ ours, so the wrapper stays and becomes a pass-through.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import logging
 import threading
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-from .sink import EigenCAMWarning
+from .errors import EigenCAMWarning
 
 _log = logging.getLogger("mlflow_eigencam")
 
-#: Module names whose import triggers a patch, and the patch to apply.
-_KERAS_MODULES = ("keras",)
-_LIGHTNING_MODULES = ("lightning.pytorch", "pytorch_lightning")
+#: ``add_callback(original_fit, owner, args, kwargs, settings) -> (args, kwargs, undo)``: puts
+#: the framework's EigenCAM callback into one ``fit`` call (``settings``: autolog's arguments,
+#: ``layer`` included); ``undo`` (or None) runs after ``fit`` returns or raises.
+AddCallback = Callable[[Callable[..., Any], Any, tuple, Dict[str, Any], Dict[str, Any]],
+                       Tuple[tuple, Dict[str, Any], Optional[Callable[[], None]]]]
+
+
+@dataclass(frozen=True)
+class Integration:
+    """One framework's autolog entry: which imports trigger it, which ``fit`` it wraps, and
+    the integration function (``"module:function"``, imported only when ``fit`` runs) that
+    adds the callback."""
+
+    name: str
+    modules: Tuple[str, ...]
+    fit_owner: str
+    add_callback: str
+
+
+#: The registry: a new framework is one entry here (plus its integration module).
+INTEGRATIONS: Tuple[Integration, ...] = (
+    Integration("Keras", ("keras",), "Model", "mlflow_eigencam.integrations.keras:autolog_add_callback"),
+    Integration("Lightning", ("lightning.pytorch", "pytorch_lightning"), "Trainer",
+                "mlflow_eigencam.integrations.lightning:autolog_add_callback"),
+)
+
 _WRAPPED_ATTR = "__mlflow_eigencam_wrapped__"
 
 _config: Dict[str, Any] = {"enabled": False, "silent": False, "kwargs": {}}
@@ -80,11 +105,11 @@ def autolog(
         return
     from mlflow.utils.import_hooks import register_post_import_hook
 
-    for name in _KERAS_MODULES:
-        register_post_import_hook(_patch_keras, name, overwrite=True)
-    for name in _LIGHTNING_MODULES:
-        register_post_import_hook(_patch_lightning, name, overwrite=True)
-    _info("mlflow_eigencam autologging enabled for Keras and Lightning (plain PyTorch loops: "
+    for integration in INTEGRATIONS:
+        for name in integration.modules:
+            register_post_import_hook(functools.partial(_patch, integration), name, overwrite=True)
+    names = " and ".join(i.name for i in INTEGRATIONS)
+    _info(f"mlflow_eigencam autologging enabled for {names} (plain PyTorch loops: "
           "use mlflow_eigencam.pytorch.EigenCAMMonitor)")
 
 
@@ -102,6 +127,23 @@ def _warn(msg: str) -> None:
     if not _config["silent"]:
         warnings.warn(msg, EigenCAMWarning, stacklevel=3)
         _log.warning(msg)
+
+
+def _patch(integration: Integration, module: Any) -> None:
+    """Wrap ``module.<fit_owner>.fit`` (called by MLflow's import hook; never raises)."""
+    try:
+        owner = getattr(module, integration.fit_owner)
+        _wrap_fit(owner, functools.partial(_add_callback, integration))
+    except Exception as exc:
+        _warn(f"mlflow_eigencam autolog could not patch {module.__name__}.{integration.fit_owner}.fit: {exc}")
+
+
+def _add_callback(integration: Integration, original: Callable[..., Any], owner: Any, args: tuple,
+                  kw: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any], Optional[Callable[[], None]]]:
+    module, function = integration.add_callback.split(":")
+    add: AddCallback = getattr(importlib.import_module(module), function)
+    settings = dict(_config["kwargs"], layer=_config.get("layer"))
+    return add(original, owner, args, kw, settings)
 
 
 def _wrap_fit(cls: type, add_callback: Callable[..., Any]) -> None:
@@ -134,57 +176,3 @@ def _wrap_fit(cls: type, add_callback: Callable[..., Any]) -> None:
 
     setattr(fit, _WRAPPED_ATTR, True)
     cls.fit = fit
-
-
-# -- Keras -------------------------------------------------------------------------------
-def _patch_keras(module: Any) -> None:
-    try:
-        import keras
-
-        _wrap_fit(keras.Model, _keras_add_callback)
-    except Exception as exc:
-        _warn(f"mlflow_eigencam autolog could not patch keras.Model.fit: {exc}")
-
-
-def _keras_add_callback(original: Callable, model: Any, args: tuple, kw: dict):
-    from .integrations.keras import EigenCAMCallback
-
-    bound = inspect.signature(original).bind_partial(model, *args, **kw)
-    arguments = bound.arguments
-    callbacks = list(arguments.get("callbacks") or [])
-    if any(isinstance(cb, EigenCAMCallback) for cb in callbacks):
-        return args, kw, None  # the user passed one: no duplicate
-    settings = dict(_config["kwargs"])
-    callback = EigenCAMCallback(layer=_config.get("layer"), **settings)
-    callback._set_fit_data(x=arguments.get("x"), y=arguments.get("y"),
-                           validation_data=arguments.get("validation_data"),
-                           validation_split=arguments.get("validation_split") or 0.0)
-    arguments["callbacks"] = callbacks + [callback]  # a new list: the user's is untouched
-    new_args = bound.args[1:]
-    return new_args, dict(bound.kwargs), None
-
-
-# -- Lightning ---------------------------------------------------------------------------
-def _patch_lightning(module: Any) -> None:
-    try:
-        trainer_cls = module.Trainer
-        _wrap_fit(trainer_cls, _lightning_add_callback)
-    except Exception as exc:
-        _warn(f"mlflow_eigencam autolog could not patch {module.__name__}.Trainer.fit: {exc}")
-
-
-def _lightning_add_callback(original: Callable, trainer: Any, args: tuple, kw: dict):
-    from .integrations.lightning import EigenCAMCallback
-
-    if any(isinstance(cb, EigenCAMCallback) for cb in trainer.callbacks):
-        return args, kw, None
-    settings = dict(_config["kwargs"])
-    callback = EigenCAMCallback(target_layer=_config.get("layer"), **settings)
-    trainer.callbacks.append(callback)
-
-    def undo() -> None:
-        # Leave the trainer as it was: a later fit (autolog off, or a new config) starts clean.
-        if callback in trainer.callbacks:
-            trainer.callbacks.remove(callback)
-
-    return args, kw, undo

@@ -596,7 +596,7 @@ def _draw_tiles(panels: list, titles: list, height: int, width: int, *, label: O
     line = geo["line"]
     font = _font(geo["font_size"])
     canvas = Image.new("RGB", (card_w, card_h), _BACKGROUND)
-    for panel, title, (x, y, w, h) in zip(panels, titles, geo["boxes"]):
+    for panel, title, (x, y, w, _h) in zip(panels, titles, geo["boxes"]):
         canvas.paste(Image.fromarray(panel), (x, y))
         _text_line(canvas, (x, y - _GAP - line), (w, line), [(_fit(font, title, w), _TEXT, 0)], font)
     if not has_caption:

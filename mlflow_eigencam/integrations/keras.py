@@ -22,6 +22,7 @@ How the activations are read, without changing the model:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import warnings
@@ -680,3 +681,20 @@ class EigenCAMCallback(keras.callbacks.Callback):
         self._warn_once(("fail", kind or where, type(exc).__name__),
                         f"{where} failed ({type(exc).__name__}: {exc}); skipping these EigenCAM "
                         "images, training goes on")
+
+
+def autolog_add_callback(original: Callable[..., Any], model: Any, args: tuple, kw: Dict[str, Any],
+                         settings: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any], None]:
+    """autolog's entry for Keras: an :class:`EigenCAMCallback` in this ``fit``'s callbacks,
+    sampling the data ``fit`` was given (a callback the user passed is not duplicated)."""
+    bound = inspect.signature(original).bind_partial(model, *args, **kw)
+    arguments = bound.arguments
+    callbacks = list(arguments.get("callbacks") or [])
+    if any(isinstance(cb, EigenCAMCallback) for cb in callbacks):
+        return args, kw, None  # the user passed one: no duplicate
+    callback = EigenCAMCallback(**settings)
+    callback._set_fit_data(x=arguments.get("x"), y=arguments.get("y"),
+                           validation_data=arguments.get("validation_data"),
+                           validation_split=arguments.get("validation_split") or 0.0)
+    arguments["callbacks"] = callbacks + [callback]  # a new list: the user's is untouched
+    return bound.args[1:], dict(bound.kwargs), None

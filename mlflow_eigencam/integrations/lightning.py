@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -418,3 +418,21 @@ class EigenCAMCallback(Callback):
     def on_predict_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Log every predict dataset at step current_epoch."""
         self._epoch_end(trainer, "predict")
+
+
+def autolog_add_callback(original: Callable[..., Any], trainer: Any, args: tuple, kw: Dict[str, Any],
+                         settings: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any], Optional[Callable[[], None]]]:
+    """autolog's entry for Lightning: an :class:`EigenCAMCallback` on the trainer for this
+    ``fit`` only (one the user passed is not duplicated)."""
+    if any(isinstance(cb, EigenCAMCallback) for cb in trainer.callbacks):
+        return args, kw, None
+    settings = dict(settings)
+    callback = EigenCAMCallback(target_layer=settings.pop("layer", None), **settings)
+    trainer.callbacks.append(callback)
+
+    def undo() -> None:
+        # Leave the trainer as it was: a later fit (autolog off, or a new config) starts clean.
+        if callback in trainer.callbacks:
+            trainer.callbacks.remove(callback)
+
+    return args, kw, undo

@@ -74,7 +74,7 @@ class _Child:
                 line = self.lines.get(timeout=0.05)
             except queue.Empty:
                 if self.proc.poll() is not None and self.lines.empty():
-                    raise AssertionError(f"child exited: {self.proc.stderr.read()[-3000:]}")
+                    raise AssertionError(f"child exited: {self.proc.stderr.read()[-3000:]}") from None
                 continue
             if line.startswith("RETURNED "):
                 self.returned.append(int(line.split()[1]))

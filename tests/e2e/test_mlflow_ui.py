@@ -75,7 +75,7 @@ def _log_run(uri: str, tmp_path: Path) -> Tuple[str, str, str]:
         if script is FALLBACK:
             raise AssertionError(f"{script.name} failed:\n{proc.stderr[-3000:]}")
         warnings.warn(f"{script.name} failed (rc={proc.returncode}), using {FALLBACK.name}: "
-                      f"{proc.stderr[-1500:]}")
+                      f"{proc.stderr[-1500:]}", stacklevel=2)
 
     from mlflow.tracking import MlflowClient
 

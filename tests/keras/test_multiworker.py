@@ -58,7 +58,7 @@ def test_two_workers_log_once_in_the_chiefs_run(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-    for proc, (out, err) in zip(procs, outs):
+    for proc, (_out, err) in zip(procs, outs):
         assert proc.returncode == 0, err[-3000:]
         assert "mlflow_eigencam:" not in err, err[-3000:]  # no warning from us on either worker
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]

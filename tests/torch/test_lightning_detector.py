@@ -45,7 +45,8 @@ class LitDetector(pl.LightningModule):
 def _data(n=4):
     g = torch.Generator().manual_seed(0)
     return [(torch.rand(3, 32, 48, generator=g),
-             {"boxes": torch.tensor([[1.0, 1.0, 30.0, 30.0]] * (1 + i % 2)), "labels": torch.ones(1 + i % 2, dtype=torch.int64)})
+             {"boxes": torch.tensor([[1.0, 1.0, 30.0, 30.0]] * (1 + i % 2)),
+              "labels": torch.ones(1 + i % 2, dtype=torch.int64)})
             for i in range(n)]
 
 
