@@ -144,10 +144,11 @@ def main(argv=None) -> int:
         print(f"  mlflow ui --backend-store-uri {uri} --port 5000")
     exp_id = mlflow.get_experiment_by_name(name).experiment_id
     for rid in run_ids:
-        print(f"  {base}/#/experiments/{exp_id}/runs/{rid}   (tab 'Model metrics': the images; "
-              "a chart's Configure -> 'Show run parameters' off shows them whole)")
-    print("  MLflow 3 may open the experiment in its GenAI view, where no run is listed: pick "
-          "'Model training' at the top left, or open a run link above directly.")
+        # The run page's 'Model metrics' tab, where the image charts are (MLflow >= 2.9).
+        print(f"  {base}/#/experiments/{exp_id}/runs/{rid}/model-metrics")
+    print("  (a chart's Configure -> 'Show run parameters' off shows a card whole; MLflow 3 may "
+          "open the experiment itself in its GenAI view, where no run is listed: the links above "
+          "open the runs directly)")
     return 0
 
 
