@@ -108,6 +108,10 @@ _CHUNK_BYTES = 256 * 2**20
 # |cos(loading vector, all-ones)| below this counts as a tie (see module docstring).
 _TIE_COSINE = 1e-4
 _EPS32 = float(np.finfo(np.float32).eps)
+_EPS64 = float(np.finfo(np.float64).eps)
+# A sample on the float64 path has no variance when its centred sum of squares is below
+# (this many times hw float64 epsilons)^2 of its uncentred one (see _eigencam_chunk).
+_NO_VARIANCE_EPS = 4.0
 
 _Number = Union[int, float]
 
@@ -471,6 +475,7 @@ def _eigencam_chunk(xp: Any, src: Any, k: Optional[int], frac: Optional[float]) 
         peak = xp.max(xp.abs(x64), axis=(1, 2))
         peak = xp.where(peak > 0, peak, xp.ones_like(peak))
         x64 = x64 / peak[:, None, None]
+        raw64 = _to_numpy(xp.sum(x64 * x64, axis=(1, 2)))
         x64 = x64 - xp.mean(x64, axis=2, keepdims=True)
         unit_np = np.ones(b)
         unit_np[idx] = _to_numpy(peak)
@@ -481,7 +486,12 @@ def _eigencam_chunk(xp: Any, src: Any, k: Optional[int], frac: Optional[float]) 
         g = _put(xp, g, idx, g64)
         trace_c = _put(xp, trace_c, idx, trace64)
         aux = _put(xp, aux, idx, aux64)
-        zero_tol[idx] = 1e-12
+        # No variance at all (every pixel the same channel vector: a dead or collapsed
+        # layer): explicit centring leaves only its own rounding, about hw float64 epsilons
+        # per value, and normalising that noise to unit trace would give ratio 1 and a map
+        # of noise. A float32 input that differs anywhere by one ulp is ~1e6 times above it.
+        novar = _to_numpy(trace64) <= (_NO_VARIANCE_EPS * hw * _EPS64) ** 2 * raw64
+        zero_tol[idx] = np.where(novar, np.inf, 1e-12)
 
     # Top eigenpairs of the trace-normalised centred Gram matrix: theta = explained ratio.
     if frac is not None:

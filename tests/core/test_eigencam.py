@@ -422,3 +422,23 @@ def test_jax_arrays_run_the_same_code_when_jax_is_installed():
         scale = np.abs(ref.maps).max(axis=(2, 3), keepdims=True)
         assert (np.abs(res.maps - ref.maps) / scale).max() <= 1e-4  # float32 unless x64
         np.testing.assert_allclose(res.explained_variance_ratio, ref.explained_variance_ratio, atol=1e-5)
+
+
+@pytest.mark.parametrize("h", [4, 7, 14, 28])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_collapsed_layer_gets_zero_maps_and_ratio_0_not_1(h, channels_last):
+    """Every pixel the same channel vector (a dead or collapsed layer): no variance, so zero
+    maps and ratio 0 whatever the grid and the memory layout, never the best score of 1."""
+    rng = np.random.default_rng(0)
+    c = 64
+    v = rng.uniform(0.1, 3.0, size=(c, 1, 1)).astype(np.float32)
+    a = np.concatenate([np.broadcast_to(v, (1, c, h, h)), low_rank(rng, 1, c, h, h)])
+    if channels_last:
+        a = np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+    res = eigencam(a, 3, channels_last=channels_last)
+    assert np.all(res.maps[0] == 0) and np.all(res.explained_variance_ratio[0] == 0)
+    assert res.explained_variance_ratio[1, 0] > 0.1  # the other sample is untouched
+    # One float32 ulp of difference is variance: it must not be called constant.
+    b = np.broadcast_to(v, (1, c, h, h)).copy()
+    b[0, 0, 0, 0] = np.nextafter(b[0, 0, 0, 0], np.float32(np.inf))
+    assert eigencam(b, 1).explained_variance_ratio[0, 0] > 0.99
