@@ -38,7 +38,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from mlflow_eigencam.render import to_rgb_uint8
+from mlflow_eigencam.images import to_rgb_uint8
 
 __all__ = ["Boxes", "Sample", "SampleBuffer", "class_values", "is_detections", "sample_id"]
 
