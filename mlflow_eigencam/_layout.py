@@ -33,7 +33,7 @@ TABLE_IMAGE_COLUMN = "image"
 #: (empty at the first epoch); between the ``evr_*`` columns and ``image``.
 TABLE_MAP_CHANGE_COLUMN = "map_change"
 #: Where the card's panels are, in card pixels: ``{"size": [H, W], "boxes": [[x, y, w, h],
-#: ...], "titles": ["input", "PC1", ...]}`` (``render.card_geometry``); the last column.
+#: ...], "titles": ["input", "PC1", ...]}`` (``render.card_geometry``); before ``image``.
 TABLE_CARD_COLUMN = "card"
 #: Detectors only (boxes as preds / labels): boxes predicted and true per image, after
 #: ``correct`` (``label`` and ``prediction`` then read "3 boxes").

@@ -645,10 +645,10 @@ def _row(epoch: int, s: Sample, evr: np.ndarray, path: str,
         counts = (s.pred_boxes, s.label_boxes)
         for column, boxes in zip(_layout.TABLE_BOX_COLUMNS, counts):
             row[column] = None if boxes is None else len(boxes)
-    row[_layout.TABLE_IMAGE_COLUMN] = path
     # Where the card's panels are (render_card's own geometry), so readers crop them
     # without guessing from pixels.
     row[_layout.TABLE_CARD_COLUMN] = card_geometry(s.image.shape[:2], len(evr))
+    row[_layout.TABLE_IMAGE_COLUMN] = path
     return row
 
 
@@ -656,7 +656,7 @@ def _table_json(rows: List[dict]) -> bytes:
     """MLflow's table format (pandas ``orient="split"``), so ``mlflow.load_table`` reads it."""
     k = max((int(c[4:]) for r in rows for c in r if c.startswith("evr_")), default=0)
     columns = list(_layout.TABLE_COLUMNS) + [f"evr_{c}" for c in range(1, k + 1)] + \
-        [_layout.TABLE_MAP_CHANGE_COLUMN, _layout.TABLE_IMAGE_COLUMN, _layout.TABLE_CARD_COLUMN]
+        [_layout.TABLE_MAP_CHANGE_COLUMN, _layout.TABLE_CARD_COLUMN, _layout.TABLE_IMAGE_COLUMN]
     if any(_layout.TABLE_BOX_COLUMNS[0] in r for r in rows):  # a detector's table
         columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_BOX_COLUMNS
     data = [[r.get(c) for c in columns] for r in rows]
