@@ -119,6 +119,8 @@ def card_boxes(row: dict) -> Optional[Tuple[List[int], List[Box]]]:
             geo = json.loads(geo)
         except ValueError:
             return None
+    if not isinstance(geo, dict):
+        return None
     try:
         height, width = (int(v) for v in geo["size"])
         boxes = [(int(x), int(y), int(w), int(h)) for x, y, w, h in geo["boxes"]]

@@ -214,7 +214,7 @@ def _select_runs(reader: Reader, req: _Request) -> List[_Run]:
         name, spec = text, None
         if reader.client.get_experiment_by_name(name) is None and "@" in name:
             name, spec = split_at(name)
-            check_epoch_spec(spec)
+            check_epoch_spec(spec or "")
         selected.append((reader.latest_run_with_data(name, req.mode, req.ds_id), spec))
     return [_load_run(reader, run, spec, req) for run, spec in selected]
 

@@ -83,8 +83,8 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * np.uint8(255)
     if np.issubdtype(arr.dtype, np.integer):
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo >= 0 and hi <= 255:
+        ilo, ihi = int(arr.min()), int(arr.max())
+        if ilo >= 0 and ihi <= 255:
             return arr.astype(np.uint8)
         return _minmax_uint8(arr.astype(np.float64))
     if np.issubdtype(arr.dtype, np.floating):

@@ -215,7 +215,7 @@ def _key(value: Any) -> Any:
     if isinstance(value, (numbers.Integral, np.integer)):
         return int(value)
     if isinstance(value, (numbers.Real, np.floating)) and float(value).is_integer():
-        return int(value)
+        return int(float(value))
     if isinstance(value, (str, bytes, bytearray, np.str_, np.bytes_)):
         return _text(value)
     try:
@@ -403,8 +403,9 @@ class SampleBuffer:
             added: list[Sample] = []
             for i in range(n):
                 lv, pv = label_values[i], pred_values[i]
-                label = lv if label_boxes is not None else self._display(lv)
-                pred = pv if pred_boxes is not None else self._display(pv)
+                # With boxes the values are already count texts ("2 boxes").
+                label = str(lv) if label_boxes is not None else self._display(lv)
+                pred = str(pv) if pred_boxes is not None else self._display(pv)
                 correct: Optional[bool] = None
                 if label_boxes is not None or pred_boxes is not None:
                     pass  # boxes have no single right answer: no mark

@@ -282,11 +282,11 @@ class Explorer:
         """``make()``, run once however many threads ask for ``key`` at the same time: the
         others wait for its result (or its exception) instead of asking MLflow again."""
         with self._lock:
-            fut = self._inflight.get(key)
-            mine = fut is None
-            if mine:
-                fut = self._inflight[key] = Future()
-        if not mine:
+            found = self._inflight.get(key)
+            fut = found if found is not None else Future()
+            if found is None:
+                self._inflight[key] = fut
+        if found is not None:
             return fut.result(timeout=300)
         try:
             value = make()
