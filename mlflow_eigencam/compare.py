@@ -92,7 +92,7 @@ class CompareResult:
         unmatched: ``{run_id: sample ids that run logged but some other run did not}``,
             an entry for every run (empty when all of its samples matched).
         labels: ``{sample_id: label}`` for every sample seen (None when unlabelled).
-        notes: Human-readable notes (epochs left out of a PNG, strips that were missing).
+        notes: Human-readable notes (epochs left out of a PNG, cards that were missing).
     """
 
     path: Path
@@ -409,10 +409,10 @@ def _card_key(run_id: str, row: dict) -> _CardKey:
 def _panels(card: Optional[np.ndarray], row: dict) -> List[np.ndarray]:
     """The card's panels (input first) at the boxes recorded with its row; [] when the card
     is missing or its size is not the recorded one."""
-    boxes = card_boxes(row)
-    if card is None or boxes is None or list(card.shape[:2]) != boxes[0]:
+    found = card_boxes(row)
+    if card is None or found is None or list(card.shape[:2]) != found[0]:
         return []
-    return [card[y:y + h, x:x + w].copy() for x, y, w, h in boxes[1]]
+    return [card[y:y + h, x:x + w].copy() for x, y, w, h in found[1]]
 
 
 def _cells(loaded: List[_Run], matched: List[str], cards: Dict[_CardKey, Optional[np.ndarray]],

@@ -218,8 +218,8 @@ def card_geometry(image_hw: tuple[int, int], n_components: int, *, min_side: int
 
 
 def _draw_card(panels: list, titles: list, height: int, width: int, *, label: Optional[str],
-                pred: Optional[str], correct: Optional[bool], sample_id: Optional[str],
-                has_caption: bool) -> np.ndarray:
+               pred: Optional[str], correct: Optional[bool], sample_id: Optional[str],
+               has_caption: bool) -> np.ndarray:
     """A near-square card: panels in ceil(sqrt(n)) columns, each under its title; a two-line
     caption at the bottom (true / pred and the mark, then the sample id in grey)."""
     geo = card_layout((height, width), len(panels), caption=has_caption)

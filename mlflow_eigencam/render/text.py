@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ["BACKGROUND", "FONT_SIZE", "GAP", "MUTED", "OK", "RULE", "TEXT", "WRONG", "clean_text",
@@ -26,6 +27,7 @@ RULE = (210, 210, 210)
 GAP = 4
 #: The smallest text size, in pixels.
 FONT_SIZE = 13
+
 
 @functools.lru_cache(maxsize=8)
 def get_font(size: int) -> ImageFont.ImageFont:
@@ -72,7 +74,7 @@ def clean_text(text: object) -> str:
 
 def text_line(canvas: Image.Image, xy: tuple[int, int], size: tuple[int, int],
               pieces: list, font: ImageFont.ImageFont) -> None:
-    """Draw ``[(text, colour, x offset), ...]`` on a white band of ``size`` (w, h) pasted at
+    """Draw ``[(text, colour, x offset), ...]`` in ``font`` on a white band of ``size`` (w, h) pasted at
     ``xy``: text never leaves its band, whatever the font's real height."""
     # Cached: titles ("input", "PC1 62.3%") and captions repeat across samples and epochs,
     # and FreeType rendering at a card's font size was a sixth of the epoch end.
