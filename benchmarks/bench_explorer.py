@@ -186,7 +186,7 @@ def main() -> None:
                       let webp = 0, png = 0;
                       for (const i of imgs) {
                         webp += (await (await fetch(i.src)).arrayBuffer()).byteLength;
-                        const r = await fetch(i.src.replace('kind=preview', 'kind=strip'));
+                        const r = await fetch(i.src.replace('kind=preview', 'kind=card'));
                         png += (await r.arrayBuffer()).byteLength;
                       }
                       return [webp, png];

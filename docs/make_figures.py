@@ -9,7 +9,7 @@ under ``.tox/``, so a test run leaves the tracked figures as they are):
   ``mlflow_eigencam.eigencam`` (sign rule). Each cell is ``mlflow_eigencam.render.overlay``
   of the map on the image, the object's box drawn in white and the noise patch's in grey,
   and a caption saying whether the pointing game hits the object.
-* ``overlay_example.png``: one card from ``mlflow_eigencam.render.render_strip`` (image,
+* ``overlay_example.png``: one card from ``mlflow_eigencam.render.render_card`` (image,
   three components, explained variance, true and predicted class) of the trained model.
 
 The model, data and epochs are seed 0 of ``benchmarks/bench_quality.py`` (the same code is
@@ -42,12 +42,12 @@ import bench_quality as bq  # noqa: E402
 
 from mlflow_eigencam.eigencam import eigencam  # noqa: E402
 from mlflow_eigencam.render import (  # noqa: E402
-    _font,
     encode_png,
     overlay,
-    render_strip,
+    render_card,
     to_rgb_uint8,
 )
+from mlflow_eigencam.render.text import get_font  # noqa: E402
 from mlflow_eigencam.samples import sample_id  # noqa: E402
 
 SEED = 0
@@ -98,7 +98,7 @@ def sign_rule_figure(
     n_rows, n_epochs = len(images), len(raw)
     rgb = [_upscale(to_rgb_uint8(im, "CHW"), SCALE) for im in images]
     ph, pw = rgb[0].shape[:2]
-    title_font, head_font, font = _font(18), _font(15), _font(12)
+    title_font, head_font, font = get_font(18), get_font(15), get_font(12)
     line = 16
     cell_h = ph + line + _GAP  # panel + caption
     col_w = pw + _GAP
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     i = EXAMPLE_INDEX
     result = eigencam(last.activations[i : i + 1], 3)
     image = to_rgb_uint8(exp.test_images[i], "CHW")
-    strip = render_strip(
+    card = render_card(
         image,
         result.maps[0],
         explained_variance=result.explained_variance_ratio[0],
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, pixels in (("sign_rule.png", figure), ("overlay_example.png", strip)):
+    for name, pixels in (("sign_rule.png", figure), ("overlay_example.png", card)):
         data = encode_png(pixels)
         (args.out / name).write_bytes(data)
         print(

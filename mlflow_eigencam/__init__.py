@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 # submodule of the same name that Python would otherwise bind here on first import.
 from .eigencam import EigenCAMResult, NonFiniteActivationsWarning, eigencam  # noqa: E402
 
+# Likewise `mlflow_eigencam.compare` (light at import: MLflow and the renderer load when it runs).
+from .compare import compare  # noqa: E402
+
 __all__ = [
     "EigenCAMLogger",
     "EigenCAMResult",
@@ -33,7 +36,6 @@ _LAZY = {
     "EigenCAMWarning": ("mlflow_eigencam.errors", "EigenCAMWarning"),
     "send_spool": ("mlflow_eigencam.sink", "send_spool"),
     "autolog": ("mlflow_eigencam.autolog", "autolog"),
-    "compare": ("mlflow_eigencam._compare", "compare"),
 }
 
 

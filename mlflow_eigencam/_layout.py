@@ -32,6 +32,9 @@ TABLE_IMAGE_COLUMN = "image"
 #: Explanation drift: 1 - Pearson correlation of the PC1 map with the previous logged epoch's
 #: (empty at the first epoch); between the ``evr_*`` columns and ``image``.
 TABLE_MAP_CHANGE_COLUMN = "map_change"
+#: Where the card's panels are, in card pixels: ``{"size": [H, W], "boxes": [[x, y, w, h],
+#: ...], "titles": ["input", "PC1", ...]}`` (``render.card_geometry``); before ``image``.
+TABLE_CARD_COLUMN = "card"
 #: Detectors only (boxes as preds / labels): boxes predicted and true per image, after
 #: ``correct`` (``label`` and ``prediction`` then read "3 boxes").
 TABLE_BOX_COLUMNS = ("n_boxes", "n_true_boxes")
@@ -145,3 +148,29 @@ def map_change_key(mode: str, ds_id: str | None) -> str:
     """Mean explanation drift of (mode, ds_id) at an epoch: 1 - correlation of each sample's
     PC1 map with the previous logged epoch's, averaged over the samples seen at both."""
     return f"{prefix(mode, ds_id)}/map_change"
+
+
+# -- run ids --------------------------------------------------------------------------------
+
+#: A run id: letters, digits, ``_`` and ``-``, starting with a letter or digit, at most 64
+#: characters (MLflow's own stores write 32 lower-case hex digits).
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+_RUN_ID_PREFIX = re.compile(r"^[0-9a-fA-F]{4,31}$")
+
+
+def parse_run_ref(text: str) -> tuple[str, bool]:
+    """What a user typed for a run -> ``(id or prefix, is_prefix)``.
+
+    A full id is kept as it is; 4 to 31 hex digits are a prefix of MLflow's 32-digit ids
+    (lower-cased; the CLI prints 8 of them).
+
+    Raises:
+        ValueError: Not a run id (the message names the text and the rule).
+    """
+    value = str(text).strip()
+    if _RUN_ID_PREFIX.match(value):
+        return value.lower(), True
+    if RUN_ID_RE.match(value):
+        return value, False
+    raise ValueError(f"not a run id: {value!r} (expected letters, digits, '_' or '-', at most "
+                     "64, or a prefix of 4+ hex digits)")

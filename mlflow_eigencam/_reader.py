@@ -11,9 +11,10 @@ What it reads, per run and (mode, ds_id):
   ``eigencam/{mode}/{ds}/table/epoch_{e:04d}.json`` (same MLflow "split" format), joined and
   deduplicated by ``(epoch, sample_index)``;
 * the WebP previews MLflow's UI shows (``images/...+compressed.webp``), by (epoch, index);
-* the strip PNG a row points to; a row whose ``image`` is ``""`` was not rendered while
+* the card PNG a row points to; a row whose ``image`` is ``""`` was not rendered while
   training, and is rendered on demand by ``mlflow_eigencam._streaming.render_stored`` when
-  that module exists.
+  that module exists;
+* the card's panel boxes the logger recorded with each row (``card``: :func:`card_boxes`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ from urllib.parse import unquote, urlparse
 
 from . import _layout
 
-__all__ = ["Reader", "RunSummary", "Table", "cell_bool", "check_tracking_uri"]
+__all__ = ["Reader", "RunSummary", "Table", "card_boxes", "cell_bool", "cell_text",
+           "check_tracking_uri"]
 
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_PREFIX = re.compile(r"^[0-9a-fA-F]{4,31}$")
 _PART = re.compile(r"^epoch_(\d+)\.json$")
 # images/{key with / -> ~}+step+{step}+timestamp+{ms}+{uid}+compressed.webp (and .png)
 _SERIES = re.compile(r"^(?P<key>.+?)\+step\+(?P<step>\d+)\+timestamp\+(?P<ts>\d+)\+"
@@ -99,6 +99,37 @@ def cell_bool(v: Any) -> Optional[bool]:
     if isinstance(v, str):
         return v.strip().lower() in ("true", "1", "yes")
     return bool(v)
+
+
+def cell_text(v: Any) -> Optional[str]:
+    """A table cell read as one line of text (label, prediction): None stays None."""
+    return None if v is None else " ".join(str(v).split())
+
+
+Box = Tuple[int, int, int, int]  # x, y, width, height
+
+
+def card_boxes(row: dict) -> Optional[Tuple[List[int], List[Box]]]:
+    """``([H, W], [(x, y, w, h), ...])``: the card's size and its panel boxes (input first),
+    as the logger recorded them with the row (``card``); None when the row has none or they
+    do not fit in the card."""
+    geo = row.get(_layout.TABLE_CARD_COLUMN)
+    if isinstance(geo, str):  # a table read back through pandas may hold it as text
+        try:
+            geo = json.loads(geo)
+        except ValueError:
+            return None
+    if not isinstance(geo, dict):
+        return None
+    try:
+        height, width = (int(v) for v in geo["size"])
+        boxes = [(int(x), int(y), int(w), int(h)) for x, y, w, h in geo["boxes"]]
+    except (TypeError, KeyError, ValueError):
+        return None
+    if not boxes or any(x < 0 or y < 0 or w < 1 or h < 1 or x + w > width or y + h > height
+                        for x, y, w, h in boxes):
+        return None
+    return [height, width], boxes
 
 
 @dataclass(frozen=True)
@@ -187,10 +218,13 @@ class Reader:
         """
         from mlflow.exceptions import MlflowException
 
-        text = str(run_id).strip()
         try:
-            if _PREFIX.match(text) and not _RUN_ID.match(text):
-                run = self._by_prefix(text.lower())
+            text, is_prefix = _layout.parse_run_ref(run_id)
+        except ValueError as exc:
+            raise LookupError(f"{exc} at tracking URI {self.uri}") from None
+        try:
+            if is_prefix:
+                run = self._by_prefix(text)
             else:
                 run = self.client.get_run(text)
             with self._lock:  # _repo needs it: no second get_run
@@ -524,8 +558,8 @@ class Reader:
                 best[point] = (ts, f.path)
         return {p: v[1] for p, v in best.items()}
 
-    def strip(self, run_id: str, mode: str, ds_id: Optional[str], row: dict) -> Optional[bytes]:
-        """The strip PNG of a table row; rendered on demand when the row was not rendered
+    def card(self, run_id: str, mode: str, ds_id: Optional[str], row: dict) -> Optional[bytes]:
+        """The card PNG of a table row; rendered on demand when the row was not rendered
         while training (``image == ""``) and ``mlflow_eigencam._streaming`` can; None when
         it is missing or cannot be rendered."""
         path = row.get(_layout.TABLE_IMAGE_COLUMN)
@@ -536,7 +570,7 @@ class Reader:
 
     def render_stored(self, run_id: str, mode: str, ds_id: Optional[str], epoch: int,
                       index: int) -> Optional[bytes]:
-        """A not-yet-rendered sample's strip PNG, from what streaming mode stored (None when
+        """A not-yet-rendered sample's card PNG, from what streaming mode stored (None when
         this build cannot render it)."""
         try:
             from ._streaming import render_stored  # written on another branch; optional

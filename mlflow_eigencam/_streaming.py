@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import _layout
-from .render import PNGBand, encode_png, render_strip
+from .render import PNGBand, encode_png, render_card
 
 __all__ = ["StreamEpoch", "quantize_maps", "render_stored", "stored_strip", "table_part_paths"]
 
@@ -66,9 +66,9 @@ def stored_strip(image: np.ndarray, qmaps: np.ndarray, evr: np.ndarray, *, label
                  colormap: Any, alpha: float) -> np.ndarray:
     """The strip of a streamed sample: image (H, W, 3) uint8, qmaps (k, h, w) uint8, evr
     (k,) float. The one drawing used live and on demand, so both give the same pixels."""
-    return render_strip(image, qmaps.astype(np.float32), explained_variance=evr, label=label,
-                        pred=pred, correct=correct, sample_id=sample_id, colormap=colormap,
-                        alpha=alpha)
+    return render_card(image, qmaps.astype(np.float32), explained_variance=evr, label=label,
+                       pred=pred, correct=correct, sample_id=sample_id, colormap=colormap,
+                       alpha=alpha)
 
 
 @dataclass

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLflow UI address for run links (default: the tracking URI if http(s))")
     p.set_defaults(func=_ui)
     try:
-        from ._compare import add_compare_parser
+        from .compare import add_compare_parser
     except ImportError:  # compare not available in this build
         pass
     else:

@@ -32,7 +32,7 @@ from . import _layout
 from ._streaming import StreamEpoch
 from .eigencam import _check_n_components, eigencam
 from .filters import ds_id_filter, mode_filter
-from .render import (PNGBand, grid_bands, render_detection_strip, render_strip,
+from .render import (PNGBand, card_geometry, grid_bands, render_card, render_detection_card,
                      resolve_colormap)
 from .samples import Sample, SampleBuffer
 from .sink import EigenCAMWarning, Encoded, Item, MlflowSink, default_spool_root
@@ -376,14 +376,14 @@ class EigenCAMLogger:
 
     def _strip(self, s: Sample, maps: np.ndarray, evr: np.ndarray) -> np.ndarray:
         if s.pred_boxes is not None or s.label_boxes is not None:  # a detector's boxes
-            return render_detection_strip(
+            return render_detection_card(
                 s.image, maps, pred_boxes=s.pred_boxes, true_boxes=s.label_boxes,
                 explained_variance=evr, label=s.label, pred=s.pred, correct=s.correct,
                 sample_id=s.sample_id, colormap=self.colormap, alpha=self.alpha,
                 map_extent=s.map_extent)
-        return render_strip(s.image, maps, explained_variance=evr, label=s.label, pred=s.pred,
-                            correct=s.correct, sample_id=s.sample_id,
-                            colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent)
+        return render_card(s.image, maps, explained_variance=evr, label=s.label, pred=s.pred,
+                           correct=s.correct, sample_id=s.sample_id,
+                           colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent)
 
     def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any],
                       grid_strips: List[Any], evr_sum: np.ndarray, count: int,
@@ -645,6 +645,9 @@ def _row(epoch: int, s: Sample, evr: np.ndarray, path: str,
         counts = (s.pred_boxes, s.label_boxes)
         for column, boxes in zip(_layout.TABLE_BOX_COLUMNS, counts):
             row[column] = None if boxes is None else len(boxes)
+    # Where the card's panels are (render_card's own geometry), so readers crop them
+    # without guessing from pixels.
+    row[_layout.TABLE_CARD_COLUMN] = card_geometry(s.image.shape[:2], len(evr))
     row[_layout.TABLE_IMAGE_COLUMN] = path
     return row
 
@@ -653,7 +656,7 @@ def _table_json(rows: List[dict]) -> bytes:
     """MLflow's table format (pandas ``orient="split"``), so ``mlflow.load_table`` reads it."""
     k = max((int(c[4:]) for r in rows for c in r if c.startswith("evr_")), default=0)
     columns = list(_layout.TABLE_COLUMNS) + [f"evr_{c}" for c in range(1, k + 1)] + \
-        [_layout.TABLE_MAP_CHANGE_COLUMN, _layout.TABLE_IMAGE_COLUMN]
+        [_layout.TABLE_MAP_CHANGE_COLUMN, _layout.TABLE_CARD_COLUMN, _layout.TABLE_IMAGE_COLUMN]
     if any(_layout.TABLE_BOX_COLUMNS[0] in r for r in rows):  # a detector's table
         columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_BOX_COLUMNS
     data = [[r.get(c) for c in columns] for r in rows]

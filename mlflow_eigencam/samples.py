@@ -38,7 +38,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from mlflow_eigencam.render import to_rgb_uint8
+from mlflow_eigencam.images import to_rgb_uint8
 
 __all__ = ["Boxes", "Sample", "SampleBuffer", "class_values", "is_detections", "sample_id"]
 
@@ -133,7 +133,8 @@ def _length(x: Any) -> int:
         return 1
 
 
-def _text(value: Any) -> str:
+def _decoded(value: Any) -> str:
+    """A user's label or class name as text: bytes decoded as UTF-8, anything else ``str``."""
     if isinstance(value, (bytes, bytearray, np.bytes_)):
         return bytes(value).decode("utf-8", errors="replace")
     return str(value)
@@ -178,9 +179,9 @@ def class_values(x: Any, batch_size: int, *, name: str = "values") -> list[Class
     if n != batch_size:
         raise ValueError(f"{name} have {n} entries but the batch has {batch_size} images")
     if isinstance(x, (str, bytes, bytearray)):
-        return [_text(x)]
+        return [_decoded(x)]
     if isinstance(x, (list, tuple)) and all(isinstance(v, (str, bytes, bytearray, np.str_, np.bytes_)) for v in x):
-        return [_text(v) for v in x]
+        return [_decoded(v) for v in x]
 
     arr = np.asarray(x)
     if arr.ndim == 0:
@@ -190,7 +191,7 @@ def class_values(x: Any, batch_size: int, *, name: str = "values") -> list[Class
             arr = arr[:, 0]
         if arr.ndim != 1:
             raise ValueError(f"{name} of strings must be (B,) or (B, 1), got shape {arr.shape}")
-        return [_text(v) for v in arr.tolist()]
+        return [_decoded(v) for v in arr.tolist()]
     if arr.dtype.kind not in "buif":
         raise TypeError(f"{name} must be numbers, strings or bytes, got dtype {arr.dtype}")
 
@@ -215,9 +216,9 @@ def _key(value: Any) -> Any:
     if isinstance(value, (numbers.Integral, np.integer)):
         return int(value)
     if isinstance(value, (numbers.Real, np.floating)) and float(value).is_integer():
-        return int(value)
+        return int(float(value))
     if isinstance(value, (str, bytes, bytearray, np.str_, np.bytes_)):
-        return _text(value)
+        return _decoded(value)
     try:
         hash(value)
     except TypeError:
@@ -241,16 +242,17 @@ def _invert_mapping(label_mapping: LabelMapping) -> dict[Any, str]:
             key = _key(value)
             if key in out:
                 raise ValueError(
-                    f"label_mapping maps {key!r} to both {out[key]!r} and {_text(display)!r}; each value needs one name"
+                    f"label_mapping maps {key!r} to both {out[key]!r} and {_decoded(display)!r}; "
+                    "each value needs one name"
                 )
-            out[key] = _text(display)
+            out[key] = _decoded(display)
         return out
     if isinstance(label_mapping, (str, bytes)) or not isinstance(label_mapping, Sequence):
         raise TypeError(
             "label_mapping must be a {name: index} dict or a sequence of names, got "
             f"{label_mapping!r} ({type(label_mapping).__name__})"
         )
-    return {i: _text(display) for i, display in enumerate(label_mapping)}
+    return {i: _decoded(display) for i, display in enumerate(label_mapping)}
 
 
 def _check_n_samples(n_samples: Optional[int]) -> Optional[int]:
@@ -403,8 +405,9 @@ class SampleBuffer:
             added: list[Sample] = []
             for i in range(n):
                 lv, pv = label_values[i], pred_values[i]
-                label = lv if label_boxes is not None else self._display(lv)
-                pred = pv if pred_boxes is not None else self._display(pv)
+                # With boxes the values are already count texts ("2 boxes").
+                label = str(lv) if label_boxes is not None else self._display(lv)
+                pred = str(pv) if pred_boxes is not None else self._display(pv)
                 correct: Optional[bool] = None
                 if label_boxes is not None or pred_boxes is not None:
                     pass  # boxes have no single right answer: no mark

@@ -8,8 +8,9 @@ Routes (relative to where the app is mounted; ``mlflow-eigencam ui`` mounts it a
 * ``GET /api/search?q=TEXT``: runs with EigenCAM data whose experiment, name, id or a tag
   contains TEXT.
 * ``GET /api/runs?ids=A,B``: what each run has (modes, dataset ids); unknown ids are named.
-* ``GET /api/data?runs=A,B&mode=M&ds_id=D``: the joined tables, epochs and panel geometry.
-* ``GET /api/image?run=A&mode=M&ds_id=D&epoch=E&index=I&kind=preview|strip``: one image.
+* ``GET /api/data?runs=A,B&mode=M&ds_id=D``: the joined tables, epochs and the cards' panel
+  boxes (as the logger recorded them with each row).
+* ``GET /api/image?run=A&mode=M&ds_id=D&epoch=E&index=I&kind=preview|card``: one image.
 * ``GET /api/export?runs=A,B&mode=M&ds_id=D&epoch=E&component=C&samples=S1,S2&format=png|html``:
   the current view through ``compare``'s renderer, as a download.
 
@@ -35,13 +36,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import parse_qs
 
 from .. import _layout
-from .._reader import Reader, cell_bool
+from .._reader import Reader, card_boxes, cell_bool, cell_text
 
 __all__ = ["Explorer"]
 
 _STATIC = Path(__file__).with_name("static")
 _FILES = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
-_RUN_ID = re.compile(r"^[0-9A-Za-z]{4,64}$")
 _SAMPLE_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 # A finished run's table and listing do not change; a running run's are re-read this often.
 _LIVE_TTL_S = 2.0
@@ -243,14 +243,14 @@ class Explorer:
         epoch, index = _int(q, "epoch"), _int(q, "index")
         kind = q.get("kind", "preview")
         row = self._row(rid, mode, ds_id, epoch, index)
-        if kind == "strip":
-            data = self.reader.strip(rid, mode, ds_id, row)
+        if kind == "card":
+            data = self.reader.card(rid, mode, ds_id, row)
             if data is None:
                 raise HTTPError(404, _not_there(rid, row))
             return 200, [("Content-Type", "image/png"), ("Cache-Control", _IMMUTABLE),
                          ("ETag", _etag(data))], data
         if kind != "preview":
-            raise HTTPError(400, f"kind must be 'preview' or 'strip', got {kind!r}")
+            raise HTTPError(400, f"kind must be 'preview' or 'card', got {kind!r}")
         data = self._preview(rid, mode, ds_id, row)
         if data is None:
             raise HTTPError(404, _not_there(rid, row))
@@ -270,8 +270,8 @@ class Explorer:
             path = self._previews(rid, mode, ds_id).get((epoch, index))
             data = self.reader.read_or_none(rid, path) if path else None
             if data is None:  # no preview logged (streamed, or an older version): make one
-                strip = self.reader.strip(rid, mode, ds_id, row)
-                data = None if strip is None else _preview_of(strip)
+                card = self.reader.card(rid, mode, ds_id, row)
+                data = None if card is None else _preview_of(card)
             if data is not None:
                 self._images.put(key, data)
             return data
@@ -282,11 +282,11 @@ class Explorer:
         """``make()``, run once however many threads ask for ``key`` at the same time: the
         others wait for its result (or its exception) instead of asking MLflow again."""
         with self._lock:
-            fut = self._inflight.get(key)
-            mine = fut is None
-            if mine:
-                fut = self._inflight[key] = Future()
-        if not mine:
+            found = self._inflight.get(key)
+            fut = found if found is not None else Future()
+            if found is None:
+                self._inflight[key] = fut
+        if found is not None:
             return fut.result(timeout=300)
         try:
             value = make()
@@ -315,7 +315,7 @@ class Explorer:
         self._background.submit(run)
 
     def export(self, q: Dict[str, str]):
-        from .._compare import compare
+        from ..compare import compare
 
         ids = _ids(q.get("runs", ""))
         if not ids:
@@ -360,8 +360,10 @@ class Explorer:
 
     def _run(self, rid: str, *, fresh: bool = False):
         """The Run of an id the page asked about (prefixes resolved), cached by id."""
-        if not _RUN_ID.match(rid or ""):
-            raise HTTPError(400, f"not a run id: {rid!r}")
+        try:
+            _layout.parse_run_ref(rid or "")
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)) from None
         with self._lock:
             run = self._known.get(rid)
         if run is not None and not fresh:
@@ -424,35 +426,6 @@ class Explorer:
         raise HTTPError(404, f"run {rid} logged no sample {index} at epoch {epoch} for "
                              f"mode={mode!r}, ds_id={ds_id!r}")
 
-    def _geometry(self, rid: str, mode: str, ds_id: Optional[str], row: dict, k: int):
-        """Panel boxes of the run's strips as fractions of the strip ({w, h, k, boxes})."""
-        def make():
-            from PIL import Image
-            import numpy as np
-
-            from .._compare import strip_panels
-
-            data = self.reader.strip(rid, mode, ds_id, row)
-            if data is None:
-                return None
-            with Image.open(io.BytesIO(data)) as im:
-                arr = np.asarray(im.convert("RGB"))
-            h, w = arr.shape[:2]
-            try:
-                boxes = strip_panels(arr, k)
-            except ValueError:
-                return None
-            return {"w": w, "h": h, "k": k,
-                    "boxes": [[x / w, y / h, bw / w, bh / h] for x, y, bw, bh in boxes]}
-        # Strips of one (run, mode, ds_id, k) share a layout: one download per run, kept
-        # (a strip that could not be read is tried again next time).
-        key = ("geometry", rid, mode, ds_id, k)
-        value = self._cached(key, None, make)
-        if value is None:
-            with self._lock:
-                self._cache.pop(key, None)
-        return value
-
     def _experiment(self, eid: str) -> str:
         # The reader keeps the names; this only makes concurrent first asks one request.
         return self._single_flight(("experiment", eid), lambda: self.reader.experiment_name(eid))
@@ -477,22 +450,24 @@ class Explorer:
             have = ", ".join(f"{m}/{d}" for m, d in self._available(run)) or "nothing"
             return dict(base, error=f"run {full} has no EigenCAM data for mode={mode!r}, "
                                     f"ds_id={ds_id!r}; it has: {have}", **self._about(run))
-        rows, geometry, tried = [], None, set()
+        rows: List[Dict[str, Any]] = []
+        # The panel boxes recorded with each row, as fractions of the card; the distinct
+        # ones once (a run's cards share one unless its images differ in size), rows by index.
+        geometries: List[Dict[str, Any]] = []
+        seen: Dict[str, int] = {}
         for row in table.rows:
             evr = [row.get(f"evr_{c}") for c in range(1, table.n_evr + 1)]
             k = sum(1 for v in evr if v is not None)
             epoch, index = int(row["epoch"]), int(row.get("sample_index", -1))
-            rendered = bool(row.get(_layout.TABLE_IMAGE_COLUMN))
-            if geometry is None and rendered and k not in tried:  # one strip per k at most
-                tried.add(k)
-                geometry = self._geometry(full, mode, ds_id, row, k)
             rows.append({"epoch": epoch, "index": index, "sample_id": str(row["sample_id"]),
-                         "label": _text(row.get("label")), "prediction": _text(row.get("prediction")),
+                         "label": cell_text(row.get("label")),
+                         "prediction": cell_text(row.get("prediction")),
                          "correct": cell_bool(row.get("correct")), "evr": evr, "k": k,
                          "map_change": row.get(_layout.TABLE_MAP_CHANGE_COLUMN),
-                         "rendered": rendered})
-        return dict(base, epochs=table.epochs, n_evr=table.n_evr, geometry=geometry, rows=rows,
-                    **self._about(run))
+                         "rendered": bool(row.get(_layout.TABLE_IMAGE_COLUMN)),
+                         "g": _geometry_index(row, geometries, seen)})
+        return dict(base, epochs=table.epochs, n_evr=table.n_evr, geometries=geometries,
+                    rows=rows, **self._about(run))
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -571,8 +546,20 @@ def _mode_ds(q: Dict[str, str]) -> Tuple[str, Optional[str]]:
     return mode, (None if ds in (None, "", _layout.ALL_DS) else ds)
 
 
-def _text(v: Any) -> Optional[str]:
-    return None if v is None else str(v)
+def _geometry_index(row: dict, geometries: List[Dict[str, Any]], seen: Dict[str, int]
+                    ) -> Optional[int]:
+    """Index in ``geometries`` of the row's recorded card geometry ``{w, h, k, boxes}``
+    (boxes as fractions of the card, input first), added when new; None without one."""
+    found = card_boxes(row)
+    if found is None:
+        return None
+    (h, w), boxes = found
+    key = json.dumps([h, w, boxes])
+    if key not in seen:
+        seen[key] = len(geometries)
+        geometries.append({"w": w, "h": h, "k": len(boxes) - 1,
+                           "boxes": [[x / w, y / h, bw / w, bh / h] for x, y, bw, bh in boxes]})
+    return seen[key]
 
 
 def _summary_json(s) -> Dict[str, Any]:
@@ -591,7 +578,7 @@ def _quietly(fn: Callable[..., Any], *args: Any) -> None:
 
 def _not_there(rid: str, row: dict) -> str:
     what = "was not rendered" if not row.get(_layout.TABLE_IMAGE_COLUMN) else "is missing"
-    return (f"the strip of sample {row.get('sample_index')} at epoch {row.get('epoch')} of run "
+    return (f"the card of sample {row.get('sample_index')} at epoch {row.get('epoch')} of run "
             f"{rid} {what}")
 
 

@@ -12,10 +12,10 @@ from mlflow_eigencam import EigenCAMLogger
 from mlflow_eigencam.render import (
     TRUTH_BOX_COLOUR,
     box_colour,
+    card_geometry,
     draw_boxes,
-    render_detection_strip,
-    render_strip,
-    strip_panels,
+    render_card,
+    render_detection_card,
 )
 from mlflow_eigencam.samples import SampleBuffer
 from tests.helpers.readback import image_series, load_json, load_png
@@ -63,31 +63,25 @@ def test_draw_boxes_draws_only_the_best_scores_with_their_text():
         draw_boxes(_grey(), (boxes, ["a"], None))
 
 
-def test_detection_strip_draws_on_every_panel_and_captions_the_counts():
+def test_detection_card_draws_on_every_panel_and_captions_the_counts():
     image = _grey(32, 48)
     maps = np.zeros((2, 4, 6), np.float32)
     pred = (np.array([[4.0, 4.0, 20.0, 20.0]]), ["cat"], np.array([0.7]))
     truth = (np.array([[24.0, 8.0, 44.0, 28.0]]), ["dog"], None)
-    strip = render_detection_strip(image, maps, pred_boxes=pred, true_boxes=truth,
-                                   label="1 box", pred="1 box")
-    plain = render_strip(image, maps, pred="1 box, true: 1 box")  # the same caption, no mark
-    assert strip.shape == plain.shape
-    panels = strip_panels(image.shape[:2], 3)
-    changed = (strip != plain).any(axis=2)
+    card = render_detection_card(image, maps, pred_boxes=pred, true_boxes=truth,
+                                 label="1 box", pred="1 box")
+    plain = render_card(image, maps, pred="1 box, true: 1 box")  # the same caption, no mark
+    assert card.shape == plain.shape
+    panels = card_geometry(image.shape[:2], 2)["boxes"]
+    changed = (card != plain).any(axis=2)
     for x, y, w, h in panels:
         sy, sx = h / 32, w / 48
         # The predicted box's bottom edge and the truth box's left edge, in panel pixels.
-        assert (strip[y + int(20 * sy) - 1, x + int(8 * sx)] == box_colour("cat")).all()
-        assert (strip[y + int(16 * sy), x + int(24 * sx)] == TRUTH_BOX_COLOUR).all()
+        assert (card[y + int(20 * sy) - 1, x + int(8 * sx)] == box_colour("cat")).all()
+        assert (card[y + int(16 * sy), x + int(24 * sx)] == TRUTH_BOX_COLOUR).all()
         assert changed[y:y + h, x:x + w].any()
         changed[y:y + h, x:x + w] = False
     assert not changed.any()  # titles and captions as plain: only the panels have boxes
-    # The legacy row strip draws its boxes on its own panels.
-    row = render_detection_strip(image, maps, pred_boxes=pred, label="1 box", pred="1 box",
-                                 arrangement="row")
-    x, y, w, h = strip_panels(image.shape[:2], 3, arrangement="row")[2]
-    assert row.shape[1] == x + w + 4 and (row[y + int(20 * h / 32) - 1, x + int(8 * w / 48)]
-                                          == box_colour("cat")).all()
 
 
 def test_sample_buffer_keeps_boxes_per_sample_with_names():
@@ -134,8 +128,12 @@ def test_logger_run_shows_boxes_and_counts(tracking_uri):
     rows = [dict(zip(cols, r)) for r in table["data"]]
     assert [(r["prediction"], r["n_boxes"], r["n_true_boxes"]) for r in rows] == [
         ("1 box", 1, None), ("2 boxes", 2, None)]
-    strip = load_png(client, run.info.run_id,
-                     image_series(client, run.info.run_id)["eigencam/eval/val/sample_0"][0])
-    x, y, w, h = strip_panels((32, 48), 1)[0]
-    # The box's top edge on the input panel, in the class colour of "cat".
-    assert (strip[y + round(2 * h / 32), x + w // 4] == box_colour("cat")).all()
+    card = load_png(client, run.info.run_id,
+                    image_series(client, run.info.run_id)["eigencam/eval/val/sample_0"][0])
+    # The row records where the panels are; the box's top edge on the input panel, in the
+    # class colour of "cat".
+    k = sum(c.startswith("evr_") for c in cols)
+    assert rows[0]["card"] == card_geometry((32, 48), k) and k >= 1
+    assert rows[0]["card"]["size"] == list(card.shape[:2])
+    x, y, w, h = rows[0]["card"]["boxes"][0]
+    assert (card[y + round(2 * h / 32), x + w // 4] == box_colour("cat")).all()

@@ -19,7 +19,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List
 
 import mlflow
@@ -27,17 +29,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlflow_eigencam import EigenCAMLogger, eigencam
+from mlflow_eigencam import EigenCAMLogger
 from mlflow_eigencam import compare as compare_fn
-from mlflow_eigencam._compare import _COL_GAP, CompareResult, parse_epochs, strip_panels
+from mlflow_eigencam._compare_render import COL_GAP, EMPTY, MARGIN, RUN_GAP
+from mlflow_eigencam.compare import CompareResult, parse_epochs
 from mlflow_eigencam.cli import main
-from mlflow_eigencam.render import overlay, render_strip, to_rgb_uint8
-from mlflow_eigencam.render import strip_panels as render_strip_panels
+from mlflow_eigencam.render import to_rgb_uint8
 from mlflow_eigencam.samples import sample_id
 from tests.helpers import child_env
 from tests.helpers.oracle import blob_batch
 
-cmp_mod = importlib.import_module("mlflow_eigencam._compare")
+cmp_mod = importlib.import_module("mlflow_eigencam.compare")
 
 LABELS = ["circle", "square", "tri"]
 
@@ -131,12 +133,12 @@ def _find(haystack: np.ndarray, needle: np.ndarray) -> List[tuple]:
 
 
 def _upscaled(image: np.ndarray, f: int = 4) -> np.ndarray:
-    """What render_strip draws for a 32x32 image: a 4x nearest-neighbour upscale (128 px)."""
+    """What render_card draws for a 32x32 image: a 4x nearest-neighbour upscale (128 px)."""
     rgb = to_rgb_uint8(image)
     return np.repeat(np.repeat(rgb, f, axis=0), f, axis=1)
 
 
-# --------------------------------------------------------------------------- panels in a strip
+# --------------------------------------------------------------------------- the card geometry
 
 
 def test_package_attribute_is_the_function_after_the_cli_import():
@@ -145,64 +147,27 @@ def test_package_attribute_is_the_function_after_the_cli_import():
     assert mlflow_eigencam.compare is cmp_mod.compare is compare_fn
 
 
-@pytest.mark.parametrize("arrangement", ["tiles", "row"])
-@pytest.mark.parametrize("shape, k, caption", [((32, 32), 2, True), ((20, 36), 3, True),
-                                               ((32, 32), 1, False), ((64, 128), 3, True),
-                                               ((30, 20), 0, True)])
-def test_strip_panels_are_exactly_the_drawn_panels(shape, k, caption, arrangement):
-    # Cards (what the logger draws) and row strips (what older runs have on disk) alike.
-    rng = np.random.default_rng(1)
-    image = rng.integers(0, 256, size=shape + (3,), dtype=np.uint8)
-    maps = eigencam(rng.normal(size=(1, 6, 5, 9)).astype(np.float32), max(k, 1)).maps[0][:k]
-    kwargs = {"label": "cat", "pred": "dog", "sample_id": "abc"} if caption else {}
-    strip = render_strip(image, maps, explained_variance=[0.5] * k, arrangement=arrangement,
-                         **kwargs)
-    boxes = strip_panels(strip, k, caption=caption)
-    if k:  # the other case is tried too (one panel alone cannot tell a caption from a panel)
-        assert boxes == strip_panels(strip, k, caption=not caption)
-    if arrangement == "tiles":
-        assert boxes == render_strip_panels(shape, k + 1)
-        if k == 3:  # 2 x 2
-            assert boxes[0][1] == boxes[1][1] < boxes[2][1] == boxes[3][1]
-    assert len(boxes) == k + 1
+def test_the_table_records_the_card_boxes_and_they_hold_the_logged_panels(store):
+    """What a user's logged run has: each row's ``card`` names where render_card put the
+    input and each component in the card PNG the row points to."""
+    from mlflow_eigencam._reader import Reader, card_boxes
+
+    reader = Reader(store.uri)
+    table = reader.table(store.a_old, "eval", "val")
+    assert "card" in table.columns
+    row = table.rows[0]
+    # 32 x 32 images, 2 components: 4x upscale to 128 px panels in a 2 x 2 card, each under
+    # an 18 px title line (14 px text), two caption lines at the bottom.
+    assert row["card"] == {"size": [352, 4 + 128 + 16 + 128 + 4],
+                           "boxes": [[4, 26, 128, 128], [148, 26, 128, 128], [4, 180, 128, 128]],
+                           "titles": ["input", "PC1", "PC2"]}
+    size, boxes = card_boxes(row)
+    card = np.asarray(Image.open(io.BytesIO(reader.card(store.a_old, "eval", "val", row)))
+                      .convert("RGB"))
+    assert list(card.shape[:2]) == size
     x, y, w, h = boxes[0]
-    factor = int(np.ceil(128 / min(shape)))
-    base = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
-    assert (h, w) == base.shape[:2]
-    assert np.array_equal(strip[y:y + h, x:x + w], base)
-    for c in range(k):
-        x, y, w, h = boxes[c + 1]
-        assert np.array_equal(strip[y:y + h, x:x + w], overlay(base, maps[c], layout="HWC"))
-
-
-def test_strip_panels_found_from_pixels_when_the_font_differs():
-    # A strip rendered where Pillow had a taller font: 6 more title rows than here.
-    rng = np.random.default_rng(2)
-    image = rng.integers(0, 200, size=(32, 32, 3), dtype=np.uint8)
-    maps = eigencam(rng.normal(size=(1, 4, 8, 8)).astype(np.float32), 2).maps[0]
-    # (A legacy row strip: a card's geometry does not depend on the font.)
-    strip = render_strip(image, maps, label="a", pred="b", sample_id="x", arrangement="row")
-    taller = np.concatenate([np.full((6,) + strip.shape[1:], 255, np.uint8), strip])
-    x, y, w, h = strip_panels(taller, 2)[1]
-    x0, y0, w0, h0 = strip_panels(strip, 2)[1]
-    assert (x, y, w, h) == (x0, y0 + 6, w0, h0)
-    with pytest.raises(ValueError, match="holds neither a card of 4 panels"):
-        strip_panels(strip, 3)
-
-
-@pytest.mark.parametrize("wrong_k", [1, 2, 4])
-def test_strip_panels_rejects_a_card_read_with_another_k(wrong_k):
-    rng = np.random.default_rng(3)
-    image = rng.integers(0, 256, size=(28, 28, 3), dtype=np.uint8)
-    maps = eigencam(rng.normal(size=(1, 6, 7, 7)).astype(np.float32), 3).maps[0]
-    card = render_strip(image, maps, label="a", pred="b", sample_id="x")
-    assert len(strip_panels(card, 3)) == 4
-    # k=2 has the same 2 x 2 grid, k=1 the same column width as a row strip: the pixels
-    # (an empty cell, white rows inside a "panel") tell them apart.
-    with pytest.raises(ValueError, match=f"holds neither a card of {wrong_k + 1} panels"):
-        strip_panels(card, wrong_k)
-    with pytest.raises(ValueError, match="holds neither"):
-        strip_panels(rng.integers(0, 256, size=card.shape, dtype=np.uint8), 3)
+    image = store.images[store.sids.index(row["sample_id"])]
+    assert np.array_equal(card[y:y + h, x:x + w], _upscaled(image))
 
 
 # --------------------------------------------------------------------------- epoch specs
@@ -247,11 +212,11 @@ def test_png_rows_are_matched_samples_and_cells_are_exact_panels(store, tmp_path
     rows = [_find(img, _upscaled(store.images[i])) for i in range(2)]
     assert all(len(hits) == 1 for hits in rows), rows
     (y0, x0), (y1, x1) = rows[0][0], rows[1][0]
-    assert x0 == x1 == cmp_mod._MARGIN and y1 > y0 + 128
+    assert x0 == x1 == MARGIN and y1 > y0 + 128
     # The unmatched image is listed, not drawn.
     assert _find(img, _upscaled(store.images[2])) == []
     # Five overlay columns of 128 px right of the input column.
-    assert img.shape[1] >= cmp_mod._MARGIN + 6 * 128 + 4 * _COL_GAP + 2 * cmp_mod._RUN_GAP
+    assert img.shape[1] >= MARGIN + 6 * 128 + 4 * COL_GAP + 2 * RUN_GAP
     # Same inputs, same bytes.
     again = compare_fn([store.a_old, store.b], ds_id="val", out=tmp_path / "d.png")
     assert again.path.read_bytes() == out.read_bytes()
@@ -263,7 +228,7 @@ def test_png_size_follows_rows_and_columns(store, tmp_path):
     one = _png(compare_fn(runs, ds_id="val", out=tmp_path / "1.png").path)
     two = _png(compare_fn(runs[:1] + [f"{store.a_new}@0-3"], ds_id="val", out=tmp_path / "2.png").path)
     # One more epoch: one more 128 px column (+ the gap), same height.
-    assert two.shape[1] - one.shape[1] == 128 + _COL_GAP
+    assert two.shape[1] - one.shape[1] == 128 + COL_GAP
     assert two.shape[0] == one.shape[0]
     # Mode "test" logged 2 samples instead of 3: one row less, same width.
     # (Only a-old logged it: the same run twice gives the same 2 + 3 columns.)
@@ -297,8 +262,8 @@ def test_a_sample_missing_at_one_epoch_stays_matched_with_an_empty_cell(store, t
     img = _png(png.path)
     # The empty cell is a flat grey box where sample 0 / epoch 1 would be.
     (y, x), = _find(img, _upscaled(store.images[0]))
-    cell_x = x + 128 + cmp_mod._RUN_GAP + 128 + _COL_GAP
-    assert (img[y + 2:y + 40, cell_x + 2:cell_x + 120] == cmp_mod._EMPTY).all()
+    cell_x = x + 128 + RUN_GAP + 128 + COL_GAP
+    assert (img[y + 2:y + 40, cell_x + 2:cell_x + 120] == EMPTY).all()
 
 
 # --------------------------------------------------------------------------- HTML
@@ -473,3 +438,41 @@ def test_sample_ids_pick_and_order_the_rows(store, tmp_path):
     page = (tmp_path / "s.html").read_text()
     assert page.index(f'id="s-{store.sids[2]}"') < page.index(f'id="s-{store.sids[0]}"')
     assert f'id="s-{store.sids[1]}"' not in page
+
+
+def test_cli_without_out_writes_a_temp_png_it_prints_never_the_working_folder(store, tmp_path,
+                                                                               capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["compare", store.a_old, "--ds-id", "val"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert list(tmp_path.iterdir()) == []  # nothing written where the user stands
+    path = Path(printed.out.split("wrote ", 1)[1].split(":", 1)[0])
+    try:
+        assert path.parent == Path(tempfile.gettempdir()) and path.suffix == ".png"
+        assert _png(path).shape[1] > 128
+    finally:
+        path.unlink()
+
+
+def test_compare_leaves_the_process_environment_alone(store, tmp_path, monkeypatch):
+    # The explorer calls compare from request threads: it must not set or unset variables.
+    changes = []
+
+    class Watched(dict):
+        def __setitem__(self, key, value):
+            changes.append(("set", key))
+            super().__setitem__(key, value)
+
+        def __delitem__(self, key):
+            changes.append(("del", key))
+            super().__delitem__(key)
+
+        def pop(self, key, *default):
+            changes.append(("del", key))
+            return super().pop(key, *default)
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    monkeypatch.setattr(os, "environ", Watched(os.environ))
+    compare_fn([store.a_old], ds_id="val", out=tmp_path / "env.png")
+    assert [c for c in changes if "EIGENCAM" in c[1] or "PROGRESS" in c[1]] == []

@@ -36,3 +36,11 @@ def test_eigencam_name_is_the_function():
         "import mlflow_eigencam, mlflow_eigencam.logger\n"
         "assert callable(mlflow_eigencam.eigencam), mlflow_eigencam.eigencam\n")
     assert "mlflow_eigencam" in loaded
+
+
+def test_sample_buffer_imports_no_renderer():
+    # The buffer normalises images with numpy alone (mlflow_eigencam.images): no OpenCV, no
+    # Pillow, until something draws.
+    loaded = _modules_after("import mlflow_eigencam.samples, mlflow_eigencam.filters\n"
+                            "import mlflow_eigencam.images")
+    assert not loaded & {"cv2", "PIL"}, loaded & {"cv2", "PIL"}

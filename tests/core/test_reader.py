@@ -102,10 +102,10 @@ def test_table_joins_samples_json_and_per_epoch_parts_without_repeats(tracking_u
     assert table.epochs == [0, 1, 2] and len(table.rows) == 9
     assert [(r["epoch"], r["sample_index"]) for r in table.rows] == \
         [(e, i) for e in range(3) for i in range(3)]
-    # The not-rendered row has no strip here (no renderer in this build, or nothing stored).
-    assert reader.strip(rid, "eval", "val", table.rows[-1]) is None
-    strip = reader.strip(rid, "eval", "val", table.rows[0])
-    assert strip[:8] == b"\x89PNG\r\n\x1a\n"
+    # The not-rendered row has no card here (no renderer in this build, or nothing stored).
+    assert reader.card(rid, "eval", "val", table.rows[-1]) is None
+    card = reader.card(rid, "eval", "val", table.rows[0])
+    assert card[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_previews_are_found_by_epoch_and_index(tracking_uri):
@@ -130,6 +130,11 @@ def test_runs_by_prefix_search_and_available(tracking_uri):
     assert [s.run_id for s in found] == [rid] and found[0].eigencam
     assert reader.search("no such thing") == []
     assert reader.available(reader.run(rid)) == [("eval", "val")]
+    # One run-id rule (mlflow_eigencam._layout.parse_run_ref) for the reader, compare and
+    # the explorer: text that is no run id is named, and nothing is asked of MLflow.
+    with pytest.raises(LookupError, match=r"not a run id: '\.\./x'"):
+        reader.run("../x")
+    assert reader.run(rid.upper()[:6]).info.run_id == rid  # a prefix, in either case
 
 
 def test_tracking_uri_checks_never_create_a_store(tmp_path):

@@ -1,4 +1,4 @@
-"""Rendering: image conversion, overlays (non-square!), strips, grids and PNG bytes, checked on pixels."""
+"""Rendering (``mlflow_eigencam.render``): overlays (non-square!), cards, grids and PNG bytes, checked on pixels."""
 
 import hashlib
 import io
@@ -19,11 +19,12 @@ from mlflow_eigencam.render import (
     encode_png,
     encode_webp_preview,
     overlay,
+    card_geometry,
+    card_layout,
+    panel_size,
+    render_card,
     render_grid,
-    render_strip,
     resolve_colormap,
-    tile_layout,
-    to_rgb_uint8,
 )
 
 JET_ZERO = (0, 0, 128)  # cv2 jet at 0, as RGB: dark blue
@@ -55,61 +56,6 @@ def find_rows(haystack, needle, x):
 
 def count_colour(img, colour):
     return int(np.all(img == np.array(colour, np.uint8), axis=-1).sum())
-
-
-# ------------------------------------------------------------------ to_rgb_uint8
-
-
-def test_hwc_uint8_is_copied_unchanged():
-    img = rgb(5, 7)
-    out = to_rgb_uint8(img)
-    np.testing.assert_array_equal(out, img)
-    assert not np.shares_memory(out, img) and out.flags.c_contiguous
-
-
-def test_chw_grey_and_rgba():
-    img = rgb(5, 7)
-    np.testing.assert_array_equal(to_rgb_uint8(np.moveaxis(img, -1, 0)), img)
-    grey = img[:, :, 0]
-    expected = np.repeat(grey[:, :, None], 3, axis=2)
-    for g in (grey, grey[:, :, None], grey[None]):
-        np.testing.assert_array_equal(to_rgb_uint8(g), expected)
-    rgba = np.concatenate([img, np.full((5, 7, 1), 9, np.uint8)], axis=2)
-    np.testing.assert_array_equal(to_rgb_uint8(rgba), img)
-    np.testing.assert_array_equal(to_rgb_uint8(np.moveaxis(rgba, -1, 0)), img)
-
-
-def test_float_ranges():
-    x = np.array([[0.0, 0.5, 1.0]], np.float32)
-    assert to_rgb_uint8(x)[0, :, 0].tolist() == [0, 128, 255]  # [0, 1] scaled, not stretched
-    assert to_rgb_uint8(x * 0.5)[0, :, 0].tolist() == [0, 64, 128]
-    assert to_rgb_uint8(np.array([[-1.0, 0.0, 3.0]]))[0, :, 0].tolist() == [0, 64, 255]  # min-max
-    assert to_rgb_uint8(np.array([[-2.0, np.nan, 2.0]]))[0, :, 0].tolist() == [0, 128, 255]  # NaN -> 0
-    assert to_rgb_uint8(np.full((2, 2), 7.0)).max() == 0  # flat out of range: black, no NaN
-    assert to_rgb_uint8(np.array([[0, 1000]], np.uint16))[0, :, 0].tolist() == [0, 255]
-    assert to_rgb_uint8(np.array([[0, 200]], np.int64))[0, :, 0].tolist() == [0, 200]
-    assert to_rgb_uint8(np.array([[False, True]]))[0, :, 0].tolist() == [0, 255]
-
-
-def test_ambiguous_layout_needs_a_hint():
-    img = rgb(3, 4)  # (3, 4, 3): HWC or CHW
-    with pytest.raises(ValueError, match=r"\(3, 4, 3\).*layout='HWC' or layout='CHW'"):
-        to_rgb_uint8(img)
-    np.testing.assert_array_equal(to_rgb_uint8(img, "HWC"), img)
-    assert to_rgb_uint8(img, "chw").shape == (4, 3, 3)
-
-
-@pytest.mark.parametrize("shape", [(5, 6, 7), (2, 5, 6, 3), (7,)])
-def test_shapes_that_are_not_images(shape):
-    with pytest.raises(ValueError, match=str(shape).replace("(", r"\(").replace(")", r"\)")):
-        to_rgb_uint8(np.zeros(shape, np.uint8))
-
-
-def test_bad_layout_and_channel_count():
-    with pytest.raises(ValueError, match="layout must be 'HWC', 'CHW' or None, got 'NHWC'"):
-        to_rgb_uint8(rgb(4, 4), "NHWC")
-    with pytest.raises(ValueError, match="has 2 channels"):
-        to_rgb_uint8(np.zeros((4, 4, 2), np.uint8), "HWC")
 
 
 # ------------------------------------------------------------------ colormaps
@@ -203,43 +149,27 @@ def test_overlay_argument_errors():
         overlay(img, np.ones((2, 2)), colormap="nope")
 
 
-# ------------------------------------------------------------------ strips
+# ------------------------------------------------------------------ cards
 
 
 def test_tiny_images_are_upscaled_and_panels_are_exact():
     img = rgb(28, 28)
     maps = np.random.default_rng(1).standard_normal((3, 7, 7)).astype(np.float32)
-    strip = render_strip(img, maps, explained_variance=[0.623, 0.2, 0.05], label="7", pred="7")
-    assert strip.dtype == np.uint8 and strip.ndim == 3 and strip.shape[2] == 3
+    card = render_card(img, maps, explained_variance=[0.623, 0.2, 0.05], label="7", pred="7")
+    assert card.dtype == np.uint8 and card.ndim == 3 and card.shape[2] == 3
     up = np.repeat(np.repeat(img, 5, axis=0), 5, axis=1)  # smallest integer factor reaching 128: 5 -> 140
-    (y0,) = find_rows(strip, up, x=4)
-    assert strip.shape[1] == 4 + 140 + 16 + 140 + 4  # a 2 x 2 card: input, PC1 / PC2, PC3
+    (y0,) = find_rows(card, up, x=4)
+    assert card.shape[1] == 4 + 140 + 16 + 140 + 4  # a 2 x 2 card: input, PC1 / PC2, PC3
     assert y0 > 10  # titles above the panels
     cells = [(4, y0), (160, y0)]
-    (y1,) = find_rows(strip, overlay(up, maps[1]), x=4)
+    (y1,) = find_rows(card, overlay(up, maps[1]), x=4)
     assert y1 > y0 + 140 + 10  # the second row, under its own titles
     cells += [(4, y1), (160, y1)]
-    np.testing.assert_array_equal(strip[y0:y0 + 140, 4:144], up)
+    np.testing.assert_array_equal(card[y0:y0 + 140, 4:144], up)
     for i in range(3):
         x, y = cells[i + 1]
-        np.testing.assert_array_equal(strip[y:y + 140, x:x + 140], overlay(up, maps[i]))
-    assert strip.shape[0] - (y1 + 140) > 20  # the caption, under the panels
-
-
-def test_row_arrangement_is_the_legacy_strip():
-    img = rgb(28, 28)
-    maps = np.random.default_rng(1).standard_normal((3, 7, 7)).astype(np.float32)
-    strip = render_strip(img, maps, explained_variance=[0.623, 0.2, 0.05], label="7", pred="7",
-                         arrangement="row")
-    up = np.repeat(np.repeat(img, 5, axis=0), 5, axis=1)
-    (y0,) = find_rows(strip, up, x=4)
-    assert strip.shape[1] == 4 + 4 * (140 + 4)  # image + 3 overlays side by side, 4 px gaps
-    for i in range(3):
-        x = 4 + (i + 1) * 144
-        np.testing.assert_array_equal(strip[y0 : y0 + 140, x : x + 140], overlay(up, maps[i]))
-    assert y0 > 10 and strip.shape[0] - (y0 + 140) > 10
-    with pytest.raises(ValueError, match="arrangement must be one of 'tiles', 'row'"):
-        render_strip(img, maps, arrangement="column")
+        np.testing.assert_array_equal(card[y:y + 140, x:x + 140], overlay(up, maps[i]))
+    assert card.shape[0] - (y1 + 140) > 20  # the caption, under the panels
 
 
 @pytest.mark.parametrize("hw", [(28, 28), (64, 64), (224, 224), (64, 128)])
@@ -247,15 +177,15 @@ def test_card_is_near_square_and_its_text_is_legible_in_the_preview(hw):
     img = rgb(*hw)
     maps = np.random.default_rng(2).random((3, 7, 7)).astype(np.float32)
     kw = dict(explained_variance=[0.623, 0.2, 0.05], sample_id="0123456789ab")
-    card = render_strip(img, maps, label="7", pred="1", **kw)
+    card = render_card(img, maps, label="7", pred="1", **kw)
     height, width = card.shape[:2]
     assert 0.7 <= width / height <= 1.5, card.shape
     # Text in MLflow's preview (longer side 256 px): measured on the pixels of the preview,
     # as the height of the caption's first line (dark text on white; "true: 7  pred: 1" has
     # no descenders, so this is the height of the digits and capitals).
     preview = np.asarray(Image.open(io.BytesIO(encode_webp_preview(card))).convert("RGB"))
-    plain = render_strip(img, maps, label=None, pred=None, **kw)  # the id line only
-    geo = tile_layout(_panel_of(hw), 4)
+    plain = render_card(img, maps, label=None, pred=None, **kw)  # the id line only
+    geo = card_layout(_panel_of(hw), 4)
     scale = preview.shape[0] / height
     top, line = geo["caption_top"], geo["line"]
     band = preview[int(top * scale):int((top + line) * scale) + 1, int(8 * scale):]
@@ -266,22 +196,20 @@ def test_card_is_near_square_and_its_text_is_legible_in_the_preview(hw):
 
 
 def _panel_of(hw):
-    from mlflow_eigencam.render import _scale_for
-
-    return _scale_for(hw[0], hw[1], 128, 512)
+    return panel_size(hw[0], hw[1], 128, 512)
 
 
 def test_card_geometry_k1_k2_and_long_captions():
     img = rgb(32, 32)
-    one = render_strip(img, np.ones((1, 4, 4), np.float32), label="a", pred="b", sample_id="x")
-    two = render_strip(img, np.random.default_rng(3).random((2, 4, 4)), label="a", pred="b")
+    one = render_card(img, np.ones((1, 4, 4), np.float32), label="a", pred="b", sample_id="x")
+    two = render_card(img, np.random.default_rng(3).random((2, 4, 4)), label="a", pred="b")
     assert one.shape[1] == two.shape[1] == 4 + 128 + 16 + 128 + 4  # two columns
     assert two.shape[0] > one.shape[0] + 128  # two rows
     # k = 2: the fourth cell is empty (white, title included).
-    x, y, w, h = tile_layout((128, 128), 3)["boxes"][2]
+    x, y, w, h = card_layout((128, 128), 3)["boxes"][2]
     assert np.all(two[y - 4 - 20:y + h, x + w + 16:] == 255)
     # A caption too long for one line goes on two, the mark stays visible.
-    long = render_strip(img, np.ones((1, 4, 4), np.float32), label="golden retriever " * 3,
+    long = render_card(img, np.ones((1, 4, 4), np.float32), label="golden retriever " * 3,
                         pred="Labrador retriever " * 3, sample_id="0123456789ab")
     assert long.shape == one.shape
     assert count_colour(long[-30:], WRONG_RED) > 5
@@ -292,19 +220,17 @@ def test_card_geometry_k1_k2_and_long_captions():
     [((200, 300), (200, 300)), ((20, 36), (140, 252)), ((600, 800), (384, 512)), ((20, 2000), (5, 512))],
 )
 def test_panel_sizes(hw, panel):
-    strip = render_strip(rgb(*hw), np.ones((1, 4, 4), np.float32))
-    assert strip.shape[1] == 4 + panel[1] + 16 + panel[1] + 4  # a card's two columns
-    assert strip.shape[0] > panel[0]
-    row = render_strip(rgb(*hw), np.ones((1, 4, 4), np.float32), arrangement="row")
-    assert row.shape[1] == 4 + 2 * (panel[1] + 4)
+    card = render_card(rgb(*hw), np.ones((1, 4, 4), np.float32))
+    assert card.shape[1] == 4 + panel[1] + 16 + panel[1] + 4  # a card's two columns
+    assert card.shape[0] > panel[0]
 
 
 def test_caption_mark_colours():
     img, maps = rgb(32, 32), np.ones((2, 4, 4), np.float32)
-    right = render_strip(img, maps, label="cat", pred="cat")
-    wrong = render_strip(img, maps, label="cat", pred="dog")
-    forced = render_strip(img, maps, label="cat", pred="dog", correct=True)
-    none = render_strip(img, maps)
+    right = render_card(img, maps, label="cat", pred="cat")
+    wrong = render_card(img, maps, label="cat", pred="dog")
+    forced = render_card(img, maps, label="cat", pred="dog", correct=True)
+    none = render_card(img, maps)
     caption = slice(-20, None)  # the caption line, under the panels
     assert count_colour(right[caption], OK_GREEN) > 5 and count_colour(right[caption], WRONG_RED) == 0
     assert count_colour(wrong[caption], WRONG_RED) > 5 and count_colour(wrong[caption], OK_GREEN) == 0
@@ -319,39 +245,39 @@ def test_caption_mark_colours():
     assert np.all(none[:, :4] == 255)
 
 
-def test_text_is_drawn_and_does_not_widen_the_strip():
+def test_text_is_drawn_and_does_not_widen_the_card():
     img, maps = rgb(32, 32), np.ones((1, 4, 4), np.float32)
-    short = render_strip(img, maps, label="a", pred="b", sample_id="0123456789ab")
-    long = render_strip(img, maps, label="x" * 500, pred="y" * 500, sample_id="0123456789ab")
+    short = render_card(img, maps, label="a", pred="b", sample_id="0123456789ab")
+    long = render_card(img, maps, label="x" * 500, pred="y" * 500, sample_id="0123456789ab")
     assert short.shape == long.shape
     dark = lambda a: int((a.max(axis=-1) < 100).sum())  # noqa: E731
     assert dark(long[-20:]) > dark(short[-20:])  # more text, clipped to the width
     # Titles: different explained variance, different title pixels, same panel pixels.
-    a = render_strip(img, maps, explained_variance=[0.1])
-    b = render_strip(img, maps, explained_variance=[0.9])
+    a = render_card(img, maps, explained_variance=[0.1])
+    b = render_card(img, maps, explained_variance=[0.9])
     diff_rows = np.nonzero(np.any(a != b, axis=(1, 2)))[0]
     assert len(diff_rows) and diff_rows.max() < 20
 
 
-def test_strip_without_components_and_errors():
+def test_card_without_components_and_errors():
     img = rgb(130, 140)
-    strip = render_strip(img, np.zeros((0, 4, 4), np.float32))
-    assert strip.shape[1] == 4 + 140 + 4 and find_rows(strip, img, x=4)
+    card = render_card(img, np.zeros((0, 4, 4), np.float32))
+    assert card.shape[1] == 4 + 140 + 4 and find_rows(card, img, x=4)
     with pytest.raises(ValueError, match="explained_variance has 2 values for 3 maps"):
-        render_strip(img, np.ones((3, 4, 4)), explained_variance=[0.5, 0.2])
+        render_card(img, np.ones((3, 4, 4)), explained_variance=[0.5, 0.2])
     with pytest.raises(ValueError, match=r"maps must be \(k, h, w\)"):
-        render_strip(img, np.ones((1, 3, 4, 4)))
+        render_card(img, np.ones((1, 3, 4, 4)))
     with pytest.raises(ValueError, match="min_side must be >= 1, got 0"):
-        render_strip(img, np.ones((1, 4, 4)), min_side=0)
+        render_card(img, np.ones((1, 4, 4)), min_side=0)
     with pytest.raises(ValueError, match=r"max_side \(64\) must be >= min_side \(128\)"):
-        render_strip(img, np.ones((1, 4, 4)), max_side=64)
+        render_card(img, np.ones((1, 4, 4)), max_side=64)
 
 
-def test_same_inputs_same_strip_and_bytes():
+def test_same_inputs_same_card_and_bytes():
     img = rgb(28, 36, seed=3)
     maps = np.random.default_rng(4).standard_normal((3, 7, 9)).astype(np.float32)
     kw = dict(explained_variance=[0.5, 0.25, 0.125], label="cat", pred="dog", sample_id="abcdefabcdef")
-    s1, s2 = render_strip(img, maps, **kw), render_strip(img.copy(), maps.copy(), **kw)
+    s1, s2 = render_card(img, maps, **kw), render_card(img.copy(), maps.copy(), **kw)
     np.testing.assert_array_equal(s1, s2)
     assert encode_png(s1) == encode_png(s2)
 
@@ -360,16 +286,16 @@ def test_png_bytes_are_the_same_in_a_fresh_process():
     code = textwrap.dedent(
         """
         import hashlib, numpy as np
-        from mlflow_eigencam.render import render_strip, render_grid, encode_png
+        from mlflow_eigencam.render import render_card, render_grid, encode_png
         img = np.arange(28 * 36 * 3, dtype=np.uint8).reshape(28, 36, 3)
         maps = np.sin(np.arange(3 * 7 * 9, dtype=np.float32)).reshape(3, 7, 9)
-        s = render_strip(img, maps, explained_variance=[0.5, 0.25, 0.125], label="cat", pred="dog")
+        s = render_card(img, maps, explained_variance=[0.5, 0.25, 0.125], label="cat", pred="dog")
         print(hashlib.sha256(encode_png(render_grid([s, s], epoch=2, mode="eval", ds_id="ds1"))).hexdigest())
         """
     )
     img = np.arange(28 * 36 * 3, dtype=np.uint8).reshape(28, 36, 3)
     maps = np.sin(np.arange(3 * 7 * 9, dtype=np.float32)).reshape(3, 7, 9)
-    s = render_strip(img, maps, explained_variance=[0.5, 0.25, 0.125], label="cat", pred="dog")
+    s = render_card(img, maps, explained_variance=[0.5, 0.25, 0.125], label="cat", pred="dog")
     here = hashlib.sha256(encode_png(render_grid([s, s], epoch=2, mode="eval", ds_id="ds1"))).hexdigest()
     there = subprocess.run(
         [sys.executable, "-c", code],
@@ -401,12 +327,12 @@ def test_grid_lays_cards_out_four_per_row():
 
 
 def test_grid_header_text():
-    strip = rgb(40, 400)
-    g1 = render_grid([strip], epoch=1, mode="eval", ds_id="ds1")
-    g2 = render_grid([strip], epoch=2, mode="eval", ds_id="ds1")
-    g3 = render_grid([strip], epoch=1, mode="eval", ds_id=None)
+    card = rgb(40, 400)
+    g1 = render_grid([card], epoch=1, mode="eval", ds_id="ds1")
+    g2 = render_grid([card], epoch=2, mode="eval", ds_id="ds1")
+    g3 = render_grid([card], epoch=1, mode="eval", ds_id=None)
     assert g1.shape == g2.shape == g3.shape
-    (y,) = find_rows(g1, strip, x=0)
+    (y,) = find_rows(g1, card, x=0)
     header = slice(0, y - 1)
     assert (g1[header].max(axis=-1) < 100).sum() > 50  # dark text on white
     assert not np.array_equal(g1[header], g2[header]) and not np.array_equal(g1[header], g3[header])
@@ -417,9 +343,9 @@ def test_grid_header_text():
 
 
 def test_grid_errors():
-    with pytest.raises(ValueError, match="at least one strip"):
+    with pytest.raises(ValueError, match="at least one card"):
         render_grid([], epoch=0, mode="eval", ds_id=None)
-    with pytest.raises(ValueError, match=r"strip 1 must be \(H, W, 3\) uint8, got shape \(4, 4, 3\) dtype float32"):
+    with pytest.raises(ValueError, match=r"card 1 must be \(H, W, 3\) uint8, got shape \(4, 4, 3\) dtype float32"):
         render_grid([rgb(4, 4), np.zeros((4, 4, 3), np.float32)], epoch=0, mode="eval", ds_id=None)
 
 
@@ -468,13 +394,44 @@ def test_encode_png_decodes_exactly_in_pillow_and_opencv(shape):
 def test_grid_from_bands_decodes_to_render_grid():
     from mlflow_eigencam.render import PNGBand, grid_bands
 
-    wide = render_strip(rgb(20, 36), np.random.default_rng(1).random((2, 5, 9)), label="a", pred="b")
-    narrow = render_strip(rgb(20, 20), np.random.default_rng(2).random((1, 5, 5)))
-    strips = [PNGBand(wide), PNGBand(narrow), PNGBand(wide)] * 2
-    assert encode_png([strips[0]]) == encode_png(wide)
-    bands = grid_bands(strips, epoch=4, mode="eval", ds_id="val")
+    wide = render_card(rgb(20, 36), np.random.default_rng(1).random((2, 5, 9)), label="a", pred="b")
+    narrow = render_card(rgb(20, 20), np.random.default_rng(2).random((1, 5, 5)))
+    cards = [PNGBand(wide), PNGBand(narrow), PNGBand(wide)] * 2
+    assert encode_png([cards[0]]) == encode_png(wide)
+    bands = grid_bands(cards, epoch=4, mode="eval", ds_id="val")
     data = encode_png(bands)
     expected = render_grid([wide, narrow, wide] * 2, epoch=4, mode="eval", ds_id="val")
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), expected)
     with pytest.raises(ValueError, match="share width"):
         encode_png([PNGBand(wide), PNGBand(narrow)])
+
+
+# ------------------------------------------------------------------ card geometry
+
+
+@pytest.mark.parametrize("shape, k, caption", [((32, 32), 2, True), ((20, 36), 3, True),
+                                               ((32, 32), 1, False), ((64, 128), 3, True),
+                                               ((30, 20), 0, True)])
+def test_card_geometry_boxes_are_exactly_the_drawn_panels(shape, k, caption):
+    from mlflow_eigencam import eigencam
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=shape + (3,), dtype=np.uint8)
+    maps = eigencam(rng.normal(size=(1, 6, 5, 9)).astype(np.float32), max(k, 1)).maps[0][:k]
+    kwargs = {"label": "cat", "pred": "dog", "sample_id": "abc"} if caption else {}
+    card = render_card(image, maps, explained_variance=[0.5] * k, **kwargs)
+    geo = card_geometry(shape, k, caption=caption)
+    assert geo["size"] == list(card.shape[:2])
+    assert geo["titles"] == ["input"] + [f"PC{c + 1}" for c in range(k)]
+    boxes = geo["boxes"]
+    assert len(boxes) == k + 1 and all(type(v) is int for b in boxes for v in b)  # JSON-able
+    if k == 3:  # 2 x 2
+        assert boxes[0][1] == boxes[1][1] < boxes[2][1] == boxes[3][1]
+    x, y, w, h = boxes[0]
+    factor = int(np.ceil(128 / min(shape)))
+    base = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+    assert (h, w) == base.shape[:2]
+    assert np.array_equal(card[y:y + h, x:x + w], base)
+    for c in range(k):
+        x, y, w, h = boxes[c + 1]
+        assert np.array_equal(card[y:y + h, x:x + w], overlay(base, maps[c], layout="HWC"))

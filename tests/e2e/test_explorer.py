@@ -193,12 +193,12 @@ def test_images_are_resolved_from_run_ids_never_from_paths(world):
     status, headers, body = _get(f"{world.url}api/image?run={good}&{q}&kind=preview")
     assert status == 200 and body[:4] == b"RIFF" and body[8:12] == b"WEBP"
     assert "immutable" in headers["Cache-Control"] and headers.get("ETag")
-    status, headers, body = _get(f"{world.url}api/image?run={good}&{q}&kind=strip")
+    status, headers, body = _get(f"{world.url}api/image?run={good}&{q}&kind=card")
     assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
     # A path instead of a run id, a traversal in ds_id, an unknown run: no file is served.
     for bad in (f"run=../../etc&{q}", f"run={good}&mode=eval&ds_id=../../../etc&epoch=1&index=0",
                 f"run={'0' * 32}&{q}"):
-        status, _, body = _get(f"{world.url}api/image?{bad}&kind=strip")
+        status, _, body = _get(f"{world.url}api/image?{bad}&kind=card")
         assert status in (400, 404), (bad, status)
         assert b"error" in body
     status, _, _ = _get(f"{world.url}static/../_server.py")
@@ -206,6 +206,20 @@ def test_images_are_resolved_from_run_ids_never_from_paths(world):
 
 
 # ----------------------------------------------------------------------------- the page
+
+
+def test_data_carries_the_panel_boxes_the_logger_recorded(world):
+    # The page crops previews at the boxes recorded with each row, never guessed from pixels.
+    good = world.runs["good"]
+    status, _, body = _get(f"{world.url}api/data?runs={good}&mode=eval&ds_id=val")
+    assert status == 200
+    run = json.loads(body)["runs"][0]
+    row = _row_at(world.tables()["good"], run["rows"][0]["sample_id"], run["rows"][0]["epoch"])
+    h, w = row["card"]["size"]
+    assert run["geometries"] == [{"w": w, "h": h, "k": len(row["card"]["boxes"]) - 1,
+                                  "boxes": [[x / w, y / h, bw / w, bh / h]
+                                            for x, y, bw, bh in row["card"]["boxes"]]}]
+    assert {r["g"] for r in run["rows"]} == {0}
 
 
 def test_rows_are_joined_by_sample_id_across_runs_and_experiments(world, page):
@@ -237,7 +251,7 @@ def test_the_slider_moves_every_column(world, page):
         "is => is.map(i => [i.closest('td').dataset.run, i.getAttribute('src')])")
     assert {run for run, _ in srcs} == set(ids)  # every column, the live one too
     assert len(srcs) == 3 * N_SAMPLES and all("epoch=1&" in s for _, s in srcs)
-    # The preview images load (lazily) and are WebP previews, not the strips.
+    # The preview images load (lazily) and are WebP previews, not the cards.
     page.wait_for_function("() => [...document.querySelectorAll('#grid tbody td img')]"
                            ".slice(0, 6).every(i => i.complete && i.naturalWidth > 0)")
     assert all("kind=preview" in s for _, s in srcs)
@@ -334,14 +348,14 @@ def test_export_writes_png_and_self_contained_html(world, page, tmp_path):
         assert im.format == "PNG" and im.width > 200 and im.height > 100
 
 
-def test_click_shows_the_full_strip_with_caption_and_run_link(world, page):
+def test_click_shows_the_full_card_with_caption_and_run_link(world, page):
     good = world.runs["good"]
     _open(page, world.page_url(runs=",".join([good, world.runs["worse"]]), epoch=1))
     page.click(f"#grid tbody td[data-run='{good}'] .cell >> nth=0")
     page.wait_for_selector("#detail[open]")
     page.wait_for_function("() => document.getElementById('detail-img').naturalWidth > 0")
     src = page.get_attribute("#detail-img", "src")
-    assert "kind=strip" in src and "epoch=1" in src
+    assert "kind=card" in src and "epoch=1" in src
     width = page.eval_on_selector("#detail-img", "i => i.naturalWidth")
     from PIL import Image
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mlflow_eigencam.render import render_strip, to_rgb_uint8
+from mlflow_eigencam.render import render_card, to_rgb_uint8
 from tests.helpers.zoo import (
     assert_state_unchanged,
     assert_strip_close,
@@ -72,7 +72,7 @@ def test_classifier_default_layer_and_logged_epoch(tracking_uri, factory, size, 
     maps, _ = plain_svd(act)
     for i, row in enumerate(by_epoch[0]):
         evr = [row[f"evr_{c}"] for c in (1, 2, 3)]
-        expected = render_strip(to_rgb_uint8(images[i].numpy(), "CHW"), maps[i],
+        expected = render_card(to_rgb_uint8(images[i].numpy(), "CHW"), maps[i],
                                 explained_variance=evr, label=row["label"],
                                 pred=row["prediction"], sample_id=row["sample_id"])
         assert_strip_close(client, monitor.run_id, row, expected)

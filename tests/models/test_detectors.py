@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mlflow_eigencam.render import box_colour, render_detection_strip, render_strip, to_rgb_uint8
+from mlflow_eigencam.render import box_colour, render_card, render_detection_card, to_rgb_uint8
 from tests.helpers.readback import load_png
 from tests.helpers.zoo import (
     assert_state_unchanged,
@@ -90,10 +90,10 @@ def test_detector_boxes_counts_and_default_layer(tracking_uri, factory, expected
         evr = [row[f"evr_{c}"] for c in (1, 2, 3)]
         kwargs = dict(explained_variance=evr, label=row["label"], pred=row["prediction"],
                       sample_id=row["sample_id"])
-        expected = render_detection_strip(image, maps[i], pred_boxes=pred, true_boxes=truth, **kwargs)
+        expected = render_detection_card(image, maps[i], pred_boxes=pred, true_boxes=truth, **kwargs)
         assert_strip_close(client, monitor.run_id, row, expected)
         # The boxes are there: in the colours of their class names, where no box was drawn.
-        plain = render_strip(image, maps[i], **kwargs)
+        plain = render_card(image, maps[i], **kwargs)
         changed = np.any(expected != plain, axis=2)
         colours = {box_colour(name) for name in pred[1]} | {(255, 255, 255)}
         assert changed.mean() > 0.005
@@ -142,10 +142,10 @@ def test_detector_map_covers_the_image_not_the_padding(tracking_uri, layer, cell
         image = to_rgb_uint8(images[i].numpy(), "CHW")
         kwargs = dict(explained_variance=list(logged[i]), label=row["label"],
                       pred=row["prediction"], sample_id=row["sample_id"], pred_boxes=pred)
-        expected = render_detection_strip(image, maps[i], map_extent=extent, **kwargs)
+        expected = render_detection_card(image, maps[i], map_extent=extent, **kwargs)
         assert_strip_close(client, monitor.run_id, row, expected)
         # Stretching the kept cells over the image, or the whole padded map, draws otherwise.
         padded_maps, _ = plain_svd(full[i:i + 1])
-        for other in (render_detection_strip(image, maps[i], **kwargs),
-                      render_detection_strip(image, padded_maps[0], **kwargs)):
+        for other in (render_detection_card(image, maps[i], **kwargs),
+                      render_detection_card(image, padded_maps[0], **kwargs)):
             assert np.abs(other.astype(int) - expected).max(axis=2).astype(bool).mean() > 0.02

@@ -409,7 +409,7 @@ function imageURL(run, row, kind) {
 
 // One panel of a row's preview: the input (0) or a component, cropped from the WebP preview.
 function panel(run, row, which) {
-  const g = run.geometry;
+  const g = row.g === null || row.g === undefined ? null : run.geometries[row.g];
   const img = el("img", { loading: "lazy", decoding: "async", alt: `${which ? "PC" + which : "input"} of sample ${row.sample_id}`,
     src: imageURL(run, row, "preview") });
   img.addEventListener("error", () => {
@@ -439,7 +439,7 @@ function cell(c, sid) {
     mapChange: row.map_change === null || row.map_change === undefined ? "" : row.map_change } });
   const bar = row.correct === null ? "" : (row.correct ? " bar-ok" : " bar-bad");
   const evr = row.evr[S.component - 1];
-  const box = el("div", { class: "cell" + bar + (dim ? " dim" : ""), tabindex: 0, title: "click for the full strip",
+  const box = el("div", { class: "cell" + bar + (dim ? " dim" : ""), tabindex: 0, title: "click for the full card",
     onclick: () => detail(r, row), onkeydown: (ev) => { if (ev.key === "Enter") detail(r, row); } },
     S.component <= row.k ? panel(r, row, S.component) : el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, `no PC${S.component}`));
   const mark = row.correct === null ? null : el("span", { class: row.correct ? "ok" : "bad" }, row.correct ? " ✓" : " ✗");
@@ -454,7 +454,7 @@ function detail(run, row) {
   const link = uiLink(run);
   const evr = row.evr.map((v, i) => v === null ? null : `PC${i + 1} ${(v * 100).toFixed(1)}%`).filter(Boolean).join(", ");
   $("detail-body").replaceChildren(
-    el("img", { id: "detail-img", src: imageURL(run, row, "strip"), alt: `strip of sample ${row.sample_id}` }),
+    el("img", { id: "detail-img", src: imageURL(run, row, "card"), alt: `card of sample ${row.sample_id}` }),
     el("p", {}, el("b", {}, `${m.run_name || run.run_id} · epoch ${row.epoch} · sample ${row.index}`)),
     el("p", { id: "detail-caption" }, `true: ${row.label === null ? "-" : row.label} · predicted: ${row.prediction === null ? "-" : row.prediction}`,
       row.correct === null ? "" : (row.correct ? " (correct)" : " (wrong)")),
