@@ -74,6 +74,6 @@ def test_two_workers_log_once_in_the_chiefs_run(tmp_path):
     counts = collections.Counter(re.match(r"images/(.+)\+step\+(\d+)\+", p).groups() for p in pngs)
     assert set(counts) == {(f"eigencam~eval~all~sample_{i}", str(s)) for i in range(3) for s in (0, 1)}
     assert set(counts.values()) == {1}  # one set per epoch, not one per worker
-    points = client.get_metric_history(run_id, "eigencam/eval/all/evr_1")
+    points = client.get_metric_history(run_id, "eigencam/eval/val/evr_1")
     assert sorted(p.step for p in points) == [0, 1]
     assert not (tmp_path / "spool1").exists() or not any((tmp_path / "spool1").rglob("*.json"))
