@@ -72,7 +72,7 @@ def test_two_workers_log_once_in_the_chiefs_run(tmp_path):
     assert [r.info.run_id for r in runs] == [run_id]  # no run made by the other worker
     pngs = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     counts = collections.Counter(re.match(r"images/(.+)\+step\+(\d+)\+", p).groups() for p in pngs)
-    assert set(counts) == {(f"eigencam~eval~all~sample_{i}", str(s)) for i in range(3) for s in (0, 1)}
+    assert set(counts) == {(f"eigencam~eval~val~sample_{i}", str(s)) for i in range(3) for s in (0, 1)}
     assert set(counts.values()) == {1}  # one set per epoch, not one per worker
     points = client.get_metric_history(run_id, "eigencam/eval/val/evr_1")
     assert sorted(p.step for p in points) == [0, 1]
