@@ -103,6 +103,32 @@ def test_a_callback_that_cannot_be_built_warns_once_and_fit_is_unchanged(trackin
     assert issubclass(ours[0].category, EigenCAMWarning)
 
 
+def test_an_undo_that_fails_neither_hides_fits_result_nor_its_error(tracking_uri, data, monkeypatch):
+    """The registry's contract: an integration's undo runs after fit; if it raises, fit's own
+    return value (or exception) still reaches the user, with one warning."""
+    import mlflow_eigencam.integrations.keras as integration
+
+    real = integration.autolog_add_callback
+
+    def add_with_a_broken_undo(original, owner, args, kw, settings):
+        args, kw, _ = real(original, owner, args, kw, settings)
+
+        def undo():
+            raise RuntimeError("undo broke")
+
+        return args, kw, undo
+
+    monkeypatch.setattr(integration, "autolog_add_callback", add_with_a_broken_undo)
+    x, y = data
+    mlflow_eigencam.autolog(n_samples=2)
+    model = build_cnn()
+    with pytest.warns(EigenCAMWarning, match="could not remove its callback.*undo broke"):
+        history = model.fit(x[:16], y[:16], validation_data=(x[32:], y[32:]), epochs=1, verbose=0)
+    assert len(history.history["loss"]) == 1
+    with pytest.raises(TypeError, match="integer"):  # fit's own error, not the undo's
+        model.fit(x[:16], y[:16], epochs="two", verbose=0)
+
+
 def test_silent_autolog_says_nothing(tracking_uri, data):
     x, y = data
     mlflow_eigencam.autolog(image_layout="NCHW", silent=True)
