@@ -65,6 +65,7 @@ def test_two_workers_log_once_in_the_chiefs_run(tmp_path):
     assert [r["replicas"] for r in results] == [2, 2]
     assert results[0]["loss"] == results[1]["loss"]  # one model, trained in step
     assert [r["logger"] for r in results] == [True, False]  # the other worker never logs
+    assert [r["undelivered"] for r in results] == [0, 0]  # close() on either worker
     run_id = results[0]["run_id"]
 
     client = mlflow.MlflowClient(uri)
