@@ -44,7 +44,7 @@ import numpy as np
 
 from .. import _layout
 from ..errors import WarnOnce
-from ..filters import FilterSpec
+from ..filters import FilterSpec, mode_filter
 from ..logger import EigenCAMLogger
 from .keras_data import Samples, split_at, take_samples
 
@@ -308,6 +308,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
         self._chief = _is_chief()
         self._logger: Optional[EigenCAMLogger] = (
             EigenCAMLogger(**self._logger_args) if self._chief else None)
+        self._mode_ok = mode_filter(mode)  # which modes are worth reading data for
         self.n_samples = n_samples
         self.layer = layer
         self._strict = bool(logger_kwargs.get("strict", False))
@@ -346,7 +347,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
 
     def _wants_mode(self, mode: str) -> bool:
         # ds_id is only known per source; a mode is worth reading if any ds_id could pass.
-        return self._logger is not None and bool(self._logger.mode_filter(mode))
+        return self._logger is not None and bool(self._mode_ok(mode))
 
     def _pin(self, mode: str, data: Any, what: str, *, raise_errors: bool) -> Dict[Key, Samples]:
         """Samples per (mode, ds_id) from one argument (None, a source, or {ds_id: source}).
