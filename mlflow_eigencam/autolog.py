@@ -98,9 +98,12 @@ def autolog(
         n_components: Principal components per sample (int >= 1 or a float in (0, 1)).
         n_samples: Samples per (mode, dataset id) and epoch.
         label_mapping: ``{name: index}`` or a sequence of class names.
-        mode: Mode filter: None, ``"eval"``, ``{"eval", "test"}``, ``"!train"``.
-        layer: Layer to explain (a name; for Lightning a dotted module name); None picks
-            the last convolution-like layer.
+        mode: Mode filter: None, ``"eval"``, ``{"eval", "test"}``, ``"!train"``. Data is
+            logged under the convention's modes and dataset ids (validation: ``eval`` /
+            ``val``; training: ``train`` / ``train``; docs/dataset-ids.md).
+        layer: Layer to explain (Keras: a layer name or ``"name:input"``; Lightning: a dotted
+            module name); None: each callback's default (Keras: the feature map the
+            classifier head takes; Lightning: the last convolution-like layer).
         log_every_n_epochs: Log epochs 0, n, 2n, ...
         disable: Turn autologging off (the patched ``fit`` becomes a pass-through).
         silent: No log output or warnings from autolog itself.
