@@ -126,7 +126,7 @@ def test_an_undo_that_fails_neither_hides_fits_result_nor_its_error(tracking_uri
         history = model.fit(x[:16], y[:16], validation_data=(x[32:], y[32:]), epochs=1, verbose=0)
     assert len(history.history["loss"]) == 1
     with pytest.raises(TypeError, match="integer"):  # fit's own error, not the undo's
-        model.fit(x[:16], y[:16], epochs="two", verbose=0)
+        model.fit(x[:16], y[:16], validation_data=(x[32:], y[32:]), epochs="two", verbose=0)
 
 
 def test_silent_autolog_says_nothing(tracking_uri, data):
