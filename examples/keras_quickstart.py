@@ -5,8 +5,8 @@ Nothing is downloaded: the images are generated (``_shapes.py``, next to this fi
     python examples/keras_quickstart.py --epochs 5
 
 then open the MLflow UI with the command it prints, and look at the run's "Images" tab
-(keys ``eigencam/eval/all/sample_*``, one step per epoch) and its artifacts
-(``eigencam/eval/all/epoch_*/grid.png``).
+(keys ``eigencam/eval/val/sample_*``, one step per epoch) and its artifacts
+(``eigencam/eval/val/epoch_*/grid.png``).
 """
 
 from __future__ import annotations

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import re
+import types
+from typing import Mapping, Optional
 
 #: Root of every key and artifact path the package writes.
 ROOT = "eigencam"
-#: Name used in keys and paths when a sample came with ``ds_id=None``.
+#: The one spelling of "no dataset id" (samples logged with ``ds_id=None``): the key and path
+#: segment, and what error messages, the explorer and ``compare`` show. ``--ds-id all`` and
+#: ``ds_id="all"`` read that data back; a dataset really named ``"all"`` shares its folder.
 ALL_DS = "all"
+#: The dataset-id convention (docs/dataset-ids.md): the id each integration gives a mode's
+#: data when the user names none. Validation data is ``"val"``, training data ``"train"``,
+#: test data ``"test"``, whatever the framework (Keras callback and autolog, Lightning
+#: callback and autolog); a framework's own names (Lightning's several dataloaders ``val_0``,
+#: ``val_1``, a ``{ds_id: data}`` mapping) replace these.
+DEFAULT_DS_IDS: Mapping[str, str] = types.MappingProxyType(
+    {"train": "train", "eval": "val", "test": "test", "infer": "predict"})
 
 #: Run tags.
 TAG_VERSION = "mlflow_eigencam.version"
@@ -50,7 +61,7 @@ def safe_segment(name: str | None) -> str:
     which sanitise alike (``"a b"`` and ``"a/b"``) stay distinct.
 
     Args:
-        name: The id; None means "every dataset" and maps to ``"all"``.
+        name: The id; None (no dataset id) maps to :data:`ALL_DS`.
 
     Returns:
         A non-empty string safe both as an MLflow metric/image key segment and a path segment.
@@ -63,6 +74,30 @@ def safe_segment(name: str | None) -> str:
         digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         cleaned = f"{cleaned[:48]}-{digest}"
     return cleaned
+
+
+def default_ds_id(mode: str) -> str:
+    """The dataset id of ``mode``'s data when the user names none (:data:`DEFAULT_DS_IDS`).
+
+    Raises:
+        ValueError: ``mode`` is not ``"train"``, ``"eval"``, ``"test"`` or ``"infer"``.
+    """
+    try:
+        return DEFAULT_DS_IDS[mode]
+    except KeyError:
+        raise ValueError(f"no default dataset id for mode {mode!r}; "
+                         f"expected one of {sorted(DEFAULT_DS_IDS)}") from None
+
+
+def ds_label(ds_id: Optional[str]) -> str:
+    """How a dataset id is written in messages and pickers: the id itself, :data:`ALL_DS` for
+    None (as in the paths)."""
+    return ALL_DS if ds_id is None else str(ds_id)
+
+
+def ds_id_from_label(label: Optional[str]) -> Optional[str]:
+    """The inverse of :func:`ds_label` for readers: ``"all"``, ``""`` and None -> None."""
+    return None if label in (None, "", ALL_DS) else label
 
 
 def prefix(mode: str, ds_id: str | None) -> str:

@@ -1,11 +1,20 @@
 """``mlflow_eigencam.autolog()``: add the EigenCAM callback to Keras and Lightning ``fit``.
 
-Follows MLflow's autologging conventions: frameworks are patched when (and only if) they
-are imported, never imported here; ``disable=True`` turns it off; an error inside the patch
-warns and ``fit`` runs as if autolog were off; a callback the user passed is not duplicated.
+Follows MLflow's autologging conventions (``mlflow/utils/autologging_utils``): frameworks are
+patched when (and only if) they are imported, never imported here; ``disable=True`` turns it
+off; an error inside the patch warns (once per kind) and ``fit`` runs as if autolog were off;
+a callback the user passed is not duplicated. Data is logged under the dataset ids of the
+convention (validation ``"val"``, training ``"train"``, test ``"test"``: docs/dataset-ids.md).
 
 Plain PyTorch loops have no ``fit`` to patch: use
 :class:`mlflow_eigencam.pytorch.EigenCAMMonitor` there.
+
+Adding a framework is one :class:`Integration` entry in :data:`INTEGRATIONS` plus one
+function in its integration module with the :data:`AddCallback` signature; nothing else here
+changes. That function may raise (the wrapper warns and runs ``fit`` unchanged) but must not
+change the user's objects beyond adding its callback for this one ``fit``: it returns the
+arguments to call ``fit`` with and, if it changed the owner (Lightning appends to
+``trainer.callbacks``), an ``undo`` that puts it back.
 
 Why wrappers stay installed: ``mlflow.autolog()`` patches the same ``fit`` methods. Restoring
 the original on ``disable=True`` would also remove MLflow's patch when it was applied after
@@ -19,26 +28,36 @@ import importlib
 import inspect
 import logging
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import EigenCAMWarning
+from .errors import WarnOnce
 
 _log = logging.getLogger("mlflow_eigencam")
 
+#: What ``fit`` is called with after the callback was added, and what to undo once it ends.
+FitCall = Tuple[tuple, Dict[str, Any], Optional[Callable[[], None]]]
 #: ``add_callback(original_fit, owner, args, kwargs, settings) -> (args, kwargs, undo)``: puts
-#: the framework's EigenCAM callback into one ``fit`` call (``settings``: autolog's arguments,
-#: ``layer`` included); ``undo`` (or None) runs after ``fit`` returns or raises.
-AddCallback = Callable[[Callable[..., Any], Any, tuple, Dict[str, Any], Dict[str, Any]],
-                       Tuple[tuple, Dict[str, Any], Optional[Callable[[], None]]]]
+#: the framework's EigenCAM callback into one ``fit`` call. ``owner`` is the object ``fit`` was
+#: called on (a ``keras.Model``, a ``Trainer``); ``args`` / ``kwargs`` are ``fit``'s own
+#: (without ``owner``); ``settings`` are autolog's arguments (``layer`` included), a fresh
+#: dict each call. ``undo`` (or None) runs after ``fit`` returns or raises.
+AddCallback = Callable[[Callable[..., Any], Any, tuple, Dict[str, Any], Dict[str, Any]], FitCall]
 
 
 @dataclass(frozen=True)
 class Integration:
-    """One framework's autolog entry: which imports trigger it, which ``fit`` it wraps, and
-    the integration function (``"module:function"``, imported only when ``fit`` runs) that
-    adds the callback."""
+    """One framework's autolog entry.
+
+    Attributes:
+        name: Shown in autolog's messages (``"Keras"``).
+        modules: Importing any of these patches the framework (MLflow's post-import hooks);
+            nothing is imported to find out.
+        fit_owner: The class of that module whose ``fit`` is wrapped (``"Model"``).
+        add_callback: ``"module:function"`` with the :data:`AddCallback` signature, imported
+            only when a wrapped ``fit`` runs with autolog on (so the framework's integration
+            module is never imported before the user's ``fit``).
+    """
 
     name: str
     modules: Tuple[str, ...]
@@ -58,6 +77,8 @@ _WRAPPED_ATTR = "__mlflow_eigencam_wrapped__"
 _config: Dict[str, Any] = {"enabled": False, "silent": False, "kwargs": {}}
 _lock = threading.Lock()
 _local = threading.local()  # re-entrancy guard (fit calling fit)
+#: autolog's own warnings, once per kind until the next ``autolog()`` call.
+_warnings = WarnOnce()
 
 
 def autolog(
@@ -77,9 +98,12 @@ def autolog(
         n_components: Principal components per sample (int >= 1 or a float in (0, 1)).
         n_samples: Samples per (mode, dataset id) and epoch.
         label_mapping: ``{name: index}`` or a sequence of class names.
-        mode: Mode filter: None, ``"eval"``, ``{"eval", "test"}``, ``"!train"``.
-        layer: Layer to explain (a name; for Lightning a dotted module name); None picks
-            the last convolution-like layer.
+        mode: Mode filter: None, ``"eval"``, ``{"eval", "test"}``, ``"!train"``. Data is
+            logged under the convention's modes and dataset ids (validation: ``eval`` /
+            ``val``; training: ``train`` / ``train``; docs/dataset-ids.md).
+        layer: Layer to explain (Keras: a layer name or ``"name:input"``; Lightning: a dotted
+            module name); None: each callback's default (Keras: the feature map the
+            classifier head takes; Lightning: the last convolution-like layer).
         log_every_n_epochs: Log epochs 0, n, 2n, ...
         disable: Turn autologging off (the patched ``fit`` becomes a pass-through).
         silent: No log output or warnings from autolog itself.
@@ -87,7 +111,9 @@ def autolog(
             (``ds_id``, ``colormap``, ``alpha``, ``denormalize``, ...).
 
     Raises:
-        ValueError / TypeError: Bad settings, checked now (naming the value).
+        ValueError / TypeError: Bad settings, checked now (naming the value). Settings only
+            one framework's callback knows are checked when its ``fit`` runs: a bad one then
+            warns and ``fit`` runs without the callback.
     """
     settings = dict(n_components=n_components, n_samples=n_samples, label_mapping=label_mapping,
                     mode=mode, log_every_n_epochs=log_every_n_epochs, **kwargs)
@@ -101,6 +127,7 @@ def autolog(
     with _lock:
         _config.update(enabled=not disable, silent=bool(silent),
                        kwargs=settings, layer=layer)
+        _warnings.reset()  # a new configuration: its problems are worth one warning each
     if disable:
         return
     from mlflow.utils.import_hooks import register_post_import_hook
@@ -123,10 +150,10 @@ def _info(msg: str) -> None:
         _log.info(msg)
 
 
-def _warn(msg: str) -> None:
+def _warn(key: Any, msg: str) -> None:
+    """Warn once per ``key`` (and log it), unless autolog was called with ``silent=True``."""
     if not _config["silent"]:
-        warnings.warn(msg, EigenCAMWarning, stacklevel=3)
-        _log.warning(msg)
+        _warnings.warn(key, msg, stacklevel=3)
 
 
 def _patch(integration: Integration, module: Any) -> None:
@@ -135,22 +162,29 @@ def _patch(integration: Integration, module: Any) -> None:
         owner = getattr(module, integration.fit_owner)
         _wrap_fit(owner, functools.partial(_add_callback, integration))
     except Exception as exc:
-        _warn(f"mlflow_eigencam autolog could not patch {module.__name__}.{integration.fit_owner}.fit: {exc}")
+        _warn(("patch", integration.name, type(exc).__name__),
+              f"mlflow_eigencam autolog could not patch {module.__name__}.{integration.fit_owner}.fit: {exc}")
 
 
 def _add_callback(integration: Integration, original: Callable[..., Any], owner: Any, args: tuple,
-                  kw: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any], Optional[Callable[[], None]]]:
+                  kw: Dict[str, Any]) -> FitCall:
+    """Import the integration's add-callback function and call it with autolog's settings."""
     module, function = integration.add_callback.split(":")
     add: AddCallback = getattr(importlib.import_module(module), function)
     settings = dict(_config["kwargs"], layer=_config.get("layer"))
     return add(original, owner, args, kw, settings)
 
 
-def _wrap_fit(cls: type, add_callback: Callable[..., Any]) -> None:
-    """Replace ``cls.fit`` by a wrapper that calls ``add_callback`` when autolog is on."""
+def _wrap_fit(cls: Any, add_callback: Callable[[Callable[..., Any], Any, tuple, Dict[str, Any]], FitCall]) -> None:
+    """Replace ``cls.fit`` by a wrapper that calls ``add_callback`` when autolog is on.
+
+    The wrapper never lets autolog break ``fit``: an error while adding the callback, or in
+    its ``undo``, warns once and ``fit`` runs (or returns, or raises) exactly as it would
+    without autolog. ``fit`` called from inside ``fit`` passes straight through.
+    """
     original = cls.__dict__.get("fit")
     if original is None:
-        original = cls.fit
+        original = cls.fit  # inherited (keras.Model's fit lives in the backend's Trainer)
     if getattr(original, _WRAPPED_ATTR, False):
         return
 
@@ -160,17 +194,23 @@ def _wrap_fit(cls: type, add_callback: Callable[..., Any]) -> None:
             return original(self, *args, **kw)
         _local.active = True
         try:
+            undo: Optional[Callable[[], None]] = None
             try:
                 args, kw, undo = add_callback(original, self, args, kw)
             except Exception as exc:  # autolog must never break fit
-                _warn(f"mlflow_eigencam autolog could not add the EigenCAM callback "
+                _warn(("add", type(exc).__name__),
+                      f"mlflow_eigencam autolog could not add the EigenCAM callback "
                       f"({type(exc).__name__}: {exc}); fit runs without it")
-                undo = None
             try:
                 return original(self, *args, **kw)
             finally:
                 if undo is not None:
-                    undo()
+                    try:
+                        undo()
+                    except Exception as exc:  # nor hide what fit returned or raised
+                        _warn(("undo", type(exc).__name__),
+                              f"mlflow_eigencam autolog could not remove its callback after fit "
+                              f"({type(exc).__name__}: {exc})")
         finally:
             _local.active = False
 

@@ -25,7 +25,6 @@ import contextlib
 import inspect
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from typing import (
     Any,
@@ -43,14 +42,16 @@ from typing import (
 import keras
 import numpy as np
 
-from ..filters import FilterSpec
+from .. import _layout
+from ..errors import WarnOnce
+from ..filters import FilterSpec, mode_filter
 from ..logger import EigenCAMLogger
-from ..sink import EigenCAMWarning
-from .keras_data import _Pinned, _split_at, take_samples  # noqa: F401 (take_samples re-exported)
+from .keras_data import Samples, split_at, take_samples
 
-__all__ = ["EigenCAMCallback"]
+__all__ = ["EigenCAMCallback", "PROBE_BATCH_SIZE", "autolog_add_callback"]
 
-Key = Tuple[str, Optional[str]]
+#: (mode, ds_id) of a set of samples: ``("eval", "val")``, ``("train", "train")``, ...
+Key = Tuple[str, str]
 #: Samples per forward pass of the probe (n_samples=None can mean thousands of images).
 PROBE_BATCH_SIZE = 32
 #: Logger arguments the callback decides itself (it always hands over NHWC arrays).
@@ -232,13 +233,14 @@ class EigenCAMCallback(keras.callbacks.Callback):
     """Log EigenCAM overlays of a convolution layer to MLflow at every epoch end.
 
     Args:
-        validation_data: Where the ``"eval"`` samples come from: ``(x, y)`` /
+        validation_data: Where the ``"eval"`` samples come from, logged under dataset id
+            ``"val"`` (the convention of every integration, docs/dataset-ids.md): ``(x, y)`` /
             ``(x, y, sample_weight)`` arrays, a ``tf.data.Dataset`` yielding batches, a
             ``keras.utils.PyDataset``, a generator function (``gen``, called once for a fresh
-            iterator), or a mapping ``{ds_id: data}`` for several datasets. Generator objects
-            (``gen()``) and other one-shot iterators are refused (``TypeError``): they cannot
-            be read without consuming the user's data. None: use what ``fit`` was given when
-            autolog adds the callback (see :meth:`_set_fit_data`).
+            iterator), or a mapping ``{ds_id: data}`` for several datasets (its keys are the
+            ids). Generator objects (``gen()``) and other one-shot iterators are refused
+            (``TypeError``): they cannot be read without consuming the user's data. None: use
+            what ``fit`` was given (see :meth:`use_fit_data`, which autolog calls).
         layer: What to explain. None (the default): the feature map the classifier head
             takes, i.e. the input of the last ``GlobalAveragePooling2D`` /
             ``GlobalMaxPooling2D`` / ``Flatten`` layer whose input is 4-D with height and
@@ -259,9 +261,9 @@ class EigenCAMCallback(keras.callbacks.Callback):
         label_mapping: ``{name: index}`` or a sequence of class names, for captions.
         mode: Mode filter (``"eval"`` for validation data, ``"train"`` for ``train_data``):
             None, ``"eval"``, ``{"eval", "train"}``, ``"!train"``.
-        ds_id: Dataset id filter, same forms as ``mode``.
-        train_data: Where ``"train"`` samples come from (same forms as ``validation_data``);
-            only read when ``mode`` lets ``"train"`` in.
+        ds_id: Dataset id filter, same forms as ``mode`` (``"val"``, ``"!train"``, ...).
+        train_data: Where ``"train"`` samples come from, logged under dataset id ``"train"``
+            (same forms as ``validation_data``); only read when ``mode`` lets ``"train"`` in.
         **logger_kwargs: Passed to :class:`~mlflow_eigencam.logger.EigenCAMLogger`
             (``run_id``, ``colormap``, ``alpha``, ``log_every_n_epochs``, ``strict``, ...).
 
@@ -306,13 +308,14 @@ class EigenCAMCallback(keras.callbacks.Callback):
         self._chief = _is_chief()
         self._logger: Optional[EigenCAMLogger] = (
             EigenCAMLogger(**self._logger_args) if self._chief else None)
+        self._mode_ok = mode_filter(mode)  # which modes are worth reading data for
         self.n_samples = n_samples
         self.layer = layer
         self._strict = bool(logger_kwargs.get("strict", False))
-        self._explicit: Dict[Key, _Pinned] = {}
-        self._from_fit: Dict[Key, _Pinned] = {}
-        self._warned: set = set()
-        self._target: Any = None
+        self._explicit: Dict[Key, Samples] = {}
+        self._from_fit: Dict[Key, Samples] = {}
+        self._warnings = WarnOnce()
+        self._target: Optional[_Target] = None
         self._target_path: Optional[str] = None
         self._forward: Optional[Callable[[np.ndarray], Tuple[np.ndarray, Any]]] = None
         self._broken = False
@@ -320,9 +323,9 @@ class EigenCAMCallback(keras.callbacks.Callback):
         if self._logger is not None:
             self._explicit.update(self._pin("eval", validation_data, "validation_data", raise_errors=True))
             if train_data is not None and not self._wants_mode("train"):
-                self._warn_once("train_ignored",
-                                f"train_data is not used: mode={mode!r} filters out 'train' "
-                                "(pass mode=None or mode={'train', 'eval'})")
+                self._warnings.warn("train_ignored",
+                                    f"train_data is not used: mode={mode!r} filters out 'train' "
+                                    "(pass mode=None or mode={'train', 'eval'})")
             self._explicit.update(self._pin("train", train_data, "train_data", raise_errors=True))
 
     # -- data ------------------------------------------------------------------------------
@@ -336,43 +339,56 @@ class EigenCAMCallback(keras.callbacks.Callback):
         """Path of the layer being explained (``"backbone/conv2"`` when nested); None before fit."""
         return self._target_path
 
+    @property
+    def samples(self) -> Dict[Key, Samples]:
+        """The samples explained at every epoch end, per ``(mode, ds_id)``:
+        ``{("eval", "val"): Samples(x, y)}`` (a new dict; empty on non-chief workers)."""
+        return {**self._from_fit, **self._explicit}
+
     def _wants_mode(self, mode: str) -> bool:
         # ds_id is only known per source; a mode is worth reading if any ds_id could pass.
-        return self._logger is not None and self._logger.mode_filter(mode)
+        return self._logger is not None and bool(self._mode_ok(mode))
 
-    def _pin(self, mode: str, data: Any, what: str, *, raise_errors: bool) -> Dict[Key, _Pinned]:
-        """Samples per (mode, ds_id) from one argument (None, a source, or {ds_id: source})."""
+    def _pin(self, mode: str, data: Any, what: str, *, raise_errors: bool) -> Dict[Key, Samples]:
+        """Samples per (mode, ds_id) from one argument (None, a source, or {ds_id: source}).
+
+        One source is logged under the mode's conventional id (``"eval"`` -> ``"val"``,
+        ``"train"`` -> ``"train"``: :data:`mlflow_eigencam._layout.DEFAULT_DS_IDS`).
+        """
         if data is None or not self._wants_mode(mode):
             return {}
-        sources: Dict[Optional[str], Any]
+        sources: Dict[str, Any]
         if isinstance(data, Mapping):
             sources = {str(k): v for k, v in data.items()}
         else:
-            sources = {None: data}
-        pinned: Dict[Key, _Pinned] = {}
+            sources = {_layout.default_ds_id(mode): data}
+        pinned: Dict[Key, Samples] = {}
         for ds_id, source in sources.items():
             if self._logger is None or not self._logger.wants(mode, ds_id):
                 continue
-            label = what if ds_id is None else f"{what}[{ds_id!r}]"
+            label = f"{what}[{ds_id!r}]" if isinstance(data, Mapping) else what
             try:
                 pinned[(mode, ds_id)] = take_samples(source, self.n_samples, what=label)
             except (TypeError, ValueError) as exc:
                 if raise_errors:
                     raise
-                self._warn_once(("fit_data", mode, type(exc).__name__),
-                                f"no {mode!r} samples from {label}: {exc}")
+                self._warnings.warn(("fit_data", mode, type(exc).__name__),
+                                    f"no {mode!r} samples from {label}: {exc}")
         return pinned
 
-    def _set_fit_data(self, x: Any = None, y: Any = None, validation_data: Any = None,
-                      validation_split: float = 0.0) -> None:
-        """Take samples from what ``fit`` was given (autolog calls this before ``fit`` runs).
+    def use_fit_data(self, x: Any = None, y: Any = None, validation_data: Any = None,
+                     validation_split: float = 0.0) -> None:
+        """Take samples from what ``fit`` is given; autolog calls this before each ``fit``.
 
-        Mirrors ``fit``: ``validation_data`` wins over ``validation_split``, which takes the
-        last fraction of the ``x`` / ``y`` arrays. ``"eval"`` samples come from there unless
-        the callback was given ``validation_data``; ``"train"`` samples come from ``x`` /
-        ``y`` (before the split) unless it was given ``train_data``, and only when ``mode``
-        lets ``"train"`` in. Calling it again (a new ``fit``) replaces what it took before.
-        It never raises: data it cannot read (a generator, say) warns once and is skipped.
+        Call it yourself, before ``fit``, with ``fit``'s own arguments when the callback was
+        built without data (``EigenCAMCallback()``). Mirrors ``fit``: ``validation_data``
+        wins over ``validation_split``, which takes the last fraction of the ``x`` / ``y``
+        arrays. ``"eval"`` samples (dataset id ``"val"``) come from there unless the callback
+        was given ``validation_data``; ``"train"`` samples (dataset id ``"train"``) come from
+        ``x`` / ``y`` (before the split) unless it was given ``train_data``, and only when
+        ``mode`` lets ``"train"`` in. Calling it again (a new ``fit``) replaces what it took
+        before. It never raises: data it cannot read (a generator, say) warns once and is
+        skipped, so that ``fit`` runs whatever happens here.
 
         Args:
             x: ``fit``'s ``x``: arrays, a ``tf.data.Dataset``, a ``PyDataset``, ...
@@ -389,13 +405,13 @@ class EigenCAMCallback(keras.callbacks.Callback):
             val: Any = validation_data
             if arrays:
                 n = len(x)
-                split = _split_at(n, validation_split) if validation_split and validation_data is None else n
+                split = split_at(n, validation_split) if validation_split and validation_data is None else n
                 train = (x[:split], None if y is None else y[:split])
                 if validation_data is None and validation_split and 0 < split < n:
                     val = (x[split:], None if y is None else y[split:])
             elif x is not None:
                 train = x if y is None else (x, y)
-            got: Dict[Key, _Pinned] = {}
+            got: Dict[Key, Samples] = {}
             if not any(k[0] == "eval" for k in self._explicit):
                 got.update(self._pin("eval", val, "fit's validation data", raise_errors=False))
             if not any(k[0] == "train" for k in self._explicit):
@@ -403,9 +419,6 @@ class EigenCAMCallback(keras.callbacks.Callback):
             self._from_fit = got
         except Exception as exc:  # autolog must never break fit
             self._fail(exc, "reading fit's data")
-
-    def _sources(self) -> Dict[Key, _Pinned]:
-        return {**self._from_fit, **self._explicit}
 
     # -- layer and probe ------------------------------------------------------------------
     def _graph_ok(self) -> bool:
@@ -425,7 +438,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
         for layer in top:
             if _symbolic(layer, "input") is tensor:
                 return f"{layer.name}:input"
-        return getattr(op, "name", None) or getattr(tensor, "name", "tensor")
+        return str(getattr(op, "name", None) or getattr(tensor, "name", "tensor"))
 
     def _tensor_target(self, tensor: Any, path: Optional[str] = None,
                        data_format: Optional[str] = None) -> _Target:
@@ -517,7 +530,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
             # Subclassed models have no symbolic graph: find shapes from one real forward pass.
             with _capture(top) as record, self._no_grad():
                 model(sample[:1], training=False)
-            order = []
+            order: List[Any] = []
             for layer, out in record:
                 if id(layer) not in {id(o) for o in order}:
                     order.append(layer)
@@ -571,22 +584,22 @@ class EigenCAMCallback(keras.callbacks.Callback):
 
         return run_captured
 
-    def _prepare(self) -> bool:
-        """Resolve the layer and the forward function once; False when there is nothing to do."""
+    def _prepare(self, sample: Optional[np.ndarray] = None) -> None:
+        """Resolve the layer and build the forward function, once per ``fit``."""
         if self._forward is not None:
-            return True
-        sources = self._sources()
-        sample = next(iter(sources.values())).x if sources else None
+            return
+        if sample is None:
+            sources = self.samples
+            sample = next(iter(sources.values())).x if sources else None
         self._target = self._resolve_layer(sample)
         self._target_path = self._target.path
         self._forward = self._build_forward(self._target)
-        assert self._logger is not None
-        self._logger.set_target_layer(self._target_path)
-        return True
+        if self._logger is not None:
+            self._logger.set_target_layer(self._target_path)
 
     def _explain_batch(self, x: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Activations ``(B, h, w, C)`` and predictions ``(B,)`` / ``(B, K)`` (or None) of one batch."""
-        assert self._forward is not None
+        assert self._forward is not None and self._target is not None
         a, out = self._forward(x)
         # Backend tensors (TF, torch, JAX) become numpy here, at the boundary.
         acts = np.asarray(keras.ops.convert_to_numpy(a))
@@ -597,11 +610,31 @@ class EigenCAMCallback(keras.callbacks.Callback):
             acts = np.moveaxis(acts, 1, -1)
         return acts, _single_output(out)
 
-    def _explain(self, x: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """:meth:`_explain_batch` over all of ``x`` in probe-sized batches, concatenated."""
+    def activations(self, x: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """What the callback explains for images ``x``, read as at an epoch end.
+
+        One forward pass (``training=False``, in batches of :data:`PROBE_BATCH_SIZE`) of the
+        model given by ``set_model`` (``fit`` sets it), resolving the target layer first if
+        ``fit`` has not yet: useful to check what ``layer=`` picks before training.
+
+        Args:
+            x: ``(B, H, W, C)`` images as the model takes them (``(B, C, H, W)`` under
+                ``channels_first``).
+
+        Returns:
+            The target's activations ``(B, h, w, C)`` (channels last, the layer's float
+            dtype) and the model's predictions ``(B,)`` / ``(B, K)``, or None when the
+            model has several outputs (or not one row per sample).
+
+        Raises:
+            ValueError: The layer cannot be found or its output is not 4-D (the message
+                names the layers there are).
+        """
+        x = np.asarray(x)
+        self._prepare(x)
         parts = [self._explain_batch(x[i:i + PROBE_BATCH_SIZE]) for i in range(0, len(x), PROBE_BATCH_SIZE)]
-        preds = [p for _, p in parts]
-        pred = None if any(p is None for p in preds) else np.concatenate(preds, axis=0)
+        preds = [p for _, p in parts if p is not None]
+        pred = np.concatenate(preds, axis=0) if preds and len(preds) == len(parts) else None
         return np.concatenate([a for a, _ in parts], axis=0), pred
 
     # -- Keras hooks ----------------------------------------------------------------------
@@ -616,11 +649,11 @@ class EigenCAMCallback(keras.callbacks.Callback):
                 self._logger.set_target_layer(self._target_path)
         self._forward = None  # the model may have changed since the last fit
         self._broken = False
-        if not self._sources():
-            self._warn_once("no_samples",
-                            "EigenCAMCallback has no samples to explain: pass validation_data= "
-                            "(arrays, a tf.data.Dataset or a PyDataset), or train_data= with a "
-                            "mode that lets 'train' in")
+        if not self.samples:
+            self._warnings.warn("no_samples",
+                                "EigenCAMCallback has no samples to explain: pass validation_data= "
+                                "(arrays, a tf.data.Dataset or a PyDataset), or train_data= with a "
+                                "mode that lets 'train' in (or call use_fit_data before fit)")
             return
         try:
             self._prepare()
@@ -633,7 +666,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
         logger = self._logger
         if logger is None or self._broken or not logger.should_log(epoch):
             return
-        for (mode, ds_id), pinned in self._sources().items():
+        for (mode, ds_id), pinned in self.samples.items():
             if not logger.wants(mode, ds_id):
                 continue
             try:
@@ -658,29 +691,40 @@ class EigenCAMCallback(keras.callbacks.Callback):
                 self._fail(exc, f"epoch {epoch} ({mode}, ds_id={ds_id!r})", kind="epoch")
 
     def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
-        """Wait for the uploads and end the run the logger started (if it started one)."""
-        if self._logger is None:
-            return
+        """Wait for the uploads and end the run the logger started (:meth:`close`)."""
+        self.close()
+
+    def close(self, timeout: Optional[float] = None) -> int:
+        """Flush the uploads and end the run the logger started (if it started one).
+
+        ``fit`` calls it at the end of training (``on_train_end``); call it yourself in a
+        custom loop that calls the hooks. A later ``fit`` reopens the logger. Closing twice,
+        or on a non-chief worker, returns 0.
+
+        Args:
+            timeout: Seconds to wait for the uploads (default: the logger's ``close_timeout``).
+
+        Returns:
+            What was not delivered, as :meth:`EigenCAMLogger.close
+            <mlflow_eigencam.logger.EigenCAMLogger.close>` returns it (0 when all arrived).
+        """
+        if self._logger is None or self._logger_closed:
+            return 0
         self._logger_closed = True
         try:
-            self._logger.close()
+            return self._logger.close(timeout)
         except Exception as exc:
             self._fail(exc, "closing the logger")
+            return 0
 
     # -- failures -------------------------------------------------------------------------
-    def _warn_once(self, key: Any, message: str) -> None:
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        warnings.warn(f"mlflow_eigencam: {message}", EigenCAMWarning, stacklevel=3)
-
     def _fail(self, exc: BaseException, where: str, kind: Optional[str] = None) -> None:
         """Warn once per kind of failure; training goes on (``strict=True`` raises instead)."""
         if self._strict:
             raise exc
-        self._warn_once(("fail", kind or where, type(exc).__name__),
-                        f"{where} failed ({type(exc).__name__}: {exc}); skipping these EigenCAM "
-                        "images, training goes on")
+        self._warnings.warn(("fail", kind or where, type(exc).__name__),
+                            f"{where} failed ({type(exc).__name__}: {exc}); skipping these EigenCAM "
+                            "images, training goes on")
 
 
 def autolog_add_callback(original: Callable[..., Any], model: Any, args: tuple, kw: Dict[str, Any],
@@ -693,8 +737,8 @@ def autolog_add_callback(original: Callable[..., Any], model: Any, args: tuple, 
     if any(isinstance(cb, EigenCAMCallback) for cb in callbacks):
         return args, kw, None  # the user passed one: no duplicate
     callback = EigenCAMCallback(**settings)
-    callback._set_fit_data(x=arguments.get("x"), y=arguments.get("y"),
-                           validation_data=arguments.get("validation_data"),
-                           validation_split=arguments.get("validation_split") or 0.0)
+    callback.use_fit_data(x=arguments.get("x"), y=arguments.get("y"),
+                          validation_data=arguments.get("validation_data"),
+                          validation_split=arguments.get("validation_split") or 0.0)
     arguments["callbacks"] = callbacks + [callback]  # a new list: the user's is untouched
     return bound.args[1:], dict(bound.kwargs), None

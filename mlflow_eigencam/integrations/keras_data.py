@@ -15,7 +15,7 @@ from typing import Any, Iterator, List, Mapping, Optional, Tuple
 import keras
 import numpy as np
 
-__all__ = ["take_samples"]
+__all__ = ["Samples", "split_at", "take_samples"]
 
 
 def _tf_module() -> Any:
@@ -35,11 +35,15 @@ def _tf_module() -> Any:
 
 
 @dataclass
-class _Pinned:
-    """The samples of one (mode, ds_id), taken once.
+class Samples:
+    """The samples of one (mode, ds_id), taken once and explained at every epoch.
+
+    What :func:`take_samples` returns and :attr:`EigenCAMCallback.samples
+    <mlflow_eigencam.keras.EigenCAMCallback.samples>` holds per (mode, ds_id).
 
     Attributes:
-        x: ``(N, H, W, C)`` or ``(N, H, W)`` images as the model takes them (any dtype).
+        x: ``(N, H, W, C)`` (or ``(N, C, H, W)`` under ``channels_first``) or ``(N, H, W)``
+            images as the model takes them (their dtype kept).
         y: ``(N,)`` / ``(N, K)`` labels, or None when the data has none usable per sample.
     """
 
@@ -106,7 +110,7 @@ def _unpack(batch: Any) -> Tuple[Any, Any]:
     return x, y
 
 
-def _from_batches(batches: Iterator[Any], n: Optional[int], what: str) -> _Pinned:
+def _from_batches(batches: Iterator[Any], n: Optional[int], what: str) -> Samples:
     xs: List[np.ndarray] = []
     ys: List[Optional[np.ndarray]] = []
     count = 0
@@ -124,11 +128,12 @@ def _from_batches(batches: Iterator[Any], n: Optional[int], what: str) -> _Pinne
     if not xs or count == 0:
         raise ValueError(f"{what} yielded no samples")
     x_all = np.concatenate(xs, axis=0)
-    y_all = None if any(y is None for y in ys) else np.concatenate(ys, axis=0)
-    return _Pinned(x_all, y_all)
+    labelled = [y for y in ys if y is not None]
+    y_all = np.concatenate(labelled, axis=0) if len(labelled) == len(ys) else None
+    return Samples(x_all, y_all)
 
 
-def take_samples(data: Any, n: Optional[int], *, what: str = "data") -> _Pinned:
+def take_samples(data: Any, n: Optional[int], *, what: str = "data") -> Samples:
     """Take the first ``n`` samples of ``data`` without consuming it.
 
     Args:
@@ -179,7 +184,7 @@ def take_samples(data: Any, n: Optional[int], *, what: str = "data") -> _Pinned:
         if stop == 0:
             raise ValueError(f"{what} has no samples")
         ya = _check_y(y, len(xa))
-        return _Pinned(xa[:stop].copy(), None if ya is None else ya[:stop].copy())
+        return Samples(xa[:stop].copy(), None if ya is None else ya[:stop].copy())
     if _is_dataset(data):
         if n is None and int(data.cardinality()) == int(_tf_module().data.INFINITE_CARDINALITY):
             raise ValueError(f"{what} is an infinite tf.data.Dataset; pass n_samples=<int> to use it")
@@ -202,6 +207,7 @@ def take_samples(data: Any, n: Optional[int], *, what: str = "data") -> _Pinned:
         f"re-iterable of batches; got {type(data).__name__}")
 
 
-def _split_at(n: int, validation_split: float) -> int:
-    """Where Keras splits arrays for ``validation_split`` (the last part is validation)."""
+def split_at(n: int, validation_split: float) -> int:
+    """Where ``fit`` splits ``n`` samples for ``validation_split``: ``x[:i]`` trains, ``x[i:]``
+    validates (Keras takes the last fraction, before any shuffling)."""
     return int(np.floor(n * (1.0 - validation_split)))

@@ -61,7 +61,7 @@ def _assert_maps_match_svd(acts: np.ndarray, k: int = 3) -> np.ndarray:
 
 
 def _table(uri: str, run_id: str) -> list:
-    local = mlflow.MlflowClient(uri).download_artifacts(run_id, "eigencam/eval/all/samples.json")
+    local = mlflow.MlflowClient(uri).download_artifacts(run_id, "eigencam/eval/val/samples.json")
     with open(local) as f:
         table = json.load(f)
     return [dict(zip(table["columns"], r)) for r in table["data"]]
@@ -88,7 +88,7 @@ def _block_parts(model):
 def _ready(model, x, **kwargs) -> EigenCAMCallback:
     cb = EigenCAMCallback(validation_data=(x, None), n_samples=len(x), **kwargs)
     cb.set_model(model)
-    cb._prepare()
+    cb.activations(x[:1])  # resolves the target layer, as fit's first epoch would
     return cb
 
 
@@ -106,7 +106,7 @@ def test_convnext_default_is_the_block_output_the_head_pools(convnext, tracking_
     assert branch._keras_history.operation.name == "convnext_tiny_stage_3_block_2_identity"
     ref_out, ref_in, ref_branch = (np.asarray(keras.ops.convert_to_numpy(t)) for t in
                                    keras.Model(model.inputs[0], [out, inputs, branch])(x[8:]))
-    acts, _ = cb._explain(x[8:])
+    acts, _ = cb.activations(x[8:])
     assert acts.shape == (2, 2, 2, 768)
     np.testing.assert_allclose(acts, ref_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(acts, ref_in + ref_branch, rtol=1e-4, atol=1e-4)  # inputs + branch
@@ -138,21 +138,21 @@ def test_convnext_any_tensor_can_be_named(convnext):
         cb = _ready(model, x, layer=spec)
         if path is not None:
             assert cb.target_layer == path
-        acts, _ = cb._explain(x)
+        acts, _ = cb.activations(x)
         np.testing.assert_allclose(acts, want[key], rtol=1e-5, atol=1e-5, err_msg=str(spec))
         # What target_layer says is accepted back and names the same tensor.
-        again, _ = _ready(model, x, layer=cb.target_layer)._explain(x)
+        again, _ = _ready(model, x, layer=cb.target_layer).activations(x)
         np.testing.assert_allclose(again, acts, rtol=1e-6, atol=1e-6)
 
     stranger = keras.Input((SIZE, SIZE, 3))
     cb = EigenCAMCallback(validation_data=(x, None), layer=keras.layers.Conv2D(2, 3)(stranger))
     cb.set_model(model)
     with pytest.raises(ValueError, match="not a tensor of model 'convnext_tiny'"):
-        cb._prepare()
+        cb.activations(x)
     cb = EigenCAMCallback(validation_data=(x, None), layer="no_such_layer:input")
     cb.set_model(model)
     with pytest.raises(ValueError, match=r"'no_such_layer:input' is not in model.*':input'"):
-        cb._prepare()
+        cb.activations(x)
     with pytest.raises(TypeError, match="KerasTensor"):
         EigenCAMCallback(validation_data=(x, None), layer=3)
 
@@ -175,8 +175,8 @@ def test_convnext_is_left_as_it_was(convnext, tracking_uri):
     assert all("call" not in vars(layer) for layer in model.layers)
     for a, b in zip(model.get_weights(), weights):
         np.testing.assert_array_equal(a, b)
-    first, _ = cb._explain(x)
-    second, _ = cb._explain(x)
+    first, _ = cb.activations(x)
+    second, _ = cb.activations(x)
     np.testing.assert_array_equal(first, second)  # same images, same weights: same maps
 
 
@@ -193,7 +193,7 @@ def test_mobilenet_v3_small_default_feeds_the_head(tracking_uri):
     pools = [layer for layer in model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
     head_in = pools[-1].input
     assert cb.target_layer == head_in._keras_history.operation.name
-    acts, _ = cb._explain(x[8:])
+    acts, _ = cb.activations(x[8:])
     ref = np.asarray(keras.ops.convert_to_numpy(keras.Model(model.inputs[0], head_in)(x[8:])))
     assert acts.shape == ref.shape == (2, 2, 2, 576)
     np.testing.assert_allclose(acts, ref, rtol=1e-5, atol=1e-5)

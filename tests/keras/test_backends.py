@@ -41,7 +41,7 @@ def _svd_evr(acts: np.ndarray, k: int = 3) -> np.ndarray:
 
 
 def _table(uri: str, run_id: str) -> list:
-    local = mlflow.MlflowClient(uri).download_artifacts(run_id, "eigencam/eval/all/samples.json")
+    local = mlflow.MlflowClient(uri).download_artifacts(run_id, "eigencam/eval/val/samples.json")
     with open(local) as f:
         table = json.load(f)
     return [dict(zip(table["columns"], r)) for r in table["data"]]
@@ -61,7 +61,7 @@ def test_fit_logs_every_epoch_and_maps_are_the_svd_of_the_layer(data, tracking_u
     assert len(history.history["loss"]) == 2
     run_id = run.info.run_id
     images = logged_images(tracking_uri, run_id)
-    assert set(images) == {f"eigencam/eval/all/sample_{i}" for i in range(4)}
+    assert set(images) == {f"eigencam/eval/val/sample_{i}" for i in range(4)}
     assert all(sorted(steps) == [0, 1] for steps in images.values())
     client = mlflow.MlflowClient(tracking_uri)
     tags = client.get_run(run_id).data.tags
@@ -71,7 +71,7 @@ def test_fit_logs_every_epoch_and_maps_are_the_svd_of_the_layer(data, tracking_u
     # callback sees the weights training reached (JAX keeps them in a state it syncs back).
     ref = keras.Model(model.inputs[0], model.get_layer("conv2").output)(xv)
     ref = np.asarray(keras.ops.convert_to_numpy(ref))
-    acts, preds = cb._explain(xv)
+    acts, preds = cb.activations(xv)
     np.testing.assert_allclose(acts, ref, rtol=1e-5, atol=1e-5)
     assert isinstance(acts, np.ndarray) and isinstance(preds, np.ndarray)
     np.testing.assert_allclose(preds, np.asarray(keras.ops.convert_to_numpy(model(xv))), rtol=1e-5, atol=1e-6)
@@ -80,7 +80,7 @@ def test_fit_logs_every_epoch_and_maps_are_the_svd_of_the_layer(data, tracking_u
     np.testing.assert_allclose(got, _svd_evr(acts), atol=1e-4)
     np.testing.assert_allclose(got, eigencam(acts, 3, channels_last=True).explained_variance_ratio, atol=1e-4)
     assert [r["label"] for r in rows] == [["a", "b", "c"][v] for v in yv]
-    points = client.get_metric_history(run_id, "eigencam/eval/all/evr_1")
+    points = client.get_metric_history(run_id, "eigencam/eval/val/evr_1")
     assert sorted(p.step for p in points) == [0, 1]
 
 
@@ -119,6 +119,8 @@ def test_torch_dataloader_and_no_autograd_graph(data, tracking_uri):
     with mlflow.start_run() as run:
         model.fit(x[:16], y[:16], epochs=1, batch_size=8, verbose=0, callbacks=[cb])
     assert len(logged_images(tracking_uri, run.info.run_id)) == 6
+    # The one private read left: the backend tensors before they become numpy (only they
+    # carry requires_grad); activations() returns numpy arrays.
     a, out = cb._forward(x[:2])
     assert not a.requires_grad and not out.requires_grad  # run under torch.no_grad()
     assert torch.is_grad_enabled()  # and the user's autograd state is as it was

@@ -26,7 +26,7 @@ def test_quickstart_runs_and_logs(tmp_path):
     run_id = proc.stdout.split(" to run ")[1].split(".")[0]
     images = logged_images(uri, run_id)
     assert {k: sorted(v) for k, v in images.items()} == {
-        f"eigencam/eval/all/sample_{i}": [0, 1] for i in range(3)}
+        f"eigencam/eval/val/sample_{i}": [0, 1] for i in range(3)}
     tags = mlflow.MlflowClient(uri).get_run(run_id).data.tags
     assert tags["mlflow_eigencam.target_layer"] == "conv3"  # the last spatial layer, found
 

@@ -30,8 +30,8 @@ def test_mirrored_strategy_logs_once(tmp_path):
     pngs = [a.path for a in client.list_artifacts(result["run_id"], "images") if a.path.endswith(".png")]
     counts = collections.Counter(
         re.match(r"images/(.+)\+step\+(\d+)\+", p).groups() for p in pngs)
-    expected = {(f"eigencam~eval~all~sample_{i}", str(s)) for i in range(3) for s in (0, 1)}
+    expected = {(f"eigencam~eval~val~sample_{i}", str(s)) for i in range(3) for s in (0, 1)}
     assert set(counts) == expected
     assert set(counts.values()) == {1}  # once per sample and epoch, not once per replica
-    grids = [a.path for a in client.list_artifacts(result["run_id"], "eigencam/eval/all")]
-    assert "eigencam/eval/all/epoch_0000" in grids and "eigencam/eval/all/epoch_0001" in grids
+    grids = [a.path for a in client.list_artifacts(result["run_id"], "eigencam/eval/val")]
+    assert "eigencam/eval/val/epoch_0000" in grids and "eigencam/eval/val/epoch_0001" in grids

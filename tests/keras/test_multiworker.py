@@ -65,6 +65,7 @@ def test_two_workers_log_once_in_the_chiefs_run(tmp_path):
     assert [r["replicas"] for r in results] == [2, 2]
     assert results[0]["loss"] == results[1]["loss"]  # one model, trained in step
     assert [r["logger"] for r in results] == [True, False]  # the other worker never logs
+    assert [r["undelivered"] for r in results] == [0, 0]  # close() on either worker
     run_id = results[0]["run_id"]
 
     client = mlflow.MlflowClient(uri)
@@ -72,8 +73,8 @@ def test_two_workers_log_once_in_the_chiefs_run(tmp_path):
     assert [r.info.run_id for r in runs] == [run_id]  # no run made by the other worker
     pngs = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     counts = collections.Counter(re.match(r"images/(.+)\+step\+(\d+)\+", p).groups() for p in pngs)
-    assert set(counts) == {(f"eigencam~eval~all~sample_{i}", str(s)) for i in range(3) for s in (0, 1)}
+    assert set(counts) == {(f"eigencam~eval~val~sample_{i}", str(s)) for i in range(3) for s in (0, 1)}
     assert set(counts.values()) == {1}  # one set per epoch, not one per worker
-    points = client.get_metric_history(run_id, "eigencam/eval/all/evr_1")
+    points = client.get_metric_history(run_id, "eigencam/eval/val/evr_1")
     assert sorted(p.step for p in points) == [0, 1]
     assert not (tmp_path / "spool1").exists() or not any((tmp_path / "spool1").rglob("*.json"))
