@@ -13,11 +13,12 @@ from .integrations.torch.layers import (
     resolve_target_layer,
     tokens_to_grid,
 )
-from .integrations.torch.monitor import EigenCAMMonitor
+from .integrations.torch.monitor import SPLIT_DS_IDS, EigenCAMMonitor
 
 __all__ = [
     "EigenCAMMonitor",
     "MAX_EXTRA_TOKENS",
+    "SPLIT_DS_IDS",
     "default_batch_to_xy",
     "find_target_layer",
     "preserve_training_flags",

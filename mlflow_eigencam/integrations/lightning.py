@@ -51,19 +51,15 @@ except ImportError:  # pragma: no cover - depends on what is installed
 from ..errors import EigenCAMWarning
 from .torch.batches import BatchToXY, default_batch_to_xy, image_list
 from .torch.layers import ReshapeTransform
-from .torch.monitor import EigenCAMMonitor
+from .torch.monitor import SPLIT_DS_IDS, EigenCAMMonitor
 
 _log = logging.getLogger("mlflow_eigencam")
 
 __all__ = ["EigenCAMCallback", "autolog_add_callback"]
 
 #: Lightning stage -> (mode passed to the logger, base dataset id).
-_STAGES = {
-    "train": ("train", "train"),
-    "validation": ("eval", "val"),
-    "test": ("test", "test"),
-    "predict": ("infer", "predict"),
-}
+_STAGES = {stage: (mode, SPLIT_DS_IDS[mode]) for stage, mode in
+           (("train", "train"), ("validation", "eval"), ("test", "test"), ("predict", "infer"))}
 
 
 def _step_preds(outputs: Any, batch_size: int) -> Any:

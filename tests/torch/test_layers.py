@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 from mlflow_eigencam.eigencam import eigencam
+from mlflow_eigencam.errors import EigenCAMWarning
 from mlflow_eigencam.pytorch import (
     MAX_EXTRA_TOKENS,
     EigenCAMMonitor,
@@ -22,6 +23,7 @@ from mlflow_eigencam.pytorch import (
 from tests.helpers.oracle import plain_svd
 from tests.helpers.torch_models import (
     RecordingLogger,
+    TinyClassifierWithDecoder,
     TinyCNN,
     TinyDetector,
     TinyResNet,
@@ -238,6 +240,51 @@ def test_maps_equal_a_plain_svd_of_the_explained_tensor():
     np.testing.assert_allclose(result.explained_variance_ratio, ratios, atol=1e-5)
     np.testing.assert_allclose(result.maps, maps, atol=1e-4 * np.abs(maps).max())
     monitor.close()
+
+
+def test_a_decoder_after_the_encoder_is_skipped_with_one_warning_naming_the_candidates():
+    """A classifier with an auxiliary reconstruction head: the last map is the decoder's
+    3-channel image; the encoder feeding the classification head is chosen instead."""
+    model = TinyClassifierWithDecoder()
+    with pytest.warns(EigenCAMWarning) as record:
+        name, module = find_target_layer(model, torch.rand(2, 3, 16, 16))
+    assert (name, module) == ("encoder", model.encoder)
+    [message] = [str(w.message) for w in record if issubclass(w.category, EigenCAMWarning)]
+    assert "chose 'encoder' and not the last feature map 'decoder' (3x16x16)" in message
+    assert "upsamples after 'encoder'" in message
+    assert message.split("Candidates (forward order): ", 1)[1] == (
+        "encoder.2 (16x4x4), encoder.3 (16x4x4), encoder (16x4x4) <- chosen, decoder.0 (8x8x8), "
+        "decoder.1 (8x8x8), decoder.2 (3x16x16), decoder (3x16x16). Pass target_layer= to choose another.")
+
+
+def test_a_decoder_after_vit_tokens_keeps_the_tokens():
+    """Tokens over the patch grid, then an upsampling head: the tokens are still chosen."""
+
+    class ViTWithDecoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = TimmLikeViT()
+            self.up = nn.ConvTranspose2d(16, 3, 4, 4)
+
+        def forward(self, x):
+            tokens = self.vit.proj(x).flatten(2).transpose(1, 2)
+            tokens = torch.cat([self.vit.prefix_tokens.expand(len(x), -1, -1), tokens], dim=1)
+            tokens = self.vit.norm(tokens + self.vit.attn(tokens))
+            grid = tokens[:, 1:].transpose(1, 2).reshape(len(x), 16, 4, 4)
+            return self.vit.head(tokens[:, 0]), self.up(grid)
+
+    model = ViTWithDecoder()
+    with pytest.warns(EigenCAMWarning, match="chose 'vit.norm' and not the last feature map 'up'"):
+        name, _ = find_target_layer(model, torch.rand(1, 3, 16, 16))
+    assert name == "vit.norm"
+
+
+def test_no_warning_when_the_last_map_is_the_coarsest():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_target_layer(TinyResNet(), torch.rand(1, 3, 32, 48))[0] == "layer4"
 
 
 # --------------------------------------------------------------------------- names, tokens

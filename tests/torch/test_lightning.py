@@ -255,3 +255,18 @@ def test_lightning_detector_logs_boxes_with_counts(tmp_path, tracking_uri):
         (1, "1 box", "1 box", 1, 1), (1, "1 box", "2 boxes", 1, 2)]
     assert image_counts(client, callback.run_id) == {
         (f"eigencam/eval/val/sample_{i}", s): 1 for i in range(2) for s in range(2)}
+
+
+def test_undelivered_is_what_the_stage_left_behind(tmp_path, tracking_uri):
+    from tests.helpers.readback import free_port
+
+    assert EigenCAMCallback().undelivered is None  # no stage ended yet
+    callback = EigenCAMCallback(n_samples=2, run_id="b" * 32, close_timeout=0.5,
+                                tracking_uri=f"http://127.0.0.1:{free_port()}")  # nobody listens
+    with pytest.warns(EigenCAMWarning, match="kept in"):
+        _trainer(tmp_path, callback).validate(LitShapes(), _loader(8), verbose=False)
+    left = callback.undelivered
+    assert left == 2 and len(left.records) == 2 and all(p.is_file() for p in left.records)
+    callback = EigenCAMCallback(n_samples=2)
+    _trainer(tmp_path, callback).validate(LitShapes(), _loader(8), verbose=False)
+    assert callback.undelivered == 0 and isinstance(callback.undelivered, int)

@@ -351,9 +351,12 @@ class LayerFinder:
             return None
         names = list(dict.fromkeys(name for name, _ in self._maps))  # forward order, once each
         shapes = dict(self._maps)
-        start = max(0, names.index(self.conv[0]) - 7) if self.conv[0] in names else 0
-        listed = ", ".join(f"{n} {_shape_text(shapes[n])}" + (" <- chosen" if n == found[0] else "")
-                           for n in names[start:])
+        at = names.index(found[0]) if found[0] in names else len(names) - 1
+        shown = names[max(0, at - 2):at + 6]  # two before the choice, the decoder after it
+        if names[-1] not in shown:
+            shown += ["...", names[-1]]
+        listed = ", ".join(n if n == "..." else f"{n} {_shape_text(shapes[n])}"
+                           + (" <- chosen" if n == found[0] else "") for n in shown)
         return (f"automatic target layer of {model_name}: chose {found[0]!r} and not the last "
                 f"feature map {self.conv[0]!r} {_shape_text(shapes[self.conv[0]])}, because the "
                 f"model upsamples after {found[0]!r}: the maps after it belong to a decoder or "

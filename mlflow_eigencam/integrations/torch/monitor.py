@@ -62,7 +62,11 @@ _log = logging.getLogger("mlflow_eigencam")
 #: ``(mode, ds_id)``: one sample buffer of the logger.
 Key = Tuple[str, Optional[str]]
 
-__all__ = ["EigenCAMMonitor"]
+#: The dataset id of each mode's split when ``capture()`` is given none: the ids the Lightning
+#: callback and autolog write, so a plain loop's run sits beside theirs in the explorer.
+SPLIT_DS_IDS: Dict[str, str] = {"train": "train", "eval": "val", "test": "test", "infer": "predict"}
+
+__all__ = ["SPLIT_DS_IDS", "EigenCAMMonitor"]
 
 
 @dataclass
@@ -117,8 +121,9 @@ class EigenCAMMonitor:
         n_samples: Samples kept per (mode, ds_id) per epoch; None keeps all (no pinning).
         label_mapping: Class index -> display name (mapping or sequence), or None.
         mode: Mode filter: None, ``"eval"``, ``{"eval", "test"}``, ``"!train"``...
-        ds_id: Dataset-id filter, same grammar. The dataset ids by convention (the Lightning
-            callback and autolog use them): ``"train"``, ``"val"``, ``"test"``.
+        ds_id: Dataset-id filter, same grammar. ``capture()`` without a ``ds_id`` logs under
+            the split's id (:data:`SPLIT_DS_IDS`: ``"train"``, ``"val"``, ``"test"``,
+            ``"predict"``), as the Lightning callback and autolog do.
         reshape_transform: Callable ``tensor -> (B, C, h, w)`` for layers whose output is not
             a 4-D map or a square token grid.
         pin_samples: Show the first epoch's samples at every epoch (see module docstring).
@@ -237,7 +242,9 @@ class EigenCAMMonitor:
 
         Args:
             mode: One of ``"train"``, ``"eval"``, ``"test"``, ``"infer"``.
-            ds_id: Dataset id (e.g. ``"val"``), or None.
+            ds_id: Dataset id (``"holdout"``, ``"val_noisy"``...); None: the split's id, as
+                the Lightning callback and autolog write it (:data:`SPLIT_DS_IDS`: train ->
+                ``"train"``, eval -> ``"val"``, test -> ``"test"``, infer -> ``"predict"``).
 
         Yields:
             The monitor (so ``with monitor.capture() as m: m.update(...)`` reads well).
@@ -365,7 +372,7 @@ class EigenCAMMonitor:
             raise RuntimeError("monitor.capture() blocks cannot be nested")
         logger = self._ensure_logger()
         self._in_capture = True
-        key: Key = (mode, ds_id)
+        key: Key = (mode, SPLIT_DS_IDS[mode] if ds_id is None else ds_id)
         hook, room = self._room_for(logger, key)
         if not hook:
             return
