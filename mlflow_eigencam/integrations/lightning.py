@@ -44,9 +44,9 @@ try:  # the unified package first, the standalone one if that is all there is
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import MLFlowLogger
 except ImportError:  # pragma: no cover - depends on what is installed
-    import pytorch_lightning as pl  # type: ignore[no-redef]
-    from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
-    from pytorch_lightning.loggers import MLFlowLogger  # type: ignore[no-redef]
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+    from pytorch_lightning.loggers import MLFlowLogger
 
 from ..errors import EigenCAMWarning
 from .torch.batches import BatchToXY, default_batch_to_xy, image_list
@@ -283,6 +283,7 @@ class EigenCAMCallback(Callback):
 
     def _begin_batch(self, trainer: "pl.Trainer", stage: str, dataloader_idx: int) -> None:
         self._close_ctx()  # a previous batch that never ended (skipped step)
+        assert self._monitor is not None
         mode = _STAGES[stage][0]
         ctx = self._monitor.capture(mode, self._ds_id(trainer, stage, dataloader_idx))
         ctx.__enter__()
