@@ -270,3 +270,29 @@ def test_undelivered_is_what_the_stage_left_behind(tmp_path, tracking_uri):
     callback = EigenCAMCallback(n_samples=2)
     _trainer(tmp_path, callback).validate(LitShapes(), _loader(8), verbose=False)
     assert callback.undelivered == 0 and isinstance(callback.undelivered, int)
+
+
+class LitFlat(pl.LightningModule):
+    """No layer outputs an image-shaped map: nothing to explain."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+
+def test_no_usable_layer_warns_once_and_validation_goes_on(tmp_path, tracking_uri):
+    model = LitFlat()
+    with pytest.warns(EigenCAMWarning, match="pass target_layer.*training goes on") as record:
+        _trainer(tmp_path, EigenCAMCallback(n_samples=2)).validate(model, _loader(16, batch_size=4),
+                                                                     verbose=False)
+    assert len([w for w in record if issubclass(w.category, EigenCAMWarning)]) == 1
+    assert all_hooks(model) == 0 and mlflow.search_runs(search_all_experiments=True).empty
+    with pytest.raises(ValueError, match="pass target_layer"):
+        _trainer(tmp_path, EigenCAMCallback(strict=True)).validate(LitFlat(), _loader(8), verbose=False)
