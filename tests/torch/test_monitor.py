@@ -169,6 +169,30 @@ def test_hook_keeps_a_detached_copy_not_the_graph(shapes):
         monitor.update(x[:4], y[:4], out)
 
 
+def test_a_failure_while_opening_a_block_leaves_no_hook_and_no_open_block(shapes):
+    x, y = shapes
+
+    class FailingOnce(RecordingLogger):
+        failed = False
+
+        def room(self, mode, ds_id=None):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("room failed")
+            return super().room(mode, ds_id)
+
+    model = TinyCNN()
+    logger = FailingOnce(n_samples=2, image_layout="NCHW")
+    monitor = EigenCAMMonitor(model, logger=logger)
+    with pytest.raises(RuntimeError, match="room failed"):
+        with monitor.capture("eval", "val"):
+            pass
+    assert all_hooks(model) == 0
+    with monitor.capture("eval", "val"):  # not "cannot be nested": the failed block is closed
+        monitor.update(x[:2], y[:2], model(x[:2]))
+    assert len(logger.batches) == 1 and all_hooks(model) == 0
+
+
 def test_filtered_mode_installs_nothing_and_logs_nothing(tracking_uri, shapes):
     x, y = shapes
     model = TinyCNN()

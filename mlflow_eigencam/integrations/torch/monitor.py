@@ -373,13 +373,12 @@ class EigenCAMMonitor:
         logger = self._ensure_logger()
         self._in_capture = True
         key: Key = (mode, SPLIT_DS_IDS[mode] if ds_id is None else ds_id)
-        hook, room = self._room_for(logger, key)
-        if not hook:
-            return
-        self._capture = _Capture(key=key, room=room)
         try:
-            self._install_hooks(self._capture)
-        except BaseException:
+            hook, room = self._room_for(logger, key)
+            if hook:
+                self._capture = _Capture(key=key, room=room)
+                self._install_hooks(self._capture)
+        except BaseException:  # a bad ds_id with strict=True: leave no hook and no open block
             self._close_capture(user_error=True)
             raise
 
