@@ -10,8 +10,9 @@ or on ranks other than global zero.
 
 Where the pieces come from:
 
-* images and labels: the batch, through ``batch_to_xy`` (default: ``(x, y)`` / ``(x,)``
-  tuples, a tensor, or a dict with ``image``/``images``/``x``/``input``/``inputs``/
+* images and labels: the batch, through ``batch_to_xy`` (default:
+  :func:`~mlflow_eigencam.integrations.torch.batches.default_batch_to_xy`: ``(x, y)`` /
+  ``(x,)`` tuples, a tensor, or a dict with ``image``/``images``/``x``/``input``/``inputs``/
   ``pixel_values`` and ``label``/``labels``/``y``/``target``/``targets``);
 * predictions: the output of the LightningModule's own ``forward`` during the step (its
   first tensor, e.g. logits), when the step calls ``self(x)``; otherwise what the step returned
@@ -23,7 +24,7 @@ Where the pieces come from:
   same callback (``trainer.test`` after ``trainer.fit``) log into the same run;
 * the step: ``trainer.current_epoch``.
 
-Pinned samples (default) work as in :mod:`mlflow_eigencam.integrations.torch`: from the
+Pinned samples (default) work as in :mod:`mlflow_eigencam.integrations.torch.monitor`: from the
 second epoch on, ``on_*_epoch_end`` runs the LightningModule's ``forward`` once on the first
 epoch's samples (no grad, eval mode, flags restored), so every epoch shows the same images.
 """
@@ -43,69 +44,22 @@ try:  # the unified package first, the standalone one if that is all there is
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import MLFlowLogger
 except ImportError:  # pragma: no cover - depends on what is installed
-    import pytorch_lightning as pl  # type: ignore[no-redef]
-    from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
-    from pytorch_lightning.loggers import MLFlowLogger  # type: ignore[no-redef]
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+    from pytorch_lightning.loggers import MLFlowLogger
 
-from .torch import EigenCAMMonitor, ReshapeTransform
+from ..errors import EigenCAMWarning
+from .torch.batches import BatchToXY, default_batch_to_xy, image_list
+from .torch.layers import ReshapeTransform
+from .torch.monitor import SPLIT_DS_IDS, EigenCAMMonitor
 
 _log = logging.getLogger("mlflow_eigencam")
 
-BatchToXY = Callable[[Any], Tuple[Any, Any]]
+__all__ = ["EigenCAMCallback", "autolog_add_callback"]
 
-__all__ = ["EigenCAMCallback", "default_batch_to_xy"]
-
-_IMAGE_KEYS = ("image", "images", "x", "input", "inputs", "pixel_values")
-_LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 #: Lightning stage -> (mode passed to the logger, base dataset id).
-_STAGES = {
-    "train": ("train", "train"),
-    "validation": ("eval", "val"),
-    "test": ("test", "test"),
-    "predict": ("infer", "predict"),
-}
-
-
-def default_batch_to_xy(batch: Any) -> Tuple[torch.Tensor, Any]:
-    """Split a batch into ``(images, labels)``; labels may be None.
-
-    The images must be a ``(B, C, H, W)`` (or ``(B, H, W)``) tensor, or (a detector's batch)
-    a list / tuple of same-sized ``(C, H, W)`` tensors, with a list of target dicts as labels.
-
-    Accepts a tensor, an ``(x, y, ...)`` / ``(x,)`` tuple or list, or a dict with an image
-    key (``image``, ``images``, ``x``, ``input``, ``inputs``, ``pixel_values``) and optionally
-    a label key (``label``, ``labels``, ``y``, ``target``, ``targets``).
-
-    Raises:
-        TypeError: Anything else (pass ``batch_to_xy=`` to the callback).
-    """
-    x: Any = None
-    y: Any = None
-    if isinstance(batch, torch.Tensor):
-        x = batch
-    elif isinstance(batch, Mapping):
-        x = next((batch[k] for k in _IMAGE_KEYS if k in batch), None)
-        y = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
-    elif isinstance(batch, (list, tuple)) and batch:
-        x = batch[0]
-        y = batch[1] if len(batch) > 1 else None
-    if _image_list(x):
-        return x, y  # a detector's batch: a list / tuple of (C, H, W) images, targets
-    if not isinstance(x, torch.Tensor) or x.ndim not in (3, 4):
-        what = sorted(map(str, batch)) if isinstance(batch, Mapping) else type(batch).__name__
-        if isinstance(x, torch.Tensor):
-            what = f"{what} whose images would be a {tuple(x.shape)} tensor"
-        raise TypeError(
-            f"cannot find the images in a batch of {what}; expected a tensor, an (x, y) tuple or "
-            f"a dict with one of {_IMAGE_KEYS}: pass batch_to_xy=callable(batch) -> (x, y)"
-        )
-    return x, y
-
-
-def _image_list(x: Any) -> bool:
-    """A detector's images: a non-empty list / tuple of (C, H, W) tensors."""
-    return isinstance(x, (list, tuple)) and bool(x) and all(
-        isinstance(im, torch.Tensor) and im.ndim == 3 for im in x)
+_STAGES = {stage: (mode, SPLIT_DS_IDS[mode]) for stage, mode in
+           (("train", "train"), ("validation", "eval"), ("test", "test"), ("predict", "infer"))}
 
 
 def _step_preds(outputs: Any, batch_size: int) -> Any:
@@ -199,6 +153,7 @@ class EigenCAMCallback(Callback):
         self._run_id: Optional[str] = logger_kwargs.get("run_id")
         self._strict = bool(logger_kwargs.get("strict", False))
         self._disabled = False
+        self._undelivered: Optional[int] = None
 
     # ----------------------------------------------------------------- properties
 
@@ -206,6 +161,14 @@ class EigenCAMCallback(Callback):
     def monitor(self) -> Optional[EigenCAMMonitor]:
         """The monitor of the current stage (None on other ranks and outside fit/test...)."""
         return self._monitor
+
+    @property
+    def undelivered(self) -> Optional[int]:
+        """What the last stage did not deliver to MLflow, as its monitor's ``close()`` returned
+        it when the stage ended (``teardown``): an int, 0 when everything arrived, that is a
+        :class:`~mlflow_eigencam.sink.Undelivered` (``.records``, ``.message()``) when there
+        was something to send; None before a stage ended on this rank."""
+        return self._undelivered
 
     @property
     def run_id(self) -> Optional[str]:
@@ -272,7 +235,7 @@ class EigenCAMCallback(Callback):
         if self._monitor is not None:
             monitor, self._monitor, self._module = self._monitor, None, None
             self._run_id = monitor.run_id or self._run_id
-            monitor.close()
+            self._undelivered = monitor.close()
 
     def _guard(self, where: str, fn: Callable[..., Any], *args: Any) -> None:
         """Run one hook's work; an error warns once and turns the callback off for this stage
@@ -289,8 +252,6 @@ class EigenCAMCallback(Callback):
                 self._close_monitor()
             except Exception:  # pragma: no cover - closing is best effort here
                 pass
-            from mlflow_eigencam.sink import EigenCAMWarning
-
             message = (f"mlflow_eigencam: EigenCAMCallback {where} failed "
                        f"({type(exc).__name__}: {exc}); no EigenCAM images for the rest of "
                        "this stage, training goes on.")
@@ -322,6 +283,7 @@ class EigenCAMCallback(Callback):
 
     def _begin_batch(self, trainer: "pl.Trainer", stage: str, dataloader_idx: int) -> None:
         self._close_ctx()  # a previous batch that never ended (skipped step)
+        assert self._monitor is not None
         mode = _STAGES[stage][0]
         ctx = self._monitor.capture(mode, self._ds_id(trainer, stage, dataloader_idx))
         ctx.__enter__()
@@ -340,7 +302,7 @@ class EigenCAMCallback(Callback):
             x, y = self._batch_to_xy(batch)
             preds = None
             if self._monitor._capture.output is None:
-                preds = _step_preds(outputs, len(x) if _image_list(x) else int(x.shape[0]))
+                preds = _step_preds(outputs, len(x) if image_list(x) else int(x.shape[0]))
             self._monitor.update(images=x, labels=y, preds=preds)
         finally:
             self._close_ctx()

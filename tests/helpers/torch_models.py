@@ -174,3 +174,19 @@ class TinyDetector(nn.Module):
         self.roi(p.repeat(3, 1, 1, 1))  # "proposals": 3x the batch
         return [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 24.0]]), "scores": s.flatten()[:1].sigmoid(),
                  "labels": torch.tensor([1])} for s in scores]
+
+
+class TinyClassifierWithDecoder(nn.Module):
+    """A classifier with an auxiliary reconstruction head: the encoder (16x16 -> 4x4) feeds
+    both the classification head and a decoder back to a 3-channel 16x16 image. The decoder's
+    output is the last 4-D map of the forward pass, but it is not what the classifier reads."""
+
+    def __init__(self, n_classes: int = 3) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, n_classes))
+        self.decoder = nn.Sequential(nn.ConvTranspose2d(16, 8, 2, 2), nn.ReLU(), nn.ConvTranspose2d(8, 3, 2, 2))
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder(x)
+        return self.head(features), self.decoder(features)

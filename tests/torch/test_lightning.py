@@ -1,4 +1,5 @@
-"""EigenCAMCallback with a real Lightning Trainer, read back from a real MLflow store."""
+"""integrations/lightning.py: EigenCAMCallback with a real Lightning Trainer (classifier and
+detector batches), read back from a real MLflow store."""
 
 from __future__ import annotations
 
@@ -14,8 +15,17 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
 
 from mlflow_eigencam import _layout  # noqa: E402
-from mlflow_eigencam.lightning import EigenCAMCallback, default_batch_to_xy  # noqa: E402
-from tests.helpers.torch_models import TinyResNet, all_hooks, image_counts, shapes_tensors, table_rows  # noqa: E402
+from mlflow_eigencam.errors import EigenCAMWarning  # noqa: E402
+from mlflow_eigencam.lightning import EigenCAMCallback  # noqa: E402
+from mlflow_eigencam.pytorch import default_batch_to_xy  # noqa: E402
+from tests.helpers.torch_models import (  # noqa: E402
+    TinyDetector,
+    TinyResNet,
+    all_hooks,
+    image_counts,
+    shapes_tensors,
+    table_rows,
+)
 
 NAMES = ["circle", "square", "triangle"]
 
@@ -153,18 +163,6 @@ def test_custom_batch_to_xy(tmp_path, tracking_uri):
     assert len(image_counts(client, run.info.run_id)) == 2
 
 
-def test_default_batch_to_xy_forms():
-    x, y = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
-    assert default_batch_to_xy((x, y))[1] is y
-    assert default_batch_to_xy([x])[1] is None
-    assert default_batch_to_xy(x)[0] is x
-    assert default_batch_to_xy({"input": x, "target": y})[1] is y
-    with pytest.raises(TypeError, match="batch_to_xy"):
-        default_batch_to_xy({"pixels": x})
-    with pytest.raises(TypeError, match=r"\(2,\) tensor"):
-        default_batch_to_xy((y, x))
-
-
 def test_bad_arguments_fail_at_construction():
     with pytest.raises(ValueError, match="bogus"):
         EigenCAMCallback(mode="bogus")
@@ -175,8 +173,6 @@ def test_bad_arguments_fail_at_construction():
 
 
 def test_unknown_layer_warns_and_training_goes_on(tmp_path, tracking_uri):
-    from mlflow_eigencam.sink import EigenCAMWarning
-
     model = LitShapes()
     trainer = _trainer(tmp_path, EigenCAMCallback(target_layer="net.layer9"), epochs=1)
     with pytest.warns(EigenCAMWarning, match=r"'net.layer9'.*close names: net.layer"):
@@ -188,8 +184,6 @@ def test_unknown_layer_warns_and_training_goes_on(tmp_path, tracking_uri):
 
 
 def test_unreadable_batch_warns_once_and_removes_hooks(tmp_path, tracking_uri):
-    from mlflow_eigencam.sink import EigenCAMWarning
-
     x, y = shapes_tensors(8, 16)
     loader = DataLoader(TensorDataset(torch.arange(8), x, y), batch_size=4)  # (meta, x, y)
 
@@ -201,3 +195,104 @@ def test_unreadable_batch_warns_once_and_removes_hooks(tmp_path, tracking_uri):
     with pytest.warns(EigenCAMWarning, match=r"on_validation_batch_end.*\(4,\) tensor.*batch_to_xy"):
         _trainer(tmp_path, EigenCAMCallback()).validate(model, loader, verbose=False)
     assert all_hooks(model) == 0
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+class LitDetector(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = TinyDetector()
+
+    def forward(self, images):
+        return self.model(images)
+
+    def training_step(self, batch, batch_idx):
+        self(batch[0])
+        return self.model.head.weight.sum() * 0.0  # lr 0: the weights stay as they are
+
+    def validation_step(self, batch, batch_idx):
+        images, _ = batch
+        self(images)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _detection_data(n=4):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.rand(3, 32, 48, generator=g),
+             {"boxes": torch.tensor([[1.0, 1.0, 30.0, 30.0]] * (1 + i % 2)),
+              "labels": torch.ones(1 + i % 2, dtype=torch.int64)})
+            for i in range(n)]
+
+
+def _collate(batch):  # torchvision's detection recipe: tuples of images and of targets
+    return tuple(zip(*batch))
+
+
+def test_lightning_detector_logs_boxes_with_counts(tmp_path, tracking_uri):
+    loader = DataLoader(_detection_data(4), batch_size=2, collate_fn=_collate)
+    model = LitDetector()
+    callback = EigenCAMCallback(n_samples=2, label_mapping=["bg", "thing"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many).*")
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=1,
+                             limit_val_batches=2, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, logger=False,
+                             default_root_dir=tmp_path, callbacks=[callback],
+                             num_sanity_val_steps=0)
+        trainer.fit(model, loader, loader)
+    assert all_hooks(model) == 0
+    client = MlflowClient()
+    run = client.get_run(callback.run_id)
+    assert run.data.tags[_layout.TAG_TARGET_LAYER].startswith(
+        "model.backbone.body (auto: feature map (B, 16, 8, 12), last feature map of the detection")
+    rows = table_rows(client, callback.run_id, "eval", "val")
+    assert [(r["epoch"], r["prediction"], r["label"], r["n_boxes"], r["n_true_boxes"]) for r in rows] == [
+        (0, "1 box", "1 box", 1, 1), (0, "1 box", "2 boxes", 1, 2),
+        (1, "1 box", "1 box", 1, 1), (1, "1 box", "2 boxes", 1, 2)]
+    assert image_counts(client, callback.run_id) == {
+        (f"eigencam/eval/val/sample_{i}", s): 1 for i in range(2) for s in range(2)}
+
+
+def test_undelivered_is_what_the_stage_left_behind(tmp_path, tracking_uri):
+    from tests.helpers.readback import free_port
+
+    assert EigenCAMCallback().undelivered is None  # no stage ended yet
+    callback = EigenCAMCallback(n_samples=2, run_id="b" * 32, close_timeout=0.5,
+                                tracking_uri=f"http://127.0.0.1:{free_port()}")  # nobody listens
+    with pytest.warns(EigenCAMWarning, match="kept in"):
+        _trainer(tmp_path, callback).validate(LitShapes(), _loader(8), verbose=False)
+    left = callback.undelivered
+    assert left == 2 and len(left.records) == 2 and all(p.is_file() for p in left.records)
+    callback = EigenCAMCallback(n_samples=2)
+    _trainer(tmp_path, callback).validate(LitShapes(), _loader(8), verbose=False)
+    assert callback.undelivered == 0 and isinstance(callback.undelivered, int)
+
+
+class LitFlat(pl.LightningModule):
+    """No layer outputs an image-shaped map: nothing to explain."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+
+def test_no_usable_layer_warns_once_and_validation_goes_on(tmp_path, tracking_uri):
+    model = LitFlat()
+    with pytest.warns(EigenCAMWarning, match="pass target_layer.*training goes on") as record:
+        _trainer(tmp_path, EigenCAMCallback(n_samples=2)).validate(model, _loader(16, batch_size=4),
+                                                                     verbose=False)
+    assert len([w for w in record if issubclass(w.category, EigenCAMWarning)]) == 1
+    assert all_hooks(model) == 0 and mlflow.search_runs(search_all_experiments=True).empty
+    with pytest.raises(ValueError, match="pass target_layer"):
+        _trainer(tmp_path, EigenCAMCallback(strict=True)).validate(LitFlat(), _loader(8), verbose=False)

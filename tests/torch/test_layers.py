@@ -1,5 +1,6 @@
-"""What auto-detection explains: copies taken at hook time, image-shaped maps only, prefix
-tokens folded onto the patch grid (square or not), detectors inside their backbone."""
+"""integrations/torch/layers.py: target layers resolved by name or auto-detected (copies taken
+at hook time, image-shaped maps only, prefix tokens folded onto the patch grid, square or not,
+detectors inside their backbone, never a decoder), and token folding."""
 
 from __future__ import annotations
 
@@ -11,9 +12,25 @@ from mlflow import MlflowClient
 from torch import nn
 
 from mlflow_eigencam.eigencam import eigencam
-from mlflow_eigencam.pytorch import EigenCAMMonitor, find_target_layer, resolve_target_layer
+from mlflow_eigencam.errors import EigenCAMWarning
+from mlflow_eigencam.pytorch import (
+    MAX_EXTRA_TOKENS,
+    EigenCAMMonitor,
+    find_target_layer,
+    resolve_target_layer,
+    tokens_to_grid,
+)
 from tests.helpers.oracle import plain_svd
-from tests.helpers.torch_models import RecordingLogger, TinyDetector, all_hooks, table_rows
+from tests.helpers.torch_models import (
+    RecordingLogger,
+    TinyClassifierWithDecoder,
+    TinyCNN,
+    TinyDetector,
+    TinyResNet,
+    TinyViT,
+    all_hooks,
+    table_rows,
+)
 
 
 class InplaceAfterFeatures(nn.Module):
@@ -223,3 +240,143 @@ def test_maps_equal_a_plain_svd_of_the_explained_tensor():
     np.testing.assert_allclose(result.explained_variance_ratio, ratios, atol=1e-5)
     np.testing.assert_allclose(result.maps, maps, atol=1e-4 * np.abs(maps).max())
     monitor.close()
+
+
+def test_a_decoder_after_the_encoder_is_skipped_with_one_warning_naming_the_candidates():
+    """A classifier with an auxiliary reconstruction head: the last map is the decoder's
+    3-channel image; the encoder feeding the classification head is chosen instead."""
+    model = TinyClassifierWithDecoder()
+    with pytest.warns(EigenCAMWarning) as record:
+        name, module = find_target_layer(model, torch.rand(2, 3, 16, 16))
+    assert (name, module) == ("encoder", model.encoder)
+    [message] = [str(w.message) for w in record if issubclass(w.category, EigenCAMWarning)]
+    assert "chose 'encoder' and not the last feature map 'decoder' (3x16x16)" in message
+    assert "upsamples after 'encoder'" in message
+    assert message.split("Candidates (forward order): ", 1)[1] == (
+        "encoder.2 (16x4x4), encoder.3 (16x4x4), encoder (16x4x4) <- chosen, decoder.0 (8x8x8), "
+        "decoder.1 (8x8x8), decoder.2 (3x16x16), decoder (3x16x16). Pass target_layer= to choose another.")
+
+
+def test_a_decoder_after_vit_tokens_keeps_the_tokens():
+    """Tokens over the patch grid, then an upsampling head: the tokens are still chosen."""
+
+    class ViTWithDecoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = TimmLikeViT()
+            self.up = nn.ConvTranspose2d(16, 3, 4, 4)
+
+        def forward(self, x):
+            tokens = self.vit.proj(x).flatten(2).transpose(1, 2)
+            tokens = torch.cat([self.vit.prefix_tokens.expand(len(x), -1, -1), tokens], dim=1)
+            tokens = self.vit.norm(tokens + self.vit.attn(tokens))
+            grid = tokens[:, 1:].transpose(1, 2).reshape(len(x), 16, 4, 4)
+            return self.vit.head(tokens[:, 0]), self.up(grid)
+
+    model = ViTWithDecoder()
+    with pytest.warns(EigenCAMWarning, match="chose 'vit.norm' and not the last feature map 'up'"):
+        name, _ = find_target_layer(model, torch.rand(1, 3, 16, 16))
+    assert name == "vit.norm"
+
+
+def test_no_warning_when_the_last_map_is_the_coarsest():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_target_layer(TinyResNet(), torch.rand(1, 3, 32, 48))[0] == "layer4"
+
+
+# --------------------------------------------------------------------------- names, tokens
+
+
+def test_auto_detection_picks_resnet_layer4():
+    model = TinyResNet()
+    name, module = find_target_layer(model, torch.rand(2, 3, 32, 32))
+    # layer4 completes after its own last ReLU; avgpool's 1x1 output does not qualify.
+    assert name == "layer4" and module is model.layer4
+    assert all_hooks(model) == 0
+
+
+def test_auto_detection_on_sequential_cnn():
+    model = TinyCNN()
+    name, module = find_target_layer(model, torch.rand(1, 3, 16, 16))
+    # The Sequential completes after its last ReLU, with the same 8x8 output.
+    assert name == "features" and module is model.features
+
+
+def test_auto_detection_restores_training_flags():
+    model = TinyResNet().train()
+    model.layer2.bn1.eval()
+    before = [m.training for m in model.modules()]
+    find_target_layer(model, torch.rand(1, 3, 32, 32))
+    assert [m.training for m in model.modules()] == before
+
+
+def test_auto_detection_without_feature_map_raises():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(ValueError, match="target_layer"):
+        find_target_layer(model, torch.rand(1, 3, 2, 2))
+
+
+def test_auto_detection_prefers_vit_tokens_over_patch_conv():
+    model = TinyViT()
+    name, _ = find_target_layer(model, torch.rand(1, 3, 16, 16))
+    assert name == "norm"  # the last (B, 1 + 16, D) token layer after the 4x4 patch grid
+
+
+def test_resolve_by_name_module_and_ddp_prefix():
+    model = TinyResNet()
+    assert resolve_target_layer(model, "layer4.conv2") == ("layer4.conv2", model.layer4.conv2)
+    assert resolve_target_layer(model, model.layer3) == ("layer3", model.layer3)
+    assert resolve_target_layer(model, "module.layer4")[1] is model.layer4
+
+
+def test_unknown_name_lists_close_names():
+    with pytest.raises(ValueError, match=r"'layer5'.*close names: .*layer4"):
+        resolve_target_layer(TinyResNet(), "layer5")
+
+
+def test_foreign_module_and_bad_type():
+    with pytest.raises(ValueError, match="Conv2d is not a submodule"):
+        resolve_target_layer(TinyResNet(), nn.Conv2d(1, 1, 1))
+    with pytest.raises(TypeError, match="int"):
+        resolve_target_layer(TinyResNet(), 3)
+
+
+def test_tokens_drop_class_token_and_fold_row_major():
+    tokens = torch.arange(2 * 17 * 5, dtype=torch.float32).reshape(2, 17, 5)
+    grid = tokens_to_grid(tokens)
+    assert grid.shape == (2, 5, 4, 4)
+    # grid[b, :, i, j] is patch token i * 4 + j, after the dropped class token.
+    for i, j in [(0, 0), (1, 3), (3, 2)]:
+        assert torch.equal(grid[:, :, i, j], tokens[:, 1 + i * 4 + j])
+
+
+def test_tokens_with_registers_and_without_class_token():
+    assert tokens_to_grid(torch.rand(1, 5 + 49, 8)).shape == (1, 8, 7, 7)
+    plain = torch.rand(1, 9, 4)
+    assert torch.equal(tokens_to_grid(plain)[0, :, 2, 1], plain[0, 7])
+
+
+def test_non_square_tokens_need_reshape_transform():
+    tokens = torch.rand(2, 1 + 14 * 10, 6)  # 141 = 11 * 11 + 20 > MAX_EXTRA_TOKENS
+    assert 141 - 11 * 11 > MAX_EXTRA_TOKENS
+    with pytest.raises(ValueError, match="reshape_transform"):
+        tokens_to_grid(tokens)
+
+    def to_grid(t):
+        return t[:, 1:].transpose(1, 2).reshape(t.shape[0], t.shape[2], 14, 10)
+
+    assert tokens_to_grid(tokens, to_grid).shape == (2, 6, 14, 10)
+    assert tokens_to_grid(tokens, grid_hw=(14, 10)).shape == (2, 6, 14, 10)
+
+
+def test_reshape_transform_must_return_4d():
+    with pytest.raises(ValueError, match=r"\(B, C, h, w\).*\(2, 3\)"):
+        tokens_to_grid(torch.rand(2, 3, 4), lambda t: t[:, :, 0])
+
+
+def test_bad_rank_raises():
+    with pytest.raises(ValueError, match=r"\(2, 3\)"):
+        tokens_to_grid(torch.rand(2, 3))

@@ -1,4 +1,5 @@
-"""EigenCAMMonitor in a plain loop: hooks, flags, gradients, slicing, filters, ranks, MLflow."""
+"""integrations/torch/monitor.py: EigenCAMMonitor in a plain loop: hooks, flags, gradients,
+slicing, filters, ranks, pinned samples, warnings, close(), MLflow."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from mlflow_eigencam import _layout
+from mlflow_eigencam.errors import EigenCAMWarning
 from mlflow_eigencam.pytorch import EigenCAMMonitor
 from tests.helpers.readback import image_series
 from tests.helpers.torch_models import (
     RecordingLogger,
+    TinyClassifierWithDecoder,
     TinyCNN,
     TinyResNet,
     TinyViT,
@@ -27,7 +31,7 @@ from tests.helpers.torch_models import (
 
 
 def _monitor(model, **kwargs):
-    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in ("mode", "ds_id", "n_samples")}
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in ("mode", "ds_id", "n_samples", "strict")}
     logger = RecordingLogger(**settings, image_layout="NCHW")
     return EigenCAMMonitor(model, logger=logger, n_samples=logger.n_samples, **kwargs), logger
 
@@ -165,6 +169,30 @@ def test_hook_keeps_a_detached_copy_not_the_graph(shapes):
         monitor.update(x[:4], y[:4], out)
 
 
+def test_a_failure_while_opening_a_block_leaves_no_hook_and_no_open_block(shapes):
+    x, y = shapes
+
+    class FailingOnce(RecordingLogger):
+        failed = False
+
+        def room(self, mode, ds_id=None):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("room failed")
+            return super().room(mode, ds_id)
+
+    model = TinyCNN()
+    logger = FailingOnce(n_samples=2, image_layout="NCHW")
+    monitor = EigenCAMMonitor(model, logger=logger)
+    with pytest.raises(RuntimeError, match="room failed"):
+        with monitor.capture("eval", "val"):
+            pass
+    assert all_hooks(model) == 0
+    with monitor.capture("eval", "val"):  # not "cannot be nested": the failed block is closed
+        monitor.update(x[:2], y[:2], model(x[:2]))
+    assert len(logger.batches) == 1 and all_hooks(model) == 0
+
+
 def test_filtered_mode_installs_nothing_and_logs_nothing(tracking_uri, shapes):
     x, y = shapes
     model = TinyCNN()
@@ -179,7 +207,7 @@ def test_filtered_mode_installs_nothing_and_logs_nothing(tracking_uri, shapes):
 def test_update_outside_capture_warns(shapes):
     x, y = shapes
     monitor, logger = _monitor(TinyCNN())
-    with pytest.warns(RuntimeWarning, match="outside capture"):
+    with pytest.warns(EigenCAMWarning, match="outside capture"):
         monitor.update(x[:4], y[:4])
     assert logger.batches == []
 
@@ -295,14 +323,86 @@ def test_first_forward_without_update_still_detects_the_layer(shapes):
     assert monitor.target_layer == "layer4" and all_hooks(model) == 0 and logger.batches == []
 
 
-def test_model_without_feature_map_raises_a_clear_error(shapes):
+def test_model_without_feature_map_warns_once_logs_nothing_and_training_goes_on(tracking_uri, shapes):
     x, y = shapes
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))
-    monitor, _ = _monitor(model)
+    monitor = EigenCAMMonitor(model, n_samples=2)
+    with pytest.warns(EigenCAMWarning, match="pass target_layer.*training goes on") as record:
+        for epoch in range(2):
+            for i in range(0, 8, 4):
+                with monitor.capture("eval", "val"):
+                    if epoch or i:
+                        assert all_hooks(model) == 0  # given up: nothing hooked any more
+                    monitor.update(x[i:i + 4], y[i:i + 4], model(x[i:i + 4]))
+            monitor.epoch_end(epoch)
+    assert len([w for w in record if issubclass(w.category, EigenCAMWarning)]) == 1
+    assert monitor.close() == 0 and monitor.run_id is None and all_hooks(model) == 0
+    assert mlflow.search_runs(search_all_experiments=True).empty  # nothing logged
+
+
+def test_model_without_feature_map_raises_with_strict(shapes):
+    x, y = shapes
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))
+    monitor, _ = _monitor(model, strict=True)
     with pytest.raises(ValueError, match="pass target_layer"):
         with monitor.capture("eval"):
             monitor.update(x[:2], y[:2], model(x[:2]))
     assert all_hooks(model) == 0
+    monitor = EigenCAMMonitor(model, strict=True)
+    with pytest.raises(ValueError, match="pass target_layer"):
+        with monitor.capture("eval"):
+            model(x[:2])  # a forward without update(): found out when the block ends
+    assert all_hooks(model) == 0
+
+
+def test_a_decoder_head_is_not_explained_and_the_choice_is_said_once(tracking_uri, shapes):
+    x, y = shapes
+    model = TinyClassifierWithDecoder()
+    with pytest.warns(EigenCAMWarning, match=r"chose 'encoder' and not the last feature map 'decoder' "
+                                              r"\(3x16x16\).*Candidates.*encoder \(16x4x4\) <- chosen.*"
+                                              r"decoder \(3x16x16\)") as record:
+        with EigenCAMMonitor(model, n_samples=2) as monitor:
+            for epoch in range(2):
+                for i in range(0, 8, 4):
+                    with monitor.capture("eval", "val"):
+                        logits, _ = model(x[i:i + 4])
+                        monitor.update(x[i:i + 4], y[i:i + 4], logits)
+                monitor.epoch_end(epoch)
+            run_id = monitor.run_id
+    assert len([w for w in record if issubclass(w.category, EigenCAMWarning)]) == 1
+    tag = MlflowClient().get_run(run_id).data.tags[_layout.TAG_TARGET_LAYER]
+    assert tag == "encoder (auto: feature map (B, 16, 4, 4), the last before the model upsamples (a decoder follows))"
+    assert image_counts(MlflowClient(), run_id) == {
+        (f"eigencam/eval/val/sample_{i}", s): 1 for i in range(2) for s in range(2)}
+
+
+def test_close_returns_what_was_not_delivered(tmp_path, shapes):
+    from tests.helpers.readback import free_port
+
+    x, y = shapes
+    model = TinyCNN()
+    monitor = EigenCAMMonitor(model, n_samples=2, run_id="b" * 32,
+                              tracking_uri=f"http://127.0.0.1:{free_port()}")  # nobody listens
+    with monitor.capture("eval", "val"):
+        monitor.update(x[:4], y[:4], model(x[:4]))
+    monitor.epoch_end(0)
+    with pytest.warns(EigenCAMWarning, match="kept in"):
+        left = monitor.close(timeout=0.5)
+    assert left == 2 and len(left.records) == 2 and all(p.is_file() for p in left.records)
+    assert monitor.close() is left  # safe to call twice: the same answer
+
+
+def test_close_returns_zero_when_everything_arrived_and_on_other_ranks(tracking_uri, shapes, monkeypatch):
+    x, y = shapes
+    model = TinyCNN()
+    monitor = EigenCAMMonitor(model, n_samples=2)
+    with monitor.capture("eval", "val"):
+        monitor.update(x[:4], y[:4], model(x[:4]))
+    monitor.epoch_end(0)
+    left = monitor.close()
+    assert isinstance(left, int) and left == 0
+    monkeypatch.setenv("RANK", "1")
+    assert EigenCAMMonitor(model).close() == 0
 
 
 def test_rank_decided_at_first_capture_when_the_group_starts_later(shapes, monkeypatch):
@@ -317,3 +417,74 @@ def test_rank_decided_at_first_capture_when_the_group_starts_later(shapes, monke
     with monitor.capture("eval", "val"):
         assert all_hooks(model) == 0
     assert monitor.logger is None
+
+
+# --------------------------------------------------------------------------- pinned samples
+
+
+def _run_pinned(x, y, pin: bool, epochs: int = 3):
+    torch.manual_seed(0)
+    model = TinyCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    monitor = EigenCAMMonitor(model, n_samples=4, pin_samples=pin)
+    for epoch in range(epochs):
+        model.train()
+        for xb, yb in loader:
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            for xb, yb in loader:  # shuffled again every epoch
+                with monitor.capture("eval", "val"):
+                    monitor.update(xb, yb, model(xb))
+        monitor.epoch_end(epoch)
+        assert all_hooks(model) == 0
+    monitor.close()
+    return monitor.run_id
+
+
+def _ids_by_epoch(client, run_id):
+    rows = table_rows(client, run_id, "eval", "val")
+    by_epoch = {}
+    for row in rows:
+        by_epoch.setdefault(row["epoch"], []).append((row["sample_index"], row["sample_id"], row["label"]))
+    return {epoch: sorted(v) for epoch, v in by_epoch.items()}
+
+
+def test_pinned_samples_are_identical_at_every_epoch(tracking_uri, shapes):
+    x, y = shapes
+    client = MlflowClient()
+    run_id = _run_pinned(x, y, pin=True)
+    by_epoch = _ids_by_epoch(client, run_id)
+    assert sorted(by_epoch) == [0, 1, 2]
+    assert len(by_epoch[0]) == 4
+    assert by_epoch[0] == by_epoch[1] == by_epoch[2]  # same index, image content and label
+    assert image_counts(client, run_id) == {
+        (f"eigencam/eval/val/sample_{i}", step): 1 for i in range(4) for step in range(3)}
+
+
+def test_without_pinning_a_shuffling_loader_shows_other_samples(tracking_uri, shapes):
+    x, y = shapes
+    by_epoch = _ids_by_epoch(MlflowClient(), _run_pinned(x, y, pin=False))
+    ids = [[sid for _, sid, _ in by_epoch[e]] for e in range(3)]
+    assert ids[0] != ids[1] or ids[1] != ids[2]
+
+
+def test_capture_without_ds_id_logs_under_the_splits_id_as_lightning_does(tracking_uri, shapes):
+    x, y = shapes
+    model = TinyCNN()
+    with EigenCAMMonitor(model, n_samples=1, mode=None) as monitor:
+        for mode in ("train", "eval", "test"):
+            with monitor.capture(mode):
+                monitor.update(x[:2], y[:2], model(x[:2]))
+        with monitor.capture("eval", "holdout"):  # a named dataset keeps its name
+            monitor.update(x[:2], y[:2], model(x[:2]))
+        monitor.epoch_end(0)
+        run_id = monitor.run_id
+    assert set(image_series(MlflowClient(), run_id)) == {
+        "eigencam/train/train/sample_0", "eigencam/eval/val/sample_0", "eigencam/test/test/sample_0",
+        "eigencam/eval/holdout/sample_0"}
