@@ -15,28 +15,34 @@ N_CLASSES = 3
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """``n`` seeded shape images as ``{"pixel_values": (3, H, W) float32, "labels": int64}``."""
+    """``n`` seeded shape images as ``{"pixel_values": (3, H, W) float32, "labels": int64}``;
+    ``augment=True`` adds noise from torch's global generator at each read (a random
+    transform: reading an item moves the user's random stream)."""
 
-    def __init__(self, n: int, size: int = 32, seed: int = 0) -> None:
+    def __init__(self, n: int, size: int = 32, seed: int = 0, augment: bool = False) -> None:
         images, labels, boxes = make_shapes(n, size, n_classes=N_CLASSES, seed=seed)
         self.images, self.labels, self.boxes = torch.from_numpy(images), torch.from_numpy(labels), boxes
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
-        return {"pixel_values": self.images[i], "labels": self.labels[i]}
+        image = self.images[i]
+        if self.augment:
+            image = image + 0.01 * torch.randn_like(image)
+        return {"pixel_values": image, "labels": self.labels[i]}
 
 
 def id2label() -> Dict[int, str]:
     return dict(enumerate(SHAPES[:N_CLASSES]))
 
 
-def tiny_vit(size: int = 32) -> ViTForImageClassification:
+def tiny_vit(size: int = 32, dropout: float = 0.0) -> ViTForImageClassification:
     torch.manual_seed(0)
     return ViTForImageClassification(ViTConfig(
         image_size=size, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=N_CLASSES, id2label=id2label(),
+        intermediate_size=64, hidden_dropout_prob=dropout, num_labels=N_CLASSES, id2label=id2label(),
         label2id={v: k for k, v in id2label().items()}))
 
 

@@ -96,13 +96,16 @@ def _history(trainer) -> list:
             for entry in trainer.state.log_history]
 
 
-@pytest.mark.parametrize("make_model", [tiny_vit, tiny_resnet])
+@pytest.mark.parametrize("make_model", [lambda: tiny_vit(dropout=0.1), tiny_resnet], ids=["vit", "resnet"])
 def test_training_and_the_model_are_unchanged(tmp_path, tracking_uri, make_model):
+    # Dropout in training and a random transform on the eval set: pinning the eval images
+    # (which reads them) must not move the random stream the next training steps draw from.
     histories, states = [], []
     for with_callback in (False, True):
         model = make_model()
         callbacks = [EigenCAMCallback(n_samples=2)] if with_callback else None
         trainer = make_trainer(model, tmp_path / f"out{with_callback}", callbacks=callbacks,
+                               val=ShapesDataset(8, seed=2, augment=True),
                                eval_strategy="steps", eval_steps=1, report_to="none")
         trainer.train()
         histories.append(_history(trainer))
