@@ -1,0 +1,110 @@
+"""Cost of EigenCAMCallback per logged evaluation in a transformers ``Trainer`` (tiny ViT, CPU).
+
+The same seeded ``Trainer.train()`` with and without the callback, interleaved (A B B A) so
+drifts in machine load hit both arms alike. Printed: each arm's median ``train_runtime``,
+their difference per evaluation, and the callback's own time inside ``on_evaluate`` (the
+extra forward pass of the pinned images, EigenCAM, rendering, writing the record; the
+upload runs on a background thread and is only in the whole-run difference).
+
+    python benchmarks/bench_transformers_overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import mlflow  # noqa: E402
+import torch  # noqa: E402
+from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification  # noqa: E402
+
+from _shapes import make_shapes  # noqa: E402
+from mlflow_eigencam.transformers import EigenCAMCallback  # noqa: E402
+
+
+class Shapes(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int) -> None:
+        x, y, _ = make_shapes(n, 32, n_classes=4, seed=seed)
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+class Timed(EigenCAMCallback):
+    """The callback, with the time spent in its ``on_evaluate`` recorded."""
+
+    times: list
+
+    def on_evaluate(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        super().on_evaluate(*args, **kwargs)
+        self.times.append(time.perf_counter() - start)
+
+
+def run(with_callback: bool, args: argparse.Namespace, out: str) -> tuple:
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(
+        image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=128, num_labels=4))
+    callback = Timed(n_samples=args.n_samples) if with_callback else None
+    if callback is not None:
+        callback.times = []
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=out, num_train_epochs=args.epochs, per_device_train_batch_size=32,
+            per_device_eval_batch_size=32, eval_strategy="steps", eval_steps=args.eval_steps,
+            save_strategy="no", logging_strategy="no", report_to=["mlflow"], use_cpu=True, seed=0,
+            disable_tqdm=True),
+        train_dataset=Shapes(args.train_size, 0), eval_dataset=Shapes(64, 1),
+        callbacks=[callback] if callback is not None else None)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    n_evals = sum(1 for e in trainer.state.log_history if "eval_loss" in e)
+    return wall, n_evals, (callback.times if callback is not None else [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-size", type=int, default=512)
+    parser.add_argument("--eval-steps", type=int, default=8)
+    parser.add_argument("--n-samples", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as d:
+        os.environ["MLFLOW_EIGENCAM_SPOOL_DIR"] = os.path.join(d, "spool")
+        mlflow.set_tracking_uri(f"sqlite:///{d}/mlflow.db")
+        mlflow.set_experiment("bench-transformers")
+        run(False, args, d + "/warm")  # imports, first MLflow writes
+        walls = {False: [], True: []}
+        inside: list = []
+        n_evals = 0
+        for arm in (False, True, True, False):
+            wall, n_evals, times = run(arm, args, f"{d}/out")
+            walls[arm].append(wall)
+            inside += times[1:]  # the first evaluation also finds the layer
+    without, with_ = statistics.median(walls[False]), statistics.median(walls[True])
+    print(f"train() wall, median of 2: without {without:.2f} s, with {with_:.2f} s "
+          f"({n_evals} evaluations of 64 images; {args.n_samples} pinned images logged each)")
+    print(f"difference per evaluation: {(with_ - without) / n_evals * 1e3:.0f} ms "
+          f"({(with_ - without) / without * 100:+.1f} % of the run)")
+    print(f"time inside on_evaluate (after the first): median {statistics.median(inside) * 1e3:.0f} ms, "
+          f"n={len(inside)}")
+
+
+if __name__ == "__main__":
+    main()
