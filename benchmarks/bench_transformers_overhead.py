@@ -1,8 +1,9 @@
 """Cost of EigenCAMCallback per logged evaluation in a transformers ``Trainer`` (tiny ViT, CPU).
 
-The same seeded ``Trainer.train()`` with and without the callback, interleaved (A B B A) so
+The same seeded ``Trainer.train()`` with and without the callback, interleaved (A B A B) so
 drifts in machine load hit both arms alike. Printed: each arm's median ``train_runtime``,
-their difference per evaluation, and the callback's own time inside ``on_evaluate`` (the
+their difference per evaluation, the median training step of each arm, and the
+callback's own time inside ``on_evaluate`` (the
 extra forward pass of the pinned images, EigenCAM, rendering, writing the record; the
 upload runs on a background thread and is only in the whole-run difference).
 
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import mlflow  # noqa: E402
 import torch  # noqa: E402
-from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification  # noqa: E402
+from transformers import (Trainer, TrainerCallback, TrainingArguments, ViTConfig,  # noqa: E402
+                          ViTForImageClassification)
 
 from _shapes import make_shapes  # noqa: E402
 from mlflow_eigencam.transformers import EigenCAMCallback  # noqa: E402
@@ -40,6 +42,20 @@ class Shapes(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+class StepTimes(TrainerCallback):
+    """Wall time of each training step (forward, backward, optimizer), evaluations excluded."""
+
+    def __init__(self) -> None:
+        self.times: list = []
+        self._start = 0.0
+
+    def on_step_begin(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._start = time.perf_counter()
+
+    def on_step_end(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.times.append(time.perf_counter() - self._start)
 
 
 class Timed(EigenCAMCallback):
@@ -61,6 +77,7 @@ def run(with_callback: bool, args: argparse.Namespace, out: str) -> tuple:
     callback = Timed(n_samples=args.n_samples) if with_callback else None
     if callback is not None:
         callback.times = []
+    steps = StepTimes()
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
@@ -69,12 +86,12 @@ def run(with_callback: bool, args: argparse.Namespace, out: str) -> tuple:
             save_strategy="no", logging_strategy="no", report_to=["mlflow"], use_cpu=True, seed=0,
             disable_tqdm=True),
         train_dataset=Shapes(args.train_size, 0), eval_dataset=Shapes(64, 1),
-        callbacks=[callback] if callback is not None else None)
+        callbacks=[steps] + ([callback] if callback is not None else []))
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
     n_evals = sum(1 for e in trainer.state.log_history if "eval_loss" in e)
-    return wall, n_evals, (callback.times if callback is not None else [])
+    return wall, n_evals, (callback.times if callback is not None else []), steps.times
 
 
 def main() -> None:
@@ -83,6 +100,7 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=512)
     parser.add_argument("--eval-steps", type=int, default=8)
     parser.add_argument("--n-samples", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved without/with pairs")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as d:
@@ -90,15 +108,20 @@ def main() -> None:
         mlflow.set_tracking_uri(f"sqlite:///{d}/mlflow.db")
         mlflow.set_experiment("bench-transformers")
         run(False, args, d + "/warm")  # imports, first MLflow writes
-        walls = {False: [], True: []}
+        walls: dict = {False: [], True: []}
+        step_times: dict = {False: [], True: []}
         inside: list = []
         n_evals = 0
-        for arm in (False, True, True, False):
-            wall, n_evals, times = run(arm, args, f"{d}/out")
+        for arm in (False, True) * args.pairs:
+            wall, n_evals, times, steps = run(arm, args, f"{d}/out")
             walls[arm].append(wall)
+            step_times[arm] += steps
             inside += times[1:]  # the first evaluation also finds the layer
+            print(f"{'with' if arm else 'without'}: {wall:.2f} s", flush=True)
     without, with_ = statistics.median(walls[False]), statistics.median(walls[True])
-    print(f"train() wall, median of 2: without {without:.2f} s, with {with_:.2f} s "
+    print(f"training step, median: without {statistics.median(step_times[False]) * 1e3:.0f} ms, "
+          f"with {statistics.median(step_times[True]) * 1e3:.0f} ms")
+    print(f"train() wall, median of {args.pairs}: without {without:.2f} s, with {with_:.2f} s "
           f"({n_evals} evaluations of 64 images; {args.n_samples} pinned images logged each)")
     print(f"difference per evaluation: {(with_ - without) / n_evals * 1e3:.0f} ms "
           f"({(with_ - without) / without * 100:+.1f} % of the run)")

@@ -27,9 +27,11 @@ Where the pieces come from:
 * labels: the batch's ``labels`` (or the first of ``args.label_names``);
 * predictions: the argmax of the model's ``logits``; class names: ``model.config.id2label``
   unless ``label_mapping`` is given;
-* layer: the monitor's automatic choice (a ResNet / ConvNeXt: the last stage's map; a ViT:
-  the last token layer folded onto the patch grid, the CLS token dropped), or ``target_layer``
-  (a module or dotted name, e.g. ``"resnet.encoder.stages.1"``);
+* layer: the monitor's automatic choice (a ResNet / ConvNeXt: the last stage's map; a ViT /
+  DeiT: the last token layer folded onto the patch grid, CLS and distillation tokens
+  dropped, non-square grids too); for a Swin its last stage folded onto that stage's grid
+  (:func:`_swin_last_stage`); or ``target_layer`` (a module or dotted name, e.g.
+  ``"resnet.encoder.stages.1"``);
 * the MLflow run: the run active at the first evaluation. With ``report_to=["mlflow"]``
   that is the run Trainer's own ``MLflowCallback`` started or reused in ``on_train_begin``;
   otherwise the user's active run; otherwise the logger starts one and ends it at
@@ -202,6 +204,8 @@ class EigenCAMCallback(TrainerCallback):
         if count % self.log_every_n_evals or self._last_step.get(ds_id) == step:
             return
         monitor = self._ensure_monitor(model, processing_class)
+        if monitor.logger is None or not monitor.logger.wants("eval", ds_id):
+            return  # filtered out (mode= / ds_id=), or not rank zero: no extra forward
         images = batch[_IMAGE_KEY]
         with monitor.capture(mode="eval", ds_id=ds_id):
             logits = _forward(model, images)
@@ -245,9 +249,14 @@ class EigenCAMCallback(TrainerCallback):
         kwargs = dict(self._monitor_args, extra_tags=extra_tags)
         if self._run_id is not None:  # a second train() / evaluate(): the same run
             kwargs.setdefault("run_id", self._run_id)
+        target = self.target_layer
+        if target is None and kwargs.get("reshape_transform") is None:
+            swin = _swin_last_stage(model, next(iter(self._pins.values()))[1][_IMAGE_KEY])
+            if swin is not None:
+                target, kwargs["reshape_transform"] = swin
         self._monitor = EigenCAMMonitor(
             model,
-            target_layer=self.target_layer,
+            target_layer=target,
             n_samples=self.n_samples,
             label_mapping=self._label_mapping if self._label_mapping is not None else _id2label(model),
             denormalize=self._denormalize if self._denormalize is not None else _processor_norm(processing_class),
@@ -272,6 +281,43 @@ def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"the model's output has no logits tensor ({type(output).__name__})")
     return logits
+
+
+#: ``config.model_type`` of the Swin family: token stages that shrink the grid (patch merging).
+_SWIN_TYPES = ("swin", "swinv2", "donut-swin", "maskformer-swin")
+
+
+def _swin_last_stage(model: nn.Module, images: torch.Tensor) -> Optional[Tuple[str, Callable[..., Any]]]:
+    """``(name, reshape_transform)`` for a Swin model's last stage, else None.
+
+    The automatic choice cannot fold a Swin's last stage: its ``(B, h * w, D)`` tokens lie on
+    a grid 2^(stages - 1) times coarser than the patch embedding's. The grid is computed as
+    Swin pads: ``ceil(H / patch)``, then ``(h + 1) // 2`` per patch merging before the last
+    stage (non-square images too). The stage returns ``(tokens, reshaped map, attention)``;
+    the monitor takes the first tensor, the tokens, which are folded here.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in _SWIN_TYPES:
+        return None
+    depths, patch = getattr(config, "depths", None), getattr(config, "patch_size", None)
+    if not depths or patch is None:
+        return None
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    height, width = -(-int(images.shape[-2]) // patch_h), -(-int(images.shape[-1]) // patch_w)
+    for _ in range(len(depths) - 1):
+        height, width = (height + 1) // 2, (width + 1) // 2
+    suffix = f"encoder.layers.{len(depths) - 1}"
+    names = [name for name, _ in model.named_modules() if name == suffix or name.endswith("." + suffix)]
+    if not names:
+        return None
+
+    def fold(tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.ndim != 3 or tokens.shape[1] != height * width:
+            raise ValueError(f"Swin last stage: expected (B, {height * width}, D) tokens for a "
+                             f"{height}x{width} grid, got {tuple(tokens.shape)}")
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+    return min(names, key=len), fold
 
 
 def _first_items(dataset: Any, n: int) -> List[Any]:

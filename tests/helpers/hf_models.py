@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from transformers import (ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments,
@@ -19,7 +19,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     ``augment=True`` adds noise from torch's global generator at each read (a random
     transform: reading an item moves the user's random stream)."""
 
-    def __init__(self, n: int, size: int = 32, seed: int = 0, augment: bool = False) -> None:
+    def __init__(self, n: int, size: Union[int, Tuple[int, int]] = 32, seed: int = 0,
+                 augment: bool = False) -> None:
         images, labels, boxes = make_shapes(n, size, n_classes=N_CLASSES, seed=seed)
         self.images, self.labels, self.boxes = torch.from_numpy(images), torch.from_numpy(labels), boxes
         self.augment = augment

@@ -141,3 +141,49 @@ def test_bad_arguments_fail_at_construction():
         EigenCAMCallback(denormalize=(0.5,))
     with pytest.raises(ValueError, match="alpha"):
         EigenCAMCallback(alpha=3)
+
+
+def _layer_after_one_evaluation(tmp_path, model, size=32) -> str:
+    callback = EigenCAMCallback(n_samples=2)
+    trainer = make_trainer(model, tmp_path / "out", callbacks=[callback], report_to="none",
+                           val=ShapesDataset(4, size=size, seed=2))
+    trainer.evaluate()  # standalone: global step 0
+    callback.close()
+    rid = callback.run_id
+    assert {k: sorted(v) for k, v in image_series(MlflowClient(), rid).items()} == {
+        key: [0] for key in KEYS2}
+    return MlflowClient().get_run(rid).data.tags[_layout.TAG_TARGET_LAYER]
+
+
+def _config_models():
+    from transformers import (ConvNextConfig, ConvNextForImageClassification, DeiTConfig,
+                              DeiTForImageClassificationWithTeacher, SwinConfig,
+                              SwinForImageClassification)
+
+    return {
+        "convnext": (lambda size: ConvNextForImageClassification(ConvNextConfig(
+            num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)),
+            "convnext.encoder.stages.1 (auto: feature map (B, 16, {h}, {w}))"),
+        "deit": (lambda size: DeiTForImageClassificationWithTeacher(DeiTConfig(
+            image_size=size, patch_size=8, hidden_size=32, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=64, num_labels=3)),
+            "deit.layernorm (auto: tokens (B, {n2}, 32) folded to a {h2}x{w2} patch grid (2 prefix tokens dropped))"),
+        "swin": (lambda size: SwinForImageClassification(SwinConfig(
+            image_size=size, patch_size=4, embed_dim=16, depths=[1, 1, 1], num_heads=[2, 2, 2],
+            window_size=2, num_labels=3)), "swin.encoder.layers.2"),
+        "vit": (lambda size: tiny_vit(size),
+                "vit.layernorm (auto: tokens (B, {n1}, 32) folded to a {h2}x{w2} patch grid (1 prefix token dropped))"),
+        "resnet": (lambda size: tiny_resnet(), "resnet.encoder.stages.1 (auto: feature map (B, 16, {h}, {w}))"),
+    }
+
+
+@pytest.mark.parametrize("name, size", [(name, 32) for name in ("resnet", "convnext", "vit", "deit", "swin")]
+                         + [("vit", (32, 48)), ("swin", (32, 48))])
+def test_default_layer_of_each_model_family(tmp_path, tracking_uri, name, size):
+    h, w = (size, size) if isinstance(size, int) else size
+    make, expected = _config_models()[name]
+    # Stride 8 for the conv nets' last stage here, patch 8 for ViT / DeiT; Swin's last stage
+    # is folded by the callback onto its own grid (stride 16), CLS/distillation tokens dropped.
+    tag = _layer_after_one_evaluation(tmp_path, make(size), size)
+    assert tag == expected.format(h=h // 8, w=w // 8, h2=h // 8, w2=w // 8,
+                                  n1=h * w // 64 + 1, n2=h * w // 64 + 2)
