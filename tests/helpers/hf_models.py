@@ -15,14 +15,18 @@ N_CLASSES = 3
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """``n`` seeded shape images as ``{"pixel_values": (3, H, W) float32, "labels": int64}``;
+    """``n`` seeded shape images as ``{"pixel_values": (3, H, W) float32, "labels": int64}``,
+    normalised by ``normalize=(mean, std)`` if given;
     ``augment=True`` adds noise from torch's global generator at each read (a random
     transform: reading an item moves the user's random stream)."""
 
     def __init__(self, n: int, size: Union[int, Tuple[int, int]] = 32, seed: int = 0,
-                 augment: bool = False) -> None:
+                 augment: bool = False, normalize: Optional[Tuple[list, list]] = None) -> None:
         images, labels, boxes = make_shapes(n, size, n_classes=N_CLASSES, seed=seed)
         self.images, self.labels, self.boxes = torch.from_numpy(images), torch.from_numpy(labels), boxes
+        if normalize is not None:  # what an image processor's (x - mean) / std does
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in normalize)
+            self.images = (self.images - mean) / std
         self.augment = augment
 
     def __len__(self) -> int:
@@ -56,7 +60,7 @@ def tiny_resnet() -> ResNetForImageClassification:
 
 def make_trainer(model: torch.nn.Module, out_dir: Any, *, train: Optional[ShapesDataset] = None,
                  val: Optional[ShapesDataset] = None, callbacks: Optional[list] = None,
-                 report_to: Any = "mlflow", **args: Any) -> Trainer:
+                 report_to: Any = "mlflow", processing_class: Any = None, **args: Any) -> Trainer:
     """A CPU Trainer: 2 epochs of 16 images in batches of 8, one evaluation per epoch."""
     kwargs: Dict[str, Any] = dict(
         output_dir=str(out_dir), num_train_epochs=2, per_device_train_batch_size=8,
@@ -67,4 +71,4 @@ def make_trainer(model: torch.nn.Module, out_dir: Any, *, train: Optional[Shapes
     return Trainer(model=model, args=TrainingArguments(**kwargs),
                    train_dataset=train if train is not None else ShapesDataset(16, seed=1),
                    eval_dataset=val if val is not None else ShapesDataset(8, seed=2),
-                   callbacks=callbacks)
+                   callbacks=callbacks, processing_class=processing_class)

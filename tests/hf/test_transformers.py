@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -187,3 +188,26 @@ def test_default_layer_of_each_model_family(tmp_path, tracking_uri, name, size):
     tag = _layer_after_one_evaluation(tmp_path, make(size), size)
     assert tag == expected.format(h=h // 8, w=w // 8, h2=h // 8, w2=w // 8,
                                   n1=h * w // 64 + 1, n2=h * w // 64 + 2)
+
+
+def test_images_are_drawn_denormalised_with_the_image_processors_mean_and_std(tmp_path, tracking_uri):
+    from transformers import ViTImageProcessor
+
+    from tests.helpers.readback import load_png
+
+    mean, std = [0.2, 0.4, 0.6], [0.5, 0.25, 0.2]
+    cards = {}
+    for how in ("processor", "explicit", "min-max"):
+        callback = EigenCAMCallback(n_samples=1, denormalize=(mean, std) if how == "explicit" else None)
+        processor = ViTImageProcessor(image_mean=mean, image_std=std) if how == "processor" else None
+        trainer = make_trainer(tiny_resnet(), tmp_path / how, callbacks=[callback], report_to="none",
+                               processing_class=processor,
+                               val=ShapesDataset(2, seed=2, normalize=(mean, std)))
+        trainer.evaluate()
+        callback.close()
+        series = image_series(MlflowClient(), callback.run_id)
+        cards[how] = load_png(MlflowClient(), callback.run_id, series[KEYS2[0]][0])
+    # The processor's mean / std undo the normalisation exactly as the explicit ones do; without
+    # either, each image is min-max scaled (other colours, same heat maps and captions).
+    assert np.array_equal(cards["processor"], cards["explicit"])
+    assert not np.array_equal(cards["processor"], cards["min-max"])
