@@ -15,8 +15,10 @@ What it does at each evaluation (``on_evaluate``):
   on the target layer only for that pass; the same images are shown at every evaluation.
   This extra pass (``n_samples`` images) is the whole cost; Trainer's own evaluation loop is
   not touched;
-* it logs them under mode ``"eval"``, dataset id ``"val"`` (a second, third... evaluation
-  dataset met gets ``"val_1"``, ``"val_2"``... in the order met).
+* it logs them under mode ``"eval"``, dataset id ``"val"``; Trainer's ``metric_key_prefix``
+  names the others: a dict of eval datasets gives ``"val_<name>"``, ``trainer.evaluate(ds,
+  metric_key_prefix="test")`` mode and dataset id ``"test"``; another dataset under a prefix
+  already used gets ``"_1"``, ``"_2"``... appended.
 
 Where the pieces come from:
 
@@ -146,7 +148,7 @@ class EigenCAMCallback(TrainerCallback):
                             f"got {type(reshape_transform).__name__}")
         self._monitor: Optional[EigenCAMMonitor] = None
         self._run_id: Optional[str] = None  # kept across train() calls: one run per callback
-        self._pins: Dict[int, Tuple[str, Dict[str, Any]]] = {}  # id(dataset) -> (ds_id, batch)
+        self._pins: Dict[int, Tuple[str, str, Dict[str, Any]]] = {}  # id(dataset) -> (mode, ds_id, batch)
         self._evals: Dict[str, int] = {}  # ds_id -> evaluations seen
         self._last_step: Dict[str, int] = {}  # ds_id -> last global step logged
         self._warn = WarnOnce()
@@ -162,14 +164,15 @@ class EigenCAMCallback(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None,
                     eval_dataloader: Any = None, processing_class: Any = None,
-                    **kwargs: Any) -> None:
+                    metrics: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
         """Run the pinned images once and log them at ``state.global_step``."""
         if self._broken or model is None or eval_dataloader is None:
             return
         if not getattr(state, "is_world_process_zero", True):
             return
         try:
-            self._evaluate(args, state, unwrap_model(model), eval_dataloader, processing_class)
+            self._evaluate(args, state, unwrap_model(model), eval_dataloader, processing_class,
+                           _metric_prefix(metrics))
         except Exception as exc:  # a logging failure never stops training
             self._broken = True
             self._warn.warn("hf-evaluate",
@@ -196,32 +199,36 @@ class EigenCAMCallback(TrainerCallback):
     # ----------------------------------------------------------------- internals
 
     def _evaluate(self, args: Any, state: Any, model: nn.Module, loader: Any,
-                  processing_class: Any) -> None:
-        ds_id, batch = self._pin(args, loader)
+                  processing_class: Any, prefix: str) -> None:
+        mode, ds_id, batch = self._pin(args, loader, prefix)
         count = self._evals.get(ds_id, 0)
         self._evals[ds_id] = count + 1
         step = int(state.global_step)
         if count % self.log_every_n_evals or self._last_step.get(ds_id) == step:
             return
         monitor = self._ensure_monitor(model, processing_class)
-        if monitor.logger is None or not monitor.logger.wants("eval", ds_id):
+        if monitor.logger is None or not monitor.logger.wants(mode, ds_id):
             return  # filtered out (mode= / ds_id=), or not rank zero: no extra forward
         images = batch[_IMAGE_KEY]
-        with monitor.capture(mode="eval", ds_id=ds_id):
+        with monitor.capture(mode=mode, ds_id=ds_id):
             logits = _forward(model, images)
             monitor.update(images=images, labels=batch.get(_LABEL_KEY), preds=logits)
         monitor.epoch_end(step)
         self._last_step[ds_id] = step
 
-    def _pin(self, args: Any, loader: Any) -> Tuple[str, Dict[str, Any]]:
-        """The pinned batch of this loader's dataset (made at its first evaluation)."""
+    def _pin(self, args: Any, loader: Any, prefix: str) -> Tuple[str, str, Dict[str, Any]]:
+        """``(mode, ds_id, pinned batch)`` of this loader's dataset (pinned at its first
+        evaluation; named after Trainer's metric prefix then, see :func:`_mode_and_ds_id`)."""
         dataset = getattr(loader, "dataset", None)
         if dataset is None:
             raise ValueError(f"the eval dataloader ({type(loader).__name__}) has no .dataset")
         pinned = self._pins.get(id(dataset))
         if pinned is not None:
             return pinned
-        ds_id = "val" if not self._pins else f"val_{len(self._pins)}"
+        mode, ds_id = _mode_and_ds_id(prefix)
+        taken = {pinned[1] for pinned in self._pins.values()}
+        if ds_id in taken:  # another dataset under the same prefix: val_1, val_2, ...
+            ds_id = next(f"{ds_id}_{i}" for i in range(1, len(taken) + 2) if f"{ds_id}_{i}" not in taken)
         items = _first_items(dataset, self.n_samples)
         collate = getattr(loader, "collate_fn", None)
         # fork_rng: a collator that draws random numbers must not move the user's stream.
@@ -238,8 +245,8 @@ class EigenCAMCallback(TrainerCallback):
             raise ValueError(f"{_IMAGE_KEY} must be a (B, C, H, W) tensor, got {shape}")
         kept = {_IMAGE_KEY: images.detach().cpu(),
                 _LABEL_KEY: labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels}
-        self._pins[id(dataset)] = (ds_id, kept)
-        return ds_id, kept
+        self._pins[id(dataset)] = (mode, ds_id, kept)
+        return mode, ds_id, kept
 
     def _ensure_monitor(self, model: nn.Module, processing_class: Any) -> EigenCAMMonitor:
         if self._monitor is not None:
@@ -251,7 +258,7 @@ class EigenCAMCallback(TrainerCallback):
             kwargs.setdefault("run_id", self._run_id)
         target = self.target_layer
         if target is None and kwargs.get("reshape_transform") is None:
-            swin = _swin_last_stage(model, next(iter(self._pins.values()))[1][_IMAGE_KEY])
+            swin = _swin_last_stage(model, next(iter(self._pins.values()))[2][_IMAGE_KEY])
             if swin is not None:
                 target, kwargs["reshape_transform"] = swin
         self._monitor = EigenCAMMonitor(
@@ -265,6 +272,25 @@ class EigenCAMCallback(TrainerCallback):
         )
         self._monitor_args["extra_tags"] = extra_tags
         return self._monitor
+
+
+def _metric_prefix(metrics: Optional[Mapping[str, Any]]) -> str:
+    """Trainer's ``metric_key_prefix`` of this evaluation (``"eval"``, ``"eval_clean"`` for a
+    dict of eval datasets, ``"test"``...), read off its ``{prefix}_runtime`` metric."""
+    for key in metrics or {}:
+        if isinstance(key, str) and key.endswith("_runtime"):
+            return key[: -len("_runtime")]
+    return "eval"
+
+
+def _mode_and_ds_id(prefix: str) -> Tuple[str, str]:
+    """The package's names for a metric prefix: ``eval`` -> (eval, val), ``eval_clean`` ->
+    (eval, val_clean), ``test`` / ``test_x`` -> (test, test / test_x), else (eval, prefix)."""
+    if prefix == "eval" or prefix.startswith("eval_"):
+        return "eval", "val" + prefix[len("eval"):]
+    if prefix == "test" or prefix.startswith("test_"):
+        return "test", prefix
+    return "eval", prefix
 
 
 def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -211,3 +211,16 @@ def test_images_are_drawn_denormalised_with_the_image_processors_mean_and_std(tm
     # either, each image is min-max scaled (other colours, same heat maps and captions).
     assert np.array_equal(cards["processor"], cards["explicit"])
     assert not np.array_equal(cards["processor"], cards["min-max"])
+
+
+def test_each_evaluation_dataset_is_named_after_trainers_metric_prefix(tmp_path, tracking_uri):
+    callback = EigenCAMCallback(n_samples=1)
+    trainer = make_trainer(tiny_resnet(), tmp_path / "out", callbacks=[callback], report_to="none",
+                           val={"clean": ShapesDataset(2, seed=2), "other": ShapesDataset(2, seed=3)})
+    trainer.evaluate()  # metric prefixes eval_clean, eval_other
+    trainer.evaluate(ShapesDataset(2, seed=4), metric_key_prefix="test")
+    trainer.evaluate(ShapesDataset(2, seed=5), metric_key_prefix="test")  # another dataset
+    callback.close()
+    assert {k: sorted(v) for k, v in image_series(MlflowClient(), callback.run_id).items()} == {
+        "eigencam/eval/val_clean/sample_0": [0], "eigencam/eval/val_other/sample_0": [0],
+        "eigencam/test/test/sample_0": [0], "eigencam/test/test_1/sample_0": [0]}
