@@ -3,7 +3,8 @@
 The same seeded ``Trainer.train()`` with and without the callback, interleaved (A B A B) so
 drifts in machine load hit both arms alike. Printed: each arm's median ``train_runtime``,
 their difference per evaluation, the median training step of each arm, and the
-callback's own time inside ``on_evaluate`` (the
+process CPU time of each arm (less sensitive than wall time to other processes on a
+shared machine), and the callback's own time inside ``on_evaluate`` (the
 extra forward pass of the pinned images, EigenCAM, rendering, writing the record; the
 upload runs on a background thread and is only in the whole-run difference).
 
@@ -64,9 +65,9 @@ class Timed(EigenCAMCallback):
     times: list
 
     def on_evaluate(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         super().on_evaluate(*args, **kwargs)
-        self.times.append(time.perf_counter() - start)
+        self.times.append((time.perf_counter() - start, time.thread_time() - cpu))
 
 
 def run(with_callback: bool, args: argparse.Namespace, out: str) -> tuple:
@@ -87,11 +88,13 @@ def run(with_callback: bool, args: argparse.Namespace, out: str) -> tuple:
             disable_tqdm=True),
         train_dataset=Shapes(args.train_size, 0), eval_dataset=Shapes(64, 1),
         callbacks=[steps] + ([callback] if callback is not None else []))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.train()
-    wall = time.perf_counter() - start
+    if callback is not None:
+        callback.close()  # the background upload's CPU is counted too
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     n_evals = sum(1 for e in trainer.state.log_history if "eval_loss" in e)
-    return wall, n_evals, (callback.times if callback is not None else []), steps.times
+    return wall, cpu, n_evals, (callback.times if callback is not None else []), steps.times
 
 
 def main() -> None:
@@ -109,15 +112,17 @@ def main() -> None:
         mlflow.set_experiment("bench-transformers")
         run(False, args, d + "/warm")  # imports, first MLflow writes
         walls: dict = {False: [], True: []}
+        cpus: dict = {False: [], True: []}
         step_times: dict = {False: [], True: []}
         inside: list = []
         n_evals = 0
         for arm in (False, True) * args.pairs:
-            wall, n_evals, times, steps = run(arm, args, f"{d}/out")
+            wall, cpu, n_evals, times, steps = run(arm, args, f"{d}/out")
             walls[arm].append(wall)
+            cpus[arm].append(cpu)
             step_times[arm] += steps
             inside += times[1:]  # the first evaluation also finds the layer
-            print(f"{'with' if arm else 'without'}: {wall:.2f} s", flush=True)
+            print(f"{'with' if arm else 'without'}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
     without, with_ = statistics.median(walls[False]), statistics.median(walls[True])
     print(f"training step, median: without {statistics.median(step_times[False]) * 1e3:.0f} ms, "
           f"with {statistics.median(step_times[True]) * 1e3:.0f} ms")
@@ -125,7 +130,11 @@ def main() -> None:
           f"({n_evals} evaluations of 64 images; {args.n_samples} pinned images logged each)")
     print(f"difference per evaluation: {(with_ - without) / n_evals * 1e3:.0f} ms "
           f"({(with_ - without) / without * 100:+.1f} % of the run)")
-    print(f"time inside on_evaluate (after the first): median {statistics.median(inside) * 1e3:.0f} ms, "
+    cpu_without, cpu_with = statistics.median(cpus[False]), statistics.median(cpus[True])
+    print(f"process CPU (all threads, upload included), median: without {cpu_without:.2f} s, with "
+          f"{cpu_with:.2f} s: {(cpu_with - cpu_without) / n_evals * 1e3:.0f} ms per evaluation")
+    print(f"inside on_evaluate (after the first): median {statistics.median(t for t, _ in inside) * 1e3:.0f} ms "
+          f"wall, {statistics.median(c for _, c in inside) * 1e3:.0f} ms CPU of the training thread, "
           f"n={len(inside)}")
 
 
