@@ -1,4 +1,5 @@
-"""``mlflow_eigencam.autolog()``: add the EigenCAM callback to Keras and Lightning ``fit``.
+"""``mlflow_eigencam.autolog()``: add the EigenCAM callback to every registered framework's ``fit``
+(Keras, Lightning, Hugging Face ``Trainer.train``; see :data:`INTEGRATIONS`).
 
 Follows MLflow's autologging conventions (``mlflow/utils/autologging_utils``): frameworks are
 patched when (and only if) they are imported, never imported here; ``disable=True`` turns it
@@ -63,6 +64,7 @@ class Integration:
     modules: Tuple[str, ...]
     fit_owner: str
     add_callback: str
+    method: str = "fit"  # the method wrapped (``Trainer.train`` for transformers)
 
 
 #: The registry: a new framework is one entry here (plus its integration module).
@@ -70,6 +72,8 @@ INTEGRATIONS: Tuple[Integration, ...] = (
     Integration("Keras", ("keras",), "Model", "mlflow_eigencam.integrations.keras:autolog_add_callback"),
     Integration("Lightning", ("lightning.pytorch", "pytorch_lightning"), "Trainer",
                 "mlflow_eigencam.integrations.lightning:autolog_add_callback"),
+    Integration("Transformers", ("transformers.trainer",), "Trainer",
+                "mlflow_eigencam.integrations.transformers:autolog_add_callback", method="train"),
 )
 
 _WRAPPED_ATTR = "__mlflow_eigencam_wrapped__"
@@ -160,10 +164,11 @@ def _patch(integration: Integration, module: Any) -> None:
     """Wrap ``module.<fit_owner>.fit`` (called by MLflow's import hook; never raises)."""
     try:
         owner = getattr(module, integration.fit_owner)
-        _wrap_fit(owner, functools.partial(_add_callback, integration))
+        _wrap_fit(owner, functools.partial(_add_callback, integration), integration.method)
     except Exception as exc:
         _warn(("patch", integration.name, type(exc).__name__),
-              f"mlflow_eigencam autolog could not patch {module.__name__}.{integration.fit_owner}.fit: {exc}")
+              f"mlflow_eigencam autolog could not patch "
+              f"{module.__name__}.{integration.fit_owner}.{integration.method}: {exc}")
 
 
 def _add_callback(integration: Integration, original: Callable[..., Any], owner: Any, args: tuple,
@@ -175,16 +180,18 @@ def _add_callback(integration: Integration, original: Callable[..., Any], owner:
     return add(original, owner, args, kw, settings)
 
 
-def _wrap_fit(cls: Any, add_callback: Callable[[Callable[..., Any], Any, tuple, Dict[str, Any]], FitCall]) -> None:
-    """Replace ``cls.fit`` by a wrapper that calls ``add_callback`` when autolog is on.
+def _wrap_fit(cls: Any, add_callback: Callable[[Callable[..., Any], Any, tuple, Dict[str, Any]], FitCall],
+              method: str = "fit") -> None:
+    """Replace ``cls.<method>`` (``fit``, or ``train`` for Trainer / YOLO) by a wrapper that
+    calls ``add_callback`` when autolog is on.
 
     The wrapper never lets autolog break ``fit``: an error while adding the callback, or in
     its ``undo``, warns once and ``fit`` runs (or returns, or raises) exactly as it would
     without autolog. ``fit`` called from inside ``fit`` passes straight through.
     """
-    original = cls.__dict__.get("fit")
+    original = cls.__dict__.get(method)
     if original is None:
-        original = cls.fit  # inherited (keras.Model's fit lives in the backend's Trainer)
+        original = getattr(cls, method)  # inherited (keras.Model's fit lives in the backend's Trainer)
     if getattr(original, _WRAPPED_ATTR, False):
         return
 
@@ -215,4 +222,4 @@ def _wrap_fit(cls: Any, add_callback: Callable[[Callable[..., Any], Any, tuple, 
             _local.active = False
 
     setattr(fit, _WRAPPED_ATTR, True)
-    cls.fit = fit
+    setattr(cls, method, fit)

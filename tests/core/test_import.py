@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-FRAMEWORKS = ("torch", "tensorflow", "keras", "lightning", "pytorch_lightning", "jax")
+FRAMEWORKS = ("torch", "tensorflow", "keras", "lightning", "pytorch_lightning", "jax", "transformers")
 
 
 def _modules_after(code: str) -> set:

@@ -1,0 +1,226 @@
+"""transformers.Trainer: autolog() and EigenCAMCallback, read back from a real MLflow store."""
+
+from __future__ import annotations
+
+import warnings
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import mlflow_eigencam
+from mlflow_eigencam import _layout
+from mlflow_eigencam.transformers import EigenCAMCallback
+from tests.helpers.hf_models import ShapesDataset, make_trainer, tiny_resnet, tiny_vit
+from tests.helpers.readback import image_series, load_json, metric_steps
+
+KEYS2 = ["eigencam/eval/val/sample_0", "eigencam/eval/val/sample_1"]
+
+
+def _only_run() -> str:
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0].info.run_id
+
+
+def _eval_steps(rid: str) -> list:
+    return [step for step, _ in metric_steps(MlflowClient(), rid, "eval_loss")]
+
+
+def test_autolog_one_line_logs_into_trainers_run_at_its_eval_steps(tmp_path, tracking_uri):
+    mlflow_eigencam.autolog(n_samples=2, silent=True)
+    trainer = make_trainer(tiny_vit(), tmp_path / "out")
+    trainer.train()
+    assert not any(isinstance(cb, EigenCAMCallback) for cb in trainer.callback_handler.callbacks)
+    rid = _only_run()  # Trainer's MLflowCallback run: no second run
+    run = MlflowClient().get_run(rid)
+    assert run.info.status == "FINISHED"
+    series = image_series(MlflowClient(), rid)
+    assert sorted(series) == KEYS2
+    # 16 images / batch 8 = 2 steps per epoch: evaluations at global steps 2 and 4, where
+    # Trainer logs eval_loss; the slider and the eval curve share their steps.
+    assert _eval_steps(rid) == [2, 4]
+    assert all(sorted(steps) == [2, 4] for steps in series.values())
+    assert run.data.tags[_layout.TAG_TARGET_LAYER].startswith("vit.layernorm (auto: tokens")
+    assert "global_step" in run.data.tags["mlflow_eigencam.step"]
+    table = load_json(MlflowClient(), rid, _layout.table_path("eval", "val"))
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert sorted({r["epoch"] for r in rows}) == [2, 4]
+    val = ShapesDataset(8, seed=2)
+    names = ("circle", "square", "triangle")
+    assert [r["label"] for r in rows if r["epoch"] == 2] == [names[int(val.labels[i])] for i in (0, 1)]
+    assert {r["prediction"] for r in rows} <= set(names)
+
+
+def test_explicit_callback_without_report_to_starts_and_ends_its_own_run(tmp_path, tracking_uri):
+    callback = EigenCAMCallback(n_samples=1, target_layer="resnet.encoder.stages.0")
+    make_trainer(tiny_resnet(), tmp_path / "out", callbacks=[callback], report_to="none").train()
+    rid = _only_run()
+    assert callback.run_id == rid
+    run = MlflowClient().get_run(rid)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[_layout.TAG_TARGET_LAYER] == "resnet.encoder.stages.0"
+    assert {k: sorted(v) for k, v in image_series(MlflowClient(), rid).items()} == {
+        "eigencam/eval/val/sample_0": [2, 4]}
+
+
+def test_a_run_the_user_started_is_used_and_not_ended(tmp_path, tracking_uri):
+    mlflow_eigencam.autolog(n_samples=2, silent=True)
+    with mlflow.start_run() as run:
+        make_trainer(tiny_resnet(), tmp_path / "out").train()
+        assert mlflow.active_run() is not None and mlflow.active_run().info.run_id == run.info.run_id
+        assert MlflowClient().get_run(run.info.run_id).info.status == "RUNNING"
+    assert _only_run() == run.info.run_id
+    assert sorted(image_series(MlflowClient(), run.info.run_id)) == KEYS2
+
+
+def test_evaluation_every_n_steps_logs_each_at_its_own_step(tmp_path, tracking_uri):
+    callback = EigenCAMCallback(n_samples=1)
+    trainer = make_trainer(tiny_resnet(), tmp_path / "out", callbacks=[callback],
+                           eval_strategy="steps", eval_steps=1)
+    trainer.train()
+    rid = _only_run()
+    assert _eval_steps(rid) == [1, 2, 3, 4]
+    assert sorted(image_series(MlflowClient(), rid)["eigencam/eval/val/sample_0"]) == [1, 2, 3, 4]
+    # Same global step as the last evaluation (same weights): skipped, no second point at 4.
+    # (Trainer's MLflowCallback ended its run; its eval metrics now go to a new run.)
+    trainer.evaluate()
+    assert callback.run_id == rid
+    assert sorted(image_series(MlflowClient(), rid)["eigencam/eval/val/sample_0"]) == [1, 2, 3, 4]
+
+
+def _history(trainer) -> list:
+    return [{k: v for k, v in entry.items() if "runtime" not in k and "per_second" not in k}
+            for entry in trainer.state.log_history]
+
+
+@pytest.mark.parametrize("make_model", [lambda: tiny_vit(dropout=0.1), tiny_resnet], ids=["vit", "resnet"])
+def test_training_and_the_model_are_unchanged(tmp_path, tracking_uri, make_model):
+    # Dropout in training and a random transform on the eval set: pinning the eval images
+    # (which reads them) must not move the random stream the next training steps draw from.
+    histories, states = [], []
+    for with_callback in (False, True):
+        model = make_model()
+        callbacks = [EigenCAMCallback(n_samples=2)] if with_callback else None
+        trainer = make_trainer(model, tmp_path / f"out{with_callback}", callbacks=callbacks,
+                               val=ShapesDataset(8, seed=2, augment=True),
+                               eval_strategy="steps", eval_steps=1, report_to="none")
+        trainer.train()
+        histories.append(_history(trainer))
+        states.append((model.training, [m.training for m in model.modules()],
+                       {k: v.clone() for k, v in model.state_dict().items()}, torch.rand(3)))
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert histories[0] == histories[1]
+    assert any("eval_loss" in entry for entry in histories[1])
+    (flag0, flags0, params0, rng0), (flag1, flags1, params1, rng1) = states
+    assert flag0 == flag1 and flags0 == flags1
+    assert params0.keys() == params1.keys()
+    assert all(torch.equal(params0[k], params1[k]) for k in params0)
+    assert torch.equal(rng0, rng1)  # the global random stream after training is the same
+
+
+def test_autolog_with_a_bad_layer_warns_and_training_completes(tmp_path, tracking_uri):
+    mlflow_eigencam.autolog(layer="resnet.no_such_layer")
+    trainer = make_trainer(tiny_resnet(), tmp_path / "out")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert trainer.state.global_step == 4
+    assert any("no_such_layer" in str(w.message) for w in caught)
+    assert image_series(MlflowClient(), _only_run()) == {}
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match="n_samples"):
+        EigenCAMCallback(n_samples=0)
+    with pytest.raises(ValueError, match="log_every_n_evals"):
+        EigenCAMCallback(log_every_n_evals=0)
+    with pytest.raises(ValueError, match="denormalize"):
+        EigenCAMCallback(denormalize=(0.5,))
+    with pytest.raises(ValueError, match="alpha"):
+        EigenCAMCallback(alpha=3)
+
+
+def _layer_after_one_evaluation(tmp_path, model, size=32) -> str:
+    callback = EigenCAMCallback(n_samples=2)
+    trainer = make_trainer(model, tmp_path / "out", callbacks=[callback], report_to="none",
+                           val=ShapesDataset(4, size=size, seed=2))
+    trainer.evaluate()  # standalone: global step 0
+    callback.close()
+    rid = callback.run_id
+    assert {k: sorted(v) for k, v in image_series(MlflowClient(), rid).items()} == {
+        key: [0] for key in KEYS2}
+    return MlflowClient().get_run(rid).data.tags[_layout.TAG_TARGET_LAYER]
+
+
+def _config_models():
+    from transformers import (ConvNextConfig, ConvNextForImageClassification, DeiTConfig,
+                              DeiTForImageClassificationWithTeacher, SwinConfig,
+                              SwinForImageClassification)
+
+    return {
+        "convnext": (lambda size: ConvNextForImageClassification(ConvNextConfig(
+            num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)),
+            "convnext.encoder.stages.1 (auto: feature map (B, 16, {h}, {w}))"),
+        "deit": (lambda size: DeiTForImageClassificationWithTeacher(DeiTConfig(
+            image_size=size, patch_size=8, hidden_size=32, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=64, num_labels=3)),
+            "deit.layernorm (auto: tokens (B, {n2}, 32) folded to a {h2}x{w2} patch grid (2 prefix tokens dropped))"),
+        "swin": (lambda size: SwinForImageClassification(SwinConfig(
+            image_size=size, patch_size=4, embed_dim=16, depths=[1, 1, 1], num_heads=[2, 2, 2],
+            window_size=2, num_labels=3)), "swin.encoder.layers.2"),
+        "vit": (lambda size: tiny_vit(size),
+                "vit.layernorm (auto: tokens (B, {n1}, 32) folded to a {h2}x{w2} patch grid (1 prefix token dropped))"),
+        "resnet": (lambda size: tiny_resnet(), "resnet.encoder.stages.1 (auto: feature map (B, 16, {h}, {w}))"),
+    }
+
+
+@pytest.mark.parametrize("name, size", [(name, 32) for name in ("resnet", "convnext", "vit", "deit", "swin")]
+                         + [("vit", (32, 48)), ("swin", (32, 48))])
+def test_default_layer_of_each_model_family(tmp_path, tracking_uri, name, size):
+    h, w = (size, size) if isinstance(size, int) else size
+    make, expected = _config_models()[name]
+    # Stride 8 for the conv nets' last stage here, patch 8 for ViT / DeiT; Swin's last stage
+    # is folded by the callback onto its own grid (stride 16), CLS/distillation tokens dropped.
+    tag = _layer_after_one_evaluation(tmp_path, make(size), size)
+    assert tag == expected.format(h=h // 8, w=w // 8, h2=h // 8, w2=w // 8,
+                                  n1=h * w // 64 + 1, n2=h * w // 64 + 2)
+
+
+def test_images_are_drawn_denormalised_with_the_image_processors_mean_and_std(tmp_path, tracking_uri):
+    from transformers import ViTImageProcessor
+
+    from tests.helpers.readback import load_png
+
+    mean, std = [0.2, 0.4, 0.6], [0.5, 0.25, 0.2]
+    cards = {}
+    for how in ("processor", "explicit", "min-max"):
+        callback = EigenCAMCallback(n_samples=1, denormalize=(mean, std) if how == "explicit" else None)
+        processor = ViTImageProcessor(image_mean=mean, image_std=std) if how == "processor" else None
+        trainer = make_trainer(tiny_resnet(), tmp_path / how, callbacks=[callback], report_to="none",
+                               processing_class=processor,
+                               val=ShapesDataset(2, seed=2, normalize=(mean, std)))
+        trainer.evaluate()
+        callback.close()
+        series = image_series(MlflowClient(), callback.run_id)
+        cards[how] = load_png(MlflowClient(), callback.run_id, series[KEYS2[0]][0])
+    # The processor's mean / std undo the normalisation exactly as the explicit ones do; without
+    # either, each image is min-max scaled (other colours, same heat maps and captions).
+    assert np.array_equal(cards["processor"], cards["explicit"])
+    assert not np.array_equal(cards["processor"], cards["min-max"])
+
+
+def test_each_evaluation_dataset_is_named_after_trainers_metric_prefix(tmp_path, tracking_uri):
+    callback = EigenCAMCallback(n_samples=1)
+    trainer = make_trainer(tiny_resnet(), tmp_path / "out", callbacks=[callback], report_to="none",
+                           val={"clean": ShapesDataset(2, seed=2), "other": ShapesDataset(2, seed=3)})
+    trainer.evaluate()  # metric prefixes eval_clean, eval_other
+    trainer.evaluate(ShapesDataset(2, seed=4), metric_key_prefix="test")
+    trainer.evaluate(ShapesDataset(2, seed=5), metric_key_prefix="test")  # another dataset
+    callback.close()
+    assert {k: sorted(v) for k, v in image_series(MlflowClient(), callback.run_id).items()} == {
+        "eigencam/eval/val_clean/sample_0": [0], "eigencam/eval/val_other/sample_0": [0],
+        "eigencam/test/test/sample_0": [0], "eigencam/test/test_1/sample_0": [0]}
