@@ -44,6 +44,7 @@ class Integration:
     modules: Tuple[str, ...]
     fit_owner: str
     add_callback: str
+    method: str = "fit"  # the method of ``fit_owner`` that is wrapped (Ultralytics: "train")
 
 
 #: The registry: a new framework is one entry here (plus its integration module).
@@ -51,6 +52,8 @@ INTEGRATIONS: Tuple[Integration, ...] = (
     Integration("Keras", ("keras",), "Model", "mlflow_eigencam.integrations.keras:autolog_add_callback"),
     Integration("Lightning", ("lightning.pytorch", "pytorch_lightning"), "Trainer",
                 "mlflow_eigencam.integrations.lightning:autolog_add_callback"),
+    Integration("Ultralytics", ("ultralytics.engine.model",), "Model",
+                "mlflow_eigencam.integrations.ultralytics:autolog_add_callback", method="train"),
 )
 
 _WRAPPED_ATTR = "__mlflow_eigencam_wrapped__"
@@ -130,12 +133,13 @@ def _warn(msg: str) -> None:
 
 
 def _patch(integration: Integration, module: Any) -> None:
-    """Wrap ``module.<fit_owner>.fit`` (called by MLflow's import hook; never raises)."""
+    """Wrap ``module.<fit_owner>.<method>`` (called by MLflow's import hook; never raises)."""
     try:
         owner = getattr(module, integration.fit_owner)
-        _wrap_fit(owner, functools.partial(_add_callback, integration))
+        _wrap_fit(owner, functools.partial(_add_callback, integration), integration.method)
     except Exception as exc:
-        _warn(f"mlflow_eigencam autolog could not patch {module.__name__}.{integration.fit_owner}.fit: {exc}")
+        _warn(f"mlflow_eigencam autolog could not patch "
+              f"{module.__name__}.{integration.fit_owner}.{integration.method}: {exc}")
 
 
 def _add_callback(integration: Integration, original: Callable[..., Any], owner: Any, args: tuple,
@@ -146,11 +150,11 @@ def _add_callback(integration: Integration, original: Callable[..., Any], owner:
     return add(original, owner, args, kw, settings)
 
 
-def _wrap_fit(cls: type, add_callback: Callable[..., Any]) -> None:
-    """Replace ``cls.fit`` by a wrapper that calls ``add_callback`` when autolog is on."""
-    original = cls.__dict__.get("fit")
+def _wrap_fit(cls: type, add_callback: Callable[..., Any], method: str = "fit") -> None:
+    """Replace ``cls.<method>`` by a wrapper that calls ``add_callback`` when autolog is on."""
+    original = cls.__dict__.get(method)
     if original is None:
-        original = cls.fit
+        original = getattr(cls, method)
     if getattr(original, _WRAPPED_ATTR, False):
         return
 
@@ -175,4 +179,4 @@ def _wrap_fit(cls: type, add_callback: Callable[..., Any]) -> None:
             _local.active = False
 
     setattr(fit, _WRAPPED_ATTR, True)
-    cls.fit = fit
+    setattr(cls, method, fit)
