@@ -54,11 +54,11 @@ Multi-GPU (DDP) training runs in subprocesses that do not get this callback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
-import contextlib
 
 import numpy as np
 import torch
@@ -115,7 +115,7 @@ class EigenCAMCallback:
         ds_id: Optional[str] = "val",
         **logger_kwargs: Any,
     ) -> None:
-        self._layers = _check_layers(layers)
+        self._layers: Optional[Tuple[int, ...]] = _check_layers(layers)
         if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be an int >= 1 (the pinned validation images), got {n_samples!r}")
         for name, value in (("conf", conf), ("iou", iou)):
@@ -128,17 +128,19 @@ class EigenCAMCallback:
         for key in ("image_layout", "target_layer"):
             if key in logger_kwargs:
                 raise TypeError(f"{key} is set by the YOLO callback; use layers= to choose layers")
-        self.n_components = n_components
-        self.n_samples = int(n_samples)
-        self.conf, self.iou, self.max_det = float(conf), float(iou), int(max_det)
-        self.label_mapping = label_mapping
-        self.ds_id = ds_id
-        self._logger_kwargs = dict(logger_kwargs)
+        self.n_components: Union[int, float] = n_components
+        self.n_samples: int = int(n_samples)
+        self.conf: float = float(conf)
+        self.iou: float = float(iou)
+        self.max_det: int = int(max_det)
+        self.label_mapping: Union[Mapping[str, Any], Sequence[str], None] = label_mapping
+        self.ds_id: Optional[str] = ds_id
+        self._logger_kwargs: Dict[str, Any] = dict(logger_kwargs)
         self._logger: Any = None
         self._pins: Optional[List[_Pin]] = None
         self._train_epoch: Optional[int] = None
         self._layer_tag: Optional[str] = None
-        self._warn = WarnOnce()
+        self._warn: WarnOnce = WarnOnce()
         self._handles: List[Any] = []
 
     # ----------------------------------------------------------------- wiring

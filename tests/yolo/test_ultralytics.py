@@ -88,6 +88,7 @@ def _rows(runs, ds_id: str) -> list:
     return [dict(zip(table["columns"], row)) for row in table["data"]]
 
 
+@pytest.mark.slow  # trains (the module's shared runs: ~20 s once)
 def test_training_results_are_unchanged(runs):
     assert len(_results(runs.plain)) == EPOCHS
     assert _results(runs.watched) == _results(runs.plain)  # losses, metrics, lr: every digit
@@ -98,6 +99,7 @@ def test_training_results_are_unchanged(runs):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
 
 
+@pytest.mark.slow  # trains (the module's shared runs: ~20 s once)
 def test_model_and_ema_hooks_flags_and_caches_as_without(runs):
     for attr in ("model", "ema"):
         a, b = (t.model if attr == "model" else t.ema.ema for t in (runs.plain, runs.watched))
@@ -109,6 +111,7 @@ def test_model_and_ema_hooks_flags_and_caches_as_without(runs):
     assert runs.watched.ema.ema.model[-1].shape == runs.plain.ema.ema.model[-1].shape
 
 
+@pytest.mark.slow  # trains (the module's shared runs: ~20 s once)
 def test_images_at_each_epoch_final_eval_not_logged(runs):
     assert runs.fit_epochs == [0, 1, EPOCHS]  # the last call is final_eval on best.pt
     series = image_series(runs.client, runs.run_id)
@@ -122,6 +125,7 @@ def test_images_at_each_epoch_final_eval_not_logged(runs):
     assert runs.boxes.target_layer_tag == tags[_layout.TAG_TARGET_LAYER]
 
 
+@pytest.mark.slow  # trains (the module's shared runs: ~20 s once)
 def test_boxes_counted_and_no_detection_still_logs(runs):
     val = _rows(runs, "val")
     assert [r["epoch"] for r in val] == [0, 0, 0, 1, 1, 1]
@@ -135,6 +139,7 @@ def test_boxes_counted_and_no_detection_still_logs(runs):
     assert {r["sample_id"] for r in val[:2]} == {r["sample_id"] for r in nodet}
 
 
+@pytest.mark.slow  # trains (the module's shared runs: ~20 s once)
 def test_card_shows_the_letterboxed_image_unpadded_with_its_true_box(runs):
     """The input panel is the 48 x 64 validation image (no grey padding) with its true box,
     pixel for pixel what the renderer draws for it."""
@@ -170,6 +175,7 @@ def test_constructor_names_bad_values():
         EigenCAMCallback().register(object())
 
 
+@pytest.mark.slow  # trains in its own process / run
 def test_one_line_autolog_example_logs_into_ultralytics_run(tmp_path):
     """examples/ultralytics_quickstart.py: ``autolog()`` and a plain ``YOLO.train``; the images
     land in the run Ultralytics' MLflow callback starts, at the steps of its metrics."""
@@ -196,3 +202,24 @@ def test_one_line_autolog_example_logs_into_ultralytics_run(tmp_path):
     series = image_series(client, run_id)
     assert {k: sorted(v) for k, v in series.items()} == {
         f"eigencam/eval/val/sample_{i}": map50[:-1] for i in range(3)}
+
+
+@pytest.mark.slow  # trains in its own process / run
+def test_autolog_adds_the_callback_to_one_train_only(tmp_path, tracking_uri):
+    import mlflow_eigencam
+    from ultralytics import YOLO
+
+    data = write_yolo_shapes(tmp_path / "shapes", n_train=8, n_val=2)
+    model = YOLO("yolov8n.yaml")
+    mlflow_eigencam.autolog(n_samples=2, silent=True)
+    try:
+        with mlflow.start_run() as run:
+            model.train(data=str(data), project=str(tmp_path / "runs"), name="auto", **dict(TRAIN, epochs=1))
+    finally:
+        mlflow_eigencam.autolog(disable=True)
+    # The model's callbacks are as before train(): a later train() starts clean.
+    assert not any(isinstance(getattr(fn, "__self__", None), EigenCAMCallback)
+                   for fns in model.callbacks.values() for fn in fns)
+    series = image_series(MlflowClient(tracking_uri), run.info.run_id)
+    assert {k: sorted(v) for k, v in series.items()} == {
+        f"eigencam/eval/val/sample_{i}": [0] for i in range(2)}
