@@ -32,21 +32,22 @@ without the callback (``tests/yolo`` checks this with ``deterministic=True``).
 Layers and the fusion rule. By default the inputs of the detection head
 (``model.model[-1].f``: the P3, P4 and P5 maps, strides 8, 16, 32), each level selectable by
 its module index (``layers=[15]`` for P3 of ``yolov8n``, ``layers=9`` for the SPPF output).
-Several levels are fused *before* the principal components, not after:
+One layer is plain EigenCAM (``n_components`` components). Several are fused into one map:
 
-1. each level's activations ``(B, C_l, h_l, w_l)`` are upsampled (nearest: a coarse cell's
-   features belong to every fine cell it covers) to the finest level's grid;
-2. each level is divided, per image, by its centred Frobenius norm, so every level holds the
-   same share (1 / L) of the total variance whatever its channel count (P5 has 4x P3's);
-3. the levels are concatenated along channels, and EigenCAM runs once on the result.
+1. each level's PC1 map (EigenCAM of that level alone, sign-fixed) is ReLU'd and scaled to a
+   maximum of 1 per image;
+2. upsampled (bilinear) to the finest level's grid;
+3. the per-pixel maximum over the levels is the fused map, logged as the card's one
+   component (its "explained variance" is 100 % by construction: read it as "fused").
 
-Why this rule rather than one PC1 map per level fused per pixel (max or mean of maps each
-scaled to max 1): scaling each map to max 1 makes a level without structure (noise spread over
-many directions) look as hot as one with a clear object; the joint components weight each
-level by how much of its variance lines up with the others. And it is one EigenCAM: the card
-keeps ``n_components`` components with honest explained-variance ratios, the table's
-``map_change`` and the metrics mean what they mean for any other layer. With one level it is
-exactly EigenCAM of that layer (a per-image scale does not change the maps' shape or ratios).
+Why the maximum of per-level maps: each level detects objects of its own size (P3 small, P5
+large), so an object should light up if any level sees it, and a mean would halve the heat
+of an object only one level responds to. Why not one EigenCAM of the levels' activations
+concatenated (each scaled to equal variance): it was tried, and a coarse level (P5 is 2 x 2
+cells at ``imgsz=64``) has so few distinct cells that its variance sits in one or two
+directions, so it takes over the joint PC1; on the test's shapes that put the heat off the
+objects on 5 of 7 images, where the maximum puts it on them on 6 of 7
+(``tests/yolo``'s heat-on-box test).
 
 Tasks: detection (``task="detect"``). Other tasks warn once and log nothing.
 Multi-GPU (DDP) training runs in subprocesses that do not get this callback.
@@ -86,7 +87,8 @@ class EigenCAMCallback:
         layers: Module indices in ``model.model`` whose outputs are explained (one int or a
             sequence, fused as the module docstring says); None: the detection head's inputs
             (``model.model[-1].f``, P3-P5).
-        n_components: Principal components per image (int >= 1, or a float in (0, 1)).
+        n_components: Principal components per image (int >= 1, or a float in (0, 1)) when
+            one layer is explained; a fused map of several levels is one component.
         n_samples: Validation images pinned and logged at every epoch (the first ones of the
             validation set).
         conf: Confidence threshold of the drawn predictions (Ultralytics' ``predict`` default).
@@ -196,7 +198,7 @@ class EigenCAMCallback:
                             f"not {task!r}: nothing is logged")
             return
         model = _explained_model(trainer)
-        self._layer_indices(model)  # a bad index fails now
+        indices = self._layer_indices(model)  # a bad index fails now
         if self._logger is None:
             from ..logger import EigenCAMLogger
 
@@ -206,7 +208,9 @@ class EigenCAMCallback:
                 mapping = [str(names[k]) for k in sorted(names)]
             elif mapping is None and names:
                 mapping = [str(n) for n in names]
-            self._logger = EigenCAMLogger(n_components=self.n_components, n_samples=self.n_samples,
+            # A fused map of several levels is one channel: one component.
+            n_components = self.n_components if len(indices) == 1 else 1
+            self._logger = EigenCAMLogger(n_components=n_components, n_samples=self.n_samples,
                                           label_mapping=mapping, image_layout="NHWC",
                                           **self._logger_kwargs)
         try:
@@ -378,24 +382,28 @@ def _pin(dataset: Any, n: int) -> List[_Pin]:
 
 
 def _fuse(acts: List[torch.Tensor], indices: List[int], side: int) -> Tuple[np.ndarray, str]:
-    """Fused activations ``(B, sum C_l, h, w)`` float32 (rule: module docstring) and the tag."""
-    h, w = max((a.shape[-2], a.shape[-1]) for a in acts)
-    parts = []
-    for a in acts:
-        if a.shape[-2:] != (h, w):
-            a = torch.nn.functional.interpolate(a, size=(h, w), mode="nearest")
-        centred = a - a.mean(dim=(2, 3), keepdim=True)
-        norm = centred.flatten(1).norm(dim=1).clamp_min(torch.finfo(a.dtype).tiny)
-        parts.append(a / norm[:, None, None, None])
-    fused = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    """What the logger gets as activations: one layer's own ``(B, C, h, w)``, or several
+    levels' fused PC1 map ``(B, 1, h, w)`` (rule: module docstring); float32, and the run tag."""
     levels = [f"P{round(math.log2(side / a.shape[-1]))}" for a in acts]
     names = "+".join(f"model.{i}" for i in indices)
     if len(acts) == 1:
-        tag = f"{names} ({levels[0]}, {tuple(acts[0].shape[1:])})"
-    else:
-        tag = (f"{names} ({'+'.join(levels)}: each level upsampled to {h}x{w}, scaled to unit "
-               f"centred norm, concatenated: {fused.shape[1]} channels)")
-    return fused.cpu().numpy().astype(np.float32, copy=False), tag
+        return acts[0].cpu().numpy().astype(np.float32, copy=False), \
+            f"{names} ({levels[0]}, {tuple(acts[0].shape[1:])})"
+    from ..eigencam import eigencam
+
+    h, w = max((a.shape[-2], a.shape[-1]) for a in acts)
+    maps = []
+    for a in acts:
+        pc1 = np.maximum(eigencam(a.cpu().numpy(), 1).maps[:, 0], 0.0)  # (B, h_l, w_l)
+        peak = pc1.max(axis=(1, 2), keepdims=True)
+        pc1 = np.divide(pc1, peak, out=np.zeros_like(pc1), where=peak > 0)
+        up = torch.nn.functional.interpolate(torch.from_numpy(pc1[:, None]).float(), size=(h, w),
+                                             mode="bilinear", align_corners=False)
+        maps.append(up[:, 0].numpy())
+    fused = np.max(np.stack(maps), axis=0)[:, None].astype(np.float32)
+    tag = (f"{names} ({'+'.join(levels)}: max of each level's PC1 map, ReLU'd, scaled to max 1, "
+           f"upsampled to {h}x{w})")
+    return fused, tag
 
 
 @contextlib.contextmanager
