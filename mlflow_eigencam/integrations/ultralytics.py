@@ -216,7 +216,8 @@ class EigenCAMCallback:
                                           label_mapping=mapping, image_layout="NHWC",
                                           **self._logger_kwargs)
         try:
-            self._pins = _pin(trainer.test_loader.dataset, self.n_samples)
+            stride = int(max(float(v) for v in getattr(model, "stride", [32])))
+            self._pins = _pin(trainer.test_loader.dataset, self.n_samples, stride)
         except Exception as exc:  # never break training over the images to show
             self._pins = None
             self._failed(exc, "reading the validation images")
@@ -287,21 +288,30 @@ class EigenCAMCallback:
         model = _explained_model(trainer)
         indices = self._layer_indices(model)
         pins = self._pins or []
-        acts, dets = self._forward(model, pins, indices, trainer)
-        fused, tag = _fuse(acts, indices, pins[0].canvas.shape[0])
-        if tag != self._layer_tag:
-            self._layer_tag = tag
-            self._logger.set_target_layer(tag)
+        # One forward per canvas shape (rectangular canvases, as the validator's rect batches).
+        groups: Dict[Tuple[int, ...], List[int]] = {}
         for i, pin in enumerate(pins):
+            groups.setdefault(pin.canvas.shape, []).append(i)
+        results: Dict[int, Tuple[np.ndarray, Dict[str, np.ndarray]]] = {}
+        for shape, members in groups.items():
+            acts, dets = self._forward(model, [pins[i] for i in members], indices)
+            fused, tag = _fuse(acts, indices, shape[1])
+            if tag != self._layer_tag:
+                self._layer_tag = tag
+                self._logger.set_target_layer(tag)
+            for j, i in enumerate(members):
+                results[i] = (fused[j:j + 1], dets[j])
+        for i, pin in enumerate(pins):  # in pin order: sample indices stay put
             h, w = pin.image.shape[:2]
-            self._logger.on_batch_end(pin.image[None], fused[i:i + 1], labels=[pin.truth],
-                                      preds=[dets[i]], mode=MODE, ds_id=self.ds_id,
+            fused_i, det = results[i]
+            self._logger.on_batch_end(pin.image[None], fused_i, labels=[pin.truth], preds=[det],
+                                      mode=MODE, ds_id=self.ds_id,
                                       map_extent=(h / pin.canvas.shape[0], w / pin.canvas.shape[1]))
         self._logger.on_epoch_end(epoch, mode=MODE, ds_id=self.ds_id)
 
-    def _forward(self, model: nn.Module, pins: Sequence["_Pin"], indices: List[int],
-                 trainer: Any) -> Tuple[List[torch.Tensor], List[Dict[str, np.ndarray]]]:
-        """One no-grad eval forward of the pinned canvases with hooks on ``indices``."""
+    def _forward(self, model: nn.Module, pins: Sequence["_Pin"],
+                 indices: List[int]) -> Tuple[List[torch.Tensor], List[Dict[str, np.ndarray]]]:
+        """One no-grad eval forward of same-shape pinned canvases with hooks on ``indices``."""
         from ultralytics.utils.nms import non_max_suppression
 
         param = next(model.parameters())
@@ -350,20 +360,19 @@ class EigenCAMCallback:
 
 class _Pin:
     """One pinned validation image: ``image`` (h, w, 3) uint8 RGB at the model's scale,
-    ``canvas`` (S, S, 3) the same image padded at the bottom and right (the map's extent),
+    ``canvas`` (H, W, 3) the same image padded at the bottom and right to multiples of the
+    model's largest stride (the map's extent),
     ``truth`` its true boxes ``{"boxes": (n, 4) xyxy pixels of image, "labels": (n,)}``."""
 
     def __init__(self, image: np.ndarray, canvas: np.ndarray, truth: Dict[str, np.ndarray]) -> None:
         self.image, self.canvas, self.truth = image, canvas, truth
 
 
-def _pin(dataset: Any, n: int) -> List[_Pin]:
+def _pin(dataset: Any, n: int, stride: int = 32) -> List[_Pin]:
     """The first ``n`` images of an Ultralytics validation dataset, resized as its own
-    ``load_image`` resizes them (long side ``imgsz``), padded at the bottom right to a square
-    ``imgsz`` canvas (Ultralytics centres its padding; top-left padding lets the card crop the
-    map to the image with ``map_extent``)."""
-    size = dataset.imgsz
-    side = max(size) if isinstance(size, (tuple, list)) else int(size)
+    ``load_image`` resizes them (long side ``imgsz``), padded at the bottom right to the next
+    multiples of ``stride``, like the validator's rectangular batches (which centre the
+    padding; top-left padding lets the card crop the map to the image with ``map_extent``)."""
     pins = []
     for i in range(min(n, len(dataset))):
         im, _, (h, w) = dataset.load_image(i)
@@ -372,7 +381,7 @@ def _pin(dataset: Any, n: int) -> List[_Pin]:
             im = im[..., None]
         rgb = im[..., ::-1] if im.shape[-1] == 3 else np.repeat(im[..., :1], 3, axis=-1)  # BGR -> RGB
         rgb = np.ascontiguousarray(rgb[:h, :w], dtype=np.uint8)
-        canvas = np.full((side, side, 3), PAD_VALUE, dtype=np.uint8)
+        canvas = np.full((-(-h // stride) * stride, -(-w // stride) * stride, 3), PAD_VALUE, dtype=np.uint8)
         canvas[:h, :w] = rgb
         label = dataset.labels[i]
         xywh = np.asarray(label.get("bboxes", np.zeros((0, 4))), dtype=np.float64).reshape(-1, 4)
@@ -383,14 +392,14 @@ def _pin(dataset: Any, n: int) -> List[_Pin]:
     return pins
 
 
-def _fuse(acts: List[torch.Tensor], indices: List[int], side: int) -> Tuple[np.ndarray, str]:
+def _fuse(acts: List[torch.Tensor], indices: List[int], width: int) -> Tuple[np.ndarray, str]:
     """What the logger gets as activations: one layer's own ``(B, C, h, w)``, or several
     levels' fused PC1 map ``(B, 1, h, w)`` (rule: module docstring); float32, and the run tag."""
-    levels = [f"P{round(math.log2(side / a.shape[-1]))}" for a in acts]
+    levels = [f"P{round(math.log2(width / a.shape[-1]))}" for a in acts]  # stride 8: P3
     names = "+".join(f"model.{i}" for i in indices)
     if len(acts) == 1:
         return acts[0].cpu().numpy().astype(np.float32, copy=False), \
-            f"{names} ({levels[0]}, {tuple(acts[0].shape[1:])})"
+            f"{names} ({levels[0]}, {acts[0].shape[1]} channels)"
     from ..eigencam import eigencam
 
     h, w = max((a.shape[-2], a.shape[-1]) for a in acts)
@@ -404,7 +413,7 @@ def _fuse(acts: List[torch.Tensor], indices: List[int], side: int) -> Tuple[np.n
         maps.append(up[:, 0].numpy())
     fused = np.max(np.stack(maps), axis=0)[:, None].astype(np.float32)
     tag = (f"{names} ({'+'.join(levels)}: max of each level's PC1 map, ReLU'd, scaled to max 1, "
-           f"upsampled to {h}x{w})")
+           "upsampled to the finest level's grid)")
     return fused, tag
 
 
