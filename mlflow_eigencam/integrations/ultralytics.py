@@ -103,8 +103,7 @@ class EigenCAMCallback:
             (``mode``, ``run_id``, ``colormap``, ``alpha``, ``log_every_n_epochs``, ...).
 
     Raises:
-        TypeError / ValueError: Bad arguments, named in the message (the logger's own
-            arguments are checked when training starts).
+        TypeError / ValueError: Bad arguments, named in the message (the logger's too).
     """
 
     def __init__(
@@ -132,6 +131,12 @@ class EigenCAMCallback:
         for key in ("image_layout", "target_layer"):
             if key in logger_kwargs:
                 raise TypeError(f"{key} is set by the YOLO callback; use layers= to choose layers")
+        from ..logger import EigenCAMLogger
+
+        # The logger's own checks now, not when training starts (it is built then, in the run
+        # Ultralytics' MLflow callback has opened).
+        EigenCAMLogger(n_components=n_components, n_samples=n_samples, label_mapping=label_mapping,
+                       **logger_kwargs).close()
         self.n_components: Union[int, float] = n_components
         self.n_samples: int = int(n_samples)
         self.conf: float = float(conf)

@@ -173,6 +173,8 @@ def test_constructor_names_bad_values():
         EigenCAMCallback(n_samples=0)
     with pytest.raises(ValueError, match="conf"):
         EigenCAMCallback(conf=1.5)
+    with pytest.raises(ValueError, match="nope"):  # a logger argument, checked now too
+        EigenCAMCallback(colormap="nope")
     with pytest.raises(TypeError, match="register"):
         EigenCAMCallback().register(object())
 
