@@ -2,8 +2,9 @@
 that is the same, to the last digit of ``results.csv`` and the last bit of the weights, with
 and without the callback.
 
-One module-scoped pair of trainings (2 epochs each, ~10 s on 2 cores) serves most tests: a
-plain one, and one with two callbacks (boxes drawn at ``conf=0``; no detection at ``conf=1``).
+Three module-scoped trainings (2 epochs each, ~8 s on 2 cores) serve most tests: a plain one,
+the same with the callback (boxes drawn at ``conf=0``), and one with two more callbacks (no
+detection at ``conf=1``; one level by its index).
 The example script runs in a subprocess, where Ultralytics' own MLflow callback is active
 (under pytest Ultralytics turns it off unless the test's name holds "test_mlflow").
 """
@@ -68,15 +69,23 @@ def runs(tmp_path_factory):
             experiment = mlflow.create_experiment("yolo", artifact_location=(tmp / "artifacts").as_uri())
             plain = _train(data, tmp / "runs", "plain")
             boxes = EigenCAMCallback(conf=0.0, n_samples=3)
-            empty = EigenCAMCallback(conf=1.0, n_samples=2, ds_id="nodet")
             fit_epochs: list = []
             with mlflow.start_run(experiment_id=experiment) as run:
-                watched = _train(data, tmp / "runs", "watched", boxes, empty, spy=fit_epochs)
+                watched = _train(data, tmp / "runs", "watched", boxes, spy=fit_epochs)
+            # A third training for two more callbacks. Not in the compared one: two loggers on
+            # one run set the same tags at once from their sender threads, and MLflow's sqlite
+            # store retries the losing insert after `random.uniform` jitter, on the global
+            # `random` that Ultralytics' augmentations draw from.
+            empty = EigenCAMCallback(conf=1.0, n_samples=2, ds_id="nodet")
+            p3 = EigenCAMCallback(layers=15, n_samples=1, ds_id="p3")  # one level, by its index
+            with mlflow.start_run(experiment_id=experiment) as extra:
+                _train(data, tmp / "runs", "extra", empty, p3)
         finally:
             mlflow.set_tracking_uri(previous_uri)
             torch.set_num_threads(threads)
     yield SimpleNamespace(plain=plain, watched=watched, run_id=run.info.run_id,
-                          client=MlflowClient(uri), fit_epochs=fit_epochs, data=data, boxes=boxes)
+                          extra_id=extra.info.run_id,
+                          client=MlflowClient(uri), fit_epochs=fit_epochs, data=data, boxes=boxes, p3=p3)
 
 
 def _results(trainer) -> list:
@@ -85,8 +94,12 @@ def _results(trainer) -> list:
     return [{k.strip(): v for k, v in row.items() if k.strip() != "time"} for row in rows]
 
 
+def _run_of(runs, ds_id: str) -> str:
+    return runs.run_id if ds_id == "val" else runs.extra_id
+
+
 def _rows(runs, ds_id: str) -> list:
-    table = load_json(runs.client, runs.run_id, _layout.table_path("eval", ds_id))
+    table = load_json(runs.client, _run_of(runs, ds_id), _layout.table_path("eval", ds_id))
     return [dict(zip(table["columns"], row)) for row in table["data"]]
 
 
@@ -117,14 +130,25 @@ def test_model_and_ema_hooks_flags_and_caches_as_without(runs):
 def test_images_at_each_epoch_final_eval_not_logged(runs):
     assert runs.fit_epochs == [0, 1, EPOCHS]  # the last call is final_eval on best.pt
     series = image_series(runs.client, runs.run_id)
-    expected = {f"eigencam/eval/val/sample_{i}": [0, 1] for i in range(3)}
-    expected.update({f"eigencam/eval/nodet/sample_{i}": [0, 1] for i in range(2)})
-    assert {k: sorted(v) for k, v in series.items()} == expected
+    assert {k: sorted(v) for k, v in series.items()} == {
+        f"eigencam/eval/val/sample_{i}": [0, 1] for i in range(3)}
+    extra = image_series(runs.client, runs.extra_id)
+    expected = {f"eigencam/eval/nodet/sample_{i}": [0, 1] for i in range(2)}
+    expected["eigencam/eval/p3/sample_0"] = [0, 1]
+    assert {k: sorted(v) for k, v in extra.items()} == expected
     evr = metric_steps(runs.client, runs.run_id, _layout.metric_key("eval", "val", 1))
     assert [step for step, _ in evr] == [0, 1]
+    assert runs.boxes.target_layer_tag.startswith(f"{HEAD_INPUTS} (P3+P4+P5: max of each level's PC1")
+    assert runs.p3.target_layer_tag == "model.15 (P3, 64 channels)"
     tags = runs.client.get_run(runs.run_id).data.tags
-    assert tags[_layout.TAG_TARGET_LAYER].startswith(f"{HEAD_INPUTS} (P3+P4+P5: ")
-    assert runs.boxes.target_layer_tag == tags[_layout.TAG_TARGET_LAYER]
+    assert tags[_layout.TAG_TARGET_LAYER] == runs.boxes.target_layer_tag
+
+
+@pytest.mark.slow  # trains (the module's shared runs: ~20 s once)
+def test_one_level_by_index_is_plain_eigencam_with_its_components(runs):
+    p3, fused = _rows(runs, "p3"), _rows(runs, "val")
+    assert all(r["evr_1"] >= r["evr_2"] >= r["evr_3"] > 0 for r in p3)  # n_components=3
+    assert "evr_2" not in fused[0] and all(r["evr_1"] == 1.0 for r in fused)  # the fused map
 
 
 @pytest.mark.slow  # trains (the module's shared runs: ~20 s once)
@@ -137,7 +161,7 @@ def test_boxes_counted_and_no_detection_still_logs(runs):
     assert [r["epoch"] for r in nodet] == [0, 0, 1, 1]
     assert all(r["n_boxes"] == 0 and r["prediction"] == "0 boxes" for r in nodet)
     assert all(r["image"] for r in nodet)
-    # Same pinned images at every epoch and in both series.
+    # The same pinned images at every epoch and in both runs.
     assert {r["sample_id"] for r in val[:2]} == {r["sample_id"] for r in nodet}
 
 
@@ -146,7 +170,7 @@ def test_card_shows_the_letterboxed_image_unpadded_with_its_true_box(runs):
     """The input panel is the 48 x 64 validation image (no grey padding) with its true box,
     pixel for pixel what the renderer draws for it."""
     row = _rows(runs, "nodet")[2]  # epoch 1, first image
-    card = load_png(runs.client, runs.run_id, row["image"])
+    card = load_png(runs.client, runs.extra_id, row["image"])
     image = np.asarray(Image.open(runs.data.parent / "images" / "val" / "val_000.png").convert("RGB"))
     assert image.shape == (48, 64, 3)
     cls, xc, yc, w, h = (float(v) for v in
