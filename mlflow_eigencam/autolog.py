@@ -1,5 +1,6 @@
 """``mlflow_eigencam.autolog()``: add the EigenCAM callback to every registered framework's ``fit``
-(Keras, Lightning, Hugging Face ``Trainer.train``; see :data:`INTEGRATIONS`).
+(Keras, Lightning, Hugging Face ``Trainer.train``, Ultralytics ``YOLO.train``; see
+:data:`INTEGRATIONS`).
 
 Follows MLflow's autologging conventions (``mlflow/utils/autologging_utils``): frameworks are
 patched when (and only if) they are imported, never imported here; ``disable=True`` turns it
@@ -64,7 +65,7 @@ class Integration:
     modules: Tuple[str, ...]
     fit_owner: str
     add_callback: str
-    method: str = "fit"  # the method wrapped (``Trainer.train`` for transformers)
+    method: str = "fit"  # the method of ``fit_owner`` wrapped (Trainer and YOLO: "train")
 
 
 #: The registry: a new framework is one entry here (plus its integration module).
@@ -74,6 +75,8 @@ INTEGRATIONS: Tuple[Integration, ...] = (
                 "mlflow_eigencam.integrations.lightning:autolog_add_callback"),
     Integration("Transformers", ("transformers.trainer",), "Trainer",
                 "mlflow_eigencam.integrations.transformers:autolog_add_callback", method="train"),
+    Integration("Ultralytics", ("ultralytics.engine.model",), "Model",
+                "mlflow_eigencam.integrations.ultralytics:autolog_add_callback", method="train"),
 )
 
 _WRAPPED_ATTR = "__mlflow_eigencam_wrapped__"
@@ -161,7 +164,7 @@ def _warn(key: Any, msg: str) -> None:
 
 
 def _patch(integration: Integration, module: Any) -> None:
-    """Wrap ``module.<fit_owner>.fit`` (called by MLflow's import hook; never raises)."""
+    """Wrap ``module.<fit_owner>.<method>`` (called by MLflow's import hook; never raises)."""
     try:
         owner = getattr(module, integration.fit_owner)
         _wrap_fit(owner, functools.partial(_add_callback, integration), integration.method)

@@ -1,0 +1,87 @@
+"""Cost of EigenCAMCallback per logged epoch of an Ultralytics YOLO ``train()``.
+
+The settings of ``tests/yolo`` (``yolov8n.yaml`` at random init, imgsz 64, CPU, 32 training
+and 8 validation images of synthetic shapes), where an epoch is short and the callback's
+share is largest. Two trainings of the same length in one process: one with the callback
+logging every ``PERIOD``-th epoch (cost per cycle from neighbouring epochs, see
+``_interleave``), one without (the same arithmetic: the method's own error), and both runs'
+mean epoch walls side by side. Ultralytics' own MLflow callback is on in both (a sqlite store
+in a temp folder).
+
+    YOLO_OFFLINE=1 python benchmarks/bench_yolo_overhead.py --epochs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _interleave import PERIOD, cycle_costs, trimmed  # noqa: E402
+from _yolo_shapes import write_yolo_shapes  # noqa: E402
+
+
+def train(data: Path, out: Path, name: str, epochs: int, with_callback: bool, inline: list) -> list:
+    """Epoch walls in seconds (start of epoch e to start of e + 1, callbacks included); the
+    callback's own ``on_fit_epoch_end`` walls of logged epochs go to ``inline``."""
+    from ultralytics import YOLO
+
+    from mlflow_eigencam.ultralytics import EigenCAMCallback
+
+    model = YOLO("yolov8n.yaml")
+    if with_callback:
+        callback = EigenCAMCallback(log_every_n_epochs=PERIOD)
+        for event, fn in callback.callbacks.items():
+            if event == "on_fit_epoch_end":
+                def timed(trainer, fn=fn):
+                    t = time.perf_counter()
+                    fn(trainer)
+                    if trainer.epoch % PERIOD == 0:
+                        inline.append(time.perf_counter() - t)
+                model.add_callback(event, timed)
+            else:
+                model.add_callback(event, fn)
+    starts: list = []
+    model.add_callback("on_train_epoch_start", lambda trainer: starts.append(time.perf_counter()))
+    model.train(data=str(data), epochs=epochs, imgsz=64, batch=8, device="cpu", workers=0, amp=False,
+                plots=False, project=str(out), name=name, seed=0, deterministic=True, verbose=False,
+                close_mosaic=0)
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=20)
+    args = parser.parse_args(argv)
+    out = Path(tempfile.mkdtemp(prefix="bench-yolo-"))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    data = write_yolo_shapes(out / "shapes", n_train=32, n_val=8)
+    inline: list = []
+    plain = train(data, out, "plain", args.epochs, False, inline)
+    watched = train(data, out, "watched", args.epochs, True, inline)
+    inline_ms = statistics.median(inline[1:]) * 1e3
+    cost, err = trimmed(cycle_costs(watched))
+    noise, noise_err = trimmed(cycle_costs(plain))
+    epoch = statistics.median(plain[1:])
+    result = dict(cost_ms=cost * 1e3, cost_err_ms=err * 1e3, noise_ms=noise * 1e3,
+                  noise_err_ms=noise_err * 1e3, epoch_s=epoch,
+                  mean_epoch_plain_s=statistics.mean(plain[1:]),
+                  mean_epoch_watched_s=statistics.mean(watched[1:]), inline_ms=inline_ms)
+    print(f"epoch (median, without): {epoch:.3f} s; per logged epoch: {cost * 1e3:.1f} +- {err * 1e3:.1f} ms "
+          f"({100 * cost / epoch:.1f} % of an epoch); same arithmetic without the callback: "
+          f"{noise * 1e3:.1f} +- {noise_err * 1e3:.1f} ms")
+    print(f"inside on_fit_epoch_end (median of the logged epochs after the first): {inline_ms:.1f} ms "
+          f"({100 * inline_ms / 1e3 / epoch:.1f} % of an epoch); the upload runs in the background")
+    print(f"mean epoch wall, side by side: without {result['mean_epoch_plain_s']:.3f} s, with "
+          f"(logging every {PERIOD}th epoch) {result['mean_epoch_watched_s']:.3f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,492 @@
+"""Ultralytics YOLO integration: :class:`EigenCAMCallback`, callbacks for a YOLO ``train()``.
+
+    model = YOLO("yolov8n.yaml")
+    EigenCAMCallback().register(model)          # or mlflow_eigencam.autolog()
+    model.train(data="data.yaml", epochs=10)
+
+What it logs, and where:
+
+* the run: the one Ultralytics' own MLflow callback uses (it starts it, or reuses the active
+  run, in ``on_pretrain_routine_end``; this callback builds its logger in ``on_train_start``,
+  after that, and takes the active run). With Ultralytics' MLflow integration off, the active
+  run, else a run of its own (ended when training ends);
+* the step: ``trainer.epoch``, the step Ultralytics logs ``metrics/mAP50(B)`` and the losses
+  at, so the image slider and the metric charts agree;
+* the images: the first ``n_samples`` images of the validation set, pinned for the whole run,
+  each as the model sees it (long side resized to ``imgsz``, as the validator's dataset does)
+  without the letterbox padding, with the predicted boxes (after NMS: class name and
+  confidence) and the true boxes drawn. An image with no detection (or no true box) logs too.
+* ``final_eval``: after the last epoch Ultralytics validates ``best.pt`` and calls
+  ``on_fit_epoch_end`` once more with ``trainer.epoch + 1``. That call is skipped (no image
+  at that step): the weights it evaluates are not the model this callback explains
+  (``trainer.ema.ema``), and an extra step would read as one more epoch on the slider.
+
+How (one extra forward pass per logged epoch, nothing per batch): in ``on_fit_epoch_end``,
+after Ultralytics' validation, the pinned images go through the model the validator
+evaluates (``trainer.ema.ema``) under ``torch.no_grad()`` in eval mode, with forward hooks on
+the chosen layers that exist only during that pass. Every module's attributes (its
+``training`` flag, the detection head's cached anchors and input shape) are put back
+afterwards, so training, validation, the EMA and ``results.csv`` are the same with or
+without the callback (``tests/yolo`` checks this with ``deterministic=True``).
+
+Layers and the fusion rule. By default the inputs of the detection head
+(``model.model[-1].f``: the P3, P4 and P5 maps, strides 8, 16, 32), each level selectable by
+its module index (``layers=[15]`` for P3 of ``yolov8n``, ``layers=9`` for the SPPF output).
+One layer is plain EigenCAM (``n_components`` components). Several are fused into one map:
+
+1. each level's PC1 map (EigenCAM of that level alone, sign-fixed) is ReLU'd and scaled to a
+   maximum of 1 per image;
+2. upsampled (bilinear) to the finest level's grid;
+3. the per-pixel maximum over the levels is the fused map, logged as the card's one
+   component (its "explained variance" is 100 % by construction: read it as "fused").
+
+Why the maximum of per-level maps: each level detects objects of its own size (P3 small, P5
+large), so an object should light up if any level sees it, and a mean would halve the heat
+of an object only one level responds to. Why not one EigenCAM of the levels' activations
+concatenated (each scaled to equal variance): it was tried, and a coarse level (P5 is 2 x 2
+cells at ``imgsz=64``) has so few distinct cells that its variance sits in one or two
+directions, so it takes over the joint PC1. Measured on 7 validation images of the tests'
+shapes after one epoch (mean heat inside the true box over mean heat outside, before the
+logger's centring): the concatenation put it off the objects (ratio < 1) on 5 of 7, the
+maximum on 1 of 7 (P3 alone: 0 of 7; P5 alone: 5 of 7). At ``imgsz=64`` the deeper levels
+also respond to the edge of the letterbox padding, which the maximum keeps.
+
+Tasks: detection (``task="detect"``). Other tasks warn once and log nothing.
+Multi-GPU (DDP) training runs in subprocesses that do not get this callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import numbers
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import WarnOnce
+
+_log = logging.getLogger("mlflow_eigencam")
+
+__all__ = ["EigenCAMCallback", "autolog_add_callback"]
+
+MODE = "eval"
+#: The trainer events the callback listens to (``register`` adds one function for each).
+EVENTS = ("on_train_start", "on_train_epoch_end", "on_fit_epoch_end", "on_train_end", "teardown")
+#: Ultralytics' letterbox grey.
+PAD_VALUE = 114
+
+Layers = Union[int, Sequence[int], None]
+
+
+class EigenCAMCallback:
+    """EigenCAM overlays of pinned validation images at every epoch of a YOLO ``train()``.
+
+    Args:
+        layers: Module indices in ``model.model`` whose outputs are explained (one int or a
+            sequence, fused as the module docstring says); None: the detection head's inputs
+            (``model.model[-1].f``, P3-P5).
+        n_components: Principal components per image (int >= 1, or a float in (0, 1)) when
+            one layer is explained; a fused map of several levels is one component.
+        n_samples: Validation images pinned and logged at every epoch (the first ones of the
+            validation set).
+        conf: Confidence threshold of the drawn predictions (Ultralytics' ``predict`` default).
+        iou: IoU threshold of the NMS.
+        max_det: Most predicted boxes drawn per image.
+        label_mapping: Class names (``{name: index}`` or a sequence); default the model's
+            ``names``.
+        ds_id: Dataset id of the logged images (keys ``eigencam/eval/<ds_id>/...``).
+        **logger_kwargs: Passed to :class:`~mlflow_eigencam.logger.EigenCAMLogger`
+            (``mode``, ``run_id``, ``colormap``, ``alpha``, ``log_every_n_epochs``, ...).
+
+    Raises:
+        TypeError / ValueError: Bad arguments, named in the message (the logger's too).
+    """
+
+    def __init__(
+        self,
+        layers: Layers = None,
+        n_components: Union[int, float] = 3,
+        n_samples: int = 5,
+        conf: float = 0.25,
+        iou: float = 0.7,
+        max_det: int = 20,
+        label_mapping: Union[Mapping[str, Any], Sequence[str], None] = None,
+        ds_id: Optional[str] = "val",
+        **logger_kwargs: Any,
+    ) -> None:
+        self._layers: Optional[Tuple[int, ...]] = _check_layers(layers)
+        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+            raise ValueError(f"n_samples must be an int >= 1 (the pinned validation images), got {n_samples!r}")
+        for name, value in (("conf", conf), ("iou", iou)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if isinstance(max_det, bool) or not isinstance(max_det, numbers.Integral) or max_det < 1:
+            raise ValueError(f"max_det must be an int >= 1, got {max_det!r}")
+        if ds_id is not None and not isinstance(ds_id, str):
+            raise TypeError(f"ds_id must be a string or None, got {ds_id!r}")
+        for key in ("image_layout", "target_layer"):
+            if key in logger_kwargs:
+                raise TypeError(f"{key} is set by the YOLO callback; use layers= to choose layers")
+        from ..logger import EigenCAMLogger
+
+        # The logger's own checks now, not when training starts (it is built then, in the run
+        # Ultralytics' MLflow callback has opened).
+        EigenCAMLogger(n_components=n_components, n_samples=n_samples, label_mapping=label_mapping,
+                       **logger_kwargs).close()
+        self.n_components: Union[int, float] = n_components
+        self.n_samples: int = int(n_samples)
+        self.conf: float = float(conf)
+        self.iou: float = float(iou)
+        self.max_det: int = int(max_det)
+        self.label_mapping: Union[Mapping[str, Any], Sequence[str], None] = label_mapping
+        self.ds_id: Optional[str] = ds_id
+        self._logger_kwargs: Dict[str, Any] = dict(logger_kwargs)
+        self._logger: Any = None
+        self._pins: Optional[List[_Pin]] = None
+        self._train_epoch: Optional[int] = None
+        self._layer_tag: Optional[str] = None
+        self._warn: WarnOnce = WarnOnce()
+        self._handles: List[Any] = []
+
+    # ----------------------------------------------------------------- wiring
+
+    @property
+    def callbacks(self) -> Dict[str, Callable[[Any], None]]:
+        """``{event: function}`` for ``model.add_callback(event, function)``."""
+        return {event: getattr(self, event) for event in EVENTS}
+
+    def register(self, model: Any) -> "EigenCAMCallback":
+        """Add the callback's functions to a ``YOLO`` model (or a trainer): ``model.add_callback``."""
+        if not callable(getattr(model, "add_callback", None)):
+            raise TypeError(f"register() needs an Ultralytics model or trainer (with add_callback), "
+                            f"got {type(model).__name__}")
+        for event, fn in self.callbacks.items():
+            model.add_callback(event, fn)
+        return self
+
+    def unregister(self, model: Any) -> None:
+        """Remove what :meth:`register` added (from ``model.callbacks``)."""
+        table = getattr(model, "callbacks", {})
+        for event, fn in self.callbacks.items():
+            fns = table.get(event, [])
+            while fn in fns:
+                fns.remove(fn)
+
+    @property
+    def logger(self) -> Any:
+        """The :class:`~mlflow_eigencam.logger.EigenCAMLogger` (None before training starts)."""
+        return self._logger
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The MLflow run the images go to (None before training starts)."""
+        return None if self._logger is None else self._logger.run_id
+
+    @property
+    def target_layer_tag(self) -> Optional[str]:
+        """The run tag: the layers and the fusion (None before the first logged epoch)."""
+        return self._layer_tag
+
+    # ----------------------------------------------------------------- events
+
+    def on_train_start(self, trainer: Any) -> None:
+        """Build the logger in the run Ultralytics' MLflow callback has started (or the active
+        one); pin the validation images. Bad ``layers`` raise here, before the first epoch."""
+        self._train_epoch = None
+        if not _is_main_rank():
+            return
+        task = getattr(trainer.args, "task", "detect")
+        if task != "detect":
+            self._warn.warn(("task", task), f"the YOLO EigenCAM callback supports task='detect' for now, "
+                            f"not {task!r}: nothing is logged")
+            return
+        model = _explained_model(trainer)
+        indices = self._layer_indices(model)  # a bad index fails now
+        if self._logger is None:
+            from ..logger import EigenCAMLogger
+
+            names = getattr(model, "names", None) or trainer.data.get("names")
+            mapping = self.label_mapping
+            if mapping is None and isinstance(names, Mapping):
+                mapping = [str(names[k]) for k in sorted(names)]
+            elif mapping is None and names:
+                mapping = [str(n) for n in names]
+            # A fused map of several levels is one channel: one component.
+            n_components = self.n_components if len(indices) == 1 else 1
+            self._logger = EigenCAMLogger(n_components=n_components, n_samples=self.n_samples,
+                                          label_mapping=mapping, image_layout="NHWC",
+                                          **self._logger_kwargs)
+        try:
+            stride = int(max(float(v) for v in getattr(model, "stride", [32])))
+            self._pins = _pin(trainer.test_loader.dataset, self.n_samples, stride)
+        except Exception as exc:  # never break training over the images to show
+            self._pins = None
+            self._failed(exc, "reading the validation images")
+
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        """Remember which epoch trained (``final_eval``'s ``on_fit_epoch_end`` has none)."""
+        self._train_epoch = int(trainer.epoch)
+
+    def on_fit_epoch_end(self, trainer: Any) -> None:
+        """Log the pinned images at ``step = trainer.epoch``; skip ``final_eval``'s call."""
+        if self._logger is None or not self._pins or self._train_epoch != int(trainer.epoch):
+            return  # not detecting, no images, or final_eval on best.pt (epoch + 1)
+        epoch = int(trainer.epoch)
+        logger = self._logger
+        if not logger.wants(MODE, self.ds_id) or not logger.should_log(epoch):
+            return
+        try:
+            self._log_epoch(trainer, epoch)
+        except Exception as exc:
+            logger.discard(MODE, self.ds_id)
+            self._failed(exc, f"logging epoch {epoch}")
+
+    def on_train_end(self, trainer: Any) -> None:
+        """Close the logger (waits for the upload; ends only a run it started)."""
+        self._close()
+
+    def teardown(self, trainer: Any) -> None:
+        """Ultralytics' last event, also after a failure: hooks and logger closed."""
+        self._close()
+
+    # ----------------------------------------------------------------- work
+
+    def _close(self) -> None:
+        self._remove_hooks()
+        logger, self._logger = self._logger, None
+        self._pins = None
+        if logger is not None:
+            logger.close()
+
+    def _failed(self, exc: Exception, what: str) -> None:
+        if self._logger is not None and self._logger.strict:
+            raise exc
+        self._warn.warn(("failed", what.split(" ")[0]),
+                        f"the YOLO EigenCAM callback failed {what} ({type(exc).__name__}: {exc}); "
+                        "training goes on")
+
+    def _layer_indices(self, model: nn.Module) -> List[int]:
+        blocks = model.model
+        head = blocks[-1]
+        if self._layers is None:
+            f = getattr(head, "f", None)
+            indices = [f] if isinstance(f, int) else list(f or [])
+            if not indices:
+                raise ValueError(f"the model's last module ({type(head).__name__}) has no inputs "
+                                 "'f'; pass layers= (module indices in model.model)")
+        else:
+            indices = list(self._layers)
+        out = []
+        for i in indices:
+            j = i + len(blocks) if i < 0 else i
+            if not 0 <= j < len(blocks) - 1:
+                raise ValueError(f"layers: index {i} is not a module of model.model before the head "
+                                 f"(0..{len(blocks) - 2})")
+            out.append(j)
+        return out
+
+    def _log_epoch(self, trainer: Any, epoch: int) -> None:
+        model = _explained_model(trainer)
+        indices = self._layer_indices(model)
+        pins = self._pins or []
+        # One forward per canvas shape (rectangular canvases, as the validator's rect batches).
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for i, pin in enumerate(pins):
+            groups.setdefault(pin.canvas.shape, []).append(i)
+        results: Dict[int, Tuple[np.ndarray, Dict[str, np.ndarray]]] = {}
+        for shape, members in groups.items():
+            acts, dets = self._forward(model, [pins[i] for i in members], indices)
+            fused, tag = _fuse(acts, indices, shape[1])
+            if tag != self._layer_tag:
+                self._layer_tag = tag
+                self._logger.set_target_layer(tag)
+            for j, i in enumerate(members):
+                results[i] = (fused[j:j + 1], dets[j])
+        for i, pin in enumerate(pins):  # in pin order: sample indices stay put
+            h, w = pin.image.shape[:2]
+            fused_i, det = results[i]
+            self._logger.on_batch_end(pin.image[None], fused_i, labels=[pin.truth], preds=[det],
+                                      mode=MODE, ds_id=self.ds_id,
+                                      map_extent=(h / pin.canvas.shape[0], w / pin.canvas.shape[1]))
+        self._logger.on_epoch_end(epoch, mode=MODE, ds_id=self.ds_id)
+
+    def _forward(self, model: nn.Module, pins: Sequence["_Pin"],
+                 indices: List[int]) -> Tuple[List[torch.Tensor], List[Dict[str, np.ndarray]]]:
+        """One no-grad eval forward of same-shape pinned canvases with hooks on ``indices``."""
+        from ultralytics.utils.nms import non_max_suppression
+
+        param = next(model.parameters())
+        x = torch.from_numpy(np.stack([p.canvas for p in pins])).permute(0, 3, 1, 2)
+        x = x.to(param.device).to(param.dtype if param.dtype.is_floating_point else torch.float32) / 255.0
+        captured: Dict[int, torch.Tensor] = {}
+
+        def hook_for(index: int) -> Callable[..., None]:
+            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+                if isinstance(output, torch.Tensor) and output.ndim == 4:
+                    captured[index] = output.detach().float()
+            return hook
+
+        head = model.model[-1]
+        with torch.no_grad(), _modules_kept(model):
+            model.eval()
+            try:
+                self._handles = [model.model[i].register_forward_hook(hook_for(i)) for i in indices]
+                out = model(x)
+            finally:
+                self._remove_hooks()
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            boxes = non_max_suppression(y, self.conf, self.iou, max_det=self.max_det,
+                                        end2end=bool(getattr(head, "end2end", False)))
+        missing = [i for i in indices if i not in captured]
+        if missing:
+            raise ValueError(f"layers {missing} gave no (B, C, h, w) feature map in the forward pass")
+        dets = []
+        for pin, b in zip(pins, boxes):
+            b = b.detach().float().cpu().numpy()
+            h, w = pin.image.shape[:2]
+            xyxy = b[:, :4].copy()
+            xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
+            xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
+            dets.append({"boxes": xyxy, "scores": b[:, 4], "labels": b[:, 5].astype(np.int64)})
+        return [captured[i] for i in indices], dets
+
+    def _remove_hooks(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Pin:
+    """One pinned validation image: ``image`` (h, w, 3) uint8 RGB at the model's scale,
+    ``canvas`` (H, W, 3) the same image padded at the bottom and right to multiples of the
+    model's largest stride (the map's extent),
+    ``truth`` its true boxes ``{"boxes": (n, 4) xyxy pixels of image, "labels": (n,)}``."""
+
+    def __init__(self, image: np.ndarray, canvas: np.ndarray, truth: Dict[str, np.ndarray]) -> None:
+        self.image, self.canvas, self.truth = image, canvas, truth
+
+
+def _pin(dataset: Any, n: int, stride: int = 32) -> List[_Pin]:
+    """The first ``n`` images of an Ultralytics validation dataset, resized as its own
+    ``load_image`` resizes them (long side ``imgsz``), padded at the bottom right to the next
+    multiples of ``stride``, like the validator's rectangular batches (which centre the
+    padding; top-left padding lets the card crop the map to the image with ``map_extent``)."""
+    pins = []
+    for i in range(min(n, len(dataset))):
+        im, _, (h, w) = dataset.load_image(i)
+        im = np.asarray(im)
+        if im.ndim == 2:
+            im = im[..., None]
+        rgb = im[..., ::-1] if im.shape[-1] == 3 else np.repeat(im[..., :1], 3, axis=-1)  # BGR -> RGB
+        rgb = np.ascontiguousarray(rgb[:h, :w], dtype=np.uint8)
+        canvas = np.full((-(-h // stride) * stride, -(-w // stride) * stride, 3), PAD_VALUE, dtype=np.uint8)
+        canvas[:h, :w] = rgb
+        label = dataset.labels[i]
+        xywh = np.asarray(label.get("bboxes", np.zeros((0, 4))), dtype=np.float64).reshape(-1, 4)
+        cls = np.asarray(label.get("cls", np.zeros((0, 1)))).reshape(-1).astype(np.int64)
+        boxes = np.stack([(xywh[:, 0] - xywh[:, 2] / 2) * w, (xywh[:, 1] - xywh[:, 3] / 2) * h,
+                          (xywh[:, 0] + xywh[:, 2] / 2) * w, (xywh[:, 1] + xywh[:, 3] / 2) * h], axis=1)
+        pins.append(_Pin(rgb, canvas, {"boxes": boxes, "labels": cls}))
+    return pins
+
+
+def _fuse(acts: List[torch.Tensor], indices: List[int], width: int) -> Tuple[np.ndarray, str]:
+    """What the logger gets as activations: one layer's own ``(B, C, h, w)``, or several
+    levels' fused PC1 map ``(B, 1, h, w)`` (rule: module docstring); float32, and the run tag."""
+    levels = [f"P{round(math.log2(width / a.shape[-1]))}" for a in acts]  # stride 8: P3
+    names = "+".join(f"model.{i}" for i in indices)
+    if len(acts) == 1:
+        return acts[0].cpu().numpy().astype(np.float32, copy=False), \
+            f"{names} ({levels[0]}, {acts[0].shape[1]} channels)"
+    from ..eigencam import eigencam
+
+    h, w = max((a.shape[-2], a.shape[-1]) for a in acts)
+    maps = []
+    for a in acts:
+        pc1 = np.maximum(eigencam(a.cpu().numpy(), 1).maps[:, 0], 0.0)  # (B, h_l, w_l)
+        peak = pc1.max(axis=(1, 2), keepdims=True)
+        pc1 = np.divide(pc1, peak, out=np.zeros_like(pc1), where=peak > 0)
+        up = torch.nn.functional.interpolate(torch.from_numpy(pc1[:, None]).float(), size=(h, w),
+                                             mode="bilinear", align_corners=False)
+        maps.append(up[:, 0].numpy())
+    fused = np.max(np.stack(maps), axis=0)[:, None].astype(np.float32)
+    tag = (f"{names} ({'+'.join(levels)}: max of each level's PC1 map, ReLU'd, scaled to max 1, "
+           "upsampled to the finest level's grid)")
+    return fused, tag
+
+
+@contextlib.contextmanager
+def _modules_kept(model: nn.Module) -> Iterator[None]:
+    """Put back every module's attributes after the block: ``training`` flags, and what a
+    forward caches on a module (the head's ``anchors``, ``strides`` and input ``shape``)."""
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attrs in saved:
+            current = module.__dict__
+            for key in [k for k in current if k not in attrs]:
+                del current[key]
+            for key, value in attrs.items():
+                if current.get(key, _MISSING) is not value:
+                    current[key] = value
+
+
+_MISSING = object()
+
+
+def _explained_model(trainer: Any) -> nn.Module:
+    """The model the validator evaluates during training: the EMA, else the trainer's model."""
+    ema = getattr(trainer, "ema", None)
+    model = getattr(ema, "ema", None) if ema is not None else None
+    if model is None:
+        model = trainer.model
+    return getattr(model, "module", model)  # DDP / DataParallel
+
+
+def _is_main_rank() -> bool:
+    from ultralytics.utils import RANK
+
+    return RANK in (-1, 0)
+
+
+def _check_layers(layers: Layers) -> Optional[Tuple[int, ...]]:
+    if layers is None:
+        return None
+    items = [layers] if isinstance(layers, numbers.Integral) and not isinstance(layers, bool) else layers
+    try:
+        out = tuple(items)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"layers must be an int, a sequence of ints (indices in model.model) or None, "
+                        f"got {layers!r}") from None
+    if not out or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in out):
+        raise TypeError(f"layers must be an int, a sequence of ints (indices in model.model) or None, "
+                        f"got {layers!r}")
+    return tuple(int(i) for i in out)
+
+
+def autolog_add_callback(original: Callable[..., Any], model: Any, args: tuple, kw: Dict[str, Any],
+                         settings: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any], Optional[Callable[[], None]]]:
+    """autolog's entry for Ultralytics: an :class:`EigenCAMCallback` on the model for this
+    ``train()`` only (one the user registered is not duplicated)."""
+    table = getattr(model, "callbacks", None) or {}
+    if any(isinstance(getattr(fn, "__self__", None), EigenCAMCallback)
+           for fns in table.values() for fn in fns):
+        return args, kw, None
+    settings = dict(settings)
+    settings.pop("denormalize", None)  # YOLO's inputs are raw pixels
+    callback = EigenCAMCallback(layers=settings.pop("layer", None), **settings).register(model)
+
+    def undo() -> None:
+        # Leave the model as it was: a later train() (autolog off, or a new config) starts clean.
+        callback.unregister(model)
+        callback._close()
+
+    return args, kw, undo
