@@ -186,11 +186,11 @@ def _temp_png() -> Path:
 def _no_data_message(reader: Reader, run, mode: str, ds_id: Optional[str]) -> str:
     rid = run.info.run_id
     have = reader.available(run)
-    msg = (f"run {rid} has no EigenCAM data for mode={mode!r}, ds_id={ds_id!r} "
+    msg = (f"run {rid} has no EigenCAM data for mode={mode!r}, ds_id={_layout.ds_label(ds_id)!r} "
            f"(no {_layout.table_path(mode, ds_id)})")
     if not have:
         return msg + "; it has no EigenCAM data at all"
-    listed = ", ".join(f"mode={m!r} ds_id={None if d == _layout.ALL_DS else d!r}" for m, d in have)
+    listed = ", ".join(f"mode={m!r} ds_id={d!r}" for m, d in have)
     return msg + f"; it has: {listed}"
 
 
@@ -201,7 +201,7 @@ def _load_run(reader: Reader, run, spec: Optional[str], req: _Request) -> _Run:
     table = reader.table(rid, req.mode, req.ds_id)
     if req.component > table.n_evr:
         raise LookupError(f"run {rid} logged {table.n_evr} component(s) for mode={req.mode!r}, "
-                          f"ds_id={req.ds_id!r}; component {req.component} was asked for")
+                          f"ds_id={_layout.ds_label(req.ds_id)!r}; component {req.component} was asked for")
     name = run.data.tags.get("mlflow.runName") or getattr(run.info, "run_name", None) or ""
     return _Run(spec, rid, str(name), reader.experiment_name(run.info.experiment_id), table.rows,
                 table.n_evr, table.epochs)
@@ -224,7 +224,7 @@ def _pick_epochs(loaded: List[_Run], req: _Request, notes: List[str]) -> None:
     for r in loaded:
         spec = r.spec_epochs if r.spec_epochs is not None else req.epochs
         r.epochs = parse_epochs(spec, r.logged,
-                                what=f"run {r.run_id} (mode={req.mode!r}, ds_id={req.ds_id!r})")
+                                what=f"run {r.run_id} (mode={req.mode!r}, ds_id={_layout.ds_label(req.ds_id)!r})")
         if spec is None and req.fmt == ".png" and len(r.epochs) > req.png_max_epochs:
             r.epochs = evenly(r.epochs, req.png_max_epochs)
             notes.append(f"run {r.run_id}: {len(r.epochs)} of {len(r.logged)} logged epochs "
@@ -288,7 +288,7 @@ def compare(
         experiments: Experiment names, each optionally ``"NAME@EPOCHS"``: the latest active
             run of each that has EigenCAM data for (mode, ds_id) joins the comparison.
         mode: The mode the samples were logged under ("eval", "test", ...).
-        ds_id: The dataset id they were logged under (None: logged without one).
+        ds_id: The dataset id they were logged under (None or ``"all"``: logged without one).
         component: Which principal component's overlay to show, 1-based.
         out: Output file; ``.png`` or ``.html`` / ``.htm`` picks the format. Parent folders
             are created. None: a PNG in a new temporary file (``result.path``).
@@ -344,8 +344,7 @@ def _compare(req: _Request, tracking_uri: Optional[str]) -> CompareResult:
                                    tuple(r.logged)) for r in loaded)
     result = CompareResult(req.out, result_runs, tuple(matched),
                            {k: tuple(v) for k, v in unmatched.items()}, labels, tuple(notes))
-    title = (f"EigenCAM PC{req.component} | mode {req.mode} | ds_id "
-             f"{req.ds_id if req.ds_id is not None else '(none)'}")
+    title = f"EigenCAM PC{req.component} | mode {req.mode} | ds_id {_layout.ds_label(req.ds_id)}"
     if req.fmt == ".png":
         req.out.write_bytes(encode_png(render_png(result, grid, inputs, title, req.component)))
     else:

@@ -8,6 +8,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .. import _layout
 from .png import PNGBand
 from .text import BACKGROUND, GAP, RULE, TEXT, clean_text, get_font, line_height, text_width
 
@@ -35,7 +36,7 @@ def render_grid(
             around it; thin rules separate the cells.
         epoch: Shown in the header.
         mode: Shown in the header.
-        ds_id: Shown in the header; left out when ``None``.
+        ds_id: Shown in the header (``all`` for None, as in the paths).
 
     Returns:
         ``(H', W', 3)`` uint8 RGB.
@@ -69,8 +70,7 @@ def grid_bands(
 
     font = get_font(_HEADER_FONT_SIZE)
     header = f"epoch {epoch} | mode {clean_text(mode)}"
-    if ds_id is not None:
-        header += f" | ds_id {clean_text(ds_id)}"
+    header += f" | ds_id {clean_text(_layout.ds_label(ds_id))}"
     line_h = line_height(font)
     header_h = GAP + line_h + GAP
     per_row = min(GRID_COLUMNS, len(pixels))

@@ -318,8 +318,9 @@ def test_errors_name_the_missing_thing(store, tmp_path):
         compare_fn(["deadbeef"], out=out)
     with pytest.raises(LookupError, match=f"run {store.a_plain} has no EigenCAM data.*at all"):
         compare_fn([store.a_plain], out=out)
-    with pytest.raises(LookupError, match=r"ds_id=None .*it has: mode='eval' ds_id='val', "
-                                          r"mode='test' ds_id=None"):
+    # One spelling of "no dataset id" in messages, paths and the explorer: all.
+    with pytest.raises(LookupError, match=r"ds_id='all' .*it has: mode='eval' ds_id='val', "
+                                          r"mode='test' ds_id='all'"):
         compare_fn([store.a_old], out=out)
     with pytest.raises(LookupError, match=r"epoch 7 was not logged.*logged epochs: 0, 1, 2$"):
         compare_fn([f"{store.a_old}@7"], ds_id="val", out=out)
