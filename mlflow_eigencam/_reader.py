@@ -183,21 +183,26 @@ class Reader:
     Args:
         tracking_uri: Where the runs live; default ``mlflow.get_tracking_uri()``. Checked by
             :func:`check_tracking_uri` first (a reader never creates a store).
+        client: A client made elsewhere (inside ``mlflow server``: one over the server's own
+            store); ``tracking_uri`` is then only the name messages give the store.
     """
 
-    def __init__(self, tracking_uri: Optional[str] = None) -> None:
+    def __init__(self, tracking_uri: Optional[str] = None, *, client: Any = None) -> None:
         import mlflow
         from mlflow.tracking import MlflowClient
 
         from mlflow.exceptions import MlflowException
 
-        self.uri = check_tracking_uri(str(tracking_uri or mlflow.get_tracking_uri()))
-        try:
-            self.client = MlflowClient(tracking_uri=self.uri)
-            getattr(getattr(self.client, "_tracking_client", None), "store", None)  # opens it
-        except MlflowException as exc:  # e.g. MLflow 3 refusing a folder store: one line
-            first = str(exc.message if hasattr(exc, "message") else exc).split(". ")[0]
-            raise ValueError(f"tracking URI {self.uri}: {first}") from exc
+        if client is not None:
+            self.uri, self.client = str(tracking_uri), client
+        else:
+            self.uri = check_tracking_uri(str(tracking_uri or mlflow.get_tracking_uri()))
+            try:
+                self.client = MlflowClient(tracking_uri=self.uri)
+                getattr(getattr(self.client, "_tracking_client", None), "store", None)  # opens it
+            except MlflowException as exc:  # e.g. MLflow 3 refusing a folder store: one line
+                first = str(exc.message if hasattr(exc, "message") else exc).split(". ")[0]
+                raise ValueError(f"tracking URI {self.uri}: {first}") from exc
         self._experiments: Dict[str, str] = {}
         self._repos: Dict[str, Any] = {}
         self._artifact_uris: Dict[str, str] = {}
@@ -405,18 +410,22 @@ class Reader:
         with self._lock:
             repo = self._repos.get(run_id)
         if repo is None:
-            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
             with self._lock:
                 uri = self._artifact_uris.get(run_id)
-            uri = uri or self.client.get_run(run_id).info.artifact_uri
-            try:
-                repo = get_artifact_repository(uri, tracking_uri=self.uri)
-            except TypeError:  # MLflow < 3.2 resolves mlflow-artifacts: by the global URI
-                repo = _legacy_artifact_repository(get_artifact_repository, uri, self.uri)
+            repo = self._open_repo(uri or self.client.get_run(run_id).info.artifact_uri)
             with self._lock:
                 self._repos[run_id] = repo
         return repo
+
+    def _open_repo(self, artifact_uri: str):
+        """The artifact repository of a run's artifact root (resolved against this reader's
+        tracking URI; the explorer inside ``mlflow server`` resolves it as the server does)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            return get_artifact_repository(artifact_uri, tracking_uri=self.uri)
+        except TypeError:  # MLflow < 3.2 resolves mlflow-artifacts: by the global URI
+            return _legacy_artifact_repository(get_artifact_repository, artifact_uri, self.uri)
 
     def _map(self, fn: Callable[[Any], Any], items: List[Any]) -> List[Any]:
         """``[fn(x) for x in items]``, a few at a time against a remote server (in order)."""

@@ -19,8 +19,10 @@ def _send_spool(args: argparse.Namespace) -> int:
 
 def _ui(args: argparse.Namespace) -> int:
     from .explorer import serve
+    from .explorer._hosts import parse_allowed_hosts
 
-    serve(args.tracking_uri, args.host, args.port, mlflow_ui=args.mlflow_ui)
+    serve(args.tracking_uri, args.host, args.port, mlflow_ui=args.mlflow_ui,
+          hosts=parse_allowed_hosts(args.allowed_hosts))
     return 0
 
 
@@ -49,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5050, help="port (default: 5050)")
     p.add_argument("--mlflow-ui", default=None, metavar="URL",
                    help="MLflow UI address for run links (default: the tracking URI if http(s))")
+    p.add_argument("--allowed-hosts", default=None, metavar="HOSTS",
+                   help="also answer requests for these Host names (comma-separated NAME or "
+                        "NAME:PORT, * in patterns; '*': any). Default: only 127.0.0.1, "
+                        "localhost, [::1] and --host, with --port; others get 403 (DNS "
+                        "rebinding)")
     p.set_defaults(func=_ui)
     try:
         from .compare import add_compare_parser

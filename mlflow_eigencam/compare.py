@@ -279,6 +279,7 @@ def compare(
     epochs: Optional[str] = None,
     png_max_epochs: int = PNG_MAX_EPOCHS,
     sample_ids: Optional[Sequence[str]] = None,
+    reader: Optional[Reader] = None,
 ) -> CompareResult:
     """Write a side-by-side comparison of EigenCAM overlays across epochs, runs and experiments.
 
@@ -299,6 +300,8 @@ def compare(
         png_max_epochs: See ``epochs``.
         sample_ids: Only these matched samples, in this order (the explorer's filtered
             rows); None: every matched sample.
+        reader: Read through this reader instead of one for ``tracking_uri`` (the explorer's
+            own: inside ``mlflow server`` it reads the server's stores, which have no URI).
 
     Returns:
         A :class:`CompareResult`: the path written, the matched sample ids, the unmatched
@@ -314,24 +317,25 @@ def compare(
     req = _check_request(runs, experiments, mode, ds_id, component, out, epochs,
                          png_max_epochs, sample_ids)
     try:
-        return _compare(req, tracking_uri)
+        return _compare(req, tracking_uri, reader)
     except BaseException:
         if out is None:  # the temporary file we made, empty
             req.out.unlink(missing_ok=True)
         raise
 
 
-def _compare(req: _Request, tracking_uri: Optional[str]) -> CompareResult:
+def _compare(req: _Request, tracking_uri: Optional[str], reader: Optional[Reader]) -> CompareResult:
     import mlflow
 
     from ._compare_render import render_html, render_png
     from .render import encode_png
     from .sink import probe
 
-    uri = check_tracking_uri(str(tracking_uri or mlflow.get_tracking_uri()))
-    if not probe(uri):
-        raise ConnectionError(f"cannot reach MLflow at {uri}")
-    reader = Reader(uri)
+    if reader is None:
+        uri = check_tracking_uri(str(tracking_uri or mlflow.get_tracking_uri()))
+        if not probe(uri):
+            raise ConnectionError(f"cannot reach MLflow at {uri}")
+        reader = Reader(uri)
     loaded = _select_runs(reader, req)
     notes: List[str] = []
     _pick_epochs(loaded, req, notes)
@@ -348,7 +352,7 @@ def _compare(req: _Request, tracking_uri: Optional[str]) -> CompareResult:
     if req.fmt == ".png":
         req.out.write_bytes(encode_png(render_png(result, grid, inputs, title, req.component)))
     else:
-        req.out.write_text(render_html(result, grid, inputs, title, req.component, uri),
+        req.out.write_text(render_html(result, grid, inputs, title, req.component, reader.uri),
                            encoding="utf-8")
     return result
 

@@ -161,13 +161,14 @@ def class_values(x: Any, batch_size: int, *, name: str = "values") -> list[Class
         x: ``None``; class indices ``(B,)`` / ``(B, 1)``; one-hot, probabilities or logits
             ``(B, ..., K)`` with K > 1 (argmax over the last axis); a float vector or column
             in [0, 1] (binary probability, threshold 0.5); strings or bytes (``(B,)`` array
-            or list). A scalar is accepted when ``batch_size`` is 1.
+            or list). A scalar is accepted when ``batch_size`` is 1. A list (or 1-D object
+            array) may hold ``None`` for the samples without one.
         batch_size: The number of images in the batch.
         name: Used in error messages (``"labels"``, ``"preds"``).
 
     Returns:
         ``batch_size`` entries: ``int`` class indices, ``str`` for text and for floats that
-        are not class indices, all ``None`` when ``x`` is ``None``.
+        are not class indices, ``None`` where ``x`` (or its entry) is ``None``.
 
     Raises:
         ValueError: The length differs from ``batch_size``, or more than one value per
@@ -180,6 +181,16 @@ def class_values(x: Any, batch_size: int, *, name: str = "values") -> list[Class
         raise ValueError(f"{name} have {n} entries but the batch has {batch_size} images")
     if isinstance(x, (str, bytes, bytearray)):
         return [_decoded(x)]
+    items = list(x) if isinstance(x, (list, tuple)) or (
+        isinstance(x, np.ndarray) and x.dtype == object and x.ndim == 1) else None
+    if items is not None and any(v is None for v in items):
+        # Unknown for some samples: None there (no class, no right or wrong), the others
+        # read as if given alone; never the text "None".
+        known = [i for i, v in enumerate(items) if v is not None]
+        out: list[ClassValue] = [None] * batch_size
+        for i, v in zip(known, class_values([items[i] for i in known], len(known), name=name)):
+            out[i] = v
+        return out
     if isinstance(x, (list, tuple)) and all(isinstance(v, (str, bytes, bytearray, np.str_, np.bytes_)) for v in x):
         return [_decoded(v) for v in x]
 

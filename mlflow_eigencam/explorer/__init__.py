@@ -13,9 +13,10 @@ import socketserver
 import signal
 import sys
 import threading
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from ._hosts import HostCheck, allowed_hosts
 from ._server import Explorer
 
 __all__ = ["Explorer", "create_app", "make_server_for", "serve"]
@@ -27,6 +28,8 @@ MOUNT = "/eigencam"
 class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a slow image download never keeps Ctrl-C waiting
     allow_reuse_address = True
+    explorer: Explorer  # the app behind the host check
+    hosts: HostCheck
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -35,8 +38,12 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def make_server_for(tracking_uri: Optional[str], host: str = "127.0.0.1", port: int = 5050,
-                    *, mlflow_ui: Optional[str] = None):
+                    *, mlflow_ui: Optional[str] = None, hosts: Sequence[str] = ()):
     """A threaded WSGI server for the explorer (not started; call ``serve_forever``).
+
+    It answers only requests whose ``Host`` names an address it listens on (127.0.0.1,
+    localhost, [::1], ``host``; with its port) or one of ``hosts`` (``NAME``, ``NAME:PORT``,
+    patterns with ``*``; ``"*"``: any): 403 otherwise, against DNS rebinding.
 
     Raises:
         FileNotFoundError, ValueError: A tracking URI that is not a store (one clear line).
@@ -46,22 +53,31 @@ def make_server_for(tracking_uri: Optional[str], host: str = "127.0.0.1", port: 
 
     app = Explorer(str(tracking_uri or mlflow.get_tracking_uri()), mlflow_ui=mlflow_ui)
     try:
-        return make_server(host, int(port), app, server_class=_ThreadingServer,
-                           handler_class=_QuietHandler)
+        server = make_server(host, int(port), app, server_class=_ThreadingServer,
+                             handler_class=_QuietHandler)
     except OSError as exc:  # port taken, address not ours: one line, not a traceback
         raise ConnectionError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
                               f"pass another --port") from exc
+    # The port is known once bound (port 0: the system's choice).
+    server.explorer = app
+    server.hosts = HostCheck(app, allowed_hosts(host, server.server_port, hosts))
+    server.set_app(server.hosts)
+    return server
 
 
 def serve(tracking_uri: Optional[str] = None, host: str = "127.0.0.1", port: int = 5050, *,
-          mlflow_ui: Optional[str] = None) -> None:
-    """Serve the explorer until interrupted (binds to 127.0.0.1 unless told otherwise)."""
-    server = make_server_for(tracking_uri, host, port, mlflow_ui=mlflow_ui)
-    app: Explorer = server.get_app()
+          mlflow_ui: Optional[str] = None, hosts: Sequence[str] = ()) -> None:
+    """Serve the explorer until interrupted (binds to 127.0.0.1 unless told otherwise;
+    ``hosts``: see :func:`make_server_for`)."""
+    server = make_server_for(tracking_uri, host, port, mlflow_ui=mlflow_ui, hosts=hosts)
     where = f"http://{host or '0.0.0.0'}:{server.server_port}/"
     if host in ("", "0.0.0.0", "::"):
         where += " (every address of this machine: anyone who can reach it can read the runs)"
-    print(f"EigenCAM explorer for {app.reader.uri} at {where} (Ctrl-C stops it)", flush=True)
+    print(f"EigenCAM explorer for {server.explorer.reader.uri} at {where} (Ctrl-C stops it)",
+          flush=True)
+    if "*" not in server.hosts.allowed:
+        print(f"answering Host {', '.join(server.hosts.allowed)} (--allowed-hosts adds names)",
+              flush=True)
     # SIGTERM (a job scheduler's or `kill`'s stop) stops it like Ctrl-C. SIGINT keeps the
     # disposition the process was started with: under `nohup` or `&` in a script it is
     # ignored, and SIGTERM is the way to stop it.
@@ -86,19 +102,27 @@ def create_app(app: Any = None) -> Any:
     """``mlflow.app`` entry point: MLflow's Flask app with the explorer at ``/eigencam/``.
 
     Used as ``mlflow server --app-name eigencam``; the explorer reads through the server's
-    own REST API at the address each request came to, so it sees what the UI sees. Returns
-    what MLflow's server expects: the Flask app, or under uvicorn (MLflow's default) the
-    FastAPI app wrapping it, as MLflow's own ``basic-auth`` app does.
+    own tracking store and artifact storage (never through an address taken from a request),
+    so it sees what the UI sees; its run links are relative to the page. Returns what
+    MLflow's server expects: the Flask app, or under uvicorn (MLflow's default) the FastAPI
+    app wrapping it, as MLflow's own ``basic-auth`` app does.
     """
     import os
 
     from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
+    from ._inside import server_reader
+
     if app is None:
         from mlflow.server import app as flask_app
 
         app = flask_app
-    explorer = Explorer(None)
+    # The MLflow UI from the explorer's page (MOUNT/): one folder up, under the server's
+    # --static-prefix when it has one. Relative, so right behind any proxy.
+    from mlflow.server.handlers import STATIC_PREFIX_ENV_VAR
+
+    prefix = os.environ.get(STATIC_PREFIX_ENV_VAR, "").strip("/")
+    explorer = Explorer(mlflow_ui=f"../{prefix}", reader=server_reader)
     app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {MOUNT: explorer})
 
     if os.environ.get("_MLFLOW_SGI_NAME") == "uvicorn":

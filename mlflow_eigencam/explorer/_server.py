@@ -4,7 +4,8 @@ Routes (relative to where the app is mounted; ``mlflow-eigencam ui`` mounts it a
 ``mlflow.app`` plugin at ``/eigencam``):
 
 * ``GET /``: the page; ``GET /static/app.js`` and ``/static/app.css``: its code (a fixed list).
-* ``GET /api/config``: the tracking URI and the MLflow UI's address (for run links).
+* ``GET /api/config``: the tracking URI, the MLflow UI's address (for run links) and the
+  most runs one view shows.
 * ``GET /api/search?q=TEXT``: runs with EigenCAM data whose experiment, name, id or a tag
   contains TEXT.
 * ``GET /api/runs?ids=A,B``: what each run has (modes, dataset ids); unknown ids are named.
@@ -48,6 +49,8 @@ _LIVE_TTL_S = 2.0
 _IMMUTABLE = "public, max-age=31536000, immutable"
 # Rows whose previews are read ahead when a table is served (about a screenful).
 _PREFETCH_ROWS = 8
+# Runs one request may name (the page adds no more than this to a view).
+MAX_RUNS = 64
 
 StartResponse = Callable[..., Any]
 
@@ -64,15 +67,21 @@ class Explorer:
     """The explorer as a WSGI application (read-only).
 
     Args:
-        tracking_uri: Where the runs live; None: the address this app is served at (the
-            ``mlflow.app`` plugin, inside ``mlflow server``), found from the first request.
-        mlflow_ui: Base address of the MLflow UI for run links; default the tracking URI
-            when it is ``http(s)://``, else none.
+        tracking_uri: Where the runs live (opened now: a bad URI fails here).
+        mlflow_ui: Base address of the MLflow UI for run links, absolute or relative to the
+            page; default the tracking URI when it is ``http(s)://``, else none.
+        reader: Instead of ``tracking_uri``: makes the reader at the first request (the
+            ``mlflow.app`` plugin: over the server's own stores, once the server is set up).
+            Nothing a request carries (its ``Host``) ever chooses where the explorer reads.
     """
 
-    def __init__(self, tracking_uri: Optional[str] = None, *, mlflow_ui: Optional[str] = None) -> None:
-        self._uri = tracking_uri
+    def __init__(self, tracking_uri: Optional[str] = None, *, mlflow_ui: Optional[str] = None,
+                 reader: Optional[Callable[[], Reader]] = None) -> None:
+        if (tracking_uri is None) == (reader is None):
+            raise ValueError("Explorer needs a tracking URI or a reader (one of them), got "
+                             f"tracking_uri={tracking_uri!r}, reader={reader!r}")
         self._reader: Optional[Reader] = Reader(tracking_uri) if tracking_uri else None
+        self._make_reader = reader
         self._ui = mlflow_ui
         self._lock = threading.Lock()
         self._cache: Dict[Tuple[Any, ...], Tuple[float, Any, bool]] = {}
@@ -92,7 +101,10 @@ class Explorer:
     def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if not path and environ.get("SCRIPT_NAME"):  # /eigencam -> /eigencam/ (relative links)
-            start_response("301 Moved Permanently", [("Location", environ["SCRIPT_NAME"] + "/"),
+            # Relative to the request (RFC 7231): right behind a proxy that adds a prefix or
+            # terminates TLS, where neither this server's address nor its path is the user's.
+            last = environ["SCRIPT_NAME"].rstrip("/").rsplit("/", 1)[-1]
+            start_response("301 Moved Permanently", [("Location", f"{last}/"),
                                                      ("Content-Length", "0")])
             return [b""]
         path = path or "/"
@@ -101,7 +113,7 @@ class Explorer:
             if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
                 raise HTTPError(405, "the explorer is read-only")
             if self._reader is None:
-                self._self_hosted(environ)
+                self._open_reader()
             status, headers, body = self._route(path, query, environ)
         except HTTPError as exc:
             status, headers, body = exc.status, _json_headers(), _dumps({"error": str(exc)})
@@ -118,14 +130,11 @@ class Explorer:
         start_response(_STATUS.get(status, f"{status} Error"), headers)
         return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else body]
 
-    def _self_hosted(self, environ: Dict[str, Any]) -> None:
-        host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME')}:{environ.get('SERVER_PORT')}"
-        uri = f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+    def _open_reader(self) -> None:
+        assert self._make_reader is not None
         with self._lock:
             if self._reader is None:
-                self._uri = uri
-                self._reader = Reader(uri)
-                self._ui = self._ui or uri
+                self._reader = self._make_reader()
 
     @property
     def reader(self) -> Reader:
@@ -156,7 +165,7 @@ class Explorer:
     # -- API -------------------------------------------------------------------------------
     def config(self, q: Dict[str, str]):
         ui = self._ui or (self.reader.uri if self.reader.remote else None)
-        return _json({"tracking_uri": self.reader.uri, "mlflow_ui": ui})
+        return _json({"tracking_uri": self.reader.uri, "mlflow_ui": ui, "max_runs": MAX_RUNS})
 
     def search(self, q: Dict[str, str]):
         found = self.reader.search(q.get("q", ""), max_results=_int(q, "max", 200))
@@ -343,7 +352,7 @@ class Explorer:
             out = Path(tmp) / f"eigencam-{mode}-{ds_id or 'all'}.{fmt}"
             try:
                 compare(specs, mode=mode, ds_id=ds_id, component=component, out=out,
-                        tracking_uri=self.reader.uri, sample_ids=samples)
+                        reader=self.reader, sample_ids=samples)
             except (LookupError, ValueError) as exc:
                 raise HTTPError(400, str(exc)) from exc
             body = out.read_bytes()
@@ -450,24 +459,48 @@ class Explorer:
             have = ", ".join(f"{m}/{d}" for m, d in self._available(run)) or "nothing"
             return dict(base, error=f"run {full} has no EigenCAM data for mode={mode!r}, "
                                     f"ds_id={ds_id!r}; it has: {have}", **self._about(run))
-        rows: List[Dict[str, Any]] = []
-        # The panel boxes recorded with each row, as fractions of the card; the distinct
-        # ones once (a run's cards share one unless its images differ in size), rows by index.
-        geometries: List[Dict[str, Any]] = []
-        seen: Dict[str, int] = {}
-        for row in table.rows:
-            evr = [row.get(f"evr_{c}") for c in range(1, table.n_evr + 1)]
-            k = sum(1 for v in evr if v is not None)
-            epoch, index = int(row["epoch"]), int(row.get("sample_index", -1))
-            rows.append({"epoch": epoch, "index": index, "sample_id": str(row["sample_id"]),
-                         "label": cell_text(row.get("label")),
-                         "prediction": cell_text(row.get("prediction")),
-                         "correct": cell_bool(row.get("correct")), "evr": evr, "k": k,
-                         "map_change": row.get(_layout.TABLE_MAP_CHANGE_COLUMN),
-                         "rendered": bool(row.get(_layout.TABLE_IMAGE_COLUMN)),
-                         "g": _geometry_index(row, geometries, seen)})
-        return dict(base, epochs=table.epochs, n_evr=table.n_evr, geometries=geometries,
-                    rows=rows, **self._about(run))
+        except Exception as exc:  # a malformed table: this run's error, the others' data
+            return dict(base, error=_unreadable(full, mode, ds_id, exc), **self._about(run))
+        try:
+            shown = _rows_json(table)
+        except Exception as exc:  # a row that is not the logger's
+            return dict(base, error=_unreadable(full, mode, ds_id, exc), **self._about(run))
+        return dict(base, **shown, **self._about(run))
+
+
+def _unreadable(run_id: str, mode: str, ds_id: Optional[str], exc: Exception) -> str:
+    """One line for a run whose table cannot be read (the reader's own message names the
+    run and the file)."""
+    if isinstance(exc, ValueError) and run_id in str(exc):
+        return str(exc)
+    return (f"run {run_id}: its table for mode={mode!r}, ds_id={ds_id!r} cannot be read "
+            f"({type(exc).__name__}: {exc})")
+
+
+def _rows_json(table) -> Dict[str, Any]:
+    """A table as the page reads it: epochs, components, the distinct card geometries and
+    one entry per row.
+
+    Raises:
+        ValueError, TypeError, KeyError: A row that is not the logger's (a malformed table).
+    """
+    rows: List[Dict[str, Any]] = []
+    # The panel boxes recorded with each row, as fractions of the card; the distinct
+    # ones once (a run's cards share one unless its images differ in size), rows by index.
+    geometries: List[Dict[str, Any]] = []
+    seen: Dict[str, int] = {}
+    for row in table.rows:
+        evr = [row.get(f"evr_{c}") for c in range(1, table.n_evr + 1)]
+        k = sum(1 for v in evr if v is not None)
+        epoch, index = int(row["epoch"]), int(row.get("sample_index", -1))
+        rows.append({"epoch": epoch, "index": index, "sample_id": str(row["sample_id"]),
+                     "label": cell_text(row.get("label")),
+                     "prediction": cell_text(row.get("prediction")),
+                     "correct": cell_bool(row.get("correct")), "evr": evr, "k": k,
+                     "map_change": row.get(_layout.TABLE_MAP_CHANGE_COLUMN),
+                     "rendered": bool(row.get(_layout.TABLE_IMAGE_COLUMN)),
+                     "g": _geometry_index(row, geometries, seen)})
+    return {"epochs": table.epochs, "n_evr": table.n_evr, "geometries": geometries, "rows": rows}
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -522,8 +555,8 @@ def _etag(body: bytes) -> str:
 
 def _ids(text: str) -> List[str]:
     ids = [t.strip() for t in text.split(",") if t.strip()]
-    if len(ids) > 64:
-        raise HTTPError(400, f"at most 64 runs at once, got {len(ids)}")
+    if len(ids) > MAX_RUNS:
+        raise HTTPError(400, f"at most {MAX_RUNS} runs at once, got {len(ids)}")
     return list(dict.fromkeys(ids))
 
 

@@ -197,3 +197,70 @@ def test_ui_command_serves_on_127_0_0_1_and_errors_are_one_line(tracking_uri, tm
         if proc.poll() is None:  # never leave a server behind, whatever failed above
             proc.kill()
             proc.wait(timeout=30)
+
+
+def _raw_get(port: int, path: str, host: str):
+    """GET with exactly this Host header (as a rebinding page's request carries it)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest("GET", path, skip_host=True)
+        conn.putheader("Host", host)
+        conn.endheaders()
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("allowed", [None, "explorer.example.org, *.lab.internal:{port}"])
+def test_ui_answers_only_the_host_names_it_listens_on(tracking_uri, tmp_path, allowed):
+    """DNS rebinding: a page whose own name now resolves to 127.0.0.1 sends its name in Host;
+    the explorer answers 403 unless the name is one it listens on or --allowed-hosts names it."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extra = [] if allowed is None else ["--allowed-hosts", allowed.format(port=port)]
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow_eigencam", "ui", "--tracking-uri",
+                             tracking_uri, "--port", str(port), *extra], cwd=tmp_path,
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"at http://127.0.0.1:{port}/" in line, proc.stderr.read() if not line else line
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}"):
+            status, body = _raw_get(port, "/api/config", host)
+            assert status == 200 and json.loads(body)["tracking_uri"] == tracking_uri, host
+        forged = [f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "",
+                  f"127.0.0.1.evil.example:{port}", f"explorer.example.org.evil:{port}"]
+        named = [f"explorer.example.org:{port}", "explorer.example.org", f"a.lab.internal:{port}"]
+        if allowed is None:
+            forged += named
+        for host in forged:
+            for path in ("/api/config", "/api/search?q=", "/"):
+                status, body = _raw_get(port, path, host)
+                assert status == 403, (host, path, status)
+                assert b"Invalid Host header" in body and b"tracking_uri" not in body
+        for host in ([] if allowed is None else named):
+            assert _raw_get(port, "/api/config", host)[0] == 200, host
+        if allowed is not None:  # a pattern with a port matches that port only
+            assert _raw_get(port, "/api/config", f"a.lab.internal:{port + 1}")[0] == 403
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_allowed_hosts_star_allows_any_and_urls_are_refused():
+    from mlflow_eigencam.explorer._hosts import HostCheck, allowed_hosts, parse_allowed_hosts
+
+    assert HostCheck(None, allowed_hosts("127.0.0.1", 5050, parse_allowed_hosts("*"))).allows("x:1")
+    check = HostCheck(None, allowed_hosts("10.1.2.3", 5050))
+    assert check.allows("10.1.2.3:5050") and not check.allows("10.1.2.3:5051")
+    assert not check.allows("x:5050")
+    with pytest.raises(ValueError, match="https://h.example.*not a host name"):
+        parse_allowed_hosts("https://h.example")

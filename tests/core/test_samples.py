@@ -233,3 +233,14 @@ def test_sample_is_a_dataclass_with_the_contract_fields():
         "index", "image", "activations", "label", "pred", "correct", "sample_id",
         "pred_boxes", "label_boxes", "map_extent",
     ]
+
+
+def test_a_none_label_stays_none_and_is_neither_right_nor_wrong():
+    # Labels unknown for some samples: never the text "None", never counted as wrong.
+    assert class_values([None, 1, None], 3) == [None, 1, None]
+    assert class_values(np.array([None, "cat"], dtype=object), 2) == [None, "cat"]
+    assert class_values((None, None), 2) == [None, None]
+    buf = SampleBuffer(n_samples=3, label_mapping=["circle", "square", "tri"])
+    kept = buf.add("eval", None, *batch(3), labels=[None, 1, None], preds=np.array([0, 1, 1]))
+    assert [(s.label, s.pred, s.correct) for s in kept] == [
+        (None, "circle", None), ("square", "square", True), (None, "square", None)]

@@ -179,9 +179,10 @@ def _row_at(table, sid: str, epoch: int):
 # ----------------------------------------------------------------------------- the HTTP side
 
 
-def _get(url: str):
+def _get(url: str, host: str = ""):
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
+        with urllib.request.urlopen(request, timeout=30) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read()
@@ -396,7 +397,9 @@ def test_a_new_epoch_of_a_running_run_appears_without_a_reload(world, page):
 def test_mlflow_server_app_name_eigencam_serves_the_explorer_next_to_the_ui(world):
     """``mlflow server --app-name eigencam`` (the server of every test here) finds the
     ``mlflow.app`` entry point and serves the explorer at /eigencam/, reading through the
-    server's own REST API."""
+    server's own stores."""
+    from urllib.parse import urljoin
+
     base = world.server.uri
     status, headers, body = _get(base + "/eigencam/")
     assert status == 200 and b"EigenCAM explorer" in body, body[:300]
@@ -404,8 +407,74 @@ def test_mlflow_server_app_name_eigencam_serves_the_explorer_next_to_the_ui(worl
     found = json.loads(body)["runs"]
     assert status == 200 and [r["run_id"] for r in found] == [world.runs["good"]]
     status, _, body = _get(base + "/eigencam/api/config")
-    assert json.loads(body)["mlflow_ui"] == base  # run links go to this server's UI
+    config = json.loads(body)
+    # Run links go to this server's UI, relative to the page (right behind a TLS proxy), and
+    # the backend store's URI (it may hold a password) is not shown.
+    assert config["mlflow_ui"] == "../" and urljoin(base + "/eigencam/", "../") == base + "/"
+    assert "sqlite" not in config["tracking_uri"]
     status, _, body = _get(f"{base}/eigencam/api/image?run={world.runs['good']}&mode=eval"
                            f"&ds_id=val&epoch=0&index=1&kind=preview")
     assert status == 200 and body[8:12] == b"WEBP"
     assert _get(base + "/")[0] == 200  # the MLflow UI is still there
+
+
+def test_a_forged_host_never_points_the_plugin_at_another_server(tmp_path):
+    """The first request to a fresh ``mlflow server --app-name eigencam`` carries
+    ``Host: 127.0.0.1:<another server's port>`` (MLflow's host check lets it through): the
+    explorer still reads this server's runs only, for that request and every later one."""
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_eigencam import _layout
+
+    other, app = MlflowServer(tmp_path / "other"), AppServer(tmp_path / "app")
+    other.start()
+    try:
+        app.start()
+        ids = {}
+        for name, server in (("theirs", other), ("mine", app)):
+            client = MlflowClient(server.uri)
+            run = client.create_run(client.create_experiment(f"exp-{name}"), run_name=name)
+            client.set_tag(run.info.run_id, _layout.TAG_VERSION, "0")
+            ids[name] = run.info.run_id
+        forged = f"127.0.0.1:{other.port}"
+        for host in (forged, ""):  # the forged one first, then an honest one
+            status, _, body = _get(app.uri + "/eigencam/api/search?q=", host)
+            assert status == 200 and [r["run_id"] for r in json.loads(body)["runs"]] == [ids["mine"]]
+            status, _, body = _get(f"{app.uri}/eigencam/api/runs?ids={ids['theirs']},{ids['mine']}", host)
+            answer = json.loads(body)
+            assert [r["run_id"] for r in answer["runs"]] == [ids["mine"]]
+            assert [e["id"] for e in answer["errors"]] == [ids["theirs"]]
+            status, _, body = _get(app.uri + "/eigencam/api/config", host)
+            config = json.loads(body)
+            assert str(other.port) not in json.dumps(config) and config["mlflow_ui"] == "../"
+        # The run the page asked about was never looked up on the other server.
+        assert f"/runs/get?run_id={ids['theirs']}" not in (tmp_path / "other" / "server.log").read_text()
+    finally:
+        app.stop()
+        other.stop()
+
+
+def test_add_all_shown_adds_at_most_the_runs_one_view_shows(world, page):
+    """More runs match than one view shows: the first ones are added, a note says how many
+    were not, and the view loads (it answered 400 for all of them before)."""
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_eigencam import _layout
+
+    client = MlflowClient(world.server.uri)
+    exp = client.create_experiment("many-runs")
+    for i in range(70):
+        run = client.create_run(exp, run_name=f"tag-only-{i}")
+        client.set_tag(run.info.run_id, _layout.TAG_VERSION, "0")
+    _open(page, world.url)
+    page.fill("#search", "many-runs")
+    page.click("#search-btn")
+    page.wait_for_function("() => document.querySelectorAll('#results input.pick').length === 70")
+    page.click("#select-shown")
+    page.wait_for_selector("#messages .kept")
+    assert "6 run(s) not added: the explorer shows at most 64 runs at once" in \
+        page.text_content("#messages")
+    assert page.text_content("#picked-count") == "(64 selected)"
+    page.wait_for_function("() => document.querySelectorAll('#messages .error').length === 64")
+    msgs = page.text_content("#messages")
+    assert "cannot read the tables" not in msgs and "has no EigenCAM data" in msgs

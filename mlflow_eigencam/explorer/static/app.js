@@ -8,7 +8,7 @@ const PARAMS = ["runs", "mode", "ds_id", "epoch", "component", "filter", "label"
 
 const S = { runs: [], mode: "", ds_id: "", epoch: null, component: 1, filter: "", label: "",
             pred: "", sort: "", since: null };
-let CONFIG = { tracking_uri: "", mlflow_ui: null };
+let CONFIG = { tracking_uri: "", mlflow_ui: null, max_runs: 64 };
 let META = {};        // requested id -> run summary from /api/runs
 let DATA = null;      // last /api/data answer
 let RUNS = [];        // indexed runs of DATA
@@ -103,9 +103,18 @@ async function search() {
 
 function toggleRun(id, on) {
   const had = S.runs.includes(id);
-  if (on && !had) S.runs.push(id);
   if (!on && had) S.runs = S.runs.filter((r) => r !== id);
-  load();
+  load(on && !had ? addRuns([id]) : null);
+}
+
+// Adds runs to the view up to the most one view shows (the server's max_runs); returns a
+// note naming how many were left out, or null.
+function addRuns(ids) {
+  const fresh = ids.filter((id) => !S.runs.includes(id));
+  const room = Math.max(0, CONFIG.max_runs - S.runs.length);
+  S.runs.push(...fresh.slice(0, room));
+  const left = fresh.length - Math.min(room, fresh.length);
+  return left ? `${left} run(s) not added: the explorer shows at most ${CONFIG.max_runs} runs at once` : null;
 }
 
 function renderChips() {
@@ -122,8 +131,9 @@ function renderChips() {
 }
 
 // ------------------------------------------------------------------------- data
-async function load() {
+async function load(note) {
   $("messages").replaceChildren();
+  if (note) message(note, "note kept"); // stays until the selection changes again
   writeURL();
   renderChips();
   if (!S.runs.length) {
@@ -180,7 +190,7 @@ async function fetchData(first) {
   index();
   if (!first && wasLast && EPOCHS.length) S.epoch = EPOCHS[EPOCHS.length - 1]; // follow a live run
   if (first) {
-    $("messages").replaceChildren();
+    for (const n of [...$("messages").children]) if (!n.classList.contains("kept")) n.remove();
     for (const r of RUNS) if (r.error) message(`Run ${r.requested}: ${r.error}`);
     if (!RUNS.some((r) => !r.error)) message("None of these runs has EigenCAM data to show here.", "note");
     renderChips();
@@ -496,10 +506,7 @@ function play() {
 
 function wire() {
   $("search-form").addEventListener("submit", (ev) => { ev.preventDefault(); search(); });
-  $("select-shown").addEventListener("click", () => {
-    for (const r of lastResults) if (!S.runs.includes(r.run_id)) S.runs.push(r.run_id);
-    load();
-  });
+  $("select-shown").addEventListener("click", () => load(addRuns(lastResults.map((r) => r.run_id))));
   $("clear-runs").addEventListener("click", () => { S.runs = []; load(); });
   $("mode").addEventListener("change", (ev) => { S.mode = ev.target.value; S.ds_id = ""; chooseModeDs(); fetchData(true); });
   $("ds").addEventListener("change", (ev) => { S.ds_id = ev.target.value; fetchData(true); });

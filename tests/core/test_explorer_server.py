@@ -1,0 +1,81 @@
+"""The explorer's WSGI app (``mlflow_eigencam.explorer._server``) on a real sqlite store,
+called as a WSGI server calls it. The page itself, in a browser against ``mlflow server``:
+``tests/e2e/test_explorer.py``."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+
+from mlflow_eigencam import EigenCAMLogger
+from mlflow_eigencam.explorer import Explorer
+from tests.helpers.oracle import blob_batch
+
+
+def _logged(labels, epochs=1, n=3):
+    images, acts, _, logits = blob_batch(n=n, seed=1)
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_components=2, n_samples=n, label_mapping=["circle", "square", "tri"])
+        for epoch in range(epochs):
+            logger.on_batch_end(images, acts, labels, logits, mode="eval", ds_id="val")
+            logger.on_epoch_end(epoch)
+        assert logger.flush(timeout=60)
+        logger.close()
+    return run.info.run_id
+
+
+def _get(app, path: str, query: str = ""):
+    seen = []
+    body = b"".join(app({"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": "GET",
+                         "SCRIPT_NAME": ""}, lambda status, headers: seen.append(status)))
+    return int(seen[0].split()[0]), body
+
+
+def test_one_malformed_table_is_that_runs_error_and_the_others_are_shown(tracking_uri):
+    good = _logged(np.array([0, 1, 2]))
+    bad = _logged(np.array([0, 1, 2]))
+    # A table part that is JSON but not the logger's (an epoch that is not a number), and
+    # one that is not JSON at all: the view still shows the good run.
+    client = mlflow.MlflowClient()
+    client.log_text(bad, json.dumps({"columns": ["epoch", "sample_id", "image"],
+                                     "data": [[[1], "x", ""]]}),
+                    "eigencam/eval/val/table/epoch_0007.json")
+    worse = _logged(np.array([0, 1, 2]))
+    client.log_text(worse, "{not json", "eigencam/eval/val/table/epoch_0003.json")
+    app = Explorer(tracking_uri)
+    status, body = _get(app, "/api/data", f"runs={good},{bad},{worse}&mode=eval&ds_id=val")
+    assert status == 200, body
+    runs = {r["requested"]: r for r in json.loads(body)["runs"]}
+    assert len(runs[good]["rows"]) == 3 and "error" not in runs[good]
+    for rid in (bad, worse):
+        assert runs[rid]["error"].startswith(f"run {rid}"), runs[rid]
+        assert "rows" not in runs[rid] and runs[rid]["summary"]["run_id"] == rid
+    assert "epoch_0003.json is not an EigenCAM table" in runs[worse]["error"]
+
+
+def test_none_labels_are_null_and_neither_right_nor_wrong(tracking_uri):
+    rid = _logged([None, 1, None])
+    status, body = _get(Explorer(tracking_uri), "/api/data", f"runs={rid}")
+    rows = json.loads(body)["runs"][0]["rows"]
+    assert [(r["label"], r["correct"]) for r in rows] == [(None, None), ("square", True), (None, None)]
+
+
+def test_more_runs_than_one_view_shows_is_a_clear_400_and_the_limit_is_in_the_config(tracking_uri):
+    app = Explorer(tracking_uri)
+    status, body = _get(app, "/api/config")
+    limit = json.loads(body)["max_runs"]
+    ids = ",".join(f"{i:032x}" for i in range(limit + 1))
+    status, body = _get(app, "/api/data", f"runs={ids}")
+    assert status == 400 and f"at most {limit} runs at once" in json.loads(body)["error"]
+
+
+def test_the_mount_redirect_is_relative_and_a_reader_or_uri_is_required(tracking_uri):
+    seen = []
+    Explorer(tracking_uri)({"PATH_INFO": "", "SCRIPT_NAME": "/eigencam", "REQUEST_METHOD": "GET"},
+                           lambda status, headers: seen.append((status, dict(headers))))
+    assert seen[0][0].startswith("301") and seen[0][1]["Location"] == "eigencam/"
+    with pytest.raises(ValueError, match="tracking URI or a reader"):
+        Explorer()
