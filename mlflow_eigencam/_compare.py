@@ -566,7 +566,7 @@ def compare(
 
     import mlflow
 
-    from .sink import probe
+    from ._transport import probe
 
     uri = check_tracking_uri(str(tracking_uri or mlflow.get_tracking_uri()))
     if not probe(uri):
