@@ -130,7 +130,7 @@ def send_spool(spool: str | os.PathLike | None = None, *, tracking_uri: Optional
                          f"(the spool was recorded for: {', '.join(sorted(recorded)) or '?'})")
     start = time.monotonic()
     sent = left = 0
-    root_links = set()
+    root_links: Set[str] = set()
     for parent in {f.parent for f in folders} | ({Path(spool)} if spool else set()):
         root_links.update(str(parent / n) for n in _spool.symlinked_entries(parent))
     for link in sorted(root_links):

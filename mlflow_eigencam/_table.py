@@ -86,8 +86,8 @@ def loads(raw: Any) -> dict:
 
 
 def _key(r: dict, fallback: Key) -> Key:
-    key = (r.get("epoch"), r.get("sample_index"))
-    return fallback if None in key else (int(key[0]), int(key[1]))
+    epoch, index = r.get("epoch"), r.get("sample_index")
+    return fallback if epoch is None or index is None else (int(epoch), int(index))
 
 
 def merge(old: Optional[dict], new: dict) -> dict:

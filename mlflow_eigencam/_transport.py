@@ -154,9 +154,15 @@ _run_locks_lock = threading.Lock()
 _table_cache: Dict[Tuple[str, str, str], dict] = {}
 
 
+def _where(item: Item) -> Tuple[str, str]:
+    """(tracking URI, run id) of an item that :func:`send_item` checked has both."""
+    assert item.tracking_uri is not None and item.run_id is not None
+    return item.tracking_uri, item.run_id
+
+
 def _run_lock(item: Item) -> threading.Lock:
     with _run_locks_lock:
-        return _run_locks[(item.tracking_uri, item.run_id)]
+        return _run_locks[_where(item)]
 
 
 def _send_bundle(client, item: Item, workdir: Optional[Path]) -> None:
@@ -191,7 +197,7 @@ def _send_bundle(client, item: Item, workdir: Optional[Path]) -> None:
             finally:
                 _spool.remove_staging(staging)
         for path, table in merged.items():
-            _table_cache[(item.tracking_uri, item.run_id, path)] = table
+            _table_cache[(*_where(item), path)] = table
         tags = {k: v for k, v in (item.tags or {}).items()
                 if (item.run_id, k, v) not in _tags_set}
         tables = [p for p in item.tables or [] if (item.run_id, p) not in _registered_tables]
@@ -205,10 +211,9 @@ def _send_bundle(client, item: Item, workdir: Optional[Path]) -> None:
                 tags[_layout.MLFLOW_LOGGED_ARTIFACTS] = json.dumps(
                     current + [e for e in entries if e not in current])
         metrics = [Metric(k, float(v), int(ts), int(s)) for k, v, s, ts in item.metrics or []]
-        _log_batch(client, item.run_id, metrics, tags)
+        _log_batch(client, _where(item)[1], metrics, tags)
         if item.once is not None:
-            _steps_cache.setdefault((item.tracking_uri, item.run_id, item.once[0]), set()).add(
-                int(item.once[1]))
+            _steps_cache.setdefault((*_where(item), item.once[0]), set()).add(int(item.once[1]))
         _registered_tables.update((item.run_id, p) for p in tables)
         _tags_set.update((item.run_id, k, v) for k, v in (item.tags or {}).items())
 
@@ -224,7 +229,7 @@ def _already_logged(client, item: Item) -> bool:
     them is not taken for a repeat and is sent again whole."""
     assert item.once is not None
     key, step = item.once
-    cache = (item.tracking_uri, item.run_id, key)
+    cache = (*_where(item), str(key))
     if cache not in _steps_cache:
         _steps_cache[cache] = {int(m.step) for m in client.get_metric_history(item.run_id, key)}
     return int(step) in _steps_cache[cache]
@@ -257,7 +262,7 @@ def _load_table(payload: Any) -> dict:
 
 def _current_table(client, item: Item, path: str) -> Optional[dict]:
     """The run's table at ``path`` as this process last wrote it, else as MLflow has it."""
-    key = (item.tracking_uri, item.run_id, path)
+    key = (*_where(item), path)
     if key in _table_cache:
         return _table_cache[key]
     local = _local_artifact_dir(client, item)
@@ -291,7 +296,7 @@ def _local_artifact_dir(client, item: Item) -> Optional[str]:
     its ``LocalArtifactRepository``): a server that proxies artifacts (``mlflow-artifacts:``)
     or a cloud store always goes through ``log_artifacts``.
     """
-    key = (item.tracking_uri, item.run_id)
+    key = _where(item)
     if key not in _local_dirs:
         from urllib.parse import urlparse
 

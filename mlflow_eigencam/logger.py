@@ -156,7 +156,6 @@ class EigenCAMLogger:
         self._spool_dir = Path(spool_dir) if spool_dir is not None else None
         self._sink: Optional[MlflowSink] = None
         self._tags_submitted = False
-        self._warned: set = set()
         self._closed = False
         self._report: Optional[Undelivered] = None
         self._tmp_root: Optional[Path] = None
@@ -642,11 +641,8 @@ class EigenCAMLogger:
         _log.warning("mlflow_eigencam: %s failed: %s", where, exc, exc_info=exc)
         # Once per kind of failure (numbers masked), so a per-batch error does not flood the log.
         tag = (where.split("(")[0], type(exc).__name__, re.sub(r"\d+", "#", str(exc))[:120])
-        if tag not in self._warned:
-            self._warned.add(tag)
-            warnings.warn(f"mlflow_eigencam: {where} failed ({type(exc).__name__}: {exc}); "
-                          f"skipping these EigenCAM images, training goes on.",
-                          EigenCAMWarning, stacklevel=3)
+        self._once.warn(tag, f"mlflow_eigencam: {where} failed ({type(exc).__name__}: {exc}); "
+                             f"skipping these EigenCAM images, training goes on.", stacklevel=3)
 
 
 def _sample_files(files: Dict[str, Any], mode: str, ds_id: Optional[str], epoch: int,

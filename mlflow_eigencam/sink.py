@@ -281,10 +281,10 @@ class MlflowSink:
         self._warn_pending(stacklevel=2)
         if end_run and not done and self._create:
             self._record_end_status("FINISHED")
-        if end_run and done and self.owns_run and self._run_id:
+        uri, run_id = self._tracking_uri, self._run_id
+        if end_run and done and self.owns_run and uri and run_id:
             left_s = None if timeout is None else max(0.5, timeout - (time.monotonic() - start))
-            self._bounded(lambda: _transport.end_run(self._tracking_uri, self._run_id),
-                          min(10.0, left_s or 10.0))
+            self._bounded(lambda: _transport.end_run(uri, run_id), min(10.0, left_s or 10.0))
         self._stop = True
         self._wake.set()
         if self._thread is not None:
@@ -561,7 +561,12 @@ class MlflowSink:
             if entry is None:
                 continue
             try:
-                item = entry.item if entry.item is not None else item_from_record(entry.path)
+                if entry.item is not None:
+                    item = entry.item
+                elif entry.path is not None:
+                    item = item_from_record(entry.path)
+                else:  # neither in memory nor on disk: cannot happen, say so if it does
+                    raise SpoolError("an item with neither a copy nor a record")
             except (OSError, SpoolError) as exc:
                 self._give_up(name, entry, f"unreadable record: {exc}")
                 continue
@@ -637,7 +642,7 @@ class MlflowSink:
 
     def _mark_down(self, exc: SendError) -> None:
         self._last_error = str(exc)[:300]
-        where = self.folder or self.spool_dir
+        where = str(self.folder or self.spool_dir)
         if self._disk_error is not None:
             where = f"memory (the spool in {where} cannot be written: {self._disk_error})"
         if exc.kind is Failure.REFUSED:
