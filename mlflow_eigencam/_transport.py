@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import enum
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,13 +25,15 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import _layout, _spool, _table
 from ._records import Encoded, Item, _FILES_DIR, _safe_relative, compose_grids, write_payload
 from ._spool import SpoolError
 
-__all__ = ["Failure", "SendError", "create_run", "end_run", "logged_steps", "probe",
+_log = logging.getLogger("mlflow_eigencam")
+
+__all__ = ["Failure", "SendError", "bounded", "create_run", "end_run", "logged_steps", "probe",
            "run_status", "send_item"]
 
 
@@ -382,3 +385,19 @@ def run_status(tracking_uri: str, run_id: str) -> Optional[str]:
         return str(_client(tracking_uri).get_run(run_id).info.status)
     except Exception:
         return None
+
+
+def bounded(fn: Callable[[], Any], timeout: float) -> bool:
+    """Run ``fn`` (a call to MLflow) on a helper thread and wait at most ``timeout`` s for it:
+    a hanging server must not hold the caller. Errors are logged, not raised. Returns whether
+    ``fn`` finished in time."""
+    def run() -> None:
+        try:
+            fn()
+        except Exception as exc:
+            _log.warning("mlflow_eigencam: %s", exc)
+
+    t = threading.Thread(target=run, daemon=True, name="mlflow-eigencam-bounded")
+    t.start()
+    t.join(timeout)
+    return not t.is_alive()

@@ -362,7 +362,7 @@ class EigenCAMLogger:
                 steps = _transport.logged_steps(target, run_id, _layout.ROOT)
                 found.append(max(steps.values()) if steps else None)
 
-        MlflowSink._bounded(ask, timeout)
+        _transport.bounded(ask, timeout)
         if not found:
             self._once.warn("begin_fit", f"could not read the logged epochs of run {run_id} "
                             f"within {timeout} s; steps start at epoch (a repeated epoch is "

@@ -40,7 +40,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import _recovery, _spool, _transport
 from ._records import RECORD_FORMAT as _RECORD_FORMAT, Encoded, Item, item_from_record, item_to_record
@@ -284,7 +284,8 @@ class MlflowSink:
         uri, run_id = self._tracking_uri, self._run_id
         if end_run and done and self.owns_run and uri and run_id:
             left_s = None if timeout is None else max(0.5, timeout - (time.monotonic() - start))
-            self._bounded(lambda: _transport.end_run(uri, run_id), min(10.0, left_s or 10.0))
+            _transport.bounded(lambda: _transport.end_run(uri, run_id),
+                               min(10.0, left_s or 10.0))
         self._stop = True
         self._wake.set()
         if self._thread is not None:
@@ -704,19 +705,6 @@ class MlflowSink:
                 _spool.remove_folder_if_done(other)
             finally:
                 lock.release()
-
-    @staticmethod
-    def _bounded(fn: Callable[[], Any], timeout: float) -> None:
-        """Run ``fn`` on a helper thread and wait at most ``timeout`` s for it."""
-        def run() -> None:
-            try:
-                fn()
-            except Exception as exc:
-                _log.warning("mlflow_eigencam: %s", exc)
-
-        t = threading.Thread(target=run, daemon=True, name="mlflow-eigencam-bounded")
-        t.start()
-        t.join(timeout)
 
 
 def _lower_thread_priority() -> None:
