@@ -125,7 +125,7 @@ class EigenCAMLogger:
             own_root(Path(spool_dir), create=False)  # a file, or a foreign sub-folder: fail now
         self._n_components = n_components
         self._n_components_used: Optional[int] = None  # clamped to the layer's channels
-        self.n_samples = self._buffer.n_samples
+        self.n_samples: Optional[int] = self._buffer.n_samples
         self.mode_filter = mode_filter(mode)
         self.ds_id_filter = ds_id_filter(ds_id)
         self.colormap = colormap
