@@ -17,6 +17,16 @@ from tests.helpers.oracle import blob_batch
 from tests.helpers.readback import free_port, load_png
 
 
+def load_card(item):
+    """Pixels of the first card of a bundle, decoded when it was stored as PNG bytes."""
+    with Image.open(io.BytesIO(_bytes(item.files["eigencam/eval/val/epoch_0000/sample_0.png"]))) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _bytes(payload):
+    return payload.data() if isinstance(payload, Encoded) else bytes(payload)
+
+
 def _epoch(logger, epoch):
     for b in range(2):
         images, acts, labels, logits = blob_batch(seed=b)
@@ -39,7 +49,13 @@ def test_a_record_holds_the_cards_pixels_once_and_no_grid_pixels(tmp_path):
     assert grid not in header["files"]
     assert header["grids"] == {grid: {"epoch": 0, "mode": "eval", "ds_id": "val", "cards": [
         f"eigencam/eval/val/epoch_0000/sample_{i}.png" for i in range(3)]}}
-    assert len(header["arrays"]) == 3  # one per card: PNG, preview and card share it
+    # At most one pixel array per card (PNG, preview and card share it; a card the sender
+    # encoded before the record was written is stored as PNG bytes), none the grid's size.
+    shapes = [tuple(shape) for _blob, shape in header["arrays"]]
+    assert len(shapes) <= 3 and len(set(shapes)) <= 1, shapes
+    if shapes:
+        card = load_card(item_from_record(bundles[0]))
+        assert shapes[0] == card.shape
     item = item_from_record(bundles[0])
     compose_grids(item)
     assert grid in item.files and item.grids is None
