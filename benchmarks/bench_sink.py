@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace) -> dict:
     import mlflow
 
     import mlflow_eigencam
-    import mlflow_eigencam.sink as sink_mod
+    import mlflow_eigencam._transport as sink_mod
     from mlflow_eigencam import EigenCAMLogger
 
     tmp = Path(args.tmp)

@@ -34,7 +34,7 @@ __all__ = [
 _LAZY = {
     "EigenCAMLogger": ("mlflow_eigencam.logger", "EigenCAMLogger"),
     "EigenCAMWarning": ("mlflow_eigencam.errors", "EigenCAMWarning"),
-    "send_spool": ("mlflow_eigencam.sink", "send_spool"),
+    "send_spool": ("mlflow_eigencam._recovery", "send_spool"),
     "autolog": ("mlflow_eigencam.autolog", "autolog"),
 }
 

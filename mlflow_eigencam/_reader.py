@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import unquote, urlparse
 
-from . import _layout
+from . import _layout, _table
 
 __all__ = ["Reader", "RunSummary", "Table", "card_boxes", "cell_bool", "cell_text",
            "check_tracking_uri"]
 
-_PART = re.compile(r"^epoch_(\d+)\.json$")
 # images/{key with / -> ~}+step+{step}+timestamp+{ms}+{uid}+compressed.webp (and .png)
 _SERIES = re.compile(r"^(?P<key>.+?)\+step\+(?P<step>\d+)\+timestamp\+(?P<ts>\d+)\+"
                      r"(?P<uid>[0-9A-Za-z-]+?)(?P<webp>\+compressed\.webp|\.png)$")
@@ -507,45 +506,21 @@ class Reader:
             ValueError: A file that is not an EigenCAM table.
         """
         main = _layout.table_path(mode, ds_id)
-        folder = f"{_layout.prefix(mode, ds_id)}/table"
         # samples.json and the parts' listing at once, then the parts a few at a time: on a
         # remote server each is a round trip, and one after the other they add up.
         first, listed = self._both(lambda: self.read_or_none(run_id, main),
-                                   lambda: self.listing(run_id, folder))
-        parts = []
-        for f in listed:
-            m = _PART.match(f.path.rsplit("/", 1)[-1])
-            if m and not f.is_dir:
-                parts.append((int(m.group(1)), f.path))
-        paths = [path for _, path in sorted(parts)]
+                                   lambda: self.listing(run_id, _layout.table_parts_dir(mode, ds_id)))
+        paths = _table.part_paths(lambda _folder: listed, mode, ds_id)
         sources: List[Tuple[str, bytes]] = [] if first is None else [(main, first)]
         for path, data in zip(paths, self._map(lambda path: self.read_or_none(run_id, path), paths)):
             if data is not None:
                 sources.append((path, data))
         if not sources:
             raise LookupError(f"run {run_id} has no table {main}")
-        columns: List[str] = []
-        by_key: Dict[Tuple[int, int], dict] = {}
-        for path, data in sources:
-            try:
-                table = json.loads(data.decode("utf-8"))
-                cols = [str(c) for c in table["columns"]]
-                rows = [dict(zip(cols, r)) for r in table["data"]]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"run {run_id}: {path} is not an EigenCAM table ({exc})") from exc
-            missing = [c for c in ("epoch", "sample_id", _layout.TABLE_IMAGE_COLUMN) if c not in cols]
-            if missing:
-                raise ValueError(f"run {run_id}: {path} lacks column(s) {', '.join(missing)}")
-            columns += [c for c in cols if c not in columns]
-            for i, row in enumerate(rows):
-                key = (int(row["epoch"]), int(row.get("sample_index", i)))
-                kept = by_key.get(key)
-                # The first source stands, unless it only says "not rendered" and a later one
-                # has the image.
-                if kept is None or (not kept.get(_layout.TABLE_IMAGE_COLUMN)
-                                    and row.get(_layout.TABLE_IMAGE_COLUMN)):
-                    by_key[key] = row
-        rows = [by_key[k] for k in sorted(by_key)]
+        try:
+            columns, rows = _table.read(sources)
+        except ValueError as exc:
+            raise ValueError(f"run {run_id}: {exc}") from exc
         n_evr = sum(1 for c in columns if re.fullmatch(r"evr_\d+", c))
         return Table(columns, rows, n_evr)
 

@@ -56,6 +56,18 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
 
 
+#: Environment variable that moves the default spool root.
+SPOOL_ENV = "MLFLOW_EIGENCAM_SPOOL_DIR"
+
+
+def default_spool_root() -> Path:
+    """Root folder of spools: ``$MLFLOW_EIGENCAM_SPOOL_DIR`` or ``~/.cache/mlflow_eigencam/spool``."""
+    env = os.environ.get(SPOOL_ENV)
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "mlflow_eigencam" / "spool"
+
+
 class SpoolError(ValueError):
     """A folder that is not a spool of this package, or a record that fails its checks."""
 

@@ -36,14 +36,14 @@ import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import _layout
 from .render import PNGBand, encode_png, render_card
 
-__all__ = ["StreamEpoch", "quantize_maps", "render_stored", "stored_strip", "table_part_paths"]
+__all__ = ["StreamEpoch", "quantize_maps", "render_stored", "stored_strip"]
 
 #: Format of ``maps.npz``'s ``index.json`` (bumped when its meaning changes).
 FORMAT = 1
@@ -92,8 +92,6 @@ class StreamEpoch:
     evr_sum: Optional[np.ndarray] = None
     rows: List[dict] = field(default_factory=list)
     grid_strips: List[np.ndarray] = field(default_factory=list)
-    #: {sample_id: (h, w) float16 PC1 map} of this epoch, for the next epoch's map_change.
-    pc1: Dict[str, np.ndarray] = field(default_factory=dict)
     _index: List[list] = field(default_factory=list)
     _new: Dict[str, str] = field(default_factory=dict)
     _inputs: Dict[str, Path] = field(default_factory=dict)
@@ -224,28 +222,3 @@ def render_stored(read_artifact: Callable[[str], bytes], mode: str, ds_id: Optio
                          sample_id=sid, colormap=index.get("colormap", "jet"),
                          alpha=float(index.get("alpha", 0.5)))
     return encode_png([PNGBand(strip)])
-
-
-def table_part_paths(list_artifacts: Callable[[str], Iterable[Any]], mode: str,
-                     ds_id: Optional[str]) -> List[str]:
-    """Artifact paths of the per-epoch table parts of (mode, ds_id), in epoch order.
-
-    Args:
-        list_artifacts: folder -> its entries: paths (``str``), or objects with ``.path``
-            such as MLflow's ``FileInfo`` (``lambda p: client.list_artifacts(run_id, p)``);
-            may raise FileNotFoundError or return nothing for a missing folder.
-    """
-    folder = _layout.table_parts_dir(mode, ds_id)
-    try:
-        entries = list(list_artifacts(folder))
-    except FileNotFoundError:
-        return []
-    parts = []
-    for entry in entries:
-        path = str(getattr(entry, "path", entry))
-        if "/" not in path:
-            path = f"{folder}/{path}"
-        m = _layout.TABLE_PART_RE.match(path.rsplit("/", 1)[-1])
-        if m and path.startswith(folder + "/"):
-            parts.append((int(m.group(1)), path))
-    return [p for _, p in sorted(parts)]

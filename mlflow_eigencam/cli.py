@@ -8,7 +8,7 @@ from typing import List, Optional
 
 
 def _send_spool(args: argparse.Namespace) -> int:
-    from .sink import send_spool
+    from ._recovery import send_spool
 
     sent, left = send_spool(args.path, tracking_uri=args.tracking_uri, timeout=args.timeout,
                             retarget=args.retarget, report=print)

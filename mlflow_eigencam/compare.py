@@ -329,7 +329,7 @@ def _compare(req: _Request, tracking_uri: Optional[str], reader: Optional[Reader
 
     from ._compare_render import render_html, render_png
     from .render import encode_png
-    from .sink import probe
+    from ._transport import probe
 
     if reader is None:
         uri = check_tracking_uri(str(tracking_uri or mlflow.get_tracking_uri()))

@@ -761,7 +761,7 @@ def _subset_loop(eigh: Any, host: np.ndarray, top: List[int], theta: np.ndarray,
     v = q @ s
     resid = np.linalg.norm(gq @ s - v * w[:, None, :], axis=1)
     good = np.all(resid <= _RESIDUAL_TOL * np.maximum(w[:, -1:], 1e-300), axis=1)
-    for i in np.flatnonzero(~good):
+    for i in map(int, np.flatnonzero(~good)):
         w[i], v[i] = eigh(host[i], subset_by_index=top, driver="evr", check_finite=False)
     theta[:] = w[:, ::-1]
     vec[:] = v[:, :, ::-1]

@@ -8,13 +8,10 @@ that epoch's images.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import json
 import logging
 import numbers
-import re
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,18 +21,21 @@ import uuid
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
-from . import _layout
+from . import _layout, _table
+from ._records import Encoded, Item
+from ._spool import default_spool_root
 from ._streaming import StreamEpoch
-from .eigencam import _check_n_components, eigencam
+from .eigencam import _check_n_components, _lapack_threads, eigencam
+from .errors import EigenCAMWarning, WarnOnce
 from .filters import ds_id_filter, mode_filter
-from .render import (PNGBand, card_geometry, grid_bands, render_card, render_detection_card,
-                     resolve_colormap)
+from .metrics import MapChange
+from .render import PNGBand, card_geometry, render_card, render_detection_card, resolve_colormap
 from .samples import Sample, SampleBuffer
-from .sink import EigenCAMWarning, Encoded, Item, MlflowSink, default_spool_root
+from .sink import MlflowSink, Undelivered
 
 _log = logging.getLogger("mlflow_eigencam")
 
@@ -125,7 +125,7 @@ class EigenCAMLogger:
             own_root(Path(spool_dir), create=False)  # a file, or a foreign sub-folder: fail now
         self._n_components = n_components
         self._n_components_used: Optional[int] = None  # clamped to the layer's channels
-        self.n_samples = self._buffer.n_samples
+        self.n_samples: Optional[int] = self._buffer.n_samples
         self.mode_filter = mode_filter(mode)
         self.ds_id_filter = ds_id_filter(ds_id)
         self.colormap = colormap
@@ -141,8 +141,12 @@ class EigenCAMLogger:
         self._stream_buffer = SampleBuffer(None, label_mapping)
         self._streams: Dict[Key, StreamEpoch] = {}
         self._stream_inputs: Dict[Key, Dict[str, str]] = {}  # run-wide: sample_id -> inputs file
-        # PC1 maps of the previous logged epoch per (mode, ds_id): {sample_id: (h, w)} (drift).
-        self._prev_maps: Dict[Key, Dict[str, np.ndarray]] = {}
+        # Explanation drift per (mode, ds_id) (keeps the previous logged epoch's PC1 maps).
+        self._map_change = MapChange()
+        # Steps logged per (mode, ds_id) by this logger, and what a new fit adds to epochs.
+        self._logged_steps: Dict[Key, Set[int]] = {}
+        self._step_offset = 0
+        self._once = WarnOnce()
         self._target_layer = target_layer
         self._extra_tags = dict(extra_tags or {})
         self._requested_run_id = run_id
@@ -152,14 +156,13 @@ class EigenCAMLogger:
         self._spool_dir = Path(spool_dir) if spool_dir is not None else None
         self._sink: Optional[MlflowSink] = None
         self._tags_submitted = False
-        self._warned: set = set()
         self._closed = False
+        self._report: Optional[Undelivered] = None
         self._tmp_root: Optional[Path] = None
         # Batches and epoch ends may come from several threads: one at a time.
         self._lock = threading.RLock()
         # The run: given, or the one active in this thread (else decided at first use).
         self._resolve_run(first_use=False)
-        _open_loggers.add(self)
 
     @property
     def n_components(self) -> Union[int, float]:
@@ -297,13 +300,75 @@ class EigenCAMLogger:
     # -- epochs --------------------------------------------------------------------------
     def on_epoch_end(self, epoch: int, *, mode: Optional[str] = None,
                      ds_id: Optional[str] = None) -> None:
-        """Log what was kept for every (mode, ds_id) seen (or only the one given); step=epoch.
+        """Log what was kept for every (mode, ds_id) seen (or only the one given) at
+        ``step = epoch + step_offset`` (see :meth:`begin_fit`).
 
         When this returns, the epoch's images, table rows and metrics are on disk in the spool
-        (see docs/server-down.md); the upload happens on a background thread.
+        (see docs/server-down.md); the upload happens on a background thread. A step that was
+        logged already (the same epoch ended twice, a resumed run) is not logged again: the
+        first stands, with one warning (see docs/artifact-layout.md).
         """
         with self._lock:
             self._epoch_end(epoch, mode, ds_id)
+
+    @property
+    def step_offset(self) -> int:
+        """What is added to an epoch to get its MLflow step (0 until :meth:`begin_fit` finds
+        logged epochs)."""
+        return self._step_offset
+
+    @property
+    def last_logged_step(self) -> Optional[int]:
+        """The last step this logger logged, None before the first."""
+        steps = [max(v) for v in self._logged_steps.values() if v]
+        return max(steps) if steps else None
+
+    def begin_fit(self, timeout: float = 5.0) -> int:
+        """A training run (``fit``) starts: its epoch 0 is logged at the step after the last
+        epoch already logged in this run, so a second ``fit`` in one run (two-phase
+        fine-tuning) continues the steps instead of logging epoch 0 again.
+
+        Integrations call it when a fit starts, then pass the framework's own epoch to
+        :meth:`on_epoch_end`. The last logged step is this logger's own, else the run's (its
+        ``eigencam/...`` metrics, asked from MLflow for at most ``timeout`` seconds on a
+        helper thread; when MLflow does not answer, 0 is kept and a repeat is dropped by the
+        sender instead). Returns the new :attr:`step_offset`.
+        """
+        with self._lock:
+            last = self.last_logged_step
+            if last is None:
+                self._resolve_run(first_use=False)
+                last = self._run_last_step(timeout)
+            self._step_offset = 0 if last is None else last + 1
+            return self._step_offset
+
+    def _run_last_step(self, timeout: float) -> Optional[int]:
+        """The last step of the run's EigenCAM metrics (a run another logger wrote to)."""
+        if self._sink is None or self._sink.run_id is None or self._owns_run:
+            return None
+        from . import _transport
+
+        uri = self._tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        run_id = self._sink.run_id
+        found: List[Optional[int]] = []
+
+        def ask() -> None:
+            target = uri
+            if target is None:
+                import mlflow
+
+                target = str(mlflow.get_tracking_uri())
+            if _transport.probe(target):
+                steps = _transport.logged_steps(target, run_id, _layout.ROOT)
+                found.append(max(steps.values()) if steps else None)
+
+        _transport.bounded(ask, timeout)
+        if not found:
+            self._once.warn("begin_fit", f"could not read the logged epochs of run {run_id} "
+                            f"within {timeout} s; steps start at epoch (a repeated epoch is "
+                            f"dropped when sent)", stacklevel=4)
+            return None
+        return found[0]
 
     def _epoch_end(self, epoch: int, mode: Optional[str], ds_id: Optional[str]) -> None:
         keys = [k for k in self._keys() if (mode is None or k[0] == mode)
@@ -321,9 +386,19 @@ class EigenCAMLogger:
                 self._discard(key)
             self._fail(exc, "starting the MLflow run")
             return
+        step = int(epoch) + self._step_offset
         for key in keys:
+            if step in self._logged_steps.get(key, ()):
+                self._discard(key)
+                self._once.warn(("repeat", key), (
+                    f"epoch {epoch} (step {step}) of mode={key[0]!r}, ds_id={key[1]!r} was "
+                    f"logged already; the first stays, this one is not logged (a second fit "
+                    f"in one run continues the steps when its integration calls "
+                    f"begin_fit())"), stacklevel=4)
+                continue
             try:
-                self._log_key(int(epoch), key)
+                self._log_key(step, key)
+                self._logged_steps.setdefault(key, set()).add(step)
             except Exception as exc:
                 self._discard(key)
                 self._fail(exc, f"on_epoch_end(epoch={epoch}, mode={key[0]!r}, ds_id={key[1]!r})")
@@ -339,6 +414,7 @@ class EigenCAMLogger:
 
     def _discard(self, key: Key) -> None:
         self._buffer.take(*key)
+        self._map_change.reset(key, logged=False)
         stream = self._streams.pop(key, None)
         if stream is not None:
             shutil.rmtree(stream.folder, ignore_errors=True)
@@ -351,30 +427,29 @@ class EigenCAMLogger:
         samples = self._buffer.take(mode, ds_id)
         if not samples:
             return
-        with _blas_one_thread():
+        with _lapack_threads(0):  # one BLAS thread for the call, see eigencam._lapack_threads
             result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
         assert self._sink is not None  # _resolve_run made it
         files: Dict[str, Any] = {}
-        bands, rows = [], []
+        cards, rows = [], []
         now = int(time.time() * 1000)
-        previous, current = self._prev_maps.get(key, {}), {}
         for i, s in enumerate(samples):
             evr = result.explained_variance_ratio[i]
-            band = PNGBand(self._strip(s, result.maps[i], evr))
-            bands.append(band)
+            band = PNGBand(self._card(s, result.maps[i], evr))
             # Encoded on the worker, which starts while the next strip is rendered; the one
-            # PNG backs the series point and the strip, and the grid reuses its rows.
+            # PNG backs the series point and the card, and the sender draws the grid from it.
             png, webp = Encoded([band]), Encoded(band.pixels, "webp-preview")
             self._sink.encode_soon(png, webp)
             path = _sample_files(files, mode, ds_id, epoch, s.index, now, png, webp)
-            pc1 = np.array(result.maps[i, 0]) if result.maps.shape[1] else None
-            current[s.sample_id] = pc1
-            rows.append(_row(epoch, s, evr, path, map_change(previous.get(s.sample_id), pc1)))
-        self._prev_maps[key] = current
-        self._finish_epoch(epoch, key, files, bands[: self.grid_max_rows],
+            cards.append(path)
+            pc1 = result.maps[i, 0] if result.maps.shape[1] else None
+            change = self._map_change.update(key, s.sample_id, pc1)
+            rows.append(_table.row(epoch, s, evr, path, change, card_geometry(s.image.shape[:2], len(evr))))
+        self._finish_epoch(epoch, key, files, cards[: self.grid_max_rows],
                            result.explained_variance_ratio.sum(axis=0), len(samples), rows)
+        self._map_change.reset(key, logged=True)
 
-    def _strip(self, s: Sample, maps: np.ndarray, evr: np.ndarray) -> np.ndarray:
+    def _card(self, s: Sample, maps: np.ndarray, evr: np.ndarray) -> np.ndarray:
         if s.pred_boxes is not None or s.label_boxes is not None:  # a detector's boxes
             return render_detection_card(
                 s.image, maps, pred_boxes=s.pred_boxes, true_boxes=s.label_boxes,
@@ -385,30 +460,31 @@ class EigenCAMLogger:
                            correct=s.correct, sample_id=s.sample_id,
                            colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent)
 
-    def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any],
-                      grid_strips: List[Any], evr_sum: np.ndarray, count: int,
-                      rows: List[dict], spool_now: bool = False,
-                      changes: Optional[List[Optional[float]]] = None) -> None:
-        # One bundle per (mode, ds_id, epoch): one upload, one metrics call, tags once per run.
+    def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any], cards: List[str],
+                      evr_sum: np.ndarray, count: int, rows: List[dict]) -> None:
+        """Submit one bundle per (mode, ds_id, epoch): one upload, one metrics call, tags
+        once per run. ``cards``: artifact paths (in ``files``) of the grid's cards, drawn
+        into the grid by the sender."""
         mode, ds_id = key
-        grid = grid_bands(grid_strips, epoch=epoch, mode=mode, ds_id=ds_id)
-        files[_layout.grid_path(mode, ds_id, epoch)] = Encoded(grid)
-        # This epoch's rows only: the sink merges them into the run's table (a resumed run,
-        # a second logger and a retried item all append, dedup by epoch and sample).
-        table_path = _layout.table_path(mode, ds_id)
-        files[table_path] = _table_json(rows)
+        grids = None
+        if cards:
+            grids = {_layout.grid_path(mode, ds_id, epoch): {
+                "epoch": epoch, "mode": mode, "ds_id": ds_id, "cards": list(cards)}}
+        # This epoch's rows only: the sender merges them into the run's table (streamed rows
+        # live in the parts: none here, and the table is still registered for load_table).
+        tables = [_layout.table_path(mode, ds_id)]
+        files[tables[0]] = _table.to_json(rows)
         now = int(time.time() * 1000)
         mean = evr_sum / max(count, 1)
         metrics = [[_layout.metric_key(mode, ds_id, c + 1), float(v), epoch, now]
                    for c, v in enumerate(mean)]
-        if changes is None:
-            changes = [r.get(_layout.TABLE_MAP_CHANGE_COLUMN) for r in rows]
-        changes = [c for c in changes if c is not None]
-        if changes:  # none at the first logged epoch
-            metrics.append([_layout.map_change_key(mode, ds_id), float(np.mean(changes)), epoch, now])
+        change = self._map_change.summary(key)
+        if change is not None:  # none at the first logged epoch
+            metrics.append([_layout.map_change_key(mode, ds_id), change, epoch, now])
+        once = [metrics[0][0], epoch] if metrics else None
         self._submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
-                          tables=[table_path], tags={_layout.MLFLOW_LOGGED_IMAGES: "True"}),
-                     spool_now=spool_now)
+                          tables=tables, tags={_layout.MLFLOW_LOGGED_IMAGES: "True"},
+                          grids=grids, once=once))
 
     # -- streaming (n_samples=None) ------------------------------------------------------
     def _stream_batch(self, mode, ds_id, images, activations, labels, preds, kwargs) -> None:
@@ -423,55 +499,49 @@ class EigenCAMLogger:
                 self._stream_inputs.setdefault(key, {}))
         self._stream_buffer.add(mode, ds_id, images, activations, labels, preds, **kwargs)
         samples = self._stream_buffer.take(mode, ds_id)
-        with _blas_one_thread():
+        with _lapack_threads(0):
             result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
-        # Explanation drift against the previous logged epoch, as in capped mode; this
-        # epoch's PC1 maps are kept (float16, map resolution: 2 h w bytes per sample) for
-        # the next one.
-        previous = self._prev_maps.get(key, {})
+        # Explanation drift against the previous logged epoch, as in capped mode.
         changes = {}
         for i, s in enumerate(samples):
             pc1 = result.maps[i, 0] if result.maps.shape[1] else None
-            changes[s.sample_id] = map_change(previous.get(s.sample_id), pc1)
-            if pc1 is not None:
-                # Scaled to max |m| = 1 first: map_change is scale-free, and a raw map's
-                # values can pass float16's 65504 (activations in the thousands, summed).
-                peak = float(np.max(np.abs(pc1)))
-                scale = 1.0 / peak if np.isfinite(peak) and peak > 0 else 1.0
-                stream.pc1[s.sample_id] = (pc1 * scale).astype(np.float16)
+            changes[s.sample_id] = self._map_change.update(key, s.sample_id, pc1)
         # Copies only: inputs (new sample ids), uint8 maps, ratios; strips for the grid rows.
         stream.add(samples, result.maps, result.explained_variance_ratio,
-                   lambda s, evr: _row(-1, s, evr, "", changes.get(s.sample_id)))
+                   lambda s, evr: _table.row(-1, s, evr, "", changes.get(s.sample_id),
+                                                  card_geometry(s.image.shape[:2], len(evr))))
 
     def _log_stream(self, epoch: int, key: Key, stream: StreamEpoch) -> None:
         mode, ds_id = key
+        assert self._sink is not None
         try:
             files = stream.finish(epoch)
             now = int(time.time() * 1000)
-            bands = []
+            cards = []
             for row, strip in zip(stream.rows, stream.grid_strips):
                 band = PNGBand(strip)
                 png, webp = Encoded([band]), Encoded(band.pixels, "webp-preview")
                 self._sink.encode_soon(png, webp)
                 row[_layout.TABLE_IMAGE_COLUMN] = _sample_files(
                     files, mode, ds_id, epoch, row["sample_index"], now, png, webp)
-                bands.append(band)
+                cards.append(row[_layout.TABLE_IMAGE_COLUMN])
             # This epoch's rows as a part of their own: the table grows by appending.
-            files[_layout.table_part_path(mode, ds_id, epoch)] = _table_json(stream.rows)
+            files[_layout.table_part_path(mode, ds_id, epoch)] = _table.to_json(stream.rows)
             evr_sum = stream.evr_sum if stream.evr_sum is not None else np.zeros(0)
-            # Spooled before returning: the files are paths into the folder deleted below.
-            # No rows for samples.json: streamed rows live in the parts only.
-            self._finish_epoch(epoch, key, files, bands, evr_sum, stream.count, [],
-                               spool_now=True, changes=[r[_layout.TABLE_MAP_CHANGE_COLUMN]
-                                                        for r in stream.rows])
+            # Spooled before returning (submit reads the local files): the files are paths
+            # into the folder deleted below. No rows for samples.json: streamed rows live in
+            # the parts only.
+            self._finish_epoch(epoch, key, files, cards, evr_sum, stream.count, [])
             stream.commit()
-            self._prev_maps[key] = stream.pc1
+            self._map_change.reset(key, logged=True)
         finally:
             shutil.rmtree(stream.folder, ignore_errors=True)
 
     def _pending_root(self) -> Path:
         if self._tmp_root is None:
             self._tmp_root = Path(tempfile.mkdtemp(prefix="mlflow-eigencam-pending-"))
+            # Removed with the logger, or at exit when it was never closed.
+            weakref.finalize(self, shutil.rmtree, str(self._tmp_root), ignore_errors=True)
         return self._tmp_root
 
     # -- MLflow --------------------------------------------------------------------------
@@ -521,42 +591,44 @@ class EigenCAMLogger:
         tags.update({str(k): str(v) for k, v in self._extra_tags.items()})
         return tags
 
-    def _submit(self, item: Item, spool_now: bool = False) -> None:
+    def _submit(self, item: Item) -> None:
         assert self._sink is not None
         if not self._tags_submitted:
             self._tags_submitted = True
             self._sink.submit(Item("tags", self._run_id, self._uri(), tags=self._tags()))
-        self._sink.submit(item, spool_now=spool_now)
+        self._sink.submit(item)
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until MLflow confirmed everything (True) or ``timeout`` seconds passed."""
         return True if self._sink is None else self._sink.flush(timeout)
 
-    def close(self, timeout: Optional[float] = None) -> int:
+    def close(self, timeout: Optional[float] = None) -> Undelivered:
         """Flush (at most ``timeout``, default ``close_timeout`` seconds) and stop.
 
         Returns:
-            What was not delivered: an int (0 when everything arrived) that is an
-            :class:`~mlflow_eigencam.sink.Undelivered` (``.records`` in :attr:`spool_dir`,
-            ``.in_memory``, ``.reason``, ``.message()``); a warning says the same.
+            What was not delivered, an :class:`~mlflow_eigencam.sink.Undelivered`: an int
+            (0 when everything arrived) with ``.records`` (files left in :attr:`spool_dir`),
+            ``.in_memory``, ``.reason`` and ``.message()``; a warning says the same. A second
+            ``close()`` returns the same value.
         """
-        if self._closed:
-            return 0
+        if self._report is not None:
+            return self._report
         self._closed = True
-        left: int = 0
+        report = Undelivered([], 0, None)
         try:
             for key in list(self._streams):
                 self._discard(key)
             if self._sink is not None:
                 # A run the logger created is ended (FINISHED) once all of it arrived.
-                left = self._sink.close(self.close_timeout if timeout is None else timeout,
-                                        end_run=self._owns_run)
+                report = self._sink.close(self.close_timeout if timeout is None else timeout,
+                                          end_run=self._owns_run)
         except Exception as exc:
             self._fail(exc, "close()")
         finally:
             if self._tmp_root is not None:
                 shutil.rmtree(self._tmp_root, ignore_errors=True)
-        return left
+        self._report = report
+        return report
 
     def __enter__(self) -> "EigenCAMLogger":
         return self
@@ -570,55 +642,8 @@ class EigenCAMLogger:
         _log.warning("mlflow_eigencam: %s failed: %s", where, exc, exc_info=exc)
         # Once per kind of failure (numbers masked), so a per-batch error does not flood the log.
         tag = (where.split("(")[0], type(exc).__name__, re.sub(r"\d+", "#", str(exc))[:120])
-        if tag not in self._warned:
-            self._warned.add(tag)
-            warnings.warn(f"mlflow_eigencam: {where} failed ({type(exc).__name__}: {exc}); "
-                          f"skipping these EigenCAM images, training goes on.",
-                          EigenCAMWarning, stacklevel=3)
-
-
-_open_loggers: "weakref.WeakSet[EigenCAMLogger]" = weakref.WeakSet()
-#: Seconds each logger left open at exit may spend sending (its records stay on disk anyway).
-ATEXIT_TIMEOUT = 3.0
-
-
-@atexit.register
-def _close_at_exit() -> None:
-    """A script that never calls close(): send what can be sent in a short while, end the
-    runs the loggers created, and say what is left (it is on disk, see close())."""
-    for logger in list(_open_loggers):
-        if not logger._closed:
-            try:
-                logger.close(timeout=ATEXIT_TIMEOUT)
-            except Exception:
-                pass
-
-
-_blas_limits: Any = None
-
-
-@contextlib.contextmanager
-def _blas_one_thread() -> Iterator[None]:
-    """Run numpy's BLAS/LAPACK on the calling thread only, for the duration of the block.
-
-    Why: after every call that woke them, OpenBLAS's worker threads busy-wait for about
-    0.1 s (measured: 105 ms of CPU after a 3 ms EigenCAM call on (5, 64, 8, 8)). Beside a
-    training loop that already uses every core, that spin is stolen from training each epoch
-    and was most of the logger's measured overhead. The logger's matrices are small, so one
-    thread costs little (5.2 -> 5.9 ms on (16, 2048, 7, 7)). The limit is process-wide
-    (OpenBLAS has one setting), so it is held only for the few milliseconds of the call.
-    """
-    global _blas_limits
-    try:
-        if _blas_limits is None:
-            from threadpoolctl import ThreadpoolController
-
-            _blas_limits = ThreadpoolController().select(user_api="blas")
-        limit = _blas_limits.limit(limits=1)
-    except Exception:  # threadpoolctl missing or failing: correct results, only slower
-        limit = contextlib.nullcontext()
-    with limit:
-        yield
+        self._once.warn(tag, f"mlflow_eigencam: {where} failed ({type(exc).__name__}: {exc}); "
+                             f"skipping these EigenCAM images, training goes on.", stacklevel=3)
 
 
 def _sample_files(files: Dict[str, Any], mode: str, ds_id: Optional[str], epoch: int,
@@ -632,56 +657,3 @@ def _sample_files(files: Dict[str, Any], mode: str, ds_id: Optional[str], epoch:
     files[preview_path] = preview
     files[strip_path] = png
     return strip_path
-
-
-def _row(epoch: int, s: Sample, evr: np.ndarray, path: str,
-         change: Optional[float] = None) -> dict:
-    row = {"epoch": epoch, "sample_index": int(s.index), "sample_id": s.sample_id,
-           "label": s.label, "prediction": s.pred, "correct": s.correct}
-    for c, v in enumerate(evr):
-        row[f"evr_{c + 1}"] = round(float(v), 6)
-    row[_layout.TABLE_MAP_CHANGE_COLUMN] = None if change is None else round(float(change), 6)
-    if s.pred_boxes is not None or s.label_boxes is not None:  # detections: how many boxes
-        counts = (s.pred_boxes, s.label_boxes)
-        for column, boxes in zip(_layout.TABLE_BOX_COLUMNS, counts):
-            row[column] = None if boxes is None else len(boxes)
-    # Where the card's panels are (render_card's own geometry), so readers crop them
-    # without guessing from pixels.
-    row[_layout.TABLE_CARD_COLUMN] = card_geometry(s.image.shape[:2], len(evr))
-    row[_layout.TABLE_IMAGE_COLUMN] = path
-    return row
-
-
-def _table_json(rows: List[dict]) -> bytes:
-    """MLflow's table format (pandas ``orient="split"``), so ``mlflow.load_table`` reads it."""
-    k = max((int(c[4:]) for r in rows for c in r if c.startswith("evr_")), default=0)
-    columns = list(_layout.TABLE_COLUMNS) + [f"evr_{c}" for c in range(1, k + 1)] + \
-        [_layout.TABLE_MAP_CHANGE_COLUMN, _layout.TABLE_CARD_COLUMN, _layout.TABLE_IMAGE_COLUMN]
-    if any(_layout.TABLE_BOX_COLUMNS[0] in r for r in rows):  # a detector's table
-        columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_BOX_COLUMNS
-    data = [[r.get(c) for c in columns] for r in rows]
-    return json.dumps({"columns": columns, "data": data}).encode("utf-8")
-
-
-def map_change(previous: Optional[np.ndarray], current: Optional[np.ndarray]) -> Optional[float]:
-    """Explanation drift of one sample: ``1 - Pearson correlation`` of its PC1 maps at two
-    consecutive logged epochs, at map resolution.
-
-    Args:
-        previous: ``(h, w)`` float map of the previous logged epoch, or None (first epoch).
-        current: ``(h, w)`` float map of this epoch, or None.
-
-    Returns:
-        A float in [0, 2] (0: the same map up to scale and offset), or None when there is
-        nothing to compare (first epoch, no map, or a map of another size). A flat map
-        correlates with nothing: 0 when both are flat, else 1.
-    """
-    if previous is None or current is None or np.shape(previous) != np.shape(current):
-        return None
-    a = np.asarray(previous, dtype=np.float64).ravel()
-    b = np.asarray(current, dtype=np.float64).ravel()
-    a, b = a - a.mean(), b - b.mean()
-    na, nb = float(np.sqrt(a @ a)), float(np.sqrt(b @ b))
-    if na == 0 or nb == 0:
-        return 0.0 if na == nb else 1.0
-    return float(np.clip(1.0 - (a @ b) / (na * nb), 0.0, 2.0))

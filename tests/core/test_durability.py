@@ -209,6 +209,10 @@ def test_resume_in_a_new_process_appends_to_the_table(tracking_uri):
     assert logger.close() == 0
     table = load_json(MlflowClient(), rid, "eigencam/eval/val/samples.json")
     assert [(r[0], r[1]) for r in table["data"]] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    # The epoch logged again is not a second point or image at its step: the first stands.
+    assert [st for st, _ in metric_steps(MlflowClient(), rid, "eigencam/eval/val/evr_1")] == [0, 1, 2]
+    pngs = [f for f in list_all(MlflowClient(), rid, "images") if f.endswith(".png")]
+    assert len(pngs) == 2 * 3  # two samples, three steps, one image each
 
 
 def _epoch(logger, epoch, ds="val"):

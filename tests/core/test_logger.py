@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import statistics
+import threading
 import tracemalloc
+import warnings
 
 import mlflow
 import numpy as np
@@ -13,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_eigencam import EigenCAMLogger, EigenCAMWarning
 from tests.helpers.oracle import blob_batch
 from tests.helpers.readback import image_series, list_all, load_json, load_png, metric_steps
+from tests.helpers.spool import feed_epoch
 
 
 def test_epochs_land_as_keys_steps_grid_table_metrics_tags(tracking_uri):
@@ -261,80 +264,170 @@ def test_twenty_epochs_do_not_grow_memory(tracking_uri):
     assert min(mid - early, late - mid) < 500_000, sizes
 
 
-def test_send_item_sends_a_bundle_that_was_never_spooled(tracking_uri):
-    from mlflow_eigencam.sink import Encoded, Item, send_item
+def _epoch(logger, epoch, seed=0):
+    for b in range(2):
+        images, acts, labels, logits = blob_batch(seed=seed + b)
+        logger.on_batch_end(images, acts, labels, logits, mode="eval", ds_id="val")
+    logger.on_epoch_end(epoch)
 
+
+def _one_per_step(client, rid, steps):
+    """One metric point, one image per sample and one table row per sample at each step."""
+    assert [s for s, _ in metric_steps(client, rid, "eigencam/eval/val/evr_1")] == steps
+    series = image_series(client, rid)
+    assert all(sorted(v) == steps for v in series.values())
+    counts = {}
+    for f in list_all(client, rid, "images"):
+        if f.endswith(".png"):
+            key = f.split("+step+")[0]
+            step = int(f.split("+step+")[1].split("+")[0])
+            counts[(key, step)] = counts.get((key, step), 0) + 1
+    assert set(counts.values()) == {1}, counts
+    table = load_json(client, rid, "eigencam/eval/val/samples.json")
+    keys = [(r[0], r[1]) for r in table["data"]]
+    assert len(keys) == len(set(keys)) and sorted({k[0] for k in keys}) == steps
+
+
+def test_an_epoch_ended_twice_is_logged_once_with_one_warning(tracking_uri):
     client = MlflowClient()
     with mlflow.start_run() as run:
-        pass
+        logger = EigenCAMLogger(n_samples=2)
+        _epoch(logger, 0)
+        with pytest.warns(EigenCAMWarning, match="logged already; the first stays"):
+            _epoch(logger, 0, seed=5)
+            _epoch(logger, 0, seed=7)  # warned once: pytest.warns sees one or more
+        _epoch(logger, 1)
+        assert logger.close() == 0
     rid = run.info.run_id
-    pixels = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
-    send_item(Item("bundle", rid, mlflow.get_tracking_uri(),
-                   files={"eigencam/x/img.png": Encoded(pixels), "eigencam/x/t.json": "{}"},
-                   metrics=[["eigencam/x/evr_1", 0.5, 2, 1000]], tags={"k": "v"}))
-    assert np.array_equal(load_png(client, rid, "eigencam/x/img.png"), pixels)
-    assert metric_steps(client, rid, "eigencam/x/evr_1") == [(2, 0.5)]
-    assert client.get_run(rid).data.tags["k"] == "v"
+    _one_per_step(client, rid, [0, 1])
 
 
-def test_one_image_under_two_names_is_written_once_and_moved_into_a_local_store(tracking_uri, tmp_path):
-    from mlflow_eigencam.sink import Encoded, Item, read_item, send_item, write_item
-
+def test_a_second_fit_continues_the_steps_after_begin_fit(tracking_uri):
     client = MlflowClient()
     with mlflow.start_run() as run:
-        pass
-    rid = run.info.run_id
-    pixels = np.arange(6 * 7 * 3, dtype=np.uint8).reshape(6, 7, 3)
-    image = Encoded(pixels)
-    folder = write_item(tmp_path / "sp", Item("bundle", rid, mlflow.get_tracking_uri(),
-                                               files={"a/one.png": image, "b/two.png": image}))
-    one, two = folder / "files" / "a" / "one.png", folder / "files" / "b" / "two.png"
-    assert one.read_bytes() == two.read_bytes() == image.data()
-    assert one.stat().st_ino == two.stat().st_ino  # a hard link, not a second write
-    send_item(read_item(folder))
-    for path in ("a/one.png", "b/two.png"):
-        assert np.array_equal(load_png(client, rid, path), pixels)
-    assert not one.exists()  # moved into the local artifact store, not copied
-    # A streamed file (a local path) under two names is copied once, too.
-    streamed = tmp_path / "streamed.png"
-    streamed.write_bytes(image.data())
-    folder = write_item(tmp_path / "sp2", Item("bundle", rid, mlflow.get_tracking_uri(),
-                                                files={"c/one.png": streamed, "d/two.png": streamed}))
-    one, two = folder / "files" / "c" / "one.png", folder / "files" / "d" / "two.png"
-    assert one.read_bytes() == two.read_bytes() == image.data()
-    assert one.stat().st_ino == two.stat().st_ino
+        logger = EigenCAMLogger(n_samples=2)
+        assert logger.begin_fit() == 0
+        for epoch in range(2):
+            _epoch(logger, epoch)
+        assert logger.begin_fit() == 2 and logger.step_offset == 2
+        for epoch in range(2):  # the second phase counts from 0 again
+            _epoch(logger, epoch)
+        assert logger.close() == 0
+        # A new logger on the same run (a new callback per fit) learns the steps from MLflow.
+        other = EigenCAMLogger(n_samples=2)
+        assert other.begin_fit() == 4
+        _epoch(other, 0)
+        assert other.close() == 0
+    _one_per_step(client, run.info.run_id, [0, 1, 2, 3, 4])
 
 
-def test_files_are_copied_when_they_cannot_be_moved(tracking_uri, tmp_path, monkeypatch):
-    import os
-
-    from mlflow_eigencam.sink import Item, read_item, send_item, write_item
-
+def test_a_repeat_from_another_logger_is_dropped_by_the_sender(tracking_uri):
     client = MlflowClient()
     with mlflow.start_run() as run:
-        pass
+        first = EigenCAMLogger(n_samples=2)
+        _epoch(first, 0)
+        assert first.close() == 0
+        second = EigenCAMLogger(n_samples=2)  # no begin_fit(): epoch 0 again
+        with pytest.warns(EigenCAMWarning, match="already has epoch 0"):
+            _epoch(second, 0, seed=5)
+            assert second.flush(timeout=60)
+            second.close()
+    _one_per_step(client, run.info.run_id, [0])
+
+
+def test_close_returns_what_was_not_delivered_every_time(tracking_uri):
+    from mlflow_eigencam.sink import Undelivered
+
+    logger = EigenCAMLogger(n_samples=2)
+    first = logger.close()
+    assert isinstance(first, Undelivered) and first == 0 and logger.close() is first
+    with mlflow.start_run():
+        logger = EigenCAMLogger(n_samples=2)
+        _epoch(logger, 0)
+        done = logger.close()
+    assert isinstance(done, Undelivered) and done == 0 and done.records == []
+
+
+def test_epoch_end_from_another_thread_logs_into_the_users_run(tracking_uri):
+    client = MlflowClient()
+    exp = mlflow.get_experiment_by_name("eigencam-tests").experiment_id
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_samples=2)
+        for b in range(2):
+            images, acts, labels, logits = blob_batch(seed=b)
+            logger.on_batch_end(images, acts, labels, logits, mode="eval", ds_id="val")
+        t = threading.Thread(target=logger.on_epoch_end, args=(0,))
+        t.start()
+        t.join()
+        # A whole epoch from a worker thread that has no active run.
+        t = threading.Thread(target=feed_epoch, args=(logger, 1))
+        t.start()
+        t.join()
+        assert logger.close() == 0
+    runs = client.search_runs([exp])
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    series = image_series(client, run.info.run_id)
+    assert all(sorted(s) == [0, 1] for s in series.values()) and len(series) == 2
+
+
+def test_two_loggers_on_one_run_and_two_threads_on_one_logger_never_collide(tracking_uri):
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        a, b = EigenCAMLogger(n_samples=2), EigenCAMLogger(n_samples=2)
+        jobs = [(a, "val"), (b, "test"), (a, "extra")]  # a is fed by two threads
+
+        def work(logger, ds):
+            for epoch in range(3):
+                feed_epoch(logger, epoch, ds)
+
+        threads = [threading.Thread(target=work, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert a.spool_dir != b.spool_dir
+        assert a.close() == 0 and b.close() == 0
     rid = run.info.run_id
-
-    def cross_device(src, dst):
-        raise OSError(18, "Invalid cross-device link")
-
-    folder = write_item(tmp_path / "sp", Item("bundle", rid, mlflow.get_tracking_uri(),
-                                               files={"c/t.json": '{"a": 1}'}))
-    monkeypatch.setattr(os, "replace", cross_device)
-    send_item(read_item(folder))
-    assert load_json(client, rid, "c/t.json") == {"a": 1}
+    series = image_series(client, rid)
+    assert len(series) == 6 and all(sorted(s) == [0, 1, 2] for s in series.values())
+    for ds in ("val", "test", "extra"):
+        rows = load_json(client, rid, f"eigencam/eval/{ds}/samples.json")["data"]
+        assert [(r[0], r[1]) for r in rows] == [(e, i) for e in range(3) for i in range(2)]
 
 
-def test_encode_soon_encodes_on_the_worker_before_the_item_is_submitted(tmp_path):
-    import time
+def test_bad_mode_or_ds_id_at_run_time_warn_once_and_skip(tracking_uri):
+    images, acts, labels, logits = blob_batch()
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_samples=1)
+        with pytest.warns(EigenCAMWarning, match="validation"):
+            logger.on_batch_end(images, acts, labels, logits, mode="validation")
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            logger.on_batch_end(images, acts, labels, logits, mode="validation")
+        assert not [w for w in again if w.category is EigenCAMWarning]
+        with pytest.warns(EigenCAMWarning, match="ds_id must be a string"):
+            logger.on_batch_end(images, acts, labels, logits, mode="eval", ds_id=3)
+        logger.on_batch_end(images, acts, labels, logits, mode="eval")
+        logger.on_epoch_end(0)
+        assert logger.close() == 0
+        strict = EigenCAMLogger(strict=True)
+        with pytest.raises(ValueError, match="validation"):
+            strict.on_batch_end(images, acts, labels, logits, mode="validation")
+        strict.close()
+    assert list(image_series(MlflowClient(), run.info.run_id)) == ["eigencam/eval/all/sample_0"]
 
-    from mlflow_eigencam.sink import Encoded, MlflowSink
 
-    sink = MlflowSink(tmp_path / "sp")
-    images = [Encoded(np.full((4, 4, 3), i, np.uint8)) for i in range(3)]
-    sink.encode_soon(*images)
-    deadline = time.monotonic() + 10
-    while any(im._data is None for im in images) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert all(im._data is not None for im in images)
-    assert sink.close(timeout=5) == 0
+def test_fewer_channels_than_components_clamps_with_one_warning(tracking_uri):
+    images, acts, labels, logits = blob_batch(c=1)
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_samples=2)  # n_components=3 by default
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for epoch in range(2):
+                logger.on_batch_end(images, acts, labels, logits, mode="eval")
+                logger.on_epoch_end(epoch)
+            assert logger.close() == 0
+    ours = [str(w.message) for w in caught if w.category is EigenCAMWarning]
+    assert len(ours) == 1 and "n_components=1" in ours[0], ours
+    client = MlflowClient()
+    assert [s for s, _ in metric_steps(client, run.info.run_id, "eigencam/eval/all/evr_1")] == [0, 1]

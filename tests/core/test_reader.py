@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_eigencam import EigenCAMLogger
 from mlflow_eigencam._reader import Reader, check_tracking_uri
-from mlflow_eigencam.logger import map_change
+from mlflow_eigencam.metrics import map_change
 from tests.helpers import child_env
 from tests.helpers.oracle import blob_batch
 from tests.helpers.readback import metric_steps

@@ -16,8 +16,9 @@ from PIL import Image
 
 from mlflow_eigencam import EigenCAMLogger, _layout, eigencam
 from mlflow_eigencam._reader import Reader
-from mlflow_eigencam._streaming import quantize_maps, render_stored, stored_strip, table_part_paths
-from mlflow_eigencam.logger import map_change
+from mlflow_eigencam._streaming import quantize_maps, render_stored, stored_strip
+from mlflow_eigencam._table import part_paths as table_part_paths
+from mlflow_eigencam.metrics import map_change
 from mlflow_eigencam.samples import SampleBuffer
 from tests.helpers.readback import image_series, list_all, load_json, load_png, metric_steps
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from _yolo_shapes import write_yolo_shapes
 from mlflow_eigencam import _layout
-from mlflow_eigencam.render import render_detection_strip
+from mlflow_eigencam.render import render_detection_card
 from mlflow_eigencam.samples import Boxes
 from mlflow_eigencam.ultralytics import EigenCAMCallback
 from tests.helpers import child_env
@@ -179,7 +179,7 @@ def test_card_shows_the_letterboxed_image_unpadded_with_its_true_box(runs):
                          (runs.data.parent / "labels" / "val" / "val_000.txt").read_text().split())
     truth = np.array([[(xc - w / 2) * 64, (yc - h / 2) * 48, (xc + w / 2) * 64, (yc + h / 2) * 48]])
     names = ("circle", "square", "triangle")
-    expected = render_detection_strip(
+    expected = render_detection_card(
         image, np.zeros((1, 8, 8), np.float32),  # the fused map: one component
         pred_boxes=Boxes(np.zeros((0, 4)), (), np.zeros(0)),
         true_boxes=Boxes(truth, (names[int(cls)],), None),
@@ -188,7 +188,7 @@ def test_card_shows_the_letterboxed_image_unpadded_with_its_true_box(runs):
     assert card.shape == expected.shape
     top, left = card.shape[0] * 2 // 5, card.shape[1] // 2 - 4  # the input tile, title included
     np.testing.assert_array_equal(card[:top, :left], expected[:top, :left])
-    padded = render_detection_strip(np.zeros((64, 64, 3), np.uint8), np.zeros((1, 8, 8), np.float32))
+    padded = render_detection_card(np.zeros((64, 64, 3), np.uint8), np.zeros((1, 8, 8), np.float32))
     assert padded.shape != card.shape
 
 

@@ -1,0 +1,173 @@
+"""The samples table: its rows, its JSON, merging parts into it and reading it back.
+
+One table per (mode, ds_id), in MLflow's own table format (pandas ``orient="split"`` JSON:
+``{"columns": [...], "data": [[...], ...]}``) so ``mlflow.load_table`` reads it:
+``samples.json`` (capped mode, merged into by every bundle) and, in streaming mode, one part
+per epoch (``table/epoch_{e:04d}.json``). The logger builds rows with :func:`row` and
+:func:`to_json`; the sender merges a bundle's rows into the run's table with :func:`merge`;
+readers (``compare``, the explorer) read every source with :func:`read`. Column names and
+paths come from :mod:`._layout`.
+
+**One dedup rule, everywhere: the first row of an (epoch, sample_index) stands.** A later
+row with the same key is dropped, both when the sender merges and when a reader reads
+several sources. Why the first: everything else an epoch leaves in MLflow cannot be replaced
+either, and must agree with the table. MLflow keeps every metric point and every image-series
+file logged at a step (the client can delete neither), so "keep the last" would leave the
+first epoch's metric point and images beside the table's new row. So the sender drops a whole
+bundle that repeats an epoch the run already has (``Item.once``, see :mod:`._transport`), and
+the table keeps the first row too: one row, one image and one metric point per step. A retried
+bundle carries the same rows, so either rule gives the same table for a retry.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _layout
+
+__all__ = ["dumps", "loads", "merge", "part_paths", "read", "row", "to_json"]
+
+Key = Tuple[Any, ...]
+
+
+def row(epoch: int, sample: Any, evr: np.ndarray, path: str,
+        change: Optional[float] = None, card: Optional[dict] = None) -> dict:
+    """One table row ``{column: value}`` for a ``samples.Sample`` at ``epoch``.
+
+    Args:
+        epoch: The logged epoch (the step); -1 while a streamed epoch is in progress.
+        sample: Its ``index``, ``sample_id``, ``label``, ``pred``, ``correct`` and boxes.
+        evr: (k,) float explained-variance ratios.
+        path: The card's artifact path, or ``""`` when it was not rendered (streaming).
+        change: ``map_change`` against the previous logged epoch, None at the first.
+        card: The card's geometry (``render.card_geometry``: size, panel boxes, titles), so
+            readers crop its panels without guessing from pixels.
+    """
+    r = {"epoch": epoch, "sample_index": int(sample.index), "sample_id": sample.sample_id,
+         "label": sample.label, "prediction": sample.pred, "correct": sample.correct}
+    for c, v in enumerate(evr):
+        r[f"evr_{c + 1}"] = round(float(v), 6)
+    r[_layout.TABLE_MAP_CHANGE_COLUMN] = None if change is None else round(float(change), 6)
+    if sample.pred_boxes is not None or sample.label_boxes is not None:  # a detector's
+        for column, boxes in zip(_layout.TABLE_BOX_COLUMNS, (sample.pred_boxes, sample.label_boxes)):
+            r[column] = None if boxes is None else len(boxes)
+    if card is not None:
+        r[_layout.TABLE_CARD_COLUMN] = card
+    r[_layout.TABLE_IMAGE_COLUMN] = path
+    return r
+
+
+def to_json(rows: List[dict]) -> bytes:
+    """Rows as MLflow's table JSON (UTF-8), columns in the layout's order."""
+    k = max((int(c[4:]) for r in rows for c in r if c.startswith("evr_")), default=0)
+    columns = list(_layout.TABLE_COLUMNS) + [f"evr_{c}" for c in range(1, k + 1)] + \
+        [_layout.TABLE_MAP_CHANGE_COLUMN, _layout.TABLE_CARD_COLUMN, _layout.TABLE_IMAGE_COLUMN]
+    if any(_layout.TABLE_BOX_COLUMNS[0] in r for r in rows):  # a detector's table
+        columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_BOX_COLUMNS
+    return dumps({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]})
+
+
+def dumps(table: dict) -> bytes:
+    """A split-orient table dict as UTF-8 JSON."""
+    return json.dumps(table).encode("utf-8")
+
+
+def loads(raw: Any) -> dict:
+    """Parse table JSON (bytes or str) and check its shape.
+
+    Raises:
+        ValueError: not JSON, or not MLflow's split-orient table (columns and equal rows).
+    """
+    data = json.loads(raw if isinstance(raw, str) else bytes(raw).decode("utf-8"))
+    if not (isinstance(data, dict) and isinstance(data.get("columns"), list)
+            and isinstance(data.get("data"), list)
+            and all(isinstance(r, list) and len(r) == len(data["columns"]) for r in data["data"])):
+        raise ValueError("a table file is not MLflow's split-orient JSON")
+    return data
+
+
+def _key(r: dict, fallback: Key) -> Key:
+    epoch, index = r.get("epoch"), r.get("sample_index")
+    return fallback if epoch is None or index is None else (int(epoch), int(index))
+
+
+def merge(old: Optional[dict], new: dict) -> dict:
+    """``old``'s rows, then ``new``'s rows whose (epoch, sample_index) ``old`` lacks (the
+    first row stands, see the module docstring). Columns: ``new``'s, plus any only ``old``
+    had (before the image column)."""
+    if old is None:
+        old = {"columns": [], "data": []}
+    columns = list(new["columns"])
+    for c in old["columns"]:
+        if c not in columns:
+            at = columns.index(_layout.TABLE_IMAGE_COLUMN) if _layout.TABLE_IMAGE_COLUMN in \
+                columns else len(columns)
+            columns.insert(at, c)
+    rows: Dict[Key, dict] = {}
+    for n, table in enumerate((old, new)):
+        for i, values in enumerate(table["data"]):
+            r = dict(zip(table["columns"], values))
+            rows.setdefault(_key(r, ("#", n, i)), r)
+    return {"columns": columns, "data": [[r.get(c) for c in columns] for r in rows.values()]}
+
+
+def read(sources: Sequence[Tuple[str, bytes]]) -> Tuple[List[str], List[dict]]:
+    """Columns and rows of a table kept in several files (``samples.json``, then the parts in
+    epoch order), deduplicated by (epoch, sample_index) (the first row stands) and sorted by
+    that key.
+
+    Raises:
+        ValueError: a source that is not an EigenCAM table (named in the message).
+    """
+    columns: List[str] = []
+    by_key: Dict[Key, dict] = {}
+    for path, data in sources:
+        try:
+            table = loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not an EigenCAM table ({exc})") from exc
+        cols = [str(c) for c in table["columns"]]
+        missing = [c for c in ("epoch", "sample_id", _layout.TABLE_IMAGE_COLUMN) if c not in cols]
+        if missing:
+            raise ValueError(f"{path} lacks column(s) {', '.join(missing)}")
+        columns += [c for c in cols if c not in columns]
+        for i, values in enumerate(table["data"]):
+            r = dict(zip(cols, values))
+            try:
+                key = (int(r["epoch"]), int(r["sample_index"] if r.get("sample_index")
+                                            is not None else i))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}: bad epoch or sample_index in row {i} ({exc})") from exc
+            by_key.setdefault(key, r)
+    return columns, [by_key[k] for k in sorted(by_key)]
+
+
+def part_paths(list_artifacts: Callable[[str], Iterable[Any]], mode: str,
+               ds_id: Optional[str]) -> List[str]:
+    """Artifact paths of the per-epoch table parts of (mode, ds_id), in epoch order.
+
+    Args:
+        list_artifacts: folder -> its entries: paths (``str``), or objects with ``.path``
+            (and ``.is_dir``) such as MLflow's ``FileInfo``
+            (``lambda p: client.list_artifacts(run_id, p)``); may raise FileNotFoundError
+            or return nothing for a missing folder.
+    """
+    folder = _layout.table_parts_dir(mode, ds_id)
+    try:
+        entries = list(list_artifacts(folder))
+    except FileNotFoundError:
+        return []
+    parts = []
+    for entry in entries:
+        if getattr(entry, "is_dir", False):
+            continue
+        path = str(getattr(entry, "path", entry))
+        if "/" not in path:
+            path = f"{folder}/{path}"
+        m = _layout.TABLE_PART_RE.match(path.rsplit("/", 1)[-1])
+        if m and path.startswith(folder + "/"):
+            parts.append((int(m.group(1)), path))
+    return [p for _, p in sorted(parts)]

@@ -1,0 +1,403 @@
+"""Talking to MLflow: the health probe, what an error means, sending one item (a bundle's
+files, table merge and metrics; a set of tags) and creating a run.
+
+Every call here is synchronous and runs on the sender thread (:mod:`.sink`) or in the
+``send-spool`` command (:mod:`._recovery`), never on the training thread. This is the only
+module that imports MLflow's client to write.
+
+Why a health probe: MLflow's own HTTP client retries a down server for minutes. Before sending
+to an ``http(s)://`` tracking URI the sender asks ``/health`` with a short timeout.
+
+What an error means is one explicit :class:`Failure` per :class:`SendError` (no meaning is
+carried by exception subclassing): the sender and ``send-spool`` decide on ``exc.kind``.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from . import _layout, _spool, _table
+from ._records import Encoded, Item, _FILES_DIR, _safe_relative, compose_grids, write_payload
+from ._spool import SpoolError
+
+_log = logging.getLogger("mlflow_eigencam")
+
+__all__ = ["Failure", "SendError", "bounded", "create_run", "end_run", "logged_steps", "probe",
+           "run_status", "send_item"]
+
+
+class Failure(enum.Enum):
+    """What a failed send means for the item."""
+
+    #: The server did not answer (or 5xx): keep the item, retry with backoff.
+    UNREACHABLE = "unreachable"
+    #: MLflow said 401/403: keep the item (never set aside), say so, retry with backoff.
+    REFUSED = "refused"
+    #: Neither the network nor MLflow's verdict: retry a few times, then set the item aside
+    #: (so one bad item cannot hold the others back forever).
+    UNEXPECTED = "unexpected"
+    #: MLflow refused the item for good (bad run id, bad value): set it aside, go on.
+    REJECTED = "rejected"
+    #: The run already has this epoch (a repeated epoch, a resumed run): the item is dropped,
+    #: so the first logged epoch stands (one metric point, one image, one row per step).
+    REPEAT = "repeat"
+
+
+class SendError(Exception):
+    """A send that failed; ``kind`` says what to do with the item."""
+
+    def __init__(self, kind: Failure, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    @property
+    def kept(self) -> bool:
+        """True when the item stays in the spool and is retried (not set aside at once)."""
+        return self.kind in (Failure.UNREACHABLE, Failure.REFUSED, Failure.UNEXPECTED)
+def probe(tracking_uri: str, timeout: float = 2.0) -> bool:
+    """True when ``tracking_uri`` is a local store or an HTTP server that answers ``/health``."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return True
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user's URI)
+            return resp.status < 500
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
+    except Exception:
+        return False
+
+
+_clients: Dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    with _clients_lock:
+        if tracking_uri not in _clients:
+            _clients[tracking_uri] = MlflowClient(tracking_uri=tracking_uri)
+        return _clients[tracking_uri]
+
+
+_AUTH = re.compile(r"\b(401|403)\b|PERMISSION_DENIED|UNAUTHENTICATED|Unauthorized|Forbidden")
+
+
+def _classify(exc: BaseException) -> SendError:
+    """The sender's view of an error from MLflow (or from reading the item)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, SendError):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"[:500]
+    code = getattr(exc, "error_code", "")
+    if _AUTH.search(str(exc)) or code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        return SendError(Failure.REFUSED, text)
+    if isinstance(exc, MlflowException):
+        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "INVALID_STATE",
+                    "BAD_REQUEST"):
+            return SendError(Failure.REJECTED, text)
+        return SendError(Failure.UNREACHABLE, text)
+    if isinstance(exc, SpoolError):
+        return SendError(Failure.REJECTED, text)
+    if isinstance(exc, OSError):  # refused sockets, disk errors on a local store
+        return SendError(Failure.UNREACHABLE, text)
+    if type(exc).__module__.startswith(("requests", "urllib3")):
+        return SendError(Failure.UNREACHABLE, text)
+    if isinstance(exc, (ValueError, TypeError, KeyError)):
+        # What the item holds is wrong: retrying will not help.
+        return SendError(Failure.REJECTED, text)
+    # E.g. "can't register atexit after shutdown": keep the item a few more tries.
+    return SendError(Failure.UNEXPECTED, text)
+
+
+def send_item(item: Item, *, workdir: Optional[Path] = None) -> None:
+    """Send one item to MLflow synchronously (from the sender thread or ``send-spool``).
+
+    Args:
+        item: What to send; ``run_id`` and ``tracking_uri`` must be set.
+        workdir: Folder to lay the upload out in (the spool folder: same filesystem as a
+            local artifact store, so files are moved, not copied); default the system's.
+
+    Raises:
+        SendError: its ``kind`` says whether the item is kept and retried or set aside.
+    """
+    if not item.tracking_uri or not item.run_id:
+        raise SendError(Failure.REJECTED, "item has no tracking URI or run id")
+    if not probe(item.tracking_uri):
+        raise SendError(Failure.UNREACHABLE, f"no answer from {item.tracking_uri}/health")
+    try:
+        client = _client(item.tracking_uri)
+        if item.kind == "bundle":
+            _send_bundle(client, item, workdir)
+        elif item.kind == "tags":
+            _log_batch(client, item.run_id, [], item.tags or {})
+        else:
+            raise SendError(Failure.REJECTED, f"unknown item kind {item.kind!r}")
+    except Exception as exc:
+        raise _classify(exc) from exc
+
+
+_run_locks: Dict[Tuple[str, str], threading.Lock] = collections.defaultdict(threading.Lock)
+_run_locks_lock = threading.Lock()
+#: The table of each (uri, run, path) as this process last uploaded it: merged into, never
+#: replaced (a resumed run, a second logger on the run and a retry all append).
+_table_cache: Dict[Tuple[str, str, str], dict] = {}
+
+
+def _where(item: Item) -> Tuple[str, str]:
+    """(tracking URI, run id) of an item that :func:`send_item` checked has both."""
+    assert item.tracking_uri is not None and item.run_id is not None
+    return item.tracking_uri, item.run_id
+
+
+def _run_lock(item: Item) -> threading.Lock:
+    with _run_locks_lock:
+        return _run_locks[_where(item)]
+
+
+def _send_bundle(client, item: Item, workdir: Optional[Path]) -> None:
+    from mlflow.entities import Metric
+
+    with _run_lock(item):  # one bundle of a run at a time per process: table merges serialise
+        if item.once is not None and _already_logged(client, item):
+            raise SendError(Failure.REPEAT, f"the run already has epoch {item.once[1]} of "
+                                            f"{item.once[0].rsplit('/', 1)[0]}")
+        compose_grids(item)
+        merged: Dict[str, dict] = {}
+        if item.files:
+            staging = _spool.make_staging(workdir)
+            try:
+                files = staging / _FILES_DIR
+                files.mkdir()
+                written: Dict[int, Path] = {}
+                for path, payload in item.files.items():
+                    target = files / _safe_relative(path)
+                    if path in (item.tables or []):
+                        new = _load_table(payload)
+                        merged[path] = _table.merge(_current_table(client, item, path), new)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(_table.dumps(merged[path]))
+                    else:
+                        write_payload(target, payload, written)
+                local = _local_artifact_dir(client, item)
+                if local is not None:
+                    _move_into(files, local)
+                else:
+                    client.log_artifacts(item.run_id, str(files))
+            finally:
+                _spool.remove_staging(staging)
+        for path, table in merged.items():
+            _table_cache[(*_where(item), path)] = table
+        tags = {k: v for k, v in (item.tags or {}).items()
+                if (item.run_id, k, v) not in _tags_set}
+        tables = [p for p in item.tables or [] if (item.run_id, p) not in _registered_tables]
+        if tables:
+            # The tag mlflow.log_table writes, so mlflow.load_table and the UI find the tables.
+            # Read-modify-write of a run tag: once per (run, table) and process.
+            current = json.loads(client.get_run(item.run_id).data.tags.get(
+                _layout.MLFLOW_LOGGED_ARTIFACTS, "[]"))
+            entries = [{"path": p, "type": "table"} for p in tables]
+            if any(e not in current for e in entries):
+                tags[_layout.MLFLOW_LOGGED_ARTIFACTS] = json.dumps(
+                    current + [e for e in entries if e not in current])
+        metrics = [Metric(k, float(v), int(ts), int(s)) for k, v, s, ts in item.metrics or []]
+        _log_batch(client, _where(item)[1], metrics, tags)
+        if item.once is not None:
+            _steps_cache.setdefault((*_where(item), item.once[0]), set()).add(int(item.once[1]))
+        _registered_tables.update((item.run_id, p) for p in tables)
+        _tags_set.update((item.run_id, k, v) for k, v in (item.tags or {}).items())
+
+
+#: Steps of each (uri, run, metric key) that are in MLflow, as this process last knew them.
+_steps_cache: Dict[Tuple[str, str, str], set] = {}
+
+
+def _already_logged(client, item: Item) -> bool:
+    """True when the run already has ``item.once``'s metric at its step: the bundle repeats
+    an epoch that was logged (by this process or another) and must not add a second point,
+    image and table row at that step. Metrics are sent last, so a bundle cut short before
+    them is not taken for a repeat and is sent again whole."""
+    assert item.once is not None
+    key, step = item.once
+    cache = (*_where(item), str(key))
+    if cache not in _steps_cache:
+        _steps_cache[cache] = {int(m.step) for m in client.get_metric_history(item.run_id, key)}
+    return int(step) in _steps_cache[cache]
+
+
+def logged_steps(tracking_uri: str, run_id: str, prefix: str = _layout.ROOT) -> Dict[str, int]:
+    """``{metric key: last step}`` of the run's metrics under ``prefix`` (the EigenCAM ones):
+    what a second ``fit`` in the run continues after."""
+    client = _client(tracking_uri)
+    run = client.get_run(run_id)
+    last: Dict[str, int] = {}
+    for key in run.data.metrics:
+        if key.startswith(prefix + "/"):
+            steps = [int(m.step) for m in client.get_metric_history(run_id, key)]
+            if steps:
+                last[key] = max(steps)
+    return last
+
+
+def _load_table(payload: Any) -> dict:
+    if isinstance(payload, Encoded):
+        payload = payload.data()
+    elif isinstance(payload, Path):
+        payload = payload.read_bytes()
+    try:
+        return _table.loads(payload)
+    except ValueError as exc:
+        raise SendError(Failure.REJECTED, str(exc)) from exc
+
+
+def _current_table(client, item: Item, path: str) -> Optional[dict]:
+    """The run's table at ``path`` as this process last wrote it, else as MLflow has it."""
+    key = (*_where(item), path)
+    if key in _table_cache:
+        return _table_cache[key]
+    local = _local_artifact_dir(client, item)
+    raw: Optional[bytes] = None
+    if local is not None:
+        p = Path(local) / path
+        if p.is_file():
+            raw = p.read_bytes()
+    else:
+        parent = path.rsplit("/", 1)[0] if "/" in path else None
+        if any(f.path == path for f in client.list_artifacts(item.run_id, parent)):
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="mlflow-eigencam-table-") as d:
+                raw = Path(client.download_artifacts(item.run_id, path, d)).read_bytes()
+    if raw is None:
+        return None
+    try:
+        return _table.loads(raw)
+    except ValueError:
+        return None
+
+
+_local_dirs: Dict[Tuple[str, str], Optional[str]] = {}
+
+
+def _local_artifact_dir(client, item: Item) -> Optional[str]:
+    """The run's artifact folder when MLflow keeps artifacts on this machine's disk, else None.
+
+    Asked once per run. Only a plain path or ``file:`` URI counts (what MLflow serves with
+    its ``LocalArtifactRepository``): a server that proxies artifacts (``mlflow-artifacts:``)
+    or a cloud store always goes through ``log_artifacts``.
+    """
+    key = _where(item)
+    if key not in _local_dirs:
+        from urllib.parse import urlparse
+
+        from mlflow.utils.file_utils import local_file_uri_to_path
+
+        uri = client.get_run(item.run_id).info.artifact_uri
+        scheme = urlparse(uri).scheme
+        local = scheme in ("", "file") or (os.name == "nt" and len(scheme) == 1)  # C:\...
+        _local_dirs[key] = local_file_uri_to_path(uri) if local else None
+    return _local_dirs[key]
+
+
+def _move_into(src_dir: Path, dst_dir: str) -> None:
+    """Put the staged files where ``LocalArtifactRepository.log_artifacts`` would copy them.
+
+    A rename each instead of a copy (the staging folder is removed next anyway); across
+    filesystems it copies. The staging folder is ours, so nothing in it is a symlink.
+    """
+    for dirpath, _dirs, names in os.walk(src_dir):
+        rel = os.path.relpath(dirpath, src_dir)
+        target = dst_dir if rel == "." else os.path.join(dst_dir, rel)
+        os.makedirs(target, exist_ok=True)
+        for name in names:
+            src, dst = os.path.join(dirpath, name), os.path.join(target, name)
+            try:
+                os.replace(src, dst)
+            except OSError:  # another filesystem (EXDEV), say
+                shutil.copyfile(src, dst)
+
+
+# What this process already set, per run: a bundle carries them at every epoch, and each costs
+# a server round trip (a sqlite commit on a local store).
+_registered_tables: set = set()
+_tags_set: set = set()
+
+
+def _log_batch(client, run_id: str, metrics: list, tags: Dict[str, str]) -> None:
+    """Metrics and tags in one call (one commit on a local store, one request to a server)."""
+    if metrics or tags:
+        from mlflow.entities import RunTag
+
+        client.log_batch(run_id, metrics=metrics,
+                         tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+
+def create_run(tracking_uri: str, experiment_id: Optional[str]) -> str:
+    """Create a run as ``mlflow.start_run()`` would (active experiment, context tags), but
+    through the client, so it works from any thread and never becomes a thread's active run."""
+    import mlflow
+    from mlflow.tracking.context.registry import resolve_tags
+
+    if not probe(tracking_uri):
+        raise SendError(Failure.UNREACHABLE, f"no answer from {tracking_uri}/health")
+    try:
+        if experiment_id is None:
+            experiment_id = mlflow.tracking.fluent._get_experiment_id()
+        run = _client(tracking_uri).create_run(str(experiment_id or "0"), tags=resolve_tags())
+    except Exception as exc:
+        raise _classify(exc) from exc
+    return run.info.run_id
+
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run the package created as ended (``FINISHED``, ``FAILED`` or ``KILLED``).
+
+    Raises:
+        SendError: as :func:`send_item`.
+    """
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
+    if not probe(tracking_uri):
+        raise SendError(Failure.UNREACHABLE, f"no answer from {tracking_uri}/health")
+    try:
+        _client(tracking_uri).set_terminated(run_id, status=status)
+    except Exception as exc:
+        raise _classify(exc) from exc
+
+
+def run_status(tracking_uri: str, run_id: str) -> Optional[str]:
+    """The run's status (``RUNNING``, ``FINISHED``, ...), or None when it cannot be read."""
+    try:
+        return str(_client(tracking_uri).get_run(run_id).info.status)
+    except Exception:
+        return None
+
+
+def bounded(fn: Callable[[], Any], timeout: float) -> bool:
+    """Run ``fn`` (a call to MLflow) on a helper thread and wait at most ``timeout`` s for it:
+    a hanging server must not hold the caller. Errors are logged, not raised. Returns whether
+    ``fn`` finished in time."""
+    def run() -> None:
+        try:
+            fn()
+        except Exception as exc:
+            _log.warning("mlflow_eigencam: %s", exc)
+
+    t = threading.Thread(target=run, daemon=True, name="mlflow-eigencam-bounded")
+    t.start()
+    t.join(timeout)
+    return not t.is_alive()
