@@ -146,6 +146,7 @@ class EigenCAMLogger:
         # Steps logged per (mode, ds_id) by this logger, and what a new fit adds to epochs.
         self._logged_steps: Dict[Key, Set[int]] = {}
         self._step_offset = 0
+        self._fit_last_step: Optional[int] = None
         self._once = WarnOnce()
         self._target_layer = target_layer
         self._extra_tags = dict(extra_tags or {})
@@ -313,8 +314,8 @@ class EigenCAMLogger:
 
     @property
     def step_offset(self) -> int:
-        """What is added to an epoch to get its MLflow step (0 until :meth:`begin_fit` finds
-        logged epochs)."""
+        """What is added to an epoch to get its MLflow step (0 unless a fit started after
+        :meth:`begin_fit` at an epoch that was logged already)."""
         return self._step_offset
 
     @property
@@ -323,24 +324,29 @@ class EigenCAMLogger:
         steps = [max(v) for v in self._logged_steps.values() if v]
         return max(steps) if steps else None
 
-    def begin_fit(self, timeout: float = 5.0) -> int:
-        """A training run (``fit``) starts: its epoch 0 is logged at the step after the last
-        epoch already logged in this run, so a second ``fit`` in one run (two-phase
-        fine-tuning) continues the steps instead of logging epoch 0 again.
+    def begin_fit(self, timeout: float = 5.0) -> Optional[int]:
+        """A training run (``fit``) starts. Its first epoch decides its steps:
+
+        * it starts after the last step already logged in this run (a resumed fit, Keras'
+          ``initial_epoch``, Lightning's checkpoint): ``step = epoch``, as without this call;
+        * it starts at or before that step (a second ``fit`` in one run, two-phase
+          fine-tuning, which counts from epoch 0 again): its steps continue after the last
+          logged one, ``step = epoch + last + 1 - first_epoch``.
 
         Integrations call it when a fit starts, then pass the framework's own epoch to
         :meth:`on_epoch_end`. The last logged step is this logger's own, else the run's (its
         ``eigencam/...`` metrics, asked from MLflow for at most ``timeout`` seconds on a
-        helper thread; when MLflow does not answer, 0 is kept and a repeat is dropped by the
-        sender instead). Returns the new :attr:`step_offset`.
+        helper thread; when MLflow does not answer, steps are the epochs and a repeat is
+        dropped by the sender instead). Returns that last logged step (None: none yet).
         """
         with self._lock:
             last = self.last_logged_step
             if last is None:
                 self._resolve_run(first_use=False)
                 last = self._run_last_step(timeout)
-            self._step_offset = 0 if last is None else last + 1
-            return self._step_offset
+            self._step_offset = 0
+            self._fit_last_step = last  # applied at the fit's first logged epoch
+            return last
 
     def _run_last_step(self, timeout: float) -> Optional[int]:
         """The last step of the run's EigenCAM metrics (a run another logger wrote to)."""
@@ -386,6 +392,10 @@ class EigenCAMLogger:
                 self._discard(key)
             self._fail(exc, "starting the MLflow run")
             return
+        if self._fit_last_step is not None:  # the first epoch of a fit after begin_fit()
+            if int(epoch) <= self._fit_last_step:
+                self._step_offset = self._fit_last_step + 1 - int(epoch)
+            self._fit_last_step = None
         step = int(epoch) + self._step_offset
         for key in keys:
             if step in self._logged_steps.get(key, ()):

@@ -649,6 +649,12 @@ class EigenCAMCallback(keras.callbacks.Callback):
                 self._logger.set_target_layer(self._target_path)
         self._forward = None  # the model may have changed since the last fit
         self._broken = False
+        try:
+            # A second fit in one run (fine-tuning) continues the steps after the logged
+            # epochs; a resumed one (initial_epoch) keeps its own (EigenCAMLogger.begin_fit).
+            self._logger.begin_fit()
+        except Exception as exc:
+            self._fail(exc, "reading the run's logged epochs")
         if not self.samples:
             self._warnings.warn("no_samples",
                                 "EigenCAMCallback has no samples to explain: pass validation_data= "

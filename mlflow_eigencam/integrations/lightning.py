@@ -221,6 +221,16 @@ class EigenCAMCallback(Callback):
             return self._run_id, self._logger_kwargs.get("tracking_uri")
         return None, None  # the logger takes the active run, else starts one
 
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """A second ``fit`` in one run (fine-tuning) continues the steps after the logged
+        epochs; a resumed one (from a checkpoint) keeps its own (``EigenCAMLogger.begin_fit``)."""
+        if trainer.is_global_zero:
+            self._guard("on_fit_start", self._begin_fit)
+
+    def _begin_fit(self) -> None:
+        if self._monitor is not None:
+            self._monitor.begin_fit()
+
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         """Remove hooks and flush; the next stage builds a new monitor on the same run."""
         self._close_monitor()

@@ -306,18 +306,37 @@ def test_a_second_fit_continues_the_steps_after_begin_fit(tracking_uri):
     client = MlflowClient()
     with mlflow.start_run() as run:
         logger = EigenCAMLogger(n_samples=2)
-        assert logger.begin_fit() == 0
+        assert logger.begin_fit() is None  # nothing logged yet
         for epoch in range(2):
             _epoch(logger, epoch)
-        assert logger.begin_fit() == 2 and logger.step_offset == 2
-        for epoch in range(2):  # the second phase counts from 0 again
+        assert logger.begin_fit() == 1
+        for epoch in range(2):  # the second phase counts from 0 again: steps 2, 3
             _epoch(logger, epoch)
+        assert logger.step_offset == 2
         assert logger.close() == 0
         # A new logger on the same run (a new callback per fit) learns the steps from MLflow.
         other = EigenCAMLogger(n_samples=2)
-        assert other.begin_fit() == 4
+        assert other.begin_fit() == 3
         _epoch(other, 0)
         assert other.close() == 0
+    _one_per_step(client, run.info.run_id, [0, 1, 2, 3, 4])
+
+
+def test_a_resumed_fit_keeps_its_epochs_as_steps(tracking_uri):
+    """A fit that starts after the last logged epoch (Keras' initial_epoch, a checkpoint)
+    logs its epochs at their own steps: begin_fit() shifts only a fit that starts over."""
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_samples=2)
+        logger.begin_fit()
+        for epoch in range(3):
+            _epoch(logger, epoch)
+        assert logger.close() == 0
+        resumed = EigenCAMLogger(n_samples=2)
+        assert resumed.begin_fit() == 2
+        for epoch in (3, 4):
+            _epoch(resumed, epoch)
+        assert resumed.step_offset == 0 and resumed.close() == 0
     _one_per_step(client, run.info.run_id, [0, 1, 2, 3, 4])
 
 

@@ -195,6 +195,21 @@ def test_fit_data_from_autolog_and_a_second_fit(data, tracking_uri):
     assert find_panel(images["eigencam/eval/val/sample_0"][1], upscaled(x[44], 6)) is not None
 
 
+def test_a_second_fit_from_epoch_0_continues_the_steps(data, tracking_uri):
+    """Two-phase fine-tuning: the second fit counts from epoch 0 again; its images and metric
+    points land after the first fit's, never two at one step."""
+    x, y = data
+    model = build_cnn()
+    cb = EigenCAMCallback(validation_data=(x[40:], y[40:]), n_samples=2)
+    with mlflow.start_run() as run:
+        model.fit(x[:32], y[:32], epochs=2, verbose=0, callbacks=[cb])
+        model.fit(x[:32], y[:32], epochs=2, verbose=0, callbacks=[cb])
+    images = logged_images(tracking_uri, run.info.run_id)
+    assert sorted(images["eigencam/eval/val/sample_0"]) == [0, 1, 2, 3]
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eigencam/eval/val/evr_1")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+
+
 def test_validation_and_training_data_use_the_dataset_ids_of_every_integration(data, tracking_uri, tmp_path):
     """validation_data -> ds_id "val", train_data -> "train" (as Lightning logs them), so the
     README's ``compare --ds-id val`` reads a Keras run; the run's tag and ``samples`` agree."""

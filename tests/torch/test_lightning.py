@@ -119,6 +119,18 @@ def test_fit_logs_validation_into_the_mlflow_logger_run(tmp_path, tracking_uri):
     assert [m.training for m in model.modules()] == before
 
 
+def test_a_second_fit_in_one_run_continues_the_steps(tmp_path, tracking_uri):
+    """Two-phase fine-tuning with one callback and a new Trainer per phase, in one run: the
+    second phase's epochs 0, 1 are logged at steps 2, 3 (never two images at one step)."""
+    model = LitShapes()
+    callback = EigenCAMCallback(n_samples=2)
+    with mlflow.start_run() as run:
+        for _ in range(2):
+            _trainer(tmp_path, callback).fit(model, _loader(16), _loader(8))
+    counts = image_counts(MlflowClient(), run.info.run_id)
+    assert counts == {(f"eigencam/eval/val/sample_{i}", s): 1 for i in range(2) for s in range(4)}
+
+
 def test_several_validation_loaders_list_and_dict(tmp_path, tracking_uri):
     callback = EigenCAMCallback(n_samples=1)
     with mlflow.start_run() as run:

@@ -332,6 +332,14 @@ class EigenCAMMonitor:
             if pin is not None and not pin.established and pin.count() > 0:
                 pin.established = True
 
+    def begin_fit(self) -> Optional[int]:
+        """A training phase starts (call it before its first epoch): when it counts epochs
+        from 0 again in a run that holds logged epochs (two-phase fine-tuning), its steps
+        continue after them; a resumed phase keeps its epochs. Returns the run's last logged
+        step (None: none, or a rank other than 0). See ``EigenCAMLogger.begin_fit``."""
+        logger = self._ensure_logger()
+        return None if logger is None else logger.begin_fit()
+
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait for pending uploads; True when everything was sent."""
         logger = self._ensure_logger()
