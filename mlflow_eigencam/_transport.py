@@ -19,11 +19,14 @@ import enum
 import json
 import logging
 import os
+import random
 import re
 import shutil
+import sys
 import threading
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -89,7 +92,35 @@ def _client(tracking_uri: str):
     with _clients_lock:
         if tracking_uri not in _clients:
             _clients[tracking_uri] = MlflowClient(tracking_uri=tracking_uri)
+            _own_randomness(tracking_uri)
         return _clients[tracking_uri]
+
+
+#: MLflow modules that draw retry jitter from the global ``random`` module (the REST client's
+#: backoff, the SQL store's retry of concurrent tag inserts).
+_JITTER_MODULES = ("mlflow.utils.rest_utils", "mlflow.utils.request_utils",
+                   "mlflow.store.tracking.sqlalchemy_store")
+_jitter = random.Random()
+
+
+def _own_randomness(tracking_uri: str = "") -> None:
+    """Give MLflow's retry jitter a generator of its own instead of the global ``random``.
+
+    The sender calls MLflow on a background thread at moments the training loop does not
+    choose; a retry there (a busy server, two writers on one run) drew from the global
+    ``random`` and so changed the user's augmentations mid-epoch (seen with Ultralytics: a
+    different loss in 2 of 8 seeded runs). Jitter needs no reproducibility, so MLflow's
+    modules get a private generator; nothing else about them changes.
+    """
+    if tracking_uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (what this store uses)
+    import mlflow.utils.request_utils  # noqa: F401
+    import mlflow.utils.rest_utils  # noqa: F401
+
+    for name in _JITTER_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "random", None) is random:
+            module.random = _jitter  # type: ignore[attr-defined]
 
 
 _AUTH = re.compile(r"\b(401|403)\b|PERMISSION_DENIED|UNAUTHENTICATED|Unauthorized|Forbidden")
@@ -356,7 +387,13 @@ def create_run(tracking_uri: str, experiment_id: Optional[str]) -> str:
     try:
         if experiment_id is None:
             experiment_id = mlflow.tracking.fluent._get_experiment_id()
-        run = _client(tracking_uri).create_run(str(experiment_id or "0"), tags=resolve_tags())
+        # A name of our own: MLflow's generated names draw from the global `random` (on the
+        # client for local stores), which would change the user's random stream.
+        client = _client(tracking_uri)
+        tags = resolve_tags()
+        name = tags.get("mlflow.runName") or f"eigencam-{uuid.uuid4().hex[:8]}"
+        run = client.create_run(str(experiment_id or "0"), tags=tags, run_name=name)
+
     except Exception as exc:
         raise _classify(exc) from exc
     return run.info.run_id

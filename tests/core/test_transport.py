@@ -125,3 +125,31 @@ def test_create_and_end_a_run(tracking_uri):
     assert _transport.run_status(tracking_uri, rid) == "FAILED"
     with pytest.raises(ValueError, match="FINISHED, FAILED or KILLED"):
         _transport.end_run(tracking_uri, rid, "DONE")
+
+
+def test_the_sender_never_draws_from_the_users_random_stream(tracking_uri):
+    """The sender creates the run and retries on a background thread: MLflow's generated run
+    names and retry jitter drew from the global `random`, changing a seeded training's
+    augmentations at moments it did not choose. The user's stream is left alone."""
+    import random
+
+    import mlflow.store.tracking.sqlalchemy_store as sql_store
+    import mlflow.utils.request_utils as request_utils
+
+    from mlflow_eigencam import EigenCAMLogger
+    from tests.helpers.oracle import blob_batch
+
+    random.seed(1234)
+    before = random.getstate()
+    logger = EigenCAMLogger(n_samples=2)  # no active run: the sender makes one
+    images, acts, labels, logits = blob_batch()
+    logger.on_batch_end(images, acts, labels, logits, mode="eval", ds_id="val")
+    logger.on_epoch_end(0)
+    assert logger.close() == 0
+    assert random.getstate() == before
+    client = MlflowClient()
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name.startswith("eigencam-")
+    # MLflow's retry jitter has its own generator now (a retry is hard to force on demand).
+    assert request_utils.random is not random and sql_store.random is not random
+    assert hasattr(request_utils.random, "random") and hasattr(sql_store.random, "uniform")
