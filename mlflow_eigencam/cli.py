@@ -57,12 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "localhost, [::1] and --host, with --port; others get 403 (DNS "
                         "rebinding)")
     p.set_defaults(func=_ui)
-    try:
-        from .compare import add_compare_parser
-    except ImportError:  # compare not available in this build
-        pass
-    else:
-        add_compare_parser(sub)
+    from .compare import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 

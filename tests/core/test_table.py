@@ -21,11 +21,12 @@ def _table_of(rows):
 
 
 def test_rows_and_json_in_the_layouts_column_order():
-    rows = [_table.row(3, _sample(0), np.array([0.5, 0.25]), "p0.png", 0.1234567)]
+    card = {"size": [10, 20], "boxes": [[0, 0, 10, 10], [10, 0, 10, 10]], "titles": ["input", "PC1"]}
+    rows = [_table.row(3, _sample(0), np.array([0.5, 0.25]), "p0.png", 0.1234567, card)]
     t = _table_of(rows)
     assert t["columns"] == ["epoch", "sample_index", "sample_id", "label", "prediction",
-                            "correct", "evr_1", "evr_2", "map_change", "image"]
-    assert t["data"] == [[3, 0, "s0", "cat", "dog", False, 0.5, 0.25, 0.123457, "p0.png"]]
+                            "correct", "evr_1", "evr_2", "map_change", "card", "image"]
+    assert t["data"] == [[3, 0, "s0", "cat", "dog", False, 0.5, 0.25, 0.123457, card, "p0.png"]]
     boxes = _table_of([_table.row(0, _sample(1, boxes=True), np.array([1.0]), "")])
     assert boxes["columns"][6:8] == ["n_boxes", "n_true_boxes"] and boxes["data"][0][6:8] == [2, None]
 
