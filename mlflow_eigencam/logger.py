@@ -50,6 +50,20 @@ def _package_version() -> str:
     return __version__
 
 
+# The number checks take ``object``: narrowing a ``float`` (``int``) parameter with
+# ``isinstance(x, numbers.Real)`` makes mypy build a float-and-Real intersection class, and
+# that defers checking ``EigenCAMLogger.__init__`` until after the other methods, which then
+# see none of the attributes' types ("Cannot determine type").
+def _is_real(value: object) -> bool:
+    """A real number that is not a bool."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
+def _is_integral(value: object) -> bool:
+    """An integral number that is not a bool."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
 class EigenCAMLogger:
     """Collect samples during an epoch and log EigenCAM overlays to MLflow at its end.
 
@@ -108,10 +122,9 @@ class EigenCAMLogger:
         _check_n_components(n_components, None)
         # Validates n_samples and label_mapping, naming the bad value.
         self._buffer = SampleBuffer(n_samples, label_mapping)
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
+        if not _is_real(alpha) or not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-        if (isinstance(log_every_n_epochs, bool)
-                or not isinstance(log_every_n_epochs, numbers.Integral) or log_every_n_epochs < 1):
+        if not _is_integral(log_every_n_epochs) or log_every_n_epochs < 1:
             raise ValueError(f"log_every_n_epochs must be an int >= 1, got {log_every_n_epochs!r}")
         if image_layout is not None and image_layout not in _LAYOUTS:
             raise ValueError(f"image_layout must be one of {_LAYOUTS} or None, got {image_layout!r}")
@@ -264,7 +277,7 @@ class EigenCAMLogger:
         images = np.asarray(images)
         self._clamp_components(activations)
         per_image = _PER_IMAGE_LAYOUT[self._image_layout(images)] if images.ndim == 4 else None
-        kwargs = dict(image_layout=per_image, channels_last=self.channels_last)
+        kwargs: Dict[str, Any] = dict(image_layout=per_image, channels_last=self.channels_last)
         if self.n_samples is None:
             self._stream_batch(mode, ds_id, images, activations, labels, preds, kwargs)
         else:
@@ -555,7 +568,7 @@ class EigenCAMLogger:
         return self._tmp_root
 
     # -- MLflow --------------------------------------------------------------------------
-    def _uri(self) -> str:
+    def _uri(self) -> Optional[str]:
         return self._tracking_uri  # set by _resolve_run (None: the sender decides)
 
     def _resolve_run(self, *, first_use: bool) -> None:

@@ -73,7 +73,7 @@ def render_card(
     image: np.ndarray,
     maps: np.ndarray,
     *,
-    explained_variance: Optional[Sequence[float]] = None,
+    explained_variance: Union[Sequence[float], np.ndarray, None] = None,
     label: Optional[str] = None,
     pred: Optional[str] = None,
     colormap: Union[str, int] = "jet",
