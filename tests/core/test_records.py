@@ -208,3 +208,20 @@ def test_a_planted_record_taken_over_by_a_live_logger_is_refused_and_reported(tr
     assert data.tags.get("mlflow.user") != "mallory"
     assert [f.path for f in client.list_artifacts(rid, "model")] == []
     assert "eigencam/eval/val/evr_1" in data.metrics
+
+
+def test_a_bad_extra_tags_key_is_left_out_alone(tracking_uri):
+    """One key MLflow rejects made it reject the whole tags record, and with it every run tag
+    of the package; a key in MLflow's namespace would make the sender refuse the record.
+    Each such key is now left out alone, with a warning that names it."""
+    with pytest.warns(EigenCAMWarning) as caught:
+        logger = EigenCAMLogger(n_samples=2, extra_tags={"team": "vision", "bad key!": "x",
+                                                         "mlflow.user": "me"})
+    said = " ".join(str(w.message) for w in caught)
+    assert "'bad key!'" in said and "'mlflow.user'" in said and "'team'" not in said
+    with mlflow.start_run() as run:
+        _epoch(logger, 0)
+        assert logger.close() == 0
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags["team"] == "vision" and _layout.TAG_VERSION in tags
+    assert "bad key!" not in tags and tags.get("mlflow.user") != "me"
