@@ -46,3 +46,32 @@ def test_items_of_a_run_deleted_mid_training_are_counted_not_delivered(tracking_
     assert left == 2 and len(left.set_aside) == 2 and left.records == []
     assert all(p.is_file() and p.parent.name == "failed" for p in left.set_aside)
     assert "2 item(s) were NOT delivered" in left.message()
+
+
+def test_the_log_after_a_403_says_how_long_uploads_were_refused(tracking_uri, caplog):
+    """It printed the machine's uptime (time since 0 on the monotonic clock) before."""
+    import logging
+    import re
+
+    import mlflow
+    import pytest
+
+    from mlflow_eigencam import EigenCAMWarning
+    from mlflow_eigencam._records import Item
+    from mlflow_eigencam._transport import Failure, SendError
+
+    with mlflow.start_run() as run:
+        pass
+    sink = MlflowSink(run_id=run.info.run_id, tracking_uri=tracking_uri)
+    with pytest.warns(EigenCAMWarning, match="credentials"):
+        sink._mark_down(SendError(Failure.REFUSED, "403 PERMISSION_DENIED"))  # what a 403 does
+        sink._warn_pending(stacklevel=1)
+    time.sleep(0.3)
+    with caplog.at_level(logging.WARNING, logger="mlflow_eigencam"):
+        sink.submit(Item("tags", run.info.run_id, tracking_uri,
+                         tags={"mlflow_eigencam.version": "x"}))
+        assert sink.close(timeout=60) == 0
+    said = [r.getMessage() for r in caplog.records if "again after" in r.getMessage()]
+    assert said and "accepts uploads again" in said[0], said
+    seconds = float(re.search(r"after ([0-9.]+) s", said[0]).group(1))
+    assert 0.3 <= seconds < 60, said
