@@ -7,6 +7,7 @@ the docs agree on one layout.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 import types
 from typing import Mapping, Optional
@@ -209,3 +210,67 @@ def parse_run_ref(text: str) -> tuple[str, bool]:
         return value, False
     raise ValueError(f"not a run id: {value!r} (expected letters, digits, '_' or '-', at most "
                      "64, or a prefix of 4+ hex digits)")
+
+
+# -- what a spool record may hold: only what the logger writes ---------------------------------
+# Built from the builders' own pieces (ROOT, safe_segment's alphabet, the image-series stem),
+# so a record read back from an untrusted spool can name nothing else in the run (a planted
+# record must not overwrite ``model/MLmodel`` or ``mlflow.user``).
+
+_SEG = r"[A-Za-z0-9_\-]+"  # what safe_segment returns
+#: Under the (mode, ds_id) prefix: names of ``[A-Za-z0-9_-]`` with dotted suffixes, no
+#: ``..`` or hidden names (epoch folders, grids, strips, tables, streamed files).
+_OWN_PATH = re.compile(
+    rf"^{re.escape(ROOT)}/{_SEG}/{_SEG}(?:/[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*)+$")
+#: An image-series point of one of the package's sample keys (:func:`image_series_files`).
+_OWN_SERIES = re.compile(
+    rf"^images/{re.escape(ROOT)}~{_SEG}~{_SEG}~sample_\d+\+step\+-?\d+\+timestamp\+\d+"
+    rf"\+[A-Za-z0-9\-]+(?:\.png|\+compressed\.webp)$")
+_OWN_METRIC = re.compile(rf"^{re.escape(ROOT)}/{_SEG}/{_SEG}/(?:evr_\d+|map_change)$")
+#: The package's tag namespace (``mlflow_eigencam.version``, ``mlflow_eigencam.step``, ...).
+TAG_NAMESPACE = "mlflow_eigencam."
+_OWN_TAG = re.compile(rf"^{re.escape(TAG_NAMESPACE)}[A-Za-z0-9_]+$")
+#: MLflow's reserved tag namespace (``mlflow.user``, ``mlflow.source.name``, ...).
+MLFLOW_TAG_NAMESPACE = "mlflow."
+#: What MLflow accepts as a tag key (``mlflow.utils.validation``): slashes, alphanumerics,
+#: ``_ - . :`` and spaces, at most 250 characters, no ``..``, no leading ``/``.
+_MLFLOW_TAG_KEY = re.compile(r"^[/\w.\- :]{1,250}$")
+
+
+def is_own_artifact_path(path: str) -> bool:
+    """True for an artifact path the logger writes: under ``eigencam/{mode}/{ds_id}/`` or an
+    image-series point of ``eigencam/{mode}/{ds_id}/sample_{i}`` (see
+    :func:`image_series_files`)."""
+    return isinstance(path, str) and (bool(_OWN_PATH.match(path))
+                                      or bool(_OWN_SERIES.match(path)))
+
+
+def is_own_metric_key(key: str) -> bool:
+    """True for a metric the logger writes: ``eigencam/{mode}/{ds_id}/evr_{k}`` or
+    ``.../map_change``."""
+    return isinstance(key, str) and bool(_OWN_METRIC.match(key))
+
+
+def is_own_tag_key(key: str) -> bool:
+    """True for a tag the package writes itself: its namespace ``mlflow_eigencam.*``
+    (:data:`TAG_VERSION` ...) and MLflow's :data:`MLFLOW_LOGGED_IMAGES`.
+    (:data:`MLFLOW_LOGGED_ARTIFACTS` is read and set by the sender, never spooled.)"""
+    return isinstance(key, str) and (bool(_OWN_TAG.match(key)) or key == MLFLOW_LOGGED_IMAGES)
+
+
+def user_tag_problem(key: object) -> Optional[str]:
+    """Why ``key`` cannot be a user's extra run tag (``extra_tags=``), or None when it can.
+
+    A user tag must be a key MLflow accepts, and lie outside MLflow's reserved ``mlflow.``
+    namespace (``mlflow.user``, ``mlflow.source.name``: a spool record must never change
+    them). Keys in the package's ``mlflow_eigencam.`` namespace are allowed (integrations add
+    theirs, such as ``mlflow_eigencam.step``)."""
+    if not isinstance(key, str) or not _MLFLOW_TAG_KEY.match(key):
+        return ("not a tag key MLflow accepts (1 to 250 of letters, digits, '_', '-', '.', "
+                "':', ' ', '/')")
+    norm = posixpath.normpath(key)
+    if norm != key or norm.startswith(("..", "/")) or norm == ".":
+        return "not a tag key MLflow accepts (a path that resolves elsewhere)"
+    if key.startswith(MLFLOW_TAG_NAMESPACE):
+        return f"MLflow's own namespace {MLFLOW_TAG_NAMESPACE!r} is not for extra tags"
+    return None

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _spool
+from . import _layout, _spool
 from ._spool import SpoolError
 
 _FILES_DIR = "files"
@@ -109,6 +109,33 @@ class Encoded:
                 self._lock.release()
 
 
+class ForeignRecord(SpoolError):
+    """A well-formed record that holds something the logger never writes (an artifact path
+    outside the package's folders, MLflow's own tags, a metric of another name): refused,
+    set aside in ``failed/`` and reported, never sent."""
+
+
+def foreign_parts(item: Item) -> List[str]:
+    """What of ``item`` the logger would never write, as short descriptions (empty: none).
+
+    A record may hold only the package's artifact paths, metric names and tags
+    (:func:`_layout.is_own_artifact_path`, :func:`_layout.is_own_metric_key`,
+    :func:`_layout.is_own_tag_key`) and a user's extra tags outside MLflow's ``mlflow.``
+    namespace (:func:`_layout.user_tag_problem`)."""
+    out = [f"artifact {p!r}" for p in [*(item.files or {}), *(item.grids or {})]
+           if not _layout.is_own_artifact_path(p)]
+    out += [f"metric {m[0]!r}" for m in item.metrics or []
+            if not _layout.is_own_metric_key(m[0])]
+    if item.once is not None and not _layout.is_own_metric_key(item.once[0]):
+        out.append(f"metric {item.once[0]!r}")
+    for key, value in (item.tags or {}).items():
+        if key == _layout.MLFLOW_LOGGED_IMAGES and value != "True":
+            out.append(f"tag {key!r}={value[:40]!r}")
+        elif not _layout.is_own_tag_key(key) and _layout.user_tag_problem(key) is not None:
+            out.append(f"tag {key!r}")
+    return out
+
+
 def _safe_relative(path: str) -> Path:
     rel = Path(path)
     if (not isinstance(path, str) or rel.is_absolute() or ".." in rel.parts or not rel.parts
@@ -187,7 +214,8 @@ def item_from_record(path: Path) -> Item:
     """Load a record written by :meth:`MlflowSink.submit`, checking every field.
 
     Raises:
-        SpoolError: the record is damaged, a symlink, or holds something it should not.
+        ForeignRecord: a well-formed record holding what the logger never writes.
+        SpoolError: the record is damaged, a symlink, or malformed.
     """
     from .render import PNGBand
 
@@ -265,9 +293,16 @@ def item_from_record(path: Path) -> Item:
                                  and isinstance(once[0], str) and isinstance(once[1], int)):
         raise bad(f"bad once entry {once!r}")
     uri = header.get("tracking_uri")
-    return Item(header["kind"], run_id, uri if isinstance(uri, str) else None,
+    item = Item(header["kind"], run_id, uri if isinstance(uri, str) else None,
                 files=files or None, metrics=metrics or None, tables=tables or None,
                 tags=tags or None, grids=grids or None, once=once)
+    foreign = foreign_parts(item)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                          else "")
+        raise ForeignRecord(f"{path.name}: refused: holds what mlflow_eigencam never writes: "
+                            f"{shown}")
+    return item
 
 
 def _good_grid(path: Any, grid: Any, files: Dict[str, Any]) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Set, Tuple
 
 from . import _spool, _transport
-from ._records import RUN_ID as _RUN_ID, item_from_record
+from ._records import RUN_ID as _RUN_ID, ForeignRecord, item_from_record
 from ._spool import SpoolError, default_spool_root
 from ._transport import Failure, SendError
 
@@ -111,7 +111,9 @@ def send_spool(spool: str | os.PathLike | None = None, *, tracking_uri: Optional
         report: Called with one line per folder (the CLI prints them).
 
     Returns:
-        (sent, left): items sent and items still waiting.
+        (sent, left): items sent, and items not in MLflow after this call: those still
+        waiting plus those this call set aside in ``failed/`` (rejected by MLflow, a deleted
+        run, or refused as holding what the logger never writes).
 
     Raises:
         SpoolError: no destination, or ``spool`` is not a spool of this package.
@@ -140,13 +142,22 @@ def send_spool(spool: str | os.PathLike | None = None, *, tracking_uri: Optional
         links = _spool.symlinked_entries(folder)
         if links:
             say(f"{folder}: symlinks not followed: {', '.join(links)}")
+        odd = _spool.odd_entries(folder)
+        if odd:
+            say(f"{folder}: not regular files, never opened: {', '.join(odd)}")
         if timeout is not None and time.monotonic() - start > timeout:
+            left += len(records)
+            continue
+        problem = _spool.failed_dir_problem(folder)
+        if problem:
+            say(f"{folder}: skipped: {problem}, so nothing could be set aside safely; "
+                f"{len(records)} item(s) kept")
             left += len(records)
             continue
         lock = _spool.FolderLock(folder)
         try:
             got = lock.acquire()
-        except OSError as exc:
+        except (OSError, SpoolError) as exc:
             say(f"{folder}: cannot lock ({exc}); skipped")
             left += len(records)
             continue
@@ -180,24 +191,44 @@ def _send_folder(folder: Path, records: List[Path], dest: str, retarget: bool,
     if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.match(run_id)):
         say(f"{folder}: refused: bad run id {run_id!r}")
         return 0, len(records)
-    sent = 0
+    sent = aside = 0
+
+    def put_aside(path: Path, why: str, what: str) -> int:
+        """Set one record aside in ``failed/`` (it is not in MLflow: counted as left)."""
+        try:
+            kept = _spool.set_aside(folder, path, why)
+        except (OSError, SpoolError) as exc:
+            say(f"{path.name}: {what} ({why}); cannot set it aside ({exc}), left in place")
+            return 0
+        say(f"{path.name}: {what} ({why}); set aside in {kept.parent}")
+        return 1
+
     for i, path in enumerate(records):
         if timeout is not None and time.monotonic() - start > timeout:
-            return sent, len(records) - i
+            return sent, len(records) - i + aside
         try:
             item = item_from_record(path)
+        except ForeignRecord as exc:
+            aside += put_aside(path, str(exc), "refused, nothing of it sent")
+            continue
         except (OSError, SpoolError) as exc:
             say(f"{path}: refused: {exc}")
             continue
         if item.run_id is not None and run_id is not None and item.run_id != run_id:
-            say(f"{path}: refused: names run {item.run_id}, its folder is for run {run_id}")
+            aside += put_aside(path, f"names run {item.run_id}, its folder is for run {run_id}",
+                               "refused, nothing of it sent")
             continue
         if run_id is None:
             try:
-                run_id = _transport.create_run(dest, info.get("experiment_id"))
+                # The experiment that was active when the logger started; an id recorded
+                # for another server (--retarget) means nothing here.
+                same = not recorded or recorded == dest
+                run_id = _transport.create_run(
+                    dest, info.get("experiment_id") if same else None,
+                    info.get("experiment_name") if same else None)
             except SendError as exc:
                 say(f"{folder}: cannot create a run at {dest}: {exc}")
-                return sent, len(records) - i
+                return sent, len(records) - i + aside
             info.update(run_id=run_id, tracking_uri=dest, creates_run=True)
             _spool.write_json(folder, _spool.RUN_FILE, info)
             say(f"{folder}: created run {run_id} at {dest}")
@@ -210,21 +241,22 @@ def _send_folder(folder: Path, records: List[Path], dest: str, retarget: bool,
                 _spool._unlink_quiet(path)
                 continue
             if exc.kind is Failure.REJECTED:
-                kept = _spool.set_aside(folder, path, str(exc))
-                say(f"{path.name}: rejected by MLflow ({exc}); kept in {kept.parent}")
+                aside += put_aside(path, str(exc), "rejected by MLflow, NOT delivered")
                 continue
             say(f"{folder}: stopped: {exc}; {len(records) - i} item(s) kept")
-            _end_created_run(folder, info, run_id, dest, len(records) - i, say)
-            return sent, len(records) - i
+            _end_created_run(folder, info, run_id, dest, len(records) - i + aside, say)
+            return sent, len(records) - i + aside
         _spool._unlink_quiet(path)
         sent += 1
     _spool.fsync_dir(folder)
     remaining = len(_spool.record_paths(folder))
-    say(f"{folder}: run {run_id} at {dest}: sent {sent}, {remaining} left")
-    _end_created_run(folder, info, run_id, dest, remaining, say)
+    say(f"{folder}: run {run_id} at {dest}: sent {sent}, {remaining} left"
+        + (f", {aside} set aside in {folder / _spool.FAILED_DIR} (NOT delivered)" if aside
+           else ""))
+    _end_created_run(folder, info, run_id, dest, remaining + aside, say)
     if not remaining:
         _spool.remove_folder_if_done(folder)
-    return sent, remaining
+    return sent, remaining + aside
 
 
 def _end_created_run(folder: Path, info: dict, run_id: Optional[str], dest: str, left: int,

@@ -54,6 +54,7 @@ _MARKER_TEXT = ("This folder was created by mlflow_eigencam to keep items not ye
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 #: Environment variable that moves the default spool root.
@@ -143,7 +144,7 @@ def new_folder(root: Path, run_id: Optional[str], uid: str) -> Path:
 
 def _fsync(path: Path, flags: int) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | flags)
+        fd = os.open(path, os.O_RDONLY | flags | _NONBLOCK)
     except OSError:  # gone (a record already sent), or a folder that cannot be opened
         return
     try:
@@ -218,9 +219,15 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def _read_regular(path: Path, limit: int) -> bytes:
+def _open_regular(path: Path, flags: int) -> int:
+    """Open ``path`` only if it is a regular file (no symlink followed).
+
+    ``O_NONBLOCK`` for the open itself: opening a FIFO for reading blocks until a writer
+    comes, which a planted FIFO never does (it hung ``send-spool`` and every new logger on
+    the root). The flag is cleared once the file is known to be regular.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _BINARY)
+        fd = os.open(path, flags | _NOFOLLOW | _BINARY | _NONBLOCK)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise SpoolError(f"{path} is a symlink; not followed") from exc
@@ -228,7 +235,46 @@ def _read_regular(path: Path, limit: int) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise SpoolError(f"{path} is not a regular file")
+            raise SpoolError(f"{path} is not a regular file ({_kind(st.st_mode)}); skipped")
+        if _NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def odd_entries(folder: Path) -> List[str]:
+    """Names in ``folder`` that are neither regular files, folders nor symlinks (FIFOs,
+    sockets, devices): never opened, reported and skipped."""
+    out = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for e in entries:
+        try:
+            mode = e.stat(follow_symlinks=False).st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            out.append(f"{e.name} ({_kind(mode)})")
+    return sorted(out)
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    fd = _open_regular(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
         if st.st_size > limit:
             raise SpoolError(f"{path} is larger than {limit} bytes")
         chunks, size = [], 0
@@ -367,10 +413,36 @@ def child_folders(root: Path) -> Iterator[Path]:
             yield Path(e.path)
 
 
+def failed_dir_problem(folder: Path) -> Optional[str]:
+    """Why records of ``folder`` cannot be set aside in its ``failed/`` (a symlink, a file or
+    a folder that is not ours stands there), or None (absent, or our marked folder)."""
+    failed = folder / FAILED_DIR
+    try:
+        mode = os.lstat(failed).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{failed}: {exc}"
+    if stat.S_ISLNK(mode):
+        return f"{failed} is a symlink (not followed)"
+    if not stat.S_ISDIR(mode):
+        return f"{failed} is {_kind(mode)}, not a folder"
+    if not is_marked(failed) and any(True for _ in os.scandir(failed)):
+        return f"{failed} is a folder that mlflow_eigencam did not make"
+    return None
+
+
 def set_aside(folder: Path, record: Path, reason: str) -> Path:
-    """Move a record MLflow refused for good into ``folder/failed/`` with a note; returns it."""
+    """Move a record MLflow refused for good into ``folder/failed/`` with a note; returns it.
+
+    Raises:
+        SpoolError: ``failed`` is a symlink, a file or a folder that is not ours.
+    """
     failed = folder / FAILED_DIR
     if not is_marked(failed):
+        problem = failed_dir_problem(folder)
+        if problem:
+            raise SpoolError(problem)
         failed.mkdir(exist_ok=True)
         if os.path.islink(failed) or not failed.is_dir():
             raise SpoolError(f"{failed} is not a folder of ours")
@@ -396,7 +468,17 @@ class FolderLock:
             import fcntl
         except ImportError:  # Windows: no cross-process lock; best effort
             return True
-        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+        path = self.folder / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _NONBLOCK, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SpoolError(f"{path} is a symlink; not followed") from exc
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise SpoolError(f"{path} is {_kind(st.st_mode)}, not a lock file of ours")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -36,7 +36,7 @@ from ._spool import SpoolError
 
 _log = logging.getLogger("mlflow_eigencam")
 
-__all__ = ["Failure", "SendError", "bounded", "create_run", "end_run", "logged_steps", "probe",
+__all__ = ["Failure", "SendError", "active_experiment", "bounded", "create_run", "end_run", "logged_steps", "probe",
            "run_status", "send_item"]
 
 
@@ -376,15 +376,37 @@ def _log_batch(client, run_id: str, metrics: list, tags: Dict[str, str]) -> None
                          tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
 
 
-def create_run(tracking_uri: str, experiment_id: Optional[str]) -> str:
+def active_experiment() -> Tuple[Optional[str], Optional[str]]:
+    """(id, name) of the experiment a new run would go to in this process, as far as it is
+    known without a request: ``mlflow.set_experiment``'s choice (when mlflow is imported),
+    else ``$MLFLOW_EXPERIMENT_ID`` / ``$MLFLOW_EXPERIMENT_NAME``. Recorded in the spool when
+    the logger starts, so a run ``send-spool`` creates later lands there, not in Default."""
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    exp_id = getattr(fluent, "_active_experiment_id", None) if fluent is not None else None
+    exp_id = exp_id or os.environ.get("MLFLOW_EXPERIMENT_ID") or None
+    name = None if exp_id else (os.environ.get("MLFLOW_EXPERIMENT_NAME") or None)
+    return (str(exp_id) if exp_id else None), name
+
+
+def create_run(tracking_uri: str, experiment_id: Optional[str],
+               experiment_name: Optional[str] = None) -> str:
     """Create a run as ``mlflow.start_run()`` would (active experiment, context tags), but
-    through the client, so it works from any thread and never becomes a thread's active run."""
+    through the client, so it works from any thread and never becomes a thread's active run.
+
+    ``experiment_id`` (else the experiment named ``experiment_name``, else this process's
+    active experiment) is where the run goes."""
     import mlflow
     from mlflow.tracking.context.registry import resolve_tags
 
     if not probe(tracking_uri):
         raise SendError(Failure.UNREACHABLE, f"no answer from {tracking_uri}/health")
     try:
+        if experiment_id is None and experiment_name:
+            exp = _client(tracking_uri).get_experiment_by_name(experiment_name)
+            if exp is None:
+                raise SendError(Failure.REJECTED,
+                                f"no experiment named {experiment_name!r} at {tracking_uri}")
+            experiment_id = exp.experiment_id
         if experiment_id is None:
             experiment_id = mlflow.tracking.fluent._get_experiment_id()
         # A name of our own: MLflow's generated names draw from the global `random` (on the

@@ -13,7 +13,8 @@ def _send_spool(args: argparse.Namespace) -> int:
     sent, left = send_spool(args.path, tracking_uri=args.tracking_uri, timeout=args.timeout,
                             retarget=args.retarget, report=print)
     where = args.path or "the spool root"
-    print(f"sent {sent} item(s); {left} left in {where}")
+    print(f"sent {sent} item(s); {left} not delivered (still in {where}, or set aside in its "
+          f"failed/ folders)")
     return 0 if left == 0 else 1
 
 

@@ -162,7 +162,7 @@ class EigenCAMLogger:
         self._fit_last_step: Optional[int] = None
         self._once = WarnOnce()
         self._target_layer = target_layer
-        self._extra_tags = dict(extra_tags or {})
+        self._extra_tags = _check_extra_tags(extra_tags)
         self._requested_run_id = run_id
         self._tracking_uri = tracking_uri
         self._run_id: Optional[str] = None
@@ -667,6 +667,21 @@ class EigenCAMLogger:
         tag = (where.split("(")[0], type(exc).__name__, re.sub(r"\d+", "#", str(exc))[:120])
         self._once.warn(tag, f"mlflow_eigencam: {where} failed ({type(exc).__name__}: {exc}); "
                              f"skipping these EigenCAM images, training goes on.", stacklevel=3)
+
+
+def _check_extra_tags(extra_tags: Optional[Mapping[str, str]]) -> Dict[str, str]:
+    """The extra run tags MLflow and the sender accept; each other key is left out alone,
+    with a warning naming it (one bad key made MLflow reject the whole batch, and with it
+    every run tag of the package)."""
+    out: Dict[str, str] = {}
+    for key, value in dict(extra_tags or {}).items():
+        problem = _layout.user_tag_problem(key)
+        if problem is not None:
+            warnings.warn(f"mlflow_eigencam: extra_tags key {key!r} is left out: {problem}",
+                          EigenCAMWarning, stacklevel=3)
+            continue
+        out[key] = str(value)
+    return out
 
 
 def _sample_files(files: Dict[str, Any], mode: str, ds_id: Optional[str], epoch: int,

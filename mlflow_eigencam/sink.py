@@ -40,10 +40,11 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import _recovery, _spool, _transport
-from ._records import RECORD_FORMAT as _RECORD_FORMAT, Encoded, Item, item_from_record, item_to_record
+from ._records import (RECORD_FORMAT as _RECORD_FORMAT, Encoded, ForeignRecord, Item,
+                       item_from_record, item_to_record)
 from ._spool import SpoolError, default_spool_root
 from ._transport import Failure, SendError
 from .errors import EigenCAMWarning
@@ -72,19 +73,26 @@ class Drain(enum.Enum):
 class Undelivered(int):
     """What :meth:`MlflowSink.close` could not deliver: the count, where it is, and why.
 
-    Compares and adds as an int (0 when everything arrived).
+    Every item not in MLflow counts: records left in the spool (``records``), items only in
+    memory (``in_memory``), records set aside in ``failed/`` (``set_aside``: MLflow rejected
+    them, a deleted run, or refused as not the logger's own) and items dropped at the
+    in-memory cap (``dropped``). Compares and adds as an int (0 when everything arrived).
     """
 
     records: List[Path]
     in_memory: int
     folder: Optional[Path]
     reason: str
+    set_aside: List[Path]
+    dropped: int
 
     def __new__(cls, records: List[Path], in_memory: int, folder: Optional[Path],
-                reason: str = "") -> "Undelivered":
-        obj = super().__new__(cls, len(records) + in_memory)
+                reason: str = "", *, set_aside: Sequence[Path] = (),
+                dropped: int = 0) -> "Undelivered":
+        obj = super().__new__(cls, len(records) + in_memory + len(set_aside) + dropped)
         obj.records, obj.in_memory = list(records), in_memory
         obj.folder, obj.reason = folder, reason
+        obj.set_aside, obj.dropped = list(set_aside), dropped
         return obj
 
     def message(self) -> str:
@@ -98,6 +106,15 @@ class Undelivered(int):
         if self.in_memory:
             parts.append(f"{self.in_memory} item(s) only in memory (the spool could not be "
                          f"written) were NOT delivered and are lost when this process ends")
+        if self.set_aside:
+            names = ", ".join(str(p) for p in self.set_aside[:3])
+            more = f" and {len(self.set_aside) - 3} more" if len(self.set_aside) > 3 else ""
+            parts.append(f"{len(self.set_aside)} item(s) were NOT delivered: MLflow rejected "
+                         f"them (a deleted run, an invalid value) or they were refused; set "
+                         f"aside with a .err note: {names}{more}")
+        if self.dropped:
+            parts.append(f"{self.dropped} item(s) were dropped (only in memory, beyond the "
+                         f"cap, or rejected) and are NOT in MLflow")
         reason = f" Last error: {self.reason}." if self.reason else ""
         return "mlflow_eigencam: " + "; ".join(parts) + "." + reason
 
@@ -107,6 +124,7 @@ class _Entry:
     item: Optional[Item]  # None: only on disk (adopted from a dead process, or evicted)
     path: Optional[Path]  # None: only in memory (the spool could not be written)
     submitted: float
+    origin: Optional[Path] = None  # the dead logger's folder an adopted record came from
 
 
 
@@ -140,6 +158,11 @@ class MlflowSink:
         self._tracking_uri = tracking_uri
         self._create = create_run and run_id is None
         self._experiment_id = experiment_id
+        self._experiment_name: Optional[str] = None
+        if self._create and experiment_id is None:
+            # The experiment active now (no request): where the run goes, even when it is
+            # created later by the sender or by send-spool in another process.
+            self._experiment_id, self._experiment_name = _transport.active_experiment()
         self.owns_run = False
         self._end_status: Optional[str] = None
         self._run_known = threading.Event()
@@ -276,20 +299,24 @@ class MlflowSink:
         ``end_run``: mark the run FINISHED if the sender created it and all was sent.
         What is left stays in the spool and a warning names the folder and the command.
         """
-        start = time.monotonic()
+        # One deadline for the whole close (flush, ending the run, stopping the sender): a
+        # hung server must not stretch an exit past a preemption's grace period.
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left_s(cap: float) -> float:
+            return cap if deadline is None else max(0.1, min(cap, deadline - time.monotonic()))
+
         done = self.flush(timeout)
         self._warn_pending(stacklevel=2)
         if end_run and not done and self._create:
             self._record_end_status("FINISHED")
         uri, run_id = self._tracking_uri, self._run_id
         if end_run and done and self.owns_run and uri and run_id:
-            left_s = None if timeout is None else max(0.5, timeout - (time.monotonic() - start))
-            _transport.bounded(lambda: _transport.end_run(uri, run_id),
-                               min(10.0, left_s or 10.0))
+            _transport.bounded(lambda: _transport.end_run(uri, run_id), left_s(10.0))
         self._stop = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=5.0)
+            self._thread.join(timeout=left_s(5.0))
         stuck = self._thread is not None and self._thread.is_alive()
         with self._lock:
             # Items that only lived in memory: one more try at putting them on disk.
@@ -299,8 +326,10 @@ class MlflowSink:
             records = sorted(e.path for e in self._items.values() if e.path is not None)
             in_memory = sum(1 for e in self._items.values() if e.path is None)
         self._sync_dir()  # what is left must outlast an OS crash too
-        report = Undelivered(records, in_memory, self.folder, self._last_error if
-                             (records or in_memory) else "")
+        report = Undelivered(records, in_memory, self.folder,
+                             self._last_error if (records or in_memory or self.set_aside
+                                                  or self.dropped) else "",
+                             set_aside=self.set_aside, dropped=self.dropped)
         self._closed = True
         _recovery.untrack(self)
         if report:
@@ -397,6 +426,7 @@ class MlflowSink:
         _spool.write_json(self.folder, _spool.RUN_FILE, {
             "format": _RECORD_FORMAT, "tracking_uri": self._tracking_uri,
             "run_id": self._run_id, "experiment_id": self._experiment_id,
+            "experiment_name": self._experiment_name,
             "creates_run": self._create, "end_status": self._end_status, "pid": os.getpid(),
             "created": time.time()})
 
@@ -523,7 +553,8 @@ class MlflowSink:
         if self._run_id is None:
             if not self._create:
                 raise SendError(Failure.REJECTED, "no run to log to")
-            self._run_id = _transport.create_run(self._tracking_uri, self._experiment_id)
+            self._run_id = _transport.create_run(self._tracking_uri, self._experiment_id,
+                                                 self._experiment_name)
             self.owns_run = True
         with self._lock:
             if self.folder is not None:
@@ -568,11 +599,15 @@ class MlflowSink:
                     item = item_from_record(entry.path)
                 else:  # neither in memory nor on disk: cannot happen, say so if it does
                     raise SpoolError("an item with neither a copy nor a record")
+            except ForeignRecord as exc:
+                self._give_up(name, entry, str(exc), refused=True)
+                continue
             except (OSError, SpoolError) as exc:
                 self._give_up(name, entry, f"unreadable record: {exc}")
                 continue
             if item.run_id not in (None, self._run_id):
-                self._give_up(name, entry, f"record for run {item.run_id}, not {self._run_id}")
+                self._give_up(name, entry, f"record for run {item.run_id}, not {self._run_id}",
+                              refused=True)
                 continue
             item.run_id, item.tracking_uri = self._run_id, self._tracking_uri
             try:
@@ -603,14 +638,17 @@ class MlflowSink:
             self.sent += 1
             self.delivered.append((entry.submitted, time.monotonic()))
             if self._state is not State.OK:
-                _log.warning("mlflow_eigencam: MLflow reachable again after %.1f s; sending "
-                             "the spool in %s", time.monotonic() - (self._down_since or 0),
+                _log.warning("mlflow_eigencam: MLflow %s again after %.1f s; sending the "
+                             "spool in %s", "accepts uploads" if self._state is State.REFUSED
+                             else "reachable", time.monotonic() - (self._down_since
+                                                                   or time.monotonic()),
                              self.folder)
                 self._state, self._down_since = State.OK, None
         return Drain.DONE
 
-    def _give_up(self, name: str, entry: _Entry, reason: str) -> None:
-        """MLflow refused an item for good: keep its record in ``failed/`` of our folder."""
+    def _give_up(self, name: str, entry: _Entry, reason: str, refused: bool = False) -> None:
+        """MLflow refused an item for good, or the record is not one the logger would write
+        (``refused``): keep its record in ``failed/`` of our folder, count it, say so."""
         with self._lock:
             self._items.pop(name, None)
         where = "it is dropped (it was only in memory)"
@@ -619,11 +657,19 @@ class MlflowSink:
                 kept = _spool.set_aside(entry.path.parent, entry.path, reason)
                 self.set_aside.append(kept)
                 where = f"kept in {kept.parent}"
-            except OSError as exc:
+            except (OSError, SpoolError) as exc:
+                self.set_aside.append(entry.path)
                 where = f"left in {entry.path} ({exc})"
-        msg = f"mlflow_eigencam: MLflow rejected an item ({reason[:300]}); {where}"
+        else:
+            self.dropped += 1
+        if refused:
+            came = entry.origin or (entry.path.parent if entry.path is not None else None)
+            msg = (f"mlflow_eigencam: refused a record found in {came} ({reason[:300]}); "
+                   f"nothing of it was sent, {where}")
+        else:
+            msg = f"mlflow_eigencam: MLflow rejected an item ({reason[:300]}); {where}"
         _log.warning(msg)
-        self._queue_warning("rejected", msg)
+        self._queue_warning("refused-record" if refused else "rejected", msg)
 
     def _drop_repeat(self, name: str, entry: _Entry, reason: str) -> None:
         """The run already has this epoch: drop the item, so the first logged epoch stands
@@ -646,6 +692,8 @@ class MlflowSink:
         where = str(self.folder or self.spool_dir)
         if self._disk_error is not None:
             where = f"memory (the spool in {where} cannot be written: {self._disk_error})"
+        if self._state is State.OK:
+            self._down_since = time.monotonic()
         if exc.kind is Failure.REFUSED:
             self._state = State.REFUSED
             msg = (f"mlflow_eigencam: MLflow refused the upload ({self._last_error}); check "
@@ -653,8 +701,6 @@ class MlflowSink:
                    f"aside.")
             self._queue_warning("refused", msg)
         else:
-            if self._state is State.OK:
-                self._down_since = time.monotonic()
             self._state = State.DOWN
             what = ("cannot start the MLflow run" if exc.kind is Failure.REJECTED
                     else "cannot reach MLflow")
@@ -681,14 +727,21 @@ class MlflowSink:
                 continue
             try:
                 info = _spool.read_json(other / _spool.RUN_FILE)
-            except (OSError, SpoolError, ValueError):
+            except SpoolError as exc:  # a FIFO, a symlink, garbage: never waited on
+                _log.warning("mlflow_eigencam: skipped spool folder %s: %s", other, exc)
+                continue
+            except (OSError, ValueError):
                 continue
             if info.get("run_id") != self._run_id or info.get("tracking_uri") not in (
                     None, self._tracking_uri):
                 continue
             lock = _spool.FolderLock(other)
-            if not lock.acquire():
-                continue  # a live logger's folder
+            try:
+                if not lock.acquire():
+                    continue  # a live logger's folder
+            except (OSError, SpoolError) as exc:
+                _log.warning("mlflow_eigencam: skipped spool folder %s: %s", other, exc)
+                continue
             try:
                 records = _spool.record_paths(other)
                 if records:
@@ -697,7 +750,7 @@ class MlflowSink:
                     target = mine / rec.name
                     os.rename(rec, target)
                     with self._lock:
-                        self._items[rec.name] = _Entry(None, target, time.monotonic())
+                        self._items[rec.name] = _Entry(None, target, time.monotonic(), other)
                 if records:
                     _log.warning("mlflow_eigencam: sending %d item(s) a previous process left "
                                  "in %s", len(records), other)

@@ -336,3 +336,49 @@ print(json.dumps({{"thread": first.get("mlflow"), "left": int(left)}}))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"thread": "mlflow-eigencam-sink", "left": 0}, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("server", ["hung API", "black hole"])
+def test_five_loggers_open_at_exit_exit_within_one_deadline(tmp_path, server):
+    """A server whose API hangs (``/health`` answers), or that accepts connections and never
+    answers at all: five loggers left open at exit share one deadline
+    (``_recovery.ATEXIT_TIMEOUT``) instead of waiting for each sender in turn (41 s before;
+    a preemption's grace period is often 30 s). Their records stay."""
+    import socket
+
+    if server == "black hole":
+        hole = socket.socket()
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(128)  # connections complete in the backlog; nothing reads or answers
+        uri, stop = f"http://127.0.0.1:{hole.getsockname()[1]}", hole.close
+    else:
+        srv = _TinyServer("hang")
+        uri, stop = srv.uri, srv.stop
+    code = f"""
+import sys, time
+import numpy as np
+from mlflow_eigencam import EigenCAMLogger
+rng = np.random.default_rng(0)
+loggers = [EigenCAMLogger(n_samples=1, run_id=f"{{i:032x}}", tracking_uri={uri!r},
+                          spool_dir={str(tmp_path / 'sp')!r}) for i in range(5)]
+for logger in loggers:
+    logger.on_batch_end(rng.uniform(size=(2, 3, 16, 16)).astype(np.float32),
+                        rng.uniform(size=(2, 4, 4, 4)).astype(np.float32), mode="eval")
+    logger.on_epoch_end(0)
+time.sleep(1.0)  # every sender is now inside a request that never returns
+print("EXITING", flush=True)
+"""
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=child_env())
+        line = proc.stdout.readline()
+        start = time.monotonic()
+        assert line.strip() == "EXITING", proc.stderr.read()[-3000:]
+        _out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - start
+    finally:
+        stop()
+    print(f"{server}: exit took {took:.1f} s")
+    assert took < 10, (took, err[-3000:])  # 29 s (hung API) before one deadline
+    assert err.count("send-spool") >= 5, err[-3000:]  # each one said what it kept
+    assert len(list((tmp_path / "sp").rglob("*.rec"))) == 10  # run tags + one epoch each

@@ -135,3 +135,77 @@ def test_a_created_run_with_items_left_ends_failed_and_a_users_run_is_never_ende
     _recovery._end_created_run(tmp_path, {"creates_run": False}, users, tracking_uri, 0,
                                lines.append)
     assert _transport.run_status(tracking_uri, users) == "RUNNING"
+
+
+def test_send_spool_counts_records_of_a_deleted_run_in_its_exit_status(tracking_uri, capsys):
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        pass
+    rid = run.info.run_id
+    logger = EigenCAMLogger(n_samples=2, run_id=rid, tracking_uri=dead_uri())
+    feed_epoch(logger, 0)
+    with pytest.warns(EigenCAMWarning):
+        assert logger.close(timeout=0.3) == 2
+    client.delete_run(rid)
+    folder = logger.spool_dir
+    assert cli_main(["send-spool", str(folder), "--tracking-uri", tracking_uri,
+                     "--retarget"]) == 1
+    out = capsys.readouterr().out
+    assert "rejected by MLflow, NOT delivered" in out and "2 not delivered" in out, out
+    assert len(list((folder / "failed").glob("*.rec"))) == 2
+
+
+def test_a_planted_failed_symlink_skips_only_its_folder(tracking_uri, tmp_path, capsys):
+    client = MlflowClient()
+    folders, rids = [], []
+    for _ in range(2):
+        with mlflow.start_run() as run:
+            pass
+        rids.append(run.info.run_id)
+        logger = EigenCAMLogger(n_samples=2, run_id=run.info.run_id, tracking_uri=dead_uri())
+        feed_epoch(logger, 0)
+        with pytest.warns(EigenCAMWarning):
+            logger.close(timeout=0.3)
+        folders.append(logger.spool_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folders[0] / "failed").symlink_to(elsewhere, target_is_directory=True)
+    assert cli_main(["send-spool", "--tracking-uri", tracking_uri, "--retarget"]) == 1
+    out = capsys.readouterr().out
+    assert f"{folders[0]}: skipped: {folders[0] / 'failed'} is a symlink" in out, out
+    assert image_series(client, rids[0]) == {}
+    assert sorted(image_series(client, rids[1])) == ["eigencam/eval/val/sample_0",
+                                                     "eigencam/eval/val/sample_1"]
+    assert len(list(folders[0].glob("*.rec"))) == 2 and list(elsewhere.iterdir()) == []
+
+
+def test_a_run_send_spool_creates_lands_in_the_experiment_active_at_start(tmp_path, monkeypatch):
+    """The server was down for the whole training: send-spool creates the run, in the
+    experiment that was active when the logger started (it landed in Default before)."""
+    from tests.helpers.readback import MlflowServer
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # restored after the test
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        mlflow.set_tracking_uri(server.uri)
+        exp = mlflow.set_experiment("trained-here").experiment_id
+        server.stop()
+        logger = EigenCAMLogger(n_samples=2, tracking_uri=server.uri, spool_dir=tmp_path / "sp")
+        feed_epoch(logger, 0)
+        with pytest.warns(EigenCAMWarning):
+            assert logger.close(timeout=0.5) == 2
+        server.start()
+        mlflow.set_experiment(experiment_id="0")  # another experiment is active now
+        monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        lines = []
+        sent, left = send_spool(logger.spool_dir, tracking_uri=server.uri, report=lines.append)
+        assert (sent, left) == (2, 0), lines
+        client = MlflowClient(server.uri)
+        runs = client.search_runs([exp])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED", lines
+        assert client.search_runs(["0"]) == []
+    finally:
+        mlflow.set_tracking_uri(None)
+        server.stop()

@@ -127,3 +127,66 @@ def test_what_only_memory_held_is_reported_by_close(tmp_path):
         assert left == 2 and left.in_memory == 2 and not left.records
 
 
+
+
+def test_a_fifo_in_the_spool_hangs_neither_send_spool_nor_a_new_logger(tracking_uri, tmp_path):
+    """Opening a FIFO for reading waits for a writer that never comes: each is skipped with a
+    message instead. Subprocesses with a timeout, so a regression fails instead of hanging."""
+    import sys
+
+    from tests.helpers import child_env
+
+    root = tmp_path / "sp"
+    with mlflow.start_run() as run:
+        pass
+    rid = run.info.run_id
+    logger = EigenCAMLogger(n_samples=2, run_id=rid, tracking_uri=dead_uri(), spool_dir=root)
+    feed_epoch(logger, 0)
+    with pytest.warns(EigenCAMWarning):
+        assert logger.close(timeout=0.3) == 2
+    real = logger.spool_dir
+    os.mkfifo(real / "00000000000000000000-fifo-000000.rec")
+    planted = _spool.own_root(root, create=False) / f"{rid}-1x1"
+    planted.mkdir()
+    (planted / _spool.MARKER).write_text("")
+    os.mkfifo(planted / _spool.RUN_FILE)
+    os.mkfifo(planted / _spool.LOCK_FILE)
+    env = child_env()
+    out = subprocess.run([sys.executable, "-m", "mlflow_eigencam", "send-spool", str(root),
+                          "--tracking-uri", tracking_uri, "--retarget"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert "a FIFO" in out.stdout and "sent 2 item(s)" in out.stdout, out.stdout + out.stderr
+    assert sorted(image_series(MlflowClient(), rid)) == ["eigencam/eval/val/sample_0",
+                                                         "eigencam/eval/val/sample_1"]
+    code = f"""
+import numpy as np
+from mlflow_eigencam import EigenCAMLogger
+logger = EigenCAMLogger(n_samples=1, run_id={rid!r}, tracking_uri={tracking_uri!r},
+                        spool_dir={str(root)!r})
+rng = np.random.default_rng(0)
+logger.on_batch_end(rng.uniform(size=(2, 3, 16, 16)).astype(np.float32),
+                    rng.uniform(size=(2, 4, 4, 4)).astype(np.float32), mode="eval")
+logger.on_epoch_end(5)
+print("LEFT", int(logger.close(timeout=60)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=180)
+    assert "LEFT 0" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "not a regular file (a FIFO)" in out.stderr, out.stderr[-3000:]
+
+
+def test_items_dropped_at_the_memory_cap_are_counted_by_close(tmp_path):
+    """The spool cannot be written (its parent is a file): items live in memory, those beyond
+    ``memory_items`` are dropped, and close() counts every one of them."""
+    from mlflow_eigencam._records import Item
+    from mlflow_eigencam.sink import MlflowSink
+
+    (tmp_path / "a-file").write_text("x")
+    sink = MlflowSink(tmp_path / "a-file" / "spool", run_id="c" * 32, tracking_uri=dead_uri(),
+                      memory_items=2, backoff=(5.0, 5.0))
+    with pytest.warns(EigenCAMWarning):
+        for i in range(5):
+            sink.submit(Item("tags", "c" * 32, None, tags={"mlflow_eigencam.version": str(i)}))
+        left = sink.close(timeout=0.3)
+    assert left == 5 and left.in_memory == 2 and left.dropped == 3 and left.records == []
+    assert "3 item(s) were dropped" in left.message()
