@@ -31,6 +31,13 @@ forward pass on the pinned inputs (``torch.no_grad()``, ``model.eval()``, flags 
 logs those, so the MLflow step slider shows the same images as the model learns even when the
 loader shuffles. Doing the extra pass every epoch (rather than only when fewer than ``n`` of the
 pinned samples come by again) costs one small forward per epoch and nothing per batch.
+
+Faithfulness (``faithfulness=True``, the default; docs/signals.md): for a classifier (an output
+of class scores ``(B, K)``), each kept batch gets one more quiet forward of ``(1 + 2F) n``
+images: the clean ones, and per fraction the map's top kept (rest blurred) and dropped (top
+blurred). The per-sample score goes to the logger as ``on_batch_end(faithfulness=...)``. Same
+frame as the pinned pass (no grad, eval, flags and RNG restored); the monitor's own hooks
+ignore it. Detectors (a list of images, a padded canvas) and other outputs are not scored.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...eigencam import _lapack_threads, eigencam
 from ...errors import WarnOnce
+from ...metrics import DEFAULT_FRACTIONS, check_fractions, faithfulness_scores, perturbed_batch, upsample
 from ._model import first_tensor, keep_rows, quiet_forward, rank_or_none, unwrap_model
 from .batches import images_as_batch, to_numpy
 from .detection import Canvas, canvas_of, crop_to_images, detections, transform_of
@@ -134,6 +143,9 @@ class EigenCAMMonitor:
             and ``strict`` is the logger's).
         preds_from_output: When ``update()`` gets no ``preds``, use the model's own output of
             the captured forward pass (its first tensor, e.g. logits).
+        faithfulness: Score each kept sample's map with the model (see the module docstring
+            and docs/signals.md): True (fractions ``metrics.DEFAULT_FRACTIONS``), a sequence
+            of fractions in (0, 1), or False (no extra forward).
         **logger_kwargs: Passed to ``EigenCAMLogger`` (``run_id``, ``colormap``, ``alpha``,
             ``log_every_n_epochs``, ``strict``, ...). ``strict=True`` also makes a model
             without a usable layer raise ``ValueError`` instead of warning once.
@@ -157,6 +169,7 @@ class EigenCAMMonitor:
         *,
         logger: Any = None,
         preds_from_output: bool = False,
+        faithfulness: Union[bool, Sequence[float]] = True,
         **logger_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -167,6 +180,10 @@ class EigenCAMMonitor:
             )
         if not isinstance(pin_samples, bool):
             raise TypeError(f"pin_samples must be a bool, got {pin_samples!r}")
+        self._fractions: Optional[Tuple[float, ...]] = (
+            DEFAULT_FRACTIONS if faithfulness is True else None if faithfulness is False
+            else check_fractions(faithfulness))
+        self._scoring = False  # inside the faithfulness forward: the monitor's hooks ignore it
         self._model = unwrap_model(model)
         self._reshape = reshape_transform
         self._grid_hw: Optional[Tuple[int, int]] = None  # patch grid found by auto-detection
@@ -441,7 +458,7 @@ class EigenCAMMonitor:
     def _make_hook(self, cap: _Capture) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             tensor = first_tensor(output)
-            if tensor is None:
+            if tensor is None or self._scoring:
                 return
             cap.act = keep_rows(tensor, cap.room)
             if tensor.ndim == 3:
@@ -460,6 +477,8 @@ class EigenCAMMonitor:
 
     def _make_output_hook(self, cap: _Capture) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if self._scoring:
+                return
             boxes = detections(output)
             if boxes is not None:  # a detector's list of {"boxes", "labels", "scores"}
                 cap.output = to_numpy(boxes, len(boxes) if cap.room is None else cap.room)
@@ -473,7 +492,8 @@ class EigenCAMMonitor:
     def _make_canvas_hook(self, cap: _Capture) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             # The resized size of each image and the padded batch (sizes only, no tensor kept).
-            cap.canvas = canvas_of(output)
+            if not self._scoring:
+                cap.canvas = canvas_of(output)
 
         return hook
 
@@ -610,7 +630,11 @@ class EigenCAMMonitor:
         """Hand a batch to the logger, the map cropped to the images' own region of a
         detector's padded canvas (the whole map for other models)."""
         cropped, extent = crop_to_images(grid, canvas)
-        kwargs = {} if extent is None else {"map_extent": extent}
+        kwargs: Dict[str, Any] = {} if extent is None else {"map_extent": extent}
+        if canvas is None:  # a detector's padded batch is not scored
+            scores = self._faithfulness(images, cropped)
+            if scores is not None:
+                kwargs["faithfulness"] = scores
         self._logger.on_batch_end(
             self._images_for_logger(images),
             cropped.float().cpu().numpy(),
@@ -620,6 +644,40 @@ class EigenCAMMonitor:
             ds_id=key[1],
             **kwargs,
         )
+
+
+    def _faithfulness(self, images: torch.Tensor, grid: torch.Tensor) -> Optional[np.ndarray]:
+        """Per-sample faithfulness of the PC1 maps of ``grid`` ``(n, C, h, w)`` on the CPU
+        inputs ``images`` ``(n, C, H, W)``: one quiet forward of ``(1 + 2F) n`` images
+        (``metrics.perturbed_batch``). None when off, not a float image batch, or the output
+        is not class scores ``(n', K)``; a failure warns once and turns it off."""
+        if self._fractions is None or images.ndim != 4 or not images.is_floating_point():
+            return None
+        try:
+            x = images.float().numpy()
+            with _lapack_threads(0):  # the logger's map: PC1 of the same activations
+                maps = eigencam(grid.float().cpu().numpy(), 1).maps
+            if maps.shape[1] == 0:
+                return None
+            h, w = x.shape[2:]
+            heat = np.stack([upsample(m, h, w) for m in maps[:, 0]])
+            batch = torch.from_numpy(perturbed_batch(x, heat, self._fractions))
+            self._scoring = True
+            try:
+                with quiet_forward(self._model) as device:
+                    out = first_tensor(self._model(batch.to(device=device, dtype=images.dtype)))
+            finally:
+                self._scoring = False
+            if out is None:
+                return None
+            return faithfulness_scores(out.detach().float().cpu().numpy(), x.shape[0])
+        except Exception as exc:  # a logging failure never stops training
+            if self._strict:
+                raise
+            self._fractions = None
+            self._warn.warn("faithfulness", f"EigenCAM: the faithfulness pass failed ({exc!r}); "
+                            "not scoring faithfulness from now on", stacklevel=4)
+            return None
 
 
 def _check_mode(mode: Any) -> None:
