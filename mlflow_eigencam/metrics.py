@@ -26,7 +26,7 @@ __all__ = ["DEFAULT_FRACTIONS", "Localization", "MapChange", "SampleMean", "fait
            "upsample"]
 
 #: Fractions of the image (top of the map's ranking) kept / dropped by the faithfulness pass.
-DEFAULT_FRACTIONS: Tuple[float, ...] = (0.1, 0.25, 0.5)
+DEFAULT_FRACTIONS: Tuple[float, ...] = (0.1, 0.5)
 
 
 def map_change(previous: Optional[np.ndarray], current: Optional[np.ndarray]) -> Optional[float]:

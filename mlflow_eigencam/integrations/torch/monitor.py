@@ -593,7 +593,7 @@ class EigenCAMMonitor:
 
     def _forward_pinned(self, key: Key, pin: _Pin) -> None:
         """One quiet forward (no grad, eval, flags and RNG restored) on the pinned inputs;
-        hand the result to the logger."""
+        hand the result to the logger (its output is the faithfulness pass's clean row)."""
         if self._target is None:
             return
         images, labels = pin.stacked()
@@ -623,16 +623,19 @@ class EigenCAMMonitor:
             return
         grid = tokens_to_grid(cap.act, self._reshape, self._grid_hw)
         preds = to_numpy(detections(output) or first_tensor(output), images.shape[0])
-        self._log_cropped(key, images, grid, labels, preds, cap.canvas)
+        self._log_cropped(key, images, grid, labels, preds, cap.canvas, clean=first_tensor(output))
 
     def _log_cropped(self, key: Key, images: torch.Tensor, grid: torch.Tensor, labels: Any,
-                     preds: Any, canvas: Optional[Canvas]) -> None:
+                     preds: Any, canvas: Optional[Canvas],
+                     clean: Optional[torch.Tensor] = None) -> None:
         """Hand a batch to the logger, the map cropped to the images' own region of a
-        detector's padded canvas (the whole map for other models)."""
+        detector's padded canvas (the whole map for other models). ``clean``: the model's
+        eval-mode output on ``images`` when known (the pinned pass), so the faithfulness
+        pass does not run them again."""
         cropped, extent = crop_to_images(grid, canvas)
         kwargs: Dict[str, Any] = {} if extent is None else {"map_extent": extent}
         if canvas is None:  # a detector's padded batch is not scored
-            scores = self._faithfulness(images, cropped)
+            scores = self._faithfulness(images, cropped, clean)
             if scores is not None:
                 kwargs["faithfulness"] = scores
         self._logger.on_batch_end(
@@ -646,11 +649,13 @@ class EigenCAMMonitor:
         )
 
 
-    def _faithfulness(self, images: torch.Tensor, grid: torch.Tensor) -> Optional[np.ndarray]:
+    def _faithfulness(self, images: torch.Tensor, grid: torch.Tensor,
+                      clean: Optional[torch.Tensor] = None) -> Optional[np.ndarray]:
         """Per-sample faithfulness of the PC1 maps of ``grid`` ``(n, C, h, w)`` on the CPU
         inputs ``images`` ``(n, C, H, W)``: one quiet forward of ``(1 + 2F) n`` images
-        (``metrics.perturbed_batch``). None when off, not a float image batch, or the output
-        is not class scores ``(n', K)``; a failure warns once and turns it off."""
+        (``metrics.perturbed_batch``), ``2F n`` when ``clean`` (the eval-mode output on
+        ``images``, ``(n, K)``) is given. None when off, not a float image batch, or the
+        output is not class scores; a failure warns once and turns it off."""
         if self._fractions is None or images.ndim != 4 or not images.is_floating_point():
             return None
         try:
@@ -661,7 +666,9 @@ class EigenCAMMonitor:
                 return None
             h, w = x.shape[2:]
             heat = np.stack([upsample(m, h, w) for m in maps[:, 0]])
-            batch = torch.from_numpy(perturbed_batch(x, heat, self._fractions))
+            n = x.shape[0]
+            reuse = clean is not None and clean.ndim == 2 and int(clean.shape[0]) == n
+            batch = torch.from_numpy(perturbed_batch(x, heat, self._fractions)[n if reuse else 0:])
             self._scoring = True
             try:
                 with quiet_forward(self._model) as device:
@@ -670,10 +677,11 @@ class EigenCAMMonitor:
                 self._scoring = False
             if out is None:
                 return None
-            return faithfulness_scores(out.detach().float().cpu().numpy(), x.shape[0])
-        except Exception as exc:  # a logging failure never stops training
-            if self._strict:
-                raise
+            if reuse:
+                assert clean is not None
+                out = torch.cat([clean.detach().to(out.device, out.dtype), out])
+            return faithfulness_scores(out.detach().float().cpu().numpy(), n)
+        except Exception as exc:  # a logging failure never stops training (as the pinned pass)
             self._fractions = None
             self._warn.warn("faithfulness", f"EigenCAM: the faithfulness pass failed ({exc!r}); "
                             "not scoring faithfulness from now on", stacklevel=4)
