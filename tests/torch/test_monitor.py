@@ -583,3 +583,20 @@ def test_faithfulness_off_and_bad_fractions(tracking_uri, shapes):
     monitor.close()
     with pytest.raises(ValueError, match=r"fractions must be numbers in \(0, 1\), got \(0.5, 2\)"):
         EigenCAMMonitor(model, faithfulness=(0.5, 2))
+
+
+def test_true_boxes_given_to_update_are_pinned_and_scored_every_epoch(tracking_uri):
+    x = _checker_corner_images()
+    model = _ReadsChecker()
+    client = MlflowClient()
+    with EigenCAMMonitor(model, target_layer="features", n_samples=4) as monitor:
+        for epoch in range(2):
+            with monitor.capture("eval", "val"):
+                monitor.update(x, None, model(x), boxes=[torch.tensor([[0, 0, 8, 8]])] * 4)
+            monitor.epoch_end(epoch)  # epoch 1: the pinned pass, boxes kept with the pins
+        run_id = monitor.run_id
+    rows = table_rows(client, run_id, "eval", "val")
+    assert [r["epoch"] for r in rows] == [0] * 4 + [1] * 4
+    assert all(r["localization"] > 0.8 and r["pointing_game"] == 1.0 for r in rows)
+    history = client.get_metric_history(run_id, "eigencam/eval/val/pointing_game")
+    assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 1.0)]

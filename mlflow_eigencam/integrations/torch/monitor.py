@@ -84,6 +84,8 @@ class _Pin:
 
     images: List[torch.Tensor] = field(default_factory=list)  # CPU chunks, as the model took them
     labels: List[Any] = field(default_factory=list)  # per-chunk numpy arrays / lists, or None
+    boxes: List[Any] = field(default_factory=list)  # per-chunk lists of (n, 4) true boxes, or None
+    masks: List[Any] = field(default_factory=list)  # per-chunk (k, H, W) true masks, or None
     established: bool = False
     as_list: bool = False  # call the model with a list of images (torchvision detectors)
 
@@ -97,6 +99,13 @@ class _Pin:
         if all(isinstance(chunk, np.ndarray) for chunk in self.labels):
             return images, np.concatenate(self.labels)
         return images, [item for chunk in self.labels for item in chunk]
+
+    def regions(self) -> Tuple[Optional[list], Optional[np.ndarray]]:
+        """The true boxes (a list) and masks (an array) of the pinned samples, each None
+        unless every chunk had them."""
+        boxes = None if any(c is None for c in self.boxes) else [b for c in self.boxes for b in c]
+        masks = None if any(c is None for c in self.masks) else np.concatenate(self.masks)
+        return boxes, masks
 
 
 @dataclass
@@ -274,7 +283,8 @@ class EigenCAMMonitor:
         finally:
             self._close_capture(user_error=not finished)
 
-    def update(self, images: Any, labels: Any = None, preds: Any = None) -> None:
+    def update(self, images: Any, labels: Any = None, preds: Any = None, *,
+               boxes: Any = None, masks: Any = None) -> None:
         """Hand the captured batch's kept samples to the logger.
 
         Call inside ``capture()``, after the forward pass.
@@ -285,6 +295,10 @@ class EigenCAMMonitor:
                 then cropped to the cells over each resized image, not its padding).
             labels: Class indices ``(B,)``, one-hot / probabilities ``(B, K)``, strings, or None.
             preds: The model's output for the batch (logits ``(B, K)``...), or None.
+            boxes: True regions of classification data, for ``localization`` /
+                ``pointing_game`` (docs/signals.md): B entries of ``(n, 4)`` ``x1, y1, x2,
+                y2`` pixels of ``images``, or None. Pinned with the samples.
+            masks: True regions as ``(B, H, W)`` masks (nonzero inside), or None.
 
         Raises:
             ValueError: ``images`` of another shape; with ``strict=True``, a model without a
@@ -319,11 +333,17 @@ class EigenCAMMonitor:
         grid = tokens_to_grid(act[:k], self._reshape, self._grid_hw)
         inputs = images_t[:k].detach().to("cpu", copy=True)
         labels_k = to_numpy(labels, k)
+        # Copies (a CPU tensor's numpy() shares its memory), kept with the pinned samples.
+        boxes_k = None if boxes is None else [
+            None if b is None else np.array(to_numpy(b, len(b)), dtype=np.float64)
+            for b in list(boxes)[:k]]
+        masks_k = None if masks is None else np.array(to_numpy(masks, k), copy=True)[:k]
         canvas, cap.canvas = cap.canvas, None
-        self._log_cropped(cap.key, inputs, grid, labels_k, to_numpy(preds, k), canvas)
+        self._log_cropped(cap.key, inputs, grid, labels_k, to_numpy(preds, k), canvas,
+                          boxes=boxes_k, masks=masks_k)
         if cap.room is not None:
             cap.room -= k
-            self._remember_pinned(cap.key, inputs, labels_k, as_list)
+            self._remember_pinned(cap.key, inputs, labels_k, as_list, boxes_k, masks_k)
 
     def epoch_end(self, epoch: int, *, mode: Optional[str] = None) -> None:
         """Log every (mode, ds_id) seen since the last call as MLflow step ``epoch``.
@@ -565,7 +585,8 @@ class EigenCAMMonitor:
 
     # ----------------------------------------------------------------- logging
 
-    def _remember_pinned(self, key: Key, inputs: torch.Tensor, labels: Any, as_list: bool) -> None:
+    def _remember_pinned(self, key: Key, inputs: torch.Tensor, labels: Any, as_list: bool,
+                         boxes: Optional[list] = None, masks: Optional[np.ndarray] = None) -> None:
         """The first epoch's kept inputs of ``key``, re-run at every later epoch end."""
         if not self._pin_enabled:
             return
@@ -573,6 +594,8 @@ class EigenCAMMonitor:
         if not pin.established:
             pin.images.append(inputs)
             pin.labels.append(labels)
+            pin.boxes.append(boxes)
+            pin.masks.append(masks)
             pin.as_list = as_list  # a detector takes a list of (C, H, W) images
 
     def _images_for_logger(self, images: torch.Tensor) -> np.ndarray:
@@ -623,17 +646,23 @@ class EigenCAMMonitor:
             return
         grid = tokens_to_grid(cap.act, self._reshape, self._grid_hw)
         preds = to_numpy(detections(output) or first_tensor(output), images.shape[0])
-        self._log_cropped(key, images, grid, labels, preds, cap.canvas, clean=first_tensor(output))
+        boxes, masks = pin.regions()
+        self._log_cropped(key, images, grid, labels, preds, cap.canvas, clean=first_tensor(output),
+                          boxes=boxes, masks=masks)
 
     def _log_cropped(self, key: Key, images: torch.Tensor, grid: torch.Tensor, labels: Any,
-                     preds: Any, canvas: Optional[Canvas],
-                     clean: Optional[torch.Tensor] = None) -> None:
+                     preds: Any, canvas: Optional[Canvas], clean: Optional[torch.Tensor] = None,
+                     boxes: Optional[list] = None, masks: Optional[np.ndarray] = None) -> None:
         """Hand a batch to the logger, the map cropped to the images' own region of a
         detector's padded canvas (the whole map for other models). ``clean``: the model's
         eval-mode output on ``images`` when known (the pinned pass), so the faithfulness
         pass does not run them again."""
         cropped, extent = crop_to_images(grid, canvas)
         kwargs: Dict[str, Any] = {} if extent is None else {"map_extent": extent}
+        if boxes is not None:
+            kwargs["boxes"] = boxes
+        if masks is not None:
+            kwargs["masks"] = masks
         if canvas is None:  # a detector's padded batch is not scored
             scores = self._faithfulness(images, cropped, clean)
             if scores is not None:
