@@ -31,12 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ui_uri  # noqa: E402
 from _shapes import SHAPES, make_shapes  # noqa: E402
 
-N_CLASSES = 4
+N_CLASSES = 3
 SIZE = 32
 CUE = 6  # the corner patch's side in pixels
 #: One colour per class for the corner patch.
-CUE_COLOURS = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]],
-                       dtype=np.float32)
+CUE_COLOURS = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
 SIGNALS = ("localization", "pointing_game", "faithfulness")
 
 
@@ -44,7 +43,7 @@ def make_data(n: int, seed: int, cue_rate: float) -> Tuple[np.ndarray, np.ndarra
     """Shapes (NCHW float32 in [0, 1]), labels and boxes; with ``cue_rate`` > 0 the corner
     patch has the class's colour in that share of the images and another class's colour in
     the others (it may cover a corner of a shape)."""
-    x, y, boxes = make_shapes(n, SIZE, n_classes=N_CLASSES, seed=seed, max_frac=0.5)
+    x, y, boxes = make_shapes(n, SIZE, n_classes=N_CLASSES, seed=seed)
     rng = np.random.default_rng(seed + 100)
     if cue_rate > 0:
         right = rng.random(n) < cue_rate
@@ -129,7 +128,7 @@ def _fmt(v) -> str:
 
 def main(argv: List[str] | None = None) -> Dict[str, List[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--train-size", type=int, default=1024)
     parser.add_argument("--n-samples", type=int, default=8, help="pinned validation samples")
     parser.add_argument("--cue-rate", type=float, default=0.95)
@@ -140,7 +139,7 @@ def main(argv: List[str] | None = None) -> Dict[str, List[dict]]:
 
     import mlflow
 
-    if args.tracking_uri.startswith("sqlite:///") and not args.tracking_uri.startswith("sqlite:////"):
+    if args.tracking_uri.startswith("sqlite:///"):
         Path(args.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(args.tracking_uri)
     mlflow.set_experiment(args.experiment)
