@@ -145,8 +145,8 @@ class EigenCAMLogger:
         self._map_change = MapChange()
         # Per-sample signals (docs/signals.md), and what batches brought for them: per key,
         # sample index -> (true boxes, true mask, faithfulness score).
-        self._localization = Localization()
-        self._faithfulness = SampleMean()
+        self._localization: Localization = Localization()
+        self._faithfulness: SampleMean = SampleMean()
         self._extras: Dict[Key, Dict[int, _Extra]] = {}
         # Steps logged per (mode, ds_id) by this logger, and what a new fit adds to epochs.
         self._logged_steps: Dict[Key, Set[int]] = {}

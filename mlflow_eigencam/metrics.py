@@ -323,7 +323,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def faithfulness_scores(outputs: np.ndarray, n: int, *, probabilities: bool = False) -> Optional[np.ndarray]:
+def faithfulness_scores(outputs: np.ndarray, n: int, *,
+                        probabilities: Optional[bool] = None) -> Optional[np.ndarray]:
     """Per-sample faithfulness from the model's outputs on :func:`perturbed_batch`.
 
     For each sample the class predicted on the clean image is scored: the mean over the
@@ -334,7 +335,8 @@ def faithfulness_scores(outputs: np.ndarray, n: int, *, probabilities: bool = Fa
     Args:
         outputs: ``((1 + 2F) n, K)`` logits (softmax taken) or probabilities.
         n: Samples.
-        probabilities: ``outputs`` are probabilities already.
+        probabilities: ``outputs`` are probabilities already; None: they are when every
+            row is >= 0 and sums to 1 (a softmax head, as Keras models often end).
 
     Returns:
         ``(n,)`` float64 in [-1, 1], or None when the outputs are not class scores
@@ -343,6 +345,9 @@ def faithfulness_scores(outputs: np.ndarray, n: int, *, probabilities: bool = Fa
     out = np.asarray(outputs)
     if out.ndim != 2 or out.shape[1] < 2 or n < 1 or out.shape[0] % n or (out.shape[0] // n) % 2 != 1:
         return None
+    if probabilities is None:
+        rows = out.astype(np.float64)
+        probabilities = bool((rows >= 0).all() and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
     p = out.astype(np.float64) if probabilities else softmax(out)
     p = p.reshape(-1, n, p.shape[1])  # (1 + 2F, n, K)
     cls = np.argmax(p[0], axis=1)

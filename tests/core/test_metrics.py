@@ -182,3 +182,6 @@ def test_faithfulness_scores_need_class_scores():
     assert faithfulness_scores(np.zeros(7), 1) is None
     probs = np.array([[0.1, 0.9], [0.2, 0.8], [0.7, 0.3]])  # clean, keep, drop
     assert faithfulness_scores(probs, 1, probabilities=True) == pytest.approx([0.5])
+    assert faithfulness_scores(probs, 1) == pytest.approx([0.5])  # rows summing to 1: probabilities
+    logits = np.log(probs) + 3.0  # not probabilities: softmax taken
+    assert faithfulness_scores(logits, 1) == pytest.approx([0.5])
