@@ -715,6 +715,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
         model's inputs ``x``, ``preds`` ``(n, K)`` being the clean row (docs/signals.md).
         None when off or not class scores; a failure warns once and turns it off."""
         if (self._fractions is None or preds is None or np.ndim(preds) != 2
+                or self.n_samples is None  # every sample at every epoch: too dear
                 or np.shape(preds)[1] < 2 or x.ndim != 4 or x.dtype.kind != "f"):
             return None
         try:

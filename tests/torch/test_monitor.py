@@ -581,6 +581,11 @@ def test_faithfulness_off_and_bad_fractions(tracking_uri, shapes):
         monitor.update(x[:4], y[:4], model(x[:4]))
     assert "faithfulness" not in logger.batches[-1]
     monitor.close()
+    streaming, logger = _monitor(model, n_samples=None)  # every sample: not scored
+    with streaming.capture("eval", "val"):
+        streaming.update(x[:4], y[:4], model(x[:4]))
+    assert len(logger.batches) == 1 and "faithfulness" not in logger.batches[-1]
+    streaming.close()
     with pytest.raises(ValueError, match=r"fractions must be numbers in \(0, 1\), got \(0.5, 2\)"):
         EigenCAMMonitor(model, faithfulness=(0.5, 2))
 

@@ -685,7 +685,8 @@ class EigenCAMMonitor:
         (``metrics.perturbed_batch``), ``2F n`` when ``clean`` (the eval-mode output on
         ``images``, ``(n, K)``) is given. None when off, not a float image batch, or the
         output is not class scores; a failure warns once and turns it off."""
-        if self._fractions is None or images.ndim != 4 or not images.is_floating_point():
+        if (self._fractions is None or images.ndim != 4 or not images.is_floating_point()
+                or getattr(self._logger, "n_samples", None) is None):  # streaming: every sample
             return None
         try:
             x = images.float().numpy()
