@@ -33,9 +33,10 @@ loader shuffles. Doing the extra pass every epoch (rather than only when fewer t
 pinned samples come by again) costs one small forward per epoch and nothing per batch.
 
 Faithfulness (``faithfulness=True``, the default; docs/signals.md): for a classifier (an output
-of class scores ``(B, K)``), each kept batch gets one more quiet forward of ``(1 + 2F) n``
-images: the clean ones, and per fraction the map's top kept (rest blurred) and dropped (top
-blurred). The per-sample score goes to the logger as ``on_batch_end(faithfulness=...)``. Same
+of class scores ``(B, K)``), each kept batch gets one more quiet forward: per fraction the
+map's top kept (rest blurred) and dropped (top blurred), ``2F n`` images in the pinned pass
+(whose output is the clean row), ``(1 + 2F) n`` with the clean images at the first epoch.
+Not with ``n_samples=None`` (every sample). The per-sample score goes to the logger as ``on_batch_end(faithfulness=...)``. Same
 frame as the pinned pass (no grad, eval, flags and RNG restored); the monitor's own hooks
 ignore it. Detectors (a list of images, a padded canvas) and other outputs are not scored.
 """
