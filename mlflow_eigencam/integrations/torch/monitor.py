@@ -36,9 +36,10 @@ Faithfulness (``faithfulness=True``, the default; docs/signals.md): for a classi
 of class scores ``(B, K)``), each kept batch gets one more quiet forward: per fraction the
 map's top kept (rest blurred) and dropped (top blurred), ``2F n`` images in the pinned pass
 (whose output is the clean row), ``(1 + 2F) n`` with the clean images at the first epoch.
-Not with ``n_samples=None`` (every sample). The per-sample score goes to the logger as ``on_batch_end(faithfulness=...)``. Same
-frame as the pinned pass (no grad, eval, flags and RNG restored); the monitor's own hooks
-ignore it. Detectors (a list of images, a padded canvas) and other outputs are not scored.
+Not with ``n_samples=None`` (every sample). The per-sample score goes to the logger as
+``on_batch_end(faithfulness=...)``. Same frame as the pinned pass (no grad, eval, flags and
+RNG restored); the monitor's own hooks ignore it. Detectors (a list of images, a padded
+canvas) and other outputs are not scored.
 """
 
 from __future__ import annotations
