@@ -44,6 +44,15 @@ TABLE_IMAGE_COLUMN = "image"
 #: Explanation drift: 1 - Pearson correlation of the PC1 map with the previous logged epoch's
 #: (empty at the first epoch); between the ``evr_*`` columns and ``image``.
 TABLE_MAP_CHANGE_COLUMN = "map_change"
+#: Per-sample explanation signals (docs/signals.md), after ``map_change`` when a sample has
+#: any: ``localization`` (share of the PC1 map's positive mass inside the true boxes / mask),
+#: ``pointing_game`` (1 / 0: the map's peak inside them), ``faithfulness`` (keep-top minus
+#: drop-top probability of the predicted class). Each also has a mean metric
+#: (:func:`signal_key`).
+SIGNAL_LOCALIZATION = "localization"
+SIGNAL_POINTING_GAME = "pointing_game"
+SIGNAL_FAITHFULNESS = "faithfulness"
+TABLE_SIGNAL_COLUMNS = (SIGNAL_LOCALIZATION, SIGNAL_POINTING_GAME, SIGNAL_FAITHFULNESS)
 #: Where the card's panels are, in card pixels: ``{"size": [H, W], "boxes": [[x, y, w, h],
 #: ...], "titles": ["input", "PC1", ...]}`` (``render.card_geometry``); before ``image``.
 TABLE_CARD_COLUMN = "card"
@@ -184,6 +193,15 @@ def map_change_key(mode: str, ds_id: str | None) -> str:
     """Mean explanation drift of (mode, ds_id) at an epoch: 1 - correlation of each sample's
     PC1 map with the previous logged epoch's, averaged over the samples seen at both."""
     return f"{prefix(mode, ds_id)}/map_change"
+
+
+def signal_key(mode: str, ds_id: str | None, name: str) -> str:
+    """Mean of one per-sample signal (:data:`TABLE_SIGNAL_COLUMNS`) over the samples of
+    (mode, ds_id) that have it at an epoch: ``eigencam/{mode}/{ds_id}/{name}``
+    (``pointing_game``: the hit rate)."""
+    if name not in TABLE_SIGNAL_COLUMNS:
+        raise ValueError(f"unknown signal {name!r}; expected one of {TABLE_SIGNAL_COLUMNS}")
+    return f"{prefix(mode, ds_id)}/{name}"
 
 
 # -- run ids --------------------------------------------------------------------------------

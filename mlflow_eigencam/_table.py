@@ -34,7 +34,8 @@ Key = Tuple[Any, ...]
 
 
 def row(epoch: int, sample: Any, evr: np.ndarray, path: str,
-        change: Optional[float] = None, card: Optional[dict] = None) -> dict:
+        change: Optional[float] = None, card: Optional[dict] = None,
+        signals: Optional[Dict[str, Optional[float]]] = None) -> dict:
     """One table row ``{column: value}`` for a ``samples.Sample`` at ``epoch``.
 
     Args:
@@ -45,12 +46,16 @@ def row(epoch: int, sample: Any, evr: np.ndarray, path: str,
         change: ``map_change`` against the previous logged epoch, None at the first.
         card: The card's geometry (``render.card_geometry``: size, panel boxes, titles), so
             readers crop its panels without guessing from pixels.
+        signals: ``{name: value}`` of the sample's signals (``_layout.TABLE_SIGNAL_COLUMNS``;
+            None: not scored); a column appears in the table when a row has it.
     """
     r = {"epoch": epoch, "sample_index": int(sample.index), "sample_id": sample.sample_id,
          "label": sample.label, "prediction": sample.pred, "correct": sample.correct}
     for c, v in enumerate(evr):
         r[f"evr_{c + 1}"] = round(float(v), 6)
     r[_layout.TABLE_MAP_CHANGE_COLUMN] = None if change is None else round(float(change), 6)
+    for name, value in (signals or {}).items():
+        r[name] = None if value is None else round(float(value), 6)
     if sample.pred_boxes is not None or sample.label_boxes is not None:  # a detector's
         for column, boxes in zip(_layout.TABLE_BOX_COLUMNS, (sample.pred_boxes, sample.label_boxes)):
             r[column] = None if boxes is None else len(boxes)
@@ -64,7 +69,9 @@ def to_json(rows: List[dict]) -> bytes:
     """Rows as MLflow's table JSON (UTF-8), columns in the layout's order."""
     k = max((int(c[4:]) for r in rows for c in r if c.startswith("evr_")), default=0)
     columns = list(_layout.TABLE_COLUMNS) + [f"evr_{c}" for c in range(1, k + 1)] + \
-        [_layout.TABLE_MAP_CHANGE_COLUMN, _layout.TABLE_CARD_COLUMN, _layout.TABLE_IMAGE_COLUMN]
+        [_layout.TABLE_MAP_CHANGE_COLUMN] + \
+        [c for c in _layout.TABLE_SIGNAL_COLUMNS if any(c in r for r in rows)] + \
+        [_layout.TABLE_CARD_COLUMN, _layout.TABLE_IMAGE_COLUMN]
     if any(_layout.TABLE_BOX_COLUMNS[0] in r for r in rows):  # a detector's table
         columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_BOX_COLUMNS
     return dumps({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]})

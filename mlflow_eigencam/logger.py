@@ -32,7 +32,7 @@ from ._streaming import StreamEpoch
 from .eigencam import _check_n_components, _lapack_threads, eigencam
 from .errors import EigenCAMWarning, WarnOnce
 from .filters import ds_id_filter, mode_filter
-from .metrics import MapChange
+from .metrics import Localization, MapChange, SampleMean, true_region, upsample
 from .render import PNGBand, card_geometry, render_card, render_detection_card, resolve_colormap
 from .samples import Sample, SampleBuffer
 from .sink import MlflowSink, Undelivered
@@ -156,6 +156,11 @@ class EigenCAMLogger:
         self._stream_inputs: Dict[Key, Dict[str, str]] = {}  # run-wide: sample_id -> inputs file
         # Explanation drift per (mode, ds_id) (keeps the previous logged epoch's PC1 maps).
         self._map_change = MapChange()
+        # Per-sample signals (docs/signals.md), and what batches brought for them: per key,
+        # sample index -> (true boxes, true mask, faithfulness score).
+        self._localization: Localization = Localization()
+        self._faithfulness: SampleMean = SampleMean()
+        self._extras: Dict[Key, Dict[int, _Extra]] = {}
         # Steps logged per (mode, ds_id) by this logger, and what a new fit adds to epochs.
         self._logged_steps: Dict[Key, Set[int]] = {}
         self._step_offset = 0
@@ -246,7 +251,8 @@ class EigenCAMLogger:
     # -- batches -------------------------------------------------------------------------
     def on_batch_end(self, images: Any, activations: Any, labels: Any = None, preds: Any = None,
                      *, mode: str, ds_id: Optional[str] = None,
-                     map_extent: Optional[Tuple[float, float]] = None) -> None:
+                     map_extent: Optional[Tuple[float, float]] = None,
+                     boxes: Any = None, masks: Any = None, faithfulness: Any = None) -> None:
         """Offer one batch.
 
         Args:
@@ -259,6 +265,14 @@ class EigenCAMLogger:
             map_extent: ``(fy, fx)``: the images cover only these fractions of the map's
                 height and width, top left (a detector's padded canvas; see
                 ``render.overlay``); kept samples only (``n_samples=None`` draws the whole map).
+            boxes: The true regions of classification data, for ``localization`` and
+                ``pointing_game`` (docs/signals.md): B entries, each ``(n, 4)`` ``(x1, y1,
+                x2, y2)`` in image pixels or None. A detector's true boxes (``labels``) are
+                used without it.
+            masks: True regions as masks: ``(B, H, W)`` (nonzero inside), or B entries of
+                ``(H, W)`` or None; joined with ``boxes``.
+            faithfulness: ``(B,)`` per-sample scores an integration computed with the model
+                (``metrics.perturbed_batch`` / ``faithfulness_scores``; None or NaN: none).
         """
         with self._lock:
             if not self.wants(mode, ds_id):
@@ -267,11 +281,13 @@ class EigenCAMLogger:
                 return
             try:
                 self._resolve_run(first_use=True)
-                self._batch(images, activations, labels, preds, mode, ds_id, map_extent)
+                extras = _batch_extras(boxes, masks, faithfulness, np.shape(images)[0])
+                self._batch(images, activations, labels, preds, mode, ds_id, map_extent, extras)
             except Exception as exc:
                 self._fail(exc, f"on_batch_end(mode={mode!r}, ds_id={ds_id!r})")
 
-    def _batch(self, images, activations, labels, preds, mode, ds_id, map_extent=None) -> None:
+    def _batch(self, images, activations, labels, preds, mode, ds_id, map_extent=None,
+               extras=None) -> None:
         # The buffer checks shapes and batch sizes, and converts and copies only the rows it
         # keeps; the logger only decides the image layout for the whole batch.
         images = np.asarray(images)
@@ -279,10 +295,14 @@ class EigenCAMLogger:
         per_image = _PER_IMAGE_LAYOUT[self._image_layout(images)] if images.ndim == 4 else None
         kwargs: Dict[str, Any] = dict(image_layout=per_image, channels_last=self.channels_last)
         if self.n_samples is None:
-            self._stream_batch(mode, ds_id, images, activations, labels, preds, kwargs)
+            self._stream_batch(mode, ds_id, images, activations, labels, preds, kwargs, extras)
         else:
-            self._buffer.add(mode, ds_id, images, activations, labels, preds, **kwargs,
-                             map_extent=map_extent)
+            added = self._buffer.add(mode, ds_id, images, activations, labels, preds, **kwargs,
+                                     map_extent=map_extent)
+            if extras:  # the kept samples are the batch's first rows
+                kept = self._extras.setdefault((mode, ds_id), {})
+                for row, s in enumerate(added):
+                    kept[s.index] = _extra(extras[row], row, s.image.shape[:2])
 
     def _clamp_components(self, activations: Any) -> None:
         """A layer with fewer channels than ``n_components`` (an int): use them all, once
@@ -438,6 +458,7 @@ class EigenCAMLogger:
     def _discard(self, key: Key) -> None:
         self._buffer.take(*key)
         self._map_change.reset(key, logged=False)
+        self._reset_signals(key, logged=False)
         stream = self._streams.pop(key, None)
         if stream is not None:
             shutil.rmtree(stream.folder, ignore_errors=True)
@@ -448,6 +469,7 @@ class EigenCAMLogger:
             self._log_stream(epoch, key, self._streams.pop(key))
             return
         samples = self._buffer.take(mode, ds_id)
+        extras = self._extras.pop(key, {})
         if not samples:
             return
         with _lapack_threads(0):  # one BLAS thread for the call, see eigencam._lapack_threads
@@ -467,10 +489,37 @@ class EigenCAMLogger:
             cards.append(path)
             pc1 = result.maps[i, 0] if result.maps.shape[1] else None
             change = self._map_change.update(key, s.sample_id, pc1)
-            rows.append(_table.row(epoch, s, evr, path, change, card_geometry(s.image.shape[:2], len(evr))))
+            signals = self._signals(key, s, pc1, extras.get(s.index))
+            rows.append(_table.row(epoch, s, evr, path, change,
+                                   card_geometry(s.image.shape[:2], len(evr)), signals))
         self._finish_epoch(epoch, key, files, cards[: self.grid_max_rows],
                            result.explained_variance_ratio.sum(axis=0), len(samples), rows)
         self._map_change.reset(key, logged=True)
+        self._reset_signals(key, logged=True)
+
+    def _signals(self, key: Key, s: Sample, pc1: Optional[np.ndarray],
+                 extra: Optional["_Extra"]) -> Dict[str, Optional[float]]:
+        """One sample's signals for its table row (only those it can have), each also
+        counted into its epoch mean."""
+        out: Dict[str, Optional[float]] = {}
+        boxes, mask, score = extra if extra is not None else (None, None, None)
+        if boxes is None and s.label_boxes is not None:
+            boxes = s.label_boxes.boxes  # a detector's true boxes
+        if boxes is not None or mask is not None:
+            h, w = s.image.shape[:2]
+            region = true_region(h, w, boxes, mask)
+            share, hit = (None, None) if pc1 is None else self._localization.update(
+                key, upsample(pc1, h, w, s.map_extent), region)
+            out[_layout.SIGNAL_LOCALIZATION] = share
+            out[_layout.SIGNAL_POINTING_GAME] = None if hit is None else float(hit)
+        if score is not None:
+            out[_layout.SIGNAL_FAITHFULNESS] = self._faithfulness.update(key, score)
+        return out
+
+    def _reset_signals(self, key: Key, *, logged: bool) -> None:
+        self._localization.reset(key, logged=logged)
+        self._faithfulness.reset(key, logged=logged)
+        self._extras.pop(key, None)
 
     def _card(self, s: Sample, maps: np.ndarray, evr: np.ndarray) -> np.ndarray:
         if s.pred_boxes is not None or s.label_boxes is not None:  # a detector's boxes
@@ -504,13 +553,20 @@ class EigenCAMLogger:
         change = self._map_change.summary(key)
         if change is not None:  # none at the first logged epoch
             metrics.append([_layout.map_change_key(mode, ds_id), change, epoch, now])
+        share, hits = self._localization.summary(key)
+        for name, value in ((_layout.SIGNAL_LOCALIZATION, share),
+                            (_layout.SIGNAL_POINTING_GAME, hits),
+                            (_layout.SIGNAL_FAITHFULNESS, self._faithfulness.summary(key))):
+            if value is not None:  # only the signals some sample had
+                metrics.append([_layout.signal_key(mode, ds_id, name), value, epoch, now])
         once = [metrics[0][0], epoch] if metrics else None
         self._submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
                           tables=tables, tags={_layout.MLFLOW_LOGGED_IMAGES: "True"},
                           grids=grids, once=once))
 
     # -- streaming (n_samples=None) ------------------------------------------------------
-    def _stream_batch(self, mode, ds_id, images, activations, labels, preds, kwargs) -> None:
+    def _stream_batch(self, mode, ds_id, images, activations, labels, preds, kwargs,
+                      extras=None) -> None:
         key = (mode, ds_id)
         stream = self._streams.get(key)
         if stream is None:
@@ -525,14 +581,17 @@ class EigenCAMLogger:
         with _lapack_threads(0):
             result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
         # Explanation drift against the previous logged epoch, as in capped mode.
-        changes = {}
+        changes, signals = {}, {}
         for i, s in enumerate(samples):
             pc1 = result.maps[i, 0] if result.maps.shape[1] else None
             changes[s.sample_id] = self._map_change.update(key, s.sample_id, pc1)
+            extra = _extra(extras[i], i, s.image.shape[:2]) if extras else None
+            signals[s.sample_id] = self._signals(key, s, pc1, extra)
         # Copies only: inputs (new sample ids), uint8 maps, ratios; strips for the grid rows.
         stream.add(samples, result.maps, result.explained_variance_ratio,
                    lambda s, evr: _table.row(-1, s, evr, "", changes.get(s.sample_id),
-                                                  card_geometry(s.image.shape[:2], len(evr))))
+                                             card_geometry(s.image.shape[:2], len(evr)),
+                                             signals.get(s.sample_id)))
 
     def _log_stream(self, epoch: int, key: Key, stream: StreamEpoch) -> None:
         mode, ds_id = key
@@ -557,6 +616,7 @@ class EigenCAMLogger:
             self._finish_epoch(epoch, key, files, cards, evr_sum, stream.count, [])
             stream.commit()
             self._map_change.reset(key, logged=True)
+            self._reset_signals(key, logged=True)
         finally:
             shutil.rmtree(stream.folder, ignore_errors=True)
 
@@ -682,6 +742,50 @@ def _check_extra_tags(extra_tags: Optional[Mapping[str, str]]) -> Dict[str, str]
             continue
         out[key] = str(value)
     return out
+#: What a batch brought for one sample's signals: true boxes ``(n, 4)``, true mask ``(H, W)``,
+#: faithfulness score (each None when absent).
+_Extra = Tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[float]]
+
+
+def _batch_extras(boxes: Any, masks: Any, faithfulness: Any, batch: int) -> Optional[List[Any]]:
+    """``on_batch_end``'s ``boxes`` / ``masks`` / ``faithfulness`` per row, as given (only
+    the kept rows are converted, by :func:`_extra`); None when none was given.
+
+    Raises:
+        ValueError: a length other than the batch's.
+    """
+    if boxes is None and masks is None and faithfulness is None:
+        return None
+    columns: List[List[Any]] = []
+    for name, value in (("boxes", boxes), ("masks", masks), ("faithfulness", faithfulness)):
+        if value is None:
+            columns.append([None] * batch)
+            continue
+        items = list(value) if not isinstance(value, np.ndarray) or value.ndim else [value]
+        if len(items) != batch:
+            raise ValueError(f"{name} have {len(items)} entries but the batch has {batch} images")
+        columns.append(items)
+    return list(zip(*columns))
+
+
+def _extra(raw: Any, row: int, image_hw: Tuple[int, int]) -> _Extra:
+    """One kept row's entry of :func:`_batch_extras` as arrays (copies) and a float.
+
+    Raises:
+        ValueError: boxes that are not (n, 4), or a mask not of the image's ``(H, W)``.
+    """
+    b, m, f = raw
+    if b is not None:
+        if np.size(b) % 4 or np.ndim(b) > 2:
+            raise ValueError(f"boxes[{row}] must be (n, 4) x1, y1, x2, y2 pixels, got shape "
+                             f"{np.shape(b)}")
+        b = np.array(b, dtype=np.float64).reshape(-1, 4)
+    if m is not None:
+        m = np.array(m, dtype=bool)
+        if m.shape != tuple(image_hw):
+            raise ValueError(f"masks[{row}] must be the image's (H, W) = {tuple(image_hw)}, "
+                             f"got shape {m.shape}")
+    return (b, m, None if f is None else float(f))
 
 
 def _sample_files(files: Dict[str, Any], mode: str, ds_id: Optional[str], epoch: int,

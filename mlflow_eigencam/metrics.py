@@ -2,19 +2,31 @@
 ``update`` (one sample), ``summary`` (the epoch's metric value) and ``reset`` (the epoch
 ends: logged, or discarded).
 
-Today one signal: :class:`MapChange`, explanation drift (``map_change``). Capped and
-streaming mode both go through it, so both store the previous epoch's maps the same way.
+* :class:`MapChange`: explanation drift (``map_change``). Capped and streaming mode both go
+  through it, so both store the previous epoch's maps the same way.
+* :class:`Localization`: where true boxes or masks are known, the share of the map's
+  positive PC1 mass inside them (``localization``) and whether its peak is (``pointing_game``).
+* :class:`SampleMean`: a per-sample score computed elsewhere (``faithfulness`` needs the
+  model, so the integrations compute it with :func:`perturbed_batch` and
+  :func:`faithfulness_scores` and hand the scores to the logger).
+
 A new signal is a class with the same three methods, a table column and a metric key in
-:mod:`._layout`.
+:mod:`._layout`. See docs/signals.md for what each score means and its limits.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, List, Optional
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 
-__all__ = ["MapChange", "map_change"]
+__all__ = ["DEFAULT_FRACTIONS", "Localization", "MapChange", "SampleMean", "faithfulness_scores",
+           "localization", "map_change", "perturbed_batch", "top_masks", "true_region",
+           "upsample"]
+
+#: Fractions of the image (top of the map's ranking) kept / dropped by the faithfulness pass.
+DEFAULT_FRACTIONS: Tuple[float, ...] = (0.1, 0.5)
 
 
 def map_change(previous: Optional[np.ndarray], current: Optional[np.ndarray]) -> Optional[float]:
@@ -86,3 +98,258 @@ class MapChange:
         self._values.pop(key, None)
         if logged and current is not None:
             self._previous[key] = current
+
+
+# -- maps at image resolution ----------------------------------------------------------------
+
+def upsample(cam_map: np.ndarray, height: int, width: int,
+             extent: Optional[Tuple[float, float]] = None) -> np.ndarray:
+    """A map's positive part at image resolution, with the geometry the renderer draws
+    (``render.heat``): ReLU, bilinear ``cv2.resize`` to (width, height), and with ``extent``
+    ``(fy, fx)`` (a detector's padded canvas) resized to ``height / fy`` x ``width / fx``
+    and cropped to the image's top-left part.
+
+    Args:
+        cam_map: ``(h, w)`` float map, any sign and scale (NaN and inf count as 0).
+        height, width: The image's size in pixels.
+        extent: Fractions of the map the image covers, or None for all of it.
+
+    Returns:
+        ``(height, width)`` float32 >= 0, not normalised.
+    """
+    m = np.asarray(cam_map)
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"cam_map must be a non-empty (h, w) array, got shape {m.shape}")
+    m = np.maximum(np.nan_to_num(m.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0), 0.0)
+    if extent is not None:
+        fy, fx = (min(1.0, max(float(f), 1e-3)) for f in extent)
+        full = (max(width, int(round(width / fx))), max(height, int(round(height / fy))))
+        return np.ascontiguousarray(cv2.resize(m, full, interpolation=cv2.INTER_LINEAR)[:height, :width])
+    return cv2.resize(m, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+
+
+# -- localization -------------------------------------------------------------------------------
+
+def true_region(height: int, width: int, boxes: Any = None, mask: Any = None) -> Optional[np.ndarray]:
+    """The union of an image's true boxes and mask as a boolean ``(height, width)`` array.
+
+    Args:
+        boxes: ``(n, 4)`` ``(x1, y1, x2, y2)`` in image pixels (clipped to the image; a pixel
+            belongs to a box when its centre lies inside), or None.
+        mask: ``(height, width)``: nonzero inside the region, or None.
+
+    Returns:
+        The region, or None when neither is given or both are empty (nothing to score).
+
+    Raises:
+        ValueError: boxes that are not (n, 4), or a mask of another size (named).
+    """
+    region = np.zeros((int(height), int(width)), dtype=bool)
+    if boxes is not None:
+        b = np.asarray(boxes, dtype=np.float64)
+        if b.size and b.shape[-1] != 4 or b.ndim > 2:
+            raise ValueError(f"boxes must be (n, 4) x1, y1, x2, y2 pixels, got shape {b.shape}")
+        for x1, y1, x2, y2 in b.reshape(-1, 4):
+            # Pixel (r, c) has its centre at (c + 0.5, r + 0.5).
+            c1, c2 = int(np.ceil(min(x1, x2) - 0.5)), int(np.ceil(max(x1, x2) - 0.5))
+            r1, r2 = int(np.ceil(min(y1, y2) - 0.5)), int(np.ceil(max(y1, y2) - 0.5))
+            region[max(r1, 0):max(r2, 0), max(c1, 0):max(c2, 0)] = True
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape != region.shape:
+            raise ValueError(f"mask must be the image's size {region.shape}, got shape {m.shape}")
+        region |= m.astype(bool)
+    return region if boxes is not None or mask is not None else None
+
+
+def localization(heat: np.ndarray, region: np.ndarray) -> Tuple[Optional[float], Optional[bool]]:
+    """How much of a map lies on the true region.
+
+    Args:
+        heat: ``(H, W)`` float >= 0, the map at image resolution (:func:`upsample`).
+        region: ``(H, W)`` bool, the true region (:func:`true_region`).
+
+    Returns:
+        ``(share, hit)``: the share in [0, 1] of the map's mass inside the region, and
+        whether its peak (the first pixel of highest value, row-major) is inside (the
+        pointing game). ``(None, None)`` for an empty map (no positive mass) or an empty
+        region; ``hit`` is None for a flat map (no peak).
+    """
+    total = float(heat.sum(dtype=np.float64))
+    if not np.isfinite(total) or total <= 0 or not region.any():
+        return None, None
+    share = float(np.clip(heat[region].sum(dtype=np.float64) / total, 0.0, 1.0))
+    top = float(heat.max())
+    if top - float(heat.min()) <= 1e-6 * top:
+        return share, None
+    return share, bool(region.flat[int(np.argmax(heat))])
+
+
+class SampleMean:
+    """A per-sample score per (mode, ds_id) key, averaged over the epoch's samples that
+    have one. ``update`` returns the value (None: this sample has none)."""
+
+    def __init__(self) -> None:
+        self._values: Dict[Hashable, List[float]] = {}
+
+    def update(self, key: Hashable, value: Optional[float]) -> Optional[float]:
+        """One sample's score (None or NaN: none)."""
+        if value is None or not np.isfinite(value):
+            return None
+        self._values.setdefault(key, []).append(float(value))
+        return float(value)
+
+    def summary(self, key: Hashable) -> Optional[float]:
+        """Mean over this epoch's scored samples of ``key``; None when none was scored."""
+        values = self._values.get(key)
+        return float(np.mean(values)) if values else None
+
+    def reset(self, key: Hashable, *, logged: bool) -> None:
+        """The epoch of ``key`` ends (logged or not: nothing carries over)."""
+        self._values.pop(key, None)
+
+
+class Localization:
+    """``localization`` and ``pointing_game`` per (mode, ds_id) key: each sample's PC1 map
+    at image resolution against its true region (boxes or mask)."""
+
+    def __init__(self) -> None:
+        self.share, self.hit = SampleMean(), SampleMean()
+
+    def update(self, key: Hashable, heat: np.ndarray,
+               region: Optional[np.ndarray]) -> Tuple[Optional[float], Optional[bool]]:
+        """One sample's map ``(H, W)`` (:func:`upsample`) and true region (None: unknown);
+        returns ``(share, hit)`` as :func:`localization` does."""
+        if region is None:
+            return None, None
+        share, hit = localization(heat, region)
+        self.share.update(key, share)
+        self.hit.update(key, None if hit is None else float(hit))
+        return share, hit
+
+    def summary(self, key: Hashable) -> Tuple[Optional[float], Optional[float]]:
+        """(mean share, pointing-game hit rate) over the scored samples; None where none."""
+        return self.share.summary(key), self.hit.summary(key)
+
+    def reset(self, key: Hashable, *, logged: bool) -> None:
+        """The epoch of ``key`` ends."""
+        self.share.reset(key, logged=logged)
+        self.hit.reset(key, logged=logged)
+
+
+# -- faithfulness (the integrations run the model) ----------------------------------------------
+
+def check_fractions(fractions: Sequence[float]) -> Tuple[float, ...]:
+    """``fractions`` as a tuple of floats in (0, 1), or a ValueError naming the value."""
+    try:
+        out = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        raise ValueError(f"faithfulness fractions must be numbers in (0, 1), got {fractions!r}") from None
+    if not out or not all(0 < f < 1 for f in out):
+        raise ValueError(f"faithfulness fractions must be numbers in (0, 1), got {fractions!r}")
+    return out
+
+
+def top_masks(heat: np.ndarray, fractions: Sequence[float]) -> np.ndarray:
+    """The top-ranked pixels of each map.
+
+    Args:
+        heat: ``(n, H, W)`` float, maps at image resolution.
+        fractions: F fractions in (0, 1).
+
+    Returns:
+        ``(F, n, H, W)`` bool: for each fraction p the ``ceil(p H W)`` pixels of highest
+        value (ties: the first in row-major order), so the count never depends on ties.
+    """
+    n, h, w = heat.shape
+    order = np.argsort(-heat.reshape(n, h * w), axis=1, kind="stable")
+    out = np.zeros((len(fractions), n, h * w), dtype=bool)
+    for f, p in enumerate(fractions):
+        k = int(np.ceil(p * h * w))
+        np.put_along_axis(out[f], order[:, :k], True, axis=1)
+    return out.reshape(len(fractions), n, h, w)
+
+
+def blurred(x: np.ndarray, sigma: Optional[float] = None) -> np.ndarray:
+    """A heavily blurred copy of a batch of model inputs: what replaces the removed pixels.
+
+    Args:
+        x: ``(n, C, H, W)`` float32, in the model's own input space (normalised or not:
+            a blur is linear, so it commutes with the normalisation).
+        sigma: Gaussian sigma in pixels; default ``max(H, W) / 8``.
+    """
+    n, c, h, w = x.shape
+    s = float(sigma) if sigma is not None else max(h, w) / 8.0
+    hwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)
+    out = np.empty_like(hwc)
+    for i in range(n):
+        # cv2 takes up to 512 channels; a (H, W, 1) result comes back as (H, W).
+        out[i] = cv2.GaussianBlur(hwc[i], (0, 0), s, borderType=cv2.BORDER_REFLECT).reshape(h, w, c)
+    return out.transpose(0, 3, 1, 2)
+
+
+def perturbed_batch(x: np.ndarray, heat: np.ndarray, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                    sigma: Optional[float] = None) -> np.ndarray:
+    """The faithfulness pass's inputs: the clean images, then per fraction p "keep the top
+    p" (the rest blurred) and "drop the top p" (the top blurred).
+
+    Args:
+        x: ``(n, C, H, W)`` float32 model inputs.
+        heat: ``(n, H, W)`` maps at the inputs' resolution (:func:`upsample`).
+        fractions: F fractions in (0, 1).
+        sigma: The blur (see :func:`blurred`).
+
+    Returns:
+        ``((1 + 2F) n, C, H, W)`` float32: ``[clean, keep_1, drop_1, keep_2, drop_2, ...]``,
+        n rows each, the order :func:`faithfulness_scores` reads.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4 or heat.shape != (x.shape[0],) + x.shape[2:]:
+        raise ValueError(f"inputs (n, C, H, W) and maps (n, H, W) must agree, got {x.shape} "
+                         f"and {heat.shape}")
+    soft = blurred(x, sigma)
+    parts = [x]
+    for top in top_masks(heat, check_fractions(fractions))[:, :, None]:
+        parts.append(np.where(top, x, soft))   # keep the top, blur the rest
+        parts.append(np.where(top, soft, x))   # blur the top, keep the rest
+    return np.concatenate(parts)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``(m, K)`` scores (float64)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def faithfulness_scores(outputs: np.ndarray, n: int, *,
+                        probabilities: Optional[bool] = None) -> Optional[np.ndarray]:
+    """Per-sample faithfulness from the model's outputs on :func:`perturbed_batch`.
+
+    For each sample the class predicted on the clean image is scored: the mean over the
+    fractions of ``p(class | top kept) - p(class | top dropped)``. Near 1: the top of the
+    map carries the prediction; near 0: the prediction does not depend on it (or on the
+    image); negative: the rest of the image carries it.
+
+    Args:
+        outputs: ``((1 + 2F) n, K)`` logits (softmax taken) or probabilities.
+        n: Samples.
+        probabilities: ``outputs`` are probabilities already; None: they are when every
+            row is >= 0 and sums to 1 (a softmax head, as Keras models often end).
+
+    Returns:
+        ``(n,)`` float64 in [-1, 1], or None when the outputs are not class scores
+        (not 2-D, K < 2, or a row count that is not (1 + 2F) n).
+    """
+    out = np.asarray(outputs)
+    if out.ndim != 2 or out.shape[1] < 2 or n < 1 or out.shape[0] % n or (out.shape[0] // n) % 2 != 1:
+        return None
+    if probabilities is None:
+        rows = out.astype(np.float64)
+        probabilities = bool((rows >= 0).all() and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
+    p = out.astype(np.float64) if probabilities else softmax(out)
+    p = p.reshape(-1, n, p.shape[1])  # (1 + 2F, n, K)
+    cls = np.argmax(p[0], axis=1)
+    chosen = np.take_along_axis(p, cls[None, :, None], axis=2)[..., 0]  # (1 + 2F, n)
+    return (chosen[1::2] - chosen[2::2]).mean(axis=0)

@@ -43,9 +43,11 @@ import keras
 import numpy as np
 
 from .. import _layout
+from ..eigencam import _lapack_threads, eigencam
 from ..errors import WarnOnce
 from ..filters import FilterSpec, mode_filter
 from ..logger import EigenCAMLogger
+from ..metrics import DEFAULT_FRACTIONS, check_fractions, faithfulness_scores, perturbed_batch, upsample
 from .keras_data import Samples, split_at, take_samples
 
 __all__ = ["EigenCAMCallback", "PROBE_BATCH_SIZE", "autolog_add_callback"]
@@ -264,6 +266,11 @@ class EigenCAMCallback(keras.callbacks.Callback):
         ds_id: Dataset id filter, same forms as ``mode`` (``"val"``, ``"!train"``, ...).
         train_data: Where ``"train"`` samples come from, logged under dataset id ``"train"``
             (same forms as ``validation_data``); only read when ``mode`` lets ``"train"`` in.
+        faithfulness: Score each sample's map with the model at each logged epoch end
+            (docs/signals.md): one more forward (``training=False``) of ``2F n`` images with
+            the map's top kept / dropped; True (fractions ``metrics.DEFAULT_FRACTIONS``), a
+            sequence of fractions in (0, 1), or False. Only for one output of class scores
+            ``(B, K)``.
         **logger_kwargs: Passed to :class:`~mlflow_eigencam.logger.EigenCAMLogger`
             (``run_id``, ``colormap``, ``alpha``, ``log_every_n_epochs``, ``strict``, ...).
 
@@ -289,9 +296,13 @@ class EigenCAMCallback(keras.callbacks.Callback):
         mode: FilterSpec = "!train",
         ds_id: FilterSpec = None,
         train_data: Any = None,
+        faithfulness: Union[bool, Sequence[float]] = True,
         **logger_kwargs: Any,
     ) -> None:
         super().__init__()
+        self._fractions: Optional[Tuple[float, ...]] = (
+            DEFAULT_FRACTIONS if faithfulness is True else None if faithfulness is False
+            else check_fractions(faithfulness))
         for name in _FIXED_LOGGER_KWARGS:
             if name in logger_kwargs:
                 raise TypeError(
@@ -689,12 +700,51 @@ class EigenCAMCallback(keras.callbacks.Callback):
                     if x.ndim == 4 and keras.config.image_data_format() == "channels_first":
                         x = np.moveaxis(x, 1, -1)
                     labels = None if pinned.y is None else pinned.y[start:stop]
-                    logger.on_batch_end(x, acts, labels, preds, mode=mode, ds_id=ds_id)
+                    scores = self._faithfulness(pinned.x[start:stop], acts, preds)
+                    logger.on_batch_end(x, acts, labels, preds, mode=mode, ds_id=ds_id,
+                                        faithfulness=scores)
                 logger.on_epoch_end(epoch, mode=mode, ds_id=ds_id)
             except Exception as exc:
                 # Drop what this epoch kept of the key, so that it cannot leak into the next one.
                 logger.discard(mode, ds_id)
                 self._fail(exc, f"epoch {epoch} ({mode}, ds_id={ds_id!r})", kind="epoch")
+
+    def _faithfulness(self, x: np.ndarray, acts: np.ndarray,
+                      preds: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """Per-sample faithfulness of the PC1 maps of ``acts`` ``(n, h, w, C)`` on the
+        model's inputs ``x``, ``preds`` ``(n, K)`` being the clean row (docs/signals.md).
+        None when off or not class scores; a failure warns once and turns it off."""
+        if (self._fractions is None or preds is None or np.ndim(preds) != 2
+                or self.n_samples is None  # every sample at every epoch: too dear
+                or np.shape(preds)[1] < 2 or x.ndim != 4 or x.dtype.kind != "f"):
+            return None
+        try:
+            first = keras.config.image_data_format() == "channels_first"
+            nchw = x if first else np.moveaxis(x, -1, 1)
+            with _lapack_threads(0):
+                maps = eigencam(np.moveaxis(acts, -1, 1).astype(np.float32), 1).maps
+            if maps.shape[1] == 0:
+                return None
+            h, w = nchw.shape[2:]
+            heat = np.stack([upsample(m, h, w) for m in maps[:, 0]])
+            n = len(x)
+            batch = perturbed_batch(nchw, heat, self._fractions)[n:]  # the clean row is preds
+            if not first:
+                batch = np.moveaxis(batch, 1, -1)
+            outs = [_single_output(self._model_call(batch[i:i + PROBE_BATCH_SIZE].astype(x.dtype)))
+                    for i in range(0, len(batch), PROBE_BATCH_SIZE)]
+            if any(o is None for o in outs):
+                return None
+            return faithfulness_scores(np.concatenate([np.asarray(preds), *outs]), n)
+        except Exception as exc:  # a logging failure never stops training
+            self._fractions = None
+            self._warnings.warn("faithfulness", f"EigenCAM: the faithfulness pass failed ({exc!r}); "
+                                "not scoring faithfulness from now on")
+            return None
+
+    def _model_call(self, x: np.ndarray) -> Any:
+        with self._no_grad():
+            return self.model(x, training=False)
 
     def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
         """Wait for the uploads and end the run the logger started (:meth:`close`)."""

@@ -88,6 +88,9 @@ class EigenCAMCallback(Callback):
         denormalize: ``(mean, std)`` per channel to undo the input normalisation.
         batch_to_xy: Callable ``batch -> (images, labels)`` for batches the default
             (:func:`default_batch_to_xy`) does not understand.
+        faithfulness: Score each kept sample's map with the model (one extra quiet forward
+            per kept batch, see ``EigenCAMMonitor`` and docs/signals.md): True, a sequence
+            of fractions in (0, 1), or False.
         **logger_kwargs: Passed to ``EigenCAMLogger`` (``colormap``, ``alpha``,
             ``log_every_n_epochs``, ``run_id``, ``tracking_uri``, ``strict``...).
 
@@ -113,9 +116,11 @@ class EigenCAMCallback(Callback):
         denormalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
         *,
         batch_to_xy: Optional[BatchToXY] = None,
+        faithfulness: Union[bool, Sequence[float]] = True,
         **logger_kwargs: Any,
     ) -> None:
         from mlflow_eigencam.logger import EigenCAMLogger
+        from mlflow_eigencam.metrics import check_fractions
 
         if batch_to_xy is not None and not callable(batch_to_xy):
             raise TypeError(f"batch_to_xy must be callable or None, got {type(batch_to_xy).__name__}")
@@ -130,6 +135,9 @@ class EigenCAMCallback(Callback):
             )
         if not isinstance(pin_samples, bool):
             raise TypeError(f"pin_samples must be a bool, got {pin_samples!r}")
+        if not isinstance(faithfulness, bool):
+            check_fractions(faithfulness)  # fail here, naming the value
+        self._faithfulness = faithfulness
         self._logger_kwargs = dict(
             n_components=n_components,
             n_samples=n_samples,
@@ -208,6 +216,7 @@ class EigenCAMCallback(Callback):
             denormalize=self._denormalize,
             logger=logger,
             preds_from_output=True,
+            faithfulness=self._faithfulness,
         )
         self._module = pl_module
 

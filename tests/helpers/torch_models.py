@@ -121,10 +121,11 @@ class RecordingLogger(EigenCAMLogger):
         super().__init__(*args, **kwargs)
         self.batches: List[dict] = []
 
-    def on_batch_end(self, images, activations, labels=None, preds=None, *, mode, ds_id=None):
+    def on_batch_end(self, images, activations, labels=None, preds=None, *, mode, ds_id=None,
+                     **kwargs):
         self.batches.append(dict(images=images, activations=activations, labels=labels,
-                                 preds=preds, mode=mode, ds_id=ds_id))
-        super().on_batch_end(images, activations, labels, preds, mode=mode, ds_id=ds_id)
+                                 preds=preds, mode=mode, ds_id=ds_id, **kwargs))
+        super().on_batch_end(images, activations, labels, preds, mode=mode, ds_id=ds_id, **kwargs)
 
 
 def table_rows(client, run_id: str, mode: str, ds_id: str) -> List[dict]:

@@ -109,6 +109,10 @@ def test_fit_logs_validation_into_the_mlflow_logger_run(tmp_path, tracking_uri):
     by_epoch = {e: [(r["sample_id"], r["label"]) for r in rows if r["epoch"] == e] for e in (0, 1)}
     assert by_epoch[0] == by_epoch[1] and len(by_epoch[0]) == 3
     assert all(r["prediction"] in NAMES for r in rows)
+    # The faithfulness pass (on by default) scored every kept sample at every epoch.
+    assert all(-1 <= r["faithfulness"] <= 1 for r in rows)
+    faith = client.get_metric_history(mlf.run_id, "eigencam/eval/val/faithfulness")
+    assert sorted(m.step for m in faith) == [0, 1]
     # Nothing went to the globally set tracking URI.
     other = MlflowClient(tracking_uri)
     runs = other.search_runs([e.experiment_id for e in other.search_experiments()])
@@ -182,6 +186,8 @@ def test_bad_arguments_fail_at_construction():
         EigenCAMCallback(batch_to_xy=3)
     with pytest.raises(ValueError, match="alpha"):
         EigenCAMCallback(alpha=2.0)
+    with pytest.raises(ValueError, match=r"fractions must be numbers in \(0, 1\), got \(0,\)"):
+        EigenCAMCallback(faithfulness=(0,))
 
 
 def test_unknown_layer_warns_and_training_goes_on(tmp_path, tracking_uri):

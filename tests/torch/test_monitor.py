@@ -83,8 +83,9 @@ def test_training_flags_restored_after_extra_forward(tracking_uri, shapes):
         assert [m.training for m in model.modules()] == before
 
 
-def _train(model, x, y, monitor=None, epochs=2):
-    """A seeded SGD loop with dropout; the monitor (if any) watches train and eval batches."""
+def _train(model, x, y, monitor=None, epochs=2, losses=None):
+    """A seeded SGD loop with dropout; the monitor (if any) watches train and eval batches.
+    ``losses``: a list that gets every training loss (float)."""
     torch.manual_seed(1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for epoch in range(epochs):
@@ -92,6 +93,8 @@ def _train(model, x, y, monitor=None, epochs=2):
         for i in range(0, len(x), 8):
             with monitor.capture("train", "train") if monitor else _null():
                 loss = nn.functional.cross_entropy(model(x[i:i + 8]), y[i:i + 8])
+                if losses is not None:
+                    losses.append(float(loss.detach()))
                 if monitor:
                     monitor.update(x[i:i + 8], y[i:i + 8], None)
             opt.zero_grad()
@@ -488,3 +491,117 @@ def test_capture_without_ds_id_logs_under_the_splits_id_as_lightning_does(tracki
     assert set(image_series(MlflowClient(), run_id)) == {
         "eigencam/train/train/sample_0", "eigencam/eval/val/sample_0", "eigencam/test/test/sample_0",
         "eigencam/eval/holdout/sample_0"}
+
+
+# -- faithfulness (docs/signals.md) -------------------------------------------------------------
+
+def _eigencam_metrics(client, run_id):
+    metrics = client.get_run(run_id).data.metrics
+    return {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+            for key in metrics if key.startswith("eigencam/")}
+
+
+def test_faithfulness_changes_no_loss_weight_or_other_metric(tracking_uri, shapes):
+    """A seeded run's losses and weights are the same without the monitor, with it and with
+    its faithfulness pass; the other EigenCAM metrics are the same with and without it."""
+    x, y = shapes
+    client = MlflowClient()
+    torch.manual_seed(0)
+    base = TinyCNN(dropout=0.3)
+    runs = {}
+    for name, kwargs in (("plain", None), ("off", {"faithfulness": False}), ("on", {})):
+        model, losses = copy.deepcopy(base), []
+        monitor = None if kwargs is None else EigenCAMMonitor(model, mode=None, n_samples=3, **kwargs)
+        _train(model, x, y, monitor, epochs=3, losses=losses)
+        run_id = None if monitor is None else monitor.run_id
+        if monitor is not None:
+            monitor.close()
+        runs[name] = (losses, model.state_dict(), run_id)
+    assert runs["plain"][0] == runs["off"][0] == runs["on"][0]
+    for key, value in runs["plain"][1].items():
+        assert torch.equal(value, runs["on"][1][key]), key
+    off, on = (_eigencam_metrics(client, runs[k][2]) for k in ("off", "on"))
+    faith = {k: on.pop(k) for k in list(on) if k.endswith("/faithfulness")}
+    assert off == on  # evr_*, map_change: unchanged
+    assert sorted(faith) == ["eigencam/eval/val/faithfulness", "eigencam/train/train/faithfulness"]
+    assert all([s for s, _ in v] == [0, 1, 2] and all(-1 <= f <= 1 for _, f in v)
+               for v in faith.values())
+    rows = table_rows(client, runs["on"][2], "eval", "val")
+    assert len(rows) == 9 and all(r["faithfulness"] is not None for r in rows)
+
+
+class _ReadsChecker(nn.Module):
+    """Class 1's score: how much fine checkerboard the image has (a 2x2 conv that a blur
+    erases). Images carry it in their top-left quarter only, where the feature map fires:
+    the map's top region carries the prediction."""
+
+    def __init__(self, ignore_image: bool = False) -> None:
+        super().__init__()
+        self.ignore = ignore_image
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 2, bias=False), nn.ReLU())
+        checker = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+        with torch.no_grad():
+            self.features[0].weight.copy_(
+                torch.stack([checker, -checker] * 2)[:, None].expand(4, 3, 2, 2))
+
+    def forward(self, x):
+        score = self.features(x).mean(dim=(1, 2, 3))
+        if self.ignore:
+            score = torch.zeros_like(score)
+        logit = 40 * (score - 0.02)
+        return torch.stack([-logit, logit], dim=1)
+
+
+def _checker_corner_images(n=4, size=16):
+    g = torch.Generator().manual_seed(0)
+    x = 0.01 * torch.rand(n, 3, size, size, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    x[:, :, :8, :8] += ((yy + xx) % 2).float()
+    return x
+
+
+@pytest.mark.parametrize("ignore, low, high", [(False, 0.3, 1.0), (True, -1e-6, 1e-6)])
+def test_faithfulness_is_high_when_the_top_region_carries_the_prediction(tracking_uri, ignore, low, high):
+    x = _checker_corner_images()
+    model = _ReadsChecker(ignore)
+    monitor, logger = _monitor(model, target_layer="features", n_samples=4)
+    with monitor.capture("eval", "val"):
+        monitor.update(x, None, model(x))
+    scores = logger.batches[-1]["faithfulness"]
+    assert scores.shape == (4,) and ((scores >= low) & (scores <= high)).all(), scores
+    monitor.epoch_end(0)
+    monitor.close()
+
+
+def test_faithfulness_off_and_bad_fractions(tracking_uri, shapes):
+    x, y = shapes
+    model = TinyCNN()
+    monitor, logger = _monitor(model, faithfulness=False)
+    with monitor.capture("eval", "val"):
+        monitor.update(x[:4], y[:4], model(x[:4]))
+    assert "faithfulness" not in logger.batches[-1]
+    monitor.close()
+    streaming, logger = _monitor(model, n_samples=None)  # every sample: not scored
+    with streaming.capture("eval", "val"):
+        streaming.update(x[:4], y[:4], model(x[:4]))
+    assert len(logger.batches) == 1 and "faithfulness" not in logger.batches[-1]
+    streaming.close()
+    with pytest.raises(ValueError, match=r"fractions must be numbers in \(0, 1\), got \(0.5, 2\)"):
+        EigenCAMMonitor(model, faithfulness=(0.5, 2))
+
+
+def test_true_boxes_given_to_update_are_pinned_and_scored_every_epoch(tracking_uri):
+    x = _checker_corner_images()
+    model = _ReadsChecker()
+    client = MlflowClient()
+    with EigenCAMMonitor(model, target_layer="features", n_samples=4) as monitor:
+        for epoch in range(2):
+            with monitor.capture("eval", "val"):
+                monitor.update(x, None, model(x), boxes=[torch.tensor([[0, 0, 8, 8]])] * 4)
+            monitor.epoch_end(epoch)  # epoch 1: the pinned pass, boxes kept with the pins
+        run_id = monitor.run_id
+    rows = table_rows(client, run_id, "eval", "val")
+    assert [r["epoch"] for r in rows] == [0] * 4 + [1] * 4
+    assert all(r["localization"] > 0.8 and r["pointing_game"] == 1.0 for r in rows)
+    history = client.get_metric_history(run_id, "eigencam/eval/val/pointing_game")
+    assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 1.0)]

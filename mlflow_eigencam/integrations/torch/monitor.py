@@ -31,6 +31,15 @@ forward pass on the pinned inputs (``torch.no_grad()``, ``model.eval()``, flags 
 logs those, so the MLflow step slider shows the same images as the model learns even when the
 loader shuffles. Doing the extra pass every epoch (rather than only when fewer than ``n`` of the
 pinned samples come by again) costs one small forward per epoch and nothing per batch.
+
+Faithfulness (``faithfulness=True``, the default; docs/signals.md): for a classifier (an output
+of class scores ``(B, K)``), each kept batch gets one more quiet forward: per fraction the
+map's top kept (rest blurred) and dropped (top blurred), ``2F n`` images in the pinned pass
+(whose output is the clean row), ``(1 + 2F) n`` with the clean images at the first epoch.
+Not with ``n_samples=None`` (every sample). The per-sample score goes to the logger as
+``on_batch_end(faithfulness=...)``. Same frame as the pinned pass (no grad, eval, flags and
+RNG restored); the monitor's own hooks ignore it. Detectors (a list of images, a padded
+canvas) and other outputs are not scored.
 """
 
 from __future__ import annotations
@@ -44,7 +53,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...eigencam import _lapack_threads, eigencam
 from ...errors import WarnOnce
+from ...metrics import DEFAULT_FRACTIONS, check_fractions, faithfulness_scores, perturbed_batch, upsample
 from ._model import first_tensor, keep_rows, quiet_forward, rank_or_none, unwrap_model
 from .batches import images_as_batch, to_numpy
 from .detection import Canvas, canvas_of, crop_to_images, detections, transform_of
@@ -75,6 +86,8 @@ class _Pin:
 
     images: List[torch.Tensor] = field(default_factory=list)  # CPU chunks, as the model took them
     labels: List[Any] = field(default_factory=list)  # per-chunk numpy arrays / lists, or None
+    boxes: List[Any] = field(default_factory=list)  # per-chunk lists of (n, 4) true boxes, or None
+    masks: List[Any] = field(default_factory=list)  # per-chunk (k, H, W) true masks, or None
     established: bool = False
     as_list: bool = False  # call the model with a list of images (torchvision detectors)
 
@@ -88,6 +101,13 @@ class _Pin:
         if all(isinstance(chunk, np.ndarray) for chunk in self.labels):
             return images, np.concatenate(self.labels)
         return images, [item for chunk in self.labels for item in chunk]
+
+    def regions(self) -> Tuple[Optional[list], Optional[np.ndarray]]:
+        """The true boxes (a list) and masks (an array) of the pinned samples, each None
+        unless every chunk had them."""
+        boxes = None if any(c is None for c in self.boxes) else [b for c in self.boxes for b in c]
+        masks = None if any(c is None for c in self.masks) else np.concatenate(self.masks)
+        return boxes, masks
 
 
 @dataclass
@@ -134,6 +154,9 @@ class EigenCAMMonitor:
             and ``strict`` is the logger's).
         preds_from_output: When ``update()`` gets no ``preds``, use the model's own output of
             the captured forward pass (its first tensor, e.g. logits).
+        faithfulness: Score each kept sample's map with the model (see the module docstring
+            and docs/signals.md): True (fractions ``metrics.DEFAULT_FRACTIONS``), a sequence
+            of fractions in (0, 1), or False (no extra forward).
         **logger_kwargs: Passed to ``EigenCAMLogger`` (``run_id``, ``colormap``, ``alpha``,
             ``log_every_n_epochs``, ``strict``, ...). ``strict=True`` also makes a model
             without a usable layer raise ``ValueError`` instead of warning once.
@@ -157,6 +180,7 @@ class EigenCAMMonitor:
         *,
         logger: Any = None,
         preds_from_output: bool = False,
+        faithfulness: Union[bool, Sequence[float]] = True,
         **logger_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -167,6 +191,10 @@ class EigenCAMMonitor:
             )
         if not isinstance(pin_samples, bool):
             raise TypeError(f"pin_samples must be a bool, got {pin_samples!r}")
+        self._fractions: Optional[Tuple[float, ...]] = (
+            DEFAULT_FRACTIONS if faithfulness is True else None if faithfulness is False
+            else check_fractions(faithfulness))
+        self._scoring = False  # inside the faithfulness forward: the monitor's hooks ignore it
         self._model = unwrap_model(model)
         self._reshape = reshape_transform
         self._grid_hw: Optional[Tuple[int, int]] = None  # patch grid found by auto-detection
@@ -257,7 +285,8 @@ class EigenCAMMonitor:
         finally:
             self._close_capture(user_error=not finished)
 
-    def update(self, images: Any, labels: Any = None, preds: Any = None) -> None:
+    def update(self, images: Any, labels: Any = None, preds: Any = None, *,
+               boxes: Any = None, masks: Any = None) -> None:
         """Hand the captured batch's kept samples to the logger.
 
         Call inside ``capture()``, after the forward pass.
@@ -268,6 +297,10 @@ class EigenCAMMonitor:
                 then cropped to the cells over each resized image, not its padding).
             labels: Class indices ``(B,)``, one-hot / probabilities ``(B, K)``, strings, or None.
             preds: The model's output for the batch (logits ``(B, K)``...), or None.
+            boxes: True regions of classification data, for ``localization`` /
+                ``pointing_game`` (docs/signals.md): B entries of ``(n, 4)`` ``x1, y1, x2,
+                y2`` pixels of ``images``, or None. Pinned with the samples.
+            masks: True regions as ``(B, H, W)`` masks (nonzero inside), or None.
 
         Raises:
             ValueError: ``images`` of another shape; with ``strict=True``, a model without a
@@ -302,11 +335,17 @@ class EigenCAMMonitor:
         grid = tokens_to_grid(act[:k], self._reshape, self._grid_hw)
         inputs = images_t[:k].detach().to("cpu", copy=True)
         labels_k = to_numpy(labels, k)
+        # Copies (a CPU tensor's numpy() shares its memory), kept with the pinned samples.
+        boxes_k = None if boxes is None else [
+            None if b is None else np.array(to_numpy(b, len(b)), dtype=np.float64)
+            for b in list(boxes)[:k]]
+        masks_k = None if masks is None else np.array(to_numpy(masks, k), copy=True)[:k]
         canvas, cap.canvas = cap.canvas, None
-        self._log_cropped(cap.key, inputs, grid, labels_k, to_numpy(preds, k), canvas)
+        self._log_cropped(cap.key, inputs, grid, labels_k, to_numpy(preds, k), canvas,
+                          boxes=boxes_k, masks=masks_k)
         if cap.room is not None:
             cap.room -= k
-            self._remember_pinned(cap.key, inputs, labels_k, as_list)
+            self._remember_pinned(cap.key, inputs, labels_k, as_list, boxes_k, masks_k)
 
     def epoch_end(self, epoch: int, *, mode: Optional[str] = None) -> None:
         """Log every (mode, ds_id) seen since the last call as MLflow step ``epoch``.
@@ -441,7 +480,7 @@ class EigenCAMMonitor:
     def _make_hook(self, cap: _Capture) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             tensor = first_tensor(output)
-            if tensor is None:
+            if tensor is None or self._scoring:
                 return
             cap.act = keep_rows(tensor, cap.room)
             if tensor.ndim == 3:
@@ -460,6 +499,8 @@ class EigenCAMMonitor:
 
     def _make_output_hook(self, cap: _Capture) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if self._scoring:
+                return
             boxes = detections(output)
             if boxes is not None:  # a detector's list of {"boxes", "labels", "scores"}
                 cap.output = to_numpy(boxes, len(boxes) if cap.room is None else cap.room)
@@ -473,7 +514,8 @@ class EigenCAMMonitor:
     def _make_canvas_hook(self, cap: _Capture) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             # The resized size of each image and the padded batch (sizes only, no tensor kept).
-            cap.canvas = canvas_of(output)
+            if not self._scoring:
+                cap.canvas = canvas_of(output)
 
         return hook
 
@@ -545,7 +587,8 @@ class EigenCAMMonitor:
 
     # ----------------------------------------------------------------- logging
 
-    def _remember_pinned(self, key: Key, inputs: torch.Tensor, labels: Any, as_list: bool) -> None:
+    def _remember_pinned(self, key: Key, inputs: torch.Tensor, labels: Any, as_list: bool,
+                         boxes: Optional[list] = None, masks: Optional[np.ndarray] = None) -> None:
         """The first epoch's kept inputs of ``key``, re-run at every later epoch end."""
         if not self._pin_enabled:
             return
@@ -553,6 +596,8 @@ class EigenCAMMonitor:
         if not pin.established:
             pin.images.append(inputs)
             pin.labels.append(labels)
+            pin.boxes.append(boxes)
+            pin.masks.append(masks)
             pin.as_list = as_list  # a detector takes a list of (C, H, W) images
 
     def _images_for_logger(self, images: torch.Tensor) -> np.ndarray:
@@ -573,7 +618,7 @@ class EigenCAMMonitor:
 
     def _forward_pinned(self, key: Key, pin: _Pin) -> None:
         """One quiet forward (no grad, eval, flags and RNG restored) on the pinned inputs;
-        hand the result to the logger."""
+        hand the result to the logger (its output is the faithfulness pass's clean row)."""
         if self._target is None:
             return
         images, labels = pin.stacked()
@@ -603,14 +648,27 @@ class EigenCAMMonitor:
             return
         grid = tokens_to_grid(cap.act, self._reshape, self._grid_hw)
         preds = to_numpy(detections(output) or first_tensor(output), images.shape[0])
-        self._log_cropped(key, images, grid, labels, preds, cap.canvas)
+        boxes, masks = pin.regions()
+        self._log_cropped(key, images, grid, labels, preds, cap.canvas, clean=first_tensor(output),
+                          boxes=boxes, masks=masks)
 
     def _log_cropped(self, key: Key, images: torch.Tensor, grid: torch.Tensor, labels: Any,
-                     preds: Any, canvas: Optional[Canvas]) -> None:
+                     preds: Any, canvas: Optional[Canvas], clean: Optional[torch.Tensor] = None,
+                     boxes: Optional[list] = None, masks: Optional[np.ndarray] = None) -> None:
         """Hand a batch to the logger, the map cropped to the images' own region of a
-        detector's padded canvas (the whole map for other models)."""
+        detector's padded canvas (the whole map for other models). ``clean``: the model's
+        eval-mode output on ``images`` when known (the pinned pass), so the faithfulness
+        pass does not run them again."""
         cropped, extent = crop_to_images(grid, canvas)
-        kwargs = {} if extent is None else {"map_extent": extent}
+        kwargs: Dict[str, Any] = {} if extent is None else {"map_extent": extent}
+        if boxes is not None:
+            kwargs["boxes"] = boxes
+        if masks is not None:
+            kwargs["masks"] = masks
+        if canvas is None:  # a detector's padded batch is not scored
+            scores = self._faithfulness(images, cropped, clean)
+            if scores is not None:
+                kwargs["faithfulness"] = scores
         self._logger.on_batch_end(
             self._images_for_logger(images),
             cropped.float().cpu().numpy(),
@@ -620,6 +678,46 @@ class EigenCAMMonitor:
             ds_id=key[1],
             **kwargs,
         )
+
+
+    def _faithfulness(self, images: torch.Tensor, grid: torch.Tensor,
+                      clean: Optional[torch.Tensor] = None) -> Optional[np.ndarray]:
+        """Per-sample faithfulness of the PC1 maps of ``grid`` ``(n, C, h, w)`` on the CPU
+        inputs ``images`` ``(n, C, H, W)``: one quiet forward of ``(1 + 2F) n`` images
+        (``metrics.perturbed_batch``), ``2F n`` when ``clean`` (the eval-mode output on
+        ``images``, ``(n, K)``) is given. None when off, not a float image batch, or the
+        output is not class scores; a failure warns once and turns it off."""
+        if (self._fractions is None or images.ndim != 4 or not images.is_floating_point()
+                or getattr(self._logger, "n_samples", None) is None):  # streaming: every sample
+            return None
+        try:
+            x = images.float().numpy()
+            with _lapack_threads(0):  # the logger's map: PC1 of the same activations
+                maps = eigencam(grid.float().cpu().numpy(), 1).maps
+            if maps.shape[1] == 0:
+                return None
+            h, w = x.shape[2:]
+            heat = np.stack([upsample(m, h, w) for m in maps[:, 0]])
+            n = x.shape[0]
+            reuse = clean is not None and clean.ndim == 2 and int(clean.shape[0]) == n
+            batch = torch.from_numpy(perturbed_batch(x, heat, self._fractions)[n if reuse else 0:])
+            self._scoring = True
+            try:
+                with quiet_forward(self._model) as device:
+                    out = first_tensor(self._model(batch.to(device=device, dtype=images.dtype)))
+            finally:
+                self._scoring = False
+            if out is None:
+                return None
+            if reuse:
+                assert clean is not None
+                out = torch.cat([clean.detach().to(out.device, out.dtype), out])
+            return faithfulness_scores(out.detach().float().cpu().numpy(), n)
+        except Exception as exc:  # a logging failure never stops training (as the pinned pass)
+            self._fractions = None
+            self._warn.warn("faithfulness", f"EigenCAM: the faithfulness pass failed ({exc!r}); "
+                            "not scoring faithfulness from now on", stacklevel=4)
+            return None
 
 
 def _check_mode(mode: Any) -> None:
