@@ -145,6 +145,9 @@ class EigenCAMLogger:
         self._map_change = MapChange()
         # Steps logged per (mode, ds_id) by this logger, and what a new fit adds to epochs.
         self._logged_steps: Dict[Key, Set[int]] = {}
+        #: Names this logger's table parts (``_layout.table_part_path``): no other writer on
+        #: the run writes the same file, so no writer can drop another's rows.
+        self._writer = uuid.uuid4().hex[:12]
         self._step_offset = 0
         self._fit_last_step: Optional[int] = None
         self._once = WarnOnce()
@@ -471,7 +474,8 @@ class EigenCAMLogger:
                            colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent)
 
     def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any], cards: List[str],
-                      evr_sum: np.ndarray, count: int, rows: List[dict]) -> None:
+                      evr_sum: np.ndarray, count: int, rows: List[dict],
+                      streamed: bool = False) -> None:
         """Submit one bundle per (mode, ds_id, epoch): one upload, one metrics call, tags
         once per run. ``cards``: artifact paths (in ``files``) of the grid's cards, drawn
         into the grid by the sender."""
@@ -480,11 +484,16 @@ class EigenCAMLogger:
         if cards:
             grids = {_layout.grid_path(mode, ds_id, epoch): {
                 "epoch": epoch, "mode": mode, "ds_id": ds_id, "cards": list(cards)}}
-        # This epoch's rows only: the sender merges them into the run's table (streamed rows
-        # live in the parts: none here, and the table is still registered for load_table).
-        tables = [_layout.table_path(mode, ds_id)]
-        files[tables[0]] = _table.to_json(rows)
         now = int(time.time() * 1000)
+        # The rows' home: a part of this epoch and writer, never rewritten by anyone else
+        # (two processes on one run keep every row; readers merge the parts). samples.json
+        # gets them too, merged by the sender: a view for MLflow's UI and load_table that
+        # another writer may overwrite (streamed rows stay out of it: it would be re-sent
+        # whole every epoch; it is still written so the table is registered).
+        files[_layout.table_part_path(mode, ds_id, epoch, now, self._writer)] = \
+            _table.to_json(rows)
+        tables = [_layout.table_path(mode, ds_id)]
+        files[tables[0]] = _table.to_json([] if streamed else rows)
         mean = evr_sum / max(count, 1)
         metrics = [[_layout.metric_key(mode, ds_id, c + 1), float(v), epoch, now]
                    for c, v in enumerate(mean)]
@@ -535,13 +544,11 @@ class EigenCAMLogger:
                 row[_layout.TABLE_IMAGE_COLUMN] = _sample_files(
                     files, mode, ds_id, epoch, row["sample_index"], now, png, webp)
                 cards.append(row[_layout.TABLE_IMAGE_COLUMN])
-            # This epoch's rows as a part of their own: the table grows by appending.
-            files[_layout.table_part_path(mode, ds_id, epoch)] = _table.to_json(stream.rows)
             evr_sum = stream.evr_sum if stream.evr_sum is not None else np.zeros(0)
             # Spooled before returning (submit reads the local files): the files are paths
-            # into the folder deleted below. No rows for samples.json: streamed rows live in
-            # the parts only.
-            self._finish_epoch(epoch, key, files, cards, evr_sum, stream.count, [])
+            # into the folder deleted below. Streamed rows live in the parts only.
+            self._finish_epoch(epoch, key, files, cards, evr_sum, stream.count, stream.rows,
+                               streamed=True)
             stream.commit()
             self._map_change.reset(key, logged=True)
         finally:

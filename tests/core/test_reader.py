@@ -93,7 +93,7 @@ def test_table_joins_samples_json_and_per_epoch_parts_without_repeats(tracking_u
         part_rows.append(row)
     part_rows[2]["image"] = ""
     part_rows.append(dict(last))  # epoch 1 again
-    part = tmp_path / "table" / "epoch_0002.json"
+    part = tmp_path / "table" / "epoch_0002-0000000000000-aa.json"
     part.parent.mkdir()
     part.write_text(json.dumps({"columns": columns,
                                 "data": [[r.get(c) for c in columns] for r in part_rows]}))

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mlflow_eigencam import _table
+from mlflow_eigencam import _layout, _table
 
 
 def _sample(i, boxes=False):
@@ -54,13 +54,19 @@ def test_read_dedups_across_sources_with_the_same_rule():
         _table.read([("t.json", b'{"columns": ["epoch"], "data": [[0]]}')])
 
 
-def test_part_paths_ask_the_layout_and_sort_by_epoch():
-    listed = ["eigencam/eval/val/table/epoch_0010.json", "eigencam/eval/val/table/epoch_0002.json",
-              "eigencam/eval/val/table/notes.txt", "epoch_0003.json",
-              SimpleNamespace(path="eigencam/eval/val/table/epoch_0004.json", is_dir=True)]
+def test_part_paths_ask_the_layout_and_sort_by_epoch_time_and_writer():
+    d = "eigencam/eval/val/table"
+    listed = [f"{d}/epoch_0010-0000000000005-a.json", f"{d}/epoch_0002-0000000000009-a.json",
+              f"{d}/epoch_0002-0000000000007-b.json", f"{d}/epoch_0002-0000000000007-a.json",
+              f"{d}/notes.txt", "epoch_0003-0000000000001-c.json", f"{d}/epoch_0001.json",
+              SimpleNamespace(path=f"{d}/epoch_0004-0000000000001-a.json", is_dir=True)]
     assert _table.part_paths(lambda folder: listed, "eval", "val") == [
-        "eigencam/eval/val/table/epoch_0002.json", "eigencam/eval/val/table/epoch_0003.json",
-        "eigencam/eval/val/table/epoch_0010.json"]
+        f"{d}/epoch_0002-0000000000007-a.json", f"{d}/epoch_0002-0000000000007-b.json",
+        f"{d}/epoch_0002-0000000000009-a.json", f"{d}/epoch_0003-0000000000001-c.json",
+        f"{d}/epoch_0010-0000000000005-a.json"]
+    assert _layout.table_part_path("eval", "val", 2, 7, "a") == listed[3]
+    with pytest.raises(ValueError, match="writer"):
+        _layout.table_part_path("eval", "val", 2, 7, "../x")
 
     def missing(folder):
         raise FileNotFoundError(folder)
