@@ -22,8 +22,9 @@ several sources. "First" is the same for every reader and writer: parts in the o
 :func:`part_paths` (epoch, then the time the epoch ended, then the writer's token), then
 ``samples.json``, whose rows all come from parts. Why the first: everything else an epoch
 leaves in MLflow cannot be replaced either, and must agree with the table. MLflow keeps
-every metric point and every image-series file logged at a step (the client can delete neither), so "keep the last" would leave the
-first epoch's metric point and images beside the table's new row. So the sender drops a whole
+every metric point and every image-series file logged at a step (the client can delete
+neither), so "keep the last" would leave the first epoch's metric point and images beside
+the table's new row. So the sender drops a whole
 bundle that repeats an epoch the run already has (``Item.once``, see :mod:`._transport`), and
 the table keeps the first row too: one row, one image and one metric point per step. A retried
 bundle carries the same rows, so either rule gives the same table for a retry.
