@@ -39,7 +39,7 @@ import numpy as np
 
 from . import _layout
 
-__all__ = ["dumps", "loads", "merge", "part_paths", "read", "row", "to_json"]
+__all__ = ["dumps", "loads", "merge", "part_paths", "read", "row", "to_json", "without_images"]
 
 Key = Tuple[Any, ...]
 
@@ -98,6 +98,17 @@ def loads(raw: Any) -> dict:
             and all(isinstance(r, list) and len(r) == len(data["columns"]) for r in data["data"])):
         raise ValueError("a table file is not MLflow's split-orient JSON")
     return data
+
+
+def without_images(raw: bytes) -> bytes:
+    """Table JSON whose rows name no card (``image`` = ``""``): for a bundle spooled without
+    its images at the spool cap (:mod:`.sink`), so no row points at a file never uploaded."""
+    table = loads(raw)
+    if _layout.TABLE_IMAGE_COLUMN in table["columns"]:
+        at = table["columns"].index(_layout.TABLE_IMAGE_COLUMN)
+        for values in table["data"]:
+            values[at] = ""
+    return dumps(table)
 
 
 def _key(r: dict, fallback: Key) -> Key:

@@ -35,7 +35,7 @@ from .filters import ds_id_filter, mode_filter
 from .metrics import MapChange
 from .render import PNGBand, card_geometry, render_card, render_detection_card, resolve_colormap
 from .samples import Sample, SampleBuffer
-from .sink import MlflowSink, Undelivered
+from .sink import DEFAULT_SPOOL_MAX_BYTES, MlflowSink, Undelivered
 
 _log = logging.getLogger("mlflow_eigencam")
 
@@ -78,6 +78,11 @@ class EigenCAMLogger:
             ``~/.cache/mlflow_eigencam/spool`` (or ``$MLFLOW_EIGENCAM_SPOOL_DIR``). A folder
             that exists and was not made by the package is used through its sub-folder
             ``mlflow-eigencam-spool``; nothing else in it is ever touched.
+        spool_max_bytes: Cap on this logger's spooled items while MLflow has not confirmed
+            them (default 1 GiB; None: no cap). One warning at 80 %; at the cap an epoch
+            keeps its images only when it is a multiple of 10, at twice the cap none; table
+            rows and metrics are always kept, and :meth:`close` counts the epochs spooled
+            without images (docs/server-down.md).
         close_timeout: Seconds :meth:`close` waits for the upload to finish.
         grid_max_rows: Rows in the per-epoch grid (streaming mode can have thousands).
         extra_tags: More run tags.
@@ -101,6 +106,7 @@ class EigenCAMLogger:
         target_layer: Optional[str] = None,
         strict: bool = False,
         spool_dir: Union[str, os.PathLike, None] = None,
+        spool_max_bytes: Optional[int] = DEFAULT_SPOOL_MAX_BYTES,
         close_timeout: float = 30.0,
         grid_max_rows: int = 16,
         extra_tags: Optional[Mapping[str, str]] = None,
@@ -119,6 +125,10 @@ class EigenCAMLogger:
             raise ValueError(f"grid_max_rows must be an int >= 1, got {grid_max_rows!r}")
         if close_timeout is not None and close_timeout < 0:
             raise ValueError(f"close_timeout must be >= 0 or None, got {close_timeout!r}")
+        if spool_max_bytes is not None and (isinstance(spool_max_bytes, bool) or not isinstance(
+                spool_max_bytes, numbers.Integral) or spool_max_bytes <= 0):
+            raise ValueError(f"spool_max_bytes must be an int > 0 or None, got {spool_max_bytes!r}")
+        self._spool_max_bytes = spool_max_bytes
         if spool_dir is not None:
             from ._spool import own_root
 
@@ -593,7 +603,8 @@ class EigenCAMLogger:
             self._tracking_uri, self._run_id = uri, run_id
             self._owns_run = run_id is None
             self._sink = MlflowSink(self._spool_dir, run_id=run_id, tracking_uri=uri,
-                                    create_run=self._owns_run)
+                                    create_run=self._owns_run,
+                                    spool_max_bytes=self._spool_max_bytes)
 
     def _tags(self) -> Dict[str, str]:
         tags = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,12 +90,13 @@ def test_part_paths_ask_the_layout_and_sort_by_epoch_time_and_writer():
 CHILD = Path(__file__).with_name("_durability_child.py")
 
 
-def _child(uri: str, run_id: str, first: int, n: int, close: bool = True) -> subprocess.Popen:
-    """A training process (tests/core/_durability_child.py): 2 samples per epoch, prints
-    ``RETURNED <epoch>`` once each ``on_epoch_end`` returned."""
-    return subprocess.Popen([sys.executable, str(CHILD), uri, run_id, str(first), str(n), "0.05",
-                             "1" if close else "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env())
+def _child(uri: str, run_id: str, first: int, n: int, seconds: float = 0.3,
+           close: bool = True, **env: str) -> subprocess.Popen:
+    """A training process (tests/core/_durability_child.py): 2 samples per epoch of
+    ``seconds``, prints ``RETURNED <epoch>`` once each ``on_epoch_end`` returned."""
+    return subprocess.Popen([sys.executable, str(CHILD), uri, run_id, str(first), str(n),
+                             str(seconds), "1" if close else "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env(**env))
 
 
 def _returned(proc: subprocess.Popen, until: str = "CLOSED") -> set:
@@ -109,6 +111,17 @@ def _returned(proc: subprocess.Popen, until: str = "CLOSED") -> set:
     raise AssertionError(f"child ended before {until!r}: {proc.stderr.read()[-3000:]}")
 
 
+def _wait_for_step(run_id: str, step: int, timeout: float = 120.0) -> None:
+    """Until the run has EigenCAM's metric at ``step`` (a bundle's last part to arrive)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m.step >= step for m in MlflowClient().get_metric_history(
+                run_id, _layout.metric_key("eval", "val", 1))):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} did not arrive within {timeout} s")
+
+
 def _read_keys(uri: str, run_id: str) -> list:
     rows = Reader(uri).table(run_id, "eval", "val").rows
     return [(r["epoch"], r["sample_index"]) for r in rows]
@@ -120,33 +133,39 @@ def _new_run() -> str:
 
 
 def test_two_processes_on_one_run_keep_every_returned_row(tracking_uri):
-    """Two trainings logging one run's table at the same time (epochs 0-7 and 4-11): every
-    row of every returned epoch is in the table read back, once (samples.json alone, merged
-    by each process into its own copy, lost 26 of 40 rows)."""
+    """Two trainings logging one run's table at the same time (epochs 0-29 and 30-39, the
+    second starting once the first has sent an epoch): every row of every returned epoch is
+    in the table read back, once (samples.json alone, merged by each process into its own
+    copy, lost 26 of 40 rows)."""
     rid = _new_run()
-    a, b = _child(tracking_uri, rid, 0, 8), _child(tracking_uri, rid, 4, 8)
+    a = _child(tracking_uri, rid, 0, 30)
+    _wait_for_step(rid, 0)
+    b = _child(tracking_uri, rid, 30, 10)
     returned = _returned(a) | _returned(b)
     for proc in (a, b):
         assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
-    assert returned == set(range(12))
+    assert returned == set(range(40))
     keys = _read_keys(tracking_uri, rid)
     assert keys == [(e, i) for e in sorted(returned) for i in (0, 1)]
 
 
-def test_a_resumed_training_beside_send_spool_of_the_dead_one_keeps_every_row(tracking_uri):
+def test_a_resumed_training_beside_send_spool_of_the_dead_one_keeps_every_row(tracking_uri,
+                                                                           tmp_path):
     """The package's advice after a crash: resume training and run send-spool. The dead
     process (it could not reach MLflow: every epoch is in its spool) and the resumed one
     write the table at the same time; no row is lost (before: 10 of 34)."""
     rid = _new_run()
     down = f"http://127.0.0.1:{free_port()}"  # a closed port: nothing leaves the spool
-    dead = _child(down, rid, 0, 6, close=False)
+    dead_spool = tmp_path / "dead-spool"
+    dead = _child(down, rid, 0, 6, 0.0, close=False, MLFLOW_EIGENCAM_SPOOL_DIR=str(dead_spool))
     dead_epochs = _returned(dead, until="RETURNED 5")
     dead.kill()
     dead.wait(timeout=30)
     resumed = _child(tracking_uri, rid, 6, 10)
-    assert resumed.stdout is not None and resumed.stdout.readline().startswith("READY")
+    _wait_for_step(rid, 6)  # the resumed training is sending
     # send-spool of the dead one's folder (recorded for the closed port) while training goes on
-    assert cli_main(["send-spool", "--tracking-uri", tracking_uri, "--retarget"]) == 0
+    assert cli_main(["send-spool", str(dead_spool), "--tracking-uri", tracking_uri,
+                     "--retarget"]) == 0
     returned = _returned(resumed) | dead_epochs
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read()[-3000:]
     assert returned == set(range(16))
