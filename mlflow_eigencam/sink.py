@@ -507,17 +507,11 @@ class MlflowSink:
                        if e.item is not None and e.path is not None]
             for entry in on_disk[keep:]:
                 entry.item = None
-        with_copy = [n for n, e in sorted(self._items.items())
-                     if e.item is not None and e.path is None]
-        excess = len(with_copy) - self._memory_items
-        for n in with_copy:
-            if excess <= 0:
-                break
-            entry = self._items[n]
-            if entry.path is None and entry.item is not None:
+            only_here = [n for n, e in sorted(self._items.items())
+                         if e.item is not None and e.path is None]
+            for n in only_here[:max(0, len(only_here) - self._memory_items)]:
                 del self._items[n]
                 self.dropped += 1
-                excess -= 1
                 self._queue_warning("dropped", (
                     f"mlflow_eigencam: the spool cannot be written and more than "
                     f"{self._memory_items} items wait for MLflow; the oldest are dropped"))
