@@ -139,10 +139,10 @@ class MlflowSink:
             disk keeps no in-memory copy while MLflow is unreachable (it is re-read from its
             record when sent), and at most ``lag_limit`` copies while it is reachable.
         spool_max_bytes: Cap on the bytes of this sink's records (default 1 GiB; None: no
-            cap). At 80 % one warning; at the cap, a bundle keeps its images only at every
-            ``thin_every``-th bundle (its table rows, metrics and tags always), and at twice
-            the cap none: each bundle spooled without images is warned about and counted in
-            :meth:`close`'s :class:`Undelivered` (``images_not_kept``).
+            cap). At 80 % one warning; at the cap one more, and a bundle keeps its images
+            only when its epoch (step) is a multiple of ``thin_every`` (its table rows,
+            metrics and tags always), at twice the cap never. Every bundle spooled without
+            images is counted in :meth:`close`'s :class:`Undelivered` (``images_not_kept``).
         thin_every: See ``spool_max_bytes``.
     """
 
@@ -176,7 +176,6 @@ class MlflowSink:
         #: Bytes of the records this sink holds on disk (written or taken over, not yet sent).
         self.spool_bytes = 0
         self._record_bytes: Dict[str, int] = {}
-        self._over_cap = 0  # bundles submitted while at the cap
         #: Bundles spooled without their images at the cap (reported by close()).
         self.images_not_kept = 0
         self.folder: Optional[Path] = None
