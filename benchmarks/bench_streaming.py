@@ -170,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         inputs_b = folder_bytes(art, "stream/*")
         epoch_b = [folder_bytes(art, f"epoch_{e:04d}/*") for e in range(args.epochs)]
         maps_b = [folder_bytes(art, f"epoch_{e:04d}/maps.npz") for e in range(args.epochs)]
-        table_b = [folder_bytes(art, f"table/epoch_{e:04d}.json") for e in range(args.epochs)]
+        table_b = [folder_bytes(art, f"table/epoch_{e:04d}-*.json") for e in range(args.epochs)]
         images_b = folder_bytes(tmp_path / "artifacts" / run.info.run_id / "artifacts", "images/*")
 
     first = after[0] / before[0] - 1

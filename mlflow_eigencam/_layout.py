@@ -161,8 +161,11 @@ def metric_key(mode: str, ds_id: str | None, component: int) -> str:
 
 # -- streaming mode (n_samples=None): what is kept to render on demand ----------------------
 
-#: Name pattern of a per-epoch table part (``table_part_path``), for readers that list them.
-TABLE_PART_RE = re.compile(r"^epoch_(\d{4,})\.json$")
+#: Name pattern of a table part (``table_part_path``), for readers that list them: groups
+#: epoch, written (ms since the epoch, 13+ digits) and writer.
+TABLE_PART_RE = re.compile(r"^epoch_(\d{4,})-(\d{13,})-([0-9A-Za-z]{1,32})\.json$")
+#: A table part's writer: one token per logger (12 hex digits, see ``table_part_path``).
+WRITER_RE = re.compile(r"^[0-9A-Za-z]{1,32}$")
 
 
 def stream_inputs_path(mode: str, ds_id: str | None, token: str) -> str:
@@ -183,10 +186,24 @@ def table_parts_dir(mode: str, ds_id: str | None) -> str:
     return f"{prefix(mode, ds_id)}/table"
 
 
-def table_part_path(mode: str, ds_id: str | None, epoch: int) -> str:
-    """Artifact path of one streamed epoch's table rows (MLflow split format, like
-    ``samples.json``): ``eigencam/{mode}/{ds_id}/table/epoch_{epoch:04d}.json``."""
-    return f"{table_parts_dir(mode, ds_id)}/epoch_{epoch:04d}.json"
+def table_part_path(mode: str, ds_id: str | None, epoch: int, written_ms: int,
+                    writer: str) -> str:
+    """Artifact path of one bundle's table rows (MLflow split format, like ``samples.json``):
+    ``eigencam/{mode}/{ds_id}/table/epoch_{epoch:04d}-{written_ms:013d}-{writer}.json``.
+
+    Every bundle writes its own part and no part is ever rewritten by another writer, so two
+    processes on one run cannot drop each other's rows. ``written_ms`` (when the epoch ended,
+    ms since 1970) then ``writer`` order the parts of one epoch: readers keep the first row
+    of an (epoch, sample_index) in that order (``_table.part_paths``).
+
+    Raises:
+        ValueError: ``writer`` is not 1 to 32 letters or digits, or ``written_ms`` < 0.
+    """
+    if not WRITER_RE.match(str(writer)) or int(written_ms) < 0:
+        raise ValueError(f"bad table part writer {writer!r} or time {written_ms!r}: expected "
+                         "1-32 letters or digits and a time in ms >= 0")
+    return (f"{table_parts_dir(mode, ds_id)}/"
+            f"epoch_{int(epoch):04d}-{int(written_ms):013d}-{writer}.json")
 
 
 def map_change_key(mode: str, ds_id: str | None) -> str:

@@ -7,9 +7,9 @@ nothing read from a URL or a table reaches the filesystem directly.
 
 What it reads, per run and (mode, ds_id):
 
-* the table: ``eigencam/{mode}/{ds}/samples.json`` plus the per-epoch parts
-  ``eigencam/{mode}/{ds}/table/epoch_{e:04d}.json`` (same MLflow "split" format), joined and
-  deduplicated by ``(epoch, sample_index)``;
+* the table: the parts ``eigencam/{mode}/{ds}/table/epoch_{e:04d}-{ms}-{writer}.json``
+  (one per bundle, every writer's) plus ``eigencam/{mode}/{ds}/samples.json`` (same MLflow
+  "split" format), joined and deduplicated by ``(epoch, sample_index)`` (:mod:`._table`);
 * the WebP previews MLflow's UI shows (``images/...+compressed.webp``), by (epoch, index);
 * the card PNG a row points to; a row whose ``image`` is ``""`` was not rendered while
   training, and is rendered on demand by ``mlflow_eigencam._streaming.render_stored`` when
@@ -499,7 +499,8 @@ class Reader:
         return sorted(found)
 
     def table(self, run_id: str, mode: str, ds_id: Optional[str]) -> Table:
-        """The run's table for (mode, ds_id): ``samples.json`` and the per-epoch parts.
+        """The run's table for (mode, ds_id): its parts (``_table.part_paths``, every
+        writer's rows) merged with ``samples.json`` by ``_table.read``'s one rule.
 
         Raises:
             LookupError: Neither exists.
@@ -511,10 +512,14 @@ class Reader:
         first, listed = self._both(lambda: self.read_or_none(run_id, main),
                                    lambda: self.listing(run_id, _layout.table_parts_dir(mode, ds_id)))
         paths = _table.part_paths(lambda _folder: listed, mode, ds_id)
-        sources: List[Tuple[str, bytes]] = [] if first is None else [(main, first)]
+        # The parts first, in their order (the rows' home, see _table), then samples.json:
+        # a view that the last writer rewrote, read only for rows no part has.
+        sources: List[Tuple[str, bytes]] = []
         for path, data in zip(paths, self._map(lambda path: self.read_or_none(run_id, path), paths)):
             if data is not None:
                 sources.append((path, data))
+        if first is not None:
+            sources.append((main, first))
         if not sources:
             raise LookupError(f"run {run_id} has no table {main}")
         try:

@@ -10,8 +10,9 @@ artifacts per epoch for 2,000 small images, the whole table re-sent every epoch)
   batch that brought new images, one ``{sample_id}.npy`` (H, W, 3) uint8 member each;
 * per epoch, the maps at the layer's own low resolution, quantised to uint8, the ratios
   and an index: ``epoch_{e:04d}/maps.npz``;
-* per epoch, the table rows as a part file ``table/epoch_{e:04d}.json`` (MLflow's split
-  format, like ``samples.json``), so the table grows by appending, never by re-sending.
+* per epoch, the table rows as a part file ``table/epoch_{e:04d}-{ms}-{writer}.json``
+  (MLflow's split format, like ``samples.json``; written by the logger as in capped mode),
+  so the table grows by appending, never by re-sending.
 
 The grid's first ``grid_max_rows`` samples are rendered at once (grid, strip PNGs, image
 series, exactly as with a capped ``n_samples``); a row whose strip was not rendered has

@@ -1,19 +1,30 @@
 """The samples table: its rows, its JSON, merging parts into it and reading it back.
 
 One table per (mode, ds_id), in MLflow's own table format (pandas ``orient="split"`` JSON:
-``{"columns": [...], "data": [[...], ...]}``) so ``mlflow.load_table`` reads it:
-``samples.json`` (capped mode, merged into by every bundle) and, in streaming mode, one part
-per epoch (``table/epoch_{e:04d}.json``). The logger builds rows with :func:`row` and
-:func:`to_json`; the sender merges a bundle's rows into the run's table with :func:`merge`;
-readers (``compare``, the explorer) read every source with :func:`read`. Column names and
-paths come from :mod:`._layout`.
+``{"columns": [...], "data": [[...], ...]}``) so ``mlflow.load_table`` reads it.
+
+**Where the rows live: append-only parts, one per bundle.** Every epoch a logger logs writes
+its rows as a part of its own, ``table/epoch_{e:04d}-{ms:013d}-{writer}.json``
+(``_layout.table_part_path``: the epoch, when it ended, and a token per logger), which no
+other writer ever rewrites. So any number of processes may write one run's table at once (a
+resumed training beside ``send-spool`` of the dead one, two trainings on one run) and no row
+is lost. ``samples.json`` is a convenience view for MLflow's UI and ``mlflow.load_table``:
+the sender merges each bundle's rows into it with :func:`merge` (capped mode; streamed rows
+stay in the parts) and uploads it whole, so with several writers the last upload wins and it
+may lack rows. It is never the source of truth: readers (``compare``, the explorer, through
+``_reader.Reader.table``) list the parts with :func:`part_paths`, then :func:`read` the
+parts in that order and ``samples.json`` last. The logger builds rows with :func:`row` and
+:func:`to_json`. Column names and paths come from :mod:`._layout`.
 
 **One dedup rule, everywhere: the first row of an (epoch, sample_index) stands.** A later
 row with the same key is dropped, both when the sender merges and when a reader reads
-several sources. Why the first: everything else an epoch leaves in MLflow cannot be replaced
-either, and must agree with the table. MLflow keeps every metric point and every image-series
-file logged at a step (the client can delete neither), so "keep the last" would leave the
-first epoch's metric point and images beside the table's new row. So the sender drops a whole
+several sources. "First" is the same for every reader and writer: parts in the order of
+:func:`part_paths` (epoch, then the time the epoch ended, then the writer's token), then
+``samples.json``, whose rows all come from parts. Why the first: everything else an epoch
+leaves in MLflow cannot be replaced either, and must agree with the table. MLflow keeps
+every metric point and every image-series file logged at a step (the client can delete
+neither), so "keep the last" would leave the first epoch's metric point and images beside
+the table's new row. So the sender drops a whole
 bundle that repeats an epoch the run already has (``Item.once``, see :mod:`._transport`), and
 the table keeps the first row too: one row, one image and one metric point per step. A retried
 bundle carries the same rows, so either rule gives the same table for a retry.
@@ -28,7 +39,7 @@ import numpy as np
 
 from . import _layout
 
-__all__ = ["dumps", "loads", "merge", "part_paths", "read", "row", "to_json"]
+__all__ = ["dumps", "loads", "merge", "part_paths", "read", "row", "to_json", "without_images"]
 
 Key = Tuple[Any, ...]
 
@@ -96,6 +107,17 @@ def loads(raw: Any) -> dict:
     return data
 
 
+def without_images(raw: bytes) -> bytes:
+    """Table JSON whose rows name no card (``image`` = ``""``): for a bundle spooled without
+    its images at the spool cap (:mod:`.sink`), so no row points at a file never uploaded."""
+    table = loads(raw)
+    if _layout.TABLE_IMAGE_COLUMN in table["columns"]:
+        at = table["columns"].index(_layout.TABLE_IMAGE_COLUMN)
+        for values in table["data"]:
+            values[at] = ""
+    return dumps(table)
+
+
 def _key(r: dict, fallback: Key) -> Key:
     epoch, index = r.get("epoch"), r.get("sample_index")
     return fallback if epoch is None or index is None else (int(epoch), int(index))
@@ -122,8 +144,8 @@ def merge(old: Optional[dict], new: dict) -> dict:
 
 
 def read(sources: Sequence[Tuple[str, bytes]]) -> Tuple[List[str], List[dict]]:
-    """Columns and rows of a table kept in several files (``samples.json``, then the parts in
-    epoch order), deduplicated by (epoch, sample_index) (the first row stands) and sorted by
+    """Columns and rows of a table kept in several files (the parts in :func:`part_paths`'
+    order, then ``samples.json``), deduplicated by (epoch, sample_index) (the first row stands) and sorted by
     that key.
 
     Raises:
@@ -154,7 +176,8 @@ def read(sources: Sequence[Tuple[str, bytes]]) -> Tuple[List[str], List[dict]]:
 
 def part_paths(list_artifacts: Callable[[str], Iterable[Any]], mode: str,
                ds_id: Optional[str]) -> List[str]:
-    """Artifact paths of the per-epoch table parts of (mode, ds_id), in epoch order.
+    """Artifact paths of the table parts of (mode, ds_id), in reading order: by epoch, then
+    by when the epoch ended, then by writer (the order that decides which row is "first").
 
     Args:
         list_artifacts: folder -> its entries: paths (``str``), or objects with ``.path``
@@ -176,5 +199,5 @@ def part_paths(list_artifacts: Callable[[str], Iterable[Any]], mode: str,
             path = f"{folder}/{path}"
         m = _layout.TABLE_PART_RE.match(path.rsplit("/", 1)[-1])
         if m and path.startswith(folder + "/"):
-            parts.append((int(m.group(1)), path))
+            parts.append(((int(m.group(1)), int(m.group(2)), m.group(3)), path))
     return [p for _, p in sorted(parts)]

@@ -183,8 +183,10 @@ def send_item(item: Item, *, workdir: Optional[Path] = None) -> None:
 
 _run_locks: Dict[Tuple[str, str], threading.Lock] = collections.defaultdict(threading.Lock)
 _run_locks_lock = threading.Lock()
-#: The table of each (uri, run, path) as this process last uploaded it: merged into, never
-#: replaced (a resumed run, a second logger on the run and a retry all append).
+#: The samples.json view of each (uri, run, path) as this process last uploaded it: merged
+#: into, never re-read. Another process on the run rewrites it from its own copy (the last
+#: upload wins); no row is lost because every row also travels in a part of its own, which
+#: readers merge (see :mod:`._table`).
 _table_cache: Dict[Tuple[str, str, str], dict] = {}
 
 

@@ -35,7 +35,7 @@ from .filters import ds_id_filter, mode_filter
 from .metrics import Localization, MapChange, SampleMean, true_region, upsample
 from .render import PNGBand, card_geometry, render_card, render_detection_card, resolve_colormap
 from .samples import Sample, SampleBuffer
-from .sink import MlflowSink, Undelivered
+from .sink import DEFAULT_SPOOL_MAX_BYTES, MlflowSink, Undelivered
 
 _log = logging.getLogger("mlflow_eigencam")
 
@@ -92,6 +92,11 @@ class EigenCAMLogger:
             ``~/.cache/mlflow_eigencam/spool`` (or ``$MLFLOW_EIGENCAM_SPOOL_DIR``). A folder
             that exists and was not made by the package is used through its sub-folder
             ``mlflow-eigencam-spool``; nothing else in it is ever touched.
+        spool_max_bytes: Cap on this logger's spooled items while MLflow has not confirmed
+            them (default 1 GiB; None: no cap). One warning at 80 %; at the cap an epoch
+            keeps its images only when it is a multiple of 10, at twice the cap none; table
+            rows and metrics are always kept, and :meth:`close` counts the epochs spooled
+            without images (docs/server-down.md).
         close_timeout: Seconds :meth:`close` waits for the upload to finish.
         grid_max_rows: Rows in the per-epoch grid (streaming mode can have thousands).
         extra_tags: More run tags.
@@ -115,6 +120,7 @@ class EigenCAMLogger:
         target_layer: Optional[str] = None,
         strict: bool = False,
         spool_dir: Union[str, os.PathLike, None] = None,
+        spool_max_bytes: Optional[int] = DEFAULT_SPOOL_MAX_BYTES,
         close_timeout: float = 30.0,
         grid_max_rows: int = 16,
         extra_tags: Optional[Mapping[str, str]] = None,
@@ -132,6 +138,10 @@ class EigenCAMLogger:
             raise ValueError(f"grid_max_rows must be an int >= 1, got {grid_max_rows!r}")
         if close_timeout is not None and close_timeout < 0:
             raise ValueError(f"close_timeout must be >= 0 or None, got {close_timeout!r}")
+        if spool_max_bytes is not None and (isinstance(spool_max_bytes, bool) or not isinstance(
+                spool_max_bytes, numbers.Integral) or spool_max_bytes <= 0):
+            raise ValueError(f"spool_max_bytes must be an int > 0 or None, got {spool_max_bytes!r}")
+        self._spool_max_bytes = spool_max_bytes
         if spool_dir is not None:
             from ._spool import own_root
 
@@ -163,6 +173,9 @@ class EigenCAMLogger:
         self._extras: Dict[Key, Dict[int, _Extra]] = {}
         # Steps logged per (mode, ds_id) by this logger, and what a new fit adds to epochs.
         self._logged_steps: Dict[Key, Set[int]] = {}
+        #: Names this logger's table parts (``_layout.table_part_path``): no other writer on
+        #: the run writes the same file, so no writer can drop another's rows.
+        self._writer = uuid.uuid4().hex[:12]
         self._step_offset = 0
         self._fit_last_step: Optional[int] = None
         self._once = WarnOnce()
@@ -533,7 +546,8 @@ class EigenCAMLogger:
                            colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent)
 
     def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any], cards: List[str],
-                      evr_sum: np.ndarray, count: int, rows: List[dict]) -> None:
+                      evr_sum: np.ndarray, count: int, rows: List[dict],
+                      streamed: bool = False) -> None:
         """Submit one bundle per (mode, ds_id, epoch): one upload, one metrics call, tags
         once per run. ``cards``: artifact paths (in ``files``) of the grid's cards, drawn
         into the grid by the sender."""
@@ -542,11 +556,16 @@ class EigenCAMLogger:
         if cards:
             grids = {_layout.grid_path(mode, ds_id, epoch): {
                 "epoch": epoch, "mode": mode, "ds_id": ds_id, "cards": list(cards)}}
-        # This epoch's rows only: the sender merges them into the run's table (streamed rows
-        # live in the parts: none here, and the table is still registered for load_table).
-        tables = [_layout.table_path(mode, ds_id)]
-        files[tables[0]] = _table.to_json(rows)
         now = int(time.time() * 1000)
+        # The rows' home: a part of this epoch and writer, never rewritten by anyone else
+        # (two processes on one run keep every row; readers merge the parts). samples.json
+        # gets them too, merged by the sender: a view for MLflow's UI and load_table that
+        # another writer may overwrite (streamed rows stay out of it: it would be re-sent
+        # whole every epoch; it is still written so the table is registered).
+        files[_layout.table_part_path(mode, ds_id, epoch, now, self._writer)] = \
+            _table.to_json(rows)
+        tables = [_layout.table_path(mode, ds_id)]
+        files[tables[0]] = _table.to_json([] if streamed else rows)
         mean = evr_sum / max(count, 1)
         metrics = [[_layout.metric_key(mode, ds_id, c + 1), float(v), epoch, now]
                    for c, v in enumerate(mean)]
@@ -607,13 +626,11 @@ class EigenCAMLogger:
                 row[_layout.TABLE_IMAGE_COLUMN] = _sample_files(
                     files, mode, ds_id, epoch, row["sample_index"], now, png, webp)
                 cards.append(row[_layout.TABLE_IMAGE_COLUMN])
-            # This epoch's rows as a part of their own: the table grows by appending.
-            files[_layout.table_part_path(mode, ds_id, epoch)] = _table.to_json(stream.rows)
             evr_sum = stream.evr_sum if stream.evr_sum is not None else np.zeros(0)
             # Spooled before returning (submit reads the local files): the files are paths
-            # into the folder deleted below. No rows for samples.json: streamed rows live in
-            # the parts only.
-            self._finish_epoch(epoch, key, files, cards, evr_sum, stream.count, [])
+            # into the folder deleted below. Streamed rows live in the parts only.
+            self._finish_epoch(epoch, key, files, cards, evr_sum, stream.count, stream.rows,
+                               streamed=True)
             stream.commit()
             self._map_change.reset(key, logged=True)
             self._reset_signals(key, logged=True)
@@ -659,7 +676,8 @@ class EigenCAMLogger:
             self._tracking_uri, self._run_id = uri, run_id
             self._owns_run = run_id is None
             self._sink = MlflowSink(self._spool_dir, run_id=run_id, tracking_uri=uri,
-                                    create_run=self._owns_run)
+                                    create_run=self._owns_run,
+                                    spool_max_bytes=self._spool_max_bytes)
 
     def _tags(self) -> Dict[str, str]:
         tags = {

@@ -40,18 +40,21 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import _recovery, _spool, _transport
+from . import _layout, _recovery, _spool, _table, _transport
 from ._records import (RECORD_FORMAT as _RECORD_FORMAT, Encoded, ForeignRecord, Item,
                        item_from_record, item_to_record)
 from ._spool import SpoolError, default_spool_root
 from ._transport import Failure, SendError
 from .errors import EigenCAMWarning
 
-__all__ = ["EigenCAMWarning", "MlflowSink", "State", "Undelivered"]
+__all__ = ["DEFAULT_SPOOL_MAX_BYTES", "EigenCAMWarning", "MlflowSink", "State", "Undelivered"]
 
 _log = logging.getLogger("mlflow_eigencam")
+
+#: Default cap on a sink's spooled records (see ``MlflowSink(spool_max_bytes=...)``): 1 GiB.
+DEFAULT_SPOOL_MAX_BYTES = 1 << 30
 
 
 class State(enum.Enum):
@@ -85,14 +88,17 @@ class Undelivered(int):
     reason: str
     set_aside: List[Path]
     dropped: int
+    #: Bundles spooled without their images because the spool was at ``spool_max_bytes``.
+    images_not_kept: int
 
     def __new__(cls, records: List[Path], in_memory: int, folder: Optional[Path],
                 reason: str = "", *, set_aside: Sequence[Path] = (),
-                dropped: int = 0) -> "Undelivered":
-        obj = super().__new__(cls, len(records) + in_memory + len(set_aside) + dropped)
+                dropped: int = 0, images_not_kept: int = 0) -> "Undelivered":
+        obj = super().__new__(cls, len(records) + in_memory + len(set_aside) + dropped + images_not_kept)
         obj.records, obj.in_memory = list(records), in_memory
         obj.folder, obj.reason = folder, reason
         obj.set_aside, obj.dropped = list(set_aside), dropped
+        obj.images_not_kept = images_not_kept
         return obj
 
     def message(self) -> str:
@@ -115,6 +121,10 @@ class Undelivered(int):
         if self.dropped:
             parts.append(f"{self.dropped} item(s) were dropped (only in memory, beyond the "
                          f"cap, or rejected) and are NOT in MLflow")
+        if self.images_not_kept:
+            parts.append(f"the images (cards, image series, grid) of {self.images_not_kept} "
+                         f"epoch bundle(s) were NOT kept because the spool was full "
+                         f"(spool_max_bytes); their table rows and metrics were")
         reason = f" Last error: {self.reason}." if self.reason else ""
         return "mlflow_eigencam: " + "; ".join(parts) + "." + reason
 
@@ -142,16 +152,29 @@ class MlflowSink:
         backoff: (first, max) seconds between retries while MLflow is unreachable.
         lag_limit: Items waiting for the sender beyond which the submitting thread encodes
             images itself (bounded lag instead of a growing backlog).
-        memory_items: In-memory copies kept of items waiting to be sent (more are re-read
-            from their record; items the spool could not take beyond this are dropped,
-            counted and reported).
+        memory_items: Items kept only in memory (the spool could not be written) beyond
+            which the oldest are dropped, counted and reported. An item that is a record on
+            disk keeps no in-memory copy while MLflow is unreachable (it is re-read from its
+            record when sent), and at most ``lag_limit`` copies while it is reachable.
+        spool_max_bytes: Cap on the bytes of this sink's records (default 1 GiB; None: no
+            cap). At 80 % one warning; at the cap one more, and a bundle keeps its images
+            only when its epoch (step) is a multiple of ``thin_every`` (its table rows,
+            metrics and tags always), at twice the cap never. Every bundle spooled without
+            images is counted in :meth:`close`'s :class:`Undelivered` (``images_not_kept``).
+        thin_every: See ``spool_max_bytes``.
     """
 
     def __init__(self, spool_dir: str | os.PathLike | None = None, *,
                  run_id: Optional[str] = None, tracking_uri: Optional[str] = None,
                  create_run: bool = False, experiment_id: Optional[str] = None,
                  backoff: Tuple[float, float] = (0.5, 10.0), lag_limit: int = 2,
-                 memory_items: int = 32) -> None:
+                 memory_items: int = 32, spool_max_bytes: Optional[int] = DEFAULT_SPOOL_MAX_BYTES,
+                 thin_every: int = 10) -> None:
+        if spool_max_bytes is not None and int(spool_max_bytes) <= 0:
+            raise ValueError(f"spool_max_bytes must be a positive number of bytes or None, "
+                             f"got {spool_max_bytes!r}")
+        if int(thin_every) < 1:
+            raise ValueError(f"thin_every must be >= 1, got {thin_every!r}")
         self.root = Path(spool_dir) if spool_dir is not None else default_spool_root()
         self.uid = f"{os.getpid()}x{uuid.uuid4().hex[:10]}"
         self._run_id = run_id
@@ -171,6 +194,13 @@ class MlflowSink:
         self._backoff = backoff
         self.lag_limit = lag_limit
         self._memory_items = memory_items
+        self.spool_max_bytes = None if spool_max_bytes is None else int(spool_max_bytes)
+        self.thin_every = int(thin_every)
+        #: Bytes of the records this sink holds on disk (written or taken over, not yet sent).
+        self.spool_bytes = 0
+        self._record_bytes: Dict[str, int] = {}
+        #: Bundles spooled without their images at the cap (reported by close()).
+        self.images_not_kept = 0
         self.folder: Optional[Path] = None
         self._root_used: Optional[Path] = None
         self._folder_lock: Optional[_spool.FolderLock] = None
@@ -246,6 +276,7 @@ class MlflowSink:
         self._reopen()
         _recovery.track(self)
         self._materialize(item)
+        self._apply_cap(item)
         with self._lock:
             name = f"{time.time_ns():020d}-{self.uid}-{next(self._seq):06d}{_spool.RECORD_SUFFIX}"
             backlog = len(self._items)
@@ -329,7 +360,8 @@ class MlflowSink:
         report = Undelivered(records, in_memory, self.folder,
                              self._last_error if (records or in_memory or self.set_aside
                                                   or self.dropped) else "",
-                             set_aside=self.set_aside, dropped=self.dropped)
+                             set_aside=self.set_aside, dropped=self.dropped,
+                             images_not_kept=self.images_not_kept)
         self._closed = True
         _recovery.untrack(self)
         if report:
@@ -371,6 +403,57 @@ class MlflowSink:
                     except Exception:  # the send reports a bad image
                         pass
 
+    def _apply_cap(self, item: Item) -> None:
+        """The spool cap (``spool_max_bytes``), on a bundle about to be spooled: one warning
+        at 80 %; at the cap its images (cards, image-series files, grid) are kept only when
+        its epoch is a multiple of ``thin_every``, at twice the cap never. Its table rows
+        (``image`` then ``""``), metrics and tags are always kept. Never silent: a warning
+        at the cap, and every bundle spooled without its images is counted for close()."""
+        cap = self.spool_max_bytes
+        if cap is None or item.kind != "bundle" or not item.files:
+            return
+        used, where = self.spool_bytes, self.folder or self.spool_dir
+        if used >= 0.8 * cap:
+            self._queue_warning("spool-80", (
+                f"mlflow_eigencam: the spool {where} holds {used / 1e6:.0f} MB that MLflow has "
+                f"not confirmed, {100 * used / cap:.0f} % of spool_max_bytes={cap}; at the cap "
+                f"an epoch keeps its images only when it is a multiple of {self.thin_every} "
+                f"(table rows and metrics always), at twice the cap none"))
+        epoch = int(item.once[1]) if item.once is not None else None
+        if used < cap or (used < 2 * cap and epoch is not None and epoch % self.thin_every == 0):
+            return
+        files: Dict[str, Any] = {}
+        for path, payload in item.files.items():
+            name = path.rsplit("/", 1)[-1]
+            if path.endswith((".png", ".webp")):
+                continue
+            if isinstance(payload, bytes) and (path in (item.tables or [])
+                                               or _layout.TABLE_PART_RE.match(name)):
+                payload = _table.without_images(payload)
+            files[path] = payload
+        item.files, item.grids = files, None
+        self.images_not_kept += 1
+        msg = (f"mlflow_eigencam: the spool {where} is at spool_max_bytes={cap} "
+               f"({used / 1e6:.0f} MB) while MLflow has not confirmed its items; epochs are "
+               f"now spooled without their images except every {self.thin_every}th (their "
+               f"table rows and metrics are kept); close() counts the epochs without images")
+        self._queue_warning("spool-cap", msg)
+        if "logged-spool-cap" not in self._warned:
+            self._warned.add("logged-spool-cap")
+            _log.warning(msg)
+
+    def _count_record(self, name: str, path: Path) -> None:
+        """Add a record's size to :attr:`spool_bytes` (under ``self._lock``)."""
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return
+        self.spool_bytes += size - self._record_bytes.get(name, 0)
+        self._record_bytes[name] = size
+
+    def _uncount_record(self, name: str) -> None:
+        self.spool_bytes -= self._record_bytes.pop(name, 0)
+
     def _write_ahead(self, name: str, item: Item, warn: bool = True) -> Optional[Path]:
         if self._disk_error is not None and time.monotonic() < self._disk_retry_at:
             return None
@@ -387,6 +470,7 @@ class MlflowSink:
             return None
         with self._lock:
             self._unsynced.append(path)
+            self._count_record(name, path)
         self._dir_dirty = True
         if self._disk_error is not None:
             _log.warning("mlflow_eigencam: the spool %s can be written again", self.folder)
@@ -443,25 +527,21 @@ class MlflowSink:
                 _log.warning("mlflow_eigencam: cannot update %s: %s", self.folder, exc)
 
     def _trim_memory(self) -> None:
-        """Keep at most ``memory_items`` in-memory copies: drop the copies of items that are
-        on disk first (re-read when sent); items only in memory beyond that are dropped."""
-        with_copy = [n for n, e in sorted(self._items.items()) if e.item is not None]
-        excess = len(with_copy) - self._memory_items
-        for n in with_copy:
-            if excess <= 0:
-                break
-            entry = self._items[n]
-            if entry.path is not None:
+        """Keep nothing in memory that is on disk beyond what the sender is about to send:
+        while MLflow is unreachable no copy of an item that is a record (re-read when
+        sent), else the oldest ``lag_limit`` (their early-encoded images are used). Items
+        only in memory beyond ``memory_items`` are dropped, counted and reported."""
+        with self._lock:
+            keep = self.lag_limit if self._state is State.OK else 0
+            on_disk = [e for _, e in sorted(self._items.items())
+                       if e.item is not None and e.path is not None]
+            for entry in on_disk[keep:]:
                 entry.item = None
-                excess -= 1
-        for n in with_copy:
-            if excess <= 0:
-                break
-            entry = self._items[n]
-            if entry.path is None and entry.item is not None:
+            only_here = [n for n, e in sorted(self._items.items())
+                         if e.item is not None and e.path is None]
+            for n in only_here[:max(0, len(only_here) - self._memory_items)]:
                 del self._items[n]
                 self.dropped += 1
-                excess -= 1
                 self._queue_warning("dropped", (
                     f"mlflow_eigencam: the spool cannot be written and more than "
                     f"{self._memory_items} items wait for MLflow; the oldest are dropped"))
@@ -632,6 +712,7 @@ class MlflowSink:
             entry.item = None
             with self._lock:
                 self._items.pop(name, None)
+                self._uncount_record(name)
                 if entry.path is not None:
                     _spool._unlink_quiet(entry.path)
                     self._dir_dirty = True
@@ -651,6 +732,7 @@ class MlflowSink:
         (``refused``): keep its record in ``failed/`` of our folder, count it, say so."""
         with self._lock:
             self._items.pop(name, None)
+            self._uncount_record(name)
         where = "it is dropped (it was only in memory)"
         if entry.path is not None and self.folder is not None:
             try:
@@ -676,6 +758,7 @@ class MlflowSink:
         (one metric point, one image and one table row per step; see :mod:`._table`)."""
         with self._lock:
             self._items.pop(name, None)
+            self._uncount_record(name)
             if entry.path is not None:
                 _spool._unlink_quiet(entry.path)
                 self._dir_dirty = True
@@ -711,6 +794,7 @@ class MlflowSink:
         if f"logged-{self._state.value}" not in self._warned:
             self._warned.add(f"logged-{self._state.value}")
             _log.warning(msg)
+        self._trim_memory()  # not sending now: what is on disk is re-read when sent
 
     def _adopt(self) -> None:
         """Take over the records that dead loggers left for this run (same run, same URI)."""
@@ -751,6 +835,7 @@ class MlflowSink:
                     os.rename(rec, target)
                     with self._lock:
                         self._items[rec.name] = _Entry(None, target, time.monotonic(), other)
+                        self._count_record(rec.name, target)
                 if records:
                     _log.warning("mlflow_eigencam: sending %d item(s) a previous process left "
                                  "in %s", len(records), other)

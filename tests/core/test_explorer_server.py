@@ -42,9 +42,9 @@ def test_one_malformed_table_is_that_runs_error_and_the_others_are_shown(trackin
     client = mlflow.MlflowClient()
     client.log_text(bad, json.dumps({"columns": ["epoch", "sample_id", "image"],
                                      "data": [[[1], "x", ""]]}),
-                    "eigencam/eval/val/table/epoch_0007.json")
+                    "eigencam/eval/val/table/epoch_0007-0000000000000-aa.json")
     worse = _logged(np.array([0, 1, 2]))
-    client.log_text(worse, "{not json", "eigencam/eval/val/table/epoch_0003.json")
+    client.log_text(worse, "{not json", "eigencam/eval/val/table/epoch_0003-0000000000000-aa.json")
     app = Explorer(tracking_uri)
     status, body = _get(app, "/api/data", f"runs={good},{bad},{worse}&mode=eval&ds_id=val")
     assert status == 200, body
@@ -53,7 +53,7 @@ def test_one_malformed_table_is_that_runs_error_and_the_others_are_shown(trackin
     for rid in (bad, worse):
         assert runs[rid]["error"].startswith(f"run {rid}"), runs[rid]
         assert "rows" not in runs[rid] and runs[rid]["summary"]["run_id"] == rid
-    assert "epoch_0003.json is not an EigenCAM table" in runs[worse]["error"]
+    assert "epoch_0003-0000000000000-aa.json is not an EigenCAM table" in runs[worse]["error"]
 
 
 def test_none_labels_are_null_and_neither_right_nor_wrong(tracking_uri):

@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mlflow_eigencam import EigenCAMLogger, EigenCAMWarning
+from mlflow_eigencam import _table
 from tests.helpers.oracle import blob_batch
 from tests.helpers.readback import image_series, list_all, load_json, load_png, metric_steps
 from tests.helpers.spool import feed_epoch
@@ -226,7 +227,9 @@ def test_streaming_keeps_every_sample(tracking_uri):
     rid = run.info.run_id
     series = image_series(client, rid)
     assert len(series) == 12
-    table = load_json(client, rid, "eigencam/eval/all/table/epoch_0000.json")  # streamed: a part
+    parts = _table.part_paths(lambda p: client.list_artifacts(rid, p), "eval", None)
+    assert len(parts) == 1
+    table = load_json(client, rid, parts[0])  # streamed: a part
     assert [r[1] for r in table["data"]] == list(range(12))
 
 

@@ -78,6 +78,20 @@ def test_map_change_column_and_metric_fall_as_maps_settle(tracking_uri):
 # --------------------------------------------------------------------------- the reader
 
 
+def test_table_reads_the_parts_and_samples_json_is_only_a_view(tracking_uri):
+    """samples.json rewritten by another writer (the last upload wins): the parts still
+    give every row, and the parts' row of a key stands over the view's."""
+    rid = _run(epochs=2)
+    reader = Reader(tracking_uri)
+    table = reader.table(rid, "eval", "val")
+    columns = table.columns
+    view = [dict(r, image="from-the-view") for r in table.rows[:1]]  # one row left, changed
+    MlflowClient().log_text(rid, json.dumps({"columns": columns, "data": [
+        [r.get(c) for c in columns] for r in view]}), "eigencam/eval/val/samples.json")
+    again = reader.table(rid, "eval", "val")
+    assert again.rows == table.rows and len(again.rows) == 6
+
+
 def test_table_joins_samples_json_and_per_epoch_parts_without_repeats(tracking_uri, tmp_path):
     rid = _run(epochs=2)
     reader = Reader(tracking_uri)
@@ -93,7 +107,7 @@ def test_table_joins_samples_json_and_per_epoch_parts_without_repeats(tracking_u
         part_rows.append(row)
     part_rows[2]["image"] = ""
     part_rows.append(dict(last))  # epoch 1 again
-    part = tmp_path / "table" / "epoch_0002.json"
+    part = tmp_path / "table" / "epoch_0002-0000000000000-aa.json"
     part.parent.mkdir()
     part.write_text(json.dumps({"columns": columns,
                                 "data": [[r.get(c) for c in columns] for r in part_rows]}))
