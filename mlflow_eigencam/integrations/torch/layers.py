@@ -460,9 +460,10 @@ class LayerFinder:
     def unsure(self) -> List[str]:
         """Maps of about the chosen map's size (area within a factor 2) from modules off its
         chain: not nested in a module of the chain, whose chain runs back from the choice
-        through the last earlier module output of exactly the shape each module took. Other
-        branches (a two-branch model), not the stages that fed the choice. Outermost modules
-        only, in forward order; empty for a token layer or when a decoder follows."""
+        through the last earlier module output of its input's size (a permute or a flatten
+        between them keeps the size). Other branches (a two-branch model), not the stages
+        that fed the choice. Outermost modules only, in forward order; empty for a token layer
+        or when a decoder follows."""
         conv, tokens, _ = self._chosen()
         if conv is None or tokens is not None or self._decoder_follows():
             return []
@@ -471,7 +472,7 @@ class LayerFinder:
         while chain[-1] in self._starts:
             start, taken = self._starts[chain[-1]]
             fed = [n for n, (end, shape) in self._ends.items()
-                   if end < start and shape == taken and n not in chain]
+                   if end < start and _same_size(shape, taken) and n not in chain]
             if not fed:
                 break
             chain.append(max(fed, key=lambda n: self._ends[n][0]))
@@ -539,6 +540,11 @@ class LayerFinder:
                 f"{_shape_text(shapes[found[0]])}, the last of several feature maps of about the "
                 f"same size on different branches. Candidates (forward order): {listed}. Pass "
                 f"target_layer= (a name above) to choose one; the run tag says which was used.")
+
+
+def _same_size(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
+    """Same batch and elements per sample: one tensor, maybe permuted or flattened between."""
+    return bool(a) and bool(b) and a[0] == b[0] and math.prod(a) == math.prod(b)
 
 
 def _nested(a: str, b: str) -> bool:
