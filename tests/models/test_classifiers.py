@@ -51,6 +51,14 @@ CASES = [
     ("timm_vit_small_reg4", _timm("vit_small_patch14_reg4_dinov2", img_size=56), (56, 56),
      "norm (auto: tokens (B, 21, 384) folded to a 4x4 patch grid (5 prefix tokens dropped))"),
     ("timm_resnet18", _timm("resnet18"), (64, 96), "layer4 (auto: feature map (B, 512, 2, 3))"),
+    # Channels-last stages (B, h, w, C), windowed attention inside: the last stage's norm,
+    # permuted; never a block's softmax attention (B, heads, N, N) nor its qkv.
+    ("timm_swin_tiny", _timm("swin_tiny_patch4_window7_224", img_size=(64, 96), window_size=4),
+     (64, 96), "norm (auto: channels-last feature map (B, 2, 3, 768) permuted to (B, 768, 2, 3))"),
+    # Channels-last stages with an NCHW depthwise conv on part of the channels inside each
+    # block: the stage, not that conv.
+    ("timm_mambaout_femto", _timm("mambaout_femto"), (64, 96),
+     "stages (auto: channels-last feature map (B, 2, 3, 288) permuted to (B, 288, 2, 3))"),
 ]
 
 
