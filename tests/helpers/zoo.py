@@ -74,7 +74,8 @@ def rows_by_epoch(client: MlflowClient, run_id: str) -> Dict[int, List[dict]]:
 
 def explained_tensor(model: nn.Module, tag: str, inputs: Any) -> np.ndarray:
     """What the tag says is explained: the named layer's output on ``inputs`` (eval, no grad),
-    folded onto the patch grid the tag names (prefix tokens dropped)."""
+    folded onto the patch grid the tag names (prefix tokens dropped), or permuted from the
+    channels-last layout the tag names."""
     name, module = resolve_target_layer(model, tag)
     seen: Dict[str, torch.Tensor] = {}
 
@@ -96,7 +97,7 @@ def explained_tensor(model: nn.Module, tag: str, inputs: Any) -> np.ndarray:
     m = re.search(r"folded to a (\d+)x(\d+) patch grid", tag)
     if m:
         grid = (int(m.group(1)), int(m.group(2)))
-    return tokens_to_grid(out, None, grid).float().numpy()
+    return tokens_to_grid(out, None, grid, channels_last="channels-last" in tag).float().numpy()
 
 
 def check_logged_epochs(client: MlflowClient, monitor: EigenCAMMonitor, model: nn.Module,

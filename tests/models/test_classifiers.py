@@ -4,6 +4,7 @@ same maps at both epochs, and the model as it was."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -13,7 +14,9 @@ from tests.helpers.zoo import (
     assert_state_unchanged,
     assert_strip_close,
     check_logged_epochs,
+    explained_tensor,
     plain_svd,
+    rows_by_epoch,
     run_two_epochs,
     state_of,
 )
@@ -25,6 +28,10 @@ def _timm(name, **kwargs):
     timm = pytest.importorskip("timm")
     return lambda: timm.create_model(name, pretrained=False, **kwargs)
 
+
+#: timm's Swin code at a fraction of swin_tiny's size (one block per stage): a 64x96 input.
+SMALL_SWIN = dict(img_size=(64, 96), window_size=4, embed_dim=48, depths=(1, 1, 1, 1),
+                  num_heads=(2, 2, 2, 2))
 
 # (id, factory, input (H, W), expected tag). Small inputs; non-square where the model allows.
 CASES = [
@@ -51,6 +58,14 @@ CASES = [
     ("timm_vit_small_reg4", _timm("vit_small_patch14_reg4_dinov2", img_size=56), (56, 56),
      "norm (auto: tokens (B, 21, 384) folded to a 4x4 patch grid (5 prefix tokens dropped))"),
     ("timm_resnet18", _timm("resnet18"), (64, 96), "layer4 (auto: feature map (B, 512, 2, 3))"),
+    # Channels-last stages (B, h, w, C), windowed attention inside: the last stage's norm,
+    # permuted; never a block's softmax attention (B, heads, N, N) nor its qkv.
+    ("timm_swin_tiny", _timm("swin_tiny_patch4_window7_224", **SMALL_SWIN),
+     (64, 96), "norm (auto: channels-last feature map (B, 2, 3, 384) permuted to (B, 384, 2, 3))"),
+    # Channels-last stages with an NCHW depthwise conv on part of the channels inside each
+    # block: the stage, not that conv.
+    ("timm_mambaout_femto", _timm("mambaout_femto"), (64, 96),
+     "stages (auto: channels-last feature map (B, 2, 3, 288) permuted to (B, 288, 2, 3))"),
 ]
 
 
@@ -77,3 +92,19 @@ def test_classifier_default_layer_and_logged_epoch(tracking_uri, factory, size, 
                                 pred=row["prediction"], sample_id=row["sample_id"])
         assert_strip_close(client, monitor.run_id, row, expected)
     assert_state_unchanged(before, model)
+
+
+def test_timm_swin_named_norm_is_explained_channels_last_permuted(tracking_uri):
+    """``target_layer="norm"`` on timm's Swin: ``(B, 2, 3, 384)`` is 384 channels on the
+    2x3 grid (permuted), not 2 channels on a 3x384 grid."""
+    torch.manual_seed(0)
+    model = _timm("swin_tiny_patch4_window7_224", **SMALL_SWIN)()
+    images = torch.rand(2, 3, 64, 96)
+    monitor = run_two_epochs(model, images, model, target_layer="norm", n_samples=2)
+    assert monitor.target_layer_tag == "norm"
+    by_epoch = rows_by_epoch(MlflowClient(), monitor.run_id)
+    raw = explained_tensor(model, "norm", images)
+    assert raw.shape == (2, 2, 3, 384)
+    _, ratios = plain_svd(raw.transpose(0, 3, 1, 2))
+    logged = np.array([[r[f"evr_{c}"] for c in (1, 2, 3)] for r in by_epoch[0]])
+    np.testing.assert_allclose(logged, ratios, atol=2e-5)

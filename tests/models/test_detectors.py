@@ -45,6 +45,12 @@ def _fasterrcnn_mobilenet():
         box_score_thresh=0.0, box_detections_per_img=PER_IMAGE)
 
 
+def _ssdlite():
+    return tvd.ssdlite320_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=len(NAMES), score_thresh=0.0,
+        detections_per_img=PER_IMAGE, topk_candidates=16)
+
+
 CASES = [
     ("retinanet_resnet18_fpn", _retinanet_resnet18,
      "backbone.body.layer4 (auto: feature map (B, 512, 3, 4), last feature map of the "
@@ -52,6 +58,11 @@ CASES = [
     ("fasterrcnn_mobilenet_v3_large_fpn", _fasterrcnn_mobilenet,
      "backbone.body.16 (auto: feature map (B, 960, 3, 4), last feature map of the "
      "detection backbone)"),
+    # No FPN body: the backbone's feature extractor (stride 32 on the 320x320 canvas), not the
+    # extra prediction levels after it (down to 1x1).
+    ("ssdlite320_mobilenet_v3_large", _ssdlite,
+     "backbone.features.1 (auto: feature map (B, 480, 10, 10), last feature map of the "
+     "detection backbone, not its extras)"),
 ]
 
 
@@ -149,3 +160,11 @@ def test_detector_map_covers_the_image_not_the_padding(tracking_uri, layer, cell
         for other in (render_detection_card(image, maps[i], **kwargs),
                       render_detection_card(image, padded_maps[0], **kwargs)):
             assert np.abs(other.astype(int) - expected).max(axis=2).astype(bool).mean() > 0.02
+
+
+def test_ssd300_vgg16_default_layer_is_the_feature_extractor_not_its_extras():
+    from mlflow_eigencam.pytorch import find_target_layer
+
+    model = tvd.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=len(NAMES))
+    name, module = find_target_layer(model, [torch.rand(3, 96, 128)])
+    assert (name, module) == ("backbone.features", model.backbone.features)

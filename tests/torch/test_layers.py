@@ -380,3 +380,245 @@ def test_reshape_transform_must_return_4d():
 def test_bad_rank_raises():
     with pytest.raises(ValueError, match=r"\(2, 3\)"):
         tokens_to_grid(torch.rand(2, 3))
+
+
+# --------------------------------------------------------------------------- attention, layouts
+
+
+class WindowAttention(nn.Module):
+    """timm Swin's WindowAttention: qkv, softmax weights ``(B * windows, heads, N, N)``
+    through ``attn_drop``, proj; takes and returns ``(B, h, w, C)``."""
+
+    def __init__(self, dim: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.softmax = nn.Softmax(dim=-1)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, d = x.shape  # one window covering the whole (small) map
+        q, k, v = self.qkv(x.reshape(b, h * w, d)).reshape(
+            b, h * w, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = self.attn_drop(self.softmax(q @ k.transpose(-2, -1)))  # (B, heads, hw, hw)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, h, w, d))
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.norm1(x))
+
+
+class TimmSwinLike(nn.Module):
+    """timm's Swin layout: channels-last stages ``(B, h, w, C)``, ``norm``, head pooling over
+    (h, w); the 8x8 map on a 32x32 image: attention weights (B, 2, 64, 64) fit the image too."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 4, 4)
+        self.layers = nn.Sequential(SwinBlock(dim), SwinBlock(dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.layers(self.patch_embed(x).permute(0, 2, 3, 1)))
+        return self.head(x.mean((1, 2)))
+
+
+def test_timm_swin_like_never_takes_attention_weights_and_permutes_channels_last(tracking_uri):
+    torch.manual_seed(0)
+    model = TimmSwinLike().eval()
+    x = torch.randn(2, 3, 32, 32)
+    logger = RecordingLogger(n_samples=2)
+    monitor = EigenCAMMonitor(model, logger=logger)
+    for epoch in range(2):  # epoch 1: the pinned extra forward, through the same permute
+        with torch.no_grad(), monitor.capture("eval"):
+            monitor.update(x, None, model(x))
+        monitor.epoch_end(epoch)
+    monitor.close()
+    assert monitor.target_layer == "norm"  # not layers.1.attn.attn_drop's (B, 2, 64, 64)
+    assert monitor.target_layer_tag == ("norm (auto: channels-last feature map (B, 8, 8, 16) "
+                                        "permuted to (B, 16, 8, 8))")
+    with torch.no_grad():
+        expected = model.norm(model.layers(model.patch_embed(x).permute(0, 2, 3, 1)))
+    for batch in logger.batches:
+        np.testing.assert_array_equal(batch["activations"], expected.permute(0, 3, 1, 2).numpy())
+    assert resolve_target_layer(model, monitor.target_layer_tag) == ("norm", model.norm)
+
+
+def test_a_named_channels_last_layer_is_permuted():
+    torch.manual_seed(0)
+    model = TimmSwinLike(dim=24).eval()
+    x = torch.randn(2, 3, 32, 64)  # (B, 8, 16, 24): 8 channels on 16x24 fits no stride
+    logger = RecordingLogger(n_samples=2)
+    monitor = EigenCAMMonitor(model, "norm", logger=logger)
+    for epoch in range(2):
+        with torch.no_grad(), monitor.capture("eval"):
+            monitor.update(x, None, model(x))
+        monitor.epoch_end(epoch)
+    monitor.close()
+    with torch.no_grad():
+        expected = model.norm(model.layers(model.patch_embed(x).permute(0, 2, 3, 1)))
+    assert [b["activations"].shape for b in logger.batches] == [(2, 24, 8, 16)] * 2
+    for batch in logger.batches:
+        np.testing.assert_array_equal(batch["activations"], expected.permute(0, 3, 1, 2).numpy())
+
+
+def test_a_named_layer_both_layouts_fit_is_refused_naming_reshape_transform():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), Permute(0, 1, 2, 3), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(2, 3, 32, 64)  # (B, 8, 16, 32): 8 channels at stride 2, or 32 at stride 4
+    monitor = EigenCAMMonitor(model, "0", logger=RecordingLogger(n_samples=2))
+    with torch.no_grad(), monitor.capture("eval"):
+        out = model(x)
+        with pytest.raises(ValueError, match=r"'0' outputs \(2, 8, 16, 32\).*reshape_transform"):
+            monitor.update(x, None, out)
+    monitor.close()
+    logger = RecordingLogger(n_samples=2)
+    monitor = EigenCAMMonitor(model, "0", reshape_transform=lambda t: t, logger=logger)
+    with torch.no_grad(), monitor.capture("eval"):
+        monitor.update(x, None, model(x))
+    assert logger.batches[0]["activations"].shape == (2, 8, 16, 32)
+    monitor.close()
+
+
+class AttentionDownsample(nn.Module):
+    """LeViT's: keys / values over all tokens (``kv``), queries over the 2x-pooled grid."""
+
+    def __init__(self, dim: int, side: int) -> None:
+        super().__init__()
+        self.side = side
+        self.kv = nn.Linear(dim, dim * 3)
+        self.q = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim * 2, dim * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        k, v = self.kv(x).split([d, 2 * d], dim=-1)
+        grid = x.transpose(1, 2).reshape(b, d, self.side, self.side)[:, :, ::2, ::2]
+        q = self.q(grid.flatten(2).transpose(1, 2))
+        return self.proj(torch.softmax(q @ k.transpose(1, 2), -1) @ v)
+
+
+class TinyLeViT(nn.Module):
+    """Patch conv (4x4 grid) -> tokens -> an attention downsample to 2x2 -> norm."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, 4)
+        self.mlp = nn.Linear(dim, dim)
+        self.attn_downsample = AttentionDownsample(dim, 4)
+        self.norm = nn.LayerNorm(dim * 2)
+        self.head = nn.Linear(dim * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.mlp(self.stem(x).flatten(2).transpose(1, 2))
+        return self.head(self.norm(self.attn_downsample(tokens)).mean(1))
+
+
+def test_a_kv_projection_is_never_chosen_and_pooled_token_grids_are_followed():
+    model = TinyLeViT()
+    x = torch.rand(2, 3, 16, 16)
+    name, _ = find_target_layer(model, x)
+    assert name == "norm"  # (B, 4, 16) over the pooled 2x2 grid, not attn_downsample.kv
+    logger = RecordingLogger(n_samples=2)
+    monitor = EigenCAMMonitor(model, logger=logger)
+    with torch.no_grad(), monitor.capture("eval"):
+        monitor.update(x, None, model(x))
+    assert monitor.target_layer_tag == (
+        "norm (auto: tokens (B, 4, 16) folded to a 2x2 patch grid (0 prefix tokens dropped))")
+    assert logger.batches[0]["activations"].shape == (2, 16, 2, 2)
+    monitor.close()
+
+
+class TinySSD(nn.Module):
+    """torchvision's SSD layout: ``backbone.features`` then ``backbone.extra`` prediction
+    levels shrinking to 2x2, the levels as a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(),
+                                               nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.backbone.extra = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU()) for _ in range(2)])
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> list:
+        levels = [self.backbone.features(x)]
+        for block in self.backbone.extra:
+            levels.append(block(levels[-1]))
+        return [self.head(level) for level in levels]
+
+
+def test_an_ssd_backbone_is_searched_in_its_features_not_its_extras():
+    name, _ = find_target_layer(TinySSD(), torch.rand(2, 3, 32, 32))
+    assert name == "backbone.features"  # (B, 16, 8, 8), not backbone.extra.1's 2x2
+
+
+def test_a_hybrid_vits_patch_embed_backbone_is_no_detector_backbone():
+    class HybridViT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch_embed = nn.Module()
+            self.patch_embed.backbone = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.ReLU())
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(self.patch_embed.backbone(x).flatten(2).transpose(1, 2)).mean(1)
+
+    assert find_target_layer(HybridViT(), torch.rand(1, 3, 16, 16))[0] == "norm"
+
+
+class TwoBranch(nn.Module):
+    """Two parallel branches of the same 4x4 size, concatenated for the head: either could
+    be meant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.left = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.right = nn.Sequential(nn.Conv2d(8, 12, 3, 2, 1), nn.ReLU())
+        self.head = nn.Linear(28, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        both = torch.cat([self.left(x), self.right(x)], 1)
+        return self.head(both.mean((2, 3)))
+
+
+def test_an_unsure_choice_is_tagged_and_warned_once_naming_the_candidates(tracking_uri):
+    model = TwoBranch().eval()
+    x = torch.rand(2, 3, 16, 16)
+    logger = RecordingLogger(n_samples=2)
+    monitor = EigenCAMMonitor(model, logger=logger)
+    with pytest.warns(EigenCAMWarning) as record:
+        for epoch in range(2):
+            with torch.no_grad(), monitor.capture("eval"):
+                monitor.update(x, None, model(x))
+            monitor.epoch_end(epoch)
+    monitor.close()
+    [message] = [str(w.message) for w in record if issubclass(w.category, EigenCAMWarning)]
+    assert "unsure, chose 'right' (12x4x4)" in message
+    assert "Candidates (forward order): left (16x4x4), right (12x4x4) <- chosen" in message
+    assert "Pass target_layer=" in message
+    tag = "right (auto: feature map (B, 12, 4, 4), unsure: also left)"
+    assert monitor.target_layer_tag == tag
+    from mlflow_eigencam import _layout
+
+    assert MlflowClient().get_run(monitor.run_id).data.tags[_layout.TAG_TARGET_LAYER] == tag
+    assert resolve_target_layer(model, tag) == ("right", model.right)
+
+
+def test_a_chain_of_stages_is_not_unsure():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_target_layer(TimmSwinLike(), torch.rand(1, 3, 32, 32))[0] == "norm"
+        assert find_target_layer(TinyCNN(), torch.rand(1, 3, 16, 16))[0] == "features"

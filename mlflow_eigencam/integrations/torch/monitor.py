@@ -64,6 +64,7 @@ from .layers import (
     NO_LAYER_MESSAGE,
     LayerFinder,
     ReshapeTransform,
+    map_layout,
     resolve_target_layer,
     tokens_to_grid,
 )
@@ -198,6 +199,8 @@ class EigenCAMMonitor:
         self._model = unwrap_model(model)
         self._reshape = reshape_transform
         self._grid_hw: Optional[Tuple[int, int]] = None  # patch grid found by auto-detection
+        self._channels_last = False  # the layer outputs (B, h, w, C): permuted when hooked
+        self._layout_error: Optional[str] = None  # a named 4-D layer whose layout is unclear
         # A named layer: its first captured forward also reads the patch grid (token layers).
         self._grid_pending = target_layer is not None and reshape_transform is None
         self._pin_enabled = pin_samples and n_samples is not None
@@ -317,6 +320,8 @@ class EigenCAMMonitor:
         cap.act, cap.output = None, None  # one forward, one update
         if self._no_layer:
             return
+        if self._layout_error is not None:
+            raise ValueError(self._layout_error)
         if act is None:
             self._warn.warn(
                 "no-act",
@@ -482,11 +487,32 @@ class EigenCAMMonitor:
             tensor = first_tensor(output)
             if tensor is None or self._scoring:
                 return
+            if tensor.ndim == 4 and cap.grid_finder is not None:
+                self._read_layout(cap.grid_finder, tensor)
+            if tensor.ndim == 4 and self._channels_last:
+                tensor = tensor.permute(0, 3, 1, 2)
             cap.act = keep_rows(tensor, cap.room)
             if tensor.ndim == 3:
                 self._read_patch_grid(cap.grid_finder, tensor)
 
         return hook
+
+    def _read_layout(self, finder: LayerFinder, tensor: torch.Tensor) -> None:
+        """A named 4-D layer, on its first captured forward: channels-last ``(B, h, w, C)``
+        (only that reading fits the input image: Swin's ``norm`` ``(B, 7, 7, 768)``) is
+        permuted from now on; a shape both readings fit is refused by ``update()``."""
+        image_hw = None if finder.input_shape is None else finder.input_shape[1:]
+        layout = map_layout(tuple(tensor.shape), image_hw)
+        self._channels_last = layout == "NHWC"
+        if layout == "ambiguous":
+            assert image_hw is not None
+            self._layout_error = (
+                f"target layer {self._target_name!r} outputs {tuple(tensor.shape)} on "
+                f"{image_hw[0]}x{image_hw[1]} images: it reads as {tensor.shape[1]} channels on "
+                f"a {tensor.shape[2]}x{tensor.shape[3]} map, or channels-last, {tensor.shape[3]} "
+                f"channels on a {tensor.shape[1]}x{tensor.shape[2]} map. Pass "
+                "reshape_transform=lambda t: t.permute(0, 3, 1, 2) for channels-last, or "
+                "reshape_transform=lambda t: t for (B, C, h, w)")
 
     def _read_patch_grid(self, finder: Optional[LayerFinder], tokens: torch.Tensor) -> None:
         """A named token layer: fold onto the patch grid of the map before it (non-square
@@ -568,9 +594,10 @@ class EigenCAMMonitor:
         self._grid_hw = finder.token_grid()
         self._target_detail = finder.describe()
         _log.info("EigenCAM target layer: %s (%s)", name, self._target_detail)
-        note = finder.decoder_warning(model_name)
+        self._channels_last = finder.channels_last()
+        note = finder.choice_warning(model_name)
         if note is not None:
-            self._warn.warn("decoder", note, stacklevel=3)
+            self._warn.warn("auto-layer", note, stacklevel=3)
         if self._logger is not None:
             self._logger.set_target_layer(self.target_layer_tag)
         cap.act = tensor  # copied by the finder when its hook ran, before any in-place op
