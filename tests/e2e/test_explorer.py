@@ -78,9 +78,13 @@ def _run_id(proc: subprocess.Popen, marker: str) -> str:
 
 
 class AppServer(MlflowServer):
-    """``mlflow server --app-name eigencam``: the explorer plugin, found through its
-    ``mlflow.app`` entry point. A dist-info folder on the server's path declares it, as
-    installing the package (pyproject.toml) does."""
+    """``mlflow server --app-name eigencam`` (or ``app``): the package's plugin, found
+    through its ``mlflow.app`` entry points. A dist-info folder on the server's path declares
+    them as pyproject.toml does, as installing the package does."""
+
+    def __init__(self, root: Path, app: str = "eigencam", **env: str) -> None:
+        super().__init__(root)
+        self.app, self.env = app, env
 
     def start(self, timeout: float = 120.0) -> None:
         dist = self.root / "ep" / "mlflow_eigencam_entrypoint-0.0.dist-info"
@@ -88,12 +92,13 @@ class AppServer(MlflowServer):
         (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mlflow-eigencam-entrypoint\n"
                                        "Version: 0.0\n")
         (dist / "entry_points.txt").write_text(
-            "[mlflow.app]\neigencam = mlflow_eigencam.explorer:create_app\n")
-        env = child_env()
+            "[mlflow.app]\neigencam = mlflow_eigencam.explorer:create_app\n"
+            "eigencam-basic-auth = mlflow_eigencam.explorer:create_basic_auth_app\n")
+        env = child_env(**self.env)
         env["PYTHONPATH"] = os.pathsep.join([str(dist.parent), env["PYTHONPATH"]])
         log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--app-name", "eigencam",
+            [sys.executable, "-m", "mlflow", "server", "--app-name", self.app,
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
@@ -478,3 +483,124 @@ def test_add_all_shown_adds_at_most_the_runs_one_view_shows(world, page):
     page.wait_for_function("() => document.querySelectorAll('#messages .error').length === 64")
     msgs = page.text_content("#messages")
     assert "cannot read the tables" not in msgs and "has no EigenCAM data" in msgs
+
+
+# ----------------------------------------------------------------------------- behind basic-auth
+
+
+def _get_as(url: str, user: str = "", password: str = ""):
+    import base64
+
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"} if user else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def test_basic_auth_app_serves_the_explorer_only_to_who_may_read(tmp_path, browser, monkeypatch):
+    """``mlflow server --app-name eigencam-basic-auth``: MLflow's basic-auth with the explorer
+    behind it. No credentials (or wrong ones): 401 for the page, the API and the images, and
+    no run id in any answer. A user sees the runs of the experiments they may read, never the
+    others' (not in a search, not by id, not as a table, an image or an export); an admin sees
+    every run."""
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF "
+                                            "(pip install 'mlflow[auth]')")
+    from mlflow.server.auth.client import AuthServiceClient
+
+    from tests.helpers.explorer_runs import log_run
+
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                   f"database_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+                   "admin_username = admin\nadmin_password = admin-Pass-1234\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    app = AppServer(tmp_path / "server", app="eigencam-basic-auth",
+                    MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret")
+    app.start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-Pass-1234")
+        AuthServiceClient(app.uri).create_user("reader", "reader-Pass-1234")
+        # The admin's run in an experiment the reader may not read (default NO_PERMISSIONS);
+        # the reader's own (its creator manages its experiment).
+        secret = log_run(app.uri, "exp-secret", "secret", 2, 3)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "reader-Pass-1234")
+        mine = log_run(app.uri, "exp-mine", "mine", 2, 3)
+        base = app.uri + "/eigencam/"
+        q = "mode=eval&ds_id=val&epoch=1&index=0"
+        urls = ["", "api/config", "api/search?q=", f"api/runs?ids={mine},{secret}",
+                f"api/data?runs={mine},{secret}&mode=eval&ds_id=val",
+                f"api/image?run={mine}&{q}&kind=preview", f"api/image?run={mine}&{q}&kind=card",
+                f"api/export?runs={mine}&mode=eval&ds_id=val&epoch=1&format=html",
+                "static/app.js"]
+        for url in urls:
+            for who in (("", ""), ("reader", "wrong"), ("nobody", "reader-Pass-1234")):
+                status, headers, body = _get_as(base + url, *who)
+                assert status == 401, (url, who, status, body[:200])
+                assert "Basic" in headers.get("www-authenticate", "")
+                assert mine.encode() not in body and secret.encode() not in body
+        reader = ("reader", "reader-Pass-1234")
+        for url in urls:
+            status, _, body = _get_as(base + url, *reader)
+            assert status == 200, (url, status, body[:300])
+        status, _, body = _get_as(base + "api/search?q=", *reader)
+        assert [r["run_id"] for r in json.loads(body)["runs"]] == [mine]
+        status, _, body = _get_as(f"{base}api/runs?ids={mine},{secret},{secret[:8]}", *reader)
+        answer = json.loads(body)
+        assert [r["run_id"] for r in answer["runs"]] == [mine]
+        assert [e["id"] for e in answer["errors"]] == [secret, secret[:8]]
+        status, _, body = _get_as(f"{base}api/data?runs={mine},{secret}&mode=eval&ds_id=val", *reader)
+        runs = json.loads(body)["runs"]
+        assert runs[0]["run_id"] == mine and len(runs[0]["rows"]) == 2 * 3
+        assert "rows" not in runs[1] and "that you may read" in runs[1]["error"]
+        assert b"exp-secret" not in body and b'"secret"' not in body
+        for url in (f"api/image?run={secret}&{q}&kind=preview", f"api/image?run={secret}&{q}&kind=card",
+                    f"api/image?run={secret[:8]}&{q}&kind=card",
+                    f"api/export?runs={secret}&mode=eval&ds_id=val&epoch=1&format=png"):
+            status, _, body = _get_as(base + url, *reader)
+            assert status == 404 and b"PNG" not in body[:8] and b"WEBP" not in body[:16], url
+        # The admin reads every run.
+        status, _, body = _get_as(base + "api/search?q=", "admin", "admin-Pass-1234")
+        assert sorted(r["run_id"] for r in json.loads(body)["runs"]) == sorted([mine, secret])
+        status, _, body = _get_as(f"{base}api/image?run={secret}&{q}&kind=preview",
+                                  "admin", "admin-Pass-1234")
+        assert status == 200 and body[8:12] == b"WEBP"
+        # MLflow's own routes are still behind basic-auth.
+        assert _get_as(app.uri + "/api/2.0/mlflow/experiments/search?max_results=10")[0] == 401
+        # In a browser with the reader's credentials, the page shows the reader's run; asked
+        # for both, it names the other as a run it cannot read.
+        context = browser.new_context(http_credentials={"username": "reader",
+                                                        "password": "reader-Pass-1234"})
+        try:
+            pg = context.new_page()
+            pg.set_default_timeout(TIMEOUT_MS)
+            _open(pg, f"{base}?runs={mine},{secret}&epoch=1")
+            assert len(_shown(pg)) == 3
+            pg.wait_for_function("() => [...document.querySelectorAll('#grid tbody td img')]"
+                                 ".some(i => i.complete && i.naturalWidth > 0)")
+            heads = pg.eval_on_selector_all("#grid thead th.runhead", "hs => hs.map(h => h.dataset.epoch)")
+            assert heads == ["0", "1"]  # one readable run: its epochs
+            assert "that you may read" in pg.text_content("#messages")
+        finally:
+            context.close()
+        # Without credentials the browser gets the 401 (headless Chromium, asked for
+        # credentials it has not got, fails the navigation) and no page.
+        from playwright.sync_api import Error as PlaywrightError
+
+        context = browser.new_context()
+        try:
+            pg = context.new_page()
+            try:
+                assert pg.goto(base).status == 401
+            except PlaywrightError as exc:
+                assert "ERR_INVALID_AUTH_CREDENTIALS" in str(exc)
+            assert pg.locator("#grid").count() == 0
+        finally:
+            context.close()
+    finally:
+        app.stop()
+
