@@ -604,3 +604,79 @@ def test_basic_auth_app_serves_the_explorer_only_to_who_may_read(tmp_path, brows
     finally:
         app.stop()
 
+
+# ----------------------------------------------------------------------------- look closer
+
+
+def _row_crops(page, nth: int):
+    """``[zoom, view]`` of every panel of the nth shown row (the input and each cell)."""
+    return page.eval_on_selector_all(
+        f"#grid tbody tr.sample >> nth={nth} >> .crop",
+        "cs => cs.map(c => [c.dataset.zoom, c.dataset.view])")
+
+
+def test_zoom_and_pan_are_synchronised_across_the_row(world, page):
+    ids = ",".join([world.runs["good"], world.runs["worse"]])
+    _open(page, world.page_url(runs=ids, epoch=1))
+    page.wait_for_function("() => [...document.querySelectorAll('#grid tbody tr.sample:first-child img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    row = page.locator("#grid tbody tr.sample").nth(0)
+    crop = row.locator(f"td[data-run='{world.runs['worse']}'] .crop")
+    before = crop.screenshot()
+    box = crop.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.wheel(0, -300)
+    page.wait_for_function("() => document.querySelector('#grid tbody tr.sample').dataset.zoom > 1")
+    zoomed = _row_crops(page, 0)
+    assert len(zoomed) == 3  # the input and both runs' cells
+    assert len({tuple(z) for z in zoomed}) == 1 and float(zoomed[0][0]) > 2
+    assert zoomed[0][1] != "0.00,0.00"
+    assert {z for z, _ in _row_crops(page, 1)} == {"1.000"}  # another row is not zoomed
+    assert crop.screenshot() != before  # the pixels show the closer look
+    # A drag pans every panel of the row, and is not a click (no full-size view opens).
+    page.mouse.move(box["x"] + 60, box["y"] + 60)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 30, box["y"] + 40, steps=4)
+    page.mouse.up()
+    panned = _row_crops(page, 0)
+    assert len({tuple(z) for z in panned}) == 1 and panned[0][1] != zoomed[0][1]
+    assert panned[0][0] == zoomed[0][0]
+    assert not page.eval_on_selector("#detail", "d => d.open")
+    # The zoom stays while the slider moves; the row's "reset zoom" resets it.
+    page.click("#next")
+    assert page.text_content("#epoch-label") == "epoch 2"
+    assert _row_crops(page, 0) == panned
+    assert page.locator("#grid .unzoom:visible").count() == 1
+    row.locator(".unzoom").click()
+    assert {z for z, _ in _row_crops(page, 0)} == {"1.000"}
+    assert page.locator("#grid .unzoom:visible").count() == 0
+
+
+def test_full_size_view_steps_epochs_and_samples_with_arrow_keys(world, page):
+    good = world.runs["good"]
+    _open(page, world.page_url(runs=",".join([good, world.runs["worse"]]), epoch=1, filter="correct"))
+    shown = _shown(page)
+    assert len(shown) >= 2
+    page.locator("#grid tbody tr.sample").nth(0).locator(f"td[data-run='{good}'] .cell").click()
+    page.wait_for_selector("#detail[open]")
+
+    def at():
+        page.wait_for_function("() => document.getElementById('detail-img').naturalWidth > 0")
+        d = page.eval_on_selector("#detail", "d => [d.dataset.sid, d.dataset.epoch]")
+        src = page.get_attribute("#detail-img", "src")
+        assert f"epoch={d[1]}&" in src and "kind=card" in src
+        return d[0], int(d[1])
+
+    assert at() == (shown[0], 1)
+    page.keyboard.press("ArrowRight")
+    assert at() == (shown[0], 2)
+    for _ in range(3):  # past the first logged epoch: it stays there
+        page.keyboard.press("ArrowLeft")
+    assert at() == (shown[0], 0)
+    page.keyboard.press("ArrowDown")  # the next sample the grid shows, same run and epoch
+    assert at() == (shown[1], 0)
+    assert page.get_attribute("#detail", "data-run") == good
+    page.keyboard.press("ArrowUp")
+    assert at() == (shown[0], 0)
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => !document.getElementById('detail').open")
