@@ -680,3 +680,37 @@ def test_full_size_view_steps_epochs_and_samples_with_arrow_keys(world, page):
     assert at() == (shown[0], 0)
     page.keyboard.press("Escape")
     page.wait_for_function("() => !document.getElementById('detail').open")
+
+
+def test_before_after_swipe_shows_two_epochs_of_one_run_on_one_image(world, page):
+    from PIL import Image, ImageChops
+
+    good = world.runs["good"]
+    _open(page, world.page_url(runs=",".join([good, world.runs["worse"]]), epoch=3))
+    page.locator("#grid tbody tr.sample").nth(0).locator(f"td[data-run='{good}'] .cell").click()
+    page.wait_for_selector("#detail[open]")
+    assert page.locator("#swipe-img").count() == 0  # off until an epoch is chosen
+    page.select_option("#swipe-epoch", "0")
+    page.wait_for_function("() => ['detail-img', 'swipe-img'].every(i => "
+                           "document.getElementById(i).complete && document.getElementById(i).naturalWidth > 0)")
+    assert "epoch=3&" in page.get_attribute("#detail-img", "src")
+    assert "epoch=0&" in page.get_attribute("#swipe-img", "src")
+    assert page.get_attribute(".swipe", "data-before") == "0"
+
+    def shot(pos):
+        page.eval_on_selector("#swipe", "(e, v) => { e.value = v; e.dispatchEvent(new Event('input')); }", str(pos))
+        return Image.open(io.BytesIO(page.locator(".swipe").screenshot())).convert("RGB")
+
+    after, before, half = shot(0), shot(100), shot(50)
+    assert ImageChops.difference(after, before).getbbox() is not None  # the epochs differ
+    w, h = half.size
+    left, right = (0, 0, w // 2 - 3, h), (w // 2 + 3, 0, w, h)
+    # Left of the curtain: epoch 0; right of it: epoch 3.
+    assert ImageChops.difference(half.crop(left), before.crop(left)).getbbox() is None
+    assert ImageChops.difference(half.crop(right), after.crop(right)).getbbox() is None
+    # The arrow keys step the view and keep the comparison with epoch 0.
+    page.locator("#detail-close").focus()
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function("() => document.getElementById('detail').dataset.epoch === '2'")
+    assert "epoch=2&" in page.get_attribute("#detail-img", "src")
+    assert "epoch=0&" in page.get_attribute("#swipe-img", "src")

@@ -584,13 +584,49 @@ function detailStep(key) {
   return false;
 }
 
+// Before / after: the card at another logged epoch of the same run over this one, cut by a
+// curtain at SWIPE.pos % of the width (left of it: the other epoch). SWIPE.epoch stays
+// chosen while the arrow keys move the view (when the sample has that epoch).
+const SWIPE = { epoch: null, pos: 50 };
+
+function swipeView(run, row) {
+  const card = el("img", { id: "detail-img", src: imageURL(run, row, "card"), alt: `card of sample ${row.sample_id}` });
+  const m = run.bySid.get(row.sample_id) || new Map();
+  const others = [...m.keys()].filter((e) => e !== row.epoch).sort((a, b) => a - b);
+  const pick = el("select", { id: "swipe-epoch", "aria-label": "epoch to compare with" },
+    el("option", { value: "" }, "off"), ...others.map((e) => el("option", { value: e }, `epoch ${e}`)));
+  const other = SWIPE.epoch !== null && m.has(SWIPE.epoch) && SWIPE.epoch !== row.epoch ? m.get(SWIPE.epoch) : null;
+  pick.value = other ? String(other.epoch) : "";
+  pick.addEventListener("change", () => {
+    SWIPE.epoch = pick.value === "" ? null : parseInt(pick.value, 10);
+    detail(run, row); // the select is redrawn: the arrow keys move the view again
+  });
+  pick.addEventListener("keydown", (ev) => { if (ev.key.startsWith("Arrow")) ev.stopPropagation(); });
+  const ctl = el("p", { class: "swipe-ctl" }, "before / after: compare with ", pick);
+  if (!other) return el("div", {}, ctl, card);
+  const before = el("img", { id: "swipe-img", src: imageURL(run, other, "card"), alt: `card at epoch ${other.epoch}` });
+  const line = el("div", { class: "swipe-line" });
+  const slider = el("input", { type: "range", id: "swipe", min: 0, max: 100, step: 0.5, value: SWIPE.pos,
+    "aria-label": `curtain: epoch ${other.epoch} left of it, epoch ${row.epoch} right` });
+  const place = () => {
+    before.style.clipPath = `inset(0 ${100 - SWIPE.pos}% 0 0)`;
+    line.style.left = SWIPE.pos + "%";
+  };
+  slider.addEventListener("input", () => { SWIPE.pos = parseFloat(slider.value); place(); });
+  // Arrow keys on the curtain move it, not the view.
+  slider.addEventListener("keydown", (ev) => { if (ev.key.startsWith("Arrow")) ev.stopPropagation(); });
+  place();
+  ctl.append(` · left: epoch ${other.epoch}, right: epoch ${row.epoch} `, slider);
+  return el("div", {}, ctl, el("div", { class: "swipe", dataset: { before: other.epoch, after: row.epoch } }, card, before, line));
+}
+
 function detail(run, row) {
   DETAIL = { run, sid: row.sample_id, epoch: row.epoch };
   const m = run.meta;
   const link = uiLink(run);
   const evr = row.evr.map((v, i) => v === null ? null : `PC${i + 1} ${(v * 100).toFixed(1)}%`).filter(Boolean).join(", ");
   $("detail-body").replaceChildren(
-    el("img", { id: "detail-img", src: imageURL(run, row, "card"), alt: `card of sample ${row.sample_id}` }),
+    swipeView(run, row),
     el("p", {}, el("b", {}, `${m.run_name || run.run_id} · epoch ${row.epoch} · sample ${row.index}`)),
     el("p", { id: "detail-caption" }, `true: ${row.label === null ? "-" : row.label} · predicted: ${row.prediction === null ? "-" : row.prediction}`,
       row.correct === null ? "" : (row.correct ? " (correct)" : " (wrong)")),
@@ -635,7 +671,10 @@ function play() {
 
 function wire() {
   wireZoom($("grid"));
-  $("detail").addEventListener("keydown", (ev) => { if (detailStep(ev.key)) ev.preventDefault(); });
+  // On the document: focus may be on the page's body once the dialog's content is redrawn.
+  document.addEventListener("keydown", (ev) => {
+    if ($("detail").open && detailStep(ev.key)) ev.preventDefault();
+  });
   $("detail").addEventListener("close", () => { DETAIL = null; });
   $("search-form").addEventListener("submit", (ev) => { ev.preventDefault(); search(); });
   $("select-shown").addEventListener("click", () => load(addRuns(lastResults.map((r) => r.run_id))));
