@@ -763,3 +763,40 @@ def test_charts_show_each_runs_numbers_per_epoch_and_follow_the_slider(world, pa
     ticks = page.eval_on_selector_all("#charts svg[data-metric='acc'] text.tick[text-anchor='middle']",
                                       "ts => ts.map(t => t.textContent)")
     assert ticks == ["0", "1", "2", "3"]
+
+
+def test_a_typed_epoch_and_the_keyboard_move_the_slider(world, page):
+    ids = ",".join([world.runs["good"], world.runs["worse"]])
+    _open(page, world.page_url(runs=ids, epoch=3))
+
+    def shown_epoch():
+        srcs = page.eval_on_selector_all("#grid tbody td[data-state='logged'] img",
+                                         "is => is.map(i => i.getAttribute('src'))")
+        epochs = {s.split("epoch=")[1].split("&")[0] for s in srcs}
+        assert len(epochs) == 1, epochs
+        label = page.text_content("#epoch-label")
+        assert label == f"epoch {epochs.pop()}" and f"epoch={label.split()[1]}" in page.url
+        return int(label.split()[1])
+
+    page.fill("#epoch-jump", "1")
+    page.press("#epoch-jump", "Enter")
+    assert shown_epoch() == 1
+    page.fill("#epoch-jump", "7")  # past the last logged epoch: the nearest below it
+    page.press("#epoch-jump", "Enter")
+    assert shown_epoch() == 3 and page.input_value("#epoch-jump") == "3"
+    # Keys from the page (not from a form field): left / right step, Home / End the ends.
+    page.click("h1")
+    page.keyboard.press("ArrowLeft")
+    assert shown_epoch() == 2
+    page.keyboard.press("Home")
+    assert shown_epoch() == 0
+    page.keyboard.press("ArrowLeft")  # already the first
+    assert shown_epoch() == 0
+    page.keyboard.press("ArrowRight")
+    assert shown_epoch() == 1
+    page.keyboard.press("End")
+    assert shown_epoch() == 3
+    # A select keeps its arrow keys.
+    page.focus("#sort")
+    page.keyboard.press("ArrowLeft")
+    assert shown_epoch() == 3

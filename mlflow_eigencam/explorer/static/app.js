@@ -300,6 +300,7 @@ function render() {
   slider.disabled = EPOCHS.length < 2;
   $("epoch-label").textContent = EPOCHS.length ? `epoch ${S.epoch}` : "no epochs";
   $("epoch-label").dataset.epoch = S.epoch === null ? "" : S.epoch;
+  if (document.activeElement !== $("epoch-jump")) $("epoch-jump").value = S.epoch === null ? "" : S.epoch;
   $("filter").value = S.filter;
   $("sort").value = S.sort;
   fillSelect($("since"), EPOCHS.filter((e) => e !== S.epoch), sinceEpoch());
@@ -760,6 +761,29 @@ function step(d) {
   return true;
 }
 
+// A typed epoch: that one, or the nearest logged epoch below it (as a link's), else the first.
+function jump(text) {
+  const want = parseInt(text, 10);
+  if (!EPOCHS.length || Number.isNaN(want)) return;
+  const below = EPOCHS.filter((e) => e <= want);
+  const e = below.length ? below[below.length - 1] : EPOCHS[0];
+  if (e !== S.epoch) { S.epoch = e; render(); } else $("epoch-jump").value = e;
+}
+
+// Left / right step the slider, Home / End go to the first / last epoch, from anywhere on
+// the page but a form field (which keeps its own keys) or the full-size view (its own).
+function sliderKeys(ev) {
+  if ($("detail").open || ev.altKey || ev.ctrlKey || ev.metaKey || !DATA || !EPOCHS.length) return;
+  const t = ev.target;
+  if (t && t.closest && t.closest("input, select, textarea, button, [contenteditable], dialog")) return;
+  const moves = { ArrowLeft: () => step(-1), ArrowRight: () => step(1),
+                  Home: () => { S.epoch = EPOCHS[0]; render(); },
+                  End: () => { S.epoch = EPOCHS[EPOCHS.length - 1]; render(); } };
+  if (!moves[ev.key]) return;
+  ev.preventDefault();
+  moves[ev.key]();
+}
+
 function play() {
   if (playTimer) { clearInterval(playTimer); playTimer = null; $("play").textContent = "Play"; return; }
   if (EPOCHS.indexOf(S.epoch) === EPOCHS.length - 1) S.epoch = EPOCHS[0];
@@ -785,6 +809,9 @@ function wire() {
   $("prev").addEventListener("click", () => step(-1));
   $("next").addEventListener("click", () => step(1));
   $("play").addEventListener("click", play);
+  $("epoch-jump").addEventListener("change", (ev) => jump(ev.target.value));
+  $("epoch-jump").addEventListener("keydown", (ev) => { if (ev.key === "Enter") jump(ev.target.value); });
+  document.addEventListener("keydown", sliderKeys);
   $("filter").addEventListener("change", (ev) => { S.filter = ev.target.value; render(); });
   $("since").addEventListener("change", (ev) => { S.since = parseInt(ev.target.value, 10); render(); });
   $("label").addEventListener("change", (ev) => { S.label = ev.target.value; render(); });
