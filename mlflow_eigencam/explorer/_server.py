@@ -255,8 +255,9 @@ class Explorer:
         # tables are read in parallel.
         read = iter(self._pool.map(lambda rid: self._run_data(rid, mode, seg),
                                    [rid for rid, res in zip(ids, resolved) if not isinstance(res, str)]))
-        results = [{"requested": rid, "error": res} if isinstance(res, str) else next(read)
-                   for rid, res in zip(ids, resolved)]
+        results: List[Dict[str, Any]] = [
+            {"requested": rid, "error": res} if isinstance(res, str) else next(read)
+            for rid, res in zip(ids, resolved)]
         body = _dumps({"mode": mode, "ds_id": ds_id, "runs": results})
         # The page asks for these previews next: start fetching them (the epoch it shows,
         # default the last logged one), in row order so the top of the table comes first.
