@@ -520,6 +520,9 @@ def test_basic_auth_app_serves_the_explorer_only_to_who_may_read(tmp_path, brows
     app = AppServer(tmp_path / "server", app="eigencam-basic-auth",
                     MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret")
     app.start()
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-Pass-1234")
@@ -602,6 +605,7 @@ def test_basic_auth_app_serves_the_explorer_only_to_who_may_read(tmp_path, brows
         finally:
             context.close()
     finally:
+        mlflow.set_tracking_uri(previous)
         app.stop()
 
 
