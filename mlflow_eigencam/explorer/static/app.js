@@ -691,6 +691,10 @@ const SWIPE = { epoch: null, pos: 50 };
 
 function swipeView(run, row) {
   const card = el("img", { id: "detail-img", src: imageURL(run, row, "card"), alt: `card of sample ${row.sample_id}` });
+  // Larger than logged where the window has room (up to 2x, pixels kept sharp).
+  card.addEventListener("load", () => {
+    card.style.width = Math.max(Math.min(card.naturalWidth * 2, innerWidth * 0.85), Math.min(card.naturalWidth, innerWidth * 0.85)) + "px";
+  });
   const m = run.bySid.get(row.sample_id) || new Map();
   const others = [...m.keys()].filter((e) => e !== row.epoch).sort((a, b) => a - b);
   const pick = el("select", { id: "swipe-epoch", "aria-label": "epoch to compare with" },
