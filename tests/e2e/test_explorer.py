@@ -686,7 +686,7 @@ def test_full_size_view_steps_epochs_and_samples_with_arrow_keys(world, page):
     page.wait_for_function("() => !document.getElementById('detail').open")
 
 
-def test_before_after_swipe_shows_two_epochs_of_one_run_on_one_image(world, page):
+def test_before_after_swipe_shows_two_epochs_or_two_runs_on_one_image(world, page):
     from PIL import Image, ImageChops
 
     good = world.runs["good"]
@@ -694,12 +694,12 @@ def test_before_after_swipe_shows_two_epochs_of_one_run_on_one_image(world, page
     page.locator("#grid tbody tr.sample").nth(0).locator(f"td[data-run='{good}'] .cell").click()
     page.wait_for_selector("#detail[open]")
     assert page.locator("#swipe-img").count() == 0  # off until an epoch is chosen
-    page.select_option("#swipe-epoch", "0")
+    page.select_option("#swipe-with", "epoch:0")
     page.wait_for_function("() => ['detail-img', 'swipe-img'].every(i => "
                            "document.getElementById(i).complete && document.getElementById(i).naturalWidth > 0)")
     assert "epoch=3&" in page.get_attribute("#detail-img", "src")
     assert "epoch=0&" in page.get_attribute("#swipe-img", "src")
-    assert page.get_attribute(".swipe", "data-before") == "0"
+    assert page.get_attribute(".swipe", "data-with") == "epoch:0"
 
     def shot(pos):
         page.eval_on_selector("#swipe", "(e, v) => { e.value = v; e.dispatchEvent(new Event('input')); }", str(pos))
@@ -718,6 +718,13 @@ def test_before_after_swipe_shows_two_epochs_of_one_run_on_one_image(world, page
     page.wait_for_function("() => document.getElementById('detail').dataset.epoch === '2'")
     assert "epoch=2&" in page.get_attribute("#detail-img", "src")
     assert "epoch=0&" in page.get_attribute("#swipe-img", "src")
+    # The same epoch of another run.
+    worse = world.runs["worse"]
+    page.select_option("#swipe-with", f"run:{worse}")
+    page.wait_for_function("() => document.getElementById('swipe-img').naturalWidth > 0")
+    src = page.get_attribute("#swipe-img", "src")
+    assert f"run={worse}&" in src and "epoch=2&" in src
+    assert f"run={good}&" in page.get_attribute("#detail-img", "src")
 
 
 # ----------------------------------------------------------------------------- numbers

@@ -684,10 +684,11 @@ function detailStep(key) {
   return false;
 }
 
-// Before / after: the card at another logged epoch of the same run over this one, cut by a
-// curtain at SWIPE.pos % of the width (left of it: the other epoch). SWIPE.epoch stays
-// chosen while the arrow keys move the view (when the sample has that epoch).
-const SWIPE = { epoch: null, pos: 50 };
+// Before / after: another card of the same sample over this one, cut by a curtain at
+// SWIPE.pos % of the width (left of it: the other card): the same run at another logged
+// epoch, or another run at the same epoch. The choice stays while the arrow keys move the
+// view (where the sample has it).
+const SWIPE = { with: "", pos: 50 }; // "" (off), "epoch:E" or "run:RUN_ID"
 
 function swipeView(run, row) {
   const card = el("img", { id: "detail-img", src: imageURL(run, row, "card"), alt: `card of sample ${row.sample_id}` });
@@ -696,22 +697,29 @@ function swipeView(run, row) {
     card.style.width = Math.max(Math.min(card.naturalWidth * 2, innerWidth * 0.85), Math.min(card.naturalWidth, innerWidth * 0.85)) + "px";
   });
   const m = run.bySid.get(row.sample_id) || new Map();
-  const others = [...m.keys()].filter((e) => e !== row.epoch).sort((a, b) => a - b);
-  const pick = el("select", { id: "swipe-epoch", "aria-label": "epoch to compare with" },
-    el("option", { value: "" }, "off"), ...others.map((e) => el("option", { value: e }, `epoch ${e}`)));
-  const other = SWIPE.epoch !== null && m.has(SWIPE.epoch) && SWIPE.epoch !== row.epoch ? m.get(SWIPE.epoch) : null;
-  pick.value = other ? String(other.epoch) : "";
+  const name = (r) => r.meta.run_name || r.run_id.slice(0, 8);
+  const choices = new Map(); // value -> { row, run, text }
+  for (const e of [...m.keys()].filter((e) => e !== row.epoch).sort((a, b) => a - b))
+    choices.set(`epoch:${e}`, { run, row: m.get(e), text: `epoch ${e}` });
+  for (const r of RUNS) {
+    const o = !r.error && r !== run ? (r.bySid.get(row.sample_id) || new Map()).get(row.epoch) : null;
+    if (o) choices.set(`run:${r.run_id}`, { run: r, row: o, text: `${name(r)} · epoch ${row.epoch}` });
+  }
+  const pick = el("select", { id: "swipe-with", "aria-label": "card to compare with" },
+    el("option", { value: "" }, "off"), ...[...choices].map(([v, c]) => el("option", { value: v }, c.text)));
+  const other = choices.get(SWIPE.with) || null;
+  pick.value = other ? SWIPE.with : "";
   pick.addEventListener("change", () => {
-    SWIPE.epoch = pick.value === "" ? null : parseInt(pick.value, 10);
+    SWIPE.with = pick.value;
     detail(run, row); // the select is redrawn: the arrow keys move the view again
   });
   pick.addEventListener("keydown", (ev) => { if (ev.key.startsWith("Arrow")) ev.stopPropagation(); });
   const ctl = el("p", { class: "swipe-ctl" }, "before / after: compare with ", pick);
   if (!other) return el("div", {}, ctl, card);
-  const before = el("img", { id: "swipe-img", src: imageURL(run, other, "card"), alt: `card at epoch ${other.epoch}` });
+  const before = el("img", { id: "swipe-img", src: imageURL(other.run, other.row, "card"), alt: `card of ${other.text}` });
   const line = el("div", { class: "swipe-line" });
   const slider = el("input", { type: "range", id: "swipe", min: 0, max: 100, step: 0.5, value: SWIPE.pos,
-    "aria-label": `curtain: epoch ${other.epoch} left of it, epoch ${row.epoch} right` });
+    "aria-label": `curtain: ${other.text} left of it, ${name(run)} · epoch ${row.epoch} right` });
   const place = () => {
     before.style.clipPath = `inset(0 ${100 - SWIPE.pos}% 0 0)`;
     line.style.left = SWIPE.pos + "%";
@@ -720,8 +728,8 @@ function swipeView(run, row) {
   // Arrow keys on the curtain move it, not the view.
   slider.addEventListener("keydown", (ev) => { if (ev.key.startsWith("Arrow")) ev.stopPropagation(); });
   place();
-  ctl.append(` · left: epoch ${other.epoch}, right: epoch ${row.epoch} `, slider);
-  return el("div", {}, ctl, el("div", { class: "swipe", dataset: { before: other.epoch, after: row.epoch } }, card, before, line));
+  ctl.append(` · left: ${other.text}, right: ${name(run)} · epoch ${row.epoch} `, slider);
+  return el("div", {}, ctl, el("div", { class: "swipe", dataset: { with: SWIPE.with } }, card, before, line));
 }
 
 function detail(run, row) {
