@@ -3,7 +3,8 @@
 Routes (relative to where the app is mounted; ``mlflow-eigencam ui`` mounts it at ``/``, the
 ``mlflow.app`` plugin at ``/eigencam``):
 
-* ``GET /``: the page; ``GET /static/app.js`` and ``/static/app.css``: its code (a fixed list).
+* ``GET /``: the page; ``GET /static/app.js``, ``charts.js`` and ``app.css``: its code (a
+  fixed list).
 * ``GET /api/config``: the tracking URI, the MLflow UI's address (for run links) and the
   most runs one view shows.
 * ``GET /api/search?q=TEXT``: runs with EigenCAM data whose experiment, name, id or a tag
@@ -47,7 +48,8 @@ from .._reader import Reader, card_boxes, cell_bool, cell_text
 __all__ = ["Explorer", "MAY_READ"]
 
 _STATIC = Path(__file__).with_name("static")
-_FILES = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+_FILES = {"app.js": "text/javascript; charset=utf-8", "charts.js": "text/javascript; charset=utf-8",
+          "app.css": "text/css; charset=utf-8"}
 _SAMPLE_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 # A finished run's table and listing do not change; a running run's are re-read this often.
 _LIVE_TTL_S = 2.0

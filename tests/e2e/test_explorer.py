@@ -539,7 +539,7 @@ def test_basic_auth_app_serves_the_explorer_only_to_who_may_read(tmp_path, brows
                 f"api/data?runs={mine},{secret}&mode=eval&ds_id=val",
                 f"api/image?run={mine}&{q}&kind=preview", f"api/image?run={mine}&{q}&kind=card",
                 f"api/export?runs={mine}&mode=eval&ds_id=val&epoch=1&format=html",
-                "static/app.js"]
+                "static/app.js", "static/charts.js"]
         for url in urls:
             for who in (("", ""), ("reader", "wrong"), ("nobody", "reader-Pass-1234")):
                 status, headers, body = _get_as(base + url, *who)
