@@ -2,7 +2,9 @@
 
 ``mlflow-eigencam ui --tracking-uri URI`` serves it (:func:`serve`); inside a team's tracking
 server, ``mlflow server --app-name eigencam`` serves it at ``/eigencam/`` next to the MLflow
-UI (:func:`create_app`, registered as an ``mlflow.app`` entry point). It only reads what
+UI (:func:`create_app`, registered as an ``mlflow.app`` entry point), and
+``mlflow server --app-name eigencam-basic-auth`` serves it there behind MLflow's basic-auth
+(:func:`create_basic_auth_app`). It only reads what
 :class:`~mlflow_eigencam.logger.EigenCAMLogger` wrote; see ``docs/explorer.md`` for the page
 and its URL parameters.
 """
@@ -19,7 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from ._hosts import HostCheck, allowed_hosts
 from ._server import Explorer
 
-__all__ = ["Explorer", "create_app", "make_server_for", "serve"]
+__all__ = ["Explorer", "create_app", "create_basic_auth_app", "make_server_for", "serve"]
 
 #: Where ``mlflow server --app-name eigencam`` serves the explorer.
 MOUNT = "/eigencam"
@@ -109,6 +111,34 @@ def create_app(app: Any = None) -> Any:
     """
     import os
 
+    app = _mount(app, gated=False)
+    if os.environ.get("_MLFLOW_SGI_NAME") == "uvicorn":
+        from mlflow.server.fastapi_app import create_fastapi_app
+
+        return create_fastapi_app(app)
+    return app
+
+
+def create_basic_auth_app(app: Any = None) -> Any:
+    """``mlflow.app`` entry point: MLflow's ``basic-auth`` app with the explorer at
+    ``/eigencam/`` behind its authentication.
+
+    Used as ``mlflow server --app-name eigencam-basic-auth`` (MLflow's auth configuration:
+    ``MLFLOW_AUTH_CONFIG_PATH``, ``MLFLOW_FLASK_SERVER_SECRET_KEY``, the admin's password).
+    Every explorer route asks for the same credentials as MLflow's own (401 without them); a
+    user who is not an admin is shown only the runs of experiments they may read. Returns
+    what ``mlflow.server.auth.create_app`` returns (the FastAPI app under uvicorn).
+    """
+    from mlflow.server.auth import create_app as create_auth_app
+
+    return create_auth_app(_mount(app, gated=True))
+
+
+def _mount(app: Any, *, gated: bool) -> Any:
+    """MLflow's Flask app (``app``, default the server's) with the explorer at MOUNT, behind
+    :class:`~._auth.AuthGate` when ``gated``."""
+    import os
+
     from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
     from ._inside import server_reader
@@ -122,11 +152,10 @@ def create_app(app: Any = None) -> Any:
     from mlflow.server.handlers import STATIC_PREFIX_ENV_VAR
 
     prefix = os.environ.get(STATIC_PREFIX_ENV_VAR, "").strip("/")
-    explorer = Explorer(mlflow_ui=f"../{prefix}", reader=server_reader)
+    explorer: Any = Explorer(mlflow_ui=f"../{prefix}", reader=server_reader)
+    if gated:
+        from ._auth import AuthGate
+
+        explorer = AuthGate(explorer, app)
     app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {MOUNT: explorer})
-
-    if os.environ.get("_MLFLOW_SGI_NAME") == "uvicorn":
-        from mlflow.server.fastapi_app import create_fastapi_app
-
-        return create_fastapi_app(app)
     return app

@@ -3,7 +3,8 @@
 Routes (relative to where the app is mounted; ``mlflow-eigencam ui`` mounts it at ``/``, the
 ``mlflow.app`` plugin at ``/eigencam``):
 
-* ``GET /``: the page; ``GET /static/app.js`` and ``/static/app.css``: its code (a fixed list).
+* ``GET /``: the page; ``GET /static/app.js``, ``charts.js`` and ``app.css``: its code (a
+  fixed list).
 * ``GET /api/config``: the tracking URI, the MLflow UI's address (for run links) and the
   most runs one view shows.
 * ``GET /api/search?q=TEXT``: runs with EigenCAM data whose experiment, name, id or a tag
@@ -14,6 +15,11 @@ Routes (relative to where the app is mounted; ``mlflow-eigencam ui`` mounts it a
 * ``GET /api/image?run=A&mode=M&ds_id=D&epoch=E&index=I&kind=preview|card``: one image.
 * ``GET /api/export?runs=A,B&mode=M&ds_id=D&epoch=E&component=C&samples=S1,S2&format=png|html``:
   the current view through ``compare``'s renderer, as a download.
+
+Behind an authenticating middleware (``mlflow server --app-name eigencam-basic-auth``), the
+request's ``environ[MAY_READ]`` says which experiments its user may read: a run of another
+experiment is never listed (search), described (runs, data) or served (image, export); the
+page is told the same as for a run that does not exist.
 
 Safety: an image or export names a run id, a mode, a dataset id and integers; the artifact
 path is built from the layout (or taken from what MLflow listed for that run), so nothing in
@@ -39,10 +45,11 @@ from urllib.parse import parse_qs
 from .. import _layout
 from .._reader import Reader, card_boxes, cell_bool, cell_text
 
-__all__ = ["Explorer"]
+__all__ = ["Explorer", "MAY_READ"]
 
 _STATIC = Path(__file__).with_name("static")
-_FILES = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+_FILES = {"app.js": "text/javascript; charset=utf-8", "charts.js": "text/javascript; charset=utf-8",
+          "app.css": "text/css; charset=utf-8"}
 _SAMPLE_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 # A finished run's table and listing do not change; a running run's are re-read this often.
 _LIVE_TTL_S = 2.0
@@ -51,6 +58,9 @@ _IMMUTABLE = "public, max-age=31536000, immutable"
 _PREFETCH_ROWS = 8
 # Runs one request may name (the page adds no more than this to a view).
 MAX_RUNS = 64
+#: WSGI environ key an authenticating middleware sets: ``may_read(experiment_id: str) ->
+#: bool`` for the request's user (absent: every run the reader reaches may be read).
+MAY_READ = "mlflow_eigencam.may_read"
 
 StartResponse = Callable[..., Any]
 
@@ -96,6 +106,8 @@ class Explorer:
         self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="eigencam-prefetch")
         self._images = _LRU(max_bytes=256 * 2 ** 20)
         self._inflight: Dict[Tuple[Any, ...], Future] = {}
+        # The request's MAY_READ, for the request's own thread (checks never run in a pool).
+        self._request = threading.local()
 
     # -- WSGI ------------------------------------------------------------------------------
     def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -114,6 +126,7 @@ class Explorer:
                 raise HTTPError(405, "the explorer is read-only")
             if self._reader is None:
                 self._open_reader()
+            self._request.may_read = environ.get(MAY_READ)
             status, headers, body = self._route(path, query, environ)
         except HTTPError as exc:
             status, headers, body = exc.status, _json_headers(), _dumps({"error": str(exc)})
@@ -135,6 +148,33 @@ class Explorer:
         with self._lock:
             if self._reader is None:
                 self._reader = self._make_reader()
+
+    def _may_read(self) -> Optional[Callable[[str], bool]]:
+        return getattr(self._request, "may_read", None)
+
+    def _gate(self, rid: str, found: Any, may_read: Optional[Callable[[str], bool]]) -> Any:
+        """``found`` (a Run, or the message of a failed lookup) as the request's user may see
+        it: a run of an experiment they may not read, and any failed lookup (a prefix's
+        matches name other runs), become one message that says nothing about it."""
+        if may_read is None:
+            return found
+        if isinstance(found, str) or not may_read(str(found.info.experiment_id)):
+            return (f"no run with id {rid!r} (or starting with it) that you may read on "
+                    f"{self.reader.uri}")
+        return found
+
+    def _readable_run(self, rid: str):
+        """The Run of ``rid`` when the request's user may read it (HTTP 404 otherwise)."""
+        may_read = self._may_read()
+        try:
+            found = self._gate(rid, self._run(rid), may_read)
+        except HTTPError as exc:
+            if may_read is None:
+                raise
+            found = self._gate(rid, str(exc), may_read)
+        if isinstance(found, str):
+            raise HTTPError(404, found)
+        return found
 
     @property
     def reader(self) -> Reader:
@@ -169,12 +209,17 @@ class Explorer:
 
     def search(self, q: Dict[str, str]):
         found = self.reader.search(q.get("q", ""), max_results=_int(q, "max", 200))
+        may_read = self._may_read()
+        if may_read is not None:
+            found = [s for s in found if may_read(str(s.experiment_id))]
         return _json({"runs": [_summary_json(s) for s in found]})
 
     def runs(self, q: Dict[str, str]):
         ids = _ids(q.get("ids", ""))
         out, errors = [], []
+        may_read = self._may_read()
         for rid, res in zip(ids, self._pool.map(self._resolve_or_error, ids)):
+            res = self._gate(rid, res, may_read)
             if isinstance(res, str):
                 errors.append({"id": rid, "message": res})
                 continue
@@ -189,7 +234,9 @@ class Explorer:
         """The tables of the runs for (mode, ds_id), with each run's summary and what it has.
         Without ``mode`` / ``ds_id`` the first pair the runs have is taken (``eval`` first)."""
         ids = _ids(q.get("runs", ""))
-        resolved = list(self._pool.map(self._resolve_or_error, ids))
+        may_read = self._may_read()
+        resolved = [self._gate(rid, res, may_read)
+                    for rid, res in zip(ids, self._pool.map(self._resolve_or_error, ids))]
         pairs: List[Tuple[str, str]] = []
         for res in resolved:
             if not isinstance(res, str):
@@ -206,7 +253,13 @@ class Explorer:
             if not isinstance(res, str):
                 self._listings.submit(_quietly, self._experiment, str(res.info.experiment_id))
                 self._listings.submit(_quietly, self._previews, res.info.run_id, mode, seg)
-        results = list(self._pool.map(lambda rid: self._run_data(rid, mode, seg), ids))
+        # A run that could not be found (or may not be read) is its message; the others'
+        # tables are read in parallel.
+        read = iter(self._pool.map(lambda rid: self._run_data(rid, mode, seg),
+                                   [rid for rid, res in zip(ids, resolved) if not isinstance(res, str)]))
+        results: List[Dict[str, Any]] = [
+            {"requested": rid, "error": res} if isinstance(res, str) else next(read)
+            for rid, res in zip(ids, resolved)]
         body = _dumps({"mode": mode, "ds_id": ds_id, "runs": results})
         # The page asks for these previews next: start fetching them (the epoch it shows,
         # default the last logged one), in row order so the top of the table comes first.
@@ -247,7 +300,7 @@ class Explorer:
         return 200, _json_headers() + [("Cache-Control", "no-cache"), ("ETag", _etag(body))], body
 
     def image(self, q: Dict[str, str]):
-        rid = self._run(q.get("run", "")).info.run_id
+        rid = self._readable_run(q.get("run", "")).info.run_id
         mode, ds_id = _mode_ds(q)
         epoch, index = _int(q, "epoch"), _int(q, "index")
         kind = q.get("kind", "preview")
@@ -334,7 +387,7 @@ class Explorer:
         if fmt not in ("png", "html"):
             raise HTTPError(400, f"format must be 'png' or 'html', got {fmt!r}")
         component = _int(q, "component", 1)
-        resolved = [self._run(r).info.run_id for r in ids]
+        resolved = [self._readable_run(r).info.run_id for r in ids]
         if len(resolved) == 1:
             specs = [f"{resolved[0]}@all"]
         else:

@@ -27,10 +27,11 @@ def _logged(labels, epochs=1, n=3):
     return run.info.run_id
 
 
-def _get(app, path: str, query: str = ""):
+def _get(app, path: str, query: str = "", **environ):
     seen = []
-    body = b"".join(app({"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": "GET",
-                         "SCRIPT_NAME": ""}, lambda status, headers: seen.append(status)))
+    body = b"".join(app(dict({"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": "GET",
+                              "SCRIPT_NAME": ""}, **environ),
+                        lambda status, headers: seen.append(status)))
     return int(seen[0].split()[0]), body
 
 
@@ -79,3 +80,46 @@ def test_the_mount_redirect_is_relative_and_a_reader_or_uri_is_required(tracking
     assert seen[0][0].startswith("301") and seen[0][1]["Location"] == "eigencam/"
     with pytest.raises(ValueError, match="tracking URI or a reader"):
         Explorer()
+
+
+def test_a_run_the_user_may_not_read_is_never_listed_described_or_served(tracking_uri, tmp_path):
+    """``environ[MAY_READ]`` (set by the basic-auth gate) hides the runs of experiments the
+    user may not read, in every route, with the message of a run that does not exist; the
+    same app answers a request without it (an admin's) in full."""
+    from mlflow_eigencam.explorer._server import MAY_READ
+
+    mine = _logged(np.array([0, 1, 2]))
+    mlflow.set_experiment("secret")
+    secret = _logged(np.array([0, 1, 2]))
+    secret_exp = mlflow.get_run(secret).info.experiment_id
+    asked: list = []
+
+    def may_read(experiment_id):
+        asked.append(experiment_id)
+        return experiment_id != secret_exp
+
+    app = Explorer(tracking_uri)
+    gated = {MAY_READ: may_read}
+    status, body = _get(app, "/api/search", "q=", **gated)
+    assert [r["run_id"] for r in json.loads(body)["runs"]] == [mine]
+    status, body = _get(app, "/api/runs", f"ids={mine},{secret},{secret[:8]}", **gated)
+    answer = json.loads(body)
+    assert [r["run_id"] for r in answer["runs"]] == [mine]
+    hidden = [e["message"] for e in answer["errors"]]
+    assert [e["id"] for e in answer["errors"]] == [secret, secret[:8]]
+    assert all("that you may read" in m and "secret" not in m.replace(secret[:8], "") for m in hidden)
+    status, body = _get(app, "/api/data", f"runs={mine},{secret}&mode=eval&ds_id=val", **gated)
+    runs = json.loads(body)["runs"]
+    assert len(runs[0]["rows"]) == 3 and set(runs[1]) == {"requested", "error"}
+    q = "mode=eval&ds_id=val&epoch=0&index=0"
+    for path, query in (("/api/image", f"run={secret}&{q}&kind=card"),
+                        ("/api/image", f"run={secret}&{q}&kind=preview"),
+                        ("/api/export", f"runs={mine},{secret}&mode=eval&ds_id=val&epoch=0&format=png")):
+        status, body = _get(app, path, query, **gated)
+        assert status == 404 and "that you may read" in json.loads(body)["error"], (path, body)
+    assert _get(app, "/api/image", f"run={mine}&{q}&kind=card", **gated)[0] == 200
+    assert secret_exp in asked
+    # The same app, a request without MAY_READ: every run.
+    status, body = _get(app, "/api/search", "q=")
+    assert sorted(r["run_id"] for r in json.loads(body)["runs"]) == sorted([mine, secret])
+    assert _get(app, "/api/image", f"run={secret}&{q}&kind=card")[0] == 200

@@ -78,9 +78,13 @@ def _run_id(proc: subprocess.Popen, marker: str) -> str:
 
 
 class AppServer(MlflowServer):
-    """``mlflow server --app-name eigencam``: the explorer plugin, found through its
-    ``mlflow.app`` entry point. A dist-info folder on the server's path declares it, as
-    installing the package (pyproject.toml) does."""
+    """``mlflow server --app-name eigencam`` (or ``app``): the package's plugin, found
+    through its ``mlflow.app`` entry points. A dist-info folder on the server's path declares
+    them as pyproject.toml does, as installing the package does."""
+
+    def __init__(self, root: Path, app: str = "eigencam", **env: str) -> None:
+        super().__init__(root)
+        self.app, self.env = app, env
 
     def start(self, timeout: float = 120.0) -> None:
         dist = self.root / "ep" / "mlflow_eigencam_entrypoint-0.0.dist-info"
@@ -88,12 +92,13 @@ class AppServer(MlflowServer):
         (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mlflow-eigencam-entrypoint\n"
                                        "Version: 0.0\n")
         (dist / "entry_points.txt").write_text(
-            "[mlflow.app]\neigencam = mlflow_eigencam.explorer:create_app\n")
-        env = child_env()
+            "[mlflow.app]\neigencam = mlflow_eigencam.explorer:create_app\n"
+            "eigencam-basic-auth = mlflow_eigencam.explorer:create_basic_auth_app\n")
+        env = child_env(**self.env)
         env["PYTHONPATH"] = os.pathsep.join([str(dist.parent), env["PYTHONPATH"]])
         log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--app-name", "eigencam",
+            [sys.executable, "-m", "mlflow", "server", "--app-name", self.app,
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
@@ -478,3 +483,331 @@ def test_add_all_shown_adds_at_most_the_runs_one_view_shows(world, page):
     page.wait_for_function("() => document.querySelectorAll('#messages .error').length === 64")
     msgs = page.text_content("#messages")
     assert "cannot read the tables" not in msgs and "has no EigenCAM data" in msgs
+
+
+# ----------------------------------------------------------------------------- behind basic-auth
+
+
+def _get_as(url: str, user: str = "", password: str = ""):
+    import base64
+
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"} if user else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def test_basic_auth_app_serves_the_explorer_only_to_who_may_read(tmp_path, browser, monkeypatch):
+    """``mlflow server --app-name eigencam-basic-auth``: MLflow's basic-auth with the explorer
+    behind it. No credentials (or wrong ones): 401 for the page, the API and the images, and
+    no run id in any answer. A user sees the runs of the experiments they may read, never the
+    others' (not in a search, not by id, not as a table, an image or an export); an admin sees
+    every run."""
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF "
+                                            "(pip install 'mlflow[auth]')")
+    from mlflow.server.auth.client import AuthServiceClient
+
+    from tests.helpers.explorer_runs import log_run
+
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                   f"database_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+                   "admin_username = admin\nadmin_password = admin-Pass-1234\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    app = AppServer(tmp_path / "server", app="eigencam-basic-auth",
+                    MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret")
+    app.start()
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-Pass-1234")
+        AuthServiceClient(app.uri).create_user("reader", "reader-Pass-1234")
+        # The admin's run in an experiment the reader may not read (default NO_PERMISSIONS);
+        # the reader's own (its creator manages its experiment).
+        secret = log_run(app.uri, "exp-secret", "secret", 2, 3)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "reader-Pass-1234")
+        mine = log_run(app.uri, "exp-mine", "mine", 2, 3)
+        base = app.uri + "/eigencam/"
+        q = "mode=eval&ds_id=val&epoch=1&index=0"
+        urls = ["", "api/config", "api/search?q=", f"api/runs?ids={mine},{secret}",
+                f"api/data?runs={mine},{secret}&mode=eval&ds_id=val",
+                f"api/image?run={mine}&{q}&kind=preview", f"api/image?run={mine}&{q}&kind=card",
+                f"api/export?runs={mine}&mode=eval&ds_id=val&epoch=1&format=html",
+                "static/app.js", "static/charts.js"]
+        for url in urls:
+            for who in (("", ""), ("reader", "wrong"), ("nobody", "reader-Pass-1234")):
+                status, headers, body = _get_as(base + url, *who)
+                assert status == 401, (url, who, status, body[:200])
+                assert "Basic" in headers.get("www-authenticate", "")
+                assert mine.encode() not in body and secret.encode() not in body
+        reader = ("reader", "reader-Pass-1234")
+        for url in urls:
+            status, _, body = _get_as(base + url, *reader)
+            assert status == 200, (url, status, body[:300])
+        status, _, body = _get_as(base + "api/search?q=", *reader)
+        assert [r["run_id"] for r in json.loads(body)["runs"]] == [mine]
+        status, _, body = _get_as(f"{base}api/runs?ids={mine},{secret},{secret[:8]}", *reader)
+        answer = json.loads(body)
+        assert [r["run_id"] for r in answer["runs"]] == [mine]
+        assert [e["id"] for e in answer["errors"]] == [secret, secret[:8]]
+        status, _, body = _get_as(f"{base}api/data?runs={mine},{secret}&mode=eval&ds_id=val", *reader)
+        runs = json.loads(body)["runs"]
+        assert runs[0]["run_id"] == mine and len(runs[0]["rows"]) == 2 * 3
+        assert "rows" not in runs[1] and "that you may read" in runs[1]["error"]
+        assert b"exp-secret" not in body and b'"secret"' not in body
+        for url in (f"api/image?run={secret}&{q}&kind=preview", f"api/image?run={secret}&{q}&kind=card",
+                    f"api/image?run={secret[:8]}&{q}&kind=card",
+                    f"api/export?runs={secret}&mode=eval&ds_id=val&epoch=1&format=png"):
+            status, _, body = _get_as(base + url, *reader)
+            assert status == 404 and b"PNG" not in body[:8] and b"WEBP" not in body[:16], url
+        # The admin reads every run.
+        status, _, body = _get_as(base + "api/search?q=", "admin", "admin-Pass-1234")
+        assert sorted(r["run_id"] for r in json.loads(body)["runs"]) == sorted([mine, secret])
+        status, _, body = _get_as(f"{base}api/image?run={secret}&{q}&kind=preview",
+                                  "admin", "admin-Pass-1234")
+        assert status == 200 and body[8:12] == b"WEBP"
+        # MLflow's own routes are still behind basic-auth.
+        assert _get_as(app.uri + "/api/2.0/mlflow/experiments/search?max_results=10")[0] == 401
+        # In a browser with the reader's credentials, the page shows the reader's run; asked
+        # for both, it names the other as a run it cannot read.
+        context = browser.new_context(http_credentials={"username": "reader",
+                                                        "password": "reader-Pass-1234"})
+        try:
+            pg = context.new_page()
+            pg.set_default_timeout(TIMEOUT_MS)
+            _open(pg, f"{base}?runs={mine},{secret}&epoch=1")
+            assert len(_shown(pg)) == 3
+            pg.wait_for_function("() => [...document.querySelectorAll('#grid tbody td img')]"
+                                 ".some(i => i.complete && i.naturalWidth > 0)")
+            heads = pg.eval_on_selector_all("#grid thead th.runhead", "hs => hs.map(h => h.dataset.epoch)")
+            assert heads == ["0", "1"]  # one readable run: its epochs
+            assert "that you may read" in pg.text_content("#messages")
+        finally:
+            context.close()
+        # Without credentials the browser gets the 401 (headless Chromium, asked for
+        # credentials it has not got, fails the navigation) and no page.
+        from playwright.sync_api import Error as PlaywrightError
+
+        context = browser.new_context()
+        try:
+            pg = context.new_page()
+            try:
+                assert pg.goto(base).status == 401
+            except PlaywrightError as exc:
+                assert "ERR_INVALID_AUTH_CREDENTIALS" in str(exc)
+            assert pg.locator("#grid").count() == 0
+        finally:
+            context.close()
+    finally:
+        mlflow.set_tracking_uri(previous)
+        app.stop()
+
+
+# ----------------------------------------------------------------------------- look closer
+
+
+def _row_crops(page, nth: int):
+    """``[zoom, view]`` of every panel of the nth shown row (the input and each cell)."""
+    return page.eval_on_selector_all(
+        f"#grid tbody tr.sample >> nth={nth} >> .crop",
+        "cs => cs.map(c => [c.dataset.zoom, c.dataset.view])")
+
+
+def test_zoom_and_pan_are_synchronised_across_the_row(world, page):
+    ids = ",".join([world.runs["good"], world.runs["worse"]])
+    _open(page, world.page_url(runs=ids, epoch=1))
+    page.wait_for_function("() => [...document.querySelectorAll('#grid tbody tr.sample:first-child img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    row = page.locator("#grid tbody tr.sample").nth(0)
+    crop = row.locator(f"td[data-run='{world.runs['worse']}'] .crop")
+    before = crop.screenshot()
+    box = crop.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.wheel(0, -300)
+    page.wait_for_function("() => document.querySelector('#grid tbody tr.sample').dataset.zoom > 1")
+    zoomed = _row_crops(page, 0)
+    assert len(zoomed) == 3  # the input and both runs' cells
+    assert len({tuple(z) for z in zoomed}) == 1 and float(zoomed[0][0]) > 2
+    assert zoomed[0][1] != "0.00,0.00"
+    assert {z for z, _ in _row_crops(page, 1)} == {"1.000"}  # another row is not zoomed
+    assert crop.screenshot() != before  # the pixels show the closer look
+    # A drag pans every panel of the row, and is not a click (no full-size view opens).
+    page.mouse.move(box["x"] + 60, box["y"] + 60)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 30, box["y"] + 40, steps=4)
+    page.mouse.up()
+    panned = _row_crops(page, 0)
+    assert len({tuple(z) for z in panned}) == 1 and panned[0][1] != zoomed[0][1]
+    assert panned[0][0] == zoomed[0][0]
+    assert not page.eval_on_selector("#detail", "d => d.open")
+    # The zoom stays while the slider moves; the row's "reset zoom" resets it.
+    page.click("#next")
+    assert page.text_content("#epoch-label") == "epoch 2"
+    assert _row_crops(page, 0) == panned
+    assert page.locator("#grid .unzoom:visible").count() == 1
+    row.locator(".unzoom").click()
+    assert {z for z, _ in _row_crops(page, 0)} == {"1.000"}
+    assert page.locator("#grid .unzoom:visible").count() == 0
+
+
+def test_full_size_view_steps_epochs_and_samples_with_arrow_keys(world, page):
+    good = world.runs["good"]
+    _open(page, world.page_url(runs=",".join([good, world.runs["worse"]]), epoch=1, filter="correct"))
+    shown = _shown(page)
+    assert len(shown) >= 2
+    page.locator("#grid tbody tr.sample").nth(0).locator(f"td[data-run='{good}'] .cell").click()
+    page.wait_for_selector("#detail[open]")
+
+    def at():
+        page.wait_for_function("() => document.getElementById('detail-img').naturalWidth > 0")
+        d = page.eval_on_selector("#detail", "d => [d.dataset.sid, d.dataset.epoch]")
+        src = page.get_attribute("#detail-img", "src")
+        assert f"epoch={d[1]}&" in src and "kind=card" in src
+        return d[0], int(d[1])
+
+    assert at() == (shown[0], 1)
+    page.keyboard.press("ArrowRight")
+    assert at() == (shown[0], 2)
+    for _ in range(3):  # past the first logged epoch: it stays there
+        page.keyboard.press("ArrowLeft")
+    assert at() == (shown[0], 0)
+    page.keyboard.press("ArrowDown")  # the next sample the grid shows, same run and epoch
+    assert at() == (shown[1], 0)
+    assert page.get_attribute("#detail", "data-run") == good
+    page.keyboard.press("ArrowUp")
+    assert at() == (shown[0], 0)
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => !document.getElementById('detail').open")
+
+
+def test_before_after_swipe_shows_two_epochs_or_two_runs_on_one_image(world, page):
+    from PIL import Image, ImageChops
+
+    good = world.runs["good"]
+    _open(page, world.page_url(runs=",".join([good, world.runs["worse"]]), epoch=3))
+    page.locator("#grid tbody tr.sample").nth(0).locator(f"td[data-run='{good}'] .cell").click()
+    page.wait_for_selector("#detail[open]")
+    assert page.locator("#swipe-img").count() == 0  # off until an epoch is chosen
+    page.select_option("#swipe-with", "epoch:0")
+    page.wait_for_function("() => ['detail-img', 'swipe-img'].every(i => "
+                           "document.getElementById(i).complete && document.getElementById(i).naturalWidth > 0)")
+    assert "epoch=3&" in page.get_attribute("#detail-img", "src")
+    assert "epoch=0&" in page.get_attribute("#swipe-img", "src")
+    assert page.get_attribute(".swipe", "data-with") == "epoch:0"
+
+    def shot(pos):
+        page.eval_on_selector("#swipe", "(e, v) => { e.value = v; e.dispatchEvent(new Event('input')); }", str(pos))
+        return Image.open(io.BytesIO(page.locator(".swipe").screenshot())).convert("RGB")
+
+    after, before, half = shot(0), shot(100), shot(50)
+    assert ImageChops.difference(after, before).getbbox() is not None  # the epochs differ
+    w, h = half.size
+    left, right = (0, 0, w // 2 - 3, h), (w // 2 + 3, 0, w, h)
+    # Left of the curtain: epoch 0; right of it: epoch 3.
+    assert ImageChops.difference(half.crop(left), before.crop(left)).getbbox() is None
+    assert ImageChops.difference(half.crop(right), after.crop(right)).getbbox() is None
+    # The arrow keys step the view and keep the comparison with epoch 0.
+    page.locator("#detail-close").focus()
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function("() => document.getElementById('detail').dataset.epoch === '2'")
+    assert "epoch=2&" in page.get_attribute("#detail-img", "src")
+    assert "epoch=0&" in page.get_attribute("#swipe-img", "src")
+    # The same epoch of another run.
+    worse = world.runs["worse"]
+    page.select_option("#swipe-with", f"run:{worse}")
+    page.wait_for_function("() => document.getElementById('swipe-img').naturalWidth > 0")
+    src = page.get_attribute("#swipe-img", "src")
+    assert f"run={worse}&" in src and "epoch=2&" in src
+    assert f"run={good}&" in page.get_attribute("#detail-img", "src")
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def test_charts_show_each_runs_numbers_per_epoch_and_follow_the_slider(world, page):
+    """The charts' points are the share of correct rows and the mean map change of each run
+    at each epoch, as its table says; the marker follows the slider, a click on a chart
+    moves the slider."""
+    tables = world.tables()
+    names = ["good", "worse"]
+    _open(page, world.page_url(runs=",".join(world.runs[n] for n in names), epoch=3))
+    for metric in ("acc", "map_change"):
+        for n in names:
+            got = page.eval_on_selector_all(
+                f"#charts svg[data-metric='{metric}'] g.series[data-run='{world.runs[n]}'] circle",
+                "cs => cs.map(c => [+c.dataset.epoch, +c.dataset.value])")
+            want = []
+            for e in tables[n].epochs:
+                rows = [r for r in tables[n].rows if int(r["epoch"]) == e]
+                if metric == "acc":
+                    want.append((e, sum(r["correct"] is True for r in rows) / len(rows)))
+                else:
+                    vals = [r["map_change"] for r in rows if r.get("map_change") is not None]
+                    if vals:
+                        want.append((e, sum(vals) / len(vals)))
+            assert [e for e, _ in got] == [e for e, _ in want], (metric, n)
+            assert [v for _, v in got] == pytest.approx([v for _, v in want]), (metric, n)
+
+    def marker():
+        return page.eval_on_selector_all("#charts .marker",
+                                         "ms => ms.map(m => [m.dataset.epoch, +m.getAttribute('x1')])")
+
+    def x_of(epoch):
+        return float(page.get_attribute(f"#charts svg[data-metric='acc'] circle[data-epoch='{epoch}']", "cx"))
+
+    assert [m[0] for m in marker()] == ["3", "3"] and marker()[0][1] == pytest.approx(x_of(3), abs=0.1)
+    page.click("#prev")
+    assert [m[0] for m in marker()] == ["2", "2"] and marker()[0][1] == pytest.approx(x_of(2), abs=0.1)
+    # A click on the chart near epoch 0 moves the slider there.
+    chart = page.locator("#charts svg[data-metric='acc']")
+    box = chart.bounding_box()
+    chart.click(position={"x": x_of(0) * box["width"] / 360 + 2, "y": box["height"] / 2})
+    assert page.text_content("#epoch-label") == "epoch 0"
+    assert [m[0] for m in marker()] == ["0", "0"] and "epoch=0" in page.url
+    # Every epoch is named on the x axis (epoch 0 too).
+    ticks = page.eval_on_selector_all("#charts svg[data-metric='acc'] text.tick[text-anchor='middle']",
+                                      "ts => ts.map(t => t.textContent)")
+    assert ticks == ["0", "1", "2", "3"]
+
+
+def test_a_typed_epoch_and_the_keyboard_move_the_slider(world, page):
+    ids = ",".join([world.runs["good"], world.runs["worse"]])
+    _open(page, world.page_url(runs=ids, epoch=3))
+
+    def shown_epoch():
+        srcs = page.eval_on_selector_all("#grid tbody td[data-state='logged'] img",
+                                         "is => is.map(i => i.getAttribute('src'))")
+        epochs = {s.split("epoch=")[1].split("&")[0] for s in srcs}
+        assert len(epochs) == 1, epochs
+        label = page.text_content("#epoch-label")
+        assert label == f"epoch {epochs.pop()}" and f"epoch={label.split()[1]}" in page.url
+        return int(label.split()[1])
+
+    page.fill("#epoch-jump", "1")
+    page.press("#epoch-jump", "Enter")
+    assert shown_epoch() == 1
+    page.fill("#epoch-jump", "7")  # past the last logged epoch: the nearest below it
+    page.press("#epoch-jump", "Enter")
+    assert shown_epoch() == 3 and page.input_value("#epoch-jump") == "3"
+    # Keys from the page (not from a form field): left / right step, Home / End the ends.
+    page.click("h1")
+    page.keyboard.press("ArrowLeft")
+    assert shown_epoch() == 2
+    page.keyboard.press("Home")
+    assert shown_epoch() == 0
+    page.keyboard.press("ArrowLeft")  # already the first
+    assert shown_epoch() == 0
+    page.keyboard.press("ArrowRight")
+    assert shown_epoch() == 1
+    page.keyboard.press("End")
+    assert shown_epoch() == 3
+    # A select keeps its arrow keys.
+    page.focus("#sort")
+    page.keyboard.press("ArrowLeft")
+    assert shown_epoch() == 3

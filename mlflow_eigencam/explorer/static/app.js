@@ -80,11 +80,15 @@ function writeURL() {
 }
 
 // ------------------------------------------------------------------------- runs
+let searches = 0; // search() calls: an older search's answer never replaces a newer one's
+
 async function search() {
   const q = $("search").value;
+  const mine = ++searches;
   let body;
   try { body = await getJSON("api/search?" + qs({ q })); }
-  catch (e) { message(`search failed: ${e.message}`); return; }
+  catch (e) { if (mine === searches) message(`search failed: ${e.message}`); return; }
+  if (mine !== searches) return; // e.g. the page's first (empty) search answering late
   lastResults = body.runs;
   const t = $("results");
   t.replaceChildren(el("tr", {}, el("th", {}, ""), el("th", {}, "experiment"), el("th", {}, "run"),
@@ -138,6 +142,7 @@ async function load(note) {
   renderChips();
   if (!S.runs.length) {
     $("controls").hidden = true;
+    $("charts").hidden = true;
     $("grid").replaceChildren();
     DATA = null;
     return;
@@ -299,6 +304,7 @@ function render() {
   slider.disabled = EPOCHS.length < 2;
   $("epoch-label").textContent = EPOCHS.length ? `epoch ${S.epoch}` : "no epochs";
   $("epoch-label").dataset.epoch = S.epoch === null ? "" : S.epoch;
+  if (document.activeElement !== $("epoch-jump")) $("epoch-jump").value = S.epoch === null ? "" : S.epoch;
   $("filter").value = S.filter;
   $("sort").value = S.sort;
   fillSelect($("since"), EPOCHS.filter((e) => e !== S.epoch), sinceEpoch());
@@ -320,6 +326,8 @@ function render() {
   }
   $("count").textContent = `${sids.length} of ${total} samples`;
   $("count").dataset.shown = sids.length;
+  SHOWN = sids;
+  renderCharts();
   renderGrid(sids);
   exportLinks(sids);
   writeURL();
@@ -371,13 +379,19 @@ function renderGrid(sids) {
     tr.append(el("th", { class: "in", dataset: { label: label === null ? "" : label } },
       first ? panel(first.run, first.row, 0) : el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, "no input"),
       el("div", { class: "cap" }, `true: ${label === null ? "-" : label}`, el("br"),
-        el("span", { class: "muted" }, "id ", el("code", {}, sid)))));
+        el("span", { class: "muted" }, "id ", el("code", {}, sid)), el("br"),
+        el("button", { type: "button", class: "unzoom", hidden: !ZOOM.has(sid),
+          title: "show the whole panels of this row again", onclick: () => setZoom(sid, null) }, "reset zoom"))));
     for (const c of cols) tr.append(cell(c, sid));
     body.append(tr);
   }
   if (!sids.length) body.append(el("tr", {}, el("td", { colspan: cols.length + 1 },
     sampleRows().length ? "No sample matches these filters." : "These runs logged no samples here.")));
   grid.replaceChildren(el("thead", {}, head), body);
+  for (const tr of body.querySelectorAll("tr.sample")) {
+    const z = ZOOM.get(tr.dataset.sid);
+    tr.dataset.zoom = z ? z.z.toFixed(3) : "";
+  }
 }
 
 function uiLink(run) {
@@ -429,9 +443,100 @@ function panel(run, row, which) {
   if (!g || g.k !== row.k || which > row.k) return el("div", { class: "full" }, img);
   const [fx, fy, fw, fh] = g.boxes[which];
   const w = CELL / fw, h = w * g.h / g.w;
-  Object.assign(img.style, { width: w + "px", height: h + "px", left: (-fx * w) + "px", top: (-fy * h) + "px" });
-  return el("div", { class: "crop", style: { width: CELL + "px", height: Math.round(fh * h) + "px" } }, img);
+  const crop = el("div", { class: "crop", style: { width: CELL + "px", height: Math.round(fh * h) + "px" } }, img);
+  crop._geom = { fx, fy, w, h, ph: Math.round(fh * h) };
+  placeCrop(crop, ZOOM.get(row.sample_id));
+  return crop;
 }
+
+// ------------------------------------------------------------------------- zoom and pan
+// One zoom per row (sample id): every panel of the row (the input, each run or epoch)
+// shows the same part of the image, and it stays while the slider moves. z: the factor
+// (1 = the whole panel); cx, cy: the centre of the view, as fractions of the panel.
+const ZOOM = new Map();
+const ZMAX = 8;
+
+function placeCrop(crop, zoom) {
+  const { fx, fy, w, h, ph } = crop._geom;
+  const z = zoom ? zoom.z : 1, cx = zoom ? zoom.cx : 0.5, cy = zoom ? zoom.cy : 0.5;
+  // The view never leaves the panel: the neighbouring panels of the card stay hidden.
+  const ox = Math.min(Math.max(cx * CELL * z - CELL / 2, 0), CELL * (z - 1));
+  const oy = Math.min(Math.max(cy * ph * z - ph / 2, 0), ph * (z - 1));
+  Object.assign(crop.firstChild.style, { width: w * z + "px", height: h * z + "px",
+    left: -(fx * w * z + ox) + "px", top: -(fy * h * z + oy) + "px" });
+  crop.dataset.zoom = z.toFixed(3);
+  crop.dataset.view = `${(ox / z).toFixed(2)},${(oy / z).toFixed(2)}`; // the view's corner, panel px
+  crop.classList.toggle("zoomed", z > 1);
+}
+
+function setZoom(sid, zoom) {
+  if (!zoom || zoom.z <= 1.001) ZOOM.delete(sid);
+  else {
+    // Keep the centre where the view can be (half a view from each edge).
+    const m = 0.5 / zoom.z;
+    ZOOM.set(sid, { z: Math.min(zoom.z, ZMAX), cx: Math.min(Math.max(zoom.cx, m), 1 - m),
+                    cy: Math.min(Math.max(zoom.cy, m), 1 - m) });
+  }
+  const tr = document.querySelector(`#grid tbody tr.sample[data-sid="${CSS.escape(sid)}"]`);
+  if (!tr) return;
+  const zoom2 = ZOOM.get(sid);
+  for (const crop of tr.querySelectorAll(".crop")) if (crop._geom) placeCrop(crop, zoom2);
+  tr.dataset.zoom = zoom2 ? zoom2.z.toFixed(3) : "";
+  const reset = tr.querySelector(".unzoom");
+  if (reset) reset.hidden = !zoom2;
+}
+
+// Wheel over a panel zooms its row about the pointer; a drag pans it; the row's "reset
+// zoom" button or "0" on a focused cell resets it; "+" / "-" zoom a focused cell's row.
+// (A click stays the full-size view's.)
+function wireZoom(grid) {
+  const at = (crop, ev) => {
+    const r = crop.getBoundingClientRect();
+    return { x: (ev.clientX - r.left) / r.width, y: (ev.clientY - r.top) / r.height };
+  };
+  const sidOf = (node) => { const tr = node.closest("tr.sample"); return tr ? tr.dataset.sid : null; };
+  grid.addEventListener("wheel", (ev) => {
+    const crop = ev.target.closest(".crop"), sid = crop && sidOf(crop);
+    if (!sid) return;
+    ev.preventDefault();
+    const old = ZOOM.get(sid) || { z: 1, cx: 0.5, cy: 0.5 };
+    const z = Math.min(ZMAX, Math.max(1, old.z * Math.exp(-ev.deltaY / 300)));
+    // The point under the pointer stays under it.
+    const p = at(crop, ev);
+    const { ph } = crop._geom;
+    const ox = Math.min(Math.max(old.cx * CELL * old.z - CELL / 2, 0), CELL * (old.z - 1));
+    const oy = Math.min(Math.max(old.cy * ph * old.z - ph / 2, 0), ph * (old.z - 1));
+    const ux = (ox + p.x * CELL) / (CELL * old.z), uy = (oy + p.y * ph) / (ph * old.z);
+    setZoom(sid, { z, cx: ux + (0.5 - p.x) / z, cy: uy + (0.5 - p.y) / z });
+  }, { passive: false });
+  let drag = null;
+  grid.addEventListener("pointerdown", (ev) => {
+    const crop = ev.target.closest(".crop"), sid = crop && sidOf(crop);
+    if (!sid || !ZOOM.has(sid) || ev.button !== 0) return;
+    drag = { sid, x: ev.clientX, y: ev.clientY, start: ZOOM.get(sid), ph: crop._geom.ph, moved: false };
+    ev.preventDefault();
+  });
+  addEventListener("pointermove", (ev) => {
+    if (!drag) return;
+    const dx = ev.clientX - drag.x, dy = ev.clientY - drag.y;
+    if (Math.abs(dx) + Math.abs(dy) > 3) drag.moved = true;
+    const z = drag.start.z;
+    setZoom(drag.sid, { z, cx: drag.start.cx - dx / (CELL * z), cy: drag.start.cy - dy / (drag.ph * z) });
+  });
+  addEventListener("pointerup", () => {
+    if (drag && drag.moved) { suppressClick = true; setTimeout(() => { suppressClick = false; }, 0); }
+    drag = null;
+  });
+  grid.addEventListener("keydown", (ev) => {
+    const sid = ev.target.closest(".cell") && sidOf(ev.target);
+    if (!sid) return;
+    const old = ZOOM.get(sid) || { z: 1, cx: 0.5, cy: 0.5 };
+    if (ev.key === "+" || ev.key === "=") setZoom(sid, Object.assign({}, old, { z: old.z * 1.5 }));
+    else if (ev.key === "-") setZoom(sid, Object.assign({}, old, { z: old.z / 1.5 }));
+    else if (ev.key === "0") setZoom(sid, null);
+  });
+}
+let suppressClick = false; // the click that ends a drag is not a click on the cell
 
 function cell(c, sid) {
   const r = c.run, epoch = c.epoch === null ? S.epoch : c.epoch;
@@ -449,8 +554,8 @@ function cell(c, sid) {
     mapChange: row.map_change === null || row.map_change === undefined ? "" : row.map_change } });
   const bar = row.correct === null ? "" : (row.correct ? " bar-ok" : " bar-bad");
   const evr = row.evr[S.component - 1];
-  const box = el("div", { class: "cell" + bar + (dim ? " dim" : ""), tabindex: 0, title: "click for the full card",
-    onclick: () => detail(r, row), onkeydown: (ev) => { if (ev.key === "Enter") detail(r, row); } },
+  const box = el("div", { class: "cell" + bar + (dim ? " dim" : ""), tabindex: 0, title: "click: the full card (arrow keys: epochs, samples); wheel: zoom the row; drag: pan",
+    onclick: () => { if (!suppressClick) detail(r, row); }, onkeydown: (ev) => { if (ev.key === "Enter") detail(r, row); } },
     S.component <= row.k ? panel(r, row, S.component) : el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, `no PC${S.component}`));
   const mark = row.correct === null ? null : el("span", { class: row.correct ? "ok" : "bad" }, row.correct ? " ✓" : " ✗");
   td.append(box, el("div", { class: "cap" }, `pred: ${row.prediction === null ? "-" : row.prediction}`, mark, el("br"),
@@ -459,12 +564,88 @@ function cell(c, sid) {
   return td;
 }
 
+// The full-size view: the card of one run's sample at one epoch. Left / right: that run's
+// previous / next logged epoch of the sample; up / down: the previous / next sample of the
+// grid (its order, its filters) at that epoch; Escape closes.
+let DETAIL = null; // { run, sid, epoch } shown in the dialog
+let SHOWN = [];    // the grid's sample ids, in its order
+
+function detailStep(key) {
+  if (!DETAIL) return false;
+  const { run, sid, epoch } = DETAIL;
+  const bySid = (s) => run.bySid.get(s) || new Map();
+  if (key === "ArrowLeft" || key === "ArrowRight") {
+    const es = [...bySid(sid).keys()].sort((a, b) => a - b);
+    const e = es[es.indexOf(epoch) + (key === "ArrowRight" ? 1 : -1)];
+    if (e !== undefined) detail(run, bySid(sid).get(e));
+    return true;
+  }
+  if (key === "ArrowUp" || key === "ArrowDown") {
+    const d = key === "ArrowDown" ? 1 : -1;
+    for (let i = SHOWN.indexOf(sid) + d; i >= 0 && i < SHOWN.length; i += d) {
+      const row = bySid(SHOWN[i]).get(epoch);
+      if (row) { detail(run, row); break; }
+    }
+    return true;
+  }
+  return false;
+}
+
+// Before / after: another card of the same sample over this one, cut by a curtain at
+// SWIPE.pos % of the width (left of it: the other card): the same run at another logged
+// epoch, or another run at the same epoch. The choice stays while the arrow keys move the
+// view (where the sample has it).
+const SWIPE = { with: "", pos: 50 }; // "" (off), "epoch:E" or "run:RUN_ID"
+
+function swipeView(run, row) {
+  const card = el("img", { id: "detail-img", src: imageURL(run, row, "card"), alt: `card of sample ${row.sample_id}` });
+  // Larger than logged where the window has room (up to 2x, pixels kept sharp).
+  card.addEventListener("load", () => {
+    card.style.width = Math.max(Math.min(card.naturalWidth * 2, innerWidth * 0.85), Math.min(card.naturalWidth, innerWidth * 0.85)) + "px";
+  });
+  const m = run.bySid.get(row.sample_id) || new Map();
+  const name = (r) => r.meta.run_name || r.run_id.slice(0, 8);
+  const choices = new Map(); // value -> { row, run, text }
+  for (const e of [...m.keys()].filter((e) => e !== row.epoch).sort((a, b) => a - b))
+    choices.set(`epoch:${e}`, { run, row: m.get(e), text: `epoch ${e}` });
+  for (const r of RUNS) {
+    const o = !r.error && r !== run ? (r.bySid.get(row.sample_id) || new Map()).get(row.epoch) : null;
+    if (o) choices.set(`run:${r.run_id}`, { run: r, row: o, text: `${name(r)} · epoch ${row.epoch}` });
+  }
+  const pick = el("select", { id: "swipe-with", "aria-label": "card to compare with" },
+    el("option", { value: "" }, "off"), ...[...choices].map(([v, c]) => el("option", { value: v }, c.text)));
+  const other = choices.get(SWIPE.with) || null;
+  pick.value = other ? SWIPE.with : "";
+  pick.addEventListener("change", () => {
+    SWIPE.with = pick.value;
+    detail(run, row); // the select is redrawn: the arrow keys move the view again
+  });
+  pick.addEventListener("keydown", (ev) => { if (ev.key.startsWith("Arrow")) ev.stopPropagation(); });
+  const ctl = el("p", { class: "swipe-ctl" }, "before / after: compare with ", pick);
+  if (!other) return el("div", {}, ctl, card);
+  const before = el("img", { id: "swipe-img", src: imageURL(other.run, other.row, "card"), alt: `card of ${other.text}` });
+  const line = el("div", { class: "swipe-line" });
+  const slider = el("input", { type: "range", id: "swipe", min: 0, max: 100, step: 0.5, value: SWIPE.pos,
+    "aria-label": `curtain: ${other.text} left of it, ${name(run)} · epoch ${row.epoch} right` });
+  const place = () => {
+    before.style.clipPath = `inset(0 ${100 - SWIPE.pos}% 0 0)`;
+    line.style.left = SWIPE.pos + "%";
+  };
+  slider.addEventListener("input", () => { SWIPE.pos = parseFloat(slider.value); place(); });
+  // Arrow keys on the curtain move it, not the view.
+  slider.addEventListener("keydown", (ev) => { if (ev.key.startsWith("Arrow")) ev.stopPropagation(); });
+  place();
+  ctl.append(` · left: ${other.text}, right: ${name(run)} · epoch ${row.epoch} `, slider);
+  return el("div", {}, ctl, el("div", { class: "swipe", dataset: { with: SWIPE.with } }, card, before, line));
+}
+
 function detail(run, row) {
+  DETAIL = { run, sid: row.sample_id, epoch: row.epoch };
   const m = run.meta;
   const link = uiLink(run);
   const evr = row.evr.map((v, i) => v === null ? null : `PC${i + 1} ${(v * 100).toFixed(1)}%`).filter(Boolean).join(", ");
   $("detail-body").replaceChildren(
-    el("img", { id: "detail-img", src: imageURL(run, row, "card"), alt: `card of sample ${row.sample_id}` }),
+    swipeView(run, row),
     el("p", {}, el("b", {}, `${m.run_name || run.run_id} · epoch ${row.epoch} · sample ${row.index}`)),
     el("p", { id: "detail-caption" }, `true: ${row.label === null ? "-" : row.label} · predicted: ${row.prediction === null ? "-" : row.prediction}`,
       row.correct === null ? "" : (row.correct ? " (correct)" : " (wrong)")),
@@ -473,7 +654,10 @@ function detail(run, row) {
     el("p", { class: "muted" }, `experiment ${m.experiment || "-"} · run `, el("code", {}, run.run_id), ` · sample id `, el("code", {}, row.sample_id)),
     link ? el("p", {}, el("a", { id: "detail-link", href: link, target: "_blank", rel: "noopener" }, "open this run in the MLflow UI"))
          : el("p", { class: "muted" }, `run in the MLflow UI: mlflow ui --backend-store-uri ${CONFIG.tracking_uri}`));
+  $("detail-body").append(el("p", { class: "muted keys" },
+    "← → previous / next epoch · ↑ ↓ previous / next sample · Esc closes"));
   const d = $("detail");
+  Object.assign(d.dataset, { run: run.run_id, sid: row.sample_id, epoch: row.epoch });
   if (d.showModal) { if (!d.open) d.showModal(); } else d.setAttribute("open", "");
 }
 
@@ -496,6 +680,29 @@ function step(d) {
   return true;
 }
 
+// A typed epoch: that one, or the nearest logged epoch below it (as a link's), else the first.
+function jump(text) {
+  const want = parseInt(text, 10);
+  if (!EPOCHS.length || Number.isNaN(want)) return;
+  const below = EPOCHS.filter((e) => e <= want);
+  const e = below.length ? below[below.length - 1] : EPOCHS[0];
+  if (e !== S.epoch) { S.epoch = e; render(); } else $("epoch-jump").value = e;
+}
+
+// Left / right step the slider, Home / End go to the first / last epoch, from anywhere on
+// the page but a form field (which keeps its own keys) or the full-size view (its own).
+function sliderKeys(ev) {
+  if ($("detail").open || ev.altKey || ev.ctrlKey || ev.metaKey || !DATA || !EPOCHS.length) return;
+  const t = ev.target;
+  if (t && t.closest && t.closest("input, select, textarea, button, [contenteditable], dialog")) return;
+  const moves = { ArrowLeft: () => step(-1), ArrowRight: () => step(1),
+                  Home: () => { S.epoch = EPOCHS[0]; render(); },
+                  End: () => { S.epoch = EPOCHS[EPOCHS.length - 1]; render(); } };
+  if (!moves[ev.key]) return;
+  ev.preventDefault();
+  moves[ev.key]();
+}
+
 function play() {
   if (playTimer) { clearInterval(playTimer); playTimer = null; $("play").textContent = "Play"; return; }
   if (EPOCHS.indexOf(S.epoch) === EPOCHS.length - 1) S.epoch = EPOCHS[0];
@@ -505,6 +712,12 @@ function play() {
 }
 
 function wire() {
+  wireZoom($("grid"));
+  // On the document: focus may be on the page's body once the dialog's content is redrawn.
+  document.addEventListener("keydown", (ev) => {
+    if ($("detail").open && detailStep(ev.key)) ev.preventDefault();
+  });
+  $("detail").addEventListener("close", () => { DETAIL = null; });
   $("search-form").addEventListener("submit", (ev) => { ev.preventDefault(); search(); });
   $("select-shown").addEventListener("click", () => load(addRuns(lastResults.map((r) => r.run_id))));
   $("clear-runs").addEventListener("click", () => { S.runs = []; load(); });
@@ -515,6 +728,9 @@ function wire() {
   $("prev").addEventListener("click", () => step(-1));
   $("next").addEventListener("click", () => step(1));
   $("play").addEventListener("click", play);
+  $("epoch-jump").addEventListener("change", (ev) => jump(ev.target.value));
+  $("epoch-jump").addEventListener("keydown", (ev) => { if (ev.key === "Enter") jump(ev.target.value); });
+  document.addEventListener("keydown", sliderKeys);
   $("filter").addEventListener("change", (ev) => { S.filter = ev.target.value; render(); });
   $("since").addEventListener("change", (ev) => { S.since = parseInt(ev.target.value, 10); render(); });
   $("label").addEventListener("change", (ev) => { S.label = ev.target.value; render(); });
