@@ -261,7 +261,9 @@ _OWN_PATH = re.compile(
 _OWN_SERIES = re.compile(
     rf"^images/{re.escape(ROOT)}~{_SEG}~{_SEG}~sample_\d+\+step\+-?\d+\+timestamp\+\d+"
     rf"\+[A-Za-z0-9\-]+(?:\.png|\+compressed\.webp)$")
-_OWN_METRIC = re.compile(rf"^{re.escape(ROOT)}/{_SEG}/{_SEG}/(?:evr_\d+|map_change)$")
+# Built from the builders' own names: evr_{k}, map_change and every signal.
+_OWN_METRIC = re.compile(rf"^{re.escape(ROOT)}/{_SEG}/{_SEG}/(?:evr_\d+|"
+                         rf"{'|'.join(re.escape(n) for n in (TABLE_MAP_CHANGE_COLUMN,) + TABLE_SIGNAL_COLUMNS)})$")
 #: The package's tag namespace (``mlflow_eigencam.version``, ``mlflow_eigencam.step``, ...).
 TAG_NAMESPACE = "mlflow_eigencam."
 _OWN_TAG = re.compile(rf"^{re.escape(TAG_NAMESPACE)}[A-Za-z0-9_]+$")
@@ -281,8 +283,8 @@ def is_own_artifact_path(path: str) -> bool:
 
 
 def is_own_metric_key(key: str) -> bool:
-    """True for a metric the logger writes: ``eigencam/{mode}/{ds_id}/evr_{k}`` or
-    ``.../map_change``."""
+    """True for a metric the logger writes: ``eigencam/{mode}/{ds_id}/evr_{k}``,
+    ``.../map_change`` or a signal (:data:`TABLE_SIGNAL_COLUMNS`)."""
     return isinstance(key, str) and bool(_OWN_METRIC.match(key))
 
 
