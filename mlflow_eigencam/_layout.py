@@ -144,7 +144,7 @@ def grid_path(mode: str, ds_id: str | None, epoch: int) -> str:
     return f"{epoch_dir(mode, ds_id, epoch)}/grid.png"
 
 
-def strip_path(mode: str, ds_id: str | None, epoch: int, index: int) -> str:
+def card_path(mode: str, ds_id: str | None, epoch: int, index: int) -> str:
     """Artifact path of one sample's strip PNG at one epoch (what the table points to)."""
     return f"{epoch_dir(mode, ds_id, epoch)}/sample_{index}.png"
 

@@ -812,8 +812,8 @@ def _sample_files(files: Dict[str, Any], mode: str, ds_id: Optional[str], epoch:
     WebP preview) and the strip artifact the table points to. Returns the strip's path."""
     key = _layout.image_key(mode, ds_id, index)
     png_path, preview_path = _layout.image_series_files(key, epoch, now_ms, str(uuid.uuid4()))
-    strip_path = _layout.strip_path(mode, ds_id, epoch, index)
+    card_path = _layout.card_path(mode, ds_id, epoch, index)
     files[png_path] = png
     files[preview_path] = preview
-    files[strip_path] = png
-    return strip_path
+    files[card_path] = png
+    return card_path

@@ -90,7 +90,7 @@ def test_cards_encoded_before_spooling_are_decoded_for_the_grid():
 
 def test_a_record_round_trips_and_bad_grids_are_refused(tmp_path):
     card = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
-    c, g, k = (_layout.strip_path("eval", "v", 1, 0), _layout.grid_path("eval", "v", 1),
+    c, g, k = (_layout.card_path("eval", "v", 1, 0), _layout.grid_path("eval", "v", 1),
                _layout.metric_key("eval", "v", 1))
     item = Item("bundle", "e" * 32, "sqlite:///x.db", files={c: Encoded([PNGBand(card)])},
                 metrics=[[k, 0.5, 1, 2]], grids={g: {"epoch": 1, "mode": "eval",
@@ -107,10 +107,10 @@ def test_a_record_round_trips_and_bad_grids_are_refused(tmp_path):
 
 
 def test_every_path_key_and_tag_the_logger_builds_is_its_own_and_nothing_else_is():
-    own_paths = [_layout.grid_path("eval", "val", 3), _layout.strip_path("eval", None, 0, 2),
+    own_paths = [_layout.grid_path("eval", "val", 3), _layout.card_path("eval", None, 0, 2),
                  _layout.table_path("train", "a b"), _layout.stream_maps_path("eval", "v", 12),
                  _layout.stream_inputs_path("eval", "v", "0123456789ab"),
-                 _layout.table_part_path("test", "v", 7),
+                 _layout.table_part_path("test", "v", 7, 1700000000000, "0123abcd4567"),
                  *_layout.image_series_files(_layout.image_key("eval", "a/b", 4), 3, 1700000000000,
                                              "2b3c4d5e-0000-4000-8000-123456789abc")]
     assert all(_layout.is_own_artifact_path(p) for p in own_paths), own_paths
@@ -135,7 +135,7 @@ def _planted(rid):
     """A bundle built by the package's own writer for ``rid``: the logger's own files plus a
     model file, MLflow's tags and a metric the logger never writes."""
     card = np.full((8, 8, 3), 200, np.uint8)
-    own = _layout.strip_path("eval", "val", 0, 0)
+    own = _layout.card_path("eval", "val", 0, 0)
     return Item("bundle", rid, None,
                 files={own: Encoded([PNGBand(card)]), "model/MLmodel": b"flavors: {evil: {}}",
                        "model/model.pkl": b"pickle"},

@@ -90,7 +90,7 @@ def test_inputs_once_per_run_maps_and_table_parts_per_epoch(tracking_uri):
         assert [r["sample_index"] for r in rows] == list(range(N))
         assert all(r["epoch"] == epoch for r in rows)
         rendered = [r["image"] for r in rows]
-        assert rendered[:ROWS] == [_layout.strip_path("eval", "val", epoch, i) for i in range(ROWS)]
+        assert rendered[:ROWS] == [_layout.card_path("eval", "val", epoch, i) for i in range(ROWS)]
         assert rendered[ROWS:] == [""] * (N - ROWS)
         assert {"evr_1", "evr_2", "label", "prediction", "correct", "sample_id"} <= set(cols)
     # only the grid rows are image series; the per-epoch strips exist for them only
@@ -111,10 +111,10 @@ def test_render_stored_round_trip_equals_live_strips(tracking_uri):
     for epoch in range(2):
         for i in range(ROWS):  # rendered live: the stored form gives the same strip
             data = render_stored(read, "eval", "val", epoch, i)
-            live = load_png(client, rid, _layout.strip_path("eval", "val", epoch, i))
+            live = load_png(client, rid, _layout.card_path("eval", "val", epoch, i))
             np.testing.assert_array_equal(png_pixels(data), live)
             np.testing.assert_array_equal(load_png(client, rid, series[f"eigencam/eval/val/sample_{i}"][epoch]), live)
-            assert data == read(_layout.strip_path("eval", "val", epoch, i))  # same bytes too
+            assert data == read(_layout.card_path("eval", "val", epoch, i))  # same bytes too
     # a row that was never rendered: the strip the live code would have drawn
     images, acts, labels = dataset()
     drift = np.float32(1.1)
