@@ -219,10 +219,13 @@ def _namespace(obj: Any) -> Tuple[Any, Any]:
     Which library an object belongs to is decided without importing that library.
     """
     if not isinstance(obj, np.ndarray):
+        compat: Any = None
         try:
-            import array_api_compat as compat
+            import array_api_compat
+
+            compat = array_api_compat
         except ImportError:
-            compat = None
+            pass
         if compat is not None and compat.is_array_api_obj(obj) and not compat.is_numpy_array(obj):
             if compat.is_torch_array(obj):
                 obj = obj.detach()  # a view: the caller's graph is neither extended nor kept

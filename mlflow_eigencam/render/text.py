@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Union
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -28,9 +29,12 @@ GAP = 4
 #: The smallest text size, in pixels.
 FONT_SIZE = 13
 
+#: What get_font returns: FreeType when Pillow has it (>= 10.1), else the bitmap font.
+Font = Union[ImageFont.ImageFont, ImageFont.FreeTypeFont]
+
 
 @functools.lru_cache(maxsize=8)
-def get_font(size: int) -> ImageFont.ImageFont:
+def get_font(size: int) -> Font:
     """Pillow's built-in font: embedded FreeType font when available, bitmap font otherwise."""
     try:
         return ImageFont.load_default(size=size)  # Pillow >= 10.1; no file, no network
@@ -41,21 +45,21 @@ def get_font(size: int) -> ImageFont.ImageFont:
 # Cached: captions repeat (labels, sample ids, "input") every epoch and measuring text is a
 # large share of drawing a card. Fonts come from get_font's cache, so they hash stably.
 @functools.lru_cache(maxsize=4096)
-def text_width(font: ImageFont.ImageFont, text: str) -> int:
+def text_width(font: Font, text: str) -> int:
     """Width of ``text`` in pixels."""
     left, _, right, _ = font.getbbox(text)
     return int(math.ceil(right - left))
 
 
 @functools.lru_cache(maxsize=8)
-def line_height(font: ImageFont.ImageFont) -> int:
+def line_height(font: Font) -> int:
     """Height of one line of ``font`` in pixels, the same for every text."""
     # Measured on glyphs with ascenders and descenders so that every line gets the same height.
     _, top, _, bottom = font.getbbox("Ag|y[]%")
     return int(math.ceil(bottom)) + max(0, -int(top))
 
 
-def fit_text(font: ImageFont.ImageFont, text: str, width: int) -> str:
+def fit_text(font: Font, text: str, width: int) -> str:
     """``text``, shortened with '...' until it fits ``width`` pixels."""
     if text_width(font, text) <= width:
         return text
@@ -73,7 +77,7 @@ def clean_text(text: object) -> str:
 
 
 def text_line(canvas: Image.Image, xy: tuple[int, int], size: tuple[int, int],
-              pieces: list, font: ImageFont.ImageFont) -> None:
+              pieces: list, font: Font) -> None:
     """Draw ``[(text, colour, x offset), ...]`` in ``font`` on a white band of ``size`` (w, h) pasted at
     ``xy``: text never leaves its band, whatever the font's real height."""
     # Cached: titles ("input", "PC1 62.3%") and captions repeat across samples and epochs,
