@@ -396,7 +396,9 @@ class MlflowSink:
         with self._lock:
             waiting = [e.item for e in self._items.values() if e.item is not None]
         for it in [*waiting, item]:
-            for payload in (it.files or {}).values():
+            # A snapshot: the sender may be adding this item's grid to its files right now
+            # (compose_grids), and iterating the live dict then raised mid-epoch.
+            for payload in list((it.files or {}).values()):
                 if isinstance(payload, Encoded) and not payload.ready:
                     try:
                         payload.encode_unless_busy()
