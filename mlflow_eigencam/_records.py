@@ -183,7 +183,7 @@ def item_to_record(item: Item) -> Tuple[dict, list]:
         return array_of[id(pixels)]
 
     files: Dict[str, dict] = {}
-    for path, payload in (item.files or {}).items():
+    for path, payload in list((item.files or {}).items()):  # a snapshot: the sender may add a grid
         _safe_relative(path)
         if isinstance(payload, Encoded):
             if payload.ready:
