@@ -6,15 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-
-@pytest.fixture(autouse=True)
-def _seeded():
-    """Every test starts from the same torch random state, on few threads (2-core CI)."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers.torch_seed import _seeded  # noqa: E402,F401  (autouse, after the skip)
 
 
 @pytest.fixture
