@@ -103,13 +103,14 @@ _JITTER_MODULES = ("mlflow.utils.rest_utils", "mlflow.utils.request_utils",
 _jitter = random.Random()
 
 
-def _own_randomness(tracking_uri: str = "") -> None:
+def _own_randomness(tracking_uri: str) -> None:
     """Give MLflow's retry jitter a generator of its own instead of the global ``random``.
 
     The sender calls MLflow on a background thread at moments the training loop does not
     choose; a retry there (a busy server, two writers on one run) drew from the global
-    ``random`` and so changed the user's augmentations mid-epoch (seen with Ultralytics: a
-    different loss in 2 of 8 seeded runs). Jitter needs no reproducibility, so MLflow's
+    ``random`` and so could change the user's augmentations mid-epoch (the suspected cause
+    of a seeded Ultralytics loss that differed in 2 of 8 runs; the run names MLflow
+    generates draw from it too, see create_run). Jitter needs no reproducibility, so MLflow's
     modules get a private generator; nothing else about them changes.
     """
     if tracking_uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql"):

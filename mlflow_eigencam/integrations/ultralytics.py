@@ -270,7 +270,7 @@ class EigenCAMCallback:
                         "training goes on")
 
     def _layer_indices(self, model: nn.Module) -> List[int]:
-        blocks = model.model
+        blocks: Any = model.model  # Ultralytics' nn.Sequential of blocks
         head = blocks[-1]
         if self._layers is None:
             f = getattr(head, "f", None)
@@ -330,11 +330,12 @@ class EigenCAMCallback:
                     captured[index] = output.detach().float()
             return hook
 
-        head = model.model[-1]
+        blocks: Any = model.model  # Ultralytics' nn.Sequential of blocks
+        head = blocks[-1]
         with torch.no_grad(), _modules_kept(model):
             model.eval()
             try:
-                self._handles = [model.model[i].register_forward_hook(hook_for(i)) for i in indices]
+                self._handles = [blocks[i].register_forward_hook(hook_for(i)) for i in indices]
                 out = model(x)
             finally:
                 self._remove_hooks()

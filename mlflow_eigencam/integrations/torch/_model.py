@@ -71,10 +71,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def device_of(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (else buffer, else the CPU)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for parameter in model.parameters():
+        return parameter.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
