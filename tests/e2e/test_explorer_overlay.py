@@ -13,7 +13,9 @@ import base64
 import io
 import json
 import threading
+import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -29,15 +31,41 @@ pytestmark = pytest.mark.timeout(300)
 
 
 class World:
-    def __init__(self, uri: str, url: str, run_id: str, images: np.ndarray) -> None:
-        self.uri, self.url, self.run_id, self.images = uri, url, run_id, images
+    def __init__(self, uri: str, url: str, run_id: str, images: np.ndarray, old: str) -> None:
+        self.uri, self.url, self.run_id, self.images, self.old = uri, url, run_id, images, old
+
+
+def _log(mlflow) -> tuple:
+    from mlflow_eigencam import EigenCAMLogger
+
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_components=K, n_samples=N_SAMPLES, label_mapping=list(CLASSES))
+        images = log_detector_run(logger)
+        assert logger.flush(timeout=60)
+        logger.close()
+    return run.info.run_id, images
+
+
+def _as_before_overlays(mlflow, rid: str) -> None:
+    """Rewrite a run's table files without the ``overlay`` column: a run logged before
+    overlays existed."""
+    from mlflow_eigencam import _table
+
+    client = mlflow.MlflowClient()
+    prefix = _layout.prefix("eval", "val")
+    paths = [f.path for f in client.list_artifacts(rid, f"{prefix}/table")] + [f"{prefix}/samples.json"]
+    for path in paths:
+        table = _table.loads(Path(client.download_artifacts(rid, path)).read_bytes())
+        at = table["columns"].index(_layout.TABLE_OVERLAY_COLUMN)
+        table = {"columns": table["columns"][:at] + table["columns"][at + 1:],
+                 "data": [r[:at] + r[at + 1:] for r in table["data"]]}
+        client.log_text(rid, _table.dumps(table).decode("utf-8"), path)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Iterator[World]:
     import mlflow
 
-    from mlflow_eigencam import EigenCAMLogger
     from mlflow_eigencam.explorer import make_server_for
 
     server = MlflowServer(tmp_path_factory.mktemp("overlay") / "server")
@@ -46,16 +74,14 @@ def world(tmp_path_factory) -> Iterator[World]:
     try:
         mlflow.set_tracking_uri(server.uri)
         mlflow.set_experiment("overlay")
-        with mlflow.start_run() as run:
-            logger = EigenCAMLogger(n_components=K, n_samples=N_SAMPLES, label_mapping=list(CLASSES))
-            images = log_detector_run(logger)
-            assert logger.flush(timeout=60)
-            logger.close()
+        rid, images = _log(mlflow)
+        old, _ = _log(mlflow)
+        _as_before_overlays(mlflow, old)
         httpd = make_server_for(server.uri, "127.0.0.1", free_port())
         thread = threading.Thread(target=httpd.serve_forever, daemon=True)
         thread.start()
         try:
-            yield World(server.uri, f"http://127.0.0.1:{httpd.server_port}/", run.info.run_id, images)
+            yield World(server.uri, f"http://127.0.0.1:{httpd.server_port}/", rid, images, old)
         finally:
             httpd.shutdown()
             httpd.server_close()
@@ -171,3 +197,19 @@ def test_toggles_opacity_and_component_change_the_composited_pixels(world, page)
     _toggle(page, "heat", False)
     _drawn(page, "|||1|2|")
     assert np.array_equal(_canvas(page), raw)
+
+
+def test_rows_logged_before_overlays_keep_their_card(world, page):
+    page.goto(world.url + f"?runs={world.run_id},{world.old}&mode=eval&ds_id=val&epoch=1")
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("#ov-on")
+    new, old = (f"#grid tbody td[data-run='{r}']" for r in (world.run_id, world.old))
+    page.wait_for_function("s => document.querySelectorAll(s).length === " + str(N_SAMPLES),
+                           arg=f"{old} .cell img")
+    assert page.locator(f"{old} canvas").count() == 0
+    assert page.locator(f"{new} canvas.overlay").count() == N_SAMPLES
+    # The old rows have no overlay to serve.
+    q = f"run={world.old}&mode=eval&ds_id=val&epoch=1&index=0"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{world.url}api/overlay?{q}", timeout=30)
+    assert err.value.code == 404
