@@ -198,6 +198,15 @@ def test_toggles_opacity_and_component_change_the_composited_pixels(world, page)
     _drawn(page, "|||1|2|")
     assert np.array_equal(_canvas(page), raw)
 
+    # A deep link keeps the overlay view and its settings.
+    assert all(p in page.url for p in ("overlay=1", "ov_off=heat,pred,true", "ov_opacity=100",
+                                       "component=2")), page.url
+    page.goto(page.url)
+    page.wait_for_selector("body[data-ready='1']")
+    _drawn(page, "|||1|2|")
+    assert page.is_checked("#ov-on") and not page.is_checked("#ov-heat")
+    assert page.eval_on_selector("#ov-opacity", "e => e.value") == "100"
+
 
 def test_rows_logged_before_overlays_keep_their_card(world, page):
     page.goto(world.url + f"?runs={world.run_id},{world.old}&mode=eval&ds_id=val&epoch=1")

@@ -74,7 +74,7 @@ function readURL() {
 
 function writeURL() {
   const st = Object.assign({}, S, { runs: S.runs.join(","), component: S.component === 1 ? "" : S.component });
-  const q = qs(Object.fromEntries(PARAMS.map((k) => [k, st[k]])));
+  const q = [qs(Object.fromEntries(PARAMS.map((k) => [k, st[k]]))), Overlay.query()].filter(Boolean).join("&");
   const url = location.pathname + (q ? "?" + q.replace(/%2C/g, ",") : "");
   if (url !== location.pathname + location.search) history.replaceState(null, "", url);
 }

@@ -138,6 +138,27 @@ const Overlay = (() => {
 
   function redraw() {
     for (const cv of document.querySelectorAll("canvas.overlay")) if (cv._ov) draw(cv);
+    if (typeof writeURL === "function") writeURL();
+  }
+
+  // Deep links: overlay=1, ov_off=heat,pred,true (what is hidden), ov_opacity=0..100, ov_layer.
+  const PARTS = { heat: "heat", pred: "pred", true: "truth" };
+  function query() {
+    if (!O.on) return "";
+    const off = Object.keys(PARTS).filter((p) => !O[PARTS[p]]);
+    return q(Object.assign({ overlay: 1 }, off.length ? { ov_off: off.join(",") } : {},
+      O.opacity !== 0.5 ? { ov_opacity: Math.round(O.opacity * 100) } : {},
+      O.layer ? { ov_layer: O.layer } : {})).replace(/%2C/g, ",");
+  }
+
+  function readURL() {
+    const p = new URLSearchParams(location.search);
+    O.on = p.get("overlay") === "1";
+    const off = (p.get("ov_off") || "").split(",");
+    for (const part of Object.keys(PARTS)) O[PARTS[part]] = !off.includes(part);
+    const op = parseInt(p.get("ov_opacity") || "50", 10);
+    O.opacity = Number.isFinite(op) ? Math.min(100, Math.max(0, op)) / 100 : 0.5;
+    O.layer = p.get("ov_layer") || "";
   }
 
   function control(id, label, type, attrs, onchange) {
@@ -157,25 +178,28 @@ const Overlay = (() => {
     if (!at) return;
     const opts = document.createElement("span");
     opts.id = "ov-opts";
-    opts.hidden = true;
+    opts.hidden = !O.on;
     opts.append(
-      control("ov-heat", "heat map", "checkbox", { checked: true }, (i) => { O.heat = i.checked; redraw(); }),
-      control("ov-pred", "predicted boxes", "checkbox", { checked: true }, (i) => { O.pred = i.checked; redraw(); }),
-      control("ov-true", "true boxes", "checkbox", { checked: true }, (i) => { O.truth = i.checked; redraw(); }),
-      control("ov-opacity", "opacity", "range", { min: 0, max: 100, value: 50 }, (i) => { O.opacity = i.value / 100; redraw(); }));
+      control("ov-heat", "heat map", "checkbox", { checked: O.heat }, (i) => { O.heat = i.checked; redraw(); }),
+      control("ov-pred", "predicted boxes", "checkbox", { checked: O.pred }, (i) => { O.pred = i.checked; redraw(); }),
+      control("ov-true", "true boxes", "checkbox", { checked: O.truth }, (i) => { O.truth = i.checked; redraw(); }),
+      control("ov-opacity", "opacity", "range", { min: 0, max: 100, value: Math.round(O.opacity * 100) },
+        (i) => { O.opacity = i.value / 100; redraw(); }));
     const layer = control("ov-layer", "layer", "select", {}, (i) => { O.layer = i.value; redraw(); });
     layer.id = "ov-layer-wrap";
     layer.hidden = true;
     opts.append(layer);
     const span = document.createElement("span");
     span.id = "overlay-ctl";
-    span.append(control("ov-on", "overlay view", "checkbox", {}, (i) => {
+    span.append(control("ov-on", "overlay view", "checkbox", { checked: O.on }, (i) => {
       O.on = i.checked; opts.hidden = !O.on;
       if (typeof render === "function") render();
+      if (typeof writeURL === "function") writeURL();
     }), " ", opts);
     at.append(document.createElement("br"), span);
   }
+  readURL();
   controls();
 
-  return { get on() { return O.on; }, state: O, panel, redraw };
+  return { get on() { return O.on; }, state: O, panel, query, redraw };
 })();
