@@ -59,6 +59,10 @@ TABLE_CARD_COLUMN = "card"
 #: Detectors only (boxes as preds / labels): boxes predicted and true per image, after
 #: ``correct`` (``label`` and ``prediction`` then read "3 boxes").
 TABLE_BOX_COLUMNS = ("n_boxes", "n_true_boxes")
+#: Segmenters only (per-pixel preds / labels): the mean IoU of the predicted and true masks
+#: (``samples.mask_iou``) and the class names in the true mask (a list), after ``correct``
+#: (``label`` and ``prediction`` then name the classes present, joined).
+TABLE_MASK_COLUMNS = ("iou", "classes")
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-]")
 

@@ -349,8 +349,12 @@ class EigenCAMMonitor:
         self._log_cropped(cap.key, inputs, grid, labels_k, to_numpy(preds, k), canvas,
                           boxes=boxes_k, masks=masks_k)
         if cap.room is not None:
-            cap.room -= k
-            self._remember_pinned(cap.key, inputs, labels_k, as_list, boxes_k, masks_k)
+            # The rows the logger kept: none when it could not take the batch (it warned),
+            # whose inputs are then never pinned nor re-run every epoch.
+            room = self._logger.room(*cap.key)
+            kept, cap.room = cap.room - (room or 0), room
+            if kept > 0:
+                self._remember_pinned(cap.key, inputs, labels_k, as_list, boxes_k, masks_k)
 
     def epoch_end(self, epoch: int, *, mode: Optional[str] = None) -> None:
         """Log every (mode, ds_id) seen since the last call as MLflow step ``epoch``.
