@@ -272,8 +272,10 @@ class EigenCAMLogger:
         Args:
             images: (B, C, H, W) or (B, H, W, C) (or (B, H, W) grayscale); uint8 or float.
             activations: (B, C, h, w), or (B, h, w, C) with ``channels_last=True``.
-            labels: (B,) class indices or strings, or (B, K) one-hot / probabilities.
-            preds: (B,) indices or (B, K) logits / probabilities (argmax is taken).
+            labels: (B,) class indices or strings, or (B, K) one-hot / probabilities, or
+                (B, H, W) masks of the images' size (``samples.segmentation_masks``).
+            preds: (B,) indices or (B, K) logits / probabilities (argmax is taken), or
+                per-pixel (B, K, H, W) / (B, H, W, K) scores or (B, H, W) masks.
             mode: "train", "eval", "test" or "infer".
             ds_id: Dataset id, or None.
             map_extent: ``(fy, fx)``: the images cover only these fractions of the map's

@@ -157,7 +157,7 @@ def segmentation_masks(x: Any, image_hw: tuple[int, int], *, name: str = "values
         raise TypeError(f"per-pixel {name} must be numbers, got dtype {x.dtype}")
     if scores is not None and scores.shape[1] > 1:
         return np.argmax(scores, axis=1).astype(np.int32)  # every pixel gets a class
-    values = x[:, 0] if scores is not None else x
+    values = scores[:, 0] if scores is not None else x
     if values.dtype.kind == "f":
         finite = values[np.isfinite(values)]
         if finite.size and not np.all(finite == np.round(finite)):

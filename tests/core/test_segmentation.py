@@ -54,6 +54,7 @@ def test_segmentation_masks_reads_logits_masks_channels_last_and_ignores():
     binary = segmentation_masks(np.full((1, 1, H, W), 0.7, np.float32), (H, W))
     assert (binary == 1).all()  # one channel of probabilities: class 1 above 0.5
     assert (segmentation_masks(np.full((1, H, W), -2.5), (H, W)) == 0).all()  # a logit
+    np.testing.assert_array_equal(segmentation_masks(true[..., None], (H, W)), labels)  # (B, H, W, 1)
     assert segmentation_masks(true, (W, H)) is None  # not the images' size: not per-pixel
     assert segmentation_masks(np.zeros((2, 3)), (H, W)) is None
 

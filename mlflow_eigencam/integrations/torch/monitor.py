@@ -298,8 +298,10 @@ class EigenCAMMonitor:
             images: The model's input, float ``(B, C, H, W)`` (or ``(B, H, W)``) tensor, or
                 a list of same-size ``(C, H, W)`` images (a torchvision detector; its map is
                 then cropped to the cells over each resized image, not its padding).
-            labels: Class indices ``(B,)``, one-hot / probabilities ``(B, K)``, strings, or None.
-            preds: The model's output for the batch (logits ``(B, K)``...), or None.
+            labels: Class indices ``(B,)``, one-hot / probabilities ``(B, K)``, strings,
+                masks ``(B, H, W)`` (a segmenter's, docs/models.md), or None.
+            preds: The model's output for the batch (logits ``(B, K)``, per-pixel
+                ``(B, K, H, W)``, a dict read as its ``"out"`` / ``"logits"``...), or None.
             boxes: True regions of classification data, for ``localization`` /
                 ``pointing_game`` (docs/signals.md): B entries of ``(n, 4)`` ``x1, y1, x2,
                 y2`` pixels of ``images``, or None. Pinned with the samples.
@@ -722,6 +724,9 @@ class EigenCAMMonitor:
                 or getattr(self._logger, "n_samples", None) is None):  # streaming: every sample
             return None
         try:
+            if clean is not None and clean.ndim != 2:
+                self._fractions = None  # not class scores (a segmenter's): never pay it again
+                return None
             x = images.float().numpy()
             with _lapack_threads(0):  # the logger's map: PC1 of the same activations
                 maps = eigencam(grid.float().cpu().numpy(), 1).maps
@@ -738,7 +743,8 @@ class EigenCAMMonitor:
                     out = first_tensor(self._model(batch.to(device=device, dtype=images.dtype)))
             finally:
                 self._scoring = False
-            if out is None:
+            if out is None or out.ndim != 2:
+                self._fractions = None  # not class scores (a segmenter's): never pay it again
                 return None
             if reuse:
                 assert clean is not None
