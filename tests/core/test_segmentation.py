@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mlflow_eigencam import EigenCAMLogger
+from mlflow_eigencam._reader import Reader
 from mlflow_eigencam.errors import EigenCAMWarning
 from mlflow_eigencam.render import (
     TRUTH_MASK_COLOUR,
@@ -180,3 +181,19 @@ def test_logger_keeps_nothing_of_a_batch_whose_masks_are_the_wrong_size(tracking
                             mode="eval", ds_id="val", masks=np.zeros((2, 5, 5)))
     assert logger.room("eval", "val") == 2
     logger.close()
+
+
+def test_streaming_every_sample_keeps_iou_and_classes_in_the_table(tracking_uri):
+    true, logits = _masks()
+    images = np.zeros((2, 3, H, W), np.float32)
+    acts = np.random.default_rng(1).uniform(0, 1, size=(2, 4, 4, 6)).astype(np.float32)
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        logger = EigenCAMLogger(n_samples=None, label_mapping=NAMES, strict=True)
+        logger.on_batch_end(images, acts, true, logits, mode="eval", ds_id="val")
+        logger.on_epoch_end(0)
+        assert logger.flush(timeout=60)
+        logger.close()
+    rows = Reader(client=client).table(run.info.run_id, "eval", "val").rows
+    assert [(r["classes"], r["iou"] is not None) for r in rows] == [
+        (["background", "square"], True), (["background", "circle"], True)]
