@@ -65,6 +65,10 @@ TABLE_BOX_COLUMNS = ("n_boxes", "n_true_boxes")
 #: detectors, ``"pred": [[x1, y1, x2, y2, name, score], ...]`` and ``"true": [[x1, y1, x2,
 #: y2, name], ...]`` in input pixels. Absent in rows logged before it (the card is shown).
 TABLE_OVERLAY_COLUMN = "overlay"
+#: Segmenters only (per-pixel preds / labels): the mean IoU of the predicted and true masks
+#: (``samples.mask_iou``) and the class names in the true mask (a list), after ``correct``
+#: (``label`` and ``prediction`` then name the classes present, joined).
+TABLE_MASK_COLUMNS = ("iou", "classes")
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-]")
 

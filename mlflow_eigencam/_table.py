@@ -53,7 +53,8 @@ def row(epoch: int, sample: Any, evr: np.ndarray, path: str,
 
     Args:
         epoch: The logged epoch (the step); -1 while a streamed epoch is in progress.
-        sample: Its ``index``, ``sample_id``, ``label``, ``pred``, ``correct`` and boxes.
+        sample: Its ``index``, ``sample_id``, ``label``, ``pred``, ``correct``, boxes and
+            masks (``iou``).
         evr: (k,) float explained-variance ratios.
         path: The card's artifact path, or ``""`` when it was not rendered (streaming).
         change: ``map_change`` against the previous logged epoch, None at the first.
@@ -74,6 +75,11 @@ def row(epoch: int, sample: Any, evr: np.ndarray, path: str,
     if sample.pred_boxes is not None or sample.label_boxes is not None:  # a detector's
         for column, boxes in zip(_layout.TABLE_BOX_COLUMNS, (sample.pred_boxes, sample.label_boxes)):
             r[column] = None if boxes is None else len(boxes)
+    true_mask = getattr(sample, "label_mask", None)
+    if getattr(sample, "pred_mask", None) is not None or true_mask is not None:  # a segmenter's
+        iou_column, classes_column = _layout.TABLE_MASK_COLUMNS
+        r[iou_column] = None if sample.iou is None else round(float(sample.iou), 6)
+        r[classes_column] = None if true_mask is None else list(true_mask.names.values())
     if overlay is not None:
         r[_layout.TABLE_OVERLAY_COLUMN] = overlay
     if card is not None:
@@ -92,6 +98,8 @@ def to_json(rows: List[dict]) -> bytes:
         [_layout.TABLE_CARD_COLUMN, _layout.TABLE_IMAGE_COLUMN]
     if any(_layout.TABLE_BOX_COLUMNS[0] in r for r in rows):  # a detector's table
         columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_BOX_COLUMNS
+    if any(_layout.TABLE_MASK_COLUMNS[0] in r for r in rows):  # a segmenter's table
+        columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_MASK_COLUMNS
     return dumps({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]})
 
 

@@ -33,7 +33,8 @@ from .eigencam import _check_n_components, _lapack_threads, eigencam
 from .errors import EigenCAMWarning, WarnOnce
 from .filters import ds_id_filter, mode_filter
 from .metrics import Localization, MapChange, SampleMean, true_region, upsample
-from .render import PNGBand, card_geometry, render_card, render_detection_card, resolve_colormap
+from .render import (PNGBand, card_geometry, render_card, render_detection_card,
+                     render_segmentation_card, resolve_colormap)
 from .samples import Sample, SampleBuffer
 from .sink import DEFAULT_SPOOL_MAX_BYTES, MlflowSink, Undelivered
 
@@ -274,8 +275,10 @@ class EigenCAMLogger:
         Args:
             images: (B, C, H, W) or (B, H, W, C) (or (B, H, W) grayscale); uint8 or float.
             activations: (B, C, h, w), or (B, h, w, C) with ``channels_last=True``.
-            labels: (B,) class indices or strings, or (B, K) one-hot / probabilities.
-            preds: (B,) indices or (B, K) logits / probabilities (argmax is taken).
+            labels: (B,) class indices or strings, or (B, K) one-hot / probabilities, or
+                (B, H, W) masks of the images' size (``samples.segmentation_masks``).
+            preds: (B,) indices or (B, K) logits / probabilities (argmax is taken), or
+                per-pixel (B, K, H, W) / (B, H, W, K) scores or (B, H, W) masks.
             mode: "train", "eval", "test" or "infer".
             ds_id: Dataset id, or None.
             map_extent: ``(fy, fx)``: the images cover only these fractions of the map's
@@ -315,10 +318,16 @@ class EigenCAMLogger:
         else:
             added = self._buffer.add(mode, ds_id, images, activations, labels, preds, **kwargs,
                                      map_extent=map_extent)
-            if extras:  # the kept samples are the batch's first rows
+            try:
+                converted = [_extra(extras[row], row, s.image.shape[:2])
+                             for row, s in enumerate(added)] if extras else []
+            except Exception:
+                self._buffer.retract(mode, ds_id, added)  # a batch is kept whole or not at all
+                raise
+            if converted:  # the kept samples are the batch's first rows
                 kept = self._extras.setdefault((mode, ds_id), {})
-                for row, s in enumerate(added):
-                    kept[s.index] = _extra(extras[row], row, s.image.shape[:2])
+                for s, extra in zip(added, converted):
+                    kept[s.index] = extra
 
     def _clamp_components(self, activations: Any) -> None:
         """A layer with fewer channels than ``n_components`` (an int): use them all, once
@@ -533,6 +542,8 @@ class EigenCAMLogger:
         boxes, mask, score = extra if extra is not None else (None, None, None)
         if boxes is None and s.label_boxes is not None:
             boxes = s.label_boxes.boxes  # a detector's true boxes
+        if mask is None and s.label_mask is not None:
+            mask = s.label_mask.foreground()  # a segmenter's true mask, background left out
         if boxes is not None or mask is not None:
             h, w = s.image.shape[:2]
             region = true_region(h, w, boxes, mask)
@@ -556,6 +567,11 @@ class EigenCAMLogger:
                 explained_variance=evr, label=s.label, pred=s.pred, correct=s.correct,
                 sample_id=s.sample_id, colormap=self.colormap, alpha=self.alpha,
                 map_extent=s.map_extent)
+        if s.pred_mask is not None or s.label_mask is not None:  # a segmenter's masks
+            return render_segmentation_card(
+                s.image, maps, pred_mask=s.pred_mask, true_mask=s.label_mask, iou=s.iou,
+                explained_variance=evr, label=s.label, pred=s.pred, sample_id=s.sample_id,
+                colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent)
         return render_card(s.image, maps, explained_variance=evr, label=s.label, pred=s.pred,
                            correct=s.correct, sample_id=s.sample_id,
                            colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent)

@@ -16,7 +16,14 @@ Labels and predictions become one display string per sample (see ``class_values`
 * detections (a list of one dict per image with ``"boxes"`` ``(n, 4)`` xyxy pixels and
   optionally ``"labels"`` ``(n,)`` and ``"scores"`` ``(n,)``, torchvision's detector output
   and targets) -> the text ``"3 boxes"``, the boxes themselves kept per sample as
-  :class:`Boxes` (label names through ``label_mapping``).
+  :class:`Boxes` (label names through ``label_mapping``);
+* per-pixel classes (semantic segmentation), recognised by their size, the images' ``(H, W)``:
+  scores or logits ``(B, K, H, W)`` (or channels-last ``(B, H, W, K)``; argmax over K, one
+  channel read as a binary score), or masks ``(B, H, W)`` of class indices (pixels of
+  ``IGNORE_INDEX`` = 255 or below 0 are ignored; floats in [0, 1] that are not all 0 / 1 read
+  as binary probabilities, class 1 above 0.5) -> the class names present, joined
+  (``"background, cat"``), the mask kept per sample as :class:`Mask`, and the mean IoU of the
+  predicted and true masks (:func:`mask_iou`).
 
 ``label_mapping`` turns class indices into names: ``{name: index}`` (the reference's form),
 ``{index: name}`` (detected when every key is an int and every value a string) or a
@@ -40,7 +47,8 @@ import numpy as np
 
 from mlflow_eigencam.images import to_rgb_uint8
 
-__all__ = ["Boxes", "Sample", "SampleBuffer", "class_values", "is_detections", "sample_id"]
+__all__ = ["BACKGROUND_CLASS", "IGNORE_INDEX", "Boxes", "Mask", "Sample", "SampleBuffer", "class_values",
+           "is_detections", "mask_iou", "sample_id", "segmentation_masks"]
 
 ClassValue = Union[int, str, None]
 LabelMapping = Union[Mapping[Any, Any], Sequence[str], None]
@@ -62,6 +70,103 @@ class Boxes:
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
+
+
+#: A true mask's pixels of this class (or below 0) are not scored: the void / border label of
+#: VOC-style masks. Never a predicted class (an argmax is kept as it is).
+IGNORE_INDEX = 255
+#: The class that is not the object: ``localization`` scores the map on a true mask's other
+#: classes (its foreground).
+BACKGROUND_CLASS = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Mask:
+    """The per-pixel classes of one image (a segmenter's prediction or its ground truth).
+
+    Attributes:
+        classes: ``(H, W)`` int32 class index per pixel, -1 where ignored.
+        names: ``{class index: display name}`` of the classes present (``label_mapping``
+            applied), in class order.
+    """
+
+    classes: np.ndarray
+    names: Mapping[int, str]
+
+    def foreground(self) -> np.ndarray:
+        """``(H, W)`` bool: the pixels of a class other than background and not ignored."""
+        return (self.classes != BACKGROUND_CLASS) & (self.classes >= 0)
+
+    def text(self) -> str:
+        """The names of the classes present, joined: what captions and the table show."""
+        return ", ".join(self.names.values())
+
+
+def mask_iou(pred: np.ndarray, true: np.ndarray) -> Optional[float]:
+    """Mean IoU of two ``(H, W)`` class masks over the classes present in either, on the
+    pixels the true mask does not ignore (-1 in either is left out).
+
+    Returns:
+        A float in [0, 1], or None when no pixel is left.
+    """
+    valid = (true >= 0) & (pred >= 0)
+    p, t = pred[valid], true[valid]
+    if p.size == 0:
+        return None
+    ious = []
+    for c in np.union1d(np.unique(p), np.unique(t)):
+        inter = np.count_nonzero((p == c) & (t == c))
+        union = np.count_nonzero((p == c) | (t == c))
+        ious.append(inter / union)
+    return float(np.mean(ious))
+
+
+def segmentation_masks(x: Any, image_hw: tuple[int, int], *, name: str = "values") -> Optional[np.ndarray]:
+    """Per-pixel classes ``(B, H, W)`` int32 (-1 where ignored) from labels / predictions
+    whose size is the images' ``(H, W)``; None for anything else (per-sample classes).
+
+    Args:
+        x: ``(B, K, H, W)`` / ``(B, H, W, K)`` scores (argmax over K; K = 1 is a binary
+            score, see below), or ``(B, H, W)`` values: integers are class indices
+            (``IGNORE_INDEX`` and negatives ignored); floats whose values are all integral
+            are read as integers, other floats as a binary probability (class 1 above 0.5)
+            when all lie in [0, 1], else as a binary logit (class 1 above 0). A list of
+            same-size arrays counts as their stack.
+        image_hw: The images' ``(H, W)``.
+        name: Used in error messages.
+
+    Raises:
+        TypeError: Per-pixel values that are not numbers (named).
+    """
+    if isinstance(x, (list, tuple)) and x and all(isinstance(v, np.ndarray) and v.ndim >= 2 for v in x):
+        if len({v.shape for v in x}) != 1:
+            return None
+        x = np.stack(x)
+    if not isinstance(x, np.ndarray) or x.ndim not in (3, 4):
+        return None
+    hw = tuple(int(v) for v in image_hw)
+    if x.ndim == 4 and tuple(x.shape[2:]) == hw:
+        scores: Optional[np.ndarray] = x  # (B, K, H, W)
+    elif x.ndim == 4 and tuple(x.shape[1:3]) == hw:
+        scores = np.moveaxis(x, -1, 1)  # channels-last (B, H, W, K), a Keras segmenter's
+    elif x.ndim == 3 and tuple(x.shape[1:]) == hw:
+        scores = None
+    else:
+        return None
+    if x.dtype.kind not in "buif":
+        raise TypeError(f"per-pixel {name} must be numbers, got dtype {x.dtype}")
+    if scores is not None and scores.shape[1] > 1:
+        return np.argmax(scores, axis=1).astype(np.int32)  # every pixel gets a class
+    values = scores[:, 0] if scores is not None else x
+    if values.dtype.kind == "f":
+        finite = values[np.isfinite(values)]
+        if finite.size and not np.all(finite == np.round(finite)):
+            lo, hi = float(finite.min()), float(finite.max())
+            cut = 0.5 if lo >= 0.0 and hi <= 1.0 else 0.0  # a probability, else a logit
+            return (values > cut).astype(np.int32)
+        values = np.where(np.isfinite(values), values, -1)
+    out = values.astype(np.int64)
+    return np.where((out < 0) | (out == IGNORE_INDEX), -1, out).astype(np.int32)
 
 
 def count_text(n: int) -> str:
@@ -90,6 +195,10 @@ class Sample:
         pred_boxes: The predicted :class:`Boxes` when ``preds`` were detections, else None
             (then ``pred`` is ``"3 boxes"``).
         label_boxes: The ground-truth :class:`Boxes` when ``labels`` were detections.
+        pred_mask: The predicted :class:`Mask` when ``preds`` were per-pixel (then ``pred``
+            names the classes present).
+        label_mask: The true :class:`Mask` when ``labels`` were per-pixel.
+        iou: :func:`mask_iou` of the two masks, None unless both are there.
     """
 
     index: int
@@ -102,6 +211,9 @@ class Sample:
     pred_boxes: Optional[Boxes] = field(default=None, repr=False)
     label_boxes: Optional[Boxes] = field(default=None, repr=False)
     map_extent: Optional[tuple[float, float]] = None  # see render.overlay (detectors)
+    pred_mask: Optional[Mask] = field(default=None, repr=False)
+    label_mask: Optional[Mask] = field(default=None, repr=False)
+    iou: Optional[float] = None
 
 
 def sample_id(image_uint8: np.ndarray) -> str:
@@ -172,7 +284,7 @@ def class_values(x: Any, batch_size: int, *, name: str = "values") -> list[Class
 
     Raises:
         ValueError: The length differs from ``batch_size``, or more than one value per
-            sample remains after the argmax (e.g. a segmentation mask).
+            sample remains after the argmax (per-pixel values: see ``segmentation_masks``).
     """
     if x is None:
         return [None] * batch_size
@@ -351,8 +463,9 @@ class SampleBuffer:
                 ``image_layout`` (``None`` detects per image).
             activations_nchw: ``(B, C, h, w)``, or ``(B, h, w, C)`` with
                 ``channels_last=True``; stored as float32 ``(C, h, w)``.
-            labels: See ``class_values``; ``None`` when absent.
-            preds: See ``class_values``; ``None`` when absent.
+            labels: See ``class_values``, detections or per-pixel classes (module
+                docstring); ``None`` when absent.
+            preds: As ``labels``.
             image_layout: Layout of each image in ``images_hwc_uint8``: ``"HWC"``,
                 ``"CHW"`` or ``None`` to detect.
             channels_last: Whether the activations are NHWC.
@@ -397,17 +510,20 @@ class SampleBuffer:
                 if not kept:
                     del self._kept[(mode, ds_id)]
                 return []
-            label_boxes = self._boxes(labels, n, "labels")
-            pred_boxes = self._boxes(preds, n, "preds")
-            label_values = (class_values(_head(labels, n), n, name="labels")
-                            if label_boxes is None else [count_text(len(b)) for b in label_boxes])
-            pred_values = (class_values(_head(preds, n), n, name="preds")
-                           if pred_boxes is None else [count_text(len(b)) for b in pred_boxes])
+            # Everything is converted before anything is kept: a batch that fails leaves
+            # nothing behind (its inputs are never shown, nor pinned by an integration).
             already_hwc = isinstance(image_layout, str) and image_layout.upper() == "HWC"
             if images.ndim == 4 and images.dtype == np.uint8 and images.shape[-1] == 3 and already_hwc:
                 new_images = [np.array(images[i], order="C", copy=True) for i in range(n)]
             else:
                 new_images = [to_rgb_uint8(images[i], image_layout if images.ndim == 4 else None) for i in range(n)]
+            image_hw = new_images[0].shape[:2]  # per-pixel labels / preds are of this size
+            label_boxes = self._boxes(labels, n, "labels")
+            pred_boxes = self._boxes(preds, n, "preds")
+            label_masks = None if label_boxes is not None else self._masks(labels, n, image_hw, "labels")
+            pred_masks = None if pred_boxes is not None else self._masks(preds, n, image_hw, "preds")
+            label_values = _values(labels, n, label_boxes, label_masks, image_hw, "labels")
+            pred_values = _values(preds, n, pred_boxes, pred_masks, image_hw, "preds")
             head = acts[:n]
             if channels_last:
                 head = np.moveaxis(head, -1, 1)
@@ -416,16 +532,22 @@ class SampleBuffer:
             added: list[Sample] = []
             for i in range(n):
                 lv, pv = label_values[i], pred_values[i]
-                # With boxes the values are already count texts ("2 boxes").
-                label = str(lv) if label_boxes is not None else self._display(lv)
-                pred = str(pv) if pred_boxes is not None else self._display(pv)
+                label_mask = None if label_masks is None else label_masks[i]
+                pred_mask = None if pred_masks is None else pred_masks[i]
+                # Boxes and masks come as their texts already ("2 boxes", "background, cat").
+                label = str(lv) if label_boxes is not None or label_mask is not None else self._display(lv)
+                pred = str(pv) if pred_boxes is not None or pred_mask is not None else self._display(pv)
                 correct: Optional[bool] = None
-                if label_boxes is not None or pred_boxes is not None:
-                    pass  # boxes have no single right answer: no mark
+                if (label_boxes is not None or pred_boxes is not None or label_mask is not None
+                        or pred_mask is not None):
+                    pass  # boxes and masks have no single right answer: no mark
                 elif label is not None and pred is not None:
                     # Same kind (index vs index, text vs text): compare values; otherwise
                     # compare display names, so a text label matches a mapped index.
                     correct = bool(lv == pv) if type(lv) is type(pv) else label == pred
+                iou = None
+                if label_mask is not None and pred_mask is not None:
+                    iou = mask_iou(pred_mask.classes, label_mask.classes)
                 sample = Sample(
                     index=len(kept),
                     image=new_images[i],
@@ -437,11 +559,42 @@ class SampleBuffer:
                     pred_boxes=None if pred_boxes is None else pred_boxes[i],
                     label_boxes=None if label_boxes is None else label_boxes[i],
                     map_extent=map_extent,
+                    pred_mask=pred_mask,
+                    label_mask=label_mask,
+                    iou=iou,
                 )
                 kept.append(sample)
                 added.append(sample)
             return added
 
+    def retract(self, mode: str, ds_id: Optional[str], samples: Sequence[Sample]) -> None:
+        """Take back samples :meth:`add` just kept (a later step of their batch failed), so
+        that a batch is kept whole or not at all."""
+        with self._lock:
+            kept = self._kept.get((mode, ds_id))
+            if kept is None:
+                return
+            drop = {id(s) for s in samples}
+            kept[:] = [s for s in kept if id(s) not in drop]
+            for i, s in enumerate(kept):
+                s.index = i
+            if not kept:
+                del self._kept[(mode, ds_id)]
+
+    def _masks(self, x: Any, n: int, image_hw: tuple[int, int], name: str) -> Optional[list]:
+        """The first ``n`` per-pixel labels / preds of ``x`` as :class:`Mask` (None if ``x``
+        is not per-pixel: see :func:`segmentation_masks`)."""
+        if x is None:
+            return None
+        arr = segmentation_masks(_head(x, n), image_hw, name=name)
+        if arr is None:
+            return None
+        out = []
+        for classes in arr:
+            present = [int(c) for c in np.unique(classes) if c >= 0]
+            out.append(Mask(np.array(classes, dtype=np.int32, order="C", copy=True),
+                            {c: self._display(c) or str(c) for c in present}))
+        return out
 
     def _boxes(self, x: Any, n: int, name: str) -> Optional[list]:
         """The first ``n`` detections of ``x`` as :class:`Boxes` (None if ``x`` is not boxes)."""
@@ -469,6 +622,24 @@ class SampleBuffer:
                     raise ValueError(f"{name}[{i}] has {count} boxes but {scores.shape[0]} scores")
             out.append(Boxes(boxes, names, scores))
         return out
+
+
+def _values(x: Any, n: int, boxes: Optional[list], masks: Optional[list],
+            image_hw: tuple[int, int], name: str) -> list:
+    """Per-sample values of the first ``n`` labels / preds: box counts, mask class names, or
+    :func:`class_values`, whose error names the images' size for per-pixel values."""
+    if boxes is not None:
+        return [count_text(len(b)) for b in boxes]
+    if masks is not None:
+        return [m.text() for m in masks]
+    try:
+        return class_values(_head(x, n), n, name=name)
+    except ValueError as exc:
+        if isinstance(x, (list, tuple)) or np.ndim(x) < 3:
+            raise
+        raise ValueError(f"{exc}; per-pixel {name} must be of the images' size (H, W) = "
+                         f"{tuple(int(v) for v in image_hw)}: masks (B, H, W), scores "
+                         f"(B, K, H, W) or (B, H, W, K)") from None
 
 
 def _head(x: Any, n: int) -> Any:

@@ -231,7 +231,7 @@ def test_bad_label_mapping():
 def test_sample_is_a_dataclass_with_the_contract_fields():
     assert list(Sample.__dataclass_fields__) == [
         "index", "image", "activations", "label", "pred", "correct", "sample_id",
-        "pred_boxes", "label_boxes", "map_extent",
+        "pred_boxes", "label_boxes", "map_extent", "pred_mask", "label_mask", "iou",
     ]
 
 

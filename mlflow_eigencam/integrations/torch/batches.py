@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence, Tuple
 import numpy as np
 import torch
 
+from ._model import first_tensor
 from .detection import detections
 
 __all__ = ["BatchToXY", "default_batch_to_xy", "image_list", "images_as_batch", "to_numpy"]
@@ -100,7 +101,8 @@ def _stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def to_numpy(x: Any, k: int) -> Any:
     """First ``k`` rows of labels / preds as numpy (tensors detached, half precision to
-    float32, then to the CPU); a detector's list of dicts item by item; lists sliced."""
+    float32, then to the CPU); a model's dict output by its ``"logits"`` / ``"out"``
+    tensor (``_model.first_tensor``); a detector's list of dicts item by item; lists sliced."""
     if x is None:
         return None
     if isinstance(x, torch.Tensor):
@@ -110,6 +112,10 @@ def to_numpy(x: Any, k: int) -> Any:
         return x.cpu().numpy()
     if isinstance(x, np.ndarray):
         return x[:k]
+    if isinstance(x, Mapping):
+        # A model's dict output (torchvision segmenters' {"out", "aux"}): its main tensor.
+        tensor = first_tensor(x)
+        return x if tensor is None else to_numpy(tensor, k)
     boxes = detections(x)
     if boxes is not None:
         # Detector output / targets: one dict per image; tensors to CPU numpy.

@@ -298,8 +298,10 @@ class EigenCAMMonitor:
             images: The model's input, float ``(B, C, H, W)`` (or ``(B, H, W)``) tensor, or
                 a list of same-size ``(C, H, W)`` images (a torchvision detector; its map is
                 then cropped to the cells over each resized image, not its padding).
-            labels: Class indices ``(B,)``, one-hot / probabilities ``(B, K)``, strings, or None.
-            preds: The model's output for the batch (logits ``(B, K)``...), or None.
+            labels: Class indices ``(B,)``, one-hot / probabilities ``(B, K)``, strings,
+                masks ``(B, H, W)`` (a segmenter's, docs/models.md), or None.
+            preds: The model's output for the batch (logits ``(B, K)``, per-pixel
+                ``(B, K, H, W)``, a dict read as its ``"out"`` / ``"logits"``...), or None.
             boxes: True regions of classification data, for ``localization`` /
                 ``pointing_game`` (docs/signals.md): B entries of ``(n, 4)`` ``x1, y1, x2,
                 y2`` pixels of ``images``, or None. Pinned with the samples.
@@ -349,8 +351,12 @@ class EigenCAMMonitor:
         self._log_cropped(cap.key, inputs, grid, labels_k, to_numpy(preds, k), canvas,
                           boxes=boxes_k, masks=masks_k)
         if cap.room is not None:
-            cap.room -= k
-            self._remember_pinned(cap.key, inputs, labels_k, as_list, boxes_k, masks_k)
+            # The rows the logger kept: none when it could not take the batch (it warned),
+            # whose inputs are then never pinned nor re-run every epoch.
+            room = self._logger.room(*cap.key)
+            kept, cap.room = cap.room - (room or 0), room
+            if kept > 0:
+                self._remember_pinned(cap.key, inputs, labels_k, as_list, boxes_k, masks_k)
 
     def epoch_end(self, epoch: int, *, mode: Optional[str] = None) -> None:
         """Log every (mode, ds_id) seen since the last call as MLflow step ``epoch``.
@@ -718,6 +724,9 @@ class EigenCAMMonitor:
                 or getattr(self._logger, "n_samples", None) is None):  # streaming: every sample
             return None
         try:
+            if clean is not None and clean.ndim != 2:
+                self._fractions = None  # not class scores (a segmenter's): never pay it again
+                return None
             x = images.float().numpy()
             with _lapack_threads(0):  # the logger's map: PC1 of the same activations
                 maps = eigencam(grid.float().cpu().numpy(), 1).maps
@@ -734,7 +743,8 @@ class EigenCAMMonitor:
                     out = first_tensor(self._model(batch.to(device=device, dtype=images.dtype)))
             finally:
                 self._scoring = False
-            if out is None:
+            if out is None or out.ndim != 2:
+                self._fractions = None  # not class scores (a segmenter's): never pay it again
                 return None
             if reuse:
                 assert clean is not None
