@@ -32,7 +32,9 @@ def blob_batch(seed: int, n: int = 4):
 def main() -> None:
     uri, run_id, first, n, seconds, close = sys.argv[1:7]
     ds_id = sys.argv[7] if len(sys.argv) > 7 else "val"
-    logger = EigenCAMLogger(n_samples=2, run_id=run_id, tracking_uri=uri, close_timeout=20)
+    # close() waits up to 120 s: on a loaded CI machine 20 s left the last epoch in the spool
+    # (kept, but not yet in the table the parent reads).
+    logger = EigenCAMLogger(n_samples=2, run_id=run_id, tracking_uri=uri, close_timeout=120)
     batches = [blob_batch(seed=b) for b in range(2)]
     print("READY", flush=True)
     for epoch in range(int(first), int(first) + int(n)):
