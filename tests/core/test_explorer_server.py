@@ -123,3 +123,26 @@ def test_a_run_the_user_may_not_read_is_never_listed_described_or_served(trackin
     status, body = _get(app, "/api/search", "q=")
     assert sorted(r["run_id"] for r in json.loads(body)["runs"]) == sorted([mine, secret])
     assert _get(app, "/api/image", f"run={secret}&{q}&kind=card")[0] == 200
+
+
+def test_signals_are_found_from_the_table_and_the_metric_keys(tracking_uri):
+    """/api/data names the table's signal columns and gives each row's values in that order;
+    /api/metrics gives the per-epoch series of the EigenCAM metrics no table column holds
+    (found by key, whatever their name), and the run's parameters come with its summary."""
+    from tests.helpers.explorer_runs import PROBE_METRIC, log_run
+
+    rid = log_run(tracking_uri, "signals", "s", 2, 3, signals=True)
+    app = Explorer(tracking_uri)
+    status, body = _get(app, "/api/data", f"runs={rid}&mode=eval&ds_id=val")
+    run = json.loads(body)["runs"][0]
+    assert run["signals"] == ["map_change", "localization", "pointing_game", "faithfulness"]
+    assert run["summary"]["params"] == {"quality": "1.0", "seed": "0"}
+    from mlflow_eigencam._reader import Reader
+
+    table = Reader(tracking_uri).table(rid, "eval", "val")
+    for got, row in zip(run["rows"], table.rows):
+        assert got["s"] == [row.get(n) for n in run["signals"]]
+    status, body = _get(app, "/api/metrics", f"runs={rid},{'f' * 32}&mode=eval&ds_id=val")
+    answer = json.loads(body)["runs"]
+    assert answer[0]["metrics"] == {PROBE_METRIC: [[0, 0.5], [1, pytest.approx(0.6)]]}
+    assert "error" in answer[1] and "metrics" not in answer[1]
