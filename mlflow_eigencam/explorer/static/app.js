@@ -84,7 +84,7 @@ function writeURL() {
   const st = Object.assign({}, S, { runs: S.runs.join(","), component: S.component === 1 ? "" : S.component,
     epochs: (DATA ? fanEpochs() : S.epochs).join(","), min: S.signal ? S.min : "", max: S.signal ? S.max : "" });
   const q = qs(Object.fromEntries(PARAMS.map((k) => [k, st[k]])));
-  const url = location.pathname + (q ? "?" + q.replace(/%2C/g, ",") : "");
+  const url = location.pathname + (q ? "?" + q.replace(/%2C/g, ",").replace(/%3A/g, ":") : "");
   if (url !== location.pathname + location.search) history.replaceState(null, "", url);
 }
 
