@@ -11,7 +11,9 @@ MLflow. Browser: see ``conftest.py`` (never ``playwright install``).
 
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
@@ -110,6 +112,19 @@ def _cell_epochs(page) -> List[tuple]:
     return [tuple(c) for c in page.eval_on_selector_all(
         "#grid tbody tr.sample:first-child td[data-state='logged'] img",
         "is => is.map(i => [i.closest('td').dataset.run, i.getAttribute('src').split('epoch=')[1].split('&')[0]])")]
+
+
+def _screenshot(page, name: str, tmp_path: Path) -> Path:
+    """The page's top as docs/images/<name> when MLFLOW_EIGENCAM_DOCS_SCREENSHOTS=1 (how the
+    docs' pictures are made), else in tmp_path (the same code runs either way)."""
+    root = Path(__file__).resolve().parents[2]
+    out = (root / "docs" / "images" if os.environ.get("MLFLOW_EIGENCAM_DOCS_SCREENSHOTS") == "1"
+           else tmp_path) / name
+    page.wait_for_function("() => [...document.querySelectorAll('#grid img')].slice(0, 24)"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    page.screenshot(path=str(out), full_page=False)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return out
 
 
 def _mean(values):
@@ -249,7 +264,7 @@ def test_the_run_header_shows_the_stable_epoch_and_an_alarm(world, page):
 # ----------------------------------------------------------------------------- deep links
 
 
-def test_a_deep_link_keeps_fanout_grouping_sort_and_signal_filter(world, page):
+def test_a_deep_link_keeps_fanout_grouping_sort_and_signal_filter(world, page, tmp_path):
     _open(page, world.page_url(runs=world.ids("a", "b", "c"), epoch=2))
     page.fill("#fanout", "0,2")
     page.press("#fanout", "Enter")
@@ -268,4 +283,7 @@ def test_a_deep_link_keeps_fanout_grouping_sort_and_signal_filter(world, page):
     assert fresh.input_value("#sort") == "localization:asc" and fresh.input_value("#signal") == "pointing_game"
     assert fresh.input_value("#signal-min") == "0.5"
     assert fresh.locator("#groups tbody tr").count() == 2
+    fresh.wait_for_selector("#charts svg[data-metric='probe']")
+    fresh.evaluate("() => { document.getElementById('picker').open = false; }")
+    _screenshot(fresh, "explorer_views.png", tmp_path)
     fresh.close()
