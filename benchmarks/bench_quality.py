@@ -9,7 +9,7 @@ Measured for each of a few seeds (data, weights and batch order; three by defaul
 training run each, on the same model and data within a run:
 
 * Pointing game on 500 held-out images: a hit when the argmax of the first-component map,
-  ReLU'd and upsampled to the image with ``cv2.resize(m, (W, H))`` (bilinear), lies inside
+  ReLU'd and upsampled to the image with ``images.resize_bilinear`` (OpenCV's ``INTER_LINEAR``), lies inside
   the object's box (strict: no tolerance margin). Two versions of the same map:
     - "sign rule": ``mlflow_eigencam.eigencam.eigencam`` (the package);
     - "raw SVD sign": the textbook per-sample algorithm as pytorch-grad-cam's
@@ -46,7 +46,6 @@ from pathlib import Path
 # BLAS thread than on two. Set before numpy loads OpenBLAS; an explicit setting wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +55,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from _shapes import SHAPES, _shape_mask  # noqa: E402  (the examples' shape drawing)
 
 from mlflow_eigencam.eigencam import eigencam  # noqa: E402
+from mlflow_eigencam.images import resize_bilinear  # noqa: E402
 
 #: Class names, indexed by label.
 CLASSES: tuple[str, ...] = SHAPES[:3]
@@ -153,7 +153,7 @@ def pointing(maps: np.ndarray, boxes: np.ndarray, noise_boxes: np.ndarray) -> tu
         r = np.maximum(m.astype(np.float32), 0.0)
         if not r.max() > 0:
             continue
-        up = cv2.resize(r, (WIDTH, HEIGHT), interpolation=cv2.INTER_LINEAR)  # dsize is (W, H)
+        up = resize_bilinear(r, HEIGHT, WIDTH)
         y, x = np.unravel_index(int(np.argmax(up)), up.shape)
         for out, (x0, y0, x1, y1) in ((hit, boxes[i]), (on_noise, noise_boxes[i])):
             out[i] = x0 <= x < x1 and y0 <= y < y1

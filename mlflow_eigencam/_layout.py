@@ -59,6 +59,12 @@ TABLE_CARD_COLUMN = "card"
 #: Detectors only (boxes as preds / labels): boxes predicted and true per image, after
 #: ``correct`` (``label`` and ``prediction`` then read "3 boxes").
 TABLE_BOX_COLUMNS = ("n_boxes", "n_true_boxes")
+#: What the explorer composites in the page (docs/explorer.md, "Overlays"), before ``card``:
+#: ``{"at": i, "layers": {layer: [k, h, w]}}`` (row ``i`` of the epoch's maps PNG, layer
+#: ``""`` the logger's one layer), plus ``"extent": [fy, fx]`` (``render.overlay``) and, for
+#: detectors, ``"pred": [[x1, y1, x2, y2, name, score], ...]`` and ``"true": [[x1, y1, x2,
+#: y2, name], ...]`` in input pixels. Absent in rows logged before it (the card is shown).
+TABLE_OVERLAY_COLUMN = "overlay"
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -147,6 +153,21 @@ def grid_path(mode: str, ds_id: str | None, epoch: int) -> str:
 def card_path(mode: str, ds_id: str | None, epoch: int, index: int) -> str:
     """Artifact path of one sample's strip PNG at one epoch (what the table points to)."""
     return f"{epoch_dir(mode, ds_id, epoch)}/sample_{index}.png"
+
+
+def input_path(mode: str, ds_id: str | None, sample_id: str) -> str:
+    """Artifact path of a kept sample's raw input, logged once per run:
+    ``eigencam/{mode}/{ds_id}/inputs/{sample_id}.png`` (RGB)."""
+    return f"{prefix(mode, ds_id)}/inputs/{safe_segment(sample_id)}.png"
+
+
+def overlay_maps_path(mode: str, ds_id: str | None, epoch: int, layer: str = "") -> str:
+    """Artifact path of an epoch's maps for the explorer's overlays:
+    ``epoch_{epoch:04d}/maps.png`` (``maps-{layer}.png`` for a named layer), one grayscale
+    (n * k * h, w) uint8 PNG: sample ``i``'s component ``c`` is rows ``(i * k + c) * h`` on,
+    quantised as ``_streaming.quantize_maps`` (ReLU, peak 255)."""
+    name = f"maps-{safe_segment(layer)}" if layer else "maps"
+    return f"{epoch_dir(mode, ds_id, epoch)}/{name}.png"
 
 
 def table_path(mode: str, ds_id: str | None) -> str:

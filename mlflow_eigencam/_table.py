@@ -39,14 +39,16 @@ import numpy as np
 
 from . import _layout
 
-__all__ = ["dumps", "loads", "merge", "part_paths", "read", "row", "to_json", "without_images"]
+__all__ = ["dumps", "loads", "merge", "overlay_cell", "part_paths", "read", "row", "to_json",
+           "without_images"]
 
 Key = Tuple[Any, ...]
 
 
 def row(epoch: int, sample: Any, evr: np.ndarray, path: str,
         change: Optional[float] = None, card: Optional[dict] = None,
-        signals: Optional[Dict[str, Optional[float]]] = None) -> dict:
+        signals: Optional[Dict[str, Optional[float]]] = None,
+        overlay: Optional[dict] = None) -> dict:
     """One table row ``{column: value}`` for a ``samples.Sample`` at ``epoch``.
 
     Args:
@@ -59,6 +61,8 @@ def row(epoch: int, sample: Any, evr: np.ndarray, path: str,
             readers crop its panels without guessing from pixels.
         signals: ``{name: value}`` of the sample's signals (``_layout.TABLE_SIGNAL_COLUMNS``;
             None: not scored); a column appears in the table when a row has it.
+        overlay: What the explorer composites (``_layout.TABLE_OVERLAY_COLUMN``), see
+            :func:`overlay_cell`.
     """
     r = {"epoch": epoch, "sample_index": int(sample.index), "sample_id": sample.sample_id,
          "label": sample.label, "prediction": sample.pred, "correct": sample.correct}
@@ -70,6 +74,8 @@ def row(epoch: int, sample: Any, evr: np.ndarray, path: str,
     if sample.pred_boxes is not None or sample.label_boxes is not None:  # a detector's
         for column, boxes in zip(_layout.TABLE_BOX_COLUMNS, (sample.pred_boxes, sample.label_boxes)):
             r[column] = None if boxes is None else len(boxes)
+    if overlay is not None:
+        r[_layout.TABLE_OVERLAY_COLUMN] = overlay
     if card is not None:
         r[_layout.TABLE_CARD_COLUMN] = card
     r[_layout.TABLE_IMAGE_COLUMN] = path
@@ -82,10 +88,38 @@ def to_json(rows: List[dict]) -> bytes:
     columns = list(_layout.TABLE_COLUMNS) + [f"evr_{c}" for c in range(1, k + 1)] + \
         [_layout.TABLE_MAP_CHANGE_COLUMN] + \
         [c for c in _layout.TABLE_SIGNAL_COLUMNS if any(c in r for r in rows)] + \
+        [c for c in (_layout.TABLE_OVERLAY_COLUMN,) if any(c in r for r in rows)] + \
         [_layout.TABLE_CARD_COLUMN, _layout.TABLE_IMAGE_COLUMN]
     if any(_layout.TABLE_BOX_COLUMNS[0] in r for r in rows):  # a detector's table
         columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_BOX_COLUMNS
     return dumps({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]})
+
+
+def overlay_cell(at: int, shape: Sequence[int], extent: Optional[Sequence[float]] = None,
+                 pred_boxes: Any = None, true_boxes: Any = None) -> dict:
+    """A row's ``overlay`` cell (``_layout.TABLE_OVERLAY_COLUMN``).
+
+    Args:
+        at: The sample's row in the epoch's maps PNG (``_layout.overlay_maps_path``).
+        shape: ``(k, h, w)`` of its maps (the layer's own grid).
+        extent: ``(fy, fx)`` of the map the image covers (detectors' padding), or None.
+        pred_boxes, true_boxes: ``samples.Boxes`` (or None): kept as ``[x1, y1, x2, y2,
+            name(, score)]`` lists in input pixels, 0.1 px apart.
+    """
+    cell: Dict[str, Any] = {"at": int(at), "layers": {"": [int(v) for v in shape]}}
+    if extent is not None:
+        cell["extent"] = [round(float(v), 6) for v in extent]
+    for name, boxes in (("pred", pred_boxes), ("true", true_boxes)):
+        if boxes is None:
+            continue
+        items = []
+        for j, xyxy in enumerate(np.asarray(boxes.boxes, dtype=np.float64).reshape(-1, 4)):
+            item: List[Any] = [round(float(v), 1) for v in xyxy] + [str(boxes.names[j])]
+            if name == "pred" and boxes.scores is not None:
+                item.append(round(float(boxes.scores[j]), 4))
+            items.append(item)
+        cell[name] = items
+    return cell
 
 
 def dumps(table: dict) -> bytes:
@@ -115,6 +149,10 @@ def without_images(raw: bytes) -> bytes:
         at = table["columns"].index(_layout.TABLE_IMAGE_COLUMN)
         for values in table["data"]:
             values[at] = ""
+    if _layout.TABLE_OVERLAY_COLUMN in table["columns"]:  # its PNGs were not kept either
+        at = table["columns"].index(_layout.TABLE_OVERLAY_COLUMN)
+        for values in table["data"]:
+            values[at] = None
     return dumps(table)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from . import _layout, _table
 from ._records import Encoded, Item
 from ._spool import default_spool_root
-from ._streaming import StreamEpoch
+from ._streaming import StreamEpoch, quantize_maps
 from .eigencam import _check_n_components, _lapack_threads, eigencam
 from .errors import EigenCAMWarning, WarnOnce
 from .filters import ds_id_filter, mode_filter
@@ -164,6 +164,9 @@ class EigenCAMLogger:
         self._stream_buffer = SampleBuffer(None, label_mapping)
         self._streams: Dict[Key, StreamEpoch] = {}
         self._stream_inputs: Dict[Key, Dict[str, str]] = {}  # run-wide: sample_id -> inputs file
+        # Capped mode: sample ids whose raw input (the explorer's overlays) was handed to the
+        # sink, per (mode, ds_id): each is logged once per run.
+        self._overlay_inputs: Dict[Key, Set[str]] = {}
         # Explanation drift per (mode, ds_id) (keeps the previous logged epoch's PC1 maps).
         self._map_change = MapChange()
         # Per-sample signals (docs/signals.md), and what batches brought for them: per key,
@@ -491,7 +494,16 @@ class EigenCAMLogger:
         files: Dict[str, Any] = {}
         cards, rows = [], []
         now = int(time.time() * 1000)
+        # For the explorer's overlays: the epoch's maps at their own resolution, uint8, in
+        # one grayscale PNG; each raw input once per run (docs/explorer.md, "Overlays").
+        q = quantize_maps(result.maps)
+        files[_layout.overlay_maps_path(mode, ds_id, epoch)] = Encoded(
+            q.reshape(-1, q.shape[-1]) if q.size else np.zeros((1, 1), np.uint8))
+        stored, new = self._overlay_inputs.setdefault(key, set()), set()
         for i, s in enumerate(samples):
+            if s.sample_id not in stored and s.sample_id not in new:
+                new.add(s.sample_id)
+                files[_layout.input_path(mode, ds_id, s.sample_id)] = Encoded(s.image)
             evr = result.explained_variance_ratio[i]
             band = PNGBand(self._card(s, result.maps[i], evr))
             # Encoded on the worker, which starts while the next strip is rendered; the one
@@ -503,10 +515,13 @@ class EigenCAMLogger:
             pc1 = result.maps[i, 0] if result.maps.shape[1] else None
             change = self._map_change.update(key, s.sample_id, pc1)
             signals = self._signals(key, s, pc1, extras.get(s.index))
+            overlay = _table.overlay_cell(i, q.shape[1:], s.map_extent, s.pred_boxes,
+                                          s.label_boxes)
             rows.append(_table.row(epoch, s, evr, path, change,
-                                   card_geometry(s.image.shape[:2], len(evr)), signals))
+                                   card_geometry(s.image.shape[:2], len(evr)), signals, overlay))
         self._finish_epoch(epoch, key, files, cards[: self.grid_max_rows],
                            result.explained_variance_ratio.sum(axis=0), len(samples), rows)
+        stored.update(new)  # with the sink now (a failed epoch logs its inputs again)
         self._map_change.reset(key, logged=True)
         self._reset_signals(key, logged=True)
 

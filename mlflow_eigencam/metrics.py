@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
+
+from .images import gaussian_blur, upsample
 
 __all__ = ["DEFAULT_FRACTIONS", "Localization", "MapChange", "SampleMean", "faithfulness_scores",
            "localization", "map_change", "perturbed_batch", "top_masks", "true_region",
@@ -98,34 +99,6 @@ class MapChange:
         self._values.pop(key, None)
         if logged and current is not None:
             self._previous[key] = current
-
-
-# -- maps at image resolution ----------------------------------------------------------------
-
-def upsample(cam_map: np.ndarray, height: int, width: int,
-             extent: Optional[Tuple[float, float]] = None) -> np.ndarray:
-    """A map's positive part at image resolution, with the geometry the renderer draws
-    (``render.heat``): ReLU, bilinear ``cv2.resize`` to (width, height), and with ``extent``
-    ``(fy, fx)`` (a detector's padded canvas) resized to ``height / fy`` x ``width / fx``
-    and cropped to the image's top-left part.
-
-    Args:
-        cam_map: ``(h, w)`` float map, any sign and scale (NaN and inf count as 0).
-        height, width: The image's size in pixels.
-        extent: Fractions of the map the image covers, or None for all of it.
-
-    Returns:
-        ``(height, width)`` float32 >= 0, not normalised.
-    """
-    m = np.asarray(cam_map)
-    if m.ndim != 2 or m.size == 0:
-        raise ValueError(f"cam_map must be a non-empty (h, w) array, got shape {m.shape}")
-    m = np.maximum(np.nan_to_num(m.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0), 0.0)
-    if extent is not None:
-        fy, fx = (min(1.0, max(float(f), 1e-3)) for f in extent)
-        full = (max(width, int(round(width / fx))), max(height, int(round(height / fy))))
-        return np.ascontiguousarray(cv2.resize(m, full, interpolation=cv2.INTER_LINEAR)[:height, :width])
-    return cv2.resize(m, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
 
 
 # -- localization -------------------------------------------------------------------------------
@@ -278,14 +251,9 @@ def blurred(x: np.ndarray, sigma: Optional[float] = None) -> np.ndarray:
             a blur is linear, so it commutes with the normalisation).
         sigma: Gaussian sigma in pixels; default ``max(H, W) / 8``.
     """
-    n, c, h, w = x.shape
+    h, w = x.shape[2:]
     s = float(sigma) if sigma is not None else max(h, w) / 8.0
-    hwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)
-    out = np.empty_like(hwc)
-    for i in range(n):
-        # cv2 takes up to 512 channels; a (H, W, 1) result comes back as (H, W).
-        out[i] = cv2.GaussianBlur(hwc[i], (0, 0), s, borderType=cv2.BORDER_REFLECT).reshape(h, w, c)
-    return out.transpose(0, 3, 1, 2)
+    return gaussian_blur(x, s)
 
 
 def perturbed_batch(x: np.ndarray, heat: np.ndarray, fractions: Sequence[float] = DEFAULT_FRACTIONS,

@@ -17,6 +17,8 @@ Routes (relative to where the app is mounted; ``mlflow-eigencam ui`` mounts it a
 * ``GET /api/image?run=A&mode=M&ds_id=D&epoch=E&index=I&kind=preview|card``: one image.
 * ``GET /api/export?runs=A,B&mode=M&ds_id=D&epoch=E&component=C&samples=S1,S2&format=png|html``:
   the current view through ``compare``'s renderer, as a download.
+* ``GET /api/overlay``, ``/api/input``, ``/api/maps``: a row's boxes, raw input and maps,
+  composited by the page (:mod:`._media`).
 
 Behind an authenticating middleware (``mlflow server --app-name eigencam-basic-auth``), the
 request's ``environ[MAY_READ]`` says which experiments its user may read: a run of another
@@ -46,12 +48,13 @@ from urllib.parse import parse_qs
 
 from .. import _layout
 from .._reader import Reader, card_boxes, cell_bool, cell_text
+from . import _media
 
 __all__ = ["Explorer", "MAY_READ"]
 
 _STATIC = Path(__file__).with_name("static")
 _FILES = {"app.js": "text/javascript; charset=utf-8", "charts.js": "text/javascript; charset=utf-8",
-          "app.css": "text/css; charset=utf-8"}
+          "app.css": "text/css; charset=utf-8", "overlay.js": "text/javascript; charset=utf-8"}
 _FILES["views.js"] = "text/javascript; charset=utf-8"  # fan-out, grouping, signal sorts
 _SAMPLE_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 # A finished run's table and listing do not change; a running run's are re-read this often.
@@ -200,6 +203,7 @@ class Explorer:
         handlers = {"/api/config": self.config, "/api/search": self.search,
                     "/api/runs": self.runs, "/api/data": self.data, "/api/image": self.image,
                     "/api/export": self.export, "/api/metrics": self.metrics}
+        handlers.update(_media.routes(self))
         handler = handlers.get(path)
         if handler is None:
             raise HTTPError(404, f"no page {path!r}")

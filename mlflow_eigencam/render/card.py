@@ -13,7 +13,6 @@ import math
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
-import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -57,8 +56,9 @@ def _resize_image(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     if height % h == 0 and width % w == 0 and height // h == width // w:
         f = height // h  # exact integer upscale: crisp pixels, the same on every platform
         return np.repeat(np.repeat(rgb, f, axis=0), f, axis=1)
-    interp = cv2.INTER_NEAREST if height > h else cv2.INTER_AREA
-    return cv2.resize(rgb, (width, height), interpolation=interp)
+    # Up: nearest (crisp pixels); down: area averaging (no aliasing).
+    resample = Image.Resampling.NEAREST if height > h else Image.Resampling.BOX
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((width, height), resample))
 
 
 def _check_side(name: str, value: object) -> int:

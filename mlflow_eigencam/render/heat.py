@@ -1,7 +1,9 @@
-"""Heat: OpenCV colormaps and the overlay of one heat map on one image.
+"""Heat: colormaps and the overlay of one heat map on one image.
 
-Heat maps are ReLU'd, resized to the image with ``cv2.resize(m, (width, height))`` (OpenCV's
-``dsize`` is (W, H)), then min-max normalised. A flat map (all equal after the ReLU, e.g. all
+The colormaps are OpenCV's (the same names, ``cv2.COLORMAP_*`` numbers and colours), read from
+``colormaps.npy`` (22 x 256 x 3 uint8 RGB, made once with ``cv2.applyColorMap``) so that the
+package needs no OpenCV. Heat maps are ReLU'd, resized to the image with the package's one
+bilinear resize (``images.upsample``), then min-max normalised. A flat map (all equal after the ReLU, e.g. all
 zero) carries no heat: it is drawn as the colormap's zero colour everywhere (dark blue for
 ``"jet"``), the same colour as the cold regions of every other overlay, and never as NaN.
 """
@@ -10,21 +12,23 @@ from __future__ import annotations
 
 import functools
 import numbers
+from pathlib import Path
 from typing import Optional, Union
 
-import cv2
 import numpy as np
 
-from ..images import to_rgb_uint8
+from ..images import to_rgb_uint8, upsample
 
 __all__ = ["COLORMAPS", "check_alpha", "overlay", "resolve_colormap"]
 
-#: OpenCV colormaps by lower-case name ("jet", "viridis", ...) -> cv2.COLORMAP_* constant.
-COLORMAPS: dict[str, int] = {
-    name[len("COLORMAP_") :].lower(): int(getattr(cv2, name))
-    for name in sorted(dir(cv2))
-    if name.startswith("COLORMAP_")
-}
+# OpenCV's colormap numbers, in order (cv2.COLORMAP_AUTUMN = 0 ... COLORMAP_DEEPGREEN = 21):
+# the row of each colormap in colormaps.npy.
+_NAMES = ("autumn", "bone", "jet", "winter", "rainbow", "ocean", "summer", "spring", "cool", "hsv",
+          "pink", "hot", "parula", "magma", "inferno", "plasma", "viridis", "cividis", "twilight",
+          "twilight_shifted", "turbo", "deepgreen")
+
+#: Colormaps by lower-case name ("jet", "viridis", ...) -> OpenCV's cv2.COLORMAP_* number.
+COLORMAPS: dict[str, int] = {name: _NAMES.index(name) for name in sorted(_NAMES)}
 
 
 def resolve_colormap(name: Union[str, int]) -> int:
@@ -43,7 +47,8 @@ def resolve_colormap(name: Union[str, int]) -> int:
             key = key[len("colormap_") :]
         if key in COLORMAPS:
             return COLORMAPS[key]
-        raise ValueError(f"unknown colormap {name!r}; expected one of {', '.join(COLORMAPS)} or a cv2.COLORMAP_* int")
+        raise ValueError(f"unknown colormap {name!r}; expected one of {', '.join(COLORMAPS)}"
+                         " or a cv2.COLORMAP_* number")
     if isinstance(name, (int, np.integer)) and not isinstance(name, (bool, np.bool_)):
         if int(name) in COLORMAPS.values():
             return int(name)
@@ -51,7 +56,7 @@ def resolve_colormap(name: Union[str, int]) -> int:
             f"unknown colormap constant {name!r}; expected one of "
             + ", ".join(f"{v} ({k})" for k, v in COLORMAPS.items())
         )
-    raise TypeError(f"colormap must be a name or a cv2.COLORMAP_* int, got {name!r} ({type(name).__name__})")
+    raise TypeError(f"colormap must be a name or a cv2.COLORMAP_* number, got {name!r} ({type(name).__name__})")
 
 
 def check_alpha(alpha: float) -> float:
@@ -71,20 +76,9 @@ def _heat_rgb(cam_map: np.ndarray, width: int, height: int, colormap: int,
     image covers from the top left (a detector's map whose last cells are partly padding);
     the map is resized to ``height / fy`` x ``width / fx`` and cropped to the image.
     """
-    m = np.asarray(cam_map)
-    if m.ndim != 2 or m.shape[0] == 0 or m.shape[1] == 0:
-        raise ValueError(f"cam_map must be a non-empty 2-D (h, w) array, got shape {m.shape}")
-    if not (np.issubdtype(m.dtype, np.floating) or np.issubdtype(m.dtype, np.integer) or m.dtype == np.bool_):
-        raise TypeError(f"cam_map must be numeric, got dtype {m.dtype}")
-    m = np.nan_to_num(m.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    m = np.maximum(m, 0.0)  # ReLU: only evidence for the component is drawn
-    # dsize is (width, height) in OpenCV; the reference passed (height, width).
-    if extent is not None:
-        fy, fx = (min(1.0, max(float(f), 1e-3)) for f in extent)
-        full = (max(width, int(round(width / fx))), max(height, int(round(height / fy))))
-        m = cv2.resize(m, full, interpolation=cv2.INTER_LINEAR)[:height, :width]
-    else:
-        m = cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR)
+    # ReLU (only evidence for the component is drawn), then the image's size; raises on a
+    # map that is not a non-empty numeric (h, w) array.
+    m = upsample(cam_map, height, width, extent)
     # Normalise after the resize so that the hottest visible pixel gets the top colour.
     lo, hi = float(m.min()), float(m.max())
     if hi - lo <= 1e-6 * max(abs(hi), abs(lo)):
@@ -95,12 +89,18 @@ def _heat_rgb(cam_map: np.ndarray, width: int, height: int, colormap: int,
     return _colormap_rgb(colormap)[norm]
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=1)
+def _colormap_tables() -> np.ndarray:
+    tables = np.load(Path(__file__).with_name("colormaps.npy"), allow_pickle=False)
+    if tables.shape != (len(_NAMES), 256, 3) or tables.dtype != np.uint8:
+        raise RuntimeError(f"colormaps.npy is damaged: shape {tables.shape}, dtype {tables.dtype}")
+    return tables
+
+
 def _colormap_rgb(colormap: int) -> np.ndarray:
-    """``(256, 3)`` uint8 RGB table of an OpenCV colormap: indexing it equals
-    ``applyColorMap`` + BGR->RGB, in a third of the time on 128 x 128 maps."""
-    bgr = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), colormap)
-    return np.ascontiguousarray(bgr.reshape(256, 3)[:, ::-1])
+    """``(256, 3)`` uint8 RGB table of a colormap: indexing it with a uint8 map equals OpenCV's
+    ``applyColorMap`` + BGR->RGB."""
+    return _colormap_tables()[colormap]
 
 
 def overlay(
@@ -119,7 +119,7 @@ def overlay(
         cam_map: ``(h, w)`` float map, any sign and scale; ReLU'd, resized to the image
             with bilinear interpolation and min-max normalised (a flat map gives no heat,
             see the module docstring).
-        colormap: An OpenCV colormap name (case-insensitive) or ``cv2.COLORMAP_*`` int.
+        colormap: A colormap name (case-insensitive, OpenCV's names) or its ``cv2.COLORMAP_*`` number.
         alpha: Weight of the heat in [0, 1]; 0 gives the image, 1 the heat alone.
         layout: Passed to ``to_rgb_uint8``.
         map_extent: ``(fy, fx)``: the image covers only these fractions of the map's

@@ -8,7 +8,6 @@ import zlib
 from collections.abc import Sequence
 from typing import Optional, Union
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -134,8 +133,8 @@ def encode_webp_preview(image: np.ndarray, max_size: int = PREVIEW_SIZE) -> byte
         size = (max_size, max(1, int(height * max_size / width)))
     else:
         size = (max(1, int(width * max_size / height)), max_size)
-    # INTER_AREA: half the time of Pillow's bicubic resize, and no aliasing when shrinking.
-    preview = cv2.resize(np.ascontiguousarray(arr), size, interpolation=cv2.INTER_AREA)
+    # BOX (area averaging): no aliasing when shrinking, and faster than Pillow's bicubic default.
+    preview = Image.fromarray(np.ascontiguousarray(arr)).resize(size, Image.Resampling.BOX)
     buf = io.BytesIO()
-    Image.fromarray(preview).save(buf, format="WEBP", quality=80, method=0)
+    preview.save(buf, format="WEBP", quality=80, method=0)
     return buf.getvalue()

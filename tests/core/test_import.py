@@ -44,3 +44,19 @@ def test_sample_buffer_imports_no_renderer():
     loaded = _modules_after("import mlflow_eigencam.samples, mlflow_eigencam.filters\n"
                             "import mlflow_eigencam.images")
     assert not loaded & {"cv2", "PIL"}, loaded & {"cv2", "PIL"}
+
+
+def test_drawing_and_signals_never_import_opencv():
+    # The package draws, resizes and blurs without OpenCV (docs/internals.md, "No OpenCV"):
+    # a card, a grid, a WebP preview and the faithfulness blur leave cv2 unimported, so
+    # opencv-python (Ultralytics) and opencv-python-headless can come and go beside it.
+    loaded = _modules_after(
+        "import numpy as np\n"
+        "from mlflow_eigencam.render import overlay, render_card\n"
+        "from mlflow_eigencam.render.png import encode_webp_preview\n"
+        "from mlflow_eigencam.metrics import perturbed_batch, upsample\n"
+        "img = np.zeros((20, 30, 3), np.uint8); cam = np.random.rand(2, 4, 5)\n"
+        "card = render_card(img, cam, explained_variance=[0.6, 0.3], label='a', pred='b')\n"
+        "overlay(img, cam[0]); encode_webp_preview(card)\n"
+        "perturbed_batch(np.zeros((1, 3, 20, 30), np.float32), upsample(cam[0], 20, 30)[None])\n")
+    assert "cv2" not in loaded

@@ -56,7 +56,7 @@ def test_true_boxes_give_localization_and_pointing_columns_and_metrics(tracking_
     rid = run.info.run_id
     cols, rows = _rows(client, rid, "eigencam/eval/val/samples.json")
     assert cols[cols.index("map_change") + 1:] == ["localization", "pointing_game", "faithfulness",
-                                                   "card", "image"]
+                                                   "overlay", "card", "image"]
     on_box, off_box = rows[:4], rows[4:]
     assert all(r["localization"] > 0.8 and r["pointing_game"] == 1.0 for r in on_box)
     assert all(r["localization"] < 0.05 and r["pointing_game"] == 0.0 for r in off_box)

@@ -53,7 +53,11 @@ def test_a_record_holds_the_cards_pixels_once_and_no_grid_pixels(tmp_path):
         f"eigencam/eval/val/epoch_0000/sample_{i}.png" for i in range(3)]}}
     # At most one pixel array per card (PNG, preview and card share it; a card the sender
     # encoded before the record was written is stored as PNG bytes), none the grid's size.
-    shapes = [tuple(shape) for _blob, shape in header["arrays"]]
+    # (Beside them: the overlays' raw inputs, once per run, and the epoch's maps.)
+    overlay = {n for path, f in header["files"].items() for n in f.get("png", [])
+               if "/inputs/" in path or path.endswith("/maps.png")}
+    assert len(overlay) == 3 + 1
+    shapes = [tuple(shape) for n, (_blob, shape) in enumerate(header["arrays"]) if n not in overlay]
     assert len(shapes) <= 3 and len(set(shapes)) <= 1, shapes
     if shapes:
         card = load_card(item_from_record(bundles[0]))
@@ -111,6 +115,10 @@ def test_every_path_key_and_tag_the_logger_builds_is_its_own_and_nothing_else_is
                  _layout.table_path("train", "a b"), _layout.stream_maps_path("eval", "v", 12),
                  _layout.stream_inputs_path("eval", "v", "0123456789ab"),
                  _layout.table_part_path("test", "v", 7, 1700000000000, "0123abcd4567"),
+                 _layout.input_path("eval", "val", "0123456789ab"),
+                 _layout.input_path("eval", None, "a sample/../id"),
+                 _layout.overlay_maps_path("eval", "val", 3),
+                 _layout.overlay_maps_path("eval", "val", 3, "backbone.layer4"),
                  *_layout.image_series_files(_layout.image_key("eval", "a/b", 4), 3, 1700000000000,
                                              "2b3c4d5e-0000-4000-8000-123456789abc")]
     assert all(_layout.is_own_artifact_path(p) for p in own_paths), own_paths

@@ -83,7 +83,7 @@ function readURL() {
 function writeURL() {
   const st = Object.assign({}, S, { runs: S.runs.join(","), component: S.component === 1 ? "" : S.component,
     epochs: (DATA ? fanEpochs() : S.epochs).join(","), min: S.signal ? S.min : "", max: S.signal ? S.max : "" });
-  const q = qs(Object.fromEntries(PARAMS.map((k) => [k, st[k]])));
+  const q = [qs(Object.fromEntries(PARAMS.map((k) => [k, st[k]]))), Overlay.query()].filter(Boolean).join("&");
   const url = location.pathname + (q ? "?" + q.replace(/%2C/g, ",").replace(/%3A/g, ":") : "");
   if (url !== location.pathname + location.search) history.replaceState(null, "", url);
 }
@@ -569,7 +569,8 @@ function cell(c, sid) {
   const evr = row.evr[S.component - 1];
   const box = el("div", { class: "cell" + bar + (dim ? " dim" : ""), tabindex: 0, title: "click: the full card (arrow keys: epochs, samples); wheel: zoom the row; drag: pan",
     onclick: () => { if (!suppressClick) detail(r, row); }, onkeydown: (ev) => { if (ev.key === "Enter") detail(r, row); } },
-    S.component <= row.k ? panel(r, row, S.component) : el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, `no PC${S.component}`));
+    S.component <= row.k ? (Overlay.on ? Overlay.panel(r, row, S.component, () => panel(r, row, S.component))
+      : panel(r, row, S.component)) : el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, `no PC${S.component}`));
   const mark = row.correct === null ? null : el("span", { class: row.correct ? "ok" : "bad" }, row.correct ? " ✓" : " ✗");
   td.append(box, el("div", { class: "cap" }, `pred: ${row.prediction === null ? "-" : row.prediction}`, mark, el("br"),
     el("span", { class: "muted" }, evr === null || evr === undefined ? `PC${S.component} n/a` : `PC${S.component} ${(evr * 100).toFixed(1)}%`,
