@@ -1,43 +1,48 @@
-"""First meaningful paint of the explorer: 5 runs x 20 epochs x 16 samples on a local server.
+"""The explorer's speed: 10 runs x 30 epochs x 16 samples on a local ``mlflow server``.
 
 Logs the runs into a local ``mlflow server`` (sqlite, served artifacts), serves the explorer
-(``mlflow-eigencam ui``, in this process) and opens a deep link to all 5 runs in headless
-Chromium. "First meaningful paint": from navigation until the table's rows are drawn and
+as ``mlflow-eigencam ui`` does (a subprocess: gunicorn, one process, 16 threads) and opens a
+deep link to every run in headless Chromium (``/usr/bin/chromium``, never ``playwright
+install``). "First meaningful paint": from navigation until the table's rows are drawn and
 every overlay image in the viewport has loaded (decoded, ``naturalWidth > 0``). Printed:
 
-* cold: the explorer's first request for these runs (its caches empty), a fresh browser;
+* cold: the explorer's first request for these runs (a fresh process), a fresh browser;
 * warm server: a fresh browser (empty HTTP cache) against the explorer that has read them;
 * reload: the same browser again (previews from its HTTP cache, ``immutable``);
-* one epoch step: a click on the slider's "previous" button until the viewport has loaded;
-* bytes: what the viewport's previews weigh against the strip PNGs they stand for;
-* CPU: seconds of CPU the tracking server (its whole process tree: uvicorn and MLflow's
-  job runner too) and this process (the explorer) spent on a cold paint, a figure that a
-  busy machine inflates less than the wall-clock times.
+* one epoch step to a cached epoch: the slider moved back to an epoch it showed a moment
+  ago, timed in the page (``performance.now``) until every image in the viewport is drawn;
+* a step to a fresh epoch (read ahead by the page or not), timed the same way;
+* fan-out: the 4 epochs x 10 runs grid drawn (a typed ``0,10,20,29``);
+* concurrency: 8 preview fetches at once, alone and while a slow request (an HTML export
+  of every run) is in progress, on gunicorn and on the standard library's threaded server;
+* CPU: seconds of CPU the tracking server (its whole process tree) and the explorer spent
+  on a cold paint, a figure that a busy machine inflates less than the wall-clock times.
 
-The tracking server answers one ``get_run`` per run before the first measurement (a server
-that has just started answers its first requests several times slower); the explorer's own
-caches are empty for every cold paint. The 1-minute load average is printed beside the
-figures.
+The 1-minute load average is printed beside the figures.
 
-    python benchmarks/bench_explorer.py [--runs 5 --epochs 20 --samples 16 --repeat 3]
+    python benchmarks/bench_explorer.py [--runs 10 --epochs 30 --samples 16 --repeat 3
+                                         --store DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
+sys.path[:0] = [str(ROOT)]
 
-from readback import MlflowServer, free_port  # noqa: E402
+from tests.helpers.readback import MlflowServer, free_port  # noqa: E402
 
 CHROMIUM = os.environ.get("MLFLOW_EIGENCAM_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -52,25 +57,74 @@ PAINTED = """() => {
   });
   return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
 }"""
+# In the page: act, then wait (one animation frame at a time) until painted; ms.
+TIMED = """async ([act, epoch]) => {
+  const painted = %s;
+  const t0 = performance.now();
+  if (act === 'epoch') { S.epoch = epoch; render(); }
+  else if (act === 'fan') { const f = document.getElementById('fanout'); f.value = epoch;
+    f.dispatchEvent(new Event('change')); }
+  while (!painted()) await new Promise((ok) => requestAnimationFrame(ok));
+  return performance.now() - t0;
+}""" % PAINTED
 
 
 def log_runs(uri: str, tmp: Path, runs: int, epochs: int, samples: int) -> list:
-    script = ROOT / "tests" / "e2e" / "_explorer_runs.py"
+    script = ROOT / "tests" / "helpers" / "explorer_runs.py"
     env = dict(os.environ, MLFLOW_EIGENCAM_SPOOL_DIR=str(tmp / "spool"),
                PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path))
-    procs = [subprocess.Popen([sys.executable, str(script), "--tracking-uri", uri,
-                               "--experiment", f"bench-{i % 2}", "--run-name", f"run-{i}",
-                               "--epochs", str(epochs), "--n-samples", str(samples),
-                               "--quality", str(1.0 - 0.15 * i), "--seed", str(i)],
-                              cwd=tmp, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True) for i in range(runs)]
     ids = []
-    for p in procs:
-        out, _ = p.communicate(timeout=1800)
-        if p.returncode != 0:
-            raise SystemExit(f"logging a run failed (rc={p.returncode})")
-        ids.append([ln.split()[1] for ln in out.splitlines() if ln.startswith("RUN")][0])
+    # A few at a time: each waits on the server after every epoch.
+    for start in range(0, runs, 5):
+        procs = [subprocess.Popen([sys.executable, str(script), "--tracking-uri", uri,
+                                   "--experiment", f"bench-{i % 2}", "--run-name", f"run-{i}",
+                                   "--epochs", str(epochs), "--n-samples", str(samples),
+                                   "--quality", str(round(1.0 - 0.08 * i, 2)), "--seed", str(i),
+                                   "--signals"],
+                                  cwd=tmp, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+                 for i in range(start, min(start + 5, runs))]
+        for p in procs:
+            out, _ = p.communicate(timeout=3600)
+            if p.returncode != 0:
+                raise SystemExit(f"logging a run failed (rc={p.returncode})")
+            ids.append([ln.split()[1] for ln in out.splitlines() if ln.startswith("RUN")][0])
     return ids
+
+
+class Ui:
+    """``mlflow-eigencam ui`` in a subprocess (``server``: gunicorn or stdlib)."""
+
+    def __init__(self, uri: str, server: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path),
+                   MLFLOW_DISABLE_TELEMETRY="true")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlflow_eigencam", "ui", "--tracking-uri",
+                                      uri, "--port", str(self.port), "--server", server],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "api/config", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise SystemExit(f"mlflow-eigencam ui --server {server} did not start")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
 
 
 def tree_cpu(pid: int) -> float:
@@ -92,13 +146,6 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-def self_cpu() -> float:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def load() -> str:
     try:
         return Path("/proc/loadavg").read_text().split()[0]
@@ -116,10 +163,40 @@ def paint(browser, url: str, context=None):
     return time.perf_counter() - t0, page
 
 
+def concurrency(ui: Ui, ids: list, epochs: int, samples: int, round_: int) -> tuple:
+    """(ms for 8 preview fetches at once alone, the same with an HTML export of every run in
+    progress, ms of that export); every fetch names an image the explorer has not read."""
+    def read(url: str) -> int:
+        with urllib.request.urlopen(url, timeout=600) as r:
+            return len(r.read())
+
+    def previews(epoch: int) -> list:
+        return [f"{ui.url}api/image?run={ids[k % len(ids)]}&mode=eval&ds_id=val&epoch={epoch}"
+                f"&index={k % samples}&kind=preview" for k in range(8)]
+
+    with urllib.request.urlopen(f"{ui.url}api/data?runs={','.join(ids)}&mode=eval&ds_id=val&epoch=0",
+                                timeout=600) as r:
+        json.loads(r.read())
+    time.sleep(3)  # the explorer's own read-ahead of epoch 0 settles
+    with ThreadPoolExecutor(9) as pool:
+        t0 = time.perf_counter()
+        list(pool.map(read, previews(2 + 2 * round_)))
+        alone = time.perf_counter() - t0
+        export = pool.submit(lambda: (time.perf_counter(), read(
+            f"{ui.url}api/export?runs={','.join(ids)}&mode=eval&ds_id=val&epoch={epochs // 2}&format=html"),
+            time.perf_counter()))
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        list(pool.map(read, previews(3 + 2 * round_)))
+        beside = time.perf_counter() - t0
+        e0, _, e1 = export.result()
+    return alone * 1000, beside * 1000, (e1 - e0) * 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--store", default=None,
@@ -133,8 +210,8 @@ def main() -> None:
     if not os.access(CHROMIUM, os.X_OK):
         print(f"skipped: no Chromium at {CHROMIUM} (set MLFLOW_EIGENCAM_CHROMIUM)")
         return
-
-    from mlflow_eigencam.explorer import make_server_for
+    last = a.epochs - 1
+    fan = ",".join(str(e) for e in sorted({0, a.epochs // 3, 2 * a.epochs // 3, last}))
 
     with tempfile.TemporaryDirectory(prefix="bench-explorer-") as d:
         tmp = Path(a.store or d)
@@ -156,62 +233,63 @@ def main() -> None:
             for rid in ids:
                 client.get_run(rid)
             loads = [load()]
+            r: dict = {k: [] for k in ("cold", "warm", "reload", "cached", "fresh", "fan",
+                                       "cpu_server", "cpu_explorer")}
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-                cold, warm, reload_, steps, cpu_server, cpu_explorer = [], [], [], [], [], []
                 for _ in range(a.repeat):
-                    httpd = make_server_for(server.uri, "127.0.0.1", free_port())
-                    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-                    url = f"http://127.0.0.1:{httpd.server_port}/?runs={','.join(ids)}&epoch={a.epochs - 1}"
-                    m0, e0 = tree_cpu(server.proc.pid), self_cpu()
-                    s, page = paint(browser, url)
-                    cold.append(s)
-                    cpu_server.append(tree_cpu(server.proc.pid) - m0)
-                    cpu_explorer.append(self_cpu() - e0)
-                    page.context.close()
-                    s, page = paint(browser, url)
-                    warm.append(s)
-                    t0 = time.perf_counter()
-                    page.reload()
-                    page.wait_for_function(PAINTED, timeout=120_000, polling=10)
-                    reload_.append(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    page.click("#prev")
-                    page.wait_for_function(f"() => document.getElementById('epoch-label').dataset.epoch"
-                                           f" === '{a.epochs - 2}' && ({PAINTED})()", polling=10)
-                    steps.append(time.perf_counter() - t0)
-                    n_imgs = page.eval_on_selector_all("#grid tbody img", "is => is.length")
-                    sizes = page.evaluate("""async () => {
-                      const imgs = [...document.querySelectorAll('#grid tbody td img')].slice(0, 10);
-                      let webp = 0, png = 0;
-                      for (const i of imgs) {
-                        webp += (await (await fetch(i.src)).arrayBuffer()).byteLength;
-                        const r = await fetch(i.src.replace('kind=preview', 'kind=card'));
-                        png += (await r.arrayBuffer()).byteLength;
-                      }
-                      return [webp, png];
-                    }""")
-                    page.context.close()
-                    httpd.shutdown()
-                    httpd.server_close()
+                    ui = Ui(server.uri, "gunicorn")
+                    try:
+                        url = f"{ui.url}?runs={','.join(ids)}&epoch={last}"
+                        m0, e0 = tree_cpu(server.proc.pid), tree_cpu(ui.proc.pid)
+                        sec, page = paint(browser, url)
+                        r["cold"].append(sec * 1000)
+                        r["cpu_server"].append(tree_cpu(server.proc.pid) - m0)
+                        r["cpu_explorer"].append(tree_cpu(ui.proc.pid) - e0)
+                        page.context.close()
+                        sec, page = paint(browser, url)
+                        r["warm"].append(sec * 1000)
+                        t0 = time.perf_counter()
+                        page.reload()
+                        page.wait_for_function(PAINTED, timeout=120_000, polling=10)
+                        r["reload"].append((time.perf_counter() - t0) * 1000)
+                        time.sleep(2)  # the page's read-ahead of the neighbouring epochs
+                        r["fresh"].append(page.evaluate(TIMED, ["epoch", last - 1]))
+                        r["cached"].append(page.evaluate(TIMED, ["epoch", last]))
+                        r["fan"].append(page.evaluate(TIMED, ["fan", fan]))
+                        page.context.close()
+                    finally:
+                        ui.stop()
                     loads.append(load())
                 browser.close()
+            conc = {}
+            for name in ("gunicorn", "stdlib"):
+                ui = Ui(server.uri, name)
+                try:
+                    conc[name] = [concurrency(ui, ids, a.epochs, a.samples, k) for k in range(a.repeat)]
+                finally:
+                    ui.stop()
         finally:
             server.stop()
     med = statistics.median
-    print(f"first meaningful paint, {a.runs} runs x {a.epochs} epochs x {a.samples} samples "
-          f"(median of {a.repeat}; {n_imgs} images on the page, lazy; 1-min load average "
-          f"{', '.join(loads)}):")
-    print(f"  cold explorer, fresh browser:   {med(cold) * 1000:7.0f} ms  (all: "
-          f"{', '.join(f'{x * 1000:.0f}' for x in cold)})")
-    print(f"  warm explorer, fresh browser:   {med(warm) * 1000:7.0f} ms")
-    print(f"  reload (HTTP cache):            {med(reload_) * 1000:7.0f} ms")
-    print(f"  one epoch step (slider):        {med(steps) * 1000:7.0f} ms")
-    print(f"  CPU of a cold paint:            tracking server {med(cpu_server):.2f} s, "
-          f"explorer {med(cpu_explorer):.2f} s")
-    webp, png = sizes
-    print(f"  10 previews {webp / 1024:.0f} KiB vs their strip PNGs {png / 1024:.0f} KiB "
-          f"({png / max(webp, 1):.1f}x smaller)")
+
+    def line(label: str, key: str, goal: str = "") -> None:
+        print(f"  {label:<44}{med(r[key]):7.0f} ms  (all: {', '.join(f'{x:.0f}' for x in r[key])}){goal}")
+
+    print(f"the explorer, {a.runs} runs x {a.epochs} epochs x {a.samples} samples, mlflow-eigencam ui "
+          f"on gunicorn (median of {a.repeat}; 1-min load average {', '.join(loads)}):")
+    line("first meaningful paint, cold explorer:", "cold", "  goal < 1000 ms")
+    line("first meaningful paint, warm explorer:", "warm")
+    line("reload (HTTP cache):", "reload")
+    line("slider step to a cached epoch:", "cached", "  goal < 100 ms")
+    line("slider step to the epoch before:", "fresh")
+    line(f"fan-out {fan} x {a.runs} runs drawn:", "fan")
+    print(f"  CPU of a cold paint: tracking server {med(r['cpu_server']):.2f} s, "
+          f"explorer {med(r['cpu_explorer']):.2f} s")
+    for name, rows in conc.items():
+        alone, beside, export = (med([x[i] for x in rows]) for i in range(3))
+        print(f"  {name:<9} 8 previews at once: {alone:6.0f} ms alone, {beside:6.0f} ms beside an HTML "
+              f"export of {a.runs} runs ({export:.0f} ms)")
 
 
 if __name__ == "__main__":

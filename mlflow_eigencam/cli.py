@@ -23,7 +23,7 @@ def _ui(args: argparse.Namespace) -> int:
     from .explorer._hosts import parse_allowed_hosts
 
     serve(args.tracking_uri, args.host, args.port, mlflow_ui=args.mlflow_ui,
-          hosts=parse_allowed_hosts(args.allowed_hosts))
+          hosts=parse_allowed_hosts(args.allowed_hosts), server=args.server)
     return 0
 
 
@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "NAME:PORT, * in patterns; '*': any). Default: only 127.0.0.1, "
                         "localhost, [::1] and --host, with --port; others get 403 (DNS "
                         "rebinding)")
+    p.add_argument("--server", choices=("gunicorn", "waitress", "stdlib"), default=None,
+                   help="the WSGI server (default: gunicorn, one process with 16 threads, where "
+                        "installed, as MLflow installs it off Windows; else waitress; else the "
+                        "standard library's threaded server)")
     p.set_defaults(func=_ui)
     from .compare import add_compare_parser
 

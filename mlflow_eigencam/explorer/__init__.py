@@ -67,19 +67,49 @@ def make_server_for(tracking_uri: Optional[str], host: str = "127.0.0.1", port: 
     return server
 
 
+#: Request threads of ``mlflow-eigencam ui``'s one server process: a page asks for a
+#: screenful of images at once, and a slow download holds only its own thread.
+THREADS = 16
+
+
 def serve(tracking_uri: Optional[str] = None, host: str = "127.0.0.1", port: int = 5050, *,
-          mlflow_ui: Optional[str] = None, hosts: Sequence[str] = ()) -> None:
+          mlflow_ui: Optional[str] = None, hosts: Sequence[str] = (),
+          server: Optional[str] = None) -> None:
     """Serve the explorer until interrupted (binds to 127.0.0.1 unless told otherwise;
-    ``hosts``: see :func:`make_server_for`)."""
-    server = make_server_for(tracking_uri, host, port, mlflow_ui=mlflow_ui, hosts=hosts)
-    where = f"http://{host or '0.0.0.0'}:{server.server_port}/"
+    ``hosts``: see :func:`make_server_for`).
+
+    It runs on a production WSGI server that MLflow itself installs: gunicorn (one process,
+    :data:`THREADS` threads) where it is installed (MLflow requires it off Windows), else
+    waitress (MLflow's on Windows), else the standard library's threaded server. ``server``
+    (``"gunicorn"``, ``"waitress"``, ``"stdlib"``) picks one.
+    """
+    import importlib.util
+
+    if server is None:
+        server = next((name for name in ("gunicorn", "waitress")
+                       if importlib.util.find_spec(name) is not None and
+                       (name != "gunicorn" or sys.platform != "win32")), "stdlib")
+    if server not in ("gunicorn", "waitress", "stdlib"):
+        raise ValueError(f"server must be 'gunicorn', 'waitress' or 'stdlib', got {server!r}")
+    # The address is bound here whichever server runs: a port that is taken is one line.
+    httpd = make_server_for(tracking_uri, host, port, mlflow_ui=mlflow_ui, hosts=hosts)
+    where = f"http://{host or '0.0.0.0'}:{httpd.server_port}/"
     if host in ("", "0.0.0.0", "::"):
         where += " (every address of this machine: anyone who can reach it can read the runs)"
-    print(f"EigenCAM explorer for {server.explorer.reader.uri} at {where} (Ctrl-C stops it)",
+    print(f"EigenCAM explorer for {httpd.explorer.reader.uri} at {where} (Ctrl-C stops it)",
           flush=True)
-    if "*" not in server.hosts.allowed:
-        print(f"answering Host {', '.join(server.hosts.allowed)} (--allowed-hosts adds names)",
+    if "*" not in httpd.hosts.allowed:
+        print(f"answering Host {', '.join(httpd.hosts.allowed)} (--allowed-hosts adds names)",
               flush=True)
+    if server == "gunicorn":
+        return _gunicorn(httpd, mlflow_ui)
+    if server == "waitress":
+        return _waitress(httpd)
+    _serve_stdlib(httpd)
+
+
+def _serve_stdlib(server: "_ThreadingServer") -> None:
+    """The standard library's threaded server (where neither gunicorn nor waitress is)."""
     # SIGTERM (a job scheduler's or `kill`'s stop) stops it like Ctrl-C. SIGINT keeps the
     # disposition the process was started with: under `nohup` or `&` in a script it is
     # ignored, and SIGTERM is the way to stop it.
@@ -98,6 +128,63 @@ def serve(tracking_uri: Optional[str] = None, host: str = "127.0.0.1", port: int
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def _gunicorn(httpd: "_ThreadingServer", mlflow_ui: Optional[str]) -> None:
+    """gunicorn on the socket ``httpd`` bound: one worker process (the explorer's caches
+    live in it) with :data:`THREADS` threads (``gthread``); SIGTERM and Ctrl-C stop it."""
+    from gunicorn.app.base import BaseApplication
+
+    uri, allowed = httpd.explorer.reader.uri, httpd.hosts.allowed
+
+    class _App(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in {"bind": [f"fd://{httpd.socket.fileno()}"], "workers": 1,
+                               "worker_class": "gthread", "threads": THREADS,
+                               # A worker's heartbeat, not a request's limit (gthread): a
+                               # slow download is never cut; Ctrl-C waits 5 s at most.
+                               "timeout": 120, "graceful_timeout": 5, "keepalive": 5,
+                               "loglevel": "warning", "accesslog": None}.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            # Made in the worker: no store connection or thread crosses the fork.
+            return HostCheck(Explorer(uri, mlflow_ui=mlflow_ui), allowed)
+
+    # The explorer checked the URI above; the worker opens its own.
+    httpd.explorer = None  # type: ignore[assignment]
+    import os
+
+    master = os.getpid()
+    try:
+        _App().run()
+    except SystemExit as exc:  # gunicorn ends with sys.exit, 0 after SIGTERM / Ctrl-C
+        if os.getpid() != master:  # the worker's own end (it runs this stack too, forked)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code if isinstance(exc.code, int) else 0)
+        if exc.code not in (0, None):
+            raise
+    finally:
+        try:
+            httpd.server_close()
+        except OSError:  # gunicorn closed the socket it was given
+            pass
+    print("stopped", file=sys.stderr)
+
+
+def _waitress(httpd: "_ThreadingServer") -> None:
+    """waitress (MLflow's server on Windows) on the address ``httpd`` was bound to."""
+    import waitress
+
+    host, port = httpd.server_address[:2]
+    app = httpd.hosts
+    httpd.server_close()
+    try:
+        waitress.serve(app, host=host, port=port, threads=THREADS, ident="mlflow-eigencam")
+    except KeyboardInterrupt:
+        pass
+    print("stopped", file=sys.stderr)
 
 
 def create_app(app: Any = None) -> Any:

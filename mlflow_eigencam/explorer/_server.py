@@ -3,8 +3,8 @@
 Routes (relative to where the app is mounted; ``mlflow-eigencam ui`` mounts it at ``/``, the
 ``mlflow.app`` plugin at ``/eigencam``):
 
-* ``GET /``: the page; ``GET /static/app.js``, ``charts.js`` and ``app.css``: its code (a
-  fixed list).
+* ``GET /``: the page; ``GET /static/app.js``, ``charts.js``, ``views.js`` and ``app.css``:
+  its code (a fixed list).
 * ``GET /api/config``: the tracking URI, the MLflow UI's address (for run links) and the
   most runs one view shows.
 * ``GET /api/search?q=TEXT``: runs with EigenCAM data whose experiment, name, id or a tag
@@ -12,6 +12,8 @@ Routes (relative to where the app is mounted; ``mlflow-eigencam ui`` mounts it a
 * ``GET /api/runs?ids=A,B``: what each run has (modes, dataset ids); unknown ids are named.
 * ``GET /api/data?runs=A,B&mode=M&ds_id=D``: the joined tables, epochs and the cards' panel
   boxes (as the logger recorded them with each row).
+* ``GET /api/metrics?runs=A,B&mode=M&ds_id=D``: per-epoch series of the runs' signal metrics
+  that their tables do not hold (a label-free one such as ``fixation``).
 * ``GET /api/image?run=A&mode=M&ds_id=D&epoch=E&index=I&kind=preview|card``: one image.
 * ``GET /api/export?runs=A,B&mode=M&ds_id=D&epoch=E&component=C&samples=S1,S2&format=png|html``:
   the current view through ``compare``'s renderer, as a download.
@@ -53,6 +55,7 @@ __all__ = ["Explorer", "MAY_READ"]
 _STATIC = Path(__file__).with_name("static")
 _FILES = {"app.js": "text/javascript; charset=utf-8", "charts.js": "text/javascript; charset=utf-8",
           "app.css": "text/css; charset=utf-8", "overlay.js": "text/javascript; charset=utf-8"}
+_FILES["views.js"] = "text/javascript; charset=utf-8"  # fan-out, grouping, signal sorts
 _SAMPLE_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 # A finished run's table and listing do not change; a running run's are re-read this often.
 _LIVE_TTL_S = 2.0
@@ -199,7 +202,7 @@ class Explorer:
                          ("ETag", _etag(body))], body
         handlers = {"/api/config": self.config, "/api/search": self.search,
                     "/api/runs": self.runs, "/api/data": self.data, "/api/image": self.image,
-                    "/api/export": self.export}
+                    "/api/export": self.export, "/api/metrics": self.metrics}
         handlers.update(_media.routes(self))
         handler = handlers.get(path)
         if handler is None:
@@ -302,6 +305,46 @@ class Explorer:
                         for rid, index in at.get((sid, e), []):
                             self._prefetch(rid, mode, seg, e, index)
         return 200, _json_headers() + [("Cache-Control", "no-cache"), ("ETag", _etag(body))], body
+
+    def metrics(self, q: Dict[str, str]):
+        """Per-epoch series of the runs' signal metrics for (mode, ds_id) that their tables
+        do not hold (``eigencam/{mode}/{ds_id}/<name>``, ``evr_*`` and the table's columns
+        left out: the page has those from ``/api/data``), found from each run's metric keys:
+        ``{"runs": [{"run_id", "metrics": {name: [[epoch, value], ...]}}]}``."""
+        ids = _ids(q.get("runs", ""))
+        mode, ds_id = _mode_ds(q)
+        prefix = _layout.prefix(mode, ds_id) + "/"
+
+        def one(run: Any) -> Dict[str, Any]:
+            full = run.info.run_id
+            if self._live(full):
+                run = self._run(full, fresh=True)
+            try:
+                in_table = set(signal_columns(self._table(full, mode, ds_id)))
+            except Exception:  # no table: the metrics are still this run's
+                in_table = set()
+            names = sorted(k[len(prefix):] for k in run.data.metrics
+                           if k.startswith(prefix) and "/" not in k[len(prefix):]
+                           and not _EVR.match(k[len(prefix):]) and k[len(prefix):] not in in_table)
+            def history(key: str) -> List[Tuple[int, float]]:
+                return self._cached(("metric", full, key), full,
+                                    lambda: self.reader.metric_history(full, key))
+
+            series = {n: history(prefix + n) for n in names}
+            return {"run_id": full, "metrics": {n: [[e, v] for e, v in h if _number(v) is not None]
+                                                for n, h in series.items()}}
+
+        # Who may read what is checked here, in the request's thread; the reads in the pool.
+        found: List[Any] = []
+        for rid in ids:
+            try:
+                found.append(self._readable_run(rid))
+            except HTTPError as exc:
+                found.append(str(exc))
+        read = iter(self._pool.map(one, [f for f in found if not isinstance(f, str)]))
+        out = [{"requested": rid, "error": f} if isinstance(f, str) else dict(next(read), requested=rid)
+               for rid, f in zip(ids, found)]
+        return _json({"runs": out}, cache="no-cache")
 
     def image(self, q: Dict[str, str]):
         rid = self._readable_run(q.get("run", "")).info.run_id
@@ -500,7 +543,9 @@ class Explorer:
         """The run's summary and what it has, for the page's chips, headers and selects (its
         experiment's name read here, in the run's own thread, once per experiment)."""
         self._experiment(str(run.info.experiment_id))
-        return {"summary": _summary_json(self.reader.summary(run)),
+        summary = _summary_json(self.reader.summary(run))
+        summary["params"] = dict(run.data.params)  # what the page can group runs by
+        return {"summary": summary,
                 "available": [{"mode": m, "ds_id": d} for m, d in self._available(run)]}
 
     def _run_data(self, rid: str, mode: str, ds_id: Optional[str]) -> Dict[str, Any]:
@@ -546,6 +591,7 @@ def _rows_json(table) -> Dict[str, Any]:
     # ones once (a run's cards share one unless its images differ in size), rows by index.
     geometries: List[Dict[str, Any]] = []
     seen: Dict[str, int] = {}
+    signals = signal_columns(table)
     for row in table.rows:
         evr = [row.get(f"evr_{c}") for c in range(1, table.n_evr + 1)]
         k = sum(1 for v in evr if v is not None)
@@ -556,8 +602,40 @@ def _rows_json(table) -> Dict[str, Any]:
                      "correct": cell_bool(row.get("correct")), "evr": evr, "k": k,
                      "map_change": row.get(_layout.TABLE_MAP_CHANGE_COLUMN),
                      "rendered": bool(row.get(_layout.TABLE_IMAGE_COLUMN)),
-                     "g": _geometry_index(row, geometries, seen)})
-    return {"epochs": table.epochs, "n_evr": table.n_evr, "geometries": geometries, "rows": rows}
+                     "g": _geometry_index(row, geometries, seen),
+                     "s": [_number(row.get(name)) for name in signals]})
+    return {"epochs": table.epochs, "n_evr": table.n_evr, "geometries": geometries,
+            "signals": signals, "rows": rows}
+
+
+# Table columns that are not a per-sample signal: the fixed ones, the card, the boxes' counts
+# and the image; ``evr_*`` too (the page has them as ``evr``).
+_NOT_SIGNALS = frozenset(_layout.TABLE_COLUMNS + _layout.TABLE_BOX_COLUMNS
+                         + (_layout.TABLE_IMAGE_COLUMN, _layout.TABLE_CARD_COLUMN))
+_EVR = re.compile(r"^evr_\d+$")
+
+
+def signal_columns(table) -> List[str]:
+    """The table's per-sample signal columns, in the logged order: ``map_change``, the
+    signals of :data:`~mlflow_eigencam._layout.TABLE_SIGNAL_COLUMNS` and any numeric column a
+    newer logger adds (found from the table, not from a list, so that a new one shows up)."""
+    out = []
+    for name in table.columns:
+        if name in _NOT_SIGNALS or _EVR.match(name):
+            continue
+        values = [row.get(name) for row in table.rows]
+        if all(v is None or _number(v) is not None for v in values) and \
+                any(v is not None for v in values):
+            out.append(name)
+    return out
+
+
+def _number(v: Any) -> Optional[float]:
+    """A finite number of a table cell, else None (empty, NaN, text)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    f = float(v)
+    return f if f == f and abs(f) != float("inf") else None
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -123,3 +123,70 @@ def test_a_run_the_user_may_not_read_is_never_listed_described_or_served(trackin
     status, body = _get(app, "/api/search", "q=")
     assert sorted(r["run_id"] for r in json.loads(body)["runs"]) == sorted([mine, secret])
     assert _get(app, "/api/image", f"run={secret}&{q}&kind=card")[0] == 200
+
+
+def test_signals_are_found_from_the_table_and_the_metric_keys(tracking_uri):
+    """/api/data names the table's signal columns and gives each row's values in that order;
+    /api/metrics gives the per-epoch series of the EigenCAM metrics no table column holds
+    (found by key, whatever their name), and the run's parameters come with its summary."""
+    from tests.helpers.explorer_runs import PROBE_METRIC, log_run
+
+    rid = log_run(tracking_uri, "signals", "s", 2, 3, signals=True)
+    app = Explorer(tracking_uri)
+    status, body = _get(app, "/api/data", f"runs={rid}&mode=eval&ds_id=val")
+    run = json.loads(body)["runs"][0]
+    assert run["signals"] == ["map_change", "localization", "pointing_game", "faithfulness"]
+    assert run["summary"]["params"] == {"quality": "1.0", "seed": "0"}
+    from mlflow_eigencam._reader import Reader
+
+    table = Reader(tracking_uri).table(rid, "eval", "val")
+    for got, row in zip(run["rows"], table.rows):
+        assert got["s"] == [row.get(n) for n in run["signals"]]
+    status, body = _get(app, "/api/metrics", f"runs={rid},{'f' * 32}&mode=eval&ds_id=val")
+    answer = json.loads(body)["runs"]
+    assert answer[0]["metrics"] == {PROBE_METRIC: [[0, 0.5], [1, pytest.approx(0.6)]]}
+    assert "error" in answer[1] and "metrics" not in answer[1]
+
+
+def test_ui_runs_on_gunicorn_and_a_stuck_client_holds_no_other_request(tracking_uri, tmp_path):
+    """``mlflow-eigencam ui`` runs on gunicorn (threads, one process), which MLflow installs
+    off Windows: eight requests at once are answered while a client that never finishes its
+    request holds a connection; SIGTERM stops it with 0."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.helpers import child_env
+    from tests.helpers.readback import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow_eigencam", "ui", "--tracking-uri",
+                             tracking_uri, "--port", str(port)], cwd=tmp_path, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stuck = None
+    try:
+        line = proc.stdout.readline()
+        assert f"at http://127.0.0.1:{port}/" in line, proc.stderr.read() if not line else line
+
+        def get(_):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/config", timeout=60) as r:
+                return r.headers["Server"], json.loads(r.read())["tracking_uri"]
+
+        get(0)  # the worker is up
+        stuck = socket.create_connection(("127.0.0.1", port), timeout=60)
+        stuck.sendall(b"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(get, range(8)))
+        assert answers == [(answers[0][0], tracking_uri)] * 8 and "gunicorn" in answers[0][0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if stuck is not None:
+            stuck.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

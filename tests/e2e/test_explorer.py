@@ -727,53 +727,7 @@ def test_before_after_swipe_shows_two_epochs_or_two_runs_on_one_image(world, pag
     assert f"run={good}&" in page.get_attribute("#detail-img", "src")
 
 
-# ----------------------------------------------------------------------------- numbers
-
-
-def test_charts_show_each_runs_numbers_per_epoch_and_follow_the_slider(world, page):
-    """The charts' points are the share of correct rows and the mean map change of each run
-    at each epoch, as its table says; the marker follows the slider, a click on a chart
-    moves the slider."""
-    tables = world.tables()
-    names = ["good", "worse"]
-    _open(page, world.page_url(runs=",".join(world.runs[n] for n in names), epoch=3))
-    for metric in ("acc", "map_change"):
-        for n in names:
-            got = page.eval_on_selector_all(
-                f"#charts svg[data-metric='{metric}'] g.series[data-run='{world.runs[n]}'] circle",
-                "cs => cs.map(c => [+c.dataset.epoch, +c.dataset.value])")
-            want = []
-            for e in tables[n].epochs:
-                rows = [r for r in tables[n].rows if int(r["epoch"]) == e]
-                if metric == "acc":
-                    want.append((e, sum(r["correct"] is True for r in rows) / len(rows)))
-                else:
-                    vals = [r["map_change"] for r in rows if r.get("map_change") is not None]
-                    if vals:
-                        want.append((e, sum(vals) / len(vals)))
-            assert [e for e, _ in got] == [e for e, _ in want], (metric, n)
-            assert [v for _, v in got] == pytest.approx([v for _, v in want]), (metric, n)
-
-    def marker():
-        return page.eval_on_selector_all("#charts .marker",
-                                         "ms => ms.map(m => [m.dataset.epoch, +m.getAttribute('x1')])")
-
-    def x_of(epoch):
-        return float(page.get_attribute(f"#charts svg[data-metric='acc'] circle[data-epoch='{epoch}']", "cx"))
-
-    assert [m[0] for m in marker()] == ["3", "3"] and marker()[0][1] == pytest.approx(x_of(3), abs=0.1)
-    page.click("#prev")
-    assert [m[0] for m in marker()] == ["2", "2"] and marker()[0][1] == pytest.approx(x_of(2), abs=0.1)
-    # A click on the chart near epoch 0 moves the slider there.
-    chart = page.locator("#charts svg[data-metric='acc']")
-    box = chart.bounding_box()
-    chart.click(position={"x": x_of(0) * box["width"] / 360 + 2, "y": box["height"] / 2})
-    assert page.text_content("#epoch-label") == "epoch 0"
-    assert [m[0] for m in marker()] == ["0", "0"] and "epoch=0" in page.url
-    # Every epoch is named on the x axis (epoch 0 too).
-    ticks = page.eval_on_selector_all("#charts svg[data-metric='acc'] text.tick[text-anchor='middle']",
-                                      "ts => ts.map(t => t.textContent)")
-    assert ticks == ["0", "1", "2", "3"]
+# ----------------------------------------------------------------------------- the slider
 
 
 def test_a_typed_epoch_and_the_keyboard_move_the_slider(world, page):

@@ -9,6 +9,11 @@ move towards the true class at a rate set by ``--quality`` (a run that learns wo
 
 With ``--hold FILE`` the run logs every epoch but the last, prints ``HOLDING``, waits until
 FILE exists, then logs the last epoch and ends: a run that is still logging.
+
+With ``signals=True`` (``--signals``) the logger also gets the objects' masks (the
+``localization`` and ``pointing_game`` columns) and a per-sample ``faithfulness`` score, and
+the run logs one more per-epoch metric under the EigenCAM prefix, ``PROBE_METRIC``, that no
+table holds (as a label-free signal is): the explorer finds signals by name, not from a list.
 """
 
 from __future__ import annotations
@@ -22,8 +27,13 @@ import numpy as np
 from tests.helpers.logger_run import CLASSES, activations_at, make_eval_set
 
 
+#: The metric-only signal of ``signals=True`` runs: ``eigencam/eval/val/probe``.
+PROBE_METRIC = "probe"
+
+
 def log_run(tracking_uri: str, experiment: str, run_name: str, epochs: int, n_samples: int,
-            quality: float = 1.0, hold: str | None = None, seed: int = 0, size: int = 64) -> str:
+            quality: float = 1.0, hold: str | None = None, seed: int = 0, size: int = 64,
+            signals: bool = False) -> str:
     """Log one run; returns its run id."""
     import mlflow
 
@@ -45,8 +55,13 @@ def log_run(tracking_uri: str, experiment: str, run_name: str, epochs: int, n_sa
             logits = rng.normal(0, 1, size=(len(labels), len(CLASSES)))
             logits[np.arange(len(labels)), labels] += quality * 1.2 * epoch
             acts = activations_at(int(epoch * quality), masks, seed=seed)
-            logger.on_batch_end(images, acts, labels, logits, mode="eval", ds_id="val")
+            extra = {}
+            if signals:  # a score that grows with the epoch, one per sample, some negative
+                extra = {"masks": masks, "faithfulness": rng.uniform(-0.3, 0.2, len(labels)) + 0.2 * epoch * quality}
+            logger.on_batch_end(images, acts, labels, logits, mode="eval", ds_id="val", **extra)
             logger.on_epoch_end(epoch)
+            if signals:
+                mlflow.log_metric(f"eigencam/eval/val/{PROBE_METRIC}", 0.5 + 0.1 * epoch * quality, step=epoch)
             mlflow.log_metric("val_acc", float((logits.argmax(1) == labels).mean()), step=epoch)
             if not logger.flush(timeout=60):
                 raise SystemExit("EigenCAM items were not confirmed by MLflow within 60 s")
@@ -65,9 +80,10 @@ def main(argv=None) -> None:
     p.add_argument("--quality", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hold", default=None)
+    p.add_argument("--signals", action="store_true", help="masks, faithfulness and a probe metric")
     a = p.parse_args(argv)
     rid = log_run(a.tracking_uri, a.experiment, a.run_name, a.epochs, a.n_samples, a.quality,
-                  a.hold, a.seed)
+                  a.hold, a.seed, signals=a.signals)
     print("RUN", rid, flush=True)
 
 

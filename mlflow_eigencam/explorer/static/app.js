@@ -4,10 +4,13 @@
 
 const CELL = 128; // CSS px of one overlay panel
 const POLL_MS = 3000;
-const PARAMS = ["runs", "mode", "ds_id", "epoch", "component", "filter", "label", "pred", "sort", "since"];
+const PARAMS = ["runs", "mode", "ds_id", "epoch", "component", "filter", "label", "pred", "sort", "since",
+                "epochs", "group", "signal", "min", "max"];
 
+// epochs: the fan-out's chosen epochs; group: the run parameter the runs are grouped by;
+// signal, min, max: the signal filter (views.js).
 const S = { runs: [], mode: "", ds_id: "", epoch: null, component: 1, filter: "", label: "",
-            pred: "", sort: "", since: null };
+            pred: "", sort: "", since: null, epochs: [], group: "", signal: "", min: "", max: "" };
 let CONFIG = { tracking_uri: "", mlflow_ui: null, max_runs: 64 };
 let META = {};        // requested id -> run summary from /api/runs
 let DATA = null;      // last /api/data answer
@@ -70,12 +73,18 @@ function readURL() {
   S.pred = p.get("pred") || "";
   S.sort = p.get("sort") || "";
   S.since = p.has("since") && p.get("since") !== "" ? parseInt(p.get("since"), 10) : null;
+  S.epochs = parseEpochs(p.get("epochs")).slice(0, MAX_FAN);
+  S.group = p.get("group") || "";
+  S.signal = p.get("signal") || "";
+  S.min = p.get("min") || "";
+  S.max = p.get("max") || "";
 }
 
 function writeURL() {
-  const st = Object.assign({}, S, { runs: S.runs.join(","), component: S.component === 1 ? "" : S.component });
+  const st = Object.assign({}, S, { runs: S.runs.join(","), component: S.component === 1 ? "" : S.component,
+    epochs: (DATA ? fanEpochs() : S.epochs).join(","), min: S.signal ? S.min : "", max: S.signal ? S.max : "" });
   const q = [qs(Object.fromEntries(PARAMS.map((k) => [k, st[k]]))), Overlay.query()].filter(Boolean).join("&");
-  const url = location.pathname + (q ? "?" + q.replace(/%2C/g, ",") : "");
+  const url = location.pathname + (q ? "?" + q.replace(/%2C/g, ",").replace(/%3A/g, ":") : "");
   if (url !== location.pathname + location.search) history.replaceState(null, "", url);
 }
 
@@ -202,6 +211,7 @@ async function fetchData(first) {
     chooseModeDs();
   }
   render();
+  loadMetrics(text); // the label-free signals' metrics, after the first paint
   schedulePoll();
 }
 
@@ -215,6 +225,7 @@ function schedulePoll() {
 function index() {
   RUNS = DATA.runs.map((r) => {
     const meta = META[r.requested] || {};
+    indexSignals(r);
     const bySid = new Map(); const order = [];
     for (const row of r.rows || []) {
       if (!bySid.has(row.sample_id)) { bySid.set(row.sample_id, new Map()); order.push(row.sample_id); }
@@ -239,7 +250,9 @@ function sinceEpoch() {
 }
 
 function columns() {
-  const ok = RUNS.filter((r) => !r.error);
+  const ok = orderedRuns(); // grouped by a parameter when asked
+  const fan = fanEpochs(); // chosen epochs side by side, for every run
+  if (fan.length) return ok.flatMap((r) => fan.map((e) => ({ run: r, epoch: e })));
   if (ok.length === 1) return ok[0].epochs.map((e) => ({ run: ok[0], epoch: e }));
   return ok.map((r) => ({ run: r, epoch: null })); // epoch null: the slider's
 }
@@ -267,6 +280,7 @@ function considered(sid) {
 function cellPasses(run, sid, row) {
   if (!row) return false;
   if (S.pred && row.prediction !== S.pred) return false;
+  if (!signalPasses(row)) return false;
   const f = S.filter;
   if (f === "correct") return row.correct === true;
   if (f === "wrong") return row.correct === false;
@@ -283,14 +297,12 @@ function cellPasses(run, sid, row) {
 
 function rowPasses(sid) {
   if (S.label) { const f = firstRow(sid); if (!f || f.row.label !== S.label) return false; }
-  if (!S.filter && !S.pred) return true;
+  if (!S.filter && !S.pred && !S.signal) return true;
   return considered(sid).some((c) => cellPasses(c.run, sid, c.row));
 }
 
 function sortKey(sid) {
-  const vals = considered(sid).map((c) => S.sort === "evr" ? c.row.evr[S.component - 1] : c.row.map_change)
-    .filter((v) => v !== null && v !== undefined);
-  return vals.length ? Math.max(...vals) : -Infinity;
+  return signalSortKey(considered(sid)); // evr, or a signal, most or least first
 }
 
 function render() {
@@ -306,7 +318,7 @@ function render() {
   $("epoch-label").dataset.epoch = S.epoch === null ? "" : S.epoch;
   if (document.activeElement !== $("epoch-jump")) $("epoch-jump").value = S.epoch === null ? "" : S.epoch;
   $("filter").value = S.filter;
-  $("sort").value = S.sort;
+  renderViews(); // the sorts, the signal filter, the fan-out, the groups
   fillSelect($("since"), EPOCHS.filter((e) => e !== S.epoch), sinceEpoch());
   $("since-wrap").hidden = !["changed", "became_right", "became_wrong"].includes(S.filter);
   const labels = new Set(), preds = new Set();
@@ -387,7 +399,7 @@ function renderGrid(sids) {
   }
   if (!sids.length) body.append(el("tr", {}, el("td", { colspan: cols.length + 1 },
     sampleRows().length ? "No sample matches these filters." : "These runs logged no samples here.")));
-  grid.replaceChildren(el("thead", {}, head), body);
+  grid.replaceChildren(el("thead", {}, groupHeadRow(cols), head), body);
   for (const tr of body.querySelectorAll("tr.sample")) {
     const z = ZOOM.get(tr.dataset.sid);
     tr.dataset.zoom = z ? z.z.toFixed(3) : "";
@@ -423,6 +435,7 @@ function columnHead(c) {
     el("div", { class: "muted" }, `${m.experiment || ""} · `, el("code", {}, r.run_id.slice(0, 8))),
     el("div", { class: "status-" + r.status }, r.status === "RUNNING" ? "running" : r.status.toLowerCase()),
     el("div", { class: "muted" }, epochStats(r, epoch)),
+    ...runBadges(r),
     link ? el("a", { href: link, target: "_blank", rel: "noopener" }, "open in MLflow") : null);
   return th;
 }
@@ -547,7 +560,7 @@ function cell(c, sid) {
   const row = m.get(epoch);
   if (!row) return el("td", { class: cls, dataset: { run: r.run_id, epoch, state: "missing" } },
     el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, `not logged at epoch ${epoch}`));
-  const active = (S.filter || S.pred) && (c.epoch === null || c.epoch === S.epoch);
+  const active = (S.filter || S.pred || S.signal) && (c.epoch === null || c.epoch === S.epoch);
   const dim = active && !cellPasses(r, sid, row);
   const td = el("td", { class: cls, dataset: { run: r.run_id, epoch, state: "logged",
     correct: row.correct === null ? "" : String(row.correct), pred: row.prediction === null ? "" : row.prediction,
@@ -561,7 +574,7 @@ function cell(c, sid) {
   const mark = row.correct === null ? null : el("span", { class: row.correct ? "ok" : "bad" }, row.correct ? " ✓" : " ✗");
   td.append(box, el("div", { class: "cap" }, `pred: ${row.prediction === null ? "-" : row.prediction}`, mark, el("br"),
     el("span", { class: "muted" }, evr === null || evr === undefined ? `PC${S.component} n/a` : `PC${S.component} ${(evr * 100).toFixed(1)}%`,
-      row.map_change === null || row.map_change === undefined ? "" : ` · Δmap ${row.map_change.toFixed(2)}`)));
+      row.map_change === null || row.map_change === undefined ? "" : ` · Δmap ${row.map_change.toFixed(2)}`, signalNote(row))));
   return td;
 }
 
@@ -666,7 +679,7 @@ function exportLinks(sids) {
   const ok = RUNS.filter((r) => !r.error);
   const q = { runs: ok.map((r) => r.run_id).join(","), mode: S.mode, ds_id: S.ds_id, epoch: S.epoch,
               component: S.component };
-  const filtered = S.filter || S.label || S.pred || S.sort;
+  const filtered = S.filter || S.label || S.pred || S.sort || S.signal;
   if (filtered) q.samples = sids.join(",") || ","; // "," : filtered to nothing
   $("export-png").href = "api/export?" + qs(Object.assign({ format: "png" }, q));
   $("export-html").href = "api/export?" + qs(Object.assign({ format: "html" }, q));
@@ -714,6 +727,7 @@ function play() {
 
 function wire() {
   wireZoom($("grid"));
+  wireViews();
   // On the document: focus may be on the page's body once the dialog's content is redrawn.
   document.addEventListener("keydown", (ev) => {
     if ($("detail").open && detailStep(ev.key)) ev.preventDefault();

@@ -3,26 +3,43 @@
 "use strict";
 
 // Per-epoch numbers of each run, from the tables the page already has (no request): the
-// share of correct predictions and the mean map change. Inline SVG; a marker at the
-// slider's epoch; a click on a chart moves the slider to the nearest epoch.
+// share of correct predictions and the mean of each per-sample signal (map change and every
+// other signal column); then each signal only the metrics have (views.js reads them after
+// the tables). Inline SVG; a marker at the slider's epoch, lighter ones at the fan-out's
+// epochs; a click on a chart moves the slider to the nearest epoch, a shift-click adds that
+// epoch to the fan-out (or takes it out).
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"];
-const CHARTS = [
-  { metric: "acc", title: "correct (share of the samples)", fixedMax: 1, fmt: (v) => `${Math.round(v * 100)}%` },
-  { metric: "map_change", title: "map change (mean)", fixedMax: null, fmt: (v) => v.toFixed(3) },
-];
+const ACC_CHART = { metric: "acc", title: "correct (share of the samples)", fixedMax: 1, fmt: (v) => `${Math.round(v * 100)}%` };
+
+// The charts: accuracy, each table signal (mean over the samples), each metric-only signal.
+function chartList() {
+  const fmt = (v) => (Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(3));
+  return [ACC_CHART,
+    ...tableSignals().map((n) => ({ metric: n, title: `${n.replace(/_/g, " ")} (mean)`, fixedMax: null, fmt })),
+    ...metricSignals().map((n) => ({ metric: n, title: `${n.replace(/_/g, " ")} (metric)`, fixedMax: null, fmt, logged: true }))];
+}
 const CW = 360, CH = 150, PAD = { l: 44, r: 10, t: 20, b: 26 };
 let chartsFor = null; // the data the charts were drawn from
 
 function series(run) {
   const out = [];
+  const names = run.signals || [];
+  const logged = METRICS[run.run_id] || {};
   for (const e of run.epochs || []) {
-    let known = 0, right = 0, change = 0, nc = 0;
+    let known = 0, right = 0;
+    const sum = names.map(() => [0, 0]);
     for (const m of run.bySid.values()) {
       const row = m.get(e); if (!row) continue;
       if (row.correct !== null) { known++; if (row.correct) right++; }
-      if (row.map_change !== null && row.map_change !== undefined) { change += row.map_change; nc++; }
+      names.forEach((n, i) => { const v = row.sig[n]; if (v !== undefined) { sum[i][0] += v; sum[i][1]++; } });
     }
-    out.push({ epoch: e, acc: known ? right / known : null, map_change: nc ? change / nc : null });
+    const point = { epoch: e, acc: known ? right / known : null };
+    names.forEach((n, i) => { point[n] = sum[i][1] ? sum[i][0] / sum[i][1] : null; });
+    for (const [n, pts] of Object.entries(logged)) if (!(n in point)) {
+      const p = pts.find((x) => x[0] === e);
+      point[n] = p ? p[1] : null;
+    }
+    out.push(point);
   }
   return out;
 }
@@ -46,10 +63,10 @@ function renderCharts() {
   const runs = RUNS.filter((r) => !r.error && (r.epochs || []).length);
   box.hidden = !runs.length || !EPOCHS.length;
   if (box.hidden) { box.replaceChildren(); chartsFor = null; return; }
-  if (chartsFor !== dataText) {
-    chartsFor = dataText;
+  if (chartsFor !== dataText + metricsText) {
+    chartsFor = dataText + metricsText;
     const data = runs.map((r, i) => ({ run: r, color: COLORS[i % COLORS.length], points: series(r) }));
-    const charts = CHARTS.map((c) => drawChart(c, data));
+    const charts = chartList().map((c) => drawChart(c, data));
     const legend = el("div", { class: "legend" }, ...data.map((d) => el("span", { dataset: { run: d.run.run_id } },
       el("i", { style: { background: d.color } }), d.run.meta.run_name || d.run.run_id.slice(0, 8))));
     box.replaceChildren(...charts, legend);
@@ -58,16 +75,23 @@ function renderCharts() {
   for (const m of box.querySelectorAll(".marker")) {
     m.setAttribute("x1", x); m.setAttribute("x2", x); m.dataset.epoch = S.epoch;
   }
+  const fan = fanEpochs();
+  for (const g of box.querySelectorAll("svg.chart")) {
+    for (const f of g.querySelectorAll(".fan")) f.remove();
+    for (const e of fan) g.append(svg("line", { class: "fan", x1: chartX(e), x2: chartX(e), y1: PAD.t, y2: CH - PAD.b, "data-epoch": e }));
+  }
 }
 
 function drawChart(c, data) {
-  const vals = data.flatMap((d) => d.points.map((p) => p[c.metric])).filter((v) => v !== null);
+  const has = (v) => v !== null && v !== undefined;
+  const vals = data.flatMap((d) => d.points.map((p) => p[c.metric])).filter(has);
   const max = c.fixedMax || Math.max(1e-6, ...vals) * 1.1;
-  const y = (v) => CH - PAD.b - (v / max) * (CH - PAD.t - PAD.b);
+  const min = c.fixedMax ? 0 : Math.min(0, ...vals) * 1.1; // faithfulness can be negative
+  const y = (v) => CH - PAD.b - ((v - min) / (max - min)) * (CH - PAD.t - PAD.b);
   const g = svg("svg", { class: "chart", viewBox: `0 0 ${CW} ${CH}`, width: CW, height: CH, "data-metric": c.metric,
     role: "img", "aria-label": c.title });
   g.append(svg("text", { x: PAD.l, y: 13, class: "ctitle" }, c.title));
-  for (const v of [0, max / 2, max]) {
+  for (const v of min < 0 ? [min, 0, max] : [0, max / 2, max]) {
     g.append(svg("line", { x1: PAD.l, x2: CW - PAD.r, y1: y(v), y2: y(v), class: "grid" }),
       svg("text", { x: PAD.l - 4, y: y(v) + 4, class: "tick", "text-anchor": "end" }, c.fmt(v)));
   }
@@ -77,7 +101,7 @@ function drawChart(c, data) {
       g.append(svg("text", { x: chartX(e), y: CH - 8, class: "tick", "text-anchor": "middle" }, e));
   });
   for (const d of data) {
-    const pts = d.points.filter((p) => p[c.metric] !== null);
+    const pts = d.points.filter((p) => has(p[c.metric]));
     if (!pts.length) continue;
     const line = svg("g", { class: "series", "data-run": d.run.run_id });
     line.append(svg("polyline", { fill: "none", stroke: d.color, "stroke-width": 1.5,
@@ -93,7 +117,8 @@ function drawChart(c, data) {
     const x = (ev.clientX - r.left) * CW / r.width;
     let best = EPOCHS[0];
     for (const e of EPOCHS) if (Math.abs(chartX(e) - x) < Math.abs(chartX(best) - x)) best = e;
-    if (best !== S.epoch) { S.epoch = best; render(); }
+    if (ev.shiftKey) toggleFan(best); // the fan-out: this epoch beside the others
+    else if (best !== S.epoch) { S.epoch = best; render(); }
   });
   return g;
 }
