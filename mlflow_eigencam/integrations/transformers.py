@@ -87,7 +87,8 @@ __all__ = ["EigenCAMCallback", "autolog_add_callback"]
 
 #: Run tag naming what the MLflow step of the images is.
 TAG_STEP = "mlflow_eigencam.step"
-STEP_MEANING = "transformers global_step (the step of Trainer's eval_* and epoch metrics)"
+STEP_MEANING = ("transformers global_step (the step of Trainer's eval_* and epoch metrics); the epoch "
+                "of each step: the table's train_epoch column")
 _IMAGE_KEY = "pixel_values"
 _LABEL_KEY = "labels"
 
@@ -219,7 +220,8 @@ class EigenCAMCallback(TrainerCallback):
         mode, ds_id, step = kept
         try:
             assert self._monitor is not None
-            self._monitor.epoch_end(step, mode=mode)
+            epoch = getattr(state, "epoch", None)  # a float: 1.5 halfway through the second epoch
+            self._monitor.epoch_end(step, mode=mode, train_epoch=None if epoch is None else float(epoch))
             self._last_step[ds_id] = step
         except Exception as exc:  # a logging failure never stops training
             self._fail(exc, step)

@@ -46,9 +46,13 @@ def test_autolog_one_line_logs_into_trainers_run_at_its_eval_steps(tmp_path, tra
     assert all(sorted(steps) == [2, 4] for steps in series.values())
     assert run.data.tags[_layout.TAG_TARGET_LAYER].startswith("vit.layernorm (auto: tokens")
     assert "global_step" in run.data.tags["mlflow_eigencam.step"]
+    assert "train_epoch" in run.data.tags["mlflow_eigencam.step"]
     table = load_json(MlflowClient(), rid, _layout.table_path("eval", "val"))
+    assert table["columns"][:2] == ["epoch", "train_epoch"]
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
-    assert sorted({r["epoch"] for r in rows}) == [2, 4]
+    # The step (global_step) and the epoch Trainer logs its metrics with, side by side.
+    assert sorted({(r["epoch"], r["train_epoch"]) for r in rows}) == [(2, 1.0), (4, 2.0)]
+    assert {(s, e) for s, e in metric_steps(MlflowClient(), rid, "epoch") if s in (2, 4)} == {(2, 1.0), (4, 2.0)}
     val = ShapesDataset(8, seed=2)
     names = ("circle", "square", "triangle")
     assert [r["label"] for r in rows if r["epoch"] == 2] == [names[int(val.labels[i])] for i in (0, 1)]
@@ -85,6 +89,9 @@ def test_evaluation_every_n_steps_logs_each_at_its_own_step(tmp_path, tracking_u
     rid = _only_run()
     assert _eval_steps(rid) == [1, 2, 3, 4]
     assert sorted(image_series(MlflowClient(), rid)["eigencam/eval/val/sample_0"]) == [1, 2, 3, 4]
+    table = load_json(MlflowClient(), rid, _layout.table_path("eval", "val"))
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [(r["epoch"], r["train_epoch"]) for r in rows] == [(1, 0.5), (2, 1.0), (3, 1.5), (4, 2.0)]
     # Same global step as the last evaluation (same weights): skipped, no second point at 4.
     # (Trainer's MLflowCallback ended its run; its eval metrics now go to a new run.)
     trainer.evaluate()
