@@ -59,7 +59,8 @@ The step: ``state.global_step``, the step at which Trainer's ``MLflowCallback`` 
 ``eval_*`` metrics (and its ``epoch`` metric, a float, at that same step). Not the epoch:
 with ``eval_strategy="steps"`` several evaluations fall in one epoch and would collide on one
 step, and the image slider would not line up with Trainer's eval curves. The run tag
-``mlflow_eigencam.step`` says so; the table's ``epoch`` column holds the same global step.
+``mlflow_eigencam.step`` says so; the table's ``epoch`` column holds the same global step,
+its ``train_epoch`` column ``state.epoch`` (a float: 1.5 halfway through the second epoch).
 An evaluation at a global step already logged for that dataset (``trainer.evaluate()`` right
 after a train that ended with an evaluation) is skipped: one image per step and key.
 """
