@@ -4,9 +4,11 @@ The same seeded ``Trainer.train()`` with and without the callback, interleaved (
 drifts in machine load hit both arms alike. Printed: each arm's median ``train_runtime``,
 their difference per evaluation, the median training step of each arm, and the
 process CPU time of each arm (less sensitive than wall time to other processes on a
-shared machine), and the callback's own time inside ``on_evaluate`` (the
-extra forward pass of the pinned images, EigenCAM, rendering, writing the record; the
-upload runs on a background thread and is only in the whole-run difference).
+shared machine), the median ``eval_runtime`` Trainer reports for each arm (its evaluation
+loop, where the callback's hooks keep the first samples' rows and, with the faithfulness
+signal, score them), and the callback's own time inside ``on_evaluate`` (EigenCAM,
+rendering, writing the record; the upload runs on a background thread and is only in the
+whole-run difference).
 
     python benchmarks/bench_transformers_overhead.py
 """
@@ -94,7 +96,8 @@ def run(with_callback: bool, args: argparse.Namespace, out: str) -> tuple:
         callback.close()  # the background upload's CPU is counted too
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     n_evals = sum(1 for e in trainer.state.log_history if "eval_loss" in e)
-    return wall, cpu, n_evals, (callback.times if callback is not None else []), steps.times
+    loops = [e["eval_runtime"] for e in trainer.state.log_history if "eval_runtime" in e]
+    return wall, cpu, n_evals, (callback.times if callback is not None else []), steps.times, loops
 
 
 def main() -> None:
@@ -114,10 +117,12 @@ def main() -> None:
         walls: dict = {False: [], True: []}
         cpus: dict = {False: [], True: []}
         step_times: dict = {False: [], True: []}
+        loop_times: dict = {False: [], True: []}
         inside: list = []
         n_evals = 0
         for arm in (False, True) * args.pairs:
-            wall, cpu, n_evals, times, steps = run(arm, args, f"{d}/out")
+            wall, cpu, n_evals, times, steps, loops = run(arm, args, f"{d}/out")
+            loop_times[arm] += loops[1:]  # the first evaluation also finds the layer
             walls[arm].append(wall)
             cpus[arm].append(cpu)
             step_times[arm] += steps
@@ -133,6 +138,9 @@ def main() -> None:
     cpu_without, cpu_with = statistics.median(cpus[False]), statistics.median(cpus[True])
     print(f"process CPU (all threads, upload included), median: without {cpu_without:.2f} s, with "
           f"{cpu_with:.2f} s: {(cpu_with - cpu_without) / n_evals * 1e3:.0f} ms per evaluation")
+    print(f"Trainer's eval_runtime (the evaluation loop, after the first), median: without "
+          f"{statistics.median(loop_times[False]) * 1e3:.0f} ms, "
+          f"with {statistics.median(loop_times[True]) * 1e3:.0f} ms")
     print(f"inside on_evaluate (after the first): median {statistics.median(t for t, _ in inside) * 1e3:.0f} ms "
           f"wall, {statistics.median(c for _, c in inside) * 1e3:.0f} ms CPU of the training thread, "
           f"n={len(inside)}")

@@ -41,6 +41,9 @@ MLFLOW_LOGGED_IMAGES = "mlflow.loggedImages"
 #: Fixed table columns; ``evr_1`` .. ``evr_k`` follow ``correct``, then ``image``.
 TABLE_COLUMNS = ("epoch", "sample_index", "sample_id", "label", "prediction", "correct")
 TABLE_IMAGE_COLUMN = "image"
+#: The framework's own (fractional) epoch when the step is another counter (transformers'
+#: ``global_step``); right after ``epoch``, only in tables whose rows have it.
+TABLE_TRAIN_EPOCH_COLUMN = "train_epoch"
 #: Explanation drift: 1 - Pearson correlation of the PC1 map with the previous logged epoch's
 #: (empty at the first epoch); between the ``evr_*`` columns and ``image``.
 TABLE_MAP_CHANGE_COLUMN = "map_change"

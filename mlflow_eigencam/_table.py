@@ -100,6 +100,8 @@ def to_json(rows: List[dict]) -> bytes:
         columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_BOX_COLUMNS
     if any(_layout.TABLE_MASK_COLUMNS[0] in r for r in rows):  # a segmenter's table
         columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_MASK_COLUMNS
+    if any(_layout.TABLE_TRAIN_EPOCH_COLUMN in r for r in rows):
+        columns.insert(1, _layout.TABLE_TRAIN_EPOCH_COLUMN)
     return dumps({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]})
 
 

@@ -182,6 +182,7 @@ class EigenCAMLogger:
         self._writer = uuid.uuid4().hex[:12]
         self._step_offset = 0
         self._fit_last_step: Optional[int] = None
+        self._train_epoch: Optional[float] = None  # of the on_epoch_end call in progress
         self._once = WarnOnce()
         self._target_layer = target_layer
         self._extra_tags = _check_extra_tags(extra_tags)
@@ -358,17 +359,23 @@ class EigenCAMLogger:
 
     # -- epochs --------------------------------------------------------------------------
     def on_epoch_end(self, epoch: int, *, mode: Optional[str] = None,
-                     ds_id: Optional[str] = None) -> None:
+                     ds_id: Optional[str] = None, train_epoch: Optional[float] = None) -> None:
         """Log what was kept for every (mode, ds_id) seen (or only the one given) at
         ``step = epoch + step_offset`` (see :meth:`begin_fit`).
 
         When this returns, the epoch's images, table rows and metrics are on disk in the spool
         (see docs/server-down.md); the upload happens on a background thread. A step that was
         logged already (the same epoch ended twice, a resumed run) is not logged again: the
-        first stands, with one warning (see docs/artifact-layout.md).
+        first stands, with one warning (see docs/artifact-layout.md). ``train_epoch``: the
+        framework's own epoch when ``epoch`` counts something else (transformers' global
+        step), written in the table's ``train_epoch`` column.
         """
         with self._lock:
-            self._epoch_end(epoch, mode, ds_id)
+            self._train_epoch = train_epoch
+            try:
+                self._epoch_end(epoch, mode, ds_id)
+            finally:
+                self._train_epoch = None
 
     @property
     def step_offset(self) -> int:
@@ -593,6 +600,8 @@ class EigenCAMLogger:
         # gets them too, merged by the sender: a view for MLflow's UI and load_table that
         # another writer may overwrite (streamed rows stay out of it: it would be re-sent
         # whole every epoch; it is still written so the table is registered).
+        if self._train_epoch is not None:
+            rows = [dict(r, **{_layout.TABLE_TRAIN_EPOCH_COLUMN: float(self._train_epoch)}) for r in rows]
         files[_layout.table_part_path(mode, ds_id, epoch, now, self._writer)] = \
             _table.to_json(rows)
         tables = [_layout.table_path(mode, ds_id)]

@@ -4,21 +4,37 @@
                       callbacks=[EigenCAMCallback()])          # or mlflow_eigencam.autolog()
     trainer.train()
 
-What it does at each evaluation (``on_evaluate``):
+What it does at each evaluation, inside Trainer's own evaluation loop (no extra forward pass):
 
-* the first time, it pins the first ``n_samples`` items of the evaluation dataset (the
-  dataset behind Trainer's eval dataloader, collated by that loader's own ``collate_fn``, so
-  columns Trainer removes are removed here too), kept on the CPU;
-* it runs those pinned items through the model once (``torch.no_grad()``, eval mode, every
-  module's ``training`` flag and the CPU / CUDA random state restored afterwards), inside an
-  :meth:`~mlflow_eigencam.pytorch.EigenCAMMonitor.capture` block, which holds the forward hook
-  on the target layer only for that pass; the same images are shown at every evaluation.
-  This extra pass (``n_samples`` images) is the whole cost; Trainer's own evaluation loop is
-  not touched;
-* it logs them under mode ``"eval"``, dataset id ``"val"``; Trainer's ``metric_key_prefix``
-  names the others: a dict of eval datasets gives ``"val_<name>"``, ``trainer.evaluate(ds,
-  metric_key_prefix="test")`` mode and dataset id ``"test"``; another dataset under a prefix
-  already used gets ``"_1"``, ``"_2"``... appended.
+* two hooks on the model (a forward pre-hook and a forward hook) are on it from the moment the
+  callback first sees it (``on_init_end`` for a callback passed to ``Trainer``,
+  ``on_train_begin`` for autolog) until ``on_train_end`` or :meth:`EigenCAMCallback.close`.
+  They return at once in training mode. In eval mode, inside ``Trainer.evaluate``, while the
+  logger still wants samples of this evaluation, the pre-hook reads the batch's
+  ``pixel_values`` and labels from the forward's arguments and opens an
+  :meth:`~mlflow_eigencam.pytorch.EigenCAMMonitor.capture` block (its hook on the target
+  layer lives only for that forward); the forward hook hands the monitor the model's
+  ``logits`` and closes the block. Only the kept rows are detached and copied to the CPU.
+  Once ``n_samples`` are kept, later batches cost one Python call per forward, nothing else;
+* the samples are the first ``n_samples`` of the evaluation dataloader, which does not
+  shuffle, so the same images come back at every evaluation (the pinned samples);
+* ``on_evaluate`` logs them under mode ``"eval"``, dataset id ``"val"``; Trainer's
+  ``metric_key_prefix`` names the others: a dict of eval datasets gives ``"val_<name>"``,
+  ``trainer.evaluate(ds, metric_key_prefix="test")`` mode and dataset id ``"test"``; another
+  dataset under a prefix already used gets ``"_1"``, ``"_2"``... appended.
+
+Why the hooks read the prefix off ``Trainer.evaluate``'s frame: no ``TrainerCallback`` event
+comes before the evaluation loop's first forward (``on_prediction_step`` follows each batch,
+``on_evaluate`` the whole loop), and the samples must be named (mode, dataset id) when they
+are kept. The pre-hook walks up the calling frames to the innermost ``Trainer.evaluate`` and
+reads its ``metric_key_prefix`` argument and its trainer (whose eval dataloader is set by
+then); an eval-mode forward outside ``Trainer.evaluate`` (``Trainer.predict``, the user's own
+inference, the monitor's faithfulness pass) is not captured.
+
+An ``evaluate()`` after ``train()`` returned is not captured (training leaves no hook on the
+model; one warning says so); ``evaluate()`` without training, with the callback passed to
+``Trainer``, is (call :meth:`EigenCAMCallback.close` afterwards: it removes the hooks and
+waits for the upload).
 
 Where the pieces come from:
 
@@ -43,24 +59,28 @@ The step: ``state.global_step``, the step at which Trainer's ``MLflowCallback`` 
 ``eval_*`` metrics (and its ``epoch`` metric, a float, at that same step). Not the epoch:
 with ``eval_strategy="steps"`` several evaluations fall in one epoch and would collide on one
 step, and the image slider would not line up with Trainer's eval curves. The run tag
-``mlflow_eigencam.step`` says so; the table's ``epoch`` column holds the same global step.
+``mlflow_eigencam.step`` says so; the table's ``epoch`` column holds the same global step,
+its ``train_epoch`` column ``state.epoch`` (a float: 1.5 halfway through the second epoch).
 An evaluation at a global step already logged for that dataset (``trainer.evaluate()`` right
 after a train that ended with an evaluation) is skipped: one image per step and key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import sys
+from types import FrameType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from ..errors import WarnOnce
-from ..pytorch import EigenCAMMonitor, preserve_training_flags, resolve_target_layer, unwrap_model
+from ..pytorch import EigenCAMMonitor, resolve_target_layer, unwrap_model
 
 _log = logging.getLogger("mlflow_eigencam")
 
@@ -68,7 +88,8 @@ __all__ = ["EigenCAMCallback", "autolog_add_callback"]
 
 #: Run tag naming what the MLflow step of the images is.
 TAG_STEP = "mlflow_eigencam.step"
-STEP_MEANING = "transformers global_step (the step of Trainer's eval_* and epoch metrics)"
+STEP_MEANING = ("transformers global_step (the step of Trainer's eval_* and epoch metrics); the epoch "
+                "of each step: the table's train_epoch column")
 _IMAGE_KEY = "pixel_values"
 _LABEL_KEY = "labels"
 
@@ -88,6 +109,9 @@ class EigenCAMCallback(TrainerCallback):
         log_every_n_evals: Log evaluations 0, n, 2n, ... (counted per dataset id).
         reshape_transform: Callable ``(B, N, D) tensor -> (B, C, h, w)`` for token layers the
             automatic folding cannot read (passed to the monitor).
+        true_boxes: ``(ds_id, i) -> boxes`` of the ``i``-th sample of that evaluation
+            dataset: ``(n, 4)`` ``x1, y1, x2, y2`` pixels of ``pixel_values``, or None. With it
+            the ``localization`` and ``pointing_game`` signals are logged (docs/signals.md).
         **monitor_kwargs: Passed to :class:`~mlflow_eigencam.pytorch.EigenCAMMonitor` and its
             logger (``colormap``, ``alpha``, ``run_id``, ``mode``, ``ds_id`` filters, ...).
 
@@ -105,6 +129,7 @@ class EigenCAMCallback(TrainerCallback):
         denormalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
         log_every_n_evals: int = 1,
         reshape_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        true_boxes: Optional[Callable[[str, int], Any]] = None,
         **monitor_kwargs: Any,
     ) -> None:
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
@@ -143,48 +168,77 @@ class EigenCAMCallback(TrainerCallback):
             if not ok:
                 raise ValueError(f"denormalize must be (mean, std), two equal-length sequences, "
                                  f"got {denormalize!r}")
+        if true_boxes is not None and not callable(true_boxes):
+            raise TypeError(f"true_boxes must be callable (ds_id, index) -> boxes or None, "
+                            f"got {type(true_boxes).__name__}")
+        self._true_boxes = true_boxes
         if reshape_transform is not None and not callable(reshape_transform):
             raise TypeError(f"reshape_transform must be callable or None, "
                             f"got {type(reshape_transform).__name__}")
         self._monitor: Optional[EigenCAMMonitor] = None
         self._run_id: Optional[str] = None  # kept across train() calls: one run per callback
-        self._pins: Dict[int, Tuple[str, str, Dict[str, Any]]] = {}  # id(dataset) -> (mode, ds_id, batch)
+        self._names: Dict[int, Tuple[str, str]] = {}  # id(eval dataset) -> (mode, ds_id)
         self._evals: Dict[str, int] = {}  # ds_id -> evaluations seen
         self._last_step: Dict[str, int] = {}  # ds_id -> last global step logged
+        self._model: Optional[nn.Module] = None  # the model the hooks are on
+        self._handles: List[Any] = []
+        self._block: Optional[_Block] = None  # the capture block of the forward running now
+        self._kept: Optional[Tuple[str, str, int]] = None  # (mode, ds_id, step) of this evaluation
+        self._busy = False  # inside the monitor (its faithfulness forward): hooks ignore forwards
         self._warn = WarnOnce()
         self._broken = False
 
     # ----------------------------------------------------------------- Trainer events
 
+    def on_init_end(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None,
+                    **kwargs: Any) -> None:
+        """Hook the model: a callback passed to ``Trainer`` also logs ``evaluate()`` without training."""
+        if model is not None:
+            self._arm(model)
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None,
                        **kwargs: Any) -> None:
-        """Check a named target layer against the model, before the first step."""
-        if model is not None and isinstance(self.target_layer, str):
-            resolve_target_layer(unwrap_model(model), self.target_layer)
+        """Check a named target layer against the model, then hook it, before the first step."""
+        if model is not None:
+            if isinstance(self.target_layer, str):
+                resolve_target_layer(unwrap_model(model), self.target_layer)
+            self._arm(model)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None,
-                    eval_dataloader: Any = None, processing_class: Any = None,
-                    metrics: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
-        """Run the pinned images once and log them at ``state.global_step``."""
-        if self._broken or model is None or eval_dataloader is None:
+                    eval_dataloader: Any = None, **kwargs: Any) -> None:
+        """Log the samples the evaluation loop just kept, at ``state.global_step``."""
+        kept, self._kept = self._kept, None
+        named = self._names.get(id(getattr(eval_dataloader, "dataset", None)))
+        if named is not None:  # log_every_n_evals counts every evaluation of the dataset
+            self._evals[named[1]] = self._evals.get(named[1], 0) + 1
+        if self._broken or not getattr(state, "is_world_process_zero", True):
             return
-        if not getattr(state, "is_world_process_zero", True):
+        if kept is None:
+            if self._model is None and model is not None:
+                self._warn.warn("after-train", "EigenCAM: an evaluation after train() returned is not "
+                                "logged (training leaves no hook on the model)")
             return
+        mode, ds_id, step = kept
         try:
-            self._evaluate(args, state, unwrap_model(model), eval_dataloader, processing_class,
-                           _metric_prefix(metrics))
+            assert self._monitor is not None
+            epoch = getattr(state, "epoch", None)  # a float: 1.5 halfway through the second epoch
+            self._monitor.epoch_end(step, mode=mode, train_epoch=None if epoch is None else float(epoch))
+            self._last_step[ds_id] = step
         except Exception as exc:  # a logging failure never stops training
-            self._broken = True
-            self._warn.warn("hf-evaluate",
-                            f"EigenCAM: logging at step {state.global_step} failed ({exc!r}); "
-                            "no more EigenCAM images in this run")
+            self._fail(exc, step)
+
+    def on_predict(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """``Trainer.predict`` is not captured; nothing to end."""
+        self._kept = None
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Send what is pending and close the logger (a later evaluation reopens the run)."""
+        """Remove the hooks, send what is pending and close the logger (a later evaluation
+        before a new ``train()`` is not logged)."""
         self.close()
 
     def close(self) -> None:
-        """Flush and close the monitor; remove its hooks. Safe to call twice."""
+        """Remove the hooks; flush and close the monitor. Safe to call twice."""
+        self._disarm()
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             if monitor.run_id is not None:
@@ -196,59 +250,112 @@ class EigenCAMCallback(TrainerCallback):
         """The MLflow run the images go to (None before the first logged evaluation)."""
         return self._monitor.run_id if self._monitor is not None else self._run_id
 
-    # ----------------------------------------------------------------- internals
+    # ----------------------------------------------------------------- hooks
 
-    def _evaluate(self, args: Any, state: Any, model: nn.Module, loader: Any,
-                  processing_class: Any, prefix: str) -> None:
-        mode, ds_id, batch = self._pin(args, loader, prefix)
-        count = self._evals.get(ds_id, 0)
-        self._evals[ds_id] = count + 1
-        step = int(state.global_step)
-        if count % self.log_every_n_evals or self._last_step.get(ds_id) == step:
+    def _arm(self, model: nn.Module) -> None:
+        """Put the two model hooks on ``model`` (once; a new model moves them)."""
+        model = unwrap_model(model)
+        if self._model is model or self._broken:
             return
-        monitor = self._ensure_monitor(model, processing_class)
-        if monitor.logger is None or not monitor.logger.wants(mode, ds_id):
-            return  # filtered out (mode= / ds_id=), or not rank zero: no extra forward
-        images = batch[_IMAGE_KEY]
-        with monitor.capture(mode=mode, ds_id=ds_id):
-            logits = _forward(model, images)
-            monitor.update(images=images, labels=batch.get(_LABEL_KEY), preds=logits)
-        monitor.epoch_end(step)
-        self._last_step[ds_id] = step
+        self._disarm()
+        self._model = model
+        self._handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True)]
 
-    def _pin(self, args: Any, loader: Any, prefix: str) -> Tuple[str, str, Dict[str, Any]]:
-        """``(mode, ds_id, pinned batch)`` of this loader's dataset (pinned at its first
-        evaluation; named after Trainer's metric prefix then, see :func:`_mode_and_ds_id`)."""
-        dataset = getattr(loader, "dataset", None)
-        if dataset is None:
-            raise ValueError(f"the eval dataloader ({type(loader).__name__}) has no .dataset")
-        pinned = self._pins.get(id(dataset))
-        if pinned is not None:
-            return pinned
-        mode, ds_id = _mode_and_ds_id(prefix)
-        taken = {pinned[1] for pinned in self._pins.values()}
-        if ds_id in taken:  # another dataset under the same prefix: val_1, val_2, ...
-            ds_id = next(f"{ds_id}_{i}" for i in range(1, len(taken) + 2) if f"{ds_id}_{i}" not in taken)
-        items = _first_items(dataset, self.n_samples)
-        collate = getattr(loader, "collate_fn", None)
-        # fork_rng: a collator that draws random numbers must not move the user's stream.
-        with torch.random.fork_rng(devices=[]):
-            batch = collate(items) if collate is not None else torch.utils.data.default_collate(items)
-        if not isinstance(batch, Mapping) or _IMAGE_KEY not in batch:
-            keys = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise ValueError(f"EigenCAMCallback needs batches with {_IMAGE_KEY!r}; got {keys}")
-        label_names = list(getattr(args, "label_names", None) or [_LABEL_KEY])
-        labels = next((batch[k] for k in label_names if k in batch), None)
-        images = batch[_IMAGE_KEY]
+    def _disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._model = [], None
+        block, self._block = self._block, None
+        if block is not None:
+            block.stack.close()
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
+        """An eval-mode forward of ``Trainer.evaluate`` whose samples are wanted: open a
+        capture block (the monitor hooks the target layer for this forward only)."""
+        if module.training or self._busy or self._broken or self._block is not None:
+            return
+        found = _evaluation()
+        if found is None:
+            return
+        trainer, prefix = found
+        try:
+            self._open_block(module, trainer, prefix, args, kwargs)
+        except Exception as exc:  # a logging failure never stops the evaluation
+            self._fail(exc, getattr(trainer.state, "global_step", "?"))
+
+    def _open_block(self, model: nn.Module, trainer: Any, prefix: str, args: tuple,
+                    kwargs: Dict[str, Any]) -> None:
+        if not trainer.is_world_process_zero():
+            return
+        mode, ds_id = self._name(trainer, prefix)
+        step = int(trainer.state.global_step)
+        if self._kept is None or self._kept[:2] != (mode, ds_id):  # this evaluation's first batch
+            if self._evals.get(ds_id, 0) % self.log_every_n_evals or self._last_step.get(ds_id) == step:
+                return
+        images = kwargs.get(_IMAGE_KEY, args[0] if args else None)
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"{_IMAGE_KEY} must be a (B, C, H, W) tensor, got {shape}")
-        kept = {_IMAGE_KEY: images.detach().cpu(),
-                _LABEL_KEY: labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels}
-        self._pins[id(dataset)] = (mode, ds_id, kept)
-        return mode, ds_id, kept
+            raise ValueError(f"EigenCAMCallback needs {_IMAGE_KEY!r} as a (B, C, H, W) tensor, got {shape}")
+        monitor = self._ensure_monitor(model, trainer.processing_class, images)
+        logger = monitor.logger
+        room = None if logger is None else logger.room(mode, ds_id)
+        if not room:
+            return  # filtered out (mode= / ds_id=), not rank zero, or every sample kept
+        boxes = None
+        if self._true_boxes is not None:  # the kept rows are the loader's first samples
+            first = self.n_samples - room
+            boxes = [self._true_boxes(ds_id, first + i) for i in range(min(room, int(images.shape[0])))]
+        names = list(getattr(trainer, "label_names", None) or [_LABEL_KEY])
+        labels = next((kwargs[k] for k in names if kwargs.get(k) is not None), None)
+        stack = contextlib.ExitStack()
+        stack.enter_context(monitor.capture(mode=mode, ds_id=ds_id))
+        self._block = _Block(stack, images, labels, boxes)
+        self._kept = (mode, ds_id, step)
 
-    def _ensure_monitor(self, model: nn.Module, processing_class: Any) -> EigenCAMMonitor:
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any], output: Any) -> None:
+        """Hand the monitor the kept rows of this forward (its logits as predictions) and
+        close the block: the target layer's hook goes with it."""
+        block, self._block = self._block, None
+        if block is None:
+            return
+        with block.stack:
+            if output is None:  # the forward raised (always_call): just unhook
+                return
+            logits = output["logits"] if isinstance(output, Mapping) else getattr(output, "logits", output)
+            self._busy = True  # the monitor's faithfulness forward runs the model again
+            try:
+                assert self._monitor is not None
+                self._monitor.update(images=block.images, labels=block.labels, preds=logits, boxes=block.boxes)
+            except Exception as exc:
+                self._fail(exc, "?")
+            finally:
+                self._busy = False
+
+    # ----------------------------------------------------------------- internals
+
+    def _fail(self, exc: BaseException, step: Any) -> None:
+        self._broken = True
+        self._kept = None
+        self._warn.warn("hf-evaluate", f"EigenCAM: logging at step {step} failed ({exc!r}); "
+                        "no more EigenCAM images in this run")
+
+    def _name(self, trainer: Any, prefix: str) -> Tuple[str, str]:
+        """``(mode, ds_id)`` of the dataset being evaluated (named at its first evaluation
+        after Trainer's metric prefix, see :func:`_mode_and_ds_id`)."""
+        dataset = getattr(trainer.callback_handler.eval_dataloader, "dataset", None)
+        named = self._names.get(id(dataset))
+        if named is not None:
+            return named
+        mode, ds_id = _mode_and_ds_id(prefix)
+        taken = {name[1] for name in self._names.values()}
+        if ds_id in taken:  # another dataset under the same prefix: val_1, val_2, ...
+            ds_id = next(f"{ds_id}_{i}" for i in range(1, len(taken) + 2) if f"{ds_id}_{i}" not in taken)
+        self._names[id(dataset)] = (mode, ds_id)
+        return mode, ds_id
+
+    def _ensure_monitor(self, model: nn.Module, processing_class: Any, images: torch.Tensor) -> EigenCAMMonitor:
         if self._monitor is not None:
             return self._monitor
         extra_tags = dict(self._monitor_args.pop("extra_tags", None) or {})
@@ -258,7 +365,7 @@ class EigenCAMCallback(TrainerCallback):
             kwargs.setdefault("run_id", self._run_id)
         target = self.target_layer
         if target is None and kwargs.get("reshape_transform") is None:
-            swin = _swin_last_stage(model, next(iter(self._pins.values()))[2][_IMAGE_KEY])
+            swin = _swin_last_stage(model, images)
             if swin is not None:
                 target, kwargs["reshape_transform"] = swin
         self._monitor = EigenCAMMonitor(
@@ -267,20 +374,36 @@ class EigenCAMCallback(TrainerCallback):
             n_samples=self.n_samples,
             label_mapping=self._label_mapping if self._label_mapping is not None else _id2label(model),
             denormalize=self._denormalize if self._denormalize is not None else _processor_norm(processing_class),
-            pin_samples=False,  # pinned here: one extra forward per evaluation, no more
+            pin_samples=False,  # the eval loader's first n_samples are the pinned samples
             **kwargs,
         )
         self._monitor_args["extra_tags"] = extra_tags
         return self._monitor
 
 
-def _metric_prefix(metrics: Optional[Mapping[str, Any]]) -> str:
-    """Trainer's ``metric_key_prefix`` of this evaluation (``"eval"``, ``"eval_clean"`` for a
-    dict of eval datasets, ``"test"``...), read off its ``{prefix}_runtime`` metric."""
-    for key in metrics or {}:
-        if isinstance(key, str) and key.endswith("_runtime"):
-            return key[: -len("_runtime")]
-    return "eval"
+class _Block:
+    """One forward's capture block: the monitor's ``capture()`` and the batch's inputs."""
+
+    __slots__ = ("stack", "images", "labels", "boxes")
+
+    def __init__(self, stack: contextlib.ExitStack, images: torch.Tensor, labels: Any,
+                 boxes: Optional[List[Any]]) -> None:
+        self.stack, self.images, self.labels, self.boxes = stack, images, labels, boxes
+
+
+def _evaluation() -> Optional[Tuple[Any, str]]:
+    """``(trainer, metric_key_prefix)`` of the innermost ``Trainer.evaluate`` this forward runs
+    in, or None (not in one, or in ``Trainer.predict``): see the module docstring for why."""
+    frame: Optional[FrameType] = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_name
+        if name in ("evaluate", "predict"):
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer):
+                prefix = frame.f_locals.get("metric_key_prefix")
+                return (owner, prefix) if name == "evaluate" and isinstance(prefix, str) else None
+        frame = frame.f_back
+    return None
 
 
 def _mode_and_ds_id(prefix: str) -> Tuple[str, str]:
@@ -291,22 +414,6 @@ def _mode_and_ds_id(prefix: str) -> Tuple[str, str]:
     if prefix == "test" or prefix.startswith("test_"):
         return "test", prefix
     return "eval", prefix
-
-
-def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The model's logits for the pinned ``(B, C, H, W)`` images: no grad, eval mode, every
-    module's flag and the random state (CPU and the model's CUDA device) restored."""
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else images.dtype
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), preserve_training_flags(model), torch.no_grad():
-        model.eval()
-        output = model(pixel_values=images.to(device=device, dtype=dtype))
-    logits = output["logits"] if isinstance(output, Mapping) else getattr(output, "logits", output)
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"the model's output has no logits tensor ({type(output).__name__})")
-    return logits
 
 
 #: ``config.model_type`` of the Swin family: token stages that shrink the grid (patch merging).
@@ -344,23 +451,6 @@ def _swin_last_stage(model: nn.Module, images: torch.Tensor) -> Optional[Tuple[s
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
     return min(names, key=len), fold
-
-
-def _first_items(dataset: Any, n: int) -> List[Any]:
-    """The first ``n`` items of a map-style dataset (or of an iterable one)."""
-    try:
-        size = len(dataset)
-    except TypeError:
-        size = None
-    with torch.random.fork_rng(devices=[]):  # a dataset with random transforms
-        if size is not None:
-            return [dataset[i] for i in range(min(n, size))]
-        items = []
-        for item in dataset:
-            items.append(item)
-            if len(items) == n:
-                break
-        return items
 
 
 def _id2label(model: nn.Module) -> Optional[List[str]]:

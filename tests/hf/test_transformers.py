@@ -46,9 +46,13 @@ def test_autolog_one_line_logs_into_trainers_run_at_its_eval_steps(tmp_path, tra
     assert all(sorted(steps) == [2, 4] for steps in series.values())
     assert run.data.tags[_layout.TAG_TARGET_LAYER].startswith("vit.layernorm (auto: tokens")
     assert "global_step" in run.data.tags["mlflow_eigencam.step"]
+    assert "train_epoch" in run.data.tags["mlflow_eigencam.step"]
     table = load_json(MlflowClient(), rid, _layout.table_path("eval", "val"))
+    assert table["columns"][:2] == ["epoch", "train_epoch"]
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
-    assert sorted({r["epoch"] for r in rows}) == [2, 4]
+    # The step (global_step) and the epoch Trainer logs its metrics with, side by side.
+    assert sorted({(r["epoch"], r["train_epoch"]) for r in rows}) == [(2, 1.0), (4, 2.0)]
+    assert {(s, e) for s, e in metric_steps(MlflowClient(), rid, "epoch") if s in (2, 4)} == {(2, 1.0), (4, 2.0)}
     val = ShapesDataset(8, seed=2)
     names = ("circle", "square", "triangle")
     assert [r["label"] for r in rows if r["epoch"] == 2] == [names[int(val.labels[i])] for i in (0, 1)]
@@ -85,6 +89,9 @@ def test_evaluation_every_n_steps_logs_each_at_its_own_step(tmp_path, tracking_u
     rid = _only_run()
     assert _eval_steps(rid) == [1, 2, 3, 4]
     assert sorted(image_series(MlflowClient(), rid)["eigencam/eval/val/sample_0"]) == [1, 2, 3, 4]
+    table = load_json(MlflowClient(), rid, _layout.table_path("eval", "val"))
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [(r["epoch"], r["train_epoch"]) for r in rows] == [(1, 0.5), (2, 1.0), (3, 1.5), (4, 2.0)]
     # Same global step as the last evaluation (same weights): skipped, no second point at 4.
     # (Trainer's MLflowCallback ended its run; its eval metrics now go to a new run.)
     trainer.evaluate()
@@ -224,3 +231,51 @@ def test_each_evaluation_dataset_is_named_after_trainers_metric_prefix(tmp_path,
     assert {k: sorted(v) for k, v in image_series(MlflowClient(), callback.run_id).items()} == {
         "eigencam/eval/val_clean/sample_0": [0], "eigencam/eval/val_other/sample_0": [0],
         "eigencam/test/test/sample_0": [0], "eigencam/test/test_1/sample_0": [0]}
+
+
+def test_images_come_from_trainers_own_evaluation_loop(tmp_path, tracking_uri):
+    # A forward pre-hook counts the model's calls in training (True) and eval mode (False):
+    # the callback adds none; with the faithfulness signal (on by default) one scoring forward
+    # of perturbed copies per logged evaluation, nothing else.
+    val = {"clean": ShapesDataset(8, seed=2), "other": ShapesDataset(4, seed=3)}
+    forwards, callbacks = {}, {}
+    for arm in ("without", "with", "faithfulness"):
+        model = tiny_resnet()
+        callback = None if arm == "without" else EigenCAMCallback(n_samples=2, faithfulness=arm == "faithfulness")
+        trainer = make_trainer(model, tmp_path / arm, callbacks=[callback] if callback else None, report_to="none",
+                               val=val, eval_strategy="steps", eval_steps=2)
+        calls: list = []
+        handle = model.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(module.training))
+        trainer.train()
+        handle.remove()
+        forwards[arm] = (calls.count(True), calls.count(False))
+        callbacks[arm] = callback
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert forwards["without"] == (4, 2 * (1 + 1))  # 4 steps; 2 evaluations of 8 + 4 images, batch 8
+    assert forwards["with"] == forwards["without"]
+    assert forwards["faithfulness"] == (4, forwards["without"][1] + 4)  # 2 datasets x 2 evaluations
+    rid = callbacks["with"].run_id
+    series = {k: sorted(v) for k, v in image_series(MlflowClient(), rid).items()}
+    assert series == {f"eigencam/eval/val_{name}/sample_{i}": [2, 4] for name in val for i in (0, 1)}
+    # The first two images of each dataset's eval loader, at every evaluation.
+    for name, dataset in val.items():
+        table = load_json(MlflowClient(), rid, _layout.table_path("eval", f"val_{name}"))
+        rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+        names = ("circle", "square", "triangle")
+        assert [(r["epoch"], r["label"]) for r in rows] == [
+            (step, names[int(dataset.labels[i])]) for step in (2, 4) for i in (0, 1)]
+
+
+def test_the_heat_lies_on_the_objects(tmp_path, tracking_uri):
+    # True boxes of the shapes (known by construction) make the logger score localization: the
+    # share of the PC1 map's positive mass inside the box, read back from MLflow.
+    val = ShapesDataset(8, seed=2)
+    callback = EigenCAMCallback(n_samples=8, faithfulness=False,
+                                true_boxes=lambda ds_id, i: val.boxes[i][None].astype(float))
+    make_trainer(tiny_resnet(), tmp_path / "out", callbacks=[callback], report_to="none", val=val,
+                 train=ShapesDataset(32, seed=1), num_train_epochs=3).train()
+    box_share = float(np.mean([(b[2] - b[0]) * (b[3] - b[1]) for b in val.boxes])) / (32 * 32)
+    steps = metric_steps(MlflowClient(), callback.run_id, "eigencam/eval/val/localization")
+    print("localization", steps, "box share", round(box_share, 3))
+    assert [s for s, _ in steps] == [4, 8, 12]
+    assert all(value > box_share for _, value in steps)

@@ -358,7 +358,8 @@ class EigenCAMMonitor:
             if kept > 0:
                 self._remember_pinned(cap.key, inputs, labels_k, as_list, boxes_k, masks_k)
 
-    def epoch_end(self, epoch: int, *, mode: Optional[str] = None) -> None:
+    def epoch_end(self, epoch: int, *, mode: Optional[str] = None,
+                  train_epoch: Optional[float] = None) -> None:
         """Log every (mode, ds_id) seen since the last call as MLflow step ``epoch``.
 
         Pinned keys get their one extra forward pass here.
@@ -366,6 +367,8 @@ class EigenCAMMonitor:
         Args:
             epoch: The step shown in MLflow (usually the 0-based epoch).
             mode: Only end the keys of this mode (Lightning ends train and eval separately).
+            train_epoch: The framework's epoch when ``epoch`` is another step (the table's
+                ``train_epoch`` column; see ``EigenCAMLogger.on_epoch_end``).
         """
         logger = self._ensure_logger()
         if logger is None or self._closed:
@@ -378,7 +381,7 @@ class EigenCAMMonitor:
             pin = self._pins.get(key)
             if pin is not None and pin.established and logger.should_log(epoch):
                 self._forward_pinned(key, pin)
-            logger.on_epoch_end(epoch, mode=key[0], ds_id=key[1])
+            logger.on_epoch_end(epoch, mode=key[0], ds_id=key[1], train_epoch=train_epoch)
             if pin is not None and not pin.established and pin.count() > 0:
                 pin.established = True
 
