@@ -51,8 +51,21 @@ logger's centring): the concatenation put it off the objects (ratio < 1) on 5 of
 maximum on 1 of 7 (P3 alone: 0 of 7; P5 alone: 5 of 7). At ``imgsz=64`` the deeper levels
 also respond to the edge of the letterbox padding, which the maximum keeps.
 
-Tasks: detection (``task="detect"``). Other tasks warn once and log nothing.
-Multi-GPU (DDP) training runs in subprocesses that do not get this callback.
+Tasks:
+
+* ``detect``: as above.
+* ``segment``: as ``detect`` (the Segment head is a Detect head with mask coefficients): its
+  inputs P3-P5 fused, predicted boxes (NMS over the classes only) and true boxes drawn; the
+  masks are not drawn.
+* ``classify``: the pinned images are spread evenly over the validation set (an ImageFolder
+  lists its images class by class, so the first ones would be one class), each as the
+  validator sees it (``imgsz`` square, resized and centre-cropped); default layer: the input
+  of the Classify head (the last feature map, ``model.model[-1].f``); label: the true class,
+  prediction: the top class. ``faithfulness`` (docs/signals.md): one more batched forward of
+  the perturbed pinned images, the clean row reused from the pinned pass.
+
+Other tasks (pose, obb) warn once and log nothing. Multi-GPU (DDP) training runs in
+subprocesses that do not get this callback.
 """
 
 from __future__ import annotations
@@ -68,6 +81,7 @@ import torch
 from torch import nn
 
 from ..errors import WarnOnce
+from ..metrics import DEFAULT_FRACTIONS, check_fractions
 
 _log = logging.getLogger("mlflow_eigencam")
 
@@ -76,6 +90,8 @@ __all__ = ["EigenCAMCallback", "autolog_add_callback"]
 MODE = "eval"
 #: The trainer events the callback listens to (``register`` adds one function for each).
 EVENTS = ("on_train_start", "on_train_epoch_end", "on_fit_epoch_end", "on_train_end", "teardown")
+#: The tasks it logs (``trainer.args.task``); boxes for the first two.
+TASKS = ("detect", "segment", "classify")
 #: Ultralytics' letterbox grey.
 PAD_VALUE = 114
 
@@ -99,6 +115,9 @@ class EigenCAMCallback:
         label_mapping: Class names (``{name: index}`` or a sequence); default the model's
             ``names``.
         ds_id: Dataset id of the logged images (keys ``eigencam/eval/<ds_id>/...``).
+        faithfulness: Score each classification map with the model (docs/signals.md): True
+            (the default fractions), a sequence of fractions in (0, 1), or False. Not for
+            detection and segmentation (their outputs are not class scores).
         **logger_kwargs: Passed to :class:`~mlflow_eigencam.logger.EigenCAMLogger`
             (``mode``, ``run_id``, ``colormap``, ``alpha``, ``log_every_n_epochs``, ...).
 
@@ -116,6 +135,7 @@ class EigenCAMCallback:
         max_det: int = 20,
         label_mapping: Union[Mapping[str, Any], Sequence[str], None] = None,
         ds_id: Optional[str] = "val",
+        faithfulness: Union[bool, Sequence[float]] = True,
         **logger_kwargs: Any,
     ) -> None:
         self._layers: Optional[Tuple[int, ...]] = _check_layers(layers)
@@ -128,6 +148,9 @@ class EigenCAMCallback:
             raise ValueError(f"max_det must be an int >= 1, got {max_det!r}")
         if ds_id is not None and not isinstance(ds_id, str):
             raise TypeError(f"ds_id must be a string or None, got {ds_id!r}")
+        self._fractions: Optional[Tuple[float, ...]] = (
+            DEFAULT_FRACTIONS if faithfulness is True else None if faithfulness is False
+            else check_fractions(faithfulness))
         for key in ("image_layout", "target_layer"):
             if key in logger_kwargs:
                 raise TypeError(f"{key} is set by the YOLO callback; use layers= to choose layers")
@@ -148,6 +171,7 @@ class EigenCAMCallback:
         self._logger: Any = None
         self._pins: Optional[List[_Pin]] = None
         self._train_epoch: Optional[int] = None
+        self._task: str = "detect"
         self._layer_tag: Optional[str] = None
         self._warn: WarnOnce = WarnOnce()
         self._handles: List[Any] = []
@@ -200,10 +224,11 @@ class EigenCAMCallback:
         if not _is_main_rank():
             return
         task = getattr(trainer.args, "task", "detect")
-        if task != "detect":
-            self._warn.warn(("task", task), f"the YOLO EigenCAM callback supports task='detect' for now, "
+        if task not in TASKS:
+            self._warn.warn(("task", task), f"the YOLO EigenCAM callback supports the tasks {TASKS}, "
                             f"not {task!r}: nothing is logged")
             return
+        self._task = task
         model = _explained_model(trainer)
         indices = self._layer_indices(model)  # a bad index fails now
         if self._logger is None:
@@ -221,8 +246,12 @@ class EigenCAMCallback:
                                           label_mapping=mapping, image_layout="NHWC",
                                           **self._logger_kwargs)
         try:
-            stride = int(max(float(v) for v in getattr(model, "stride", [32])))
-            self._pins = _pin(trainer.test_loader.dataset, self.n_samples, stride)
+            dataset = trainer.test_loader.dataset
+            if task == "classify":
+                self._pins = _pin_classify(dataset, self.n_samples)
+            else:
+                stride = int(max(float(v) for v in getattr(model, "stride", [32])))
+                self._pins = _pin(dataset, self.n_samples, stride)
         except Exception as exc:  # never break training over the images to show
             self._pins = None
             self._failed(exc, "reading the validation images")
@@ -274,7 +303,8 @@ class EigenCAMCallback:
         head = blocks[-1]
         if self._layers is None:
             f = getattr(head, "f", None)
-            indices = [f] if isinstance(f, int) else list(f or [])
+            # Ultralytics' "from": -1 is the module before the head (the Classify head's input).
+            indices = [k + len(blocks) - 1 if k < 0 else k for k in ([f] if isinstance(f, int) else list(f or []))]
             if not indices:
                 raise ValueError(f"the model's last module ({type(head).__name__}) has no inputs "
                                  "'f'; pass layers= (module indices in model.model)")
@@ -293,35 +323,44 @@ class EigenCAMCallback:
         model = _explained_model(trainer)
         indices = self._layer_indices(model)
         pins = self._pins or []
+        classify = self._task == "classify"
         # One forward per canvas shape (rectangular canvases, as the validator's rect batches).
         groups: Dict[Tuple[int, ...], List[int]] = {}
         for i, pin in enumerate(pins):
             groups.setdefault(pin.canvas.shape, []).append(i)
-        results: Dict[int, Tuple[np.ndarray, Dict[str, np.ndarray]]] = {}
+        # Per pin: the map (1, C, h, w) and what on_batch_end gets besides.
+        results: Dict[int, Tuple[np.ndarray, Dict[str, Any]]] = {}
         for shape, members in groups.items():
-            acts, dets = self._forward(model, [pins[i] for i in members], indices)
+            group = [pins[i] for i in members]
+            x = _inputs(model, group)
+            acts, out = self._forward(model, x, indices)
             fused, tag = _fuse(acts, indices, shape[1])
             if tag != self._layer_tag:
                 self._layer_tag = tag
                 self._logger.set_target_layer(tag)
-            for j, i in enumerate(members):
-                results[i] = (fused[j:j + 1], dets[j])
+            if classify:
+                probs = _first(out).detach().float().cpu().numpy()  # eval: (probabilities, logits)
+                scores = self._faithfulness(model, x, fused, probs)
+                for j, i in enumerate(members):
+                    extra: Dict[str, Any] = {"preds": probs[j:j + 1]}
+                    if scores is not None:
+                        extra["faithfulness"] = scores[j:j + 1]
+                    results[i] = (fused[j:j + 1], extra)
+            else:
+                for j, (i, det) in enumerate(zip(members, self._detections(model, out, group))):
+                    h, w = pins[i].image.shape[:2]
+                    results[i] = (fused[j:j + 1], {"preds": [det], "map_extent": (
+                        h / pins[i].canvas.shape[0], w / pins[i].canvas.shape[1])})
         for i, pin in enumerate(pins):  # in pin order: sample indices stay put
-            h, w = pin.image.shape[:2]
-            fused_i, det = results[i]
-            self._logger.on_batch_end(pin.image[None], fused_i, labels=[pin.truth], preds=[det],
-                                      mode=MODE, ds_id=self.ds_id,
-                                      map_extent=(h / pin.canvas.shape[0], w / pin.canvas.shape[1]))
+            fused_i, extra = results[i]
+            self._logger.on_batch_end(pin.image[None], fused_i, labels=[pin.truth], mode=MODE,
+                                      ds_id=self.ds_id, **extra)
         self._logger.on_epoch_end(epoch, mode=MODE, ds_id=self.ds_id)
 
-    def _forward(self, model: nn.Module, pins: Sequence["_Pin"],
-                 indices: List[int]) -> Tuple[List[torch.Tensor], List[Dict[str, np.ndarray]]]:
-        """One no-grad eval forward of same-shape pinned canvases with hooks on ``indices``."""
-        from ultralytics.utils.nms import non_max_suppression
-
-        param = next(model.parameters())
-        x = torch.from_numpy(np.stack([p.canvas for p in pins])).permute(0, 3, 1, 2)
-        x = x.to(param.device).to(param.dtype if param.dtype.is_floating_point else torch.float32) / 255.0
+    def _forward(self, model: nn.Module, x: torch.Tensor,
+                 indices: List[int]) -> Tuple[List[torch.Tensor], Any]:
+        """One quiet forward of the pinned inputs ``x`` with hooks on ``indices``: the
+        captured maps (float32, on the model's device) and the model's eval-mode output."""
         captured: Dict[int, torch.Tensor] = {}
 
         def hook_for(index: int) -> Callable[..., None]:
@@ -331,29 +370,66 @@ class EigenCAMCallback:
             return hook
 
         blocks: Any = model.model  # Ultralytics' nn.Sequential of blocks
-        head = blocks[-1]
-        with torch.no_grad(), _modules_kept(model):
-            model.eval()
+        with _quiet(model):
             try:
                 self._handles = [blocks[i].register_forward_hook(hook_for(i)) for i in indices]
                 out = model(x)
             finally:
                 self._remove_hooks()
-            y = out[0] if isinstance(out, (tuple, list)) else out
-            boxes = non_max_suppression(y, self.conf, self.iou, max_det=self.max_det,
-                                        end2end=bool(getattr(head, "end2end", False)))
         missing = [i for i in indices if i not in captured]
         if missing:
             raise ValueError(f"layers {missing} gave no (B, C, h, w) feature map in the forward pass")
+        return [captured[i] for i in indices], out
+
+    def _detections(self, model: nn.Module, out: Any, pins: Sequence["_Pin"]) -> List[Dict[str, np.ndarray]]:
+        """Boxes after NMS per pinned image (xyxy pixels of the image, clipped to it); a
+        segmentation model's mask coefficients (the columns after the classes) are dropped."""
+        from ultralytics.utils.nms import non_max_suppression
+
+        blocks: Any = model.model  # Ultralytics' nn.Sequential of blocks
+        head = blocks[-1]
+        y = out[0] if isinstance(out, (tuple, list)) else out  # eval: (inference, raw)
+        nc = int(getattr(head, "nc", 0) or len(getattr(model, "names", {}) or {}))
+        with torch.no_grad():
+            boxes = non_max_suppression(y, self.conf, self.iou, max_det=self.max_det, nc=nc,
+                                        end2end=bool(getattr(head, "end2end", False)))
         dets = []
         for pin, b in zip(pins, boxes):
-            b = b.detach().float().cpu().numpy()
+            b = b[:, :6].detach().float().cpu().numpy()
             h, w = pin.image.shape[:2]
             xyxy = b[:, :4].copy()
             xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
             xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
             dets.append({"boxes": xyxy, "scores": b[:, 4], "labels": b[:, 5].astype(np.int64)})
-        return [captured[i] for i in indices], dets
+        return dets
+
+    def _faithfulness(self, model: nn.Module, x: torch.Tensor, fused: np.ndarray,
+                      probs: np.ndarray) -> Optional[np.ndarray]:
+        """Per-pin faithfulness (docs/signals.md) of a classifier: the PC1 maps of ``fused``
+        (what the logger draws) rank the pixels of ``x`` ``(n, 3, H, W)``; one quiet forward
+        of the ``2F n`` perturbed images, the clean row being ``probs`` ``(n, K)``. None when
+        off; a failure warns once and turns it off."""
+        if self._fractions is None:
+            return None
+        try:
+            from ..eigencam import eigencam
+            from ..metrics import faithfulness_scores, perturbed_batch, upsample
+
+            maps = eigencam(fused, 1).maps  # the logger's PC1: the same activations, the same math
+            if maps.shape[1] == 0:
+                return None
+            n, (h, w) = x.shape[0], x.shape[2:]
+            heat = np.stack([upsample(m, h, w) for m in maps[:, 0]])
+            batch = perturbed_batch(x.float().cpu().numpy(), heat, self._fractions)[n:]
+            with _quiet(model):
+                out = _first(model(torch.from_numpy(batch).to(device=x.device, dtype=x.dtype)))
+            rows = np.concatenate([probs, out.float().cpu().numpy()])
+            return faithfulness_scores(rows, n, probabilities=True)
+        except Exception as exc:  # a logging failure never stops training
+            self._fractions = None
+            self._warn.warn("faithfulness", f"the YOLO EigenCAM callback's faithfulness pass failed "
+                            f"({type(exc).__name__}: {exc}); not scoring faithfulness from now on")
+            return None
 
     def _remove_hooks(self) -> None:
         handles, self._handles = self._handles, []
@@ -368,10 +444,54 @@ class _Pin:
     """One pinned validation image: ``image`` (h, w, 3) uint8 RGB at the model's scale,
     ``canvas`` (H, W, 3) the same image padded at the bottom and right to multiples of the
     model's largest stride (the map's extent),
-    ``truth`` its true boxes ``{"boxes": (n, 4) xyxy pixels of image, "labels": (n,)}``."""
+    ``truth`` its true boxes ``{"boxes": (n, 4) xyxy pixels of image, "labels": (n,)}``, or
+    for a classifier its class index."""
 
-    def __init__(self, image: np.ndarray, canvas: np.ndarray, truth: Dict[str, np.ndarray]) -> None:
+    def __init__(self, image: np.ndarray, canvas: np.ndarray, truth: Union[Dict[str, np.ndarray], int]) -> None:
         self.image, self.canvas, self.truth = image, canvas, truth
+
+
+def _pin_classify(dataset: Any, n: int) -> List[_Pin]:
+    """``n`` images of an Ultralytics classification dataset, spread evenly over it (its
+    images are listed class by class), each as the validator gets it (``dataset[i]["img"]``:
+    resized, centre-cropped, in [0, 1]); ``truth`` is the class index. No padding: ``canvas``
+    is ``image``."""
+    count = len(dataset)
+    picks = sorted({int(round(v)) for v in np.linspace(0, count - 1, min(n, count))}) if count else []
+    pins = []
+    for i in picks:
+        item = dataset[i]
+        img = item["img"]
+        chw = img.detach().float().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img, np.float32)
+        rgb = np.ascontiguousarray(np.clip(np.rint(chw.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8))
+        pins.append(_Pin(rgb, rgb, int(item["cls"])))
+    return pins
+
+
+def _inputs(model: nn.Module, pins: Sequence[_Pin]) -> torch.Tensor:
+    """The pinned canvases as the model's input: ``(n, 3, H, W)`` in [0, 1], on its device,
+    in its dtype."""
+    param = next(model.parameters())
+    x = torch.from_numpy(np.stack([p.canvas for p in pins])).permute(0, 3, 1, 2)
+    return x.to(param.device).to(param.dtype if param.dtype.is_floating_point else torch.float32) / 255.0
+
+
+def _first(out: Any) -> torch.Tensor:
+    """A classifier's probabilities: the first tensor of its eval-mode output."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+@contextlib.contextmanager
+def _quiet(model: nn.Module) -> Iterator[None]:
+    """The frame of the callback's own forwards: no grad, eval mode, every module's
+    attributes put back (:func:`_modules_kept`) and the random state forked."""
+    param = next(model.parameters())
+    cuda = [param.device.index or 0] if param.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.no_grad(), _modules_kept(model):
+        model.eval()
+        yield
 
 
 def _pin(dataset: Any, n: int, stride: int = 32) -> List[_Pin]:
