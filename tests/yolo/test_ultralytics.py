@@ -41,6 +41,10 @@ HEAD_INPUTS = "model.15+model.18+model.21"
 
 
 def _train(data: Path, project: Path, name: str, *callbacks: EigenCAMCallback, spy=None):
+    return _train_with(data, project, name, *callbacks, spy=spy)
+
+
+def _train_with(data: Path, project: Path, name: str, *callbacks: EigenCAMCallback, spy=None, **overrides):
     from ultralytics import YOLO
 
     model = YOLO("yolov8n.yaml")
@@ -48,7 +52,7 @@ def _train(data: Path, project: Path, name: str, *callbacks: EigenCAMCallback, s
         callback.register(model)
     if spy is not None:
         model.add_callback("on_fit_epoch_end", lambda trainer: spy.append(int(trainer.epoch)))
-    model.train(data=str(data), project=str(project), name=name, **TRAIN)
+    model.train(data=str(data), project=str(project), name=name, **dict(TRAIN, **overrides))
     return model.trainer
 
 
@@ -253,3 +257,35 @@ def test_autolog_adds_the_callback_to_one_train_only(tmp_path, tracking_uri):
     series = image_series(MlflowClient(tracking_uri), run.info.run_id)
     assert {k: sorted(v) for k, v in series.items()} == {
         f"eigencam/eval/val/sample_{i}": [0] for i in range(2)}
+
+
+@pytest.mark.slow  # trains 4 epochs of 48 images (~45 s on 2 cores)
+def test_heat_lies_on_the_true_boxes_after_a_few_epochs(tmp_path, tracking_uri):
+    """The logger's ``localization`` (the share of the fused map's positive mass inside the
+    true box, docs/signals.md), read back from the run's table, beats the box's share of
+    the image: the heat lies on the objects more than on the background.
+
+    Settings that learn in 4 epochs: ``nbs=8`` (an optimizer step per batch of 8; at the
+    default 64 the first step comes after 8 batches) and no warm-up (its 100 first steps
+    keep the learning rate near 0). Measured (yolov8n at random init, seed 0): mean share
+    0.243 against a mean box share of 0.168 at the 4th epoch, every image above its box's
+    share; at the 1st, 4 of 7 (0.199)."""
+    from mlflow_eigencam.metrics import true_region
+
+    data = write_yolo_shapes(tmp_path / "shapes", n_train=48, n_val=8)
+    callback = EigenCAMCallback(n_samples=7)  # the 7 images with a shape (the 8th has none)
+    with mlflow.start_run() as run:
+        _train_with(data, tmp_path / "runs", "loc", callback, epochs=4, nbs=8, warmup_epochs=0)
+    client = MlflowClient(tracking_uri)
+    table = load_json(client, run.info.run_id, _layout.table_path("eval", "val"))
+    rows = [r for r in (dict(zip(table["columns"], row)) for row in table["data"]) if r["epoch"] == 3]
+    shares = []
+    for i in range(7):
+        label = data.parent / "labels" / "val" / f"val_{i:03d}.txt"
+        cls, xc, yc, w, h = (float(v) for v in label.read_text().split())
+        box = np.array([[(xc - w / 2) * 64, (yc - h / 2) * 48, (xc + w / 2) * 64, (yc + h / 2) * 48]])
+        shares.append(true_region(48, 64, box).mean())
+    loc = [r["localization"] for r in sorted(rows, key=lambda r: r["sample_index"])]
+    assert len(loc) == 7
+    assert np.mean(loc) > 1.2 * np.mean(shares), (loc, shares)
+    assert sum(a > s for a, s in zip(loc, shares)) >= 5, (loc, shares)
