@@ -21,11 +21,19 @@ What it logs, and where:
   at that step): the weights it evaluates are not the model this callback explains
   (``trainer.ema.ema``), and an extra step would read as one more epoch on the slider.
 
-How (one extra forward pass per logged epoch, nothing per batch): in ``on_fit_epoch_end``,
-after Ultralytics' validation, the pinned images go through the model the validator
-evaluates (``trainer.ema.ema``) under ``torch.no_grad()`` in eval mode, with forward hooks on
-the chosen layers that exist only during that pass. Every module's attributes (its
-``training`` flag, the detection head's cached anchors and input shape) are put back
+How (nothing per training batch). Detection and segmentation with the default fused layers:
+in ``on_val_start`` of an epoch that logs, forward hooks on the chosen layers and on the model
+the validator evaluates (``trainer.ema.ema``) keep the pinned images' rows of the
+validator's own forward (its loader is not shuffled: the k-th image it yields is the
+dataset's k-th); ``on_val_end`` removes them, and ``on_fit_epoch_end`` explains those rows:
+no extra forward pass. Each image is found in the validator's centred letterbox canvas
+(checked pixel for pixel) and the fused map, resized to the canvas, is cropped to it. When
+that is not possible (``val=False``, a pinned image not found, one layer whose ``(C, h, w)``
+maps cannot be cropped off the cell grid, or classification, whose validation loader
+Ultralytics shuffles) the pinned images go through ``trainer.ema.ema`` once more, padded at
+the bottom right to the model's stride, under ``torch.no_grad()`` in eval mode with the
+random state forked and hooks that exist only during that pass. Every module's attributes
+(its ``training`` flag, the detection head's cached anchors and input shape) are put back
 afterwards, so training, validation, the EMA and ``results.csv`` are the same with or
 without the callback (``tests/yolo`` checks this with ``deterministic=True``).
 
@@ -89,7 +97,8 @@ __all__ = ["EigenCAMCallback", "autolog_add_callback"]
 
 MODE = "eval"
 #: The trainer events the callback listens to (``register`` adds one function for each).
-EVENTS = ("on_train_start", "on_train_epoch_end", "on_fit_epoch_end", "on_train_end", "teardown")
+EVENTS = ("on_train_start", "on_train_epoch_end", "on_val_start", "on_val_end", "on_fit_epoch_end",
+          "on_train_end", "teardown")
 #: The tasks it logs (``trainer.args.task``); boxes for the first two.
 TASKS = ("detect", "segment", "classify")
 #: Ultralytics' letterbox grey.
@@ -103,13 +112,14 @@ class EigenCAMCallback:
 
     Args:
         layers: Module indices in ``model.model`` whose outputs are explained (one int or a
-            sequence, fused as the module docstring says); None: the detection head's inputs
-            (``model.model[-1].f``, P3-P5).
+            sequence, fused as the module docstring says); None: the head's inputs
+            (``model.model[-1].f``: P3-P5 of a Detect or Segment head, the last feature map
+            of a Classify head).
         n_components: Principal components per image (int >= 1, or a float in (0, 1)) when
             one layer is explained; a fused map of several levels is one component.
         n_samples: Validation images pinned and logged at every epoch (the first ones of the
             validation set).
-        conf: Confidence threshold of the drawn predictions (Ultralytics' ``predict`` default).
+        conf: Confidence threshold of the drawn boxes (Ultralytics' ``predict`` default).
         iou: IoU threshold of the NMS.
         max_det: Most predicted boxes drawn per image.
         label_mapping: Class names (``{name: index}`` or a sequence); default the model's
@@ -172,6 +182,8 @@ class EigenCAMCallback:
         self._pins: Optional[List[_Pin]] = None
         self._train_epoch: Optional[int] = None
         self._task: str = "detect"
+        self._trainer: Any = None
+        self._seen: Optional[_Seen] = None  # what the validator's forward showed this epoch
         self._layer_tag: Optional[str] = None
         self._warn: WarnOnce = WarnOnce()
         self._handles: List[Any] = []
@@ -221,6 +233,7 @@ class EigenCAMCallback:
         """Build the logger in the run Ultralytics' MLflow callback has started (or the active
         one); pin the validation images. Bad ``layers`` raise here, before the first epoch."""
         self._train_epoch = None
+        self._trainer = trainer
         if not _is_main_rank():
             return
         task = getattr(trainer.args, "task", "detect")
@@ -260,6 +273,37 @@ class EigenCAMCallback:
         """Remember which epoch trained (``final_eval``'s ``on_fit_epoch_end`` has none)."""
         self._train_epoch = int(trainer.epoch)
 
+    def on_val_start(self, validator: Any) -> None:
+        """Before the validation of an epoch that logs: hooks that keep the pinned images'
+        rows of the validator's own forward (its inputs, the layers' maps, the outputs), so
+        the epoch's images need no extra forward pass. Validations of other weights
+        (``final_eval``, ``model.val()``) are left alone."""
+        self._seen = None
+        trainer, logger = self._trainer, self._logger
+        if (logger is None or not self._pins or trainer is None or not getattr(validator, "training", False)
+                or self._train_epoch != int(trainer.epoch)):
+            return
+        try:
+            if not logger.wants(MODE, self.ds_id) or not logger.should_log(int(trainer.epoch)):
+                return
+            model = _explained_model(trainer)
+            indices = self._layer_indices(model)
+            # The callback's own forward instead: for one layer of a letterboxed detector (its
+            # (C, h, w) maps cannot be cropped to an image placed off the cell grid), and for
+            # classification (Ultralytics shuffles its validation loader: no row is known).
+            if self._task == "classify" or len(indices) == 1:
+                return
+            self._seen = _Seen([pin.index for pin in self._pins], indices)
+            self._handles = self._seen.hook(model)
+        except Exception as exc:
+            self._remove_hooks()
+            self._seen = None
+            self._failed(exc, "hooking the validation")
+
+    def on_val_end(self, validator: Any) -> None:
+        """Remove the validation hooks."""
+        self._remove_hooks()
+
     def on_fit_epoch_end(self, trainer: Any) -> None:
         """Log the pinned images at ``step = trainer.epoch``; skip ``final_eval``'s call."""
         if self._logger is None or not self._pins or self._train_epoch != int(trainer.epoch):
@@ -286,6 +330,7 @@ class EigenCAMCallback:
 
     def _close(self) -> None:
         self._remove_hooks()
+        self._seen = self._trainer = None
         logger, self._logger = self._logger, None
         self._pins = None
         if logger is not None:
@@ -323,34 +368,46 @@ class EigenCAMCallback:
         model = _explained_model(trainer)
         indices = self._layer_indices(model)
         pins = self._pins or []
-        classify = self._task == "classify"
-        # One forward per canvas shape (rectangular canvases, as the validator's rect batches).
-        groups: Dict[Tuple[int, ...], List[int]] = {}
-        for i, pin in enumerate(pins):
-            groups.setdefault(pin.canvas.shape, []).append(i)
+        seen, self._seen = self._seen, None
+        self._remove_hooks()
+        batches = seen.batches(pins) if seen is not None else None
+        if batches is None:  # no validation this epoch, or a pin not found in it: our own forward
+            batches = []
+            groups: Dict[Tuple[int, ...], List[int]] = {}
+            for i, pin in enumerate(pins):
+                groups.setdefault(pin.canvas.shape, []).append(i)
+            for members in groups.values():
+                x = _inputs(model, [pins[i] for i in members])
+                acts, out = self._forward(model, x, indices)
+                batches.append(_Batch(members, x, acts, _first(out), [(0, 0)] * len(members)))
         # Per pin: the map (1, C, h, w) and what on_batch_end gets besides.
         results: Dict[int, Tuple[np.ndarray, Dict[str, Any]]] = {}
-        for shape, members in groups.items():
-            group = [pins[i] for i in members]
-            x = _inputs(model, group)
-            acts, out = self._forward(model, x, indices)
-            fused, tag = _fuse(acts, indices, shape[1])
+        for b in batches:
+            group = [pins[i] for i in b.members]
+            fused, tag = _fuse(b.acts, indices, b.x.shape[-1])
             if tag != self._layer_tag:
                 self._layer_tag = tag
                 self._logger.set_target_layer(tag)
-            if classify:
-                probs = _first(out).detach().float().cpu().numpy()  # eval: (probabilities, logits)
-                scores = self._faithfulness(model, x, fused, probs)
-                for j, i in enumerate(members):
+            if self._task == "classify":
+                probs = b.y.detach().float().cpu().numpy()  # (n, K) probabilities
+                scores = self._faithfulness(model, b.x, fused, probs)
+                for j, i in enumerate(b.members):
                     extra: Dict[str, Any] = {"preds": probs[j:j + 1]}
                     if scores is not None:
                         extra["faithfulness"] = scores[j:j + 1]
                     results[i] = (fused[j:j + 1], extra)
-            else:
-                for j, (i, det) in enumerate(zip(members, self._detections(model, out, group))):
-                    h, w = pins[i].image.shape[:2]
-                    results[i] = (fused[j:j + 1], {"preds": [det], "map_extent": (
-                        h / pins[i].canvas.shape[0], w / pins[i].canvas.shape[1])})
+                continue
+            dets = self._detections(model, b.y, group, b.offsets)
+            for j, (i, pin) in enumerate(zip(b.members, group)):
+                h, w = pin.image.shape[:2]
+                top, left = b.offsets[j]
+                if (top, left) == (0, 0):  # the image at the top left of the map: the card crops
+                    results[i] = (fused[j:j + 1], {"preds": [dets[j]], "map_extent": (
+                        h / b.x.shape[-2], w / b.x.shape[-1])})
+                else:  # centred in the validator's letterbox: the fused map cropped to the image
+                    full = _resize(fused[j:j + 1], b.x.shape[-2:])
+                    results[i] = (np.ascontiguousarray(full[:, :, top:top + h, left:left + w]),
+                                  {"preds": [dets[j]]})
         for i, pin in enumerate(pins):  # in pin order: sample indices stay put
             fused_i, extra = results[i]
             self._logger.on_batch_end(pin.image[None], fused_i, labels=[pin.truth], mode=MODE,
@@ -381,23 +438,24 @@ class EigenCAMCallback:
             raise ValueError(f"layers {missing} gave no (B, C, h, w) feature map in the forward pass")
         return [captured[i] for i in indices], out
 
-    def _detections(self, model: nn.Module, out: Any, pins: Sequence["_Pin"]) -> List[Dict[str, np.ndarray]]:
-        """Boxes after NMS per pinned image (xyxy pixels of the image, clipped to it); a
+    def _detections(self, model: nn.Module, y: torch.Tensor, pins: Sequence["_Pin"],
+                    offsets: Sequence[Tuple[int, int]]) -> List[Dict[str, np.ndarray]]:
+        """Boxes after NMS per pinned image from the inference output ``y`` (xyxy pixels of
+        the image: the canvas' ``(top, left)`` offsets taken off, clipped to it); a
         segmentation model's mask coefficients (the columns after the classes) are dropped."""
         from ultralytics.utils.nms import non_max_suppression
 
         blocks: Any = model.model  # Ultralytics' nn.Sequential of blocks
         head = blocks[-1]
-        y = out[0] if isinstance(out, (tuple, list)) else out  # eval: (inference, raw)
         nc = int(getattr(head, "nc", 0) or len(getattr(model, "names", {}) or {}))
         with torch.no_grad():
             boxes = non_max_suppression(y, self.conf, self.iou, max_det=self.max_det, nc=nc,
                                         end2end=bool(getattr(head, "end2end", False)))
         dets = []
-        for pin, b in zip(pins, boxes):
+        for pin, b, (top, left) in zip(pins, boxes, offsets):
             b = b[:, :6].detach().float().cpu().numpy()
             h, w = pin.image.shape[:2]
-            xyxy = b[:, :4].copy()
+            xyxy = b[:, :4] - np.array([left, top, left, top], dtype=np.float32)
             xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
             xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
             dets.append({"boxes": xyxy, "scores": b[:, 4], "labels": b[:, 5].astype(np.int64)})
@@ -447,8 +505,107 @@ class _Pin:
     ``truth`` its true boxes ``{"boxes": (n, 4) xyxy pixels of image, "labels": (n,)}``, or
     for a classifier its class index."""
 
-    def __init__(self, image: np.ndarray, canvas: np.ndarray, truth: Union[Dict[str, np.ndarray], int]) -> None:
-        self.image, self.canvas, self.truth = image, canvas, truth
+    def __init__(self, image: np.ndarray, canvas: np.ndarray, truth: Union[Dict[str, np.ndarray], int],
+                 index: int = 0) -> None:
+        self.image, self.canvas, self.truth, self.index = image, canvas, truth, index
+
+
+class _Batch:
+    """Pinned images explained together: ``members`` (their places in the pin list), ``x``
+    ``(n, 3, H, W)`` the model's inputs, ``acts`` one ``(n, C, h, w)`` float32 map per layer,
+    ``y`` ``(n, ...)`` the inference output (boxes, or class probabilities), ``offsets``
+    each image's ``(top, left)`` in its canvas."""
+
+    def __init__(self, members: List[int], x: torch.Tensor, acts: List[torch.Tensor], y: torch.Tensor,
+                 offsets: List[Tuple[int, int]]) -> None:
+        self.members, self.x, self.acts, self.y, self.offsets = members, x, acts, y, offsets
+
+
+class _Seen:
+    """The pinned images' rows of the validator's own forward passes in one validation.
+
+    The validation loader is not shuffled, so the ``k``-th image it yields is dataset item
+    ``k``; hooks on the layers and on the model keep the rows of the pinned items (copies
+    of ``n`` rows, detached), nothing else."""
+
+    def __init__(self, wanted: Sequence[int], indices: List[int]) -> None:
+        self.wanted, self.indices = set(wanted), indices
+        self.rows: Dict[int, Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]] = {}
+        self._offset = 0
+        self._latest: Dict[int, torch.Tensor] = {}
+
+    def hook(self, model: nn.Module) -> List[Any]:
+        """Forward hooks on the layers and the model; returns their handles."""
+        blocks: Any = model.model  # Ultralytics' nn.Sequential of blocks
+
+        def layer_hook(index: int) -> Callable[..., None]:
+            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+                if isinstance(output, torch.Tensor) and output.ndim == 4:
+                    self._latest[index] = output
+            return hook
+
+        def model_hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            x = inputs[0] if inputs else None
+            latest, self._latest = self._latest, {}
+            if not isinstance(x, torch.Tensor) or x.ndim != 4:
+                return
+            start, self._offset = self._offset, self._offset + int(x.shape[0])
+            y = _first(output)
+            for r in range(int(x.shape[0])):
+                if start + r in self.wanted and all(i in latest for i in self.indices):
+                    self.rows[start + r] = (x[r].detach().float().clone(),
+                                            [latest[i][r].detach().float().clone() for i in self.indices],
+                                            y[r].detach().float().clone())
+
+        handles = [blocks[i].register_forward_hook(layer_hook(i)) for i in self.indices]
+        handles.append(model.register_forward_hook(model_hook))
+        return handles
+
+    def batches(self, pins: Sequence["_Pin"]) -> Optional[List[_Batch]]:
+        """The pins as batches (one per canvas shape), each image found in its canvas; None
+        when a pin is missing or its pixels are not where the letterbox puts them."""
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        offsets: Dict[int, Tuple[int, int]] = {}
+        for k, pin in enumerate(pins):
+            row = self.rows.get(pin.index)
+            if row is None:
+                return None
+            place = _placement(row[0], pin.image)
+            if place is None:
+                return None
+            offsets[k] = place
+            groups.setdefault(tuple(row[0].shape), []).append(k)
+        out = []
+        for members in groups.values():
+            rows = [self.rows[pins[k].index] for k in members]
+            out.append(_Batch(members, torch.stack([r[0] for r in rows]),
+                              [torch.stack([r[1][j] for r in rows]) for j in range(len(self.indices))],
+                              torch.stack([r[2] for r in rows]), [offsets[k] for k in members]))
+        return out
+
+
+def _placement(x: torch.Tensor, image: np.ndarray) -> Optional[Tuple[int, int]]:
+    """Where ``image`` ``(h, w, 3)`` uint8 lies in the model input ``x`` ``(3, H, W)`` in
+    [0, 1]: ``(top, left)`` of Ultralytics' centred letterbox (or the top left), checked
+    pixel for pixel; None when it is in neither place."""
+    big_h, big_w = int(x.shape[-2]), int(x.shape[-1])
+    h, w = image.shape[:2]
+    if h > big_h or w > big_w:
+        return None
+    centred = (int(round((big_h - h) / 2 - 0.1)), int(round((big_w - w) / 2 - 0.1)))
+    for top, left in (centred, (0, 0)):
+        crop = x[:, top:top + h, left:left + w].mul(255.0).round().clamp(0, 255).to(torch.uint8)
+        if np.array_equal(crop.permute(1, 2, 0).cpu().numpy(), image):
+            return top, left
+    return None
+
+
+def _resize(maps: np.ndarray, size: Any) -> np.ndarray:
+    """``(n, c, h, w)`` maps resized (bilinear) to ``size`` ``(H, W)``, float32."""
+    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+    out = torch.nn.functional.interpolate(t, size=(int(size[0]), int(size[1])), mode="bilinear",
+                                          align_corners=False)
+    return out.numpy()
 
 
 def _pin_classify(dataset: Any, n: int) -> List[_Pin]:
@@ -464,7 +621,7 @@ def _pin_classify(dataset: Any, n: int) -> List[_Pin]:
         img = item["img"]
         chw = img.detach().float().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img, np.float32)
         rgb = np.ascontiguousarray(np.clip(np.rint(chw.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8))
-        pins.append(_Pin(rgb, rgb, int(item["cls"])))
+        pins.append(_Pin(rgb, rgb, int(item["cls"]), index=i))
     return pins
 
 
@@ -514,7 +671,7 @@ def _pin(dataset: Any, n: int, stride: int = 32) -> List[_Pin]:
         cls = np.asarray(label.get("cls", np.zeros((0, 1)))).reshape(-1).astype(np.int64)
         boxes = np.stack([(xywh[:, 0] - xywh[:, 2] / 2) * w, (xywh[:, 1] - xywh[:, 3] / 2) * h,
                           (xywh[:, 0] + xywh[:, 2] / 2) * w, (xywh[:, 1] + xywh[:, 3] / 2) * h], axis=1)
-        pins.append(_Pin(rgb, canvas, {"boxes": boxes, "labels": cls}))
+        pins.append(_Pin(rgb, canvas, {"boxes": boxes, "labels": cls}, index=i))
     return pins
 
 
