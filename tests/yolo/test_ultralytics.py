@@ -73,6 +73,7 @@ def runs(tmp_path_factory):
             experiment = mlflow.create_experiment("yolo", artifact_location=(tmp / "artifacts").as_uri())
             plain = _train(data, tmp / "runs", "plain")
             boxes = EigenCAMCallback(conf=0.0, n_samples=3)
+            _count_own_forwards(boxes)
             fit_epochs: list = []
             with mlflow.start_run(experiment_id=experiment) as run:
                 watched = _train(data, tmp / "runs", "watched", boxes, spy=fit_epochs)
@@ -84,6 +85,7 @@ def runs(tmp_path_factory):
             # augmentations draw from.
             empty = EigenCAMCallback(conf=1.0, n_samples=2, ds_id="nodet")
             p3 = EigenCAMCallback(layers=15, n_samples=1, ds_id="p3")  # one level, by its index
+            _count_own_forwards(p3)
             with mlflow.start_run(experiment_id=experiment) as extra:
                 _train(data, tmp / "runs", "extra", empty, p3)
         finally:
@@ -92,6 +94,18 @@ def runs(tmp_path_factory):
     yield SimpleNamespace(plain=plain, watched=watched, run_id=run.info.run_id,
                           extra_id=extra.info.run_id,
                           client=MlflowClient(uri), fit_epochs=fit_epochs, data=data, boxes=boxes, p3=p3)
+
+
+def _count_own_forwards(callback: EigenCAMCallback) -> None:
+    """Count the callback's own forward passes (``callback.own_forwards``)."""
+    callback.own_forwards = 0
+    forward = callback._forward
+
+    def counted(*args, **kwargs):
+        callback.own_forwards += 1
+        return forward(*args, **kwargs)
+
+    callback._forward = counted
 
 
 def _results(trainer) -> list:
@@ -148,6 +162,14 @@ def test_images_at_each_epoch_final_eval_not_logged(runs):
     assert runs.p3.target_layer_tag == "model.15 (P3, 64 channels)"
     tags = runs.client.get_run(runs.run_id).data.tags
     assert tags[_layout.TAG_TARGET_LAYER] == runs.boxes.target_layer_tag
+
+
+@pytest.mark.slow  # trains (the module's shared runs: ~20 s once)
+def test_fused_maps_come_from_the_validators_forward(runs):
+    """The default (fused) layers are read from the validator's own forward: no forward pass
+    of the callback's; one layer of a letterboxed detector takes one per logged epoch."""
+    assert runs.boxes.own_forwards == 0
+    assert runs.p3.own_forwards == EPOCHS
 
 
 @pytest.mark.slow  # trains (the module's shared runs: ~20 s once)
