@@ -9,6 +9,12 @@ mean epoch walls side by side. Ultralytics' own MLflow callback is on in both (a
 in a temp folder).
 
     YOLO_OFFLINE=1 python benchmarks/bench_yolo_overhead.py --epochs 20
+
+``--parts``: the callback's epoch-end work alone, both ways side by side in one process
+(interleaved, one thread, no training around it): explaining the pinned images from its
+own forward pass, and from the rows of a validator-like forward (a 64 x 96 letterbox
+canvas, as Ultralytics' validator builds for the 48 x 64 images), plus what the hooks add
+to that forward.
 """
 
 from __future__ import annotations
@@ -62,10 +68,77 @@ def train(data: Path, out: Path, name: str, epochs: int, with_callback: bool, in
     return [b - a for a, b in zip(starts, starts[1:])]
 
 
+def parts(rounds: int = 14) -> dict:
+    """Median ms per logged epoch of ``EigenCAMCallback._log_epoch`` (5 pinned 48 x 64 images,
+    yolov8n at random init) with its own forward vs the validator's rows, and the hooks' cost."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    from mlflow_eigencam.integrations import ultralytics as yolo
+    from mlflow_eigencam.logger import EigenCAMLogger
+
+    torch.set_num_threads(1)
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False).eval()
+    rng = np.random.default_rng(0)
+    pins, val = [], torch.full((8, 3, 64, 96), 114 / 255.0)
+    for k in range(5):
+        image = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        canvas = np.full((64, 64, 3), 114, np.uint8)
+        canvas[:48] = image
+        pins.append(yolo._Pin(image, canvas, {"boxes": np.array([[5.0, 5, 30, 30]]), "labels": np.array([1])},
+                              index=k))
+        val[k, :, 8:56, 16:80] = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+    trainer = SimpleNamespace(ema=SimpleNamespace(ema=model))
+    times: dict = {"own forward": [], "validator's rows": [], "hooks in the validator's forward": []}
+    callbacks = {}
+    for name in ("own", "rows"):
+        callback = yolo.EigenCAMCallback(ds_id=name)
+        callback._task, callback._pins = "detect", pins
+        callback._logger = EigenCAMLogger(n_components=1, n_samples=5, label_mapping=["a", "b", "c"],
+                                          image_layout="NHWC", ds_id=name)
+        callbacks[name] = callback
+    for epoch in range(rounds):
+        for name, callback in callbacks.items():
+            if name == "rows":
+                seen = yolo._Seen([p.index for p in pins], [15, 18, 21])
+                with torch.no_grad():
+                    t = time.perf_counter()
+                    handles = seen.hook(model)
+                    model(val)
+                    hooked = time.perf_counter() - t
+                    for handle in handles:
+                        handle.remove()
+                    t = time.perf_counter()
+                    model(val)
+                    times["hooks in the validator's forward"].append(hooked - (time.perf_counter() - t))
+                callback._seen = seen
+            t = time.perf_counter()
+            callback._log_epoch(trainer, epoch)
+            times["own forward" if name == "own" else "validator's rows"].append(time.perf_counter() - t)
+            callback._logger.flush(30)
+    for callback in callbacks.values():
+        callback._logger.close()
+    result = {k: statistics.median(v[2:]) * 1e3 for k, v in times.items()}
+    print("per logged epoch (median ms, one thread): " + "; ".join(f"{k} {v:.1f}" for k, v in result.items()))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--parts", action="store_true", help="time the epoch-end work alone, both ways")
     args = parser.parse_args(argv)
+    if args.parts:
+        with tempfile.TemporaryDirectory(prefix="bench-yolo-") as tmp:
+            import mlflow
+
+            os.environ.setdefault("MLFLOW_EIGENCAM_SPOOL_DIR", str(Path(tmp) / "spool"))
+            mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+            with mlflow.start_run():
+                return parts()
     out = Path(tempfile.mkdtemp(prefix="bench-yolo-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     data = write_yolo_shapes(out / "shapes", n_train=32, n_val=8)
