@@ -21,11 +21,19 @@ What it logs, and where:
   at that step): the weights it evaluates are not the model this callback explains
   (``trainer.ema.ema``), and an extra step would read as one more epoch on the slider.
 
-How (one extra forward pass per logged epoch, nothing per batch): in ``on_fit_epoch_end``,
-after Ultralytics' validation, the pinned images go through the model the validator
-evaluates (``trainer.ema.ema``) under ``torch.no_grad()`` in eval mode, with forward hooks on
-the chosen layers that exist only during that pass. Every module's attributes (its
-``training`` flag, the detection head's cached anchors and input shape) are put back
+How (nothing per training batch). Detection and segmentation with the default fused layers:
+in ``on_val_start`` of an epoch that logs, forward hooks on the chosen layers and on the model
+the validator evaluates (``trainer.ema.ema``) keep the pinned images' rows of the
+validator's own forward (its loader is not shuffled: the k-th image it yields is the
+dataset's k-th); ``on_val_end`` removes them, and ``on_fit_epoch_end`` explains those rows:
+no extra forward pass. Each image is found in the validator's centred letterbox canvas
+(checked pixel for pixel) and the fused map, resized to the canvas, is cropped to it. When
+that is not possible (``val=False``, a pinned image not found, one layer whose ``(C, h, w)``
+maps cannot be cropped off the cell grid, or classification, whose validation loader
+Ultralytics shuffles) the pinned images go through ``trainer.ema.ema`` once more, padded at
+the bottom right to the model's stride, under ``torch.no_grad()`` in eval mode with the
+random state forked and hooks that exist only during that pass. Every module's attributes
+(its ``training`` flag, the detection head's cached anchors and input shape) are put back
 afterwards, so training, validation, the EMA and ``results.csv`` are the same with or
 without the callback (``tests/yolo`` checks this with ``deterministic=True``).
 
@@ -51,8 +59,21 @@ logger's centring): the concatenation put it off the objects (ratio < 1) on 5 of
 maximum on 1 of 7 (P3 alone: 0 of 7; P5 alone: 5 of 7). At ``imgsz=64`` the deeper levels
 also respond to the edge of the letterbox padding, which the maximum keeps.
 
-Tasks: detection (``task="detect"``). Other tasks warn once and log nothing.
-Multi-GPU (DDP) training runs in subprocesses that do not get this callback.
+Tasks:
+
+* ``detect``: as above.
+* ``segment``: as ``detect`` (the Segment head is a Detect head with mask coefficients): its
+  inputs P3-P5 fused, predicted boxes (NMS over the classes only) and true boxes drawn; the
+  masks are not drawn.
+* ``classify``: the pinned images are spread evenly over the validation set (an ImageFolder
+  lists its images class by class, so the first ones would be one class), each as the
+  validator sees it (``imgsz`` square, resized and centre-cropped); default layer: the input
+  of the Classify head (the last feature map, ``model.model[-1].f``); label: the true class,
+  prediction: the top class. ``faithfulness`` (docs/signals.md): one more batched forward of
+  the perturbed pinned images, the clean row reused from the pinned pass.
+
+Other tasks (pose, obb) warn once and log nothing. Multi-GPU (DDP) training runs in
+subprocesses that do not get this callback.
 """
 
 from __future__ import annotations
@@ -68,6 +89,7 @@ import torch
 from torch import nn
 
 from ..errors import WarnOnce
+from ..metrics import DEFAULT_FRACTIONS, check_fractions
 
 _log = logging.getLogger("mlflow_eigencam")
 
@@ -75,7 +97,10 @@ __all__ = ["EigenCAMCallback", "autolog_add_callback"]
 
 MODE = "eval"
 #: The trainer events the callback listens to (``register`` adds one function for each).
-EVENTS = ("on_train_start", "on_train_epoch_end", "on_fit_epoch_end", "on_train_end", "teardown")
+EVENTS = ("on_train_start", "on_train_epoch_end", "on_val_start", "on_val_end", "on_fit_epoch_end",
+          "on_train_end", "teardown")
+#: The tasks it logs (``trainer.args.task``); boxes for the first two.
+TASKS = ("detect", "segment", "classify")
 #: Ultralytics' letterbox grey.
 PAD_VALUE = 114
 
@@ -87,18 +112,22 @@ class EigenCAMCallback:
 
     Args:
         layers: Module indices in ``model.model`` whose outputs are explained (one int or a
-            sequence, fused as the module docstring says); None: the detection head's inputs
-            (``model.model[-1].f``, P3-P5).
+            sequence, fused as the module docstring says); None: the head's inputs
+            (``model.model[-1].f``: P3-P5 of a Detect or Segment head, the last feature map
+            of a Classify head).
         n_components: Principal components per image (int >= 1, or a float in (0, 1)) when
             one layer is explained; a fused map of several levels is one component.
         n_samples: Validation images pinned and logged at every epoch (the first ones of the
             validation set).
-        conf: Confidence threshold of the drawn predictions (Ultralytics' ``predict`` default).
+        conf: Confidence threshold of the drawn boxes (Ultralytics' ``predict`` default).
         iou: IoU threshold of the NMS.
         max_det: Most predicted boxes drawn per image.
         label_mapping: Class names (``{name: index}`` or a sequence); default the model's
             ``names``.
         ds_id: Dataset id of the logged images (keys ``eigencam/eval/<ds_id>/...``).
+        faithfulness: Score each classification map with the model (docs/signals.md): True
+            (the default fractions), a sequence of fractions in (0, 1), or False. Not for
+            detection and segmentation (their outputs are not class scores).
         **logger_kwargs: Passed to :class:`~mlflow_eigencam.logger.EigenCAMLogger`
             (``mode``, ``run_id``, ``colormap``, ``alpha``, ``log_every_n_epochs``, ...).
 
@@ -116,6 +145,7 @@ class EigenCAMCallback:
         max_det: int = 20,
         label_mapping: Union[Mapping[str, Any], Sequence[str], None] = None,
         ds_id: Optional[str] = "val",
+        faithfulness: Union[bool, Sequence[float]] = True,
         **logger_kwargs: Any,
     ) -> None:
         self._layers: Optional[Tuple[int, ...]] = _check_layers(layers)
@@ -128,6 +158,9 @@ class EigenCAMCallback:
             raise ValueError(f"max_det must be an int >= 1, got {max_det!r}")
         if ds_id is not None and not isinstance(ds_id, str):
             raise TypeError(f"ds_id must be a string or None, got {ds_id!r}")
+        self._fractions: Optional[Tuple[float, ...]] = (
+            DEFAULT_FRACTIONS if faithfulness is True else None if faithfulness is False
+            else check_fractions(faithfulness))
         for key in ("image_layout", "target_layer"):
             if key in logger_kwargs:
                 raise TypeError(f"{key} is set by the YOLO callback; use layers= to choose layers")
@@ -148,6 +181,9 @@ class EigenCAMCallback:
         self._logger: Any = None
         self._pins: Optional[List[_Pin]] = None
         self._train_epoch: Optional[int] = None
+        self._task: str = "detect"
+        self._trainer: Any = None
+        self._seen: Optional[_Seen] = None  # what the validator's forward showed this epoch
         self._layer_tag: Optional[str] = None
         self._warn: WarnOnce = WarnOnce()
         self._handles: List[Any] = []
@@ -197,13 +233,15 @@ class EigenCAMCallback:
         """Build the logger in the run Ultralytics' MLflow callback has started (or the active
         one); pin the validation images. Bad ``layers`` raise here, before the first epoch."""
         self._train_epoch = None
+        self._trainer = trainer
         if not _is_main_rank():
             return
         task = getattr(trainer.args, "task", "detect")
-        if task != "detect":
-            self._warn.warn(("task", task), f"the YOLO EigenCAM callback supports task='detect' for now, "
+        if task not in TASKS:
+            self._warn.warn(("task", task), f"the YOLO EigenCAM callback supports the tasks {TASKS}, "
                             f"not {task!r}: nothing is logged")
             return
+        self._task = task
         model = _explained_model(trainer)
         indices = self._layer_indices(model)  # a bad index fails now
         if self._logger is None:
@@ -221,8 +259,12 @@ class EigenCAMCallback:
                                           label_mapping=mapping, image_layout="NHWC",
                                           **self._logger_kwargs)
         try:
-            stride = int(max(float(v) for v in getattr(model, "stride", [32])))
-            self._pins = _pin(trainer.test_loader.dataset, self.n_samples, stride)
+            dataset = trainer.test_loader.dataset
+            if task == "classify":
+                self._pins = _pin_classify(dataset, self.n_samples)
+            else:
+                stride = int(max(float(v) for v in getattr(model, "stride", [32])))
+                self._pins = _pin(dataset, self.n_samples, stride)
         except Exception as exc:  # never break training over the images to show
             self._pins = None
             self._failed(exc, "reading the validation images")
@@ -230,6 +272,37 @@ class EigenCAMCallback:
     def on_train_epoch_end(self, trainer: Any) -> None:
         """Remember which epoch trained (``final_eval``'s ``on_fit_epoch_end`` has none)."""
         self._train_epoch = int(trainer.epoch)
+
+    def on_val_start(self, validator: Any) -> None:
+        """Before the validation of an epoch that logs: hooks that keep the pinned images'
+        rows of the validator's own forward (its inputs, the layers' maps, the outputs), so
+        the epoch's images need no extra forward pass. Validations of other weights
+        (``final_eval``, ``model.val()``) are left alone."""
+        self._seen = None
+        trainer, logger = self._trainer, self._logger
+        if (logger is None or not self._pins or trainer is None or not getattr(validator, "training", False)
+                or self._train_epoch != int(trainer.epoch)):
+            return
+        try:
+            if not logger.wants(MODE, self.ds_id) or not logger.should_log(int(trainer.epoch)):
+                return
+            model = _explained_model(trainer)
+            indices = self._layer_indices(model)
+            # The callback's own forward instead: for one layer of a letterboxed detector (its
+            # (C, h, w) maps cannot be cropped to an image placed off the cell grid), and for
+            # classification (Ultralytics shuffles its validation loader: no row is known).
+            if self._task == "classify" or len(indices) == 1:
+                return
+            self._seen = _Seen([pin.index for pin in self._pins], indices)
+            self._handles = self._seen.hook(model)
+        except Exception as exc:
+            self._remove_hooks()
+            self._seen = None
+            self._failed(exc, "hooking the validation")
+
+    def on_val_end(self, validator: Any) -> None:
+        """Remove the validation hooks."""
+        self._remove_hooks()
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
         """Log the pinned images at ``step = trainer.epoch``; skip ``final_eval``'s call."""
@@ -257,6 +330,7 @@ class EigenCAMCallback:
 
     def _close(self) -> None:
         self._remove_hooks()
+        self._seen = self._trainer = None
         logger, self._logger = self._logger, None
         self._pins = None
         if logger is not None:
@@ -274,7 +348,8 @@ class EigenCAMCallback:
         head = blocks[-1]
         if self._layers is None:
             f = getattr(head, "f", None)
-            indices = [f] if isinstance(f, int) else list(f or [])
+            # Ultralytics' "from": -1 is the module before the head (the Classify head's input).
+            indices = [k + len(blocks) - 1 if k < 0 else k for k in ([f] if isinstance(f, int) else list(f or []))]
             if not indices:
                 raise ValueError(f"the model's last module ({type(head).__name__}) has no inputs "
                                  "'f'; pass layers= (module indices in model.model)")
@@ -293,35 +368,56 @@ class EigenCAMCallback:
         model = _explained_model(trainer)
         indices = self._layer_indices(model)
         pins = self._pins or []
-        # One forward per canvas shape (rectangular canvases, as the validator's rect batches).
-        groups: Dict[Tuple[int, ...], List[int]] = {}
-        for i, pin in enumerate(pins):
-            groups.setdefault(pin.canvas.shape, []).append(i)
-        results: Dict[int, Tuple[np.ndarray, Dict[str, np.ndarray]]] = {}
-        for shape, members in groups.items():
-            acts, dets = self._forward(model, [pins[i] for i in members], indices)
-            fused, tag = _fuse(acts, indices, shape[1])
+        seen, self._seen = self._seen, None
+        self._remove_hooks()
+        batches = seen.batches(pins) if seen is not None else None
+        if batches is None:  # no validation this epoch, or a pin not found in it: our own forward
+            batches = []
+            groups: Dict[Tuple[int, ...], List[int]] = {}
+            for i, pin in enumerate(pins):
+                groups.setdefault(pin.canvas.shape, []).append(i)
+            for members in groups.values():
+                x = _inputs(model, [pins[i] for i in members])
+                acts, out = self._forward(model, x, indices)
+                batches.append(_Batch(members, x, acts, _first(out), [(0, 0)] * len(members)))
+        # Per pin: the map (1, C, h, w) and what on_batch_end gets besides.
+        results: Dict[int, Tuple[np.ndarray, Dict[str, Any]]] = {}
+        for b in batches:
+            group = [pins[i] for i in b.members]
+            fused, tag = _fuse(b.acts, indices, b.x.shape[-1])
             if tag != self._layer_tag:
                 self._layer_tag = tag
                 self._logger.set_target_layer(tag)
-            for j, i in enumerate(members):
-                results[i] = (fused[j:j + 1], dets[j])
+            if self._task == "classify":
+                probs = b.y.detach().float().cpu().numpy()  # (n, K) probabilities
+                scores = self._faithfulness(model, b.x, fused, probs)
+                for j, i in enumerate(b.members):
+                    extra: Dict[str, Any] = {"preds": probs[j:j + 1]}
+                    if scores is not None:
+                        extra["faithfulness"] = scores[j:j + 1]
+                    results[i] = (fused[j:j + 1], extra)
+                continue
+            dets = self._detections(model, b.y, group, b.offsets)
+            for j, (i, pin) in enumerate(zip(b.members, group)):
+                h, w = pin.image.shape[:2]
+                top, left = b.offsets[j]
+                if (top, left) == (0, 0):  # the image at the top left of the map: the card crops
+                    results[i] = (fused[j:j + 1], {"preds": [dets[j]], "map_extent": (
+                        h / b.x.shape[-2], w / b.x.shape[-1])})
+                else:  # centred in the validator's letterbox: the fused map cropped to the image
+                    full = _resize(fused[j:j + 1], b.x.shape[-2:])
+                    results[i] = (np.ascontiguousarray(full[:, :, top:top + h, left:left + w]),
+                                  {"preds": [dets[j]]})
         for i, pin in enumerate(pins):  # in pin order: sample indices stay put
-            h, w = pin.image.shape[:2]
-            fused_i, det = results[i]
-            self._logger.on_batch_end(pin.image[None], fused_i, labels=[pin.truth], preds=[det],
-                                      mode=MODE, ds_id=self.ds_id,
-                                      map_extent=(h / pin.canvas.shape[0], w / pin.canvas.shape[1]))
+            fused_i, extra = results[i]
+            self._logger.on_batch_end(pin.image[None], fused_i, labels=[pin.truth], mode=MODE,
+                                      ds_id=self.ds_id, **extra)
         self._logger.on_epoch_end(epoch, mode=MODE, ds_id=self.ds_id)
 
-    def _forward(self, model: nn.Module, pins: Sequence["_Pin"],
-                 indices: List[int]) -> Tuple[List[torch.Tensor], List[Dict[str, np.ndarray]]]:
-        """One no-grad eval forward of same-shape pinned canvases with hooks on ``indices``."""
-        from ultralytics.utils.nms import non_max_suppression
-
-        param = next(model.parameters())
-        x = torch.from_numpy(np.stack([p.canvas for p in pins])).permute(0, 3, 1, 2)
-        x = x.to(param.device).to(param.dtype if param.dtype.is_floating_point else torch.float32) / 255.0
+    def _forward(self, model: nn.Module, x: torch.Tensor,
+                 indices: List[int]) -> Tuple[List[torch.Tensor], Any]:
+        """One quiet forward of the pinned inputs ``x`` with hooks on ``indices``: the
+        captured maps (float32, on the model's device) and the model's eval-mode output."""
         captured: Dict[int, torch.Tensor] = {}
 
         def hook_for(index: int) -> Callable[..., None]:
@@ -331,29 +427,67 @@ class EigenCAMCallback:
             return hook
 
         blocks: Any = model.model  # Ultralytics' nn.Sequential of blocks
-        head = blocks[-1]
-        with torch.no_grad(), _modules_kept(model):
-            model.eval()
+        with _quiet(model):
             try:
                 self._handles = [blocks[i].register_forward_hook(hook_for(i)) for i in indices]
                 out = model(x)
             finally:
                 self._remove_hooks()
-            y = out[0] if isinstance(out, (tuple, list)) else out
-            boxes = non_max_suppression(y, self.conf, self.iou, max_det=self.max_det,
-                                        end2end=bool(getattr(head, "end2end", False)))
         missing = [i for i in indices if i not in captured]
         if missing:
             raise ValueError(f"layers {missing} gave no (B, C, h, w) feature map in the forward pass")
+        return [captured[i] for i in indices], out
+
+    def _detections(self, model: nn.Module, y: torch.Tensor, pins: Sequence["_Pin"],
+                    offsets: Sequence[Tuple[int, int]]) -> List[Dict[str, np.ndarray]]:
+        """Boxes after NMS per pinned image from the inference output ``y`` (xyxy pixels of
+        the image: the canvas' ``(top, left)`` offsets taken off, clipped to it); a
+        segmentation model's mask coefficients (the columns after the classes) are dropped."""
+        from ultralytics.utils.nms import non_max_suppression
+
+        blocks: Any = model.model  # Ultralytics' nn.Sequential of blocks
+        head = blocks[-1]
+        nc = int(getattr(head, "nc", 0) or len(getattr(model, "names", {}) or {}))
+        with torch.no_grad():
+            boxes = non_max_suppression(y, self.conf, self.iou, max_det=self.max_det, nc=nc,
+                                        end2end=bool(getattr(head, "end2end", False)))
         dets = []
-        for pin, b in zip(pins, boxes):
-            b = b.detach().float().cpu().numpy()
+        for pin, b, (top, left) in zip(pins, boxes, offsets):
+            b = b[:, :6].detach().float().cpu().numpy()
             h, w = pin.image.shape[:2]
-            xyxy = b[:, :4].copy()
+            xyxy = b[:, :4] - np.array([left, top, left, top], dtype=np.float32)
             xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
             xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
             dets.append({"boxes": xyxy, "scores": b[:, 4], "labels": b[:, 5].astype(np.int64)})
-        return [captured[i] for i in indices], dets
+        return dets
+
+    def _faithfulness(self, model: nn.Module, x: torch.Tensor, fused: np.ndarray,
+                      probs: np.ndarray) -> Optional[np.ndarray]:
+        """Per-pin faithfulness (docs/signals.md) of a classifier: the PC1 maps of ``fused``
+        (what the logger draws) rank the pixels of ``x`` ``(n, 3, H, W)``; one quiet forward
+        of the ``2F n`` perturbed images, the clean row being ``probs`` ``(n, K)``. None when
+        off; a failure warns once and turns it off."""
+        if self._fractions is None:
+            return None
+        try:
+            from ..eigencam import eigencam
+            from ..metrics import faithfulness_scores, perturbed_batch, upsample
+
+            maps = eigencam(fused, 1).maps  # the logger's PC1: the same activations, the same math
+            if maps.shape[1] == 0:
+                return None
+            n, (h, w) = x.shape[0], x.shape[2:]
+            heat = np.stack([upsample(m, h, w) for m in maps[:, 0]])
+            batch = perturbed_batch(x.float().cpu().numpy(), heat, self._fractions)[n:]
+            with _quiet(model):
+                out = _first(model(torch.from_numpy(batch).to(device=x.device, dtype=x.dtype)))
+            rows = np.concatenate([probs, out.float().cpu().numpy()])
+            return faithfulness_scores(rows, n, probabilities=True)
+        except Exception as exc:  # a logging failure never stops training
+            self._fractions = None
+            self._warn.warn("faithfulness", f"the YOLO EigenCAM callback's faithfulness pass failed "
+                            f"({type(exc).__name__}: {exc}); not scoring faithfulness from now on")
+            return None
 
     def _remove_hooks(self) -> None:
         handles, self._handles = self._handles, []
@@ -368,10 +502,153 @@ class _Pin:
     """One pinned validation image: ``image`` (h, w, 3) uint8 RGB at the model's scale,
     ``canvas`` (H, W, 3) the same image padded at the bottom and right to multiples of the
     model's largest stride (the map's extent),
-    ``truth`` its true boxes ``{"boxes": (n, 4) xyxy pixels of image, "labels": (n,)}``."""
+    ``truth`` its true boxes ``{"boxes": (n, 4) xyxy pixels of image, "labels": (n,)}``, or
+    for a classifier its class index."""
 
-    def __init__(self, image: np.ndarray, canvas: np.ndarray, truth: Dict[str, np.ndarray]) -> None:
-        self.image, self.canvas, self.truth = image, canvas, truth
+    def __init__(self, image: np.ndarray, canvas: np.ndarray, truth: Union[Dict[str, np.ndarray], int],
+                 index: int = 0) -> None:
+        self.image, self.canvas, self.truth, self.index = image, canvas, truth, index
+
+
+class _Batch:
+    """Pinned images explained together: ``members`` (their places in the pin list), ``x``
+    ``(n, 3, H, W)`` the model's inputs, ``acts`` one ``(n, C, h, w)`` float32 map per layer,
+    ``y`` ``(n, ...)`` the inference output (boxes, or class probabilities), ``offsets``
+    each image's ``(top, left)`` in its canvas."""
+
+    def __init__(self, members: List[int], x: torch.Tensor, acts: List[torch.Tensor], y: torch.Tensor,
+                 offsets: List[Tuple[int, int]]) -> None:
+        self.members, self.x, self.acts, self.y, self.offsets = members, x, acts, y, offsets
+
+
+class _Seen:
+    """The pinned images' rows of the validator's own forward passes in one validation.
+
+    The validation loader is not shuffled, so the ``k``-th image it yields is dataset item
+    ``k``; hooks on the layers and on the model keep the rows of the pinned items (copies
+    of ``n`` rows, detached), nothing else."""
+
+    def __init__(self, wanted: Sequence[int], indices: List[int]) -> None:
+        self.wanted, self.indices = set(wanted), indices
+        self.rows: Dict[int, Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]] = {}
+        self._offset = 0
+        self._latest: Dict[int, torch.Tensor] = {}
+
+    def hook(self, model: nn.Module) -> List[Any]:
+        """Forward hooks on the layers and the model; returns their handles."""
+        blocks: Any = model.model  # Ultralytics' nn.Sequential of blocks
+
+        def layer_hook(index: int) -> Callable[..., None]:
+            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+                if isinstance(output, torch.Tensor) and output.ndim == 4:
+                    self._latest[index] = output
+            return hook
+
+        def model_hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            x = inputs[0] if inputs else None
+            latest, self._latest = self._latest, {}
+            if not isinstance(x, torch.Tensor) or x.ndim != 4:
+                return
+            start, self._offset = self._offset, self._offset + int(x.shape[0])
+            y = _first(output)
+            for r in range(int(x.shape[0])):
+                if start + r in self.wanted and all(i in latest for i in self.indices):
+                    self.rows[start + r] = (x[r].detach().float().clone(),
+                                            [latest[i][r].detach().float().clone() for i in self.indices],
+                                            y[r].detach().float().clone())
+
+        handles = [blocks[i].register_forward_hook(layer_hook(i)) for i in self.indices]
+        handles.append(model.register_forward_hook(model_hook))
+        return handles
+
+    def batches(self, pins: Sequence["_Pin"]) -> Optional[List[_Batch]]:
+        """The pins as batches (one per canvas shape), each image found in its canvas; None
+        when a pin is missing or its pixels are not where the letterbox puts them."""
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        offsets: Dict[int, Tuple[int, int]] = {}
+        for k, pin in enumerate(pins):
+            row = self.rows.get(pin.index)
+            if row is None:
+                return None
+            place = _placement(row[0], pin.image)
+            if place is None:
+                return None
+            offsets[k] = place
+            groups.setdefault(tuple(row[0].shape), []).append(k)
+        out = []
+        for members in groups.values():
+            rows = [self.rows[pins[k].index] for k in members]
+            out.append(_Batch(members, torch.stack([r[0] for r in rows]),
+                              [torch.stack([r[1][j] for r in rows]) for j in range(len(self.indices))],
+                              torch.stack([r[2] for r in rows]), [offsets[k] for k in members]))
+        return out
+
+
+def _placement(x: torch.Tensor, image: np.ndarray) -> Optional[Tuple[int, int]]:
+    """Where ``image`` ``(h, w, 3)`` uint8 lies in the model input ``x`` ``(3, H, W)`` in
+    [0, 1]: ``(top, left)`` of Ultralytics' centred letterbox (or the top left), checked
+    pixel for pixel; None when it is in neither place."""
+    big_h, big_w = int(x.shape[-2]), int(x.shape[-1])
+    h, w = image.shape[:2]
+    if h > big_h or w > big_w:
+        return None
+    centred = (int(round((big_h - h) / 2 - 0.1)), int(round((big_w - w) / 2 - 0.1)))
+    for top, left in (centred, (0, 0)):
+        crop = x[:, top:top + h, left:left + w].mul(255.0).round().clamp(0, 255).to(torch.uint8)
+        if np.array_equal(crop.permute(1, 2, 0).cpu().numpy(), image):
+            return top, left
+    return None
+
+
+def _resize(maps: np.ndarray, size: Any) -> np.ndarray:
+    """``(n, c, h, w)`` maps resized (bilinear) to ``size`` ``(H, W)``, float32."""
+    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+    out = torch.nn.functional.interpolate(t, size=(int(size[0]), int(size[1])), mode="bilinear",
+                                          align_corners=False)
+    return out.numpy()
+
+
+def _pin_classify(dataset: Any, n: int) -> List[_Pin]:
+    """``n`` images of an Ultralytics classification dataset, spread evenly over it (its
+    images are listed class by class), each as the validator gets it (``dataset[i]["img"]``:
+    resized, centre-cropped, in [0, 1]); ``truth`` is the class index. No padding: ``canvas``
+    is ``image``."""
+    count = len(dataset)
+    picks = sorted({int(round(v)) for v in np.linspace(0, count - 1, min(n, count))}) if count else []
+    pins = []
+    for i in picks:
+        item = dataset[i]
+        img = item["img"]
+        chw = img.detach().float().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img, np.float32)
+        rgb = np.ascontiguousarray(np.clip(np.rint(chw.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8))
+        pins.append(_Pin(rgb, rgb, int(item["cls"]), index=i))
+    return pins
+
+
+def _inputs(model: nn.Module, pins: Sequence[_Pin]) -> torch.Tensor:
+    """The pinned canvases as the model's input: ``(n, 3, H, W)`` in [0, 1], on its device,
+    in its dtype."""
+    param = next(model.parameters())
+    x = torch.from_numpy(np.stack([p.canvas for p in pins])).permute(0, 3, 1, 2)
+    return x.to(param.device).to(param.dtype if param.dtype.is_floating_point else torch.float32) / 255.0
+
+
+def _first(out: Any) -> torch.Tensor:
+    """A classifier's probabilities: the first tensor of its eval-mode output."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+@contextlib.contextmanager
+def _quiet(model: nn.Module) -> Iterator[None]:
+    """The frame of the callback's own forwards: no grad, eval mode, every module's
+    attributes put back (:func:`_modules_kept`) and the random state forked."""
+    param = next(model.parameters())
+    cuda = [param.device.index or 0] if param.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.no_grad(), _modules_kept(model):
+        model.eval()
+        yield
 
 
 def _pin(dataset: Any, n: int, stride: int = 32) -> List[_Pin]:
@@ -394,7 +671,7 @@ def _pin(dataset: Any, n: int, stride: int = 32) -> List[_Pin]:
         cls = np.asarray(label.get("cls", np.zeros((0, 1)))).reshape(-1).astype(np.int64)
         boxes = np.stack([(xywh[:, 0] - xywh[:, 2] / 2) * w, (xywh[:, 1] - xywh[:, 3] / 2) * h,
                           (xywh[:, 0] + xywh[:, 2] / 2) * w, (xywh[:, 1] + xywh[:, 3] / 2) * h], axis=1)
-        pins.append(_Pin(rgb, canvas, {"boxes": boxes, "labels": cls}))
+        pins.append(_Pin(rgb, canvas, {"boxes": boxes, "labels": cls}, index=i))
     return pins
 
 
