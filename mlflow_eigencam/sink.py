@@ -57,6 +57,10 @@ _log = logging.getLogger("mlflow_eigencam")
 #: Items sent at once (each uploads its files on up to ``_transport.UPLOAD_THREADS``).
 IN_FLIGHT = 3
 
+#: Spool bytes kept as raw pixels (cheap for the training thread to write); beyond them, while
+#: MLflow is unreachable, the sender encodes waiting records in place.
+COMPACT_BYTES = 64 << 20
+
 #: Default cap on a sink's spooled records (see ``MlflowSink(spool_max_bytes=...)``): 1 GiB.
 DEFAULT_SPOOL_MAX_BYTES = 1 << 30
 
@@ -222,6 +226,10 @@ class MlflowSink:
         self._closed = False
         self._thread: Optional[threading.Thread] = None
         self._pool: Optional[_transport.DaemonPool] = None
+        #: Spool bytes beyond which, while MLflow is unreachable, the sender encodes the
+        #: images of waiting records in place (see :meth:`_compact_one`).
+        self.compact_bytes = COMPACT_BYTES
+        self._compacted: set = set()
         self._adopted = False
         self._dir_dirty = False
         #: Records written by the training thread whose data the sender has not fsynced yet.
@@ -605,7 +613,11 @@ class MlflowSink:
             if self._stop:
                 return
             if status is Drain.BACKOFF:
-                self._wake.wait(timeout=delay)
+                until = time.monotonic() + delay
+                while (not self._stop and not self._wake.is_set()
+                       and time.monotonic() < until and self._compact_one()):
+                    pass  # the wait is spent encoding what waits on disk
+                self._wake.wait(timeout=max(0.0, until - time.monotonic()))
                 delay = min(delay * 2, self._backoff[1])
             else:
                 delay = self._backoff[0]
@@ -792,6 +804,42 @@ class MlflowSink:
                          "longer", uri, _transport.response_time(uri) or 0.0,
                          _transport.UPLOAD_THREADS)
         self._state = state
+
+    def _compact_one(self) -> bool:
+        """While MLflow cannot take them and the spool holds over :attr:`compact_bytes`:
+        rewrite one record that holds raw pixels with its images encoded (PNG / WebP),
+        under the same name (temporary name, fsync, rename: a crash leaves the old record or
+        the new one). Measured at 5 samples of 224x224: 2.9 -> 0.9 MB per epoch for smooth
+        images, 4.9 -> 3.1 MB for noise; 0.04-0.6 s of encoding, paid here and not on the
+        training thread. Returns whether a record was rewritten."""
+        if self.spool_bytes <= self.compact_bytes:
+            return False
+        with self._lock:
+            todo = [(n, e.path) for n, e in sorted(self._items.items())
+                    if e.path is not None and n not in self._compacted]
+        for name, path in todo:
+            self._compacted.add(name)
+            try:
+                item = item_from_record(path)
+                raw = [v for v in (item.files or {}).values()
+                       if isinstance(v, Encoded) and not v.ready]
+                if not raw:
+                    continue
+                for payload in raw:
+                    payload.data()
+                header, blobs = item_to_record(item)
+                del item, raw
+                with self._lock:
+                    if name not in self._items:
+                        return True
+                    _spool.write_record(path.parent, path.name, header, blobs, fsync=True)
+                    self._count_record(name, path)
+                    self._dir_dirty = True
+            except (OSError, SpoolError, ValueError, TypeError) as exc:  # its send reports it
+                _log.debug("mlflow_eigencam: not compacted %s: %s", path, exc)
+                continue
+            return True
+        return False
 
     def _give_up(self, name: str, entry: _Entry, reason: str, refused: bool = False) -> None:
         """MLflow refused an item for good, or the record is not one the logger would write
