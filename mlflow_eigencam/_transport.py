@@ -383,11 +383,20 @@ class DaemonPool:
         self._jobs.put((future, fn, args))
         return future
 
+    def shutdown(self) -> None:
+        """Let the threads end once the calls already submitted are done."""
+        with self._lock:
+            for _ in self._threads:
+                self._jobs.put((None, None, ()))
+            self._threads, self._idle = [], 0
+
     def _work(self) -> None:
         if self._init is not None:
             self._init()
         while True:
             future, fn, args = self._jobs.get()
+            if future is None:
+                return
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn(*args))

@@ -386,6 +386,9 @@ class MlflowSink:
             warnings.warn(msg, EigenCAMWarning, stacklevel=2)
             _log.warning(msg)
         if not stuck:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
             if self.folder is not None and not records:
                 _spool.remove_folder_if_done(self.folder)
             if self._folder_lock is not None:
