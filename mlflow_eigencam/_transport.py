@@ -322,19 +322,20 @@ def _send_bundle(client, item: Item, workdir: Optional[Path]) -> None:
     if new_tables:
         with _run_lock(item):
             # The tag mlflow.log_table writes, so mlflow.load_table and the UI find the
-            # tables. Read-modify-write of a run tag: once per (run, table) and process.
+            # tables. Read-modify-write of a run tag: once per (run, table) and process,
+            # written under the lock (two bundles in flight must not drop each other's).
             current = json.loads(client.get_run(item.run_id).data.tags.get(
                 _layout.MLFLOW_LOGGED_ARTIFACTS, "[]"))
             entries = [{"path": p, "type": "table"} for p in new_tables]
             if any(e not in current for e in entries):
-                tags[_layout.MLFLOW_LOGGED_ARTIFACTS] = json.dumps(
-                    current + [e for e in entries if e not in current])
+                _log_batch(client, *_where(item), [], {_layout.MLFLOW_LOGGED_ARTIFACTS: json.dumps(
+                    current + [e for e in entries if e not in current])})
+            _registered_tables.update((item.run_id, p) for p in new_tables)
     # Metrics last: a bundle cut short before them is not taken for a repeat (_already_logged).
     metrics = [Metric(k, float(v), int(ts), int(s)) for k, v, s, ts in item.metrics or []]
     _log_batch(client, *_where(item), metrics, tags)
     if item.once is not None:
         _steps_cache.setdefault((*_where(item), item.once[0]), set()).add(int(item.once[1]))
-    _registered_tables.update((item.run_id, p) for p in new_tables)
     _tags_set.update((item.run_id, k, v) for k, v in (item.tags or {}).items())
 
 

@@ -698,7 +698,9 @@ class MlflowSink:
             collections.deque()
         status, i = Drain.DONE, 0
         while True:
-            while status is Drain.DONE and i < len(names) and len(flight) < IN_FLIGHT:
+            # A local store has no latency to hide, and sqlite serialises writers anyway.
+            depth = IN_FLIGHT if str(self._tracking_uri).startswith(("http://", "https://")) else 1
+            while status is Drain.DONE and i < len(names) and len(flight) < depth:
                 if self._stop and self._closed:
                     status = Drain.STOPPED
                     break
