@@ -294,8 +294,8 @@ def _send_bundle(client, item: Item, workdir: Optional[Path]) -> None:
                         key = (*_where(item), path)
                         # Merged into this process's view now, so a bundle prepared next
                         # holds these rows too (its upload may land first; see _put_table).
-                        merged = _table.merge(_current_table(client, item, path),
-                                              _load_table(payload))
+                        merged = _ordered(_table.merge(_current_table(client, item, path),
+                                                       _load_table(payload)))
                         _table_cache[key] = merged
                         tables[path] = _table_version[key] = _table_version.get(key, 0) + 1
                         target.parent.mkdir(parents=True, exist_ok=True)
@@ -337,6 +337,19 @@ def _send_bundle(client, item: Item, workdir: Optional[Path]) -> None:
     if item.once is not None:
         _steps_cache.setdefault((*_where(item), item.once[0]), set()).add(int(item.once[1]))
     _tags_set.update((item.run_id, k, v) for k, v in (item.tags or {}).items())
+
+
+def _ordered(table: dict) -> dict:
+    """The table view's rows in (epoch, sample_index) order: with items in flight an epoch
+    retried after a failure is merged after a later one (readers sort anyway, see
+    ``_table.read``; MLflow's UI shows the rows as they are)."""
+    cols, data = table["columns"], table["data"]
+    epoch, index = _layout.TABLE_COLUMNS[0], _layout.TABLE_COLUMNS[1]
+    if epoch in cols and index in cols:
+        e, i = cols.index(epoch), cols.index(index)
+        if all(isinstance(r[e], int) and isinstance(r[i], int) for r in data):
+            data.sort(key=lambda r: (r[e], r[i]))
+    return table
 
 
 #: Per (uri, run, table path): the version of the table view last merged, and last uploaded.
@@ -464,6 +477,15 @@ def _repo(client, item: Item):
     """The run's artifact repository, made once per run (``MlflowClient.log_artifact``
     may ask the server for the run again at every call in older MLflow versions)."""
     key = _where(item)
+    if key not in _repos and _artifact_uri(client, item).startswith("mlflow-artifacts:"):
+        # Resolved against the item's server: MLflow 2.x resolves ``mlflow-artifacts:``
+        # against the process's global tracking URI (another server, or a sqlite URI that it
+        # then refuses).
+        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+        from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+        _repos[key] = HttpArtifactRepository(
+            MlflowArtifactsRepository.resolve_uri(_artifact_uri(client, item), key[0]))
     if key not in _repos:
         get = getattr(getattr(client, "_tracking_client", None), "_get_artifact_repo", None)
         _repos[key] = get(key[1]) if get is not None else _ClientRepo(client, key[1])
@@ -483,10 +505,16 @@ class _LocalRepo:
 
 
 class _ClientRepo:
-    """``log_artifact`` through the public client (where the private repository is gone)."""
+    """The run's artifacts through the public client (where the private repository is gone)."""
 
     def __init__(self, client, run_id: str) -> None:
         self._client, self._run_id = client, run_id
+
+    def list_artifacts(self, path: Optional[str]) -> list:
+        return list(self._client.list_artifacts(self._run_id, path))
+
+    def download_artifacts(self, path: str, dst: str) -> str:
+        return str(self._client.download_artifacts(self._run_id, path, dst))
 
     def log_artifact(self, local: str, artifact_dir: Optional[str]) -> None:
         self._client.log_artifact(self._run_id, local, artifact_dir)
@@ -497,11 +525,12 @@ _UPLOAD_THREAD = "mlflow-eigencam-upload"
 
 class _OwnUploads(logging.Filter):
     """urllib3 warns "Connection pool is full, discarding connection" when more requests run
-    at once than MLflow's HTTP pool keeps (10): expected for the upload threads (their extra
-    connections are closed after use), noise in the user's log. Only theirs is dropped."""
+    at once than MLflow's HTTP pool keeps (10): expected for the package's upload and send
+    threads (their extra connections are closed after use), noise in the user's log. Only
+    theirs is dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (threading.current_thread().name.startswith(_UPLOAD_THREAD)
+        return not (threading.current_thread().name.startswith("mlflow-eigencam")
                     and "Connection pool is full" in str(record.msg))
 
 
@@ -564,11 +593,12 @@ def _current_table(client, item: Item, path: str) -> Optional[dict]:
             raw = p.read_bytes()
     else:
         parent = path.rsplit("/", 1)[0] if "/" in path else None
-        if any(f.path == path for f in client.list_artifacts(item.run_id, parent)):
+        repo = _repo(client, item)
+        if any(f.path == path for f in repo.list_artifacts(parent)):
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="mlflow-eigencam-table-") as d:
-                raw = Path(client.download_artifacts(item.run_id, path, d)).read_bytes()
+                raw = Path(repo.download_artifacts(path, d)).read_bytes()
     if raw is None:
         return None
     try:
@@ -578,6 +608,15 @@ def _current_table(client, item: Item, path: str) -> Optional[dict]:
 
 
 _local_dirs: Dict[Tuple[str, str], Optional[str]] = {}
+_artifact_uris: Dict[Tuple[str, str], str] = {}
+
+
+def _artifact_uri(client, item: Item) -> str:
+    """The run's artifact URI, asked once per run."""
+    key = _where(item)
+    if key not in _artifact_uris:
+        _artifact_uris[key] = str(client.get_run(key[1]).info.artifact_uri)
+    return _artifact_uris[key]
 
 
 def _local_artifact_dir(client, item: Item) -> Optional[str]:
@@ -593,7 +632,7 @@ def _local_artifact_dir(client, item: Item) -> Optional[str]:
 
         from mlflow.utils.file_utils import local_file_uri_to_path
 
-        uri = client.get_run(item.run_id).info.artifact_uri
+        uri = _artifact_uri(client, item)
         scheme = urlparse(uri).scheme
         local = scheme in ("", "file") or (os.name == "nt" and len(scheme) == 1)  # C:\...
         _local_dirs[key] = local_file_uri_to_path(uri) if local else None

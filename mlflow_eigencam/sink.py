@@ -18,9 +18,13 @@ The promise, and how it is kept:
   returns an :class:`Undelivered` count that says what is left and where.
 * **Never blocks training.** ``import mlflow``, run creation, the ``/health`` probe and every
   request run on the sender thread.
-* **Bounded lag.** When items pile up (cores saturated, slow server) the training thread
-  encodes the images itself instead of queueing more work for a starved sender
-  (``lag_limit``), and early encodes stop.
+* **Bounded lag.** When items pile up on a starved sender (cores saturated) the training
+  thread encodes the images itself instead of queueing more work (``lag_limit``), and early
+  encodes stop. A slow server (:attr:`State.SLOW`) is latency, not work: up to
+  ``IN_FLIGHT`` items are sent at once, each uploading its files on several threads
+  (:mod:`._transport`), and the training thread never encodes for it.
+* **A bounded spool.** Past ``COMPACT_BYTES`` while MLflow cannot be reached, the sender
+  rewrites waiting records with their images encoded; ``spool_max_bytes`` caps the rest.
 
 Items and their records are in :mod:`._records`, the folders and files on disk in
 :mod:`._spool`, every MLflow call in :mod:`._transport`; this module decides what to send

@@ -7,6 +7,7 @@ import logging
 import time
 import warnings
 
+import mlflow
 from mlflow.tracking import MlflowClient
 
 from mlflow_eigencam import EigenCAMLogger, EigenCAMWarning
@@ -43,9 +44,15 @@ def test_a_server_answering_in_2_s_is_slow_not_down_and_gets_every_epoch(mlflow_
     assert State.DOWN not in states and State.SLOW in states, states
     assert "answers slowly" in caplog.text
     assert concurrent > 2  # an epoch's files went up together
-    series = image_series(client, rid)
+    # MLflow 2.x's client resolves mlflow-artifacts: against the global tracking URI.
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    try:
+        series = image_series(client, rid)
+        table = load_json(client, rid, "eigencam/eval/val/samples.json")
+    finally:
+        mlflow.set_tracking_uri(before)
     assert sorted(series) == ["eigencam/eval/val/sample_0", "eigencam/eval/val/sample_1"]
     assert all(sorted(s) == [0, 1, 2] for s in series.values())
-    table = load_json(client, rid, "eigencam/eval/val/samples.json")
     assert sorted(r[0] for r in table["data"]) == [0, 0, 1, 1, 2, 2]
     assert [s for s, _ in metric_steps(client, rid, "eigencam/eval/val/evr_1")] == [0, 1, 2]
