@@ -15,15 +15,20 @@ carried by exception subclassing): the sender and ``send-spool`` decide on ``exc
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import enum
+import functools
 import json
 import logging
 import os
+import queue
 import random
 import re
 import shutil
+import socket
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -68,18 +73,81 @@ class SendError(Exception):
     def kept(self) -> bool:
         """True when the item stays in the spool and is retried (not set aside at once)."""
         return self.kind in (Failure.UNREACHABLE, Failure.REFUSED, Failure.UNEXPECTED)
-def probe(tracking_uri: str, timeout: float = 2.0) -> bool:
-    """True when ``tracking_uri`` is a local store or an HTTP server that answers ``/health``."""
+
+
+#: The health probe's timeout: it starts at PROBE_TIMEOUT and adapts per server (see probe).
+PROBE_TIMEOUT = 2.0
+#: The longest a probe waits for one answer: a server slower than this is taken as down.
+PROBE_MAX_TIMEOUT = 30.0
+#: A server whose answers take longer than this (seconds, recent median) is "slow".
+SLOW_S = 1.0
+#: Files of one bundle uploaded at a time (per process) to a server that is not local.
+UPLOAD_THREADS = 32
+
+_timeouts: Dict[str, float] = {}
+_latency: Dict[str, "collections.deque[float]"] = {}
+_latency_lock = threading.Lock()
+
+
+def _measured(tracking_uri: str, seconds: float) -> None:
+    """Record how long one answer of ``tracking_uri`` took (the probe's and the API's)."""
+    with _latency_lock:
+        _latency.setdefault(tracking_uri, collections.deque(maxlen=32)).append(seconds)
+
+
+def response_time(tracking_uri: str) -> Optional[float]:
+    """Median seconds of the server's recent answers (None before the first)."""
+    with _latency_lock:
+        recent = sorted(_latency.get(tracking_uri, ()))
+    return recent[len(recent) // 2] if recent else None
+
+
+def is_slow(tracking_uri: str) -> bool:
+    """True when the server answers, but its recent answers took over ``SLOW_S`` seconds."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return False  # a local store is busy, not slow: the back-pressure handles it
+    t = response_time(tracking_uri)
+    return t is not None and t > SLOW_S
+
+
+def probe(tracking_uri: str, timeout: Optional[float] = None) -> bool:
+    """True when ``tracking_uri`` is a local store or an HTTP server that answers ``/health``.
+
+    The timeout adapts (``timeout=None``): it starts at :data:`PROBE_TIMEOUT` and, while the
+    server accepts the connection and does not answer in time, the probe asks again at once
+    with four times the timeout, up to :data:`PROBE_MAX_TIMEOUT`; the next probe starts from
+    three times the last answer's time. A slow server that answers (a fixed 2 s took one
+    that needs 2-5 s for down, forever) is slow, not down; a refused connection or a 5xx is
+    down at once; one that never answers is down after about 40 s.
+    """
     if not tracking_uri.startswith(("http://", "https://")):
         return True
     url = tracking_uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user's URI)
-            return resp.status < 500
-    except urllib.error.HTTPError as exc:
-        return exc.code < 500
-    except Exception:
-        return False
+    wait = timeout if timeout is not None else _timeouts.get(tracking_uri, PROBE_TIMEOUT)
+    while True:
+        start = time.monotonic()
+        try:
+            with urllib.request.urlopen(url, timeout=wait) as resp:  # noqa: S310 (user's URI)
+                ok = resp.status < 500
+        except urllib.error.HTTPError as exc:
+            ok = exc.code < 500
+        except Exception as exc:
+            if timeout is None and _timed_out(exc) and wait < PROBE_MAX_TIMEOUT:
+                wait = min(4 * wait, PROBE_MAX_TIMEOUT)  # it accepted us: give it longer
+                continue
+            return False
+        took = time.monotonic() - start
+        if ok:
+            _measured(tracking_uri, took)
+            if timeout is None:
+                _timeouts[tracking_uri] = min(max(PROBE_TIMEOUT, 3 * took), PROBE_MAX_TIMEOUT)
+        return ok
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A connection made but not answered in time (not a refused or unresolvable one)."""
+    reason = getattr(exc, "reason", exc)  # urllib wraps socket errors in URLError
+    return isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason)
 
 
 _clients: Dict[str, Any] = {}
@@ -175,7 +243,7 @@ def send_item(item: Item, *, workdir: Optional[Path] = None) -> None:
         if item.kind == "bundle":
             _send_bundle(client, item, workdir)
         elif item.kind == "tags":
-            _log_batch(client, item.run_id, [], item.tags or {})
+            _log_batch(client, *_where(item), [], item.tags or {})
         else:
             raise SendError(Failure.REJECTED, f"unknown item kind {item.kind!r}")
     except Exception as exc:
@@ -205,54 +273,269 @@ def _run_lock(item: Item) -> threading.Lock:
 def _send_bundle(client, item: Item, workdir: Optional[Path]) -> None:
     from mlflow.entities import Metric
 
-    with _run_lock(item):  # one bundle of a run at a time per process: table merges serialise
-        if item.once is not None and _already_logged(client, item):
-            raise SendError(Failure.REPEAT, f"the run already has epoch {item.once[1]} of "
-                                            f"{item.once[0].rsplit('/', 1)[0]}")
-        compose_grids(item)
-        merged: Dict[str, dict] = {}
-        if item.files:
-            staging = _spool.make_staging(workdir)
-            try:
+    staging: Optional[Path] = None
+    try:
+        # One bundle of a run at a time prepares (repeat check, grid, table merge); the
+        # uploads of two bundles may then overlap (the sender keeps two in flight).
+        with _run_lock(item):
+            if item.once is not None and _already_logged(client, item):
+                raise SendError(Failure.REPEAT, f"the run already has epoch {item.once[1]} of "
+                                                f"{item.once[0].rsplit('/', 1)[0]}")
+            compose_grids(item)
+            tables: Dict[str, int] = {}
+            if item.files:
+                staging = _spool.make_staging(workdir)
                 files = staging / _FILES_DIR
                 files.mkdir()
                 written: Dict[int, Path] = {}
                 for path, payload in item.files.items():
                     target = files / _safe_relative(path)
                     if path in (item.tables or []):
-                        new = _load_table(payload)
-                        merged[path] = _table.merge(_current_table(client, item, path), new)
+                        key = (*_where(item), path)
+                        # Merged into this process's view now, so a bundle prepared next
+                        # holds these rows too (its upload may land first; see _put_table).
+                        merged = _ordered(_table.merge(_current_table(client, item, path),
+                                                       _load_table(payload)))
+                        _table_cache[key] = merged
+                        tables[path] = _table_version[key] = _table_version.get(key, 0) + 1
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(_table.dumps(merged[path]))
+                        target.write_bytes(_table.dumps(merged))
                     else:
                         write_payload(target, payload, written)
-                local = _local_artifact_dir(client, item)
-                if local is not None:
-                    _move_into(files, local)
-                else:
-                    client.log_artifacts(item.run_id, str(files))
-            finally:
-                _spool.remove_staging(staging)
-        for path, table in merged.items():
-            _table_cache[(*_where(item), path)] = table
-        tags = {k: v for k, v in (item.tags or {}).items()
-                if (item.run_id, k, v) not in _tags_set}
-        tables = [p for p in item.tables or [] if (item.run_id, p) not in _registered_tables]
-        if tables:
-            # The tag mlflow.log_table writes, so mlflow.load_table and the UI find the tables.
-            # Read-modify-write of a run tag: once per (run, table) and process.
+        if staging is not None:
+            local = _local_artifact_dir(client, item)
+            if local is not None:
+                for path, version in tables.items():  # the newest view stays (_put_table)
+                    _put_table(_LocalRepo(local), item, path, version,
+                               str(staging / _FILES_DIR / _safe_relative(path)),
+                               path.rsplit("/", 1)[0] if "/" in path else None)
+                    os.unlink(staging / _FILES_DIR / _safe_relative(path))
+                _move_into(staging / _FILES_DIR, local)
+            else:
+                _upload(client, item, staging / _FILES_DIR, tables)
+    finally:
+        if staging is not None:
+            _spool.remove_staging(staging)
+    tags = {k: v for k, v in (item.tags or {}).items()
+            if (item.run_id, k, v) not in _tags_set}
+    new_tables = [p for p in item.tables or [] if (item.run_id, p) not in _registered_tables]
+    if new_tables:
+        with _run_lock(item):
+            # The tag mlflow.log_table writes, so mlflow.load_table and the UI find the
+            # tables. Read-modify-write of a run tag: once per (run, table) and process,
+            # written under the lock (two bundles in flight must not drop each other's).
             current = json.loads(client.get_run(item.run_id).data.tags.get(
                 _layout.MLFLOW_LOGGED_ARTIFACTS, "[]"))
-            entries = [{"path": p, "type": "table"} for p in tables]
+            entries = [{"path": p, "type": "table"} for p in new_tables]
             if any(e not in current for e in entries):
-                tags[_layout.MLFLOW_LOGGED_ARTIFACTS] = json.dumps(
-                    current + [e for e in entries if e not in current])
-        metrics = [Metric(k, float(v), int(ts), int(s)) for k, v, s, ts in item.metrics or []]
-        _log_batch(client, _where(item)[1], metrics, tags)
-        if item.once is not None:
-            _steps_cache.setdefault((*_where(item), item.once[0]), set()).add(int(item.once[1]))
-        _registered_tables.update((item.run_id, p) for p in tables)
-        _tags_set.update((item.run_id, k, v) for k, v in (item.tags or {}).items())
+                _log_batch(client, *_where(item), [], {_layout.MLFLOW_LOGGED_ARTIFACTS: json.dumps(
+                    current + [e for e in entries if e not in current])})
+            _registered_tables.update((item.run_id, p) for p in new_tables)
+    # Metrics last: a bundle cut short before them is not taken for a repeat (_already_logged).
+    metrics = [Metric(k, float(v), int(ts), int(s)) for k, v, s, ts in item.metrics or []]
+    _log_batch(client, *_where(item), metrics, tags)
+    if item.once is not None:
+        _steps_cache.setdefault((*_where(item), item.once[0]), set()).add(int(item.once[1]))
+    _tags_set.update((item.run_id, k, v) for k, v in (item.tags or {}).items())
+
+
+def _ordered(table: dict) -> dict:
+    """The table view's rows in (epoch, sample_index) order: with items in flight an epoch
+    retried after a failure is merged after a later one (readers sort anyway, see
+    ``_table.read``; MLflow's UI shows the rows as they are)."""
+    cols, data = table["columns"], table["data"]
+    epoch, index = _layout.TABLE_COLUMNS[0], _layout.TABLE_COLUMNS[1]
+    if epoch in cols and index in cols:
+        e, i = cols.index(epoch), cols.index(index)
+        if all(isinstance(r[e], int) and isinstance(r[i], int) for r in data):
+            data.sort(key=lambda r: (r[e], r[i]))
+    return table
+
+
+#: Per (uri, run, table path): the version of the table view last merged, and last uploaded.
+_table_version: Dict[Tuple[str, str, str], int] = {}
+_table_uploaded: Dict[Tuple[str, str, str], int] = {}
+_upload_pool: Optional["DaemonPool"] = None
+_upload_pool_lock = threading.Lock()
+_repos: Dict[Tuple[str, str], Any] = {}
+
+
+def _pool() -> "DaemonPool":
+    global _upload_pool
+    with _upload_pool_lock:
+        if _upload_pool is None:
+            _quiet_pool_warnings()
+            _upload_pool = DaemonPool(UPLOAD_THREADS, _UPLOAD_THREAD)
+        return _upload_pool
+
+
+class DaemonPool:
+    """Up to ``size`` daemon threads running submitted calls, each returning a Future.
+
+    Not :class:`concurrent.futures.ThreadPoolExecutor`: its threads are joined at exit, so
+    one request to a hung server would hold the user's process at exit (the sender's exit
+    is bounded by ``close()``'s deadline; what is not confirmed stays in the spool)."""
+
+    def __init__(self, size: int, name: str,
+                 initializer: Optional[Callable[[], None]] = None) -> None:
+        self._size, self._name, self._init = size, name, initializer
+        self._jobs: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
+        self._threads: list = []
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> "concurrent.futures.Future[Any]":
+        future: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+        with self._lock:
+            if self._idle == 0 and len(self._threads) < self._size:
+                t = threading.Thread(target=self._work, daemon=True,
+                                     name=f"{self._name}-{len(self._threads)}")
+                self._threads.append(t)
+                t.start()
+            else:
+                self._idle -= 1 if self._idle else 0
+        self._jobs.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Let the threads end once the calls already submitted are done."""
+        with self._lock:
+            for _ in self._threads:
+                self._jobs.put((None, None, ()))
+            self._threads, self._idle = [], 0
+
+    def _work(self) -> None:
+        if self._init is not None:
+            self._init()
+        while True:
+            future, fn, args = self._jobs.get()
+            if future is None:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # handed to the caller
+                    future.set_exception(exc)
+            del future, fn, args
+            with self._lock:
+                self._idle += 1
+
+
+def _upload(client, item: Item, folder: Path, tables: Dict[str, int]) -> None:
+    """Upload the staged files of one bundle to a remote artifact store, up to
+    :data:`UPLOAD_THREADS` at a time (one request per file: MLflow has no batch upload, and
+    ``log_artifacts`` sends them one after the other: 51 files of 16 samples took 51 round
+    trips in a row, 3 minutes at 2-5 s each). Every file keeps its fixed path, so a retry
+    rewrites, never duplicates. Raises the first error once every upload has ended."""
+    repo = _repo(client, item)
+    jobs = []
+    for dirpath, _dirs, names in os.walk(folder):
+        rel = os.path.relpath(dirpath, folder)
+        artifact_dir = None if rel == "." else rel.replace(os.sep, "/")
+        for name in names:
+            local = os.path.join(dirpath, name)
+            path = name if artifact_dir is None else f"{artifact_dir}/{name}"
+            if path in tables:
+                job = functools.partial(_put_table, repo, item, path, tables[path], local,
+                                        artifact_dir)
+            else:
+                job = functools.partial(_timed, item, repo.log_artifact, local, artifact_dir)
+            jobs.append(_pool().submit(job))
+    errors = [f.exception() for f in jobs]  # waits for all: no upload outlives its staging
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+
+
+def _timed(item: Item, fn: Callable[..., Any], *args: Any) -> None:
+    start = time.monotonic()
+    fn(*args)
+    _measured(_where(item)[0], time.monotonic() - start)
+
+
+def _put_table(repo, item: Item, path: str, version: int, local: str,
+               artifact_dir: Optional[str]) -> None:
+    """Upload one view of a table unless a newer one (which holds its rows) is up already:
+    two bundles in flight must not leave the older view last."""
+    key = (*_where(item), path)
+    with _table_lock(key):
+        if _table_uploaded.get(key, 0) >= version:
+            return
+        _timed(item, repo.log_artifact, local, artifact_dir)
+        _table_uploaded[key] = version
+
+
+_table_locks: Dict[Tuple[str, str, str], threading.Lock] = collections.defaultdict(threading.Lock)
+
+
+def _table_lock(key: Tuple[str, str, str]) -> threading.Lock:
+    with _run_locks_lock:
+        return _table_locks[key]
+
+
+def _repo(client, item: Item):
+    """The run's artifact repository, made once per run (``MlflowClient.log_artifact``
+    may ask the server for the run again at every call in older MLflow versions)."""
+    key = _where(item)
+    if key not in _repos and _artifact_uri(client, item).startswith("mlflow-artifacts:"):
+        # Resolved against the item's server: MLflow 2.x resolves ``mlflow-artifacts:``
+        # against the process's global tracking URI (another server, or a sqlite URI that it
+        # then refuses).
+        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+        from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+        _repos[key] = HttpArtifactRepository(
+            MlflowArtifactsRepository.resolve_uri(_artifact_uri(client, item), key[0]))
+    if key not in _repos:
+        get = getattr(getattr(client, "_tracking_client", None), "_get_artifact_repo", None)
+        _repos[key] = get(key[1]) if get is not None else _ClientRepo(client, key[1])
+    return _repos[key]
+
+
+class _LocalRepo:
+    """``log_artifact`` into a run's folder on this machine's disk: a rename."""
+
+    def __init__(self, root: str) -> None:
+        self._root = root
+
+    def log_artifact(self, local: str, artifact_dir: Optional[str]) -> None:
+        folder = self._root if artifact_dir is None else os.path.join(self._root, artifact_dir)
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(local, os.path.join(folder, os.path.basename(local)))
+
+
+class _ClientRepo:
+    """The run's artifacts through the public client (where the private repository is gone)."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self._client, self._run_id = client, run_id
+
+    def list_artifacts(self, path: Optional[str]) -> list:
+        return list(self._client.list_artifacts(self._run_id, path))
+
+    def download_artifacts(self, path: str, dst: str) -> str:
+        return str(self._client.download_artifacts(self._run_id, path, dst))
+
+    def log_artifact(self, local: str, artifact_dir: Optional[str]) -> None:
+        self._client.log_artifact(self._run_id, local, artifact_dir)
+
+
+_UPLOAD_THREAD = "mlflow-eigencam-upload"
+
+
+class _OwnUploads(logging.Filter):
+    """urllib3 warns "Connection pool is full, discarding connection" when more requests run
+    at once than MLflow's HTTP pool keeps (10): expected for the package's upload and send
+    threads (their extra connections are closed after use), noise in the user's log. Only
+    theirs is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (threading.current_thread().name.startswith("mlflow-eigencam")
+                    and "Connection pool is full" in str(record.msg))
+
+
+def _quiet_pool_warnings() -> None:
+    logging.getLogger("urllib3.connectionpool").addFilter(_OwnUploads())
 
 
 #: Steps of each (uri, run, metric key) that are in MLflow, as this process last knew them.
@@ -310,11 +593,12 @@ def _current_table(client, item: Item, path: str) -> Optional[dict]:
             raw = p.read_bytes()
     else:
         parent = path.rsplit("/", 1)[0] if "/" in path else None
-        if any(f.path == path for f in client.list_artifacts(item.run_id, parent)):
+        repo = _repo(client, item)
+        if any(f.path == path for f in repo.list_artifacts(parent)):
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="mlflow-eigencam-table-") as d:
-                raw = Path(client.download_artifacts(item.run_id, path, d)).read_bytes()
+                raw = Path(repo.download_artifacts(path, d)).read_bytes()
     if raw is None:
         return None
     try:
@@ -324,6 +608,15 @@ def _current_table(client, item: Item, path: str) -> Optional[dict]:
 
 
 _local_dirs: Dict[Tuple[str, str], Optional[str]] = {}
+_artifact_uris: Dict[Tuple[str, str], str] = {}
+
+
+def _artifact_uri(client, item: Item) -> str:
+    """The run's artifact URI, asked once per run."""
+    key = _where(item)
+    if key not in _artifact_uris:
+        _artifact_uris[key] = str(client.get_run(key[1]).info.artifact_uri)
+    return _artifact_uris[key]
 
 
 def _local_artifact_dir(client, item: Item) -> Optional[str]:
@@ -339,7 +632,7 @@ def _local_artifact_dir(client, item: Item) -> Optional[str]:
 
         from mlflow.utils.file_utils import local_file_uri_to_path
 
-        uri = client.get_run(item.run_id).info.artifact_uri
+        uri = _artifact_uri(client, item)
         scheme = urlparse(uri).scheme
         local = scheme in ("", "file") or (os.name == "nt" and len(scheme) == 1)  # C:\...
         _local_dirs[key] = local_file_uri_to_path(uri) if local else None
@@ -370,13 +663,15 @@ _registered_tables: set = set()
 _tags_set: set = set()
 
 
-def _log_batch(client, run_id: str, metrics: list, tags: Dict[str, str]) -> None:
+def _log_batch(client, uri: str, run_id: str, metrics: list, tags: Dict[str, str]) -> None:
     """Metrics and tags in one call (one commit on a local store, one request to a server)."""
     if metrics or tags:
         from mlflow.entities import RunTag
 
+        start = time.monotonic()
         client.log_batch(run_id, metrics=metrics,
                          tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+        _measured(uri, time.monotonic() - start)
 
 
 def active_experiment() -> Tuple[Optional[str], Optional[str]]:

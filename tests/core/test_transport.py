@@ -153,3 +153,21 @@ def test_the_sender_never_draws_from_the_users_random_stream(tracking_uri):
     # MLflow's retry jitter has its own generator now (a retry is hard to force on demand).
     assert request_utils.random is not random and sql_store.random is not random
     assert hasattr(request_utils.random, "random") and hasattr(sql_store.random, "uniform")
+
+
+def test_the_upload_pool_runs_calls_on_daemon_threads_and_ends_them():
+    """Its threads must not hold the user's process at exit (ThreadPoolExecutor joins its
+    threads then: one request to a hung server would)."""
+    import threading
+
+    pool = _transport.DaemonPool(3, "test-pool")
+    futures = [pool.submit(lambda i=i: (i, threading.current_thread().daemon)) for i in range(6)]
+    bad = pool.submit(lambda: 1 / 0)
+    assert [f.result(timeout=10) for f in futures] == [(i, True) for i in range(6)]
+    assert isinstance(bad.exception(timeout=10), ZeroDivisionError)
+    threads = [t for t in threading.enumerate() if t.name.startswith("test-pool")]
+    assert 1 <= len(threads) <= 3
+    pool.shutdown()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
