@@ -29,7 +29,7 @@ import numpy as np
 from . import _layout
 from .errors import WarnOnce
 
-__all__ = ["ALARM_MIN_ACCURACY", "DEFAULT_FRACTIONS", "FIXATION_ALARM", "Fixation",
+__all__ = ["ALARM_MIN_ACCURACY", "DEFAULT_FRACTIONS", "ALARM_MIN_SAMPLES", "FIXATION_ALARM", "Fixation",
            "LOCALIZATION_ALARM", "Localization", "MapChange", "STABLE_MAP_CHANGE", "SampleMean",
            "StableEpoch", "Watch", "alarms", "faithfulness_scores", "fixation", "localization",
            "map_change", "perturbed_batch", "top_masks", "true_region", "upsample"]
@@ -495,9 +495,12 @@ class StableEpoch:
 FIXATION_ALARM = 0.8
 #: ``localization`` below this: the maps have left the true regions.
 LOCALIZATION_ALARM = 0.3
-#: Alarms are raised only while the kept samples' accuracy (when labels are known) is at
-#: least this: a shortcut is suspicious in a model that is right, not in one that guesses.
+#: Alarms are raised only while the kept samples' accuracy is known (labels and predictions)
+#: and at least this: a shortcut is suspicious in a model that is right, not in one that
+#: guesses (an untrained model's maps often sit alike, at the padding or the centre).
 ALARM_MIN_ACCURACY = 0.5
+#: A fixation alarm needs this many scored samples (two maps correlate by chance).
+ALARM_MIN_SAMPLES = 3
 
 
 def alarms(means: Dict[str, Optional[float]], per_sample: Dict[str, Dict[str, Optional[float]]],
@@ -511,10 +514,11 @@ def alarms(means: Dict[str, Optional[float]], per_sample: Dict[str, Dict[str, Op
 
     Returns:
         ``(signal, value, comparison, threshold, sample_ids)`` per alarm: ``fixation >=``
-        :data:`FIXATION_ALARM`, ``localization <`` :data:`LOCALIZATION_ALARM`; none while
-        ``accuracy`` is below :data:`ALARM_MIN_ACCURACY`.
+        :data:`FIXATION_ALARM` (over :data:`ALARM_MIN_SAMPLES` or more samples),
+        ``localization <`` :data:`LOCALIZATION_ALARM`; none while ``accuracy`` is unknown
+        or below :data:`ALARM_MIN_ACCURACY`.
     """
-    if accuracy is not None and accuracy < ALARM_MIN_ACCURACY:
+    if accuracy is None or accuracy < ALARM_MIN_ACCURACY:
         return []
     out = []
     for name, cmp, threshold in (("fixation", ">=", FIXATION_ALARM),
@@ -522,8 +526,10 @@ def alarms(means: Dict[str, Optional[float]], per_sample: Dict[str, Dict[str, Op
         value = means.get(name)
         if value is None or not (value >= threshold if cmp == ">=" else value < threshold):
             continue
-        ids = [sid for sid, v in per_sample.get(name, {}).items() if v is not None
-               and (v >= threshold if cmp == ">=" else v < threshold)]
+        scored = {sid: v for sid, v in per_sample.get(name, {}).items() if v is not None}
+        if name == "fixation" and len(scored) < ALARM_MIN_SAMPLES:
+            continue
+        ids = [sid for sid, v in scored.items() if (v >= threshold if cmp == ">=" else v < threshold)]
         out.append((name, float(value), cmp, threshold, ids))
     return out
 

@@ -255,13 +255,16 @@ def test_stable_epoch_is_the_first_after_which_map_change_stays_low_and_can_move
 
 
 def test_alarms_cross_the_documented_thresholds_only_while_accuracy_is_high():
-    per = {"fixation": {"a": 0.95, "b": 0.5, "c": None}, "localization": {"a": 0.1, "b": 0.6}}
+    per = {"fixation": {"a": 0.95, "b": 0.5, "c": None, "d": 0.9},
+           "localization": {"a": 0.1, "b": 0.6}}
     found = alarms({"fixation": 0.85, "localization": 0.2}, per, 1.0)
-    assert found == [("fixation", 0.85, ">=", FIXATION_ALARM, ["a"]),
+    assert found == [("fixation", 0.85, ">=", FIXATION_ALARM, ["a", "d"]),
                      ("localization", 0.2, "<", 0.3, ["a"])]
     assert alarms({"fixation": 0.85}, per, 0.25) == []  # a model that guesses
-    assert alarms({"fixation": 0.85}, per, None)[0][0] == "fixation"  # no labels: no condition
+    assert alarms({"fixation": 0.85}, per, None) == []  # accuracy unknown
     assert alarms({"fixation": 0.5, "localization": None}, per, 1.0) == []
+    two = {"fixation": {"a": 0.95, "b": 0.9}}  # two maps correlate by chance
+    assert alarms({"fixation": 0.92}, two, 1.0) == []
 
 
 def test_watch_tags_stable_epoch_and_warns_one_alarm_per_signal_and_key():
