@@ -35,7 +35,7 @@ __all__ = ["ALARM_MIN_ACCURACY", "DEFAULT_FRACTIONS", "ALARM_MIN_SAMPLES", "FIXA
            "map_change", "perturbed_batch", "top_masks", "true_region", "upsample"]
 
 #: Fractions of the image (top of the map's ranking) kept / dropped by the faithfulness pass.
-DEFAULT_FRACTIONS: Tuple[float, ...] = (0.1, 0.5)
+DEFAULT_FRACTIONS: Tuple[float, ...] = (0.5,)
 
 
 def map_change(previous: Optional[np.ndarray], current: Optional[np.ndarray]) -> Optional[float]:
