@@ -283,3 +283,13 @@ def test_watch_tags_stable_epoch_and_warns_one_alarm_per_signal_and_key():
         warnings.simplefilter("error")  # no second warning, no tag change
         assert watch.epoch(2, key, rows, 0.02, None, 0.95) == {}
         assert watch.epoch(3, key, rows[:0], 0.5, None, None) == {"mlflow_eigencam.stable_epoch": "none"}
+
+
+def test_the_new_metric_and_tags_are_the_packages_own():
+    from mlflow_eigencam import _layout
+
+    assert _layout.is_own_metric_key(_layout.signal_key("eval", "val", _layout.SIGNAL_FIXATION))
+    assert _layout.SIGNAL_FIXATION in _layout.TABLE_SIGNAL_COLUMNS
+    assert _layout.is_own_tag_key(_layout.TAG_STABLE_EPOCH) and _layout.is_own_tag_key(_layout.TAG_ALARM)
+    assert (_layout.TAG_STABLE_EPOCH, _layout.TAG_ALARM) == ("mlflow_eigencam.stable_epoch",
+                                                            "mlflow_eigencam.alarm")
