@@ -589,11 +589,15 @@ class EigenCAMLogger:
                             (_layout.SIGNAL_FIXATION, self._fixation.summary(key))):
             if value is not None:  # only the signals some sample had
                 metrics.append([_layout.signal_key(mode, ds_id, name), value, epoch, now])
-        tags = {_layout.MLFLOW_LOGGED_IMAGES: "True"}
-        tags.update(self._watch.epoch(epoch, key, rows, change, share, self._fixation.summary(key)))
         once = [metrics[0][0], epoch] if metrics else None
         self._submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
-                          tables=tables, tags=tags, grids=grids, once=once))
+                          tables=tables, tags={_layout.MLFLOW_LOGGED_IMAGES: "True"},
+                          grids=grids, once=once))
+        # stable_epoch and alarm tags, when they changed: their own item, since a bundle's
+        # tags are sent once per value (stable_epoch may return to an earlier one).
+        watched = self._watch.epoch(epoch, key, rows, change, share, self._fixation.summary(key))
+        if watched:
+            self._submit(Item("tags", self._run_id, self._uri(), tags=watched))
 
     # -- streaming (n_samples=None) ------------------------------------------------------
     def _stream_batch(self, mode, ds_id, images, activations, labels, preds, kwargs,
