@@ -33,6 +33,12 @@ TAG_N_COMPONENTS = "mlflow_eigencam.n_components"
 TAG_N_SAMPLES = "mlflow_eigencam.n_samples"
 TAG_MODE = "mlflow_eigencam.mode"
 TAG_DS_ID = "mlflow_eigencam.ds_id"
+#: The first logged epoch after which every (mode, ds_id)'s mean ``map_change`` stays below
+#: ``metrics.STABLE_MAP_CHANGE`` (an int as text; ``"none"`` while it does not, once set).
+TAG_STABLE_EPOCH = "mlflow_eigencam.stable_epoch"
+#: The alarms raised (docs/signals.md): ``"; "``-joined texts naming epoch, mode/ds_id,
+#: signal, value, threshold and sample ids, the first of each (signal, mode, ds_id).
+TAG_ALARM = "mlflow_eigencam.alarm"
 #: MLflow's own tag that lists a run's tables (what ``mlflow.log_table`` sets).
 MLFLOW_LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
 #: MLflow's own tag that tells its UI a run has image series (what ``log_image`` sets).
@@ -50,12 +56,14 @@ TABLE_MAP_CHANGE_COLUMN = "map_change"
 #: Per-sample explanation signals (docs/signals.md), after ``map_change`` when a sample has
 #: any: ``localization`` (share of the PC1 map's positive mass inside the true boxes / mask),
 #: ``pointing_game`` (1 / 0: the map's peak inside them), ``faithfulness`` (keep-top minus
-#: drop-top probability of the predicted class). Each also has a mean metric
-#: (:func:`signal_key`).
+#: drop-top probability of the predicted class), ``fixation`` (label-free: correlation of
+#: the map with the other samples' mean map). Each also has a mean metric (:func:`signal_key`).
 SIGNAL_LOCALIZATION = "localization"
 SIGNAL_POINTING_GAME = "pointing_game"
 SIGNAL_FAITHFULNESS = "faithfulness"
-TABLE_SIGNAL_COLUMNS = (SIGNAL_LOCALIZATION, SIGNAL_POINTING_GAME, SIGNAL_FAITHFULNESS)
+SIGNAL_FIXATION = "fixation"
+TABLE_SIGNAL_COLUMNS = (SIGNAL_LOCALIZATION, SIGNAL_POINTING_GAME, SIGNAL_FAITHFULNESS,
+                        SIGNAL_FIXATION)
 #: Where the card's panels are, in card pixels: ``{"size": [H, W], "boxes": [[x, y, w, h],
 #: ...], "titles": ["input", "PC1", ...]}`` (``render.card_geometry``); before ``image``.
 TABLE_CARD_COLUMN = "card"

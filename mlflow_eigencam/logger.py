@@ -32,7 +32,7 @@ from ._streaming import StreamEpoch, quantize_maps
 from .eigencam import _check_n_components, _lapack_threads, eigencam
 from .errors import EigenCAMWarning, WarnOnce
 from .filters import ds_id_filter, mode_filter
-from .metrics import Localization, MapChange, SampleMean, true_region, upsample
+from .metrics import Fixation, Localization, MapChange, SampleMean, Watch, true_region, upsample
 from .render import (PNGBand, card_geometry, render_card, render_detection_card,
                      render_segmentation_card, resolve_colormap)
 from .samples import Sample, SampleBuffer
@@ -174,6 +174,9 @@ class EigenCAMLogger:
         # sample index -> (true boxes, true mask, faithfulness score).
         self._localization: Localization = Localization()
         self._faithfulness: SampleMean = SampleMean()
+        # Label-free fixation, the run's stable epoch and the alarms raised (docs/signals.md).
+        self._fixation = Fixation()
+        self._watch = Watch()
         self._extras: Dict[Key, Dict[int, _Extra]] = {}
         # Steps logged per (mode, ds_id) by this logger, and what a new fit adds to epochs.
         self._logged_steps: Dict[Key, Set[int]] = {}
@@ -560,11 +563,13 @@ class EigenCAMLogger:
             out[_layout.SIGNAL_POINTING_GAME] = None if hit is None else float(hit)
         if score is not None:
             out[_layout.SIGNAL_FAITHFULNESS] = self._faithfulness.update(key, score)
+        self._fixation.update(key, s.sample_id, pc1)  # scored at the epoch end, against the others
         return out
 
     def _reset_signals(self, key: Key, *, logged: bool) -> None:
         self._localization.reset(key, logged=logged)
         self._faithfulness.reset(key, logged=logged)
+        self._fixation.reset(key, logged=logged)
         self._extras.pop(key, None)
 
     def _card(self, s: Sample, maps: np.ndarray, evr: np.ndarray) -> np.ndarray:
@@ -600,6 +605,11 @@ class EigenCAMLogger:
         # gets them too, merged by the sender: a view for MLflow's UI and load_table that
         # another writer may overwrite (streamed rows stay out of it: it would be re-sent
         # whole every epoch; it is still written so the table is registered).
+        fixation = self._fixation.values(key)
+        for r in rows:  # scored once the epoch's maps are all in: each against the others
+            value = fixation.get(r["sample_id"])
+            if value is not None:
+                r[_layout.SIGNAL_FIXATION] = round(value, 6)
         if self._train_epoch is not None:
             rows = [dict(r, **{_layout.TABLE_TRAIN_EPOCH_COLUMN: float(self._train_epoch)}) for r in rows]
         files[_layout.table_part_path(mode, ds_id, epoch, now, self._writer)] = \
@@ -615,13 +625,19 @@ class EigenCAMLogger:
         share, hits = self._localization.summary(key)
         for name, value in ((_layout.SIGNAL_LOCALIZATION, share),
                             (_layout.SIGNAL_POINTING_GAME, hits),
-                            (_layout.SIGNAL_FAITHFULNESS, self._faithfulness.summary(key))):
+                            (_layout.SIGNAL_FAITHFULNESS, self._faithfulness.summary(key)),
+                            (_layout.SIGNAL_FIXATION, self._fixation.summary(key))):
             if value is not None:  # only the signals some sample had
                 metrics.append([_layout.signal_key(mode, ds_id, name), value, epoch, now])
         once = [metrics[0][0], epoch] if metrics else None
         self._submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
                           tables=tables, tags={_layout.MLFLOW_LOGGED_IMAGES: "True"},
                           grids=grids, once=once))
+        # stable_epoch and alarm tags, when they changed: their own item, since a bundle's
+        # tags are sent once per value (stable_epoch may return to an earlier one).
+        watched = self._watch.epoch(epoch, key, rows, change, share, self._fixation.summary(key))
+        if watched:
+            self._submit(Item("tags", self._run_id, self._uri(), tags=watched))
 
     # -- streaming (n_samples=None) ------------------------------------------------------
     def _stream_batch(self, mode, ds_id, images, activations, labels, preds, kwargs,

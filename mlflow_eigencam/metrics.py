@@ -9,6 +9,11 @@ ends: logged, or discarded).
 * :class:`SampleMean`: a per-sample score computed elsewhere (``faithfulness`` needs the
   model, so the integrations compute it with :func:`perturbed_batch` and
   :func:`faithfulness_scores` and hand the scores to the logger).
+* :class:`Fixation`: label-free, do the maps of different samples pile up at one place
+  (``fixation``): each sample's map against the mean map of the others.
+* :class:`StableEpoch`: the first logged epoch after which ``map_change`` stays below
+  :data:`STABLE_MAP_CHANGE` (the run tag ``mlflow_eigencam.stable_epoch``).
+* :func:`alarms`: which epoch means cross the documented alarm thresholds.
 
 A new signal is a class with the same three methods, a table column and a metric key in
 :mod:`._layout`. See docs/signals.md for what each score means and its limits.
@@ -20,14 +25,17 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .images import gaussian_blur, upsample
+from . import _layout
+from .errors import WarnOnce
+from .images import gaussian_blur, resize_bilinear, upsample
 
-__all__ = ["DEFAULT_FRACTIONS", "Localization", "MapChange", "SampleMean", "faithfulness_scores",
-           "localization", "map_change", "perturbed_batch", "top_masks", "true_region",
-           "upsample"]
+__all__ = ["ALARM_MIN_ACCURACY", "DEFAULT_FRACTIONS", "ALARM_MIN_SAMPLES", "FIXATION_ALARM", "Fixation",
+           "LOCALIZATION_ALARM", "Localization", "MapChange", "STABLE_MAP_CHANGE", "SampleMean",
+           "StableEpoch", "Watch", "alarms", "faithfulness_scores", "fixation", "localization",
+           "map_change", "perturbed_batch", "top_masks", "true_region", "upsample"]
 
 #: Fractions of the image (top of the map's ranking) kept / dropped by the faithfulness pass.
-DEFAULT_FRACTIONS: Tuple[float, ...] = (0.1, 0.5)
+DEFAULT_FRACTIONS: Tuple[float, ...] = (0.5,)
 
 
 def map_change(previous: Optional[np.ndarray], current: Optional[np.ndarray]) -> Optional[float]:
@@ -321,3 +329,216 @@ def faithfulness_scores(outputs: np.ndarray, n: int, *,
     cls = np.argmax(p[0], axis=1)
     chosen = np.take_along_axis(p, cls[None, :, None], axis=2)[..., 0]  # (1 + 2F, n)
     return (chosen[1::2] - chosen[2::2]).mean(axis=0)
+
+
+# -- fixation (label-free) ----------------------------------------------------------------------
+
+def _fixation_map(pc1: np.ndarray, shape: Optional[Tuple[int, int]] = None) -> Optional[np.ndarray]:
+    """A PC1 map as :func:`fixation` compares it: ReLU, bilinear to ``shape`` ``(h, w)``
+    when given and different, peak scaled to 1; None for a map with no positive mass."""
+    m = np.maximum(np.nan_to_num(np.asarray(pc1, dtype=np.float32), nan=0.0, posinf=0.0,
+                                 neginf=0.0), 0.0)
+    if m.ndim != 2 or m.size == 0:
+        return None
+    if shape is not None and m.shape != tuple(shape):
+        m = resize_bilinear(m, int(shape[0]), int(shape[1]))
+    peak = float(m.max())
+    return m / peak if peak > 0 else None
+
+
+def fixation(maps: Sequence[Optional[np.ndarray]]) -> List[Optional[float]]:
+    """Do the maps of different samples sit at the same place of the image?
+
+    Each map is made comparable (ReLU, resized to the first map's ``(h, w)``, peak scaled
+    to 1); each sample's score is the Pearson correlation of its map with the mean map of
+    the *other* samples (leave-one-out, so a sample never correlates with itself).
+
+    Args:
+        maps: n ``(h, w)`` float PC1 maps (any sign and scale), or None (no map).
+
+    Returns:
+        n values in [-1, 1] (near 1: this map sits where the others sit; near 0: its place
+        is unrelated to theirs), None for a sample without a map, with a flat or empty map,
+        or when fewer than 2 samples have one.
+    """
+    first = next((np.shape(m) for m in maps if m is not None and np.ndim(m) == 2), None)
+    q = [None if m is None or first is None else _fixation_map(m, first) for m in maps]
+    kept = [(i, m) for i, m in enumerate(q) if m is not None and float(m.std()) > 0]
+    out: List[Optional[float]] = [None] * len(maps)
+    if len(kept) < 2:
+        return out
+    valid = [i for i, _ in kept]
+    stack = np.stack([m for _, m in kept]).reshape(len(kept), -1).astype(np.float64)
+    total = stack.sum(axis=0)
+    for row, i in enumerate(valid):
+        a = stack[row] - stack[row].mean()
+        b = (total - stack[row]) / (len(valid) - 1)
+        b = b - b.mean()
+        norm = float(np.sqrt((a @ a) * (b @ b)))
+        out[i] = None if norm == 0 else float(np.clip((a @ b) / norm, -1.0, 1.0))
+    return out
+
+
+class Fixation:
+    """``fixation`` per (mode, ds_id) key: the epoch's PC1 maps are kept (float16 at map
+    resolution, 2 h w bytes per sample, as :class:`MapChange` keeps them) and scored
+    together when asked, since each sample is compared with all the others."""
+
+    def __init__(self) -> None:
+        self._maps: Dict[Hashable, Dict[str, Optional[np.ndarray]]] = {}
+        self._scores: Dict[Hashable, Dict[str, Optional[float]]] = {}
+
+    def update(self, key: Hashable, sample_id: str, pc1: Optional[np.ndarray]) -> None:
+        """One sample's ``(h, w)`` PC1 map this epoch (None: no map)."""
+        self._maps.setdefault(key, {})[sample_id] = None if pc1 is None else _stored(pc1)
+        self._scores.pop(key, None)
+
+    def values(self, key: Hashable) -> Dict[str, Optional[float]]:
+        """``{sample_id: fixation}`` of this epoch's samples of ``key`` (:func:`fixation`)."""
+        if key not in self._scores:
+            maps = self._maps.get(key, {})
+            self._scores[key] = dict(zip(maps, fixation(list(maps.values()))))
+        return self._scores[key]
+
+    def summary(self, key: Hashable) -> Optional[float]:
+        """Mean fixation over the scored samples of ``key``; None when fewer than 2 maps."""
+        scores = [v for v in self.values(key).values() if v is not None]
+        return float(np.mean(scores)) if scores else None
+
+    def reset(self, key: Hashable, *, logged: bool) -> None:
+        """The epoch of ``key`` ends (logged or not: nothing carries over)."""
+        self._maps.pop(key, None)
+        self._scores.pop(key, None)
+
+
+# -- stable_epoch -------------------------------------------------------------------------------
+
+#: ``map_change`` below this counts as "the maps stopped moving" (:class:`StableEpoch`).
+STABLE_MAP_CHANGE = 0.05
+
+
+class StableEpoch:
+    """The first logged epoch after which the mean ``map_change`` stays below
+    ``threshold``, per (mode, ds_id) key and for the whole run.
+
+    A key's value is the logged epoch ``e`` such that every logged epoch after ``e`` has a
+    mean ``map_change`` (against its previous logged epoch) below ``threshold``, and at
+    least one does; None while the latest change is at or above it (the value moves later
+    when the maps move again) or before a second logged epoch.
+    """
+
+    def __init__(self, threshold: float = STABLE_MAP_CHANGE) -> None:
+        self.threshold = float(threshold)
+        self._series: Dict[Hashable, List[Tuple[int, Optional[float]]]] = {}
+
+    def update(self, key: Hashable, epoch: int, change: Optional[float]) -> None:
+        """A logged epoch of ``key`` and its mean ``map_change`` (None at the first)."""
+        self._series.setdefault(key, []).append((int(epoch), change))
+
+    def value(self, key: Hashable) -> Optional[int]:
+        """The key's stable epoch, or None (see the class)."""
+        series = self._series.get(key, [])
+        stable = None
+        for (previous, _), (_, change) in zip(series, series[1:]):
+            if change is None or change >= self.threshold:
+                stable = None
+            elif stable is None:
+                stable = previous
+        return stable
+
+    def run_value(self) -> Optional[int]:
+        """The run's stable epoch: the latest of its keys' (every monitored data set has
+        settled by then); None while a key with two logged epochs has not settled. Keys
+        logged only once have no verdict and are left out."""
+        values = [self.value(k) for k, s in self._series.items() if len(s) > 1]
+        if not values or any(v is None for v in values):
+            return None
+        return max(v for v in values if v is not None)
+
+
+# -- alarms -------------------------------------------------------------------------------------
+
+#: ``fixation`` at or above this: the maps pile up at one place (docs/signals.md).
+FIXATION_ALARM = 0.8
+#: ``localization`` below this: the maps have left the true regions.
+LOCALIZATION_ALARM = 0.3
+#: Alarms are raised only while the kept samples' accuracy is known (labels and predictions)
+#: and at least this: a shortcut is suspicious in a model that is right, not in one that
+#: guesses (an untrained model's maps often sit alike, at the padding or the centre).
+ALARM_MIN_ACCURACY = 0.5
+#: A fixation alarm needs this many scored samples (two maps correlate by chance).
+ALARM_MIN_SAMPLES = 3
+
+
+def alarms(means: Dict[str, Optional[float]], per_sample: Dict[str, Dict[str, Optional[float]]],
+           accuracy: Optional[float]) -> List[Tuple[str, float, str, float, List[str]]]:
+    """The signals of one epoch of one (mode, ds_id) that cross their alarm thresholds.
+
+    Args:
+        means: The epoch's mean signals, ``{name: value}`` (None: not computed).
+        per_sample: ``{name: {sample_id: value}}``, to name the samples that cross.
+        accuracy: The kept samples' accuracy in [0, 1], or None when unknown (no labels).
+
+    Returns:
+        ``(signal, value, comparison, threshold, sample_ids)`` per alarm: ``fixation >=``
+        :data:`FIXATION_ALARM` (over :data:`ALARM_MIN_SAMPLES` or more samples),
+        ``localization <`` :data:`LOCALIZATION_ALARM`; none while ``accuracy`` is unknown
+        or below :data:`ALARM_MIN_ACCURACY`.
+    """
+    if accuracy is None or accuracy < ALARM_MIN_ACCURACY:
+        return []
+    out = []
+    for name, cmp, threshold in (("fixation", ">=", FIXATION_ALARM),
+                                 ("localization", "<", LOCALIZATION_ALARM)):
+        value = means.get(name)
+        if value is None or not (value >= threshold if cmp == ">=" else value < threshold):
+            continue
+        scored = {sid: v for sid, v in per_sample.get(name, {}).items() if v is not None}
+        if name == "fixation" and len(scored) < ALARM_MIN_SAMPLES:
+            continue
+        ids = [sid for sid, v in scored.items() if (v >= threshold if cmp == ">=" else v < threshold)]
+        out.append((name, float(value), cmp, threshold, ids))
+    return out
+
+
+class Watch:
+    """A run's ``stable_epoch`` and alarms, fed each logged epoch of each (mode, ds_id):
+    returns the run tags that changed (:data:`_layout.TAG_STABLE_EPOCH`,
+    :data:`_layout.TAG_ALARM`) and warns once per (signal, mode, ds_id) alarm (an
+    :class:`~mlflow_eigencam.errors.EigenCAMWarning`, also in the ``mlflow_eigencam`` log);
+    never raises for what it finds."""
+
+    def __init__(self, threshold: float = STABLE_MAP_CHANGE) -> None:
+        self.stable = StableEpoch(threshold)
+        self._stable_tag: Optional[str] = None
+        self._alarms: Dict[Tuple[str, Hashable], str] = {}
+        self._once = WarnOnce()
+
+    def epoch(self, epoch: int, key: Tuple[str, Optional[str]], rows: Sequence[dict],
+              change: Optional[float], localization: Optional[float],
+              fixation: Optional[float]) -> Dict[str, str]:
+        """One logged epoch of ``key``: its table rows (``sample_id``, ``correct`` and the
+        per-sample signals) and mean ``map_change``, ``localization`` and ``fixation``
+        (None: not computed). Returns the run tags to set (empty: none changed)."""
+        tags: Dict[str, str] = {}
+        self.stable.update(key, epoch, change)
+        stable = self.stable.run_value()
+        text = "none" if stable is None else str(stable)
+        if text != self._stable_tag and (stable is not None or self._stable_tag is not None):
+            self._stable_tag = tags[_layout.TAG_STABLE_EPOCH] = text
+        correct = [bool(r["correct"]) for r in rows if r.get("correct") is not None]
+        names = (_layout.SIGNAL_FIXATION, _layout.SIGNAL_LOCALIZATION)
+        found = alarms(dict(zip(names, (fixation, localization))),
+                       {n: {str(r.get("sample_id")): r.get(n) for r in rows} for n in names},
+                       float(np.mean(correct)) if correct else None)
+        for name, value, cmp, threshold, ids in found:
+            if (name, key) in self._alarms:
+                continue
+            shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+            text = (f"epoch {epoch}: {name} {value:.2f} {cmp} {threshold} on mode={key[0]!r} "
+                    f"ds_id={_layout.ds_label(key[1])!r} (samples: {shown or 'n/a'})")
+            self._alarms[(name, key)] = text
+            self._once.warn((name, key), f"alarm: {text}; see docs/signals.md (training goes on)",
+                            stacklevel=6)
+            tags[_layout.TAG_ALARM] = "; ".join(self._alarms.values())[:5000]
+        return tags

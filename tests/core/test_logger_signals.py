@@ -4,12 +4,15 @@ sample; table columns and mean metrics. The scores themselves: tests/core/test_m
 
 from __future__ import annotations
 
+import warnings
+
 import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from mlflow_eigencam import EigenCAMLogger
+from mlflow_eigencam.errors import EigenCAMWarning
 from tests.helpers.readback import load_json, metric_steps
 
 SIZE, GRID = 32, 8  # image pixels, map cells (4 px per cell)
@@ -56,7 +59,7 @@ def test_true_boxes_give_localization_and_pointing_columns_and_metrics(tracking_
     rid = run.info.run_id
     cols, rows = _rows(client, rid, "eigencam/eval/val/samples.json")
     assert cols[cols.index("map_change") + 1:] == ["localization", "pointing_game", "faithfulness",
-                                                   "overlay", "card", "image"]
+                                                   "fixation", "overlay", "card", "image"]
     on_box, off_box = rows[:4], rows[4:]
     assert all(r["localization"] > 0.8 and r["pointing_game"] == 1.0 for r in on_box)
     assert all(r["localization"] < 0.05 and r["pointing_game"] == 0.0 for r in off_box)
@@ -92,6 +95,7 @@ def test_masks_in_streaming_mode_and_no_columns_without_signals(tracking_uri):
     assert metric_steps(client, run.info.run_id, "eigencam/eval/all/pointing_game") == [(0, 1.0)]
     cols, _ = _rows(client, plain_run.info.run_id, "eigencam/eval/all/samples.json")
     assert not set(cols) & {"localization", "pointing_game", "faithfulness"}
+    assert "fixation" in cols  # label-free: always there
     keys = client.get_run(plain_run.info.run_id).data.metrics
     assert not any(k.rsplit("/", 1)[-1] in ("localization", "faithfulness") for k in keys)
 
@@ -105,3 +109,43 @@ def test_bad_boxes_or_masks_name_the_value(tracking_uri):
         with pytest.raises(ValueError, match=r"masks\[0\] must be the image's \(H, W\) = \(32, 32\)"):
             strict.on_batch_end(images, acts, labels, logits, masks=np.ones((4, 8, 8)), mode="eval")
         strict.close()
+
+
+def test_fixation_stable_epoch_and_one_alarm_for_maps_on_one_corner(tracking_uri, caplog):
+    """Every map on the same corner cell (a watermark), labels right: fixation near 1 as a
+    column and a metric, one warning and one alarm tag naming epoch, signal and samples; the
+    same maps every epoch make the run stable from epoch 0. Moving maps raise nothing."""
+    client = MlflowClient()
+    images, acts, labels, logits, _, _ = _batch(n=4)
+    corner = np.random.default_rng(1).normal(0, 0.01, size=acts.shape).astype(np.float32)
+    corner[:, :, 0, 0] += 2.0
+    with mlflow.start_run() as run, pytest.warns(EigenCAMWarning) as caught:
+        logger = EigenCAMLogger(n_components=1, n_samples=4)
+        for epoch in range(3):
+            logger.on_batch_end(images, corner, labels, logits, mode="eval", ds_id="val")
+            logger.on_epoch_end(epoch)
+        logger.close()
+    alarms = [w for w in caught if "alarm" in str(w.message)]
+    assert len(alarms) == 1 and "epoch 0: fixation" in str(alarms[0].message)
+    rid = run.info.run_id
+    _, rows = _rows(client, rid, "eigencam/eval/val/samples.json")
+    assert all(r["fixation"] > 0.95 for r in rows)
+    fix = metric_steps(client, rid, "eigencam/eval/val/fixation")
+    assert [s for s, _ in fix] == [0, 1, 2] and min(v for _, v in fix) > 0.95
+    tags = client.get_run(rid).data.tags
+    assert tags["mlflow_eigencam.stable_epoch"] == "0"
+    ids = ", ".join(r["sample_id"] for r in rows[:4])
+    assert tags["mlflow_eigencam.alarm"] == (f"epoch 0: fixation {fix[0][1]:.2f} >= 0.8 on "
+                                             f"mode='eval' ds_id='val' (samples: {ids})")
+    moving = np.random.default_rng(2).normal(0, 0.01, size=acts.shape).astype(np.float32)
+    for i, (r, c) in enumerate(((0, 0), (0, 7), (7, 0), (7, 7))):
+        moving[i, :, r, c] += 2.0
+    with mlflow.start_run() as quiet, warnings.catch_warnings():
+        warnings.simplefilter("error", EigenCAMWarning)
+        logger = EigenCAMLogger(n_components=1, n_samples=4)
+        logger.on_batch_end(images, moving, labels, logits, mode="eval", ds_id="val")
+        logger.on_epoch_end(0)
+        logger.close()
+    tags = client.get_run(quiet.info.run_id).data.tags
+    assert "mlflow_eigencam.alarm" not in tags and "mlflow_eigencam.stable_epoch" not in tags
+    assert metric_steps(client, quiet.info.run_id, "eigencam/eval/val/fixation")[0][1] < 0.1

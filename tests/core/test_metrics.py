@@ -185,3 +185,111 @@ def test_faithfulness_scores_need_class_scores():
     assert faithfulness_scores(probs, 1) == pytest.approx([0.5])  # rows summing to 1: probabilities
     logits = np.log(probs) + 3.0  # not probabilities: softmax taken
     assert faithfulness_scores(logits, 1) == pytest.approx([0.5])
+
+
+# -- fixation, stable_epoch, alarms ---------------------------------------------------------------
+
+from mlflow_eigencam.errors import EigenCAMWarning  # noqa: E402
+from mlflow_eigencam.metrics import (  # noqa: E402
+    FIXATION_ALARM, Fixation, StableEpoch, Watch, alarms, fixation)
+
+
+def _peaked(cells, size=8, seed=0):
+    """One (size, size) map per (row, col): a peak of 1 there over noise of 0.05."""
+    rng = np.random.default_rng(seed)
+    maps = []
+    for r, c in cells:
+        m = rng.uniform(0, 0.05, size=(size, size))
+        m[r, c] = 1.0
+        maps.append(m)
+    return maps
+
+
+def test_identical_peaks_give_high_fixation_and_moving_peaks_low():
+    same = fixation(_peaked([(1, 1)] * 5))
+    assert all(v > 0.9 for v in same)
+    moving = fixation(_peaked([(0, 0), (0, 7), (7, 0), (7, 7), (4, 3)]))
+    assert all(v < 0.1 for v in moving)
+    # One sample off the common place scores low, the others still high.
+    mixed = fixation(_peaked([(1, 1)] * 4 + [(6, 6)]))
+    assert all(v > 0.6 for v in mixed[:4]) and mixed[4] < 0.1
+
+
+def test_fixation_compares_maps_of_other_sizes_and_skips_what_it_cannot_score():
+    big = np.zeros((16, 16))
+    big[2:4, 2:4] = 1.0  # the same place as cell (1, 1) of an 8 x 8 map
+    values = fixation(_peaked([(1, 1)] * 3) + [big, None, np.zeros((8, 8)), -np.ones((8, 8))])
+    assert all(v > 0.8 for v in values[:4]) and values[4:] == [None, None, None]
+    assert fixation(_peaked([(1, 1)])) == [None]  # one map: nothing to compare with
+    assert fixation([]) == []
+
+
+def test_fixation_signal_scores_per_key_against_the_others_and_resets():
+    fix = Fixation()
+    for i, m in enumerate(_peaked([(1, 1)] * 4)):
+        fix.update("a", f"s{i}", m)
+    fix.update("a", "none", None)
+    for i, m in enumerate(_peaked([(0, 0), (7, 7)])):
+        fix.update("b", f"s{i}", m)
+    assert set(fix.values("a")) == {"s0", "s1", "s2", "s3", "none"} and fix.values("a")["none"] is None
+    assert fix.summary("a") > 0.9 and fix.summary("b") < 0.1
+    fix.reset("a", logged=True)
+    assert fix.summary("a") is None and fix.values("a") == {}
+
+
+def test_stable_epoch_is_the_first_after_which_map_change_stays_low_and_can_move():
+    st = StableEpoch(0.05)
+    st.update("k", 0, None)
+    assert st.value("k") is None and st.run_value() is None
+    for epoch, change in ((1, 0.4), (2, 0.2), (3, 0.03), (4, 0.01)):
+        st.update("k", epoch, change)
+    assert st.value("k") == 2 and st.run_value() == 2
+    st.update("k", 5, 0.3)  # the maps move again: no stable epoch
+    assert st.value("k") is None and st.run_value() is None
+    st.update("k", 6, 0.02)
+    assert st.value("k") == 5
+    st.update("other", 6, None)  # logged once: no verdict, left out of the run's value
+    assert st.run_value() == 5
+    st.update("other", 7, 0.01)
+    assert st.run_value() == 6  # the latest of the keys'
+
+
+def test_alarms_cross_the_documented_thresholds_only_while_accuracy_is_high():
+    per = {"fixation": {"a": 0.95, "b": 0.5, "c": None, "d": 0.9},
+           "localization": {"a": 0.1, "b": 0.6}}
+    found = alarms({"fixation": 0.85, "localization": 0.2}, per, 1.0)
+    assert found == [("fixation", 0.85, ">=", FIXATION_ALARM, ["a", "d"]),
+                     ("localization", 0.2, "<", 0.3, ["a"])]
+    assert alarms({"fixation": 0.85}, per, 0.25) == []  # a model that guesses
+    assert alarms({"fixation": 0.85}, per, None) == []  # accuracy unknown
+    assert alarms({"fixation": 0.5, "localization": None}, per, 1.0) == []
+    two = {"fixation": {"a": 0.95, "b": 0.9}}  # two maps correlate by chance
+    assert alarms({"fixation": 0.92}, two, 1.0) == []
+
+
+def test_watch_tags_stable_epoch_and_warns_one_alarm_per_signal_and_key():
+    watch = Watch(0.05)
+    rows = [{"sample_id": f"s{i}", "correct": True, "fixation": 0.9} for i in range(3)]
+    key = ("eval", "val")
+    assert watch.epoch(0, key, rows[:0], None, None, None) == {}
+    with pytest.warns(EigenCAMWarning, match=r"alarm: epoch 1: fixation 0.90 >= 0.8 on "
+                                             r"mode='eval' ds_id='val' \(samples: s0, s1, s2\)"):
+        tags = watch.epoch(1, key, rows, 0.01, None, 0.9)
+    assert tags["mlflow_eigencam.stable_epoch"] == "0"
+    assert tags["mlflow_eigencam.alarm"].startswith("epoch 1: fixation 0.90 >= 0.8")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no tag change
+        assert watch.epoch(2, key, rows, 0.02, None, 0.95) == {}
+        assert watch.epoch(3, key, rows[:0], 0.5, None, None) == {"mlflow_eigencam.stable_epoch": "none"}
+
+
+def test_the_new_metric_and_tags_are_the_packages_own():
+    from mlflow_eigencam import _layout
+
+    assert _layout.is_own_metric_key(_layout.signal_key("eval", "val", _layout.SIGNAL_FIXATION))
+    assert _layout.SIGNAL_FIXATION in _layout.TABLE_SIGNAL_COLUMNS
+    assert _layout.is_own_tag_key(_layout.TAG_STABLE_EPOCH) and _layout.is_own_tag_key(_layout.TAG_ALARM)
+    assert (_layout.TAG_STABLE_EPOCH, _layout.TAG_ALARM) == ("mlflow_eigencam.stable_epoch",
+                                                            "mlflow_eigencam.alarm")
