@@ -130,7 +130,8 @@ class EigenCAMCallback:
         iou: IoU threshold of the NMS.
         max_det: Most predicted boxes drawn per image.
         label_mapping: Class names (``{name: index}`` or a sequence); default the model's
-            ``names``.
+            ``names``. For ``segment``, in YOLO's indices: shifted by one, ``"background"``
+            taking mask class 0.
         ds_id: Dataset id of the logged images (keys ``eigencam/eval/<ds_id>/...``).
         faithfulness: Score each classification map with the model (docs/signals.md): True
             (the default fractions), a sequence of fractions in (0, 1), or False. Not for
