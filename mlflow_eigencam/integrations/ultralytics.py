@@ -62,9 +62,15 @@ also respond to the edge of the letterbox padding, which the maximum keeps.
 Tasks:
 
 * ``detect``: as above.
-* ``segment``: as ``detect`` (the Segment head is a Detect head with mask coefficients): its
-  inputs P3-P5 fused, predicted boxes (NMS over the classes only) and true boxes drawn; the
-  masks are not drawn.
+* ``segment``: the Segment head is a Detect head with mask coefficients: its inputs P3-P5
+  fused, as ``detect``; the card shows masks instead of boxes (the core draws one or the
+  other per sample). Predicted: after NMS, each kept detection's mask (coefficients x the
+  head's prototypes, upsampled to the input, cropped to its box: Ultralytics'
+  ``process_mask``), the letterbox taken off as for the boxes, overlaps going to the most
+  confident. True: the label's polygons, filled at the image's size (not the validator's
+  masks, which are a quarter of it). YOLO class ``c`` is mask class ``c + 1``, class 0 the
+  background (``_ultralytics_outputs``); the table gets ``iou`` and ``classes``, and
+  ``localization`` scores the map on the true mask.
 * ``classify``: the pinned images are spread evenly over the validation set (an ImageFolder
   lists its images class by class, so the first ones would be one class), each as the
   validator sees it (``imgsz`` square, resized and centre-cropped); default layer: the input
@@ -89,6 +95,7 @@ import torch
 from torch import nn
 
 from ..errors import WarnOnce
+from ._ultralytics_outputs import detections, predicted_mask, proto_of, true_mask, with_background
 from ..metrics import DEFAULT_FRACTIONS, check_fractions
 
 _log = logging.getLogger("mlflow_eigencam")
@@ -123,7 +130,8 @@ class EigenCAMCallback:
         iou: IoU threshold of the NMS.
         max_det: Most predicted boxes drawn per image.
         label_mapping: Class names (``{name: index}`` or a sequence); default the model's
-            ``names``.
+            ``names``. For ``segment``, in YOLO's indices: shifted by one, ``"background"``
+            taking mask class 0.
         ds_id: Dataset id of the logged images (keys ``eigencam/eval/<ds_id>/...``).
         faithfulness: Score each classification map with the model (docs/signals.md): True
             (the default fractions), a sequence of fractions in (0, 1), or False. Not for
@@ -253,6 +261,8 @@ class EigenCAMCallback:
                 mapping = [str(names[k]) for k in sorted(names)]
             elif mapping is None and names:
                 mapping = [str(n) for n in names]
+            if task == "segment" and mapping is not None:
+                mapping = with_background(mapping)  # mask class 0 is the background
             # A fused map of several levels is one channel: one component.
             n_components = self.n_components if len(indices) == 1 else 1
             self._logger = EigenCAMLogger(n_components=n_components, n_samples=self.n_samples,
@@ -264,7 +274,7 @@ class EigenCAMCallback:
                 self._pins = _pin_classify(dataset, self.n_samples)
             else:
                 stride = int(max(float(v) for v in getattr(model, "stride", [32])))
-                self._pins = _pin(dataset, self.n_samples, stride)
+                self._pins = _pin(dataset, self.n_samples, stride, masks=task == "segment")
         except Exception as exc:  # never break training over the images to show
             self._pins = None
             self._failed(exc, "reading the validation images")
@@ -379,7 +389,7 @@ class EigenCAMCallback:
             for members in groups.values():
                 x = _inputs(model, [pins[i] for i in members])
                 acts, out = self._forward(model, x, indices)
-                batches.append(_Batch(members, x, acts, _first(out), [(0, 0)] * len(members)))
+                batches.append(_Batch(members, x, acts, _first(out), [(0, 0)] * len(members), proto_of(out)))
         # Per pin: the map (1, C, h, w) and what on_batch_end gets besides.
         results: Dict[int, Tuple[np.ndarray, Dict[str, Any]]] = {}
         for b in batches:
@@ -397,17 +407,23 @@ class EigenCAMCallback:
                         extra["faithfulness"] = scores[j:j + 1]
                     results[i] = (fused[j:j + 1], extra)
                 continue
-            dets = self._detections(model, b.y, group, b.offsets)
+            kept = self._nms(model, b.y)
+            dets = detections(kept, [pin.image.shape[:2] for pin in group], b.offsets)
             for j, (i, pin) in enumerate(zip(b.members, group)):
                 h, w = pin.image.shape[:2]
                 top, left = b.offsets[j]
+                pred: Any = [dets[j]]
+                if self._task == "segment":
+                    if b.proto is None:
+                        raise ValueError("the segmentation model's output has no mask prototypes")
+                    pred = [predicted_mask(b.proto[j], kept[j], b.x.shape[-2:], (top, left), (h, w))]
                 if (top, left) == (0, 0):  # the image at the top left of the map: the card crops
-                    results[i] = (fused[j:j + 1], {"preds": [dets[j]], "map_extent": (
+                    results[i] = (fused[j:j + 1], {"preds": pred, "map_extent": (
                         h / b.x.shape[-2], w / b.x.shape[-1])})
                 else:  # centred in the validator's letterbox: the fused map cropped to the image
                     full = _resize(fused[j:j + 1], b.x.shape[-2:])
                     results[i] = (np.ascontiguousarray(full[:, :, top:top + h, left:left + w]),
-                                  {"preds": [dets[j]]})
+                                  {"preds": pred})
         for i, pin in enumerate(pins):  # in pin order: sample indices stay put
             fused_i, extra = results[i]
             self._logger.on_batch_end(pin.image[None], fused_i, labels=[pin.truth], mode=MODE,
@@ -438,28 +454,17 @@ class EigenCAMCallback:
             raise ValueError(f"layers {missing} gave no (B, C, h, w) feature map in the forward pass")
         return [captured[i] for i in indices], out
 
-    def _detections(self, model: nn.Module, y: torch.Tensor, pins: Sequence["_Pin"],
-                    offsets: Sequence[Tuple[int, int]]) -> List[Dict[str, np.ndarray]]:
-        """Boxes after NMS per pinned image from the inference output ``y`` (xyxy pixels of
-        the image: the canvas' ``(top, left)`` offsets taken off, clipped to it); a
-        segmentation model's mask coefficients (the columns after the classes) are dropped."""
+    def _nms(self, model: nn.Module, y: torch.Tensor) -> List[torch.Tensor]:
+        """The inference output ``y`` after NMS, per image: ``(n, 6 + nm)`` rows of xyxy in
+        canvas pixels, confidence, class and (a segmentation model's) mask coefficients."""
         from ultralytics.utils.nms import non_max_suppression
 
         blocks: Any = model.model  # Ultralytics' nn.Sequential of blocks
         head = blocks[-1]
         nc = int(getattr(head, "nc", 0) or len(getattr(model, "names", {}) or {}))
         with torch.no_grad():
-            boxes = non_max_suppression(y, self.conf, self.iou, max_det=self.max_det, nc=nc,
-                                        end2end=bool(getattr(head, "end2end", False)))
-        dets = []
-        for pin, b, (top, left) in zip(pins, boxes, offsets):
-            b = b[:, :6].detach().float().cpu().numpy()
-            h, w = pin.image.shape[:2]
-            xyxy = b[:, :4] - np.array([left, top, left, top], dtype=np.float32)
-            xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
-            xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
-            dets.append({"boxes": xyxy, "scores": b[:, 4], "labels": b[:, 5].astype(np.int64)})
-        return dets
+            return list(non_max_suppression(y, self.conf, self.iou, max_det=self.max_det, nc=nc,
+                                            end2end=bool(getattr(head, "end2end", False))))
 
     def _faithfulness(self, model: nn.Module, x: torch.Tensor, fused: np.ndarray,
                       probs: np.ndarray) -> Optional[np.ndarray]:
@@ -498,15 +503,17 @@ class EigenCAMCallback:
 # --------------------------------------------------------------------------- helpers
 
 
+
 class _Pin:
     """One pinned validation image: ``image`` (h, w, 3) uint8 RGB at the model's scale,
     ``canvas`` (H, W, 3) the same image padded at the bottom and right to multiples of the
     model's largest stride (the map's extent),
-    ``truth`` its true boxes ``{"boxes": (n, 4) xyxy pixels of image, "labels": (n,)}``, or
-    for a classifier its class index."""
+    ``truth`` its true boxes ``{"boxes": (n, 4) xyxy pixels of image, "labels": (n,)}``, for
+    a segmenter its ``(h, w)`` int32 class mask (``_ultralytics_outputs.true_mask``), or for a
+    classifier its class index."""
 
-    def __init__(self, image: np.ndarray, canvas: np.ndarray, truth: Union[Dict[str, np.ndarray], int],
-                 index: int = 0) -> None:
+    def __init__(self, image: np.ndarray, canvas: np.ndarray,
+                 truth: Union[Dict[str, np.ndarray], np.ndarray, int], index: int = 0) -> None:
         self.image, self.canvas, self.truth, self.index = image, canvas, truth, index
 
 
@@ -514,11 +521,13 @@ class _Batch:
     """Pinned images explained together: ``members`` (their places in the pin list), ``x``
     ``(n, 3, H, W)`` the model's inputs, ``acts`` one ``(n, C, h, w)`` float32 map per layer,
     ``y`` ``(n, ...)`` the inference output (boxes, or class probabilities), ``offsets``
-    each image's ``(top, left)`` in its canvas."""
+    each image's ``(top, left)`` in its canvas, ``proto`` a Segment head's mask prototypes
+    ``(n, nm, mh, mw)`` (None for other heads)."""
 
     def __init__(self, members: List[int], x: torch.Tensor, acts: List[torch.Tensor], y: torch.Tensor,
-                 offsets: List[Tuple[int, int]]) -> None:
+                 offsets: List[Tuple[int, int]], proto: Optional[torch.Tensor] = None) -> None:
         self.members, self.x, self.acts, self.y, self.offsets = members, x, acts, y, offsets
+        self.proto = proto
 
 
 class _Seen:
@@ -530,7 +539,7 @@ class _Seen:
 
     def __init__(self, wanted: Sequence[int], indices: List[int]) -> None:
         self.wanted, self.indices = set(wanted), indices
-        self.rows: Dict[int, Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]] = {}
+        self.rows: Dict[int, Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]] = {}
         self._offset = 0
         self._latest: Dict[int, torch.Tensor] = {}
 
@@ -550,12 +559,13 @@ class _Seen:
             if not isinstance(x, torch.Tensor) or x.ndim != 4:
                 return
             start, self._offset = self._offset, self._offset + int(x.shape[0])
-            y = _first(output)
+            y, proto = _first(output), proto_of(output)
             for r in range(int(x.shape[0])):
                 if start + r in self.wanted and all(i in latest for i in self.indices):
                     self.rows[start + r] = (x[r].detach().float().clone(),
                                             [latest[i][r].detach().float().clone() for i in self.indices],
-                                            y[r].detach().float().clone())
+                                            y[r].detach().float().clone(),
+                                            None if proto is None else proto[r].detach().float().clone())
 
         handles = [blocks[i].register_forward_hook(layer_hook(i)) for i in self.indices]
         handles.append(model.register_forward_hook(model_hook))
@@ -578,9 +588,11 @@ class _Seen:
         out = []
         for members in groups.values():
             rows = [self.rows[pins[k].index] for k in members]
+            protos = [r[3] for r in rows]
             out.append(_Batch(members, torch.stack([r[0] for r in rows]),
                               [torch.stack([r[1][j] for r in rows]) for j in range(len(self.indices))],
-                              torch.stack([r[2] for r in rows]), [offsets[k] for k in members]))
+                              torch.stack([r[2] for r in rows]), [offsets[k] for k in members],
+                              None if any(p is None for p in protos) else torch.stack(protos)))
         return out
 
 
@@ -640,6 +652,7 @@ def _first(out: Any) -> torch.Tensor:
     return out
 
 
+
 @contextlib.contextmanager
 def _quiet(model: nn.Module) -> Iterator[None]:
     """The frame of the callback's own forwards: no grad, eval mode, every module's
@@ -651,11 +664,12 @@ def _quiet(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _pin(dataset: Any, n: int, stride: int = 32) -> List[_Pin]:
+def _pin(dataset: Any, n: int, stride: int = 32, masks: bool = False) -> List[_Pin]:
     """The first ``n`` images of an Ultralytics validation dataset, resized as its own
     ``load_image`` resizes them (long side ``imgsz``), padded at the bottom right to the next
     multiples of ``stride``, like the validator's rectangular batches (which centre the
-    padding; top-left padding lets the card crop the map to the image with ``map_extent``)."""
+    padding; top-left padding lets the card crop the map to the image with ``map_extent``).
+    ``masks``: the truth is the class mask of the label's polygons, not its boxes."""
     pins = []
     for i in range(min(n, len(dataset))):
         im, _, (h, w) = dataset.load_image(i)
@@ -671,7 +685,11 @@ def _pin(dataset: Any, n: int, stride: int = 32) -> List[_Pin]:
         cls = np.asarray(label.get("cls", np.zeros((0, 1)))).reshape(-1).astype(np.int64)
         boxes = np.stack([(xywh[:, 0] - xywh[:, 2] / 2) * w, (xywh[:, 1] - xywh[:, 3] / 2) * h,
                           (xywh[:, 0] + xywh[:, 2] / 2) * w, (xywh[:, 1] + xywh[:, 3] / 2) * h], axis=1)
-        pins.append(_Pin(rgb, canvas, {"boxes": boxes, "labels": cls}, index=i))
+        truth: Union[Dict[str, np.ndarray], np.ndarray] = {"boxes": boxes, "labels": cls}
+        if masks:
+            segments = label.get("segments")
+            truth = true_mask([] if segments is None else list(segments), cls, (h, w))
+        pins.append(_Pin(rgb, canvas, truth, index=i))
     return pins
 
 

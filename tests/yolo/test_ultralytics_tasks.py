@@ -1,9 +1,10 @@
 """Ultralytics YOLO classification and segmentation: what reaches MLflow (keys, steps, table
-columns, card pixels), and a classification training that is the same, to the last digit of
-``results.csv`` and the last bit of the weights, with and without the callback.
+columns, card pixels), and trainings that are the same, to the last digit of ``results.csv``
+and the last bit of the weights, with and without the callback.
 
-Module-scoped trainings: ``yolov8n-cls.yaml`` twice (2 epochs, plain and watched; ~10 s each
-on 2 cores) on ImageFolder shapes, ``yolov8n-seg.yaml`` once (1 epoch) on polygon shapes.
+Module-scoped trainings, each plain and watched: ``yolov8n-cls.yaml`` (2 epochs; ~10 s each on
+2 cores) on ImageFolder shapes, ``yolov8n-seg.yaml`` (1 epoch) on polygon shapes, whose
+cards show masks.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from _yolo_shapes import write_cls_shapes, write_yolo_shapes
 from mlflow_eigencam import _layout
-from mlflow_eigencam.render import render_card
+from mlflow_eigencam.integrations._ultralytics_outputs import detections, predicted_mask
+from mlflow_eigencam.render import TRUTH_MASK_COLOUR, render_card
 from mlflow_eigencam.ultralytics import EigenCAMCallback
 from tests.helpers.readback import image_series, load_json, load_png
 
@@ -59,15 +61,16 @@ def runs(tmp_path_factory):
             cls_cb = EigenCAMCallback(n_samples=3)
             with mlflow.start_run(experiment_id=experiment) as cls_run:
                 watched = _train("yolov8n-cls.yaml", cls_data, tmp / "runs", "cls-watched", EPOCHS, cls_cb)
+            seg_plain = _train("yolov8n-seg.yaml", seg_data, tmp / "runs", "seg-plain", 1)
             seg_cb = EigenCAMCallback(n_samples=2, conf=0.0)
             with mlflow.start_run(experiment_id=experiment) as seg_run:
-                _train("yolov8n-seg.yaml", seg_data, tmp / "runs", "seg", 1, seg_cb)
+                seg_watched = _train("yolov8n-seg.yaml", seg_data, tmp / "runs", "seg", 1, seg_cb)
         finally:
             mlflow.set_tracking_uri(previous_uri)
             torch.set_num_threads(threads)
     yield SimpleNamespace(plain=plain, watched=watched, cls_id=cls_run.info.run_id, cls_cb=cls_cb,
-                          seg_id=seg_run.info.run_id, seg_cb=seg_cb, cls_data=cls_data,
-                          client=MlflowClient(uri))
+                          cls_data=cls_data, seg_plain=seg_plain, seg_watched=seg_watched,
+                          seg_id=seg_run.info.run_id, seg_cb=seg_cb, seg_data=seg_data, client=MlflowClient(uri))
 
 
 def _results(trainer) -> list:
@@ -82,11 +85,13 @@ def _rows(runs, run_id: str) -> list:
 
 
 @pytest.mark.slow  # trains (the module's shared runs)
-def test_classify_training_results_are_unchanged(runs):
-    assert len(_results(runs.plain)) == EPOCHS
-    assert _results(runs.watched) == _results(runs.plain)  # loss, accuracy, lr: every digit
+@pytest.mark.parametrize("task", ["classify", "segment"])
+def test_training_results_are_unchanged(runs, task):
+    plain, watched = (runs.plain, runs.watched) if task == "classify" else (runs.seg_plain, runs.seg_watched)
+    assert len(_results(plain)) == (EPOCHS if task == "classify" else 1)
+    assert _results(watched) == _results(plain)  # losses, metrics, lr: every digit
     for name in ("model", "ema"):
-        a, b = (t.model if name == "model" else t.ema.ema for t in (runs.plain, runs.watched))
+        a, b = (t.model if name == "model" else t.ema.ema for t in (plain, watched))
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
@@ -131,13 +136,68 @@ def test_classify_card_shows_the_image_the_validator_sees(runs):
 
 
 @pytest.mark.slow  # trains (the module's shared runs)
-def test_segment_logs_the_head_inputs_fused_with_boxes(runs):
+def test_segment_logs_the_head_inputs_fused_with_masks(runs):
     series = image_series(runs.client, runs.seg_id)
     assert {k: sorted(v) for k, v in series.items()} == {f"eigencam/eval/val/sample_{i}": [0] for i in range(2)}
     assert runs.seg_cb.target_layer_tag.startswith(
         "model.15+model.18+model.21 (P3+P4+P5: max of each level's PC1")
     rows = _rows(runs, runs.seg_id)
-    assert [r["n_true_boxes"] for r in rows] == [1, 1]
-    assert all(r["n_boxes"] > 0 for r in rows)  # conf=0: every image has predictions
-    assert all(0.0 <= r["localization"] <= 1.0 for r in rows)  # from the true boxes
-    assert all(r["evr_1"] == 1.0 for r in rows)  # the fused map: one component
+    truth = [_polygon(runs.seg_data, i) for i in range(2)]
+    # Masks, not boxes: YOLO class c is mask class c + 1, class 0 the background.
+    assert [r["classes"] for r in rows] == [["background", NAMES[c]] for c, _ in truth]
+    assert [r["label"] for r in rows] == [f"background, {NAMES[c]}" for c, _ in truth]
+    assert "n_boxes" not in rows[0] and "n_true_boxes" not in rows[0]
+    for r in rows:  # conf=0: every image has predicted masks, named after the classes
+        assert set(r["prediction"].split(", ")) <= {"background", *NAMES}
+        assert 0.0 <= r["iou"] <= 1.0
+        assert 0.0 <= r["localization"] <= 1.0  # from the true mask
+        assert r["evr_1"] == 1.0  # the fused map: one component
+
+
+@pytest.mark.slow  # trains (the module's shared runs)
+def test_segment_card_outlines_the_true_polygon_in_white(runs):
+    """The input panel shows the true mask as white outlines where the label's polygon is
+    (the validation images are 48 x 64: letterboxed by the validator, mapped back)."""
+    for row, (_, polygon) in zip(_rows(runs, runs.seg_id), (_polygon(runs.seg_data, i) for i in range(2))):
+        card = load_png(runs.client, runs.seg_id, row["image"])
+        x, y, w, h = row["card"]["boxes"][0]
+        panel = card[y:y + h, x:x + w]
+        white = np.all(panel == TRUTH_MASK_COLOUR, axis=-1)
+        # The polygon at the panel's scale; its edge band, 2 panel pixels either side.
+        inside = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(inside).polygon([(px * w, py * h) for px, py in polygon], fill=1)
+        band = _edge_band(np.asarray(inside, bool), 2)
+        assert white.sum() >= 0.5 * band.sum() / 4  # the outline runs all round (band: ~4 px wide)
+        assert (white & ~band).sum() <= 0.02 * white.sum()  # and nowhere else
+
+
+def test_predicted_mask_is_taken_off_the_letterbox_like_the_boxes():
+    """One detection of class 1 at canvas box (10, 20)-(30, 40) of a 64 x 64 canvas whose
+    image (48 x 64) is centred 8 rows down: its mask is that box 8 rows up, painted 2; an
+    overlapping, less confident class 0 detection loses the shared pixels."""
+    proto = torch.ones((1, 16, 16))  # one prototype, positive everywhere: the mask is the box
+    rows = torch.tensor([[10.0, 20.0, 30.0, 40.0, 0.9, 1.0, 1.0],
+                         [20.0, 20.0, 40.0, 40.0, 0.5, 0.0, 1.0]])
+    got = predicted_mask(proto, rows, (64, 64), (8, 0), (48, 64))
+    expected = np.zeros((48, 64), np.int32)
+    expected[12:32, 30:40] = 1
+    expected[12:32, 10:30] = 2
+    np.testing.assert_array_equal(got, expected)
+    dets = detections([rows], [(48, 64)], [(8, 0)])[0]
+    np.testing.assert_allclose(dets["boxes"][0], [10, 12, 30, 32])  # the boxes' mapping, the same
+    assert predicted_mask(proto, rows[:0], (64, 64), (8, 0), (48, 64)).max() == 0
+
+
+def _polygon(data_yaml: Path, i: int):
+    """Validation image ``i``'s class and polygon (normalised xy pairs) from its label file."""
+    values = (data_yaml.parent / "labels" / "val" / f"val_{i:03d}.txt").read_text().split()
+    xy = [float(v) for v in values[1:]]
+    return int(values[0]), list(zip(xy[0::2], xy[1::2]))
+
+
+def _edge_band(inside: np.ndarray, r: int) -> np.ndarray:
+    """The pixels within ``r`` of a region's edge (a square neighbourhood)."""
+    padded = np.pad(inside, r, mode="edge")
+    h, w = inside.shape
+    shifts = [padded[dy:dy + h, dx:dx + w] for dy in range(2 * r + 1) for dx in range(2 * r + 1)]
+    return np.logical_or.reduce(shifts) & ~np.logical_and.reduce(shifts)
