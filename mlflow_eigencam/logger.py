@@ -171,6 +171,10 @@ class EigenCAMLogger:
         self._localization: Localization = Localization()
         self._faithfulness: SampleMean = SampleMean()
         self._extras: Dict[Key, Dict[int, _Extra]] = {}
+        # Several layers (activations given as {layer: array}): their names, first layer
+        # first, and per key, sample index -> {further layer: ((C, h, w) float32, score)}.
+        self._layers: Optional[Tuple[str, ...]] = None
+        self._more: Dict[Key, Dict[int, Dict[str, Tuple[np.ndarray, Optional[float]]]]] = {}
         # Steps logged per (mode, ds_id) by this logger, and what a new fit adds to epochs.
         self._logged_steps: Dict[Key, Set[int]] = {}
         #: Names this logger's table parts (``_layout.table_part_path``): no other writer on
@@ -270,7 +274,10 @@ class EigenCAMLogger:
 
         Args:
             images: (B, C, H, W) or (B, H, W, C) (or (B, H, W) grayscale); uint8 or float.
-            activations: (B, C, h, w), or (B, h, w, C) with ``channels_last=True``.
+            activations: (B, C, h, w), or (B, h, w, C) with ``channels_last=True``; or
+                ``{layer name: activations}`` for several layers (the same names in every
+                batch; the first keeps the single layer's table columns and metrics, each
+                further one gets its own, ``layer4/evr_1``; not with ``n_samples=None``).
             labels: (B,) class indices or strings, or (B, K) one-hot / probabilities.
             preds: (B,) indices or (B, K) logits / probabilities (argmax is taken).
             mode: "train", "eval", "test" or "infer".
@@ -285,7 +292,8 @@ class EigenCAMLogger:
             masks: True regions as masks: ``(B, H, W)`` (nonzero inside), or B entries of
                 ``(H, W)`` or None; joined with ``boxes``.
             faithfulness: ``(B,)`` per-sample scores an integration computed with the model
-                (``metrics.perturbed_batch`` / ``faithfulness_scores``; None or NaN: none).
+                (``metrics.perturbed_batch`` / ``faithfulness_scores``; None or NaN: none);
+                with several layers ``{layer name: (B,) scores}`` (layers left out: none).
         """
         with self._lock:
             if not self.wants(mode, ds_id):
@@ -294,19 +302,57 @@ class EigenCAMLogger:
                 return
             try:
                 self._resolve_run(first_use=True)
+                activations, more = self._split_layers(activations, faithfulness)
+                if more:
+                    faithfulness = more.pop("")
                 extras = _batch_extras(boxes, masks, faithfulness, np.shape(images)[0])
-                self._batch(images, activations, labels, preds, mode, ds_id, map_extent, extras)
+                self._batch(images, activations, labels, preds, mode, ds_id, map_extent, extras,
+                            more)
             except Exception as exc:
                 self._fail(exc, f"on_batch_end(mode={mode!r}, ds_id={ds_id!r})")
 
+    def _split_layers(self, activations: Any, faithfulness: Any) -> Tuple[Any, Dict[str, Any]]:
+        """``{layer: activations}`` -> (the first layer's, ``{further layer: (activations,
+        scores or None)}`` plus ``""``: the first layer's scores); an array -> (it, {})."""
+        if not isinstance(activations, Mapping):
+            if self._layers is not None and len(self._layers) > 1:
+                raise ValueError(f"activations must be {{layer: array}} for the layers "
+                                 f"{list(self._layers)}, got one array")
+            return activations, {}
+        names = tuple(str(k) for k in activations)
+        if not names:
+            raise ValueError("activations is an empty mapping; expected {layer name: array}")
+        if self._layers is None:
+            if len({_layout.safe_segment(n) for n in names}) < len(names):
+                raise ValueError(f"layer names {list(names)} are not distinct as key segments")
+            self._layers = names
+        elif names != self._layers:
+            raise ValueError(f"activations name the layers {list(names)}, but earlier batches "
+                             f"named {list(self._layers)}; give the same layers every batch")
+        if len(names) > 1 and self.n_samples is None:
+            raise ValueError("several layers need a capped n_samples (not None)")
+        scores = dict(faithfulness) if isinstance(faithfulness, Mapping) else \
+            {names[0]: faithfulness}
+        more: Dict[str, Any] = {n: (activations[n], scores.get(n)) for n in names[1:]}
+        more[""] = scores.get(names[0])
+        return activations[names[0]], more
+
     def _batch(self, images, activations, labels, preds, mode, ds_id, map_extent=None,
-               extras=None) -> None:
+               extras=None, more=None) -> None:
         # The buffer checks shapes and batch sizes, and converts and copies only the rows it
         # keeps; the logger only decides the image layout for the whole batch.
         images = np.asarray(images)
         self._clamp_components(activations)
         per_image = _PER_IMAGE_LAYOUT[self._image_layout(images)] if images.ndim == 4 else None
         kwargs: Dict[str, Any] = dict(image_layout=per_image, channels_last=self.channels_last)
+        if more:  # checked before the buffer keeps the first layer's rows
+            batch = images.shape[0]
+            for n, (_, f) in more.items():
+                if f is not None and len(f) != batch:
+                    raise ValueError(f"faithfulness of layer {n!r} has {len(f)} entries but the "
+                                     f"batch has {batch} images")
+            more = {n: (_more_rows(n, a, batch, self.channels_last), f)
+                    for n, (a, f) in more.items()}
         if self.n_samples is None:
             self._stream_batch(mode, ds_id, images, activations, labels, preds, kwargs, extras)
         else:
@@ -316,6 +362,18 @@ class EigenCAMLogger:
                 kept = self._extras.setdefault((mode, ds_id), {})
                 for row, s in enumerate(added):
                     kept[s.index] = _extra(extras[row], row, s.image.shape[:2])
+            if more and added:
+                self._keep_more((mode, ds_id), added, more)
+
+    def _keep_more(self, key: Key, added: List[Sample], more: Dict[str, Any]) -> None:
+        """Copies of the further layers' kept rows (the batch's first rows), as the buffer
+        keeps the first layer's: float32 ``(C, h, w)``, with the row's faithfulness score."""
+        kept = self._more.setdefault(key, {})
+        for name, (acts, scores) in more.items():
+            head = np.array(acts[:len(added)], dtype=np.float32, copy=True)
+            for row, s in enumerate(added):
+                score = None if scores is None or scores[row] is None else float(scores[row])
+                kept.setdefault(s.index, {})[name] = (head[row], score)
 
     def _clamp_components(self, activations: Any) -> None:
         """A layer with fewer channels than ``n_components`` (an int): use them all, once
@@ -470,6 +528,10 @@ class EigenCAMLogger:
 
     def _discard(self, key: Key) -> None:
         self._buffer.take(*key)
+        self._more.pop(key, None)
+        for layer_key in self._layer_keys(key):
+            self._map_change.reset(layer_key, logged=False)
+            self._reset_signals(layer_key, logged=False)
         self._map_change.reset(key, logged=False)
         self._reset_signals(key, logged=False)
         stream = self._streams.pop(key, None)
@@ -488,12 +550,14 @@ class EigenCAMLogger:
         with _lapack_threads(0):  # one BLAS thread for the call, see eigencam._lapack_threads
             result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
         assert self._sink is not None  # _resolve_run made it
+        layers = self._more_results(samples, self._more.pop(key, {}))
         files: Dict[str, Any] = {}
         cards, rows = [], []
         now = int(time.time() * 1000)
         for i, s in enumerate(samples):
             evr = result.explained_variance_ratio[i]
-            band = PNGBand(self._card(s, result.maps[i], evr))
+            band = PNGBand(self._card(s, result.maps[i], evr, [
+                (n, r.maps[i], r.explained_variance_ratio[i]) for n, r, _ in layers]))
             # Encoded on the worker, which starts while the next strip is rendered; the one
             # PNG backs the series point and the card, and the sender draws the grid from it.
             png, webp = Encoded([band]), Encoded(band.pixels, "webp-preview")
@@ -504,13 +568,67 @@ class EigenCAMLogger:
             change = self._map_change.update(key, s.sample_id, pc1)
             signals = self._signals(key, s, pc1, extras.get(s.index))
             rows.append(_table.row(epoch, s, evr, path, change,
-                                   card_geometry(s.image.shape[:2], len(evr)), signals))
+                                   self._geometry(s, len(evr), layers), signals))
+            for name, r, scores in layers:  # a further layer's columns, its own signals
+                pc1 = r.maps[i, 0] if r.maps.shape[1] else None
+                extra = extras.get(s.index, (None, None, None))
+                lkey = (mode, ds_id, name)
+                rows[-1].update(_table.layer_columns(
+                    name, r.explained_variance_ratio[i],
+                    self._map_change.update(lkey, s.sample_id, pc1),
+                    self._signals(lkey, s, pc1, (extra[0], extra[1], scores[i]))))
+        more_metrics = [[_layout.layer_metric_key(mode, ds_id, name, f"evr_{c + 1}"), float(v)]
+                        for name, r, _ in layers
+                        for c, v in enumerate(r.explained_variance_ratio.mean(axis=0))]
+        for lkey in self._layer_keys(key):
+            more_metrics += [[_layout.layer_metric_key(mode, ds_id, lkey[2], n), v]
+                             for n, v in self._signal_summaries(lkey)]
         self._finish_epoch(epoch, key, files, cards[: self.grid_max_rows],
-                           result.explained_variance_ratio.sum(axis=0), len(samples), rows)
+                           result.explained_variance_ratio.sum(axis=0), len(samples), rows,
+                           more_metrics=more_metrics)
         self._map_change.reset(key, logged=True)
         self._reset_signals(key, logged=True)
+        for lkey in self._layer_keys(key):
+            self._map_change.reset(lkey, logged=True)
+            self._reset_signals(lkey, logged=True)
 
-    def _signals(self, key: Key, s: Sample, pc1: Optional[np.ndarray],
+    def _layer_keys(self, key: Key) -> List[Any]:
+        """The signal keys of the further layers of ``key``: ``(mode, ds_id, layer)``."""
+        return [(key[0], key[1], name) for name in (self._layers or ())[1:]]
+
+    def _more_results(self, samples: List[Sample], more: Dict[int, Dict[str, Any]]) -> List[Any]:
+        """``[(layer, EigenCAMResult, scores)]`` of the further layers for ``samples`` (the
+        same math as the first layer's; an int ``n_components`` above a layer's channels
+        uses them all)."""
+        out = []
+        for name in (self._layers or ())[1:]:
+            acts = np.stack([more[s.index][name][0] for s in samples])
+            k = self._n_components
+            if _is_integral(k):
+                k = min(int(k), acts.shape[1])
+            with _lapack_threads(0):
+                result = eigencam(acts, k)
+            out.append((name, result, [more[s.index][name][1] for s in samples]))
+        return out
+
+    def _geometry(self, s: Sample, k: int, layers: List[Any]) -> dict:
+        """The card's geometry as :meth:`_card` draws it (a detector's card: the first layer)."""
+        if not layers or s.pred_boxes is not None or s.label_boxes is not None:
+            return card_geometry(s.image.shape[:2], k)
+        assert self._layers is not None
+        return card_geometry(s.image.shape[:2], k, layers=[(self._layers[0], k)] + [
+            (n, r.maps.shape[1]) for n, r, _ in layers])
+
+    def _signal_summaries(self, key: Any) -> List[Tuple[str, float]]:
+        """``[(name, epoch mean)]`` of ``map_change`` and the signals some sample of ``key``
+        had (a further layer's metrics)."""
+        share, hits = self._localization.summary(key)
+        pairs = ((_layout.TABLE_MAP_CHANGE_COLUMN, self._map_change.summary(key)),
+                 (_layout.SIGNAL_LOCALIZATION, share), (_layout.SIGNAL_POINTING_GAME, hits),
+                 (_layout.SIGNAL_FAITHFULNESS, self._faithfulness.summary(key)))
+        return [(n, float(v)) for n, v in pairs if v is not None]
+
+    def _signals(self, key: Any, s: Sample, pc1: Optional[np.ndarray],
                  extra: Optional["_Extra"]) -> Dict[str, Optional[float]]:
         """One sample's signals for its table row (only those it can have), each also
         counted into its epoch mean."""
@@ -534,7 +652,8 @@ class EigenCAMLogger:
         self._faithfulness.reset(key, logged=logged)
         self._extras.pop(key, None)
 
-    def _card(self, s: Sample, maps: np.ndarray, evr: np.ndarray) -> np.ndarray:
+    def _card(self, s: Sample, maps: np.ndarray, evr: np.ndarray,
+              more: Sequence[Tuple[str, np.ndarray, np.ndarray]] = ()) -> np.ndarray:
         if s.pred_boxes is not None or s.label_boxes is not None:  # a detector's boxes
             return render_detection_card(
                 s.image, maps, pred_boxes=s.pred_boxes, true_boxes=s.label_boxes,
@@ -543,11 +662,13 @@ class EigenCAMLogger:
                 map_extent=s.map_extent)
         return render_card(s.image, maps, explained_variance=evr, label=s.label, pred=s.pred,
                            correct=s.correct, sample_id=s.sample_id,
-                           colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent)
+                           colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent,
+                           layer=self._layers[0] if more and self._layers else None,
+                           more_layers=more)
 
     def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any], cards: List[str],
                       evr_sum: np.ndarray, count: int, rows: List[dict],
-                      streamed: bool = False) -> None:
+                      streamed: bool = False, more_metrics: Sequence[List[Any]] = ()) -> None:
         """Submit one bundle per (mode, ds_id, epoch): one upload, one metrics call, tags
         once per run. ``cards``: artifact paths (in ``files``) of the grid's cards, drawn
         into the grid by the sender."""
@@ -578,6 +699,7 @@ class EigenCAMLogger:
                             (_layout.SIGNAL_FAITHFULNESS, self._faithfulness.summary(key))):
             if value is not None:  # only the signals some sample had
                 metrics.append([_layout.signal_key(mode, ds_id, name), value, epoch, now])
+        metrics += [[name, value, epoch, now] for name, value in more_metrics]
         once = [metrics[0][0], epoch] if metrics else None
         self._submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
                           tables=tables, tags={_layout.MLFLOW_LOGGED_IMAGES: "True"},
@@ -689,6 +811,8 @@ class EigenCAMLogger:
         }
         if self._target_layer is not None:
             tags[_layout.TAG_TARGET_LAYER] = str(self._target_layer)
+        elif self._layers is not None:  # several layers given as {layer: activations}
+            tags[_layout.TAG_TARGET_LAYER] = ", ".join(self._layers)
         tags.update({str(k): str(v) for k, v in self._extra_tags.items()})
         return tags
 
@@ -804,6 +928,20 @@ def _extra(raw: Any, row: int, image_hw: Tuple[int, int]) -> _Extra:
             raise ValueError(f"masks[{row}] must be the image's (H, W) = {tuple(image_hw)}, "
                              f"got shape {m.shape}")
     return (b, m, None if f is None else float(f))
+
+
+def _more_rows(name: str, acts: Any, batch: int, channels_last: bool) -> np.ndarray:
+    """A further layer's activations as ``(B, C, h, w)`` (a view; the kept rows are copied).
+
+    Raises:
+        ValueError: not 4-D, or not one row per image.
+    """
+    arr = np.asarray(acts)
+    if arr.ndim != 4 or arr.shape[0] != batch:
+        axes = "(B, h, w, C)" if channels_last else "(B, C, h, w)"
+        raise ValueError(f"activations of layer {name!r} must be {axes} with the batch's "
+                         f"{batch} rows, got shape {arr.shape}")
+    return np.moveaxis(arr, -1, 1) if channels_last else arr
 
 
 def _sample_files(files: Dict[str, Any], mode: str, ds_id: Optional[str], epoch: int,
