@@ -323,7 +323,7 @@ class EigenCAMLogger:
         if not names:
             raise ValueError("activations is an empty mapping; expected {layer name: array}")
         if self._layers is None:
-            if len({_layout.safe_segment(n) for n in names}) < len(names):
+            if len({_layout.layer_segment(n) for n in names}) < len(names):
                 raise ValueError(f"layer names {list(names)} are not distinct as key segments")
             self._layers = names
         elif names != self._layers:

@@ -168,3 +168,9 @@ def test_layer_metric_keys_are_the_loggers_own():
     assert not _layout.is_own_metric_key("eigencam/eval/val/layer4/accuracy")
     assert not _layout.is_own_metric_key("eigencam/eval/val/a/b/evr_1")
     assert _layout.layer_column("layer4", "evr_2") == "layer4/evr_2"
+    assert _layout.layer_metric_key("eval", "val", "layer4.1.conv2", "evr_1") == \
+        "eigencam/eval/val/layer4.1.conv2/evr_1"
+    assert _layout.is_own_metric_key("eigencam/eval/val/layer4.1.conv2/evr_1")
+    for bad in (".", "..", ".hidden"):
+        assert not _layout.layer_segment(bad).startswith(".")
+        assert not _layout.is_own_metric_key(f"eigencam/eval/val/{bad}/evr_1")
