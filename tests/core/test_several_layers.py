@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mlflow_eigencam import EigenCAMLogger, _layout
+from mlflow_eigencam.compare import compare
 from mlflow_eigencam.eigencam import eigencam
 from mlflow_eigencam.images import to_rgb_uint8
 from mlflow_eigencam.render import card_geometry, render_card
@@ -36,7 +37,7 @@ def _crop(png, box):
     return png[y:y + h, x:x + w]
 
 
-def test_two_layers_share_one_card_and_table_with_their_own_columns_and_metrics(tracking_uri):
+def test_two_layers_share_one_card_and_table_with_their_own_columns_and_metrics(tracking_uri, tmp_path):
     client = MlflowClient()
     images, early, late, labels = _data()
     with mlflow.start_run() as run:
@@ -101,6 +102,11 @@ def test_two_layers_share_one_card_and_table_with_their_own_columns_and_metrics(
     assert [s for s, _ in metric_steps(client, rid, "eigencam/eval/val/late/map_change")] == [1]
     tags = client.get_run(rid).data.tags
     assert tags[_layout.TAG_TARGET_LAYER] == "early, late"
+
+    # compare reads the run: the first layer's panels, every card found.
+    result = compare(rid, out=tmp_path / "cmp.png", ds_id="val", component=2)
+    assert result.columns == [(rid, 0), (rid, 1)] and len(result.matched) == N
+    assert not [n for n in result.notes if "missing" in n.lower()]
 
 
 def test_one_layer_as_a_mapping_is_the_one_layer_layout(tracking_uri):
