@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Uni
 import numpy as np
 
 from . import _layout, _table
+from ._layers import FurtherLayers, LayerResult
 from ._records import Encoded, Item
 from ._spool import default_spool_root
 from ._streaming import StreamEpoch
@@ -171,10 +172,8 @@ class EigenCAMLogger:
         self._localization: Localization = Localization()
         self._faithfulness: SampleMean = SampleMean()
         self._extras: Dict[Key, Dict[int, _Extra]] = {}
-        # Several layers (activations given as {layer: array}): their names, first layer
-        # first, and per key, sample index -> {further layer: ((C, h, w) float32, score)}.
-        self._layers: Optional[Tuple[str, ...]] = None
-        self._more: Dict[Key, Dict[int, Dict[str, Tuple[np.ndarray, Optional[float]]]]] = {}
+        # Several layers (activations given as {layer: array}): the ones after the first.
+        self._more = FurtherLayers()
         # Steps logged per (mode, ds_id) by this logger, and what a new fit adds to epochs.
         self._logged_steps: Dict[Key, Set[int]] = {}
         #: Names this logger's table parts (``_layout.table_part_path``): no other writer on
@@ -302,40 +301,13 @@ class EigenCAMLogger:
                 return
             try:
                 self._resolve_run(first_use=True)
-                activations, more = self._split_layers(activations, faithfulness)
-                if more:
-                    faithfulness = more.pop("")
+                activations, faithfulness, more = self._more.split(
+                    activations, faithfulness, self.n_samples is not None)
                 extras = _batch_extras(boxes, masks, faithfulness, np.shape(images)[0])
                 self._batch(images, activations, labels, preds, mode, ds_id, map_extent, extras,
                             more)
             except Exception as exc:
                 self._fail(exc, f"on_batch_end(mode={mode!r}, ds_id={ds_id!r})")
-
-    def _split_layers(self, activations: Any, faithfulness: Any) -> Tuple[Any, Dict[str, Any]]:
-        """``{layer: activations}`` -> (the first layer's, ``{further layer: (activations,
-        scores or None)}`` plus ``""``: the first layer's scores); an array -> (it, {})."""
-        if not isinstance(activations, Mapping):
-            if self._layers is not None and len(self._layers) > 1:
-                raise ValueError(f"activations must be {{layer: array}} for the layers "
-                                 f"{list(self._layers)}, got one array")
-            return activations, {}
-        names = tuple(str(k) for k in activations)
-        if not names:
-            raise ValueError("activations is an empty mapping; expected {layer name: array}")
-        if self._layers is None:
-            if len({_layout.layer_segment(n) for n in names}) < len(names):
-                raise ValueError(f"layer names {list(names)} are not distinct as key segments")
-            self._layers = names
-        elif names != self._layers:
-            raise ValueError(f"activations name the layers {list(names)}, but earlier batches "
-                             f"named {list(self._layers)}; give the same layers every batch")
-        if len(names) > 1 and self.n_samples is None:
-            raise ValueError("several layers need a capped n_samples (not None)")
-        scores = dict(faithfulness) if isinstance(faithfulness, Mapping) else \
-            {names[0]: faithfulness}
-        more: Dict[str, Any] = {n: (activations[n], scores.get(n)) for n in names[1:]}
-        more[""] = scores.get(names[0])
-        return activations[names[0]], more
 
     def _batch(self, images, activations, labels, preds, mode, ds_id, map_extent=None,
                extras=None, more=None) -> None:
@@ -346,13 +318,7 @@ class EigenCAMLogger:
         per_image = _PER_IMAGE_LAYOUT[self._image_layout(images)] if images.ndim == 4 else None
         kwargs: Dict[str, Any] = dict(image_layout=per_image, channels_last=self.channels_last)
         if more:  # checked before the buffer keeps the first layer's rows
-            batch = images.shape[0]
-            for n, (_, f) in more.items():
-                if f is not None and len(f) != batch:
-                    raise ValueError(f"faithfulness of layer {n!r} has {len(f)} entries but the "
-                                     f"batch has {batch} images")
-            more = {n: (_more_rows(n, a, batch, self.channels_last), f)
-                    for n, (a, f) in more.items()}
+            more = self._more.check(more, images.shape[0], self.channels_last)
         if self.n_samples is None:
             self._stream_batch(mode, ds_id, images, activations, labels, preds, kwargs, extras)
         else:
@@ -363,17 +329,7 @@ class EigenCAMLogger:
                 for row, s in enumerate(added):
                     kept[s.index] = _extra(extras[row], row, s.image.shape[:2])
             if more and added:
-                self._keep_more((mode, ds_id), added, more)
-
-    def _keep_more(self, key: Key, added: List[Sample], more: Dict[str, Any]) -> None:
-        """Copies of the further layers' kept rows (the batch's first rows), as the buffer
-        keeps the first layer's: float32 ``(C, h, w)``, with the row's faithfulness score."""
-        kept = self._more.setdefault(key, {})
-        for name, (acts, scores) in more.items():
-            head = np.array(acts[:len(added)], dtype=np.float32, copy=True)
-            for row, s in enumerate(added):
-                score = None if scores is None or scores[row] is None else float(scores[row])
-                kept.setdefault(s.index, {})[name] = (head[row], score)
+                self._more.keep((mode, ds_id), [s.index for s in added], more)
 
     def _clamp_components(self, activations: Any) -> None:
         """A layer with fewer channels than ``n_components`` (an int): use them all, once
@@ -528,8 +484,8 @@ class EigenCAMLogger:
 
     def _discard(self, key: Key) -> None:
         self._buffer.take(*key)
-        self._more.pop(key, None)
-        for layer_key in self._layer_keys(key):
+        self._more.discard(key)
+        for layer_key in self._more.keys(key):
             self._map_change.reset(layer_key, logged=False)
             self._reset_signals(layer_key, logged=False)
         self._map_change.reset(key, logged=False)
@@ -550,7 +506,7 @@ class EigenCAMLogger:
         with _lapack_threads(0):  # one BLAS thread for the call, see eigencam._lapack_threads
             result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
         assert self._sink is not None  # _resolve_run made it
-        layers = self._more_results(samples, self._more.pop(key, {}))
+        layers = self._more.take(key, [s.index for s in samples], self._n_components)
         files: Dict[str, Any] = {}
         cards, rows = [], []
         now = int(time.time() * 1000)
@@ -580,7 +536,7 @@ class EigenCAMLogger:
         more_metrics = [[_layout.layer_metric_key(mode, ds_id, name, f"evr_{c + 1}"), float(v)]
                         for name, r, _ in layers
                         for c, v in enumerate(r.explained_variance_ratio.mean(axis=0))]
-        for lkey in self._layer_keys(key):
+        for lkey in self._more.keys(key):
             more_metrics += [[_layout.layer_metric_key(mode, ds_id, lkey[2], n), v]
                              for n, v in self._signal_summaries(lkey)]
         self._finish_epoch(epoch, key, files, cards[: self.grid_max_rows],
@@ -588,35 +544,16 @@ class EigenCAMLogger:
                            more_metrics=more_metrics)
         self._map_change.reset(key, logged=True)
         self._reset_signals(key, logged=True)
-        for lkey in self._layer_keys(key):
+        for lkey in self._more.keys(key):
             self._map_change.reset(lkey, logged=True)
             self._reset_signals(lkey, logged=True)
 
-    def _layer_keys(self, key: Key) -> List[Any]:
-        """The signal keys of the further layers of ``key``: ``(mode, ds_id, layer)``."""
-        return [(key[0], key[1], name) for name in (self._layers or ())[1:]]
-
-    def _more_results(self, samples: List[Sample], more: Dict[int, Dict[str, Any]]) -> List[Any]:
-        """``[(layer, EigenCAMResult, scores)]`` of the further layers for ``samples`` (the
-        same math as the first layer's; an int ``n_components`` above a layer's channels
-        uses them all)."""
-        out = []
-        for name in (self._layers or ())[1:]:
-            acts = np.stack([more[s.index][name][0] for s in samples])
-            k = self._n_components
-            if _is_integral(k):
-                k = min(int(k), acts.shape[1])
-            with _lapack_threads(0):
-                result = eigencam(acts, k)
-            out.append((name, result, [more[s.index][name][1] for s in samples]))
-        return out
-
-    def _geometry(self, s: Sample, k: int, layers: List[Any]) -> dict:
+    def _geometry(self, s: Sample, k: int, layers: List[LayerResult]) -> dict:
         """The card's geometry as :meth:`_card` draws it (a detector's card: the first layer)."""
         if not layers or s.pred_boxes is not None or s.label_boxes is not None:
             return card_geometry(s.image.shape[:2], k)
-        assert self._layers is not None
-        return card_geometry(s.image.shape[:2], k, layers=[(self._layers[0], k)] + [
+        assert self._more.names is not None
+        return card_geometry(s.image.shape[:2], k, layers=[(self._more.names[0], k)] + [
             (n, r.maps.shape[1]) for n, r, _ in layers])
 
     def _signal_summaries(self, key: Any) -> List[Tuple[str, float]]:
@@ -663,7 +600,7 @@ class EigenCAMLogger:
         return render_card(s.image, maps, explained_variance=evr, label=s.label, pred=s.pred,
                            correct=s.correct, sample_id=s.sample_id,
                            colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent,
-                           layer=self._layers[0] if more and self._layers else None,
+                           layer=self._more.names[0] if more and self._more.names else None,
                            more_layers=more)
 
     def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any], cards: List[str],
@@ -811,8 +748,8 @@ class EigenCAMLogger:
         }
         if self._target_layer is not None:
             tags[_layout.TAG_TARGET_LAYER] = str(self._target_layer)
-        elif self._layers is not None:  # several layers given as {layer: activations}
-            tags[_layout.TAG_TARGET_LAYER] = ", ".join(self._layers)
+        elif self._more.names is not None:  # layers given as {layer: activations}
+            tags[_layout.TAG_TARGET_LAYER] = ", ".join(self._more.names)
         tags.update({str(k): str(v) for k, v in self._extra_tags.items()})
         return tags
 
@@ -928,20 +865,6 @@ def _extra(raw: Any, row: int, image_hw: Tuple[int, int]) -> _Extra:
             raise ValueError(f"masks[{row}] must be the image's (H, W) = {tuple(image_hw)}, "
                              f"got shape {m.shape}")
     return (b, m, None if f is None else float(f))
-
-
-def _more_rows(name: str, acts: Any, batch: int, channels_last: bool) -> np.ndarray:
-    """A further layer's activations as ``(B, C, h, w)`` (a view; the kept rows are copied).
-
-    Raises:
-        ValueError: not 4-D, or not one row per image.
-    """
-    arr = np.asarray(acts)
-    if arr.ndim != 4 or arr.shape[0] != batch:
-        axes = "(B, h, w, C)" if channels_last else "(B, C, h, w)"
-        raise ValueError(f"activations of layer {name!r} must be {axes} with the batch's "
-                         f"{batch} rows, got shape {arr.shape}")
-    return np.moveaxis(arr, -1, 1) if channels_last else arr
 
 
 def _sample_files(files: Dict[str, Any], mode: str, ds_id: Optional[str], epoch: int,
