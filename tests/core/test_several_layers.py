@@ -4,6 +4,8 @@ under its own prefix (``late/evr_1``, ``eigencam/eval/val/late/evr_1``), its own
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_eigencam import EigenCAMLogger, _layout
 from mlflow_eigencam.compare import compare
 from mlflow_eigencam.eigencam import eigencam
+from mlflow_eigencam.explorer import Explorer
 from mlflow_eigencam.images import to_rgb_uint8
 from mlflow_eigencam.render import card_geometry, render_card
 from tests.helpers.oracle import low_rank
@@ -107,6 +110,14 @@ def test_two_layers_share_one_card_and_table_with_their_own_columns_and_metrics(
     result = compare(rid, out=tmp_path / "cmp.png", ds_id="val", component=2)
     assert result.columns == [(rid, 0), (rid, 1)] and len(result.matched) == N
     assert not [n for n in result.notes if "missing" in n.lower()]
+    # The explorer's data view of the run: every row, the first layer's columns.
+    seen = []
+    body = b"".join(Explorer(tracking_uri)(
+        {"PATH_INFO": "/api/data", "QUERY_STRING": f"runs={rid}&mode=eval&ds_id=val",
+         "REQUEST_METHOD": "GET", "SCRIPT_NAME": ""}, lambda status, headers: seen.append(status)))
+    assert seen[0].startswith("200"), body[:300]
+    view = json.loads(body)["runs"][0]
+    assert "error" not in view and len(view["rows"]) == 2 * N
 
 
 def test_one_layer_as_a_mapping_is_the_one_layer_layout(tracking_uri):
