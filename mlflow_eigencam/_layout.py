@@ -195,6 +195,30 @@ def metric_key(mode: str, ds_id: str | None, component: int) -> str:
     return f"{prefix(mode, ds_id)}/evr_{component}"
 
 
+# -- several layers (``layers=[...]``): the first layer keeps the names above ---------------
+
+_LAYER_SAFE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}$")
+
+
+def layer_segment(layer: str) -> str:
+    """A layer name as one key segment: a dotted name (``layer4.1.conv2``) as it is, anything
+    else as :func:`safe_segment` makes it (never ``.`` nor ``..``)."""
+    text = str(layer)
+    return text if _LAYER_SAFE.match(text) else safe_segment(text)
+
+
+def layer_column(layer: str, name: str) -> str:
+    """Table column of a further layer's ``name`` (``evr_1``, ``map_change``, a signal):
+    ``{layer_segment(layer)}/{name}``, e.g. ``layer4/evr_1``. The first layer has no prefix."""
+    return f"{layer_segment(layer)}/{name}"
+
+
+def layer_metric_key(mode: str, ds_id: str | None, layer: str, name: str) -> str:
+    """Metric of a further layer: ``eigencam/{mode}/{ds_id}/{layer}/{name}`` (``name`` as in
+    :func:`layer_column`; the first layer's metrics have no layer segment)."""
+    return f"{prefix(mode, ds_id)}/{layer_column(layer, name)}"
+
+
 # -- streaming mode (n_samples=None): what is kept to render on demand ----------------------
 
 #: Name pattern of a table part (``table_part_path``), for readers that list them: groups
@@ -298,7 +322,7 @@ _OWN_SERIES = re.compile(
     rf"^images/{re.escape(ROOT)}~{_SEG}~{_SEG}~sample_\d+\+step\+-?\d+\+timestamp\+\d+"
     rf"\+[A-Za-z0-9\-]+(?:\.png|\+compressed\.webp)$")
 # Built from the builders' own names: evr_{k}, map_change and every signal.
-_OWN_METRIC = re.compile(rf"^{re.escape(ROOT)}/{_SEG}/{_SEG}/(?:evr_\d+|"
+_OWN_METRIC = re.compile(rf"^{re.escape(ROOT)}/{_SEG}/{_SEG}/(?:{_LAYER_SAFE.pattern[1:-1]}/)?(?:evr_\d+|"
                          rf"{'|'.join(re.escape(n) for n in (TABLE_MAP_CHANGE_COLUMN,) + TABLE_SIGNAL_COLUMNS)})$")
 #: The package's tag namespace (``mlflow_eigencam.version``, ``mlflow_eigencam.step``, ...).
 TAG_NAMESPACE = "mlflow_eigencam."
@@ -320,7 +344,8 @@ def is_own_artifact_path(path: str) -> bool:
 
 def is_own_metric_key(key: str) -> bool:
     """True for a metric the logger writes: ``eigencam/{mode}/{ds_id}/evr_{k}``,
-    ``.../map_change`` or a signal (:data:`TABLE_SIGNAL_COLUMNS`)."""
+    ``.../map_change`` or a signal (:data:`TABLE_SIGNAL_COLUMNS`), with a further layer's
+    segment before the name or not (:func:`layer_metric_key`)."""
     return isinstance(key, str) and bool(_OWN_METRIC.match(key))
 
 

@@ -39,7 +39,8 @@ import numpy as np
 
 from . import _layout
 
-__all__ = ["dumps", "loads", "merge", "overlay_cell", "part_paths", "read", "row", "to_json",
+__all__ = ["dumps", "layer_columns", "loads", "merge", "overlay_cell", "part_paths", "read", "row",
+           "to_json",
            "without_images"]
 
 Key = Tuple[Any, ...]
@@ -88,12 +89,26 @@ def row(epoch: int, sample: Any, evr: np.ndarray, path: str,
     return r
 
 
+def layer_columns(layer: str, evr: np.ndarray, change: Optional[float] = None,
+                  signals: Optional[Dict[str, Optional[float]]] = None) -> dict:
+    """A further layer's columns of a row (``layers=[...]``; the first layer's are
+    :func:`row`'s): ``layer4/evr_1`` ..., ``layer4/map_change``, ``layer4/{signal}``
+    (``_layout.layer_column``), values as in :func:`row`."""
+    names = [f"evr_{c + 1}" for c in range(len(evr))] + [_layout.TABLE_MAP_CHANGE_COLUMN]
+    values = [float(v) for v in evr] + [change]
+    names += list((signals or {}).keys())
+    values += list((signals or {}).values())
+    return {_layout.layer_column(layer, n): None if v is None else round(float(v), 6)
+            for n, v in zip(names, values)}
+
+
 def to_json(rows: List[dict]) -> bytes:
     """Rows as MLflow's table JSON (UTF-8), columns in the layout's order."""
     k = max((int(c[4:]) for r in rows for c in r if c.startswith("evr_")), default=0)
     columns = list(_layout.TABLE_COLUMNS) + [f"evr_{c}" for c in range(1, k + 1)] + \
         [_layout.TABLE_MAP_CHANGE_COLUMN] + \
         [c for c in _layout.TABLE_SIGNAL_COLUMNS if any(c in r for r in rows)] + \
+        list(dict.fromkeys(c for r in rows for c in r if "/" in c)) + \
         [c for c in (_layout.TABLE_OVERLAY_COLUMN,) if any(c in r for r in rows)] + \
         [_layout.TABLE_CARD_COLUMN, _layout.TABLE_IMAGE_COLUMN]
     if any(_layout.TABLE_BOX_COLUMNS[0] in r for r in rows):  # a detector's table

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Uni
 import numpy as np
 
 from . import _layout, _table
+from ._layers import FurtherLayers, LayerResult
 from ._records import Encoded, Item
 from ._spool import default_spool_root
 from ._streaming import StreamEpoch, quantize_maps
@@ -178,6 +179,8 @@ class EigenCAMLogger:
         self._fixation = Fixation()
         self._watch = Watch()
         self._extras: Dict[Key, Dict[int, _Extra]] = {}
+        # Several layers (activations given as {layer: array}): the ones after the first.
+        self._more = FurtherLayers()
         # Steps logged per (mode, ds_id) by this logger, and what a new fit adds to epochs.
         self._logged_steps: Dict[Key, Set[int]] = {}
         #: Names this logger's table parts (``_layout.table_part_path``): no other writer on
@@ -278,7 +281,10 @@ class EigenCAMLogger:
 
         Args:
             images: (B, C, H, W) or (B, H, W, C) (or (B, H, W) grayscale); uint8 or float.
-            activations: (B, C, h, w), or (B, h, w, C) with ``channels_last=True``.
+            activations: (B, C, h, w), or (B, h, w, C) with ``channels_last=True``; or
+                ``{layer name: activations}`` for several layers (the same names in every
+                batch; the first keeps the single layer's table columns and metrics, each
+                further one gets its own, ``layer4/evr_1``; not with ``n_samples=None``).
             labels: (B,) class indices or strings, or (B, K) one-hot / probabilities, or
                 (B, H, W) masks of the images' size (``samples.segmentation_masks``).
             preds: (B,) indices or (B, K) logits / probabilities (argmax is taken), or
@@ -295,7 +301,8 @@ class EigenCAMLogger:
             masks: True regions as masks: ``(B, H, W)`` (nonzero inside), or B entries of
                 ``(H, W)`` or None; joined with ``boxes``.
             faithfulness: ``(B,)`` per-sample scores an integration computed with the model
-                (``metrics.perturbed_batch`` / ``faithfulness_scores``; None or NaN: none).
+                (``metrics.perturbed_batch`` / ``faithfulness_scores``; None or NaN: none);
+                with several layers ``{layer name: (B,) scores}`` (layers left out: none).
         """
         with self._lock:
             if not self.wants(mode, ds_id):
@@ -304,19 +311,24 @@ class EigenCAMLogger:
                 return
             try:
                 self._resolve_run(first_use=True)
+                activations, faithfulness, more = self._more.split(
+                    activations, faithfulness, self.n_samples is not None)
                 extras = _batch_extras(boxes, masks, faithfulness, np.shape(images)[0])
-                self._batch(images, activations, labels, preds, mode, ds_id, map_extent, extras)
+                self._batch(images, activations, labels, preds, mode, ds_id, map_extent, extras,
+                            more)
             except Exception as exc:
                 self._fail(exc, f"on_batch_end(mode={mode!r}, ds_id={ds_id!r})")
 
     def _batch(self, images, activations, labels, preds, mode, ds_id, map_extent=None,
-               extras=None) -> None:
+               extras=None, more=None) -> None:
         # The buffer checks shapes and batch sizes, and converts and copies only the rows it
         # keeps; the logger only decides the image layout for the whole batch.
         images = np.asarray(images)
         self._clamp_components(activations)
         per_image = _PER_IMAGE_LAYOUT[self._image_layout(images)] if images.ndim == 4 else None
         kwargs: Dict[str, Any] = dict(image_layout=per_image, channels_last=self.channels_last)
+        if more:  # checked before the buffer keeps the first layer's rows
+            more = self._more.check(more, images.shape[0], self.channels_last)
         if self.n_samples is None:
             self._stream_batch(mode, ds_id, images, activations, labels, preds, kwargs, extras)
         else:
@@ -332,6 +344,8 @@ class EigenCAMLogger:
                 kept = self._extras.setdefault((mode, ds_id), {})
                 for s, extra in zip(added, converted):
                     kept[s.index] = extra
+            if more and added:
+                self._more.keep((mode, ds_id), [s.index for s in added], more)
 
     def _clamp_components(self, activations: Any) -> None:
         """A layer with fewer channels than ``n_components`` (an int): use them all, once
@@ -492,6 +506,10 @@ class EigenCAMLogger:
 
     def _discard(self, key: Key) -> None:
         self._buffer.take(*key)
+        self._more.discard(key)
+        for layer_key in self._more.keys(key):
+            self._map_change.reset(layer_key, logged=False)
+            self._reset_signals(layer_key, logged=False)
         self._map_change.reset(key, logged=False)
         self._reset_signals(key, logged=False)
         stream = self._streams.pop(key, None)
@@ -510,6 +528,7 @@ class EigenCAMLogger:
         with _lapack_threads(0):  # one BLAS thread for the call, see eigencam._lapack_threads
             result = eigencam(np.stack([s.activations for s in samples]), self.n_components)
         assert self._sink is not None  # _resolve_run made it
+        layers = self._more.take(key, [s.index for s in samples], self._n_components)
         files: Dict[str, Any] = {}
         cards, rows = [], []
         now = int(time.time() * 1000)
@@ -518,13 +537,20 @@ class EigenCAMLogger:
         q = quantize_maps(result.maps)
         files[_layout.overlay_maps_path(mode, ds_id, epoch)] = Encoded(
             q.reshape(-1, q.shape[-1]) if q.size else np.zeros((1, 1), np.uint8))
+        further = {}  # a further layer's maps: maps-{layer}.png, its shape in the overlay cell
+        for name, r, _ in layers:
+            further[name] = quantize_maps(r.maps)
+            files[_layout.overlay_maps_path(mode, ds_id, epoch, name)] = Encoded(
+                further[name].reshape(-1, further[name].shape[-1]) if further[name].size
+                else np.zeros((1, 1), np.uint8))
         stored, new = self._overlay_inputs.setdefault(key, set()), set()
         for i, s in enumerate(samples):
             if s.sample_id not in stored and s.sample_id not in new:
                 new.add(s.sample_id)
                 files[_layout.input_path(mode, ds_id, s.sample_id)] = Encoded(s.image)
             evr = result.explained_variance_ratio[i]
-            band = PNGBand(self._card(s, result.maps[i], evr))
+            band = PNGBand(self._card(s, result.maps[i], evr, [
+                (n, r.maps[i], r.explained_variance_ratio[i]) for n, r, _ in layers]))
             # Encoded on the worker, which starts while the next strip is rendered; the one
             # PNG backs the series point and the card, and the sender draws the grid from it.
             png, webp = Encoded([band]), Encoded(band.pixels, "webp-preview")
@@ -536,15 +562,53 @@ class EigenCAMLogger:
             signals = self._signals(key, s, pc1, extras.get(s.index))
             overlay = _table.overlay_cell(i, q.shape[1:], s.map_extent, s.pred_boxes,
                                           s.label_boxes)
+            overlay["layers"].update({name: [int(v) for v in m.shape[1:]] for name, m in further.items()})
             rows.append(_table.row(epoch, s, evr, path, change,
-                                   card_geometry(s.image.shape[:2], len(evr)), signals, overlay))
+                                   self._geometry(s, len(evr), layers), signals, overlay))
+            for name, r, scores in layers:  # a further layer's columns, its own signals
+                pc1 = r.maps[i, 0] if r.maps.shape[1] else None
+                extra = extras.get(s.index, (None, None, None))
+                lkey = (mode, ds_id, name)
+                rows[-1].update(_table.layer_columns(
+                    name, r.explained_variance_ratio[i],
+                    self._map_change.update(lkey, s.sample_id, pc1),
+                    self._signals(lkey, s, pc1, (extra[0], extra[1], scores[i]))))
+        more_metrics = [[_layout.layer_metric_key(mode, ds_id, name, f"evr_{c + 1}"), float(v)]
+                        for name, r, _ in layers
+                        for c, v in enumerate(r.explained_variance_ratio.mean(axis=0))]
+        for lkey in self._more.keys(key):
+            more_metrics += [[_layout.layer_metric_key(mode, ds_id, lkey[2], n), v]
+                             for n, v in self._signal_summaries(lkey)]
         self._finish_epoch(epoch, key, files, cards[: self.grid_max_rows],
-                           result.explained_variance_ratio.sum(axis=0), len(samples), rows)
+                           result.explained_variance_ratio.sum(axis=0), len(samples), rows,
+                           more_metrics=more_metrics)
         stored.update(new)  # with the sink now (a failed epoch logs its inputs again)
         self._map_change.reset(key, logged=True)
         self._reset_signals(key, logged=True)
+        for lkey in self._more.keys(key):
+            self._map_change.reset(lkey, logged=True)
+            self._reset_signals(lkey, logged=True)
 
-    def _signals(self, key: Key, s: Sample, pc1: Optional[np.ndarray],
+    def _geometry(self, s: Sample, k: int, layers: List[LayerResult]) -> dict:
+        """The card's geometry as :meth:`_card` draws it (a detector's or a segmenter's card:
+        the first layer)."""
+        if not layers or s.pred_boxes is not None or s.label_boxes is not None or \
+                s.pred_mask is not None or s.label_mask is not None:
+            return card_geometry(s.image.shape[:2], k)
+        assert self._more.names is not None
+        return card_geometry(s.image.shape[:2], k, layers=[(self._more.names[0], k)] + [
+            (n, r.maps.shape[1]) for n, r, _ in layers])
+
+    def _signal_summaries(self, key: Any) -> List[Tuple[str, float]]:
+        """``[(name, epoch mean)]`` of ``map_change`` and the signals some sample of ``key``
+        had (a further layer's metrics)."""
+        share, hits = self._localization.summary(key)
+        pairs = ((_layout.TABLE_MAP_CHANGE_COLUMN, self._map_change.summary(key)),
+                 (_layout.SIGNAL_LOCALIZATION, share), (_layout.SIGNAL_POINTING_GAME, hits),
+                 (_layout.SIGNAL_FAITHFULNESS, self._faithfulness.summary(key)))
+        return [(n, float(v)) for n, v in pairs if v is not None]
+
+    def _signals(self, key: Any, s: Sample, pc1: Optional[np.ndarray],
                  extra: Optional["_Extra"]) -> Dict[str, Optional[float]]:
         """One sample's signals for its table row (only those it can have), each also
         counted into its epoch mean."""
@@ -572,7 +636,8 @@ class EigenCAMLogger:
         self._fixation.reset(key, logged=logged)
         self._extras.pop(key, None)
 
-    def _card(self, s: Sample, maps: np.ndarray, evr: np.ndarray) -> np.ndarray:
+    def _card(self, s: Sample, maps: np.ndarray, evr: np.ndarray,
+              more: Sequence[Tuple[str, np.ndarray, np.ndarray]] = ()) -> np.ndarray:
         if s.pred_boxes is not None or s.label_boxes is not None:  # a detector's boxes
             return render_detection_card(
                 s.image, maps, pred_boxes=s.pred_boxes, true_boxes=s.label_boxes,
@@ -586,11 +651,13 @@ class EigenCAMLogger:
                 colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent)
         return render_card(s.image, maps, explained_variance=evr, label=s.label, pred=s.pred,
                            correct=s.correct, sample_id=s.sample_id,
-                           colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent)
+                           colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent,
+                           layer=self._more.names[0] if more and self._more.names else None,
+                           more_layers=more)
 
     def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any], cards: List[str],
                       evr_sum: np.ndarray, count: int, rows: List[dict],
-                      streamed: bool = False) -> None:
+                      streamed: bool = False, more_metrics: Sequence[List[Any]] = ()) -> None:
         """Submit one bundle per (mode, ds_id, epoch): one upload, one metrics call, tags
         once per run. ``cards``: artifact paths (in ``files``) of the grid's cards, drawn
         into the grid by the sender."""
@@ -629,6 +696,7 @@ class EigenCAMLogger:
                             (_layout.SIGNAL_FIXATION, self._fixation.summary(key))):
             if value is not None:  # only the signals some sample had
                 metrics.append([_layout.signal_key(mode, ds_id, name), value, epoch, now])
+        metrics += [[name, value, epoch, now] for name, value in more_metrics]
         once = [metrics[0][0], epoch] if metrics else None
         self._submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
                           tables=tables, tags={_layout.MLFLOW_LOGGED_IMAGES: "True"},
@@ -745,6 +813,8 @@ class EigenCAMLogger:
         }
         if self._target_layer is not None:
             tags[_layout.TAG_TARGET_LAYER] = str(self._target_layer)
+        elif self._more.names is not None:  # layers given as {layer: activations}
+            tags[_layout.TAG_TARGET_LAYER] = ", ".join(self._more.names)
         tags.update({str(k): str(v) for k, v in self._extra_tags.items()})
         return tags
 

@@ -271,6 +271,10 @@ class EigenCAMCallback(keras.callbacks.Callback):
             the map's top kept / dropped; True (fractions ``metrics.DEFAULT_FRACTIONS``), a
             sequence of fractions in (0, 1), or False. Only for one output of class scores
             ``(B, K)``.
+        layers: Several layers side by side instead of one ``layer`` (not both), each in a
+            form ``layer=`` takes (``["conv1", "conv2"]``): one card row, table columns
+            (``conv2/evr_1``) and signals per layer (docs/layers.md); one more forward of
+            the samples per further layer.
         **logger_kwargs: Passed to :class:`~mlflow_eigencam.logger.EigenCAMLogger`
             (``run_id``, ``colormap``, ``alpha``, ``log_every_n_epochs``, ``strict``, ...).
 
@@ -297,9 +301,18 @@ class EigenCAMCallback(keras.callbacks.Callback):
         ds_id: FilterSpec = None,
         train_data: Any = None,
         faithfulness: Union[bool, Sequence[float]] = True,
+        layers: Optional[Sequence[Any]] = None,
         **logger_kwargs: Any,
     ) -> None:
         super().__init__()
+        if layers is not None:
+            if layer is not None:
+                raise ValueError(f"give layer= (one layer) or layers= (several), not both: got "
+                                 f"layer={layer!r} and layers={layers!r}")
+            if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
+                raise TypeError(f"layers must be a non-empty list of layers, got {layers!r}")
+            layer = layers[0]
+        self._more_specs = list(layers[1:]) if layers is not None else []
         self._fractions: Optional[Tuple[float, ...]] = (
             DEFAULT_FRACTIONS if faithfulness is True else None if faithfulness is False
             else check_fractions(faithfulness))
@@ -308,7 +321,8 @@ class EigenCAMCallback(keras.callbacks.Callback):
                 raise TypeError(
                     f"EigenCAMCallback sets {name} itself (it hands NHWC arrays to the logger); "
                     f"got {name}={logger_kwargs[name]!r}")
-        if layer is not None and not isinstance(layer, (str, keras.layers.Layer, keras.KerasTensor)):
+        if any(spec is not None and not isinstance(spec, (str, keras.layers.Layer, keras.KerasTensor))
+               for spec in [layer, *self._more_specs]):
             raise TypeError("layer must be a layer name ('name' or 'name:input'), a keras layer, a "
                             f"KerasTensor of the model or None, got {layer!r}")
         self._logger_args: Dict[str, Any] = dict(
@@ -329,6 +343,7 @@ class EigenCAMCallback(keras.callbacks.Callback):
         self._target: Optional[_Target] = None
         self._target_path: Optional[str] = None
         self._forward: Optional[Callable[[np.ndarray], Tuple[np.ndarray, Any]]] = None
+        self._more: List[Tuple[_Target, Callable[[np.ndarray], Tuple[Any, Any]]]] = []  # layers[1:]
         self._broken = False
         self._logger_closed = False
         if self._logger is not None:
@@ -499,10 +514,11 @@ class EigenCAMCallback(keras.callbacks.Callback):
                                data_format=fmt)
         return None
 
-    def _resolve_layer(self, sample: Optional[np.ndarray]) -> _Target:
-        """What to explain: the ``layer`` argument resolved, or the default (see the class)."""
+    def _resolve_layer(self, sample: Optional[np.ndarray], spec: Any = None) -> _Target:
+        """What to explain: ``spec`` (default: the ``layer`` argument) resolved, or the
+        default (see the class)."""
         model = self.model
-        spec = self.layer
+        spec = self.layer if spec is None else spec
         walked = list(_walk(model))
         if _is_keras_tensor(spec):
             target = self._tensor_target(spec)
@@ -605,19 +621,27 @@ class EigenCAMCallback(keras.callbacks.Callback):
         self._target = self._resolve_layer(sample)
         self._target_path = self._target.path
         self._forward = self._build_forward(self._target)
+        more = [self._resolve_layer(sample, spec) for spec in self._more_specs]
+        self._more = [(t, self._build_forward(t)) for t in more]
+        if more:  # the run tag names every layer
+            self._target_path = ", ".join([self._target.path] + [t.path for t in more])
         if self._logger is not None:
             self._logger.set_target_layer(self._target_path)
 
-    def _explain_batch(self, x: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """Activations ``(B, h, w, C)`` and predictions ``(B,)`` / ``(B, K)`` (or None) of one batch."""
-        assert self._forward is not None and self._target is not None
-        a, out = self._forward(x)
+    def _explain_batch(self, x: np.ndarray, target: Optional[_Target] = None,
+                       forward: Optional[Callable[[np.ndarray], Tuple[Any, Any]]] = None,
+                       ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """Activations ``(B, h, w, C)`` and predictions ``(B,)`` / ``(B, K)`` (or None) of one
+        batch, of the target layer (or of ``target`` through ``forward``: ``layers[1:]``)."""
+        target, forward = target or self._target, forward or self._forward
+        assert forward is not None and target is not None
+        a, out = forward(x)
         # Backend tensors (TF, torch, JAX) become numpy here, at the boundary.
         acts = np.asarray(keras.ops.convert_to_numpy(a))
         if acts.ndim != 4:
-            raise ValueError(f"layer {self._target_path!r} gives outputs of shape {acts.shape}; "
+            raise ValueError(f"layer {target.path!r} gives outputs of shape {acts.shape}; "
                              "EigenCAM needs a 4-D (batch, height, width, channels) output")
-        if self._target.data_format == "channels_first":
+        if target.data_format == "channels_first":
             acts = np.moveaxis(acts, 1, -1)
         return acts, _single_output(out)
 
@@ -700,8 +724,16 @@ class EigenCAMCallback(keras.callbacks.Callback):
                     if x.ndim == 4 and keras.config.image_data_format() == "channels_first":
                         x = np.moveaxis(x, 1, -1)
                     labels = None if pinned.y is None else pinned.y[start:stop]
-                    scores = self._faithfulness(pinned.x[start:stop], acts, preds)
-                    logger.on_batch_end(x, acts, labels, preds, mode=mode, ds_id=ds_id,
+                    scores: Any = self._faithfulness(pinned.x[start:stop], acts, preds)
+                    given: Any = acts
+                    if self._more:  # layers=[...]: {layer: activations}, {layer: scores}
+                        assert self._target is not None
+                        given = {self._target.path: acts, **{t.path: self._explain_batch(
+                            pinned.x[start:stop], t, f)[0] for t, f in self._more}}
+                        scores = {name: scores if a is acts else
+                                  self._faithfulness(pinned.x[start:stop], a, preds)
+                                  for name, a in given.items()}
+                    logger.on_batch_end(x, given, labels, preds, mode=mode, ds_id=ds_id,
                                         faithfulness=scores)
                 logger.on_epoch_end(epoch, mode=mode, ds_id=ds_id)
             except Exception as exc:

@@ -91,6 +91,10 @@ class EigenCAMCallback(Callback):
         faithfulness: Score each kept sample's map with the model (one extra quiet forward
             per kept batch, see ``EigenCAMMonitor`` and docs/signals.md): True, a sequence
             of fractions in (0, 1), or False.
+        layers: Several layers side by side instead of one ``target_layer`` (not both):
+            submodules or dotted names of the LightningModule (``["model.layer1",
+            "model.layer4"]``), one card row and one set of table columns each (see
+            ``EigenCAMMonitor`` and docs/layers.md).
         **logger_kwargs: Passed to ``EigenCAMLogger`` (``colormap``, ``alpha``,
             ``log_every_n_epochs``, ``run_id``, ``tracking_uri``, ``strict``...).
 
@@ -117,11 +121,16 @@ class EigenCAMCallback(Callback):
         *,
         batch_to_xy: Optional[BatchToXY] = None,
         faithfulness: Union[bool, Sequence[float]] = True,
+        layers: Optional[Sequence[Union[nn.Module, str]]] = None,
         **logger_kwargs: Any,
     ) -> None:
         from mlflow_eigencam.logger import EigenCAMLogger
         from mlflow_eigencam.metrics import check_fractions
 
+        from .torch.monitor import _check_layers
+
+        _check_layers(target_layer, layers)  # both, or a bad list: fail here, naming them
+        self._layers = None if layers is None else list(layers)
         if batch_to_xy is not None and not callable(batch_to_xy):
             raise TypeError(f"batch_to_xy must be callable or None, got {type(batch_to_xy).__name__}")
         if target_layer is not None and not isinstance(target_layer, (str, nn.Module)):
@@ -217,6 +226,7 @@ class EigenCAMCallback(Callback):
             logger=logger,
             preds_from_output=True,
             faithfulness=self._faithfulness,
+            layers=self._layers,
         )
         self._module = pl_module
 

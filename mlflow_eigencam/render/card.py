@@ -5,6 +5,10 @@ with an empty cell), each under its title (``"input"``, ``"PC1 62.3%"``), over a
 caption (``"true: cat   pred: dog   [X]"``, then the sample id in grey). The geometry follows
 from the panel size alone (:func:`card_layout`), so the logger records it with the table
 (:func:`card_geometry`) and readers crop panels from it instead of guessing from pixels.
+
+Several layers (``layers=[...]``): one row per layer, ``1 + k`` columns: the input, then the
+first layer's components (``"layer1 PC1 41.0%"``); each further row an empty cell, then that
+layer's components.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ def render_card(
     sample_id: Optional[str] = None,
     layout: Optional[str] = "HWC",
     map_extent: Optional[tuple[float, float]] = None,
+    layer: Optional[str] = None,
+    more_layers: Sequence[tuple[str, Any, Any]] = (),
 ) -> np.ndarray:
     """One sample as a card of panels: the image, then one overlay per component, with captions.
 
@@ -110,6 +116,10 @@ def render_card(
         layout: Passed to ``to_rgb_uint8``; ``"HWC"`` because buffered samples are HWC
             (a 4x4 RGB image would otherwise be ambiguous).
         map_extent: See ``overlay``.
+        layer: The name of the layer of ``maps``, shown in the titles when ``more_layers``
+            are given.
+        more_layers: Further layers, one card row each: ``(name, (k', h', w') maps, (k',)
+            ratios or None)``.
 
     Returns:
         ``(H', W', 3)`` uint8 RGB.
@@ -136,18 +146,43 @@ def render_card(
     base = _resize_image(rgb, height, width)
     panels = [base] + [overlay(base, maps_arr[i], colormap=cmap, alpha=a, layout="HWC",
                                map_extent=map_extent) for i in range(k)]
-    titles = ["input"]
-    for i in range(k):
-        title = f"PC{i + 1}"
-        if ev is not None:
-            title += f" {ev[i] * 100:.1f}%" if np.isfinite(ev[i]) else " n/a"
-        titles.append(title)
+    titles = ["input"] + _titles(k, ev, layer if more_layers else None)
+    ks = [k]
+    for name, more_maps, more_ev in more_layers:
+        m = np.asarray(more_maps)
+        if m.ndim != 3:
+            raise ValueError(f"maps of layer {name!r} must be (k, h, w), got shape {m.shape}")
+        panels += [overlay(base, m[i], colormap=cmap, alpha=a, layout="HWC",
+                           map_extent=map_extent) for i in range(m.shape[0])]
+        titles += _titles(m.shape[0], None if more_ev is None else
+                          np.asarray(more_ev, dtype=np.float64).reshape(-1), str(name))
+        ks.append(int(m.shape[0]))
 
     has_caption = label is not None or pred is not None or sample_id is not None
     if correct is None and label is not None and pred is not None:
         correct = clean_text(label) == clean_text(pred)
     return _draw_card(panels, titles, height, width, label=label, pred=pred, correct=correct,
-                      sample_id=sample_id, has_caption=has_caption)
+                      sample_id=sample_id, has_caption=has_caption,
+                      cells=_layer_cells(ks) if more_layers else None)
+
+
+def _titles(k: int, ev: Optional[np.ndarray], layer: Optional[str]) -> list:
+    """``["PC1 62.3%", ...]`` (``"layer4 PC1 62.3%"`` with a layer name)."""
+    titles = []
+    for i in range(k):
+        title = f"PC{i + 1}" if layer is None else f"{layer} PC{i + 1}"
+        if ev is not None:
+            title += f" {ev[i] * 100:.1f}%" if np.isfinite(ev[i]) else " n/a"
+        titles.append(title)
+    return titles
+
+
+def _layer_cells(ks: Sequence[int]) -> tuple[list, int]:
+    """``(cells, cols)`` of a card of several layers with ``ks[r]`` components each: the input
+    in cell 0, layer r's components from cell ``r * cols + 1``, ``cols = 1 + max(ks)``."""
+    cols = 1 + max(max(ks), 1)
+    cells = [0] + [r * cols + 1 + i for r, k in enumerate(ks) for i in range(k)]
+    return cells, cols
 
 
 def _font_size(panel_width: int) -> int:
@@ -164,13 +199,16 @@ def _grid_shape(n_panels: int) -> tuple[int, int]:
     return cols, max(1, int(math.ceil(n_panels / cols)))
 
 
-def card_layout(panel_hw: tuple[int, int], n_panels: int, *, caption: bool = True) -> dict:
+def card_layout(panel_hw: tuple[int, int], n_panels: int, *, caption: bool = True,
+                cells: Optional[tuple[list, int]] = None) -> dict:
     """Geometry of a card, from the panel size alone (no font metrics).
 
     Args:
         panel_hw: (height, width) of each panel, after scaling.
         n_panels: 1 + k.
         caption: Whether the card has its caption band (two lines) at the bottom.
+        cells: ``(cell of each panel, columns)`` (several layers, :func:`_layer_cells`);
+            None: panel i in cell i of ``ceil(sqrt(n))`` columns.
 
     Returns:
         ``{"size": (H, W), "boxes": [(x, y, w, h), ...], "font_size": int, "line": int,
@@ -181,11 +219,15 @@ def card_layout(panel_hw: tuple[int, int], n_panels: int, *, caption: bool = Tru
     """
     ph, pw = int(panel_hw[0]), int(panel_hw[1])
     cols, rows = _grid_shape(n_panels)
+    at = list(range(n_panels))
+    if cells is not None:
+        at, cols = list(cells[0]), int(cells[1])
+        rows = max(at) // cols + 1
     size = _font_size(pw)
     line = _line_band(size)
     row_h = line + GAP + ph + GAP
     boxes = [(GAP + (i % cols) * (pw + _COL_GAP), GAP + (i // cols) * row_h + line + GAP,
-              pw, ph) for i in range(n_panels)]
+              pw, ph) for i in at]
     caption_top = GAP + rows * row_h
     height = caption_top + ((_CAPTION_LINES * line + GAP) if caption else 0)
     width = 2 * GAP + cols * pw + (cols - 1) * _COL_GAP
@@ -194,7 +236,8 @@ def card_layout(panel_hw: tuple[int, int], n_panels: int, *, caption: bool = Tru
 
 
 def card_geometry(image_hw: tuple[int, int], n_components: int, *, min_side: int = 128,
-                  max_side: Optional[int] = 512, caption: bool = True) -> dict[str, Any]:
+                  max_side: Optional[int] = 512, caption: bool = True,
+                  layers: Optional[Sequence[tuple[str, int]]] = None) -> dict[str, Any]:
     """Where :func:`render_card` puts the panels of an image of ``image_hw`` with
     ``n_components`` overlays: what the logger records in each table row (``"card"``).
 
@@ -204,6 +247,8 @@ def card_geometry(image_hw: tuple[int, int], n_components: int, *, min_side: int
         min_side: As given to :func:`render_card`.
         max_side: As given to :func:`render_card`.
         caption: Whether the card has a caption (the logger's always has: the sample id).
+        layers: Several layers: ``[(name, k), ...]`` in card order (the first is the layer
+            of ``n_components``, which is then unused); titles ``"layer4 PC1"``.
 
     Returns:
         JSON-able ints and strings: ``{"size": [H, W], "boxes": [[x, y, w, h], ...],
@@ -211,18 +256,23 @@ def card_geometry(image_hw: tuple[int, int], n_components: int, *, min_side: int
         pixels, input first.
     """
     height, width = panel_size(int(image_hw[0]), int(image_hw[1]), min_side, max_side)
-    geo = card_layout((height, width), 1 + int(n_components), caption=caption)
+    titles = ["input"] + [f"PC{i + 1}" for i in range(int(n_components))]
+    cells = None
+    if layers:
+        titles = ["input"] + [t for name, k in layers for t in _titles(int(k), None, str(name))]
+        cells = _layer_cells([int(k) for _, k in layers])
+    geo = card_layout((height, width), len(titles), caption=caption, cells=cells)
     return {"size": [int(v) for v in geo["size"]],
             "boxes": [[int(v) for v in box] for box in geo["boxes"]],
-            "titles": ["input"] + [f"PC{i + 1}" for i in range(int(n_components))]}
+            "titles": titles}
 
 
 def _draw_card(panels: list, titles: list, height: int, width: int, *, label: Optional[str],
                pred: Optional[str], correct: Optional[bool], sample_id: Optional[str],
-               has_caption: bool) -> np.ndarray:
+               has_caption: bool, cells: Optional[tuple[list, int]] = None) -> np.ndarray:
     """A near-square card: panels in ceil(sqrt(n)) columns, each under its title; a two-line
     caption at the bottom (true / pred and the mark, then the sample id in grey)."""
-    geo = card_layout((height, width), len(panels), caption=has_caption)
+    geo = card_layout((height, width), len(panels), caption=has_caption, cells=cells)
     card_h, card_w = geo["size"]
     line = geo["line"]
     font = get_font(geo["font_size"])

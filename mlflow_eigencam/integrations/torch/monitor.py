@@ -119,6 +119,7 @@ class _Capture:
     key: Key
     room: Optional[int]
     act: Optional[torch.Tensor] = None
+    more: Dict[str, torch.Tensor] = field(default_factory=dict)  # further layers' kept rows
     output: Any = None  # a tensor, or numpy detections (list of dicts)
     finder: Optional[LayerFinder] = None
     grid_finder: Optional[LayerFinder] = None  # reads the patch grid for a named token layer
@@ -158,6 +159,12 @@ class EigenCAMMonitor:
         faithfulness: Score each kept sample's map with the model (see the module docstring
             and docs/signals.md): True (fractions ``metrics.DEFAULT_FRACTIONS``), a sequence
             of fractions in (0, 1), or False (no extra forward).
+        layers: Several layers explained side by side instead of one ``target_layer`` (not
+            both): submodules or dotted names, e.g. ``["layer1", "layer4"]``, early first.
+            One card row per layer; the first keeps the one-layer table columns and metrics,
+            each further one gets its own (``layer4/evr_1``, docs/layers.md). Each layer's
+            output is ``(B, C, h, w)`` or square tokens (``reshape_transform`` applies to
+            every layer); the faithfulness pass runs once per layer.
         **logger_kwargs: Passed to ``EigenCAMLogger`` (``run_id``, ``colormap``, ``alpha``,
             ``log_every_n_epochs``, ``strict``, ...). ``strict=True`` also makes a model
             without a usable layer raise ``ValueError`` instead of warning once.
@@ -182,10 +189,12 @@ class EigenCAMMonitor:
         logger: Any = None,
         preds_from_output: bool = False,
         faithfulness: Union[bool, Sequence[float]] = True,
+        layers: Optional[Sequence[Union[nn.Module, str]]] = None,
         **logger_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        target_layer, more_layers = _check_layers(target_layer, layers)
         if reshape_transform is not None and not callable(reshape_transform):
             raise TypeError(
                 f"reshape_transform must be callable or None, got {type(reshape_transform).__name__}"
@@ -211,6 +220,11 @@ class EigenCAMMonitor:
         self._target: Optional[nn.Module] = None
         if target_layer is not None:
             self._target_name, self._target = resolve_target_layer(self._model, target_layer)
+        #: The further layers of ``layers=[...]`` (name, module), after the first.
+        self._more = [resolve_target_layer(self._model, layer) for layer in more_layers]
+        names = [self._target_name] + [name for name, _ in self._more]
+        if len(set(names)) < len(names):
+            raise ValueError(f"layers names a layer twice: {names}")
 
         self._logger_args = dict(
             n_components=n_components,
@@ -249,12 +263,20 @@ class EigenCAMMonitor:
         return self._target_name
 
     @property
+    def layers(self) -> List[str]:
+        """Dotted names of the explained layers: ``layers=[...]``, or the one target layer
+        (empty until auto-detection has run)."""
+        return [] if self._target_name is None else [self._target_name] + [n for n, _ in self._more]
+
+    @property
     def target_layer_tag(self) -> Optional[str]:
         """The run tag's value: the layer name, and for an automatic choice what was chosen
         (``"norm (auto: tokens (B, 197, 384) folded to a 14x14 patch grid ...)"``); the tag
-        can be passed back as ``target_layer=``."""
+        can be passed back as ``target_layer=``. Several layers: ``"layer1, layer4"``."""
         if self._target_name is None:
             return None
+        if self._more:
+            return ", ".join(self.layers)
         return f"{self._target_name} ({self._target_detail})" if self._target_detail else self._target_name
 
     @property
@@ -340,6 +362,9 @@ class EigenCAMMonitor:
         if k <= 0:
             return
         grid = tokens_to_grid(act[:k], self._reshape, self._grid_hw)
+        more = self._more_grids(cap, k)
+        if more is None:
+            return
         inputs = images_t[:k].detach().to("cpu", copy=True)
         labels_k = to_numpy(labels, k)
         # Copies (a CPU tensor's numpy() shares its memory), kept with the pinned samples.
@@ -349,7 +374,7 @@ class EigenCAMMonitor:
         masks_k = None if masks is None else np.array(to_numpy(masks, k), copy=True)[:k]
         canvas, cap.canvas = cap.canvas, None
         self._log_cropped(cap.key, inputs, grid, labels_k, to_numpy(preds, k), canvas,
-                          boxes=boxes_k, masks=masks_k)
+                          boxes=boxes_k, masks=masks_k, more=more)
         if cap.room is not None:
             # The rows the logger kept: none when it could not take the batch (it warned),
             # whose inputs are then never pinned nor re-run every epoch.
@@ -483,7 +508,7 @@ class EigenCAMMonitor:
             kwargs.setdefault("image_layout", "NCHW")
             kwargs.setdefault("channels_last", False)
             if self._target_name is not None:
-                kwargs.setdefault("target_layer", self._target_name)
+                kwargs.setdefault("target_layer", self.target_layer_tag)
             self._logger = EigenCAMLogger(**kwargs)
         elif self._target_name is not None:
             self._logger.set_target_layer(self.target_layer_tag)
@@ -505,6 +530,30 @@ class EigenCAMMonitor:
                 self._read_patch_grid(cap.grid_finder, tensor)
 
         return hook
+
+    def _make_more_hook(self, cap: _Capture, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            tensor = first_tensor(output)
+            if tensor is not None and not self._scoring:
+                cap.more[name] = keep_rows(tensor, cap.room)
+
+        return hook
+
+    def _more_hooks(self, cap: _Capture) -> List[Any]:
+        """Hooks on the further layers of ``layers=[...]`` (none with one layer)."""
+        return [module.register_forward_hook(self._make_more_hook(cap, name))
+                for name, module in self._more]
+
+    def _more_grids(self, cap: _Capture, k: int) -> Optional[Dict[str, torch.Tensor]]:
+        """The further layers' first ``k`` rows as ``(k, C, h, w)``; None (warned once) when
+        one of them had no output in this forward."""
+        more, cap.more = cap.more, {}
+        missing = [name for name, _ in self._more if name not in more]
+        if missing:
+            self._warn.warn("no-more-act", f"layer(s) {missing} produced no output inside "
+                            "capture(); no EigenCAM images of this batch")
+            return None
+        return {name: tokens_to_grid(more[name][:k], self._reshape) for name, _ in self._more}
 
     def _read_layout(self, finder: LayerFinder, tensor: torch.Tensor) -> None:
         """A named 4-D layer, on its first captured forward: channels-last ``(B, h, w, C)``
@@ -564,6 +613,7 @@ class EigenCAMMonitor:
             if self._grid_pending:
                 cap.grid_finder = LayerFinder(self._model, room=1)
             self._handles.append(self._target.register_forward_hook(self._make_hook(cap)))
+            self._handles += self._more_hooks(cap)
         if self._preds_from_output:
             self._handles.append(self._model.register_forward_hook(self._make_output_hook(cap)))
 
@@ -660,7 +710,7 @@ class EigenCAMMonitor:
         images, labels = pin.stacked()
         cap = _Capture(key=key, room=None)
         model = self._model
-        handles = [self._target.register_forward_hook(self._make_hook(cap))]
+        handles = [self._target.register_forward_hook(self._make_hook(cap))] + self._more_hooks(cap)
         transform = transform_of(model)
         if transform is not None:
             handles.append(transform.register_forward_hook(self._make_canvas_hook(cap)))
@@ -683,18 +733,26 @@ class EigenCAMMonitor:
         if cap.act is None:
             return
         grid = tokens_to_grid(cap.act, self._reshape, self._grid_hw)
+        more = self._more_grids(cap, int(grid.shape[0]))
+        if more is None:
+            return
         preds = to_numpy(detections(output) or first_tensor(output), images.shape[0])
         boxes, masks = pin.regions()
         self._log_cropped(key, images, grid, labels, preds, cap.canvas, clean=first_tensor(output),
-                          boxes=boxes, masks=masks)
+                          boxes=boxes, masks=masks, more=more)
 
     def _log_cropped(self, key: Key, images: torch.Tensor, grid: torch.Tensor, labels: Any,
                      preds: Any, canvas: Optional[Canvas], clean: Optional[torch.Tensor] = None,
-                     boxes: Optional[list] = None, masks: Optional[np.ndarray] = None) -> None:
+                     boxes: Optional[list] = None, masks: Optional[np.ndarray] = None,
+                     more: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Hand a batch to the logger, the map cropped to the images' own region of a
         detector's padded canvas (the whole map for other models). ``clean``: the model's
         eval-mode output on ``images`` when known (the pinned pass), so the faithfulness
-        pass does not run them again."""
+        pass does not run them again. ``more``: the further layers' grids (``layers=``):
+        the logger then gets ``{layer: activations}``, and faithfulness per layer."""
+        if more:
+            self._log_layers(key, images, grid, labels, preds, canvas, clean, boxes, masks, more)
+            return
         cropped, extent = crop_to_images(grid, canvas)
         kwargs: Dict[str, Any] = {} if extent is None else {"map_extent": extent}
         if boxes is not None:
@@ -715,6 +773,30 @@ class EigenCAMMonitor:
             **kwargs,
         )
 
+
+    def _log_layers(self, key: Key, images: torch.Tensor, grid: torch.Tensor, labels: Any,
+                    preds: Any, canvas: Optional[Canvas], clean: Optional[torch.Tensor],
+                    boxes: Optional[list], masks: Optional[np.ndarray],
+                    more: Dict[str, torch.Tensor]) -> None:
+        """:meth:`_log_cropped` for several layers: ``{layer: activations}`` (the first layer
+        first) and ``{layer: faithfulness scores}`` (one scoring pass per layer)."""
+        assert self._target_name is not None
+        grids = {self._target_name: grid, **more}
+        kwargs: Dict[str, Any] = {"boxes": boxes, "masks": masks}
+        acts, scores = {}, {}
+        for name, g in grids.items():
+            cropped, extent = crop_to_images(g, canvas)
+            if extent is not None and name == self._target_name:
+                kwargs["map_extent"] = extent
+            if canvas is None:  # a detector's padded batch is not scored
+                score = self._faithfulness(images, cropped, clean)
+                if score is not None:
+                    scores[name] = score
+            acts[name] = cropped.float().cpu().numpy()
+        if scores:
+            kwargs["faithfulness"] = scores
+        self._logger.on_batch_end(self._images_for_logger(images), acts, labels, preds,
+                                  mode=key[0], ds_id=key[1], **kwargs)
 
     def _faithfulness(self, images: torch.Tensor, grid: torch.Tensor,
                       clean: Optional[torch.Tensor] = None) -> Optional[np.ndarray]:
@@ -758,6 +840,24 @@ class EigenCAMMonitor:
             self._warn.warn("faithfulness", f"EigenCAM: the faithfulness pass failed ({exc!r}); "
                             "not scoring faithfulness from now on", stacklevel=4)
             return None
+
+
+def _check_layers(target_layer: Any, layers: Any) -> Tuple[Any, List[Any]]:
+    """``(first layer or None, further layers)`` of ``target_layer=`` / ``layers=``.
+
+    Raises:
+        ValueError: both given, or ``layers`` empty; TypeError: ``layers`` not a sequence.
+    """
+    if layers is None:
+        return target_layer, []
+    if target_layer is not None:
+        raise ValueError(f"give target_layer= (one layer) or layers= (several), not both: got "
+                         f"target_layer={target_layer!r} and layers={layers!r}")
+    if isinstance(layers, (str, nn.Module)) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers must be a list of modules or dotted names, got {layers!r}")
+    if not layers:
+        raise ValueError("layers must name at least one layer, got an empty list")
+    return layers[0], list(layers[1:])
 
 
 def _check_mode(mode: Any) -> None:
