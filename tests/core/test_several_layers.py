@@ -55,8 +55,13 @@ def test_two_layers_share_one_card_and_table_with_their_own_columns_and_metrics(
 
     columns, rows = _rows(client, rid)
     assert columns == ["epoch", "sample_index", "sample_id", "label", "prediction", "correct",
-                       "evr_1", "evr_2", "map_change", "late/evr_1", "late/evr_2",
-                       "late/map_change", "card", "image"]
+                       "evr_1", "evr_2", "map_change", "fixation", "late/evr_1", "late/evr_2",
+                       "late/map_change", "overlay", "card", "image"]
+    # The explorer's overlays get each layer's maps: maps.png (the first), maps-late.png.
+    assert rows[0]["overlay"]["layers"] == {"": [K, 16, 16], "late": [K, 4, 4]}
+    epoch_dir = _layout.epoch_dir("eval", "val", 0)
+    listed = {f.path for f in client.list_artifacts(rid, epoch_dir)}
+    assert {f"{epoch_dir}/maps.png", f"{epoch_dir}/maps-late.png"} <= listed
     assert [(r["epoch"], r["sample_index"]) for r in rows] == [(e, i) for e in (0, 1) for i in range(N)]
     want = {"early": eigencam(early[:N], K), "late": eigencam(late[:N], K)}
     for r in rows:
