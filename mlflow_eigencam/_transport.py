@@ -317,7 +317,7 @@ def _send_bundle(client, item: Item, workdir: Optional[Path]) -> None:
         if staging is not None:
             _spool.remove_staging(staging)
     tags = {k: v for k, v in (item.tags or {}).items()
-            if (item.run_id, k, v) not in _tags_set}
+            if _tags_sent.get((item.run_id, k)) != v}
     new_tables = [p for p in item.tables or [] if (item.run_id, p) not in _registered_tables]
     if new_tables:
         with _run_lock(item):
@@ -336,7 +336,7 @@ def _send_bundle(client, item: Item, workdir: Optional[Path]) -> None:
     _log_batch(client, *_where(item), metrics, tags)
     if item.once is not None:
         _steps_cache.setdefault((*_where(item), item.once[0]), set()).add(int(item.once[1]))
-    _tags_set.update((item.run_id, k, v) for k, v in (item.tags or {}).items())
+    _tags_sent.update(((item.run_id, k), v) for k, v in (item.tags or {}).items())
 
 
 def _ordered(table: dict) -> dict:
@@ -658,9 +658,10 @@ def _move_into(src_dir: Path, dst_dir: str) -> None:
 
 
 # What this process already set, per run: a bundle carries them at every epoch, and each costs
-# a server round trip (a sqlite commit on a local store).
+# a server round trip (a sqlite commit on a local store). A tag is sent again when its value
+# differs from the last one this process sent (stable_epoch may return to an earlier value).
 _registered_tables: set = set()
-_tags_set: set = set()
+_tags_sent: Dict[Tuple[str, str], str] = {}
 
 
 def _log_batch(client, uri: str, run_id: str, metrics: list, tags: Dict[str, str]) -> None:

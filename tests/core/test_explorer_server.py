@@ -135,7 +135,7 @@ def test_signals_are_found_from_the_table_and_the_metric_keys(tracking_uri):
     app = Explorer(tracking_uri)
     status, body = _get(app, "/api/data", f"runs={rid}&mode=eval&ds_id=val")
     run = json.loads(body)["runs"][0]
-    assert run["signals"] == ["map_change", "localization", "pointing_game", "faithfulness"]
+    assert run["signals"] == ["map_change", "localization", "pointing_game", "faithfulness", "fixation"]
     assert run["summary"]["params"] == {"quality": "1.0", "seed": "0"}
     from mlflow_eigencam._reader import Reader
 

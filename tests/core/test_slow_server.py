@@ -40,7 +40,10 @@ def test_a_server_answering_in_2_s_is_slow_not_down_and_gets_every_epoch(mlflow_
     said = [str(w.message) for w in caught if issubclass(w.category, EigenCAMWarning)]
     assert left == 0, (left.message(), said)
     assert not [m for m in said if "cannot reach" in m], said
-    assert "cannot reach MLflow" not in caplog.text
+    # This logger's server only: a sender thread an earlier test left waiting on its own dead
+    # server may log into this test's capture.
+    assert not [r for r in caplog.records if "cannot reach MLflow" in r.getMessage()
+                and proxy.uri.rstrip("/") in r.getMessage()], caplog.text
     assert State.DOWN not in states and State.SLOW in states, states
     assert "answers slowly" in caplog.text
     assert concurrent > 2  # an epoch's files went up together
