@@ -23,8 +23,9 @@ The promise, and how it is kept:
   encodes stop. A slow server (:attr:`State.SLOW`) is latency, not work: up to
   ``IN_FLIGHT`` items are sent at once, each uploading its files on several threads
   (:mod:`._transport`), and the training thread never encodes for it.
-* **A bounded spool.** Past ``COMPACT_BYTES`` while MLflow cannot be reached, the sender
-  rewrites waiting records with their images encoded; ``spool_max_bytes`` caps the rest.
+* **A bounded spool.** Past ``COMPACT_BYTES`` (:mod:`._keeping`) while MLflow cannot be
+  reached, the sender rewrites waiting records with their images encoded;
+  ``spool_max_bytes`` caps the rest.
 
 Items and their records are in :mod:`._records`, the folders and files on disk in
 :mod:`._spool`, what one sink keeps there (write-ahead, cap, compaction, its folder and run
