@@ -23,12 +23,14 @@ The promise, and how it is kept:
   encodes stop. A slow server (:attr:`State.SLOW`) is latency, not work: up to
   ``IN_FLIGHT`` items are sent at once, each uploading its files on several threads
   (:mod:`._transport`), and the training thread never encodes for it.
-* **A bounded spool.** Past ``COMPACT_BYTES`` while MLflow cannot be reached, the sender
-  rewrites waiting records with their images encoded; ``spool_max_bytes`` caps the rest.
+* **A bounded spool.** Past ``COMPACT_BYTES`` (:mod:`._keeping`) while MLflow cannot be
+  reached, the sender rewrites waiting records with their images encoded;
+  ``spool_max_bytes`` caps the rest.
 
 Items and their records are in :mod:`._records`, the folders and files on disk in
-:mod:`._spool`, every MLflow call in :mod:`._transport`; this module decides what to send
-when.
+:mod:`._spool`, what one sink keeps there (write-ahead, cap, compaction, its folder and run
+file, in-memory copies) in :mod:`._keeping`, every MLflow call in :mod:`._transport`; this
+module decides what to send when.
 """
 
 from __future__ import annotations
@@ -36,20 +38,18 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import enum
-import itertools
 import logging
 import os
 import threading
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import _layout, _recovery, _spool, _table, _transport
-from ._records import (RECORD_FORMAT as _RECORD_FORMAT, Encoded, ForeignRecord, Item,
-                       item_from_record, item_to_record)
+from . import _recovery, _spool, _transport
+from ._keeping import Entry, SpoolKeeper
+from ._records import Encoded, ForeignRecord, Item, item_from_record
 from ._spool import SpoolError, default_spool_root
 from ._transport import Failure, SendError
 from .errors import EigenCAMWarning
@@ -60,10 +60,6 @@ _log = logging.getLogger("mlflow_eigencam")
 
 #: Items sent at once (each uploads its files on up to ``_transport.UPLOAD_THREADS``).
 IN_FLIGHT = 3
-
-#: Spool bytes kept as raw pixels (cheap for the training thread to write); beyond them, while
-#: MLflow is unreachable, the sender encodes waiting records in place.
-COMPACT_BYTES = 64 << 20
 
 #: Default cap on a sink's spooled records (see ``MlflowSink(spool_max_bytes=...)``): 1 GiB.
 DEFAULT_SPOOL_MAX_BYTES = 1 << 30
@@ -145,16 +141,6 @@ class Undelivered(int):
         return "mlflow_eigencam: " + "; ".join(parts) + "." + reason
 
 
-@dataclass
-class _Entry:
-    item: Optional[Item]  # None: only on disk (adopted from a dead process, or evicted)
-    path: Optional[Path]  # None: only in memory (the spool could not be written)
-    submitted: float
-    origin: Optional[Path] = None  # the dead logger's folder an adopted record came from
-
-
-
-
 class MlflowSink:
     """Write-ahead spool on disk -> background sender -> MLflow, in submit order.
 
@@ -191,8 +177,6 @@ class MlflowSink:
                              f"got {spool_max_bytes!r}")
         if int(thin_every) < 1:
             raise ValueError(f"thin_every must be >= 1, got {thin_every!r}")
-        self.root = Path(spool_dir) if spool_dir is not None else default_spool_root()
-        self.uid = f"{os.getpid()}x{uuid.uuid4().hex[:10]}"
         self._run_id = run_id
         self._tracking_uri = tracking_uri
         self._create = create_run and run_id is None
@@ -203,26 +187,23 @@ class MlflowSink:
             # created later by the sender or by send-spool in another process.
             self._experiment_id, self._experiment_name = _transport.active_experiment()
         self.owns_run = False
-        self._end_status: Optional[str] = None
         self._run_known = threading.Event()
         if run_id is not None and tracking_uri is not None:
             self._run_known.set()
         self._backoff = backoff
         self.lag_limit = lag_limit
-        self._memory_items = memory_items
-        self.spool_max_bytes = None if spool_max_bytes is None else int(spool_max_bytes)
-        self.thin_every = int(thin_every)
-        #: Bytes of the records this sink holds on disk (written or taken over, not yet sent).
-        self.spool_bytes = 0
-        self._record_bytes: Dict[str, int] = {}
-        #: Bundles spooled without their images at the cap (reported by close()).
-        self.images_not_kept = 0
-        self.folder: Optional[Path] = None
-        self._root_used: Optional[Path] = None
-        self._folder_lock: Optional[_spool.FolderLock] = None
-        self._items: Dict[str, _Entry] = {}
-        self._seq = itertools.count()
         self._lock = threading.RLock()
+        self._pending_warnings: List[str] = []
+        self._warned: set = set()
+        #: The spool-keeping half: folder, records, cap, compaction, in-memory copies. It
+        #: shares this sink's lock, and its entries are this sink's ``_items`` (one dict).
+        self._keeper = SpoolKeeper(
+            Path(spool_dir) if spool_dir is not None else default_spool_root(),
+            f"{os.getpid()}x{uuid.uuid4().hex[:10]}", self._lock, run_info=self._run_info,
+            queue_warning=self._queue_warning, memory_items=memory_items,
+            spool_max_bytes=None if spool_max_bytes is None else int(spool_max_bytes),
+            thin_every=int(thin_every))
+        self._items = self._keeper.items
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -230,21 +211,10 @@ class MlflowSink:
         self._closed = False
         self._thread: Optional[threading.Thread] = None
         self._pool: Optional[_transport.DaemonPool] = None
-        #: Spool bytes beyond which, while MLflow is unreachable, the sender encodes the
-        #: images of waiting records in place (see :meth:`_compact_one`).
-        self.compact_bytes = COMPACT_BYTES
-        self._compacted: set = set()
         self._adopted = False
-        self._dir_dirty = False
-        #: Records written by the training thread whose data the sender has not fsynced yet.
-        self._unsynced: List[Path] = []
-        self._disk_error: Optional[str] = None
-        self._disk_retry_at = 0.0
         self._state = State.OK
         self._down_since: Optional[float] = None
         self._last_error = ""
-        self._pending_warnings: List[str] = []
-        self._warned: set = set()
         self._early: "collections.deque[Encoded]" = collections.deque()
         self._failures: Dict[str, int] = {}
         self._niced = False
@@ -279,12 +249,18 @@ class MlflowSink:
     @property
     def spool_dir(self) -> Path:
         """This sink's folder once it wrote something, else the root it will use."""
-        if self.folder is not None:
-            return self.folder
-        try:
-            return _spool.own_root(self.root, create=False)
-        except SpoolError:
-            return self.root
+        return self._keeper.spool_dir
+
+    @property
+    def folder(self) -> Optional[Path]:
+        """This sink's spool folder, once it wrote something (None before)."""
+        return self._keeper.folder
+
+    def _run_info(self) -> Dict[str, Any]:
+        """The run the records go to, as the spool's run file records it."""
+        return {"tracking_uri": self._tracking_uri, "run_id": self._run_id,
+                "experiment_id": self._experiment_id, "experiment_name": self._experiment_name,
+                "creates_run": self._create}
 
     # -- caller side (the training thread) -------------------------------------------------
     def submit(self, item: Item) -> None:
@@ -297,15 +273,15 @@ class MlflowSink:
         self._reopen()
         _recovery.track(self)
         self._materialize(item)
-        self._apply_cap(item)
+        self._keeper.apply_cap(item)
         with self._lock:
-            name = f"{time.time_ns():020d}-{self.uid}-{next(self._seq):06d}{_spool.RECORD_SUFFIX}"
+            name = self._keeper.new_name()
             backlog = len(self._items)
         if backlog >= self.lag_limit and self._state is State.OK:
             self._help_encode(item)
-        path = self._write_ahead(name, item)
+        path = self._keeper.write_ahead(name, item)
         with self._lock:
-            self._items[name] = _Entry(item, path, time.monotonic())
+            self._items[name] = Entry(item, path, time.monotonic())
             self._idle.clear()
             self._trim_memory()
         self._ensure_thread()
@@ -361,7 +337,7 @@ class MlflowSink:
         done = self.flush(timeout)
         self._warn_pending(stacklevel=2)
         if end_run and not done and self._create:
-            self._record_end_status("FINISHED")
+            self._keeper.update_run_file(end_status="FINISHED")
         uri, run_id = self._tracking_uri, self._run_id
         if end_run and done and self.owns_run and uri and run_id:
             _transport.bounded(lambda: _transport.end_run(uri, run_id), left_s(10.0))
@@ -370,19 +346,13 @@ class MlflowSink:
         if self._thread is not None:
             self._thread.join(timeout=left_s(5.0))
         stuck = self._thread is not None and self._thread.is_alive()
-        with self._lock:
-            # Items that only lived in memory: one more try at putting them on disk.
-            for name, entry in list(self._items.items()):
-                if entry.path is None and entry.item is not None:
-                    entry.path = self._write_ahead(name, entry.item, warn=False)
-            records = sorted(e.path for e in self._items.values() if e.path is not None)
-            in_memory = sum(1 for e in self._items.values() if e.path is None)
-        self._sync_dir()  # what is left must outlast an OS crash too
+        records, in_memory = self._keeper.leftovers()
+        self._keeper.sync()  # what is left must outlast an OS crash too
         report = Undelivered(records, in_memory, self.folder,
                              self._last_error if (records or in_memory or self.set_aside
                                                   or self.dropped) else "",
                              set_aside=self.set_aside, dropped=self.dropped,
-                             images_not_kept=self.images_not_kept)
+                             images_not_kept=self._keeper.images_not_kept)
         self._closed = True
         _recovery.untrack(self)
         if report:
@@ -393,13 +363,7 @@ class MlflowSink:
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
-            if self.folder is not None and not records:
-                _spool.remove_folder_if_done(self.folder)
-            if self._folder_lock is not None:
-                self._folder_lock.release()
-                self._folder_lock = None
-            if self.folder is not None and not os.path.isdir(self.folder):
-                self.folder = None
+            self._keeper.release(records_left=bool(records))
         return report
 
     # -- the write-ahead step ----------------------------------------------------------------
@@ -429,148 +393,11 @@ class MlflowSink:
                     except Exception:  # the send reports a bad image
                         pass
 
-    def _apply_cap(self, item: Item) -> None:
-        """The spool cap (``spool_max_bytes``), on a bundle about to be spooled: one warning
-        at 80 %; at the cap its images (cards, image-series files, grid) are kept only when
-        its epoch is a multiple of ``thin_every``, at twice the cap never. Its table rows
-        (``image`` then ``""``), metrics and tags are always kept. Never silent: a warning
-        at the cap, and every bundle spooled without its images is counted for close()."""
-        cap = self.spool_max_bytes
-        if cap is None or item.kind != "bundle" or not item.files:
-            return
-        used, where = self.spool_bytes, self.folder or self.spool_dir
-        if used >= 0.8 * cap:
-            self._queue_warning("spool-80", (
-                f"mlflow_eigencam: the spool {where} holds {used / 1e6:.0f} MB that MLflow has "
-                f"not confirmed, {100 * used / cap:.0f} % of spool_max_bytes={cap}; at the cap "
-                f"an epoch keeps its images only when it is a multiple of {self.thin_every} "
-                f"(table rows and metrics always), at twice the cap none"))
-        epoch = int(item.once[1]) if item.once is not None else None
-        if used < cap or (used < 2 * cap and epoch is not None and epoch % self.thin_every == 0):
-            return
-        files: Dict[str, Any] = {}
-        for path, payload in item.files.items():
-            name = path.rsplit("/", 1)[-1]
-            if path.endswith((".png", ".webp")):
-                continue
-            if isinstance(payload, bytes) and (path in (item.tables or [])
-                                               or _layout.TABLE_PART_RE.match(name)):
-                payload = _table.without_images(payload)
-            files[path] = payload
-        item.files, item.grids = files, None
-        self.images_not_kept += 1
-        msg = (f"mlflow_eigencam: the spool {where} is at spool_max_bytes={cap} "
-               f"({used / 1e6:.0f} MB) while MLflow has not confirmed its items; epochs are "
-               f"now spooled without their images except every {self.thin_every}th (their "
-               f"table rows and metrics are kept); close() counts the epochs without images")
-        self._queue_warning("spool-cap", msg)
-        if "logged-spool-cap" not in self._warned:
-            self._warned.add("logged-spool-cap")
-            _log.warning(msg)
-
-    def _count_record(self, name: str, path: Path) -> None:
-        """Add a record's size to :attr:`spool_bytes` (under ``self._lock``)."""
-        try:
-            size = path.stat().st_size
-        except OSError:
-            return
-        self.spool_bytes += size - self._record_bytes.get(name, 0)
-        self._record_bytes[name] = size
-
-    def _uncount_record(self, name: str) -> None:
-        self.spool_bytes -= self._record_bytes.pop(name, 0)
-
-    def _write_ahead(self, name: str, item: Item, warn: bool = True) -> Optional[Path]:
-        if self._disk_error is not None and time.monotonic() < self._disk_retry_at:
-            return None
-        try:
-            folder = self._ensure_folder()
-            header, blobs = item_to_record(item)
-            # Written and renamed here, fsynced by the sender a moment later: once renamed,
-            # the record survives the death of this process (SIGKILL, OOM kill, a crash), which
-            # is the promise; the fsync only guards against an OS crash or power loss, and it
-            # was half of the training thread's cost (about 3.5 of 7 ms per epoch).
-            path = _spool.write_record(folder, name, header, blobs, fsync=False)
-        except (OSError, SpoolError) as exc:
-            self._disk_failed(exc, warn)
-            return None
-        with self._lock:
-            self._unsynced.append(path)
-            self._count_record(name, path)
-        self._dir_dirty = True
-        if self._disk_error is not None:
-            _log.warning("mlflow_eigencam: the spool %s can be written again", self.folder)
-            self._disk_error = None
-        return path
-
-    def _disk_failed(self, exc: BaseException, warn: bool) -> None:
-        code = getattr(exc, "errno", None)
-        import errno as _errno
-
-        name = _errno.errorcode.get(code, str(code)) if code is not None else type(exc).__name__
-        where = self.folder or self.root
-        self._disk_error = f"{name}: {getattr(exc, 'strerror', None) or exc}"
-        self._disk_retry_at = time.monotonic() + 30.0
-        msg = (f"mlflow_eigencam: cannot write the spool in {where} ({self._disk_error}); "
-               f"EigenCAM items are sent to MLflow from memory, so what is not sent yet is "
-               f"lost if this process dies. Free space or pass a writable spool_dir.")
-        _log.warning(msg)
-        if warn:
-            self._queue_warning("disk", msg)
-
-    def _ensure_folder(self) -> Path:
-        with self._lock:
-            if self.folder is None or not os.path.isdir(self.folder):
-                root = _spool.own_root(self.root, create=True)
-                folder = _spool.new_folder(root, self._run_id, self.uid)
-                lock = _spool.FolderLock(folder)
-                lock.acquire()
-                self._folder_lock = lock
-                self.folder, self._root_used = folder, root
-                self._write_run_file()
-            return self.folder
-
-    def _write_run_file(self) -> None:
-        if self.folder is None:
-            return
-        _spool.write_json(self.folder, _spool.RUN_FILE, {
-            "format": _RECORD_FORMAT, "tracking_uri": self._tracking_uri,
-            "run_id": self._run_id, "experiment_id": self._experiment_id,
-            "experiment_name": self._experiment_name,
-            "creates_run": self._create, "end_status": self._end_status, "pid": os.getpid(),
-            "created": time.time()})
-
-    def _record_end_status(self, status: str) -> None:
-        """Items are left in a run this sink creates: say how the run should end once
-        ``send-spool`` (:mod:`._recovery`) delivered them."""
-        with self._lock:
-            if self.folder is None:
-                return
-            try:
-                self._end_status = status
-                self._write_run_file()
-            except OSError as exc:
-                _log.warning("mlflow_eigencam: cannot update %s: %s", self.folder, exc)
-
     def _trim_memory(self) -> None:
-        """Keep nothing in memory that is on disk beyond what the sender is about to send:
-        while MLflow is unreachable no copy of an item that is a record (re-read when
-        sent), else the oldest ``lag_limit`` (their early-encoded images are used). Items
-        only in memory beyond ``memory_items`` are dropped, counted and reported."""
+        """While MLflow is unreachable no copy of an item that is a record (re-read when
+        sent), else the oldest ``lag_limit`` (see :meth:`.SpoolKeeper.trim_memory`)."""
         with self._lock:
-            keep = self.lag_limit if self._state is State.OK else 0
-            on_disk = [e for _, e in sorted(self._items.items())
-                       if e.item is not None and e.path is not None]
-            for entry in on_disk[keep:]:
-                entry.item = None
-            only_here = [n for n, e in sorted(self._items.items())
-                         if e.item is not None and e.path is None]
-            for n in only_here[:max(0, len(only_here) - self._memory_items)]:
-                del self._items[n]
-                self.dropped += 1
-                self._queue_warning("dropped", (
-                    f"mlflow_eigencam: the spool cannot be written and more than "
-                    f"{self._memory_items} items wait for MLflow; the oldest are dropped"))
+            self.dropped += self._keeper.trim_memory(self.lag_limit if self._state is State.OK else 0)
 
     def _queue_warning(self, kind: str, msg: str) -> None:
         if kind not in self._warned:
@@ -609,7 +436,7 @@ class MlflowSink:
         while True:
             cpu = time.thread_time()
             try:
-                self._sync_dir()
+                self._keeper.sync()
                 self._encode_early()
                 status = self._drain()
             except Exception as exc:  # a bug here must not kill the sender silently
@@ -622,7 +449,7 @@ class MlflowSink:
             if status is Drain.BACKOFF:
                 until = time.monotonic() + delay
                 while (not self._stop and not self._wake.is_set()
-                       and time.monotonic() < until and self._compact_one()):
+                       and time.monotonic() < until and self._keeper.compact_one()):
                     pass  # the wait is spent encoding what waits on disk
                 self._wake.wait(timeout=max(0.0, until - time.monotonic()))
                 delay = min(delay * 2, self._backoff[1])
@@ -633,15 +460,6 @@ class MlflowSink:
                         self._idle.set()
                 self._wake.wait(timeout=1.0)
             self._wake.clear()
-
-    def _sync_dir(self) -> None:
-        with self._lock:
-            unsynced, self._unsynced = self._unsynced, []
-        for path in unsynced:  # the data first, then the folder that names them
-            _spool.fsync_file(path)
-        if self._dir_dirty and self.folder is not None:
-            self._dir_dirty = False
-            _spool.fsync_dir(self.folder)  # the renames of the records just written
 
     def _encode_early(self) -> None:
         while self._early and not self._stop:
@@ -666,12 +484,7 @@ class MlflowSink:
             self._run_id = _transport.create_run(self._tracking_uri, self._experiment_id,
                                                  self._experiment_name)
             self.owns_run = True
-        with self._lock:
-            if self.folder is not None:
-                try:
-                    self._write_run_file()
-                except OSError as exc:
-                    _log.warning("mlflow_eigencam: cannot update %s: %s", self.folder, exc)
+        self._keeper.update_run_file()
         self._run_known.set()
 
     def _drain(self) -> Drain:
@@ -690,7 +503,7 @@ class MlflowSink:
         if not self._adopted:
             self._adopted = True
             try:
-                self._adopt()
+                self._keeper.adopt(self._run_id, self._tracking_uri)
             except Exception as exc:  # leftovers are a bonus; never stop on them
                 _log.warning("mlflow_eigencam: could not take over leftover spools: %s", exc)
         with self._lock:
@@ -698,7 +511,7 @@ class MlflowSink:
         # Up to IN_FLIGHT items are sent at once (the next epoch's files upload while the
         # last one's metrics go out: a slow server is latency, not work); their results are
         # taken in submit order, and a record is deleted only once its item was confirmed.
-        flight: "collections.deque[Tuple[str, _Entry, Item, concurrent.futures.Future]]" = \
+        flight: "collections.deque[Tuple[str, Entry, Item, concurrent.futures.Future]]" = \
             collections.deque()
         status, i = Drain.DONE, 0
         while True:
@@ -745,7 +558,7 @@ class MlflowSink:
                 if status is Drain.DONE:
                     status = Drain.BACKOFF
 
-    def _load(self, name: str, entry: _Entry) -> Optional[Item]:
+    def _load(self, name: str, entry: Entry) -> Optional[Item]:
         """The entry's item (its copy, else read back from its record), or None when it is
         set aside (unreadable, refused, another run's)."""
         try:
@@ -777,7 +590,7 @@ class MlflowSink:
         """One item to MLflow (on a thread of :meth:`_executor`)."""
         cpu = time.thread_time()
         try:
-            _transport.send_item(item, workdir=self.folder if self._disk_error is None else None)
+            _transport.send_item(item, workdir=self.folder if self._keeper.disk_error is None else None)
         finally:
             with self._lock:
                 self.worker_cpu_s += time.thread_time() - cpu
@@ -786,15 +599,10 @@ class MlflowSink:
         self._failures[name] = self._failures.get(name, 0) + 1
         return self._failures[name]
 
-    def _delivered(self, name: str, entry: _Entry) -> None:
+    def _delivered(self, name: str, entry: Entry) -> None:
         """MLflow confirmed the item: delete its record, note the state of the server."""
         entry.item = None
-        with self._lock:
-            self._items.pop(name, None)
-            self._uncount_record(name)
-            if entry.path is not None:
-                _spool._unlink_quiet(entry.path)
-                self._dir_dirty = True
+        self._keeper.delete(name, entry)
         self.sent += 1
         self.delivered.append((entry.submitted, time.monotonic()))
         uri = self._tracking_uri or ""
@@ -814,48 +622,10 @@ class MlflowSink:
                          _transport.UPLOAD_THREADS)
         self._state = state
 
-    def _compact_one(self) -> bool:
-        """While MLflow cannot take them and the spool holds over :attr:`compact_bytes`:
-        rewrite one record that holds raw pixels with its images encoded (PNG / WebP),
-        under the same name (temporary name, fsync, rename: a crash leaves the old record or
-        the new one). Measured at 5 samples of 224x224: 2.9 -> 0.9 MB per epoch for smooth
-        images, 4.9 -> 3.1 MB for noise; 0.04-0.6 s of encoding, paid here and not on the
-        training thread. Returns whether a record was rewritten."""
-        if self.spool_bytes <= self.compact_bytes:
-            return False
-        with self._lock:
-            todo = [(n, e.path) for n, e in sorted(self._items.items())
-                    if e.path is not None and n not in self._compacted]
-        for name, path in todo:
-            self._compacted.add(name)
-            try:
-                item = item_from_record(path)
-                raw = [v for v in (item.files or {}).values()
-                       if isinstance(v, Encoded) and not v.ready]
-                if not raw:
-                    continue
-                for payload in raw:
-                    payload.data()
-                header, blobs = item_to_record(item)
-                del item, raw
-                with self._lock:
-                    if name not in self._items:
-                        return True
-                    _spool.write_record(path.parent, path.name, header, blobs, fsync=True)
-                    self._count_record(name, path)
-                    self._dir_dirty = True
-            except (OSError, SpoolError, ValueError, TypeError) as exc:  # its send reports it
-                _log.debug("mlflow_eigencam: not compacted %s: %s", path, exc)
-                continue
-            return True
-        return False
-
-    def _give_up(self, name: str, entry: _Entry, reason: str, refused: bool = False) -> None:
+    def _give_up(self, name: str, entry: Entry, reason: str, refused: bool = False) -> None:
         """MLflow refused an item for good, or the record is not one the logger would write
         (``refused``): keep its record in ``failed/`` of our folder, count it, say so."""
-        with self._lock:
-            self._items.pop(name, None)
-            self._uncount_record(name)
+        self._keeper.forget(name)
         where = "it is dropped (it was only in memory)"
         if entry.path is not None and self.folder is not None:
             try:
@@ -876,15 +646,10 @@ class MlflowSink:
         _log.warning(msg)
         self._queue_warning("refused-record" if refused else "rejected", msg)
 
-    def _drop_repeat(self, name: str, entry: _Entry, reason: str) -> None:
+    def _drop_repeat(self, name: str, entry: Entry, reason: str) -> None:
         """The run already has this epoch: drop the item, so the first logged epoch stands
         (one metric point, one image and one table row per step; see :mod:`._table`)."""
-        with self._lock:
-            self._items.pop(name, None)
-            self._uncount_record(name)
-            if entry.path is not None:
-                _spool._unlink_quiet(entry.path)
-                self._dir_dirty = True
+        self._keeper.delete(name, entry)
         entry.item = None
         self.repeats += 1
         msg = (f"mlflow_eigencam: {reason}; this repeat of it was not logged (the first "
@@ -896,8 +661,8 @@ class MlflowSink:
     def _mark_down(self, exc: SendError) -> None:
         self._last_error = str(exc)[:300]
         where = str(self.folder or self.spool_dir)
-        if self._disk_error is not None:
-            where = f"memory (the spool in {where} cannot be written: {self._disk_error})"
+        if self._keeper.disk_error is not None:
+            where = f"memory (the spool in {where} cannot be written: {self._keeper.disk_error})"
         if self._state in (State.OK, State.SLOW):
             self._down_since = time.monotonic()
         if exc.kind is Failure.REFUSED:
@@ -918,54 +683,6 @@ class MlflowSink:
             self._warned.add(f"logged-{self._state.value}")
             _log.warning(msg)
         self._trim_memory()  # not sending now: what is on disk is re-read when sent
-
-    def _adopt(self) -> None:
-        """Take over the records that dead loggers left for this run (same run, same URI)."""
-        if self._run_id is None:
-            return
-        try:
-            root = _spool.own_root(self.root, create=False)
-        except SpoolError:
-            return
-        if not _spool.is_marked(root):
-            return
-        for other in _spool.child_folders(root):
-            if other == self.folder:
-                continue
-            try:
-                info = _spool.read_json(other / _spool.RUN_FILE)
-            except SpoolError as exc:  # a FIFO, a symlink, garbage: never waited on
-                _log.warning("mlflow_eigencam: skipped spool folder %s: %s", other, exc)
-                continue
-            except (OSError, ValueError):
-                continue
-            if info.get("run_id") != self._run_id or info.get("tracking_uri") not in (
-                    None, self._tracking_uri):
-                continue
-            lock = _spool.FolderLock(other)
-            try:
-                if not lock.acquire():
-                    continue  # a live logger's folder
-            except (OSError, SpoolError) as exc:
-                _log.warning("mlflow_eigencam: skipped spool folder %s: %s", other, exc)
-                continue
-            try:
-                records = _spool.record_paths(other)
-                if records:
-                    mine = self._ensure_folder()
-                for rec in records:
-                    target = mine / rec.name
-                    os.rename(rec, target)
-                    with self._lock:
-                        self._items[rec.name] = _Entry(None, target, time.monotonic(), other)
-                        self._count_record(rec.name, target)
-                if records:
-                    _log.warning("mlflow_eigencam: sending %d item(s) a previous process left "
-                                 "in %s", len(records), other)
-                    self._dir_dirty = True
-                _spool.remove_folder_if_done(other)
-            finally:
-                lock.release()
 
 
 def _lower_thread_priority() -> None:

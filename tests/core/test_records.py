@@ -197,9 +197,9 @@ def test_a_planted_record_taken_over_by_a_live_logger_is_refused_and_reported(tr
     rid = run.info.run_id
     dead = EigenCAMLogger(n_samples=2, run_id=rid, tracking_uri=tracking_uri)
     dead._resolve_run(first_use=True)
-    folder = dead._sink._ensure_folder()
+    folder = dead._sink._keeper.ensure_folder()
     _write_planted(folder, rid)
-    dead._sink._folder_lock.release()  # as if its process had died
+    dead._sink._keeper.folder_lock.release()  # as if its process had died
     logger = EigenCAMLogger(n_samples=2, run_id=rid, tracking_uri=tracking_uri)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -130,9 +130,9 @@ def test_past_compact_bytes_the_sender_encodes_waiting_records_and_send_spool_se
         _epoch(logger, 1)
         sink = logger._sink
         raw = {p.name: p.stat().st_size for p in sink.folder.glob("*.rec")}
-        sink.compact_bytes = 0
+        sink._keeper.compact_bytes = 0
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(sink._compacted) < len(raw):
+        while time.monotonic() < deadline and len(sink._keeper.compacted) < len(raw):
             time.sleep(0.2)
         left = logger.close()
     sizes = {p.name: p.stat().st_size for p in left.records}
