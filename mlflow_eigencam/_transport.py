@@ -661,7 +661,7 @@ def _move_into(src_dir: Path, dst_dir: str) -> None:
 # a server round trip (a sqlite commit on a local store). A tag is sent again when its value
 # differs from the last one this process sent (stable_epoch may return to an earlier value).
 _registered_tables: set = set()
-_tags_sent: Dict[Tuple[str, str], str] = {}
+_tags_sent: Dict[Tuple[Optional[str], str], str] = {}
 
 
 def _log_batch(client, uri: str, run_id: str, metrics: list, tags: Dict[str, str]) -> None:
