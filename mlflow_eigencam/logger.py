@@ -698,14 +698,12 @@ class EigenCAMLogger:
                 metrics.append([_layout.signal_key(mode, ds_id, name), value, epoch, now])
         metrics += [[name, value, epoch, now] for name, value in more_metrics]
         once = [metrics[0][0], epoch] if metrics else None
+        # stable_epoch and alarm tags ride with the bundle when they changed (the sender sends
+        # a tag again whenever its value differs from the last one it sent).
+        tags = {_layout.MLFLOW_LOGGED_IMAGES: "True"}
+        tags.update(self._watch.epoch(epoch, key, rows, change, share, self._fixation.summary(key)))
         self._submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
-                          tables=tables, tags={_layout.MLFLOW_LOGGED_IMAGES: "True"},
-                          grids=grids, once=once))
-        # stable_epoch and alarm tags, when they changed: their own item, since a bundle's
-        # tags are sent once per value (stable_epoch may return to an earlier one).
-        watched = self._watch.epoch(epoch, key, rows, change, share, self._fixation.summary(key))
-        if watched:
-            self._submit(Item("tags", self._run_id, self._uri(), tags=watched))
+                          tables=tables, tags=tags, grids=grids, once=once))
 
     # -- streaming (n_samples=None) ------------------------------------------------------
     def _stream_batch(self, mode, ds_id, images, activations, labels, preds, kwargs,
