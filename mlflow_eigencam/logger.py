@@ -25,23 +25,21 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Uni
 
 import numpy as np
 
-from . import _layout, _table
-from ._layers import FurtherLayers, LayerResult
+from . import _epoch, _layout, _table
+from ._epoch import Key
+from ._layers import FurtherLayers
 from ._records import Encoded, Item
 from ._spool import default_spool_root
 from ._streaming import StreamEpoch, quantize_maps
 from .eigencam import _check_n_components, _lapack_threads, eigencam
 from .errors import EigenCAMWarning, WarnOnce
 from .filters import ds_id_filter, mode_filter
-from .metrics import Fixation, Localization, MapChange, SampleMean, Watch, true_region, upsample
-from .render import (PNGBand, card_geometry, render_card, render_detection_card,
-                     render_segmentation_card, resolve_colormap)
-from .samples import Sample, SampleBuffer
+from .render import PNGBand, card_geometry, resolve_colormap
+from .samples import SampleBuffer
 from .sink import DEFAULT_SPOOL_MAX_BYTES, MlflowSink, Undelivered
 
 _log = logging.getLogger("mlflow_eigencam")
 
-Key = Tuple[str, Optional[str]]
 _LAYOUTS = ("NCHW", "NHWC")
 _PER_IMAGE_LAYOUT = {"NCHW": "CHW", "NHWC": "HWC"}
 
@@ -169,16 +167,9 @@ class EigenCAMLogger:
         # Capped mode: sample ids whose raw input (the explorer's overlays) was handed to the
         # sink, per (mode, ds_id): each is logged once per run.
         self._overlay_inputs: Dict[Key, Set[str]] = {}
-        # Explanation drift per (mode, ds_id) (keeps the previous logged epoch's PC1 maps).
-        self._map_change = MapChange()
-        # Per-sample signals (docs/signals.md), and what batches brought for them: per key,
-        # sample index -> (true boxes, true mask, faithfulness score).
-        self._localization: Localization = Localization()
-        self._faithfulness: SampleMean = SampleMean()
-        # Label-free fixation, the run's stable epoch and the alarms raised (docs/signals.md).
-        self._fixation = Fixation()
-        self._watch = Watch()
-        self._extras: Dict[Key, Dict[int, _Extra]] = {}
+        # Explanation drift and the per-sample signals per key (docs/signals.md), what
+        # batches brought for them, the run's stable epoch and the alarms raised.
+        self._signals = _epoch.Signals()
         # Several layers (activations given as {layer: array}): the ones after the first.
         self._more = FurtherLayers()
         # Steps logged per (mode, ds_id) by this logger, and what a new fit adds to epochs.
@@ -313,7 +304,7 @@ class EigenCAMLogger:
                 self._resolve_run(first_use=True)
                 activations, faithfulness, more = self._more.split(
                     activations, faithfulness, self.n_samples is not None)
-                extras = _batch_extras(boxes, masks, faithfulness, np.shape(images)[0])
+                extras = _epoch.batch_extras(boxes, masks, faithfulness, np.shape(images)[0])
                 self._batch(images, activations, labels, preds, mode, ds_id, map_extent, extras,
                             more)
             except Exception as exc:
@@ -335,15 +326,13 @@ class EigenCAMLogger:
             added = self._buffer.add(mode, ds_id, images, activations, labels, preds, **kwargs,
                                      map_extent=map_extent)
             try:
-                converted = [_extra(extras[row], row, s.image.shape[:2])
+                converted = [_epoch.extra(extras[row], row, s.image.shape[:2])
                              for row, s in enumerate(added)] if extras else []
             except Exception:
                 self._buffer.retract(mode, ds_id, added)  # a batch is kept whole or not at all
                 raise
             if converted:  # the kept samples are the batch's first rows
-                kept = self._extras.setdefault((mode, ds_id), {})
-                for s, extra in zip(added, converted):
-                    kept[s.index] = extra
+                self._signals.keep((mode, ds_id), added, converted)
             if more and added:
                 self._more.keep((mode, ds_id), [s.index for s in added], more)
 
@@ -508,10 +497,8 @@ class EigenCAMLogger:
         self._buffer.take(*key)
         self._more.discard(key)
         for layer_key in self._more.keys(key):
-            self._map_change.reset(layer_key, logged=False)
-            self._reset_signals(layer_key, logged=False)
-        self._map_change.reset(key, logged=False)
-        self._reset_signals(key, logged=False)
+            self._signals.reset(layer_key, logged=False)
+        self._signals.reset(key, logged=False)
         stream = self._streams.pop(key, None)
         if stream is not None:
             shutil.rmtree(stream.folder, ignore_errors=True)
@@ -522,7 +509,7 @@ class EigenCAMLogger:
             self._log_stream(epoch, key, self._streams.pop(key))
             return
         samples = self._buffer.take(mode, ds_id)
-        extras = self._extras.pop(key, {})
+        extras = self._signals.extras.pop(key, {})
         if not samples:
             return
         with _lapack_threads(0):  # one BLAS thread for the call, see eigencam._lapack_threads
@@ -549,111 +536,46 @@ class EigenCAMLogger:
                 new.add(s.sample_id)
                 files[_layout.input_path(mode, ds_id, s.sample_id)] = Encoded(s.image)
             evr = result.explained_variance_ratio[i]
-            band = PNGBand(self._card(s, result.maps[i], evr, [
-                (n, r.maps[i], r.explained_variance_ratio[i]) for n, r, _ in layers]))
+            band = PNGBand(_epoch.card(s, result.maps[i], evr, [
+                (n, r.maps[i], r.explained_variance_ratio[i]) for n, r, _ in layers],
+                colormap=self.colormap, alpha=self.alpha,
+                layer=self._more.names[0] if self._more.names else None))
             # Encoded on the worker, which starts while the next strip is rendered; the one
             # PNG backs the series point and the card, and the sender draws the grid from it.
             png, webp = Encoded([band]), Encoded(band.pixels, "webp-preview")
             self._sink.encode_soon(png, webp)
-            path = _sample_files(files, mode, ds_id, epoch, s.index, now, png, webp)
+            path = _epoch.sample_files(files, mode, ds_id, epoch, s.index, now, png, webp)
             cards.append(path)
             pc1 = result.maps[i, 0] if result.maps.shape[1] else None
-            change = self._map_change.update(key, s.sample_id, pc1)
-            signals = self._signals(key, s, pc1, extras.get(s.index))
+            change = self._signals.map_change.update(key, s.sample_id, pc1)
+            signals = self._signals.sample(key, s, pc1, extras.get(s.index))
             overlay = _table.overlay_cell(i, q.shape[1:], s.map_extent, s.pred_boxes,
                                           s.label_boxes)
             overlay["layers"].update({name: [int(v) for v in m.shape[1:]] for name, m in further.items()})
             rows.append(_table.row(epoch, s, evr, path, change,
-                                   self._geometry(s, len(evr), layers), signals, overlay))
+                                   _epoch.geometry(s, len(evr), layers, self._more.names), signals,
+                                   overlay))
             for name, r, scores in layers:  # a further layer's columns, its own signals
                 pc1 = r.maps[i, 0] if r.maps.shape[1] else None
                 extra = extras.get(s.index, (None, None, None))
                 lkey = (mode, ds_id, name)
                 rows[-1].update(_table.layer_columns(
                     name, r.explained_variance_ratio[i],
-                    self._map_change.update(lkey, s.sample_id, pc1),
-                    self._signals(lkey, s, pc1, (extra[0], extra[1], scores[i]))))
+                    self._signals.map_change.update(lkey, s.sample_id, pc1),
+                    self._signals.sample(lkey, s, pc1, (extra[0], extra[1], scores[i]))))
         more_metrics = [[_layout.layer_metric_key(mode, ds_id, name, f"evr_{c + 1}"), float(v)]
                         for name, r, _ in layers
                         for c, v in enumerate(r.explained_variance_ratio.mean(axis=0))]
         for lkey in self._more.keys(key):
             more_metrics += [[_layout.layer_metric_key(mode, ds_id, lkey[2], n), v]
-                             for n, v in self._signal_summaries(lkey)]
+                             for n, v in self._signals.summaries(lkey)]
         self._finish_epoch(epoch, key, files, cards[: self.grid_max_rows],
                            result.explained_variance_ratio.sum(axis=0), len(samples), rows,
                            more_metrics=more_metrics)
         stored.update(new)  # with the sink now (a failed epoch logs its inputs again)
-        self._map_change.reset(key, logged=True)
-        self._reset_signals(key, logged=True)
+        self._signals.reset(key, logged=True)
         for lkey in self._more.keys(key):
-            self._map_change.reset(lkey, logged=True)
-            self._reset_signals(lkey, logged=True)
-
-    def _geometry(self, s: Sample, k: int, layers: List[LayerResult]) -> dict:
-        """The card's geometry as :meth:`_card` draws it (a detector's or a segmenter's card:
-        the first layer)."""
-        if not layers or s.pred_boxes is not None or s.label_boxes is not None or \
-                s.pred_mask is not None or s.label_mask is not None:
-            return card_geometry(s.image.shape[:2], k)
-        assert self._more.names is not None
-        return card_geometry(s.image.shape[:2], k, layers=[(self._more.names[0], k)] + [
-            (n, r.maps.shape[1]) for n, r, _ in layers])
-
-    def _signal_summaries(self, key: Any) -> List[Tuple[str, float]]:
-        """``[(name, epoch mean)]`` of ``map_change`` and the signals some sample of ``key``
-        had (a further layer's metrics)."""
-        share, hits = self._localization.summary(key)
-        pairs = ((_layout.TABLE_MAP_CHANGE_COLUMN, self._map_change.summary(key)),
-                 (_layout.SIGNAL_LOCALIZATION, share), (_layout.SIGNAL_POINTING_GAME, hits),
-                 (_layout.SIGNAL_FAITHFULNESS, self._faithfulness.summary(key)))
-        return [(n, float(v)) for n, v in pairs if v is not None]
-
-    def _signals(self, key: Any, s: Sample, pc1: Optional[np.ndarray],
-                 extra: Optional["_Extra"]) -> Dict[str, Optional[float]]:
-        """One sample's signals for its table row (only those it can have), each also
-        counted into its epoch mean."""
-        out: Dict[str, Optional[float]] = {}
-        boxes, mask, score = extra if extra is not None else (None, None, None)
-        if boxes is None and s.label_boxes is not None:
-            boxes = s.label_boxes.boxes  # a detector's true boxes
-        if mask is None and s.label_mask is not None:
-            mask = s.label_mask.foreground()  # a segmenter's true mask, background left out
-        if boxes is not None or mask is not None:
-            h, w = s.image.shape[:2]
-            region = true_region(h, w, boxes, mask)
-            share, hit = (None, None) if pc1 is None else self._localization.update(
-                key, upsample(pc1, h, w, s.map_extent), region)
-            out[_layout.SIGNAL_LOCALIZATION] = share
-            out[_layout.SIGNAL_POINTING_GAME] = None if hit is None else float(hit)
-        if score is not None:
-            out[_layout.SIGNAL_FAITHFULNESS] = self._faithfulness.update(key, score)
-        self._fixation.update(key, s.sample_id, pc1)  # scored at the epoch end, against the others
-        return out
-
-    def _reset_signals(self, key: Key, *, logged: bool) -> None:
-        self._localization.reset(key, logged=logged)
-        self._faithfulness.reset(key, logged=logged)
-        self._fixation.reset(key, logged=logged)
-        self._extras.pop(key, None)
-
-    def _card(self, s: Sample, maps: np.ndarray, evr: np.ndarray,
-              more: Sequence[Tuple[str, np.ndarray, np.ndarray]] = ()) -> np.ndarray:
-        if s.pred_boxes is not None or s.label_boxes is not None:  # a detector's boxes
-            return render_detection_card(
-                s.image, maps, pred_boxes=s.pred_boxes, true_boxes=s.label_boxes,
-                explained_variance=evr, label=s.label, pred=s.pred, correct=s.correct,
-                sample_id=s.sample_id, colormap=self.colormap, alpha=self.alpha,
-                map_extent=s.map_extent)
-        if s.pred_mask is not None or s.label_mask is not None:  # a segmenter's masks
-            return render_segmentation_card(
-                s.image, maps, pred_mask=s.pred_mask, true_mask=s.label_mask, iou=s.iou,
-                explained_variance=evr, label=s.label, pred=s.pred, sample_id=s.sample_id,
-                colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent)
-        return render_card(s.image, maps, explained_variance=evr, label=s.label, pred=s.pred,
-                           correct=s.correct, sample_id=s.sample_id,
-                           colormap=self.colormap, alpha=self.alpha, map_extent=s.map_extent,
-                           layer=self._more.names[0] if more and self._more.names else None,
-                           more_layers=more)
+            self._signals.reset(lkey, logged=True)
 
     def _finish_epoch(self, epoch: int, key: Key, files: Dict[str, Any], cards: List[str],
                       evr_sum: np.ndarray, count: int, rows: List[dict],
@@ -672,11 +594,7 @@ class EigenCAMLogger:
         # gets them too, merged by the sender: a view for MLflow's UI and load_table that
         # another writer may overwrite (streamed rows stay out of it: it would be re-sent
         # whole every epoch; it is still written so the table is registered).
-        fixation = self._fixation.values(key)
-        for r in rows:  # scored once the epoch's maps are all in: each against the others
-            value = fixation.get(r["sample_id"])
-            if value is not None:
-                r[_layout.SIGNAL_FIXATION] = round(value, 6)
+        self._signals.score_rows(key, rows)
         if self._train_epoch is not None:
             rows = [dict(r, **{_layout.TABLE_TRAIN_EPOCH_COLUMN: float(self._train_epoch)}) for r in rows]
         files[_layout.table_part_path(mode, ds_id, epoch, now, self._writer)] = \
@@ -686,22 +604,15 @@ class EigenCAMLogger:
         mean = evr_sum / max(count, 1)
         metrics = [[_layout.metric_key(mode, ds_id, c + 1), float(v), epoch, now]
                    for c, v in enumerate(mean)]
-        change = self._map_change.summary(key)
-        if change is not None:  # none at the first logged epoch
-            metrics.append([_layout.map_change_key(mode, ds_id), change, epoch, now])
-        share, hits = self._localization.summary(key)
-        for name, value in ((_layout.SIGNAL_LOCALIZATION, share),
-                            (_layout.SIGNAL_POINTING_GAME, hits),
-                            (_layout.SIGNAL_FAITHFULNESS, self._faithfulness.summary(key)),
-                            (_layout.SIGNAL_FIXATION, self._fixation.summary(key))):
-            if value is not None:  # only the signals some sample had
-                metrics.append([_layout.signal_key(mode, ds_id, name), value, epoch, now])
+        metrics += self._signals.metrics(key, epoch, now)
         metrics += [[name, value, epoch, now] for name, value in more_metrics]
         once = [metrics[0][0], epoch] if metrics else None
         # stable_epoch and alarm tags ride with the bundle when they changed (the sender sends
         # a tag again whenever its value differs from the last one it sent).
         tags = {_layout.MLFLOW_LOGGED_IMAGES: "True"}
-        tags.update(self._watch.epoch(epoch, key, rows, change, share, self._fixation.summary(key)))
+        signals = self._signals
+        tags.update(signals.watch.epoch(epoch, key, rows, signals.map_change.summary(key),
+                                        signals.localization.summary(key)[0], signals.fixation.summary(key)))
         self._submit(Item("bundle", self._run_id, self._uri(), files=files, metrics=metrics,
                           tables=tables, tags=tags, grids=grids, once=once))
 
@@ -725,9 +636,9 @@ class EigenCAMLogger:
         changes, signals = {}, {}
         for i, s in enumerate(samples):
             pc1 = result.maps[i, 0] if result.maps.shape[1] else None
-            changes[s.sample_id] = self._map_change.update(key, s.sample_id, pc1)
-            extra = _extra(extras[i], i, s.image.shape[:2]) if extras else None
-            signals[s.sample_id] = self._signals(key, s, pc1, extra)
+            changes[s.sample_id] = self._signals.map_change.update(key, s.sample_id, pc1)
+            extra = _epoch.extra(extras[i], i, s.image.shape[:2]) if extras else None
+            signals[s.sample_id] = self._signals.sample(key, s, pc1, extra)
         # Copies only: inputs (new sample ids), uint8 maps, ratios; strips for the grid rows.
         stream.add(samples, result.maps, result.explained_variance_ratio,
                    lambda s, evr: _table.row(-1, s, evr, "", changes.get(s.sample_id),
@@ -745,7 +656,7 @@ class EigenCAMLogger:
                 band = PNGBand(strip)
                 png, webp = Encoded([band]), Encoded(band.pixels, "webp-preview")
                 self._sink.encode_soon(png, webp)
-                row[_layout.TABLE_IMAGE_COLUMN] = _sample_files(
+                row[_layout.TABLE_IMAGE_COLUMN] = _epoch.sample_files(
                     files, mode, ds_id, epoch, row["sample_index"], now, png, webp)
                 cards.append(row[_layout.TABLE_IMAGE_COLUMN])
             evr_sum = stream.evr_sum if stream.evr_sum is not None else np.zeros(0)
@@ -754,8 +665,7 @@ class EigenCAMLogger:
             self._finish_epoch(epoch, key, files, cards, evr_sum, stream.count, stream.rows,
                                streamed=True)
             stream.commit()
-            self._map_change.reset(key, logged=True)
-            self._reset_signals(key, logged=True)
+            self._signals.reset(key, logged=True)
         finally:
             shutil.rmtree(stream.folder, ignore_errors=True)
 
@@ -884,60 +794,3 @@ def _check_extra_tags(extra_tags: Optional[Mapping[str, str]]) -> Dict[str, str]
             continue
         out[key] = str(value)
     return out
-#: What a batch brought for one sample's signals: true boxes ``(n, 4)``, true mask ``(H, W)``,
-#: faithfulness score (each None when absent).
-_Extra = Tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[float]]
-
-
-def _batch_extras(boxes: Any, masks: Any, faithfulness: Any, batch: int) -> Optional[List[Any]]:
-    """``on_batch_end``'s ``boxes`` / ``masks`` / ``faithfulness`` per row, as given (only
-    the kept rows are converted, by :func:`_extra`); None when none was given.
-
-    Raises:
-        ValueError: a length other than the batch's.
-    """
-    if boxes is None and masks is None and faithfulness is None:
-        return None
-    columns: List[List[Any]] = []
-    for name, value in (("boxes", boxes), ("masks", masks), ("faithfulness", faithfulness)):
-        if value is None:
-            columns.append([None] * batch)
-            continue
-        items = list(value) if not isinstance(value, np.ndarray) or value.ndim else [value]
-        if len(items) != batch:
-            raise ValueError(f"{name} have {len(items)} entries but the batch has {batch} images")
-        columns.append(items)
-    return list(zip(*columns))
-
-
-def _extra(raw: Any, row: int, image_hw: Tuple[int, int]) -> _Extra:
-    """One kept row's entry of :func:`_batch_extras` as arrays (copies) and a float.
-
-    Raises:
-        ValueError: boxes that are not (n, 4), or a mask not of the image's ``(H, W)``.
-    """
-    b, m, f = raw
-    if b is not None:
-        if np.size(b) % 4 or np.ndim(b) > 2:
-            raise ValueError(f"boxes[{row}] must be (n, 4) x1, y1, x2, y2 pixels, got shape "
-                             f"{np.shape(b)}")
-        b = np.array(b, dtype=np.float64).reshape(-1, 4)
-    if m is not None:
-        m = np.array(m, dtype=bool)
-        if m.shape != tuple(image_hw):
-            raise ValueError(f"masks[{row}] must be the image's (H, W) = {tuple(image_hw)}, "
-                             f"got shape {m.shape}")
-    return (b, m, None if f is None else float(f))
-
-
-def _sample_files(files: Dict[str, Any], mode: str, ds_id: Optional[str], epoch: int,
-                  index: int, now_ms: int, png: Any, preview: Any) -> str:
-    """Add one sample's files to an epoch bundle: the image-series point (PNG and the UI's
-    WebP preview) and the strip artifact the table points to. Returns the strip's path."""
-    key = _layout.image_key(mode, ds_id, index)
-    png_path, preview_path = _layout.image_series_files(key, epoch, now_ms, str(uuid.uuid4()))
-    card_path = _layout.card_path(mode, ds_id, epoch, index)
-    files[png_path] = png
-    files[preview_path] = preview
-    files[card_path] = png
-    return card_path
