@@ -12,6 +12,7 @@ import pytest
 
 from mlflow_eigencam import EigenCAMLogger
 from mlflow_eigencam.explorer import Explorer
+from tests.helpers.explorer_page import wsgi_get as _get
 from tests.helpers.oracle import blob_batch
 
 
@@ -27,12 +28,6 @@ def _logged(labels, epochs=1, n=3):
     return run.info.run_id
 
 
-def _get(app, path: str, query: str = "", **environ):
-    seen = []
-    body = b"".join(app(dict({"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": "GET",
-                              "SCRIPT_NAME": ""}, **environ),
-                        lambda status, headers: seen.append(status)))
-    return int(seen[0].split()[0]), body
 
 
 def test_one_malformed_table_is_that_runs_error_and_the_others_are_shown(tracking_uri):

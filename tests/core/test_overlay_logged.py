@@ -16,6 +16,7 @@ from mlflow_eigencam import EigenCAMLogger, _layout
 from mlflow_eigencam._reader import Reader
 from mlflow_eigencam.explorer import Explorer
 from mlflow_eigencam.explorer._server import MAY_READ
+from tests.helpers.explorer_page import wsgi_get as _get
 from tests.helpers.overlay_runs import CLASSES, EPOCHS, K, N_SAMPLES, log_detector_run
 
 
@@ -24,12 +25,6 @@ def _png(data: bytes) -> np.ndarray:
         return np.asarray(im)
 
 
-def _get(app, path: str, query: str = "", **environ):
-    seen = []
-    body = b"".join(app(dict({"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": "GET",
-                              "SCRIPT_NAME": ""}, **environ),
-                        lambda status, headers: seen.append(status)))
-    return int(seen[0].split()[0]), body
 
 
 def _run(epochs: int = EPOCHS):

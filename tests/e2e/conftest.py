@@ -8,9 +8,11 @@ unless ``MLFLOW_EIGENCAM_REQUIRE_BROWSER=1`` (CI), where they fail.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Iterator, List
 
 import pytest
+
+from tests.helpers.explorer_page import TIMEOUT_MS
 
 CHROMIUM = os.environ.get("MLFLOW_EIGENCAM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -40,3 +42,16 @@ def browser() -> Iterator[object]:
             yield b
         finally:
             b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page (1400 x 1000, downloads accepted) that fails the test on a JavaScript error."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    errors: List[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

@@ -24,17 +24,19 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator
 
 import pytest
 
 from tests.helpers import child_env
+from tests.helpers.explorer_page import TIMEOUT_MS
+from tests.helpers.explorer_page import open_page as _open
+from tests.helpers.explorer_page import shown as _shown
 from tests.helpers.readback import MlflowServer, free_port
 
 HERE = Path(__file__).resolve().parent
 RUNS_SCRIPT = HERE.parent / "helpers" / "explorer_runs.py"
 N_SAMPLES = 6
-TIMEOUT_MS = 30_000
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -155,25 +157,8 @@ def world(tmp_path_factory) -> Iterator[World]:
             server.stop()
 
 
-@pytest.fixture
-def page(browser, tmp_path):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-    pg = context.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    errors: List[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def _open(page, url: str) -> None:
-    page.goto(url)
-    page.wait_for_selector("body[data-ready='1']")
-
-
-def _shown(page) -> List[str]:
-    return page.eval_on_selector_all("#grid tbody tr.sample", "rs => rs.map(r => r.dataset.sid)")
 
 
 def _row_at(table, sid: str, epoch: int):

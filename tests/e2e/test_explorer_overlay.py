@@ -26,7 +26,6 @@ from mlflow_eigencam import _layout
 from tests.helpers.overlay_runs import CLASSES, K, N_SAMPLES, log_detector_run
 from tests.helpers.readback import MlflowServer, free_port
 
-TIMEOUT_MS = 30_000
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -90,16 +89,6 @@ def world(tmp_path_factory) -> Iterator[World]:
         server.stop()
 
 
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = context.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    errors = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def _get(url: str) -> bytes:

@@ -20,11 +20,12 @@ from typing import Dict, Iterator, List
 
 import pytest
 
+from tests.helpers.explorer_page import open_page as _open
+from tests.helpers.explorer_page import shown as _shown
 from tests.helpers.readback import MlflowServer, free_port
 
 N_SAMPLES = 4
 EPOCHS = 3
-TIMEOUT_MS = 30_000
 STABLE = "mlflow_eigencam.stable_epoch"
 ALARM = "mlflow_eigencam.alarm"
 
@@ -87,25 +88,8 @@ def world(tmp_path_factory) -> Iterator[World]:
         server.stop()
 
 
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = context.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    errors: List[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def _open(page, url: str) -> None:
-    page.goto(url)
-    page.wait_for_selector("body[data-ready='1']")
-
-
-def _shown(page) -> List[str]:
-    return page.eval_on_selector_all("#grid tbody tr.sample", "rs => rs.map(r => r.dataset.sid)")
 
 
 def _heads(page) -> List[tuple]:
