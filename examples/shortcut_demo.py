@@ -16,7 +16,7 @@ accuracy on the validation images with the tag's colour shuffled, which only the
 loses; then each run's ``stable_epoch`` and alarm tags, and the epoch at which the signals
 separate the runs against the epoch at which accuracy reaches 0.9.
 
-    python examples/shortcut_demo.py    # 6 min on a 2-core CPU at a load average of 10-25
+    python examples/shortcut_demo.py    # 19 s on an idle 2-core CPU (6 min at a load average of 10-25)
     python examples/shortcut_demo.py --figure docs/images/shortcut_cued.png
 """
 
