@@ -188,8 +188,10 @@ def _key(r: dict, fallback: Key) -> Key:
 
 def merge(old: Optional[dict], new: dict) -> dict:
     """``old``'s rows, then ``new``'s rows whose (epoch, sample_index) ``old`` lacks (the
-    first row stands, see the module docstring). Columns: ``new``'s, plus any only ``old``
-    had (before the image column)."""
+    first row stands, see the module docstring), in (epoch, sample_index) order as
+    :func:`read` gives them (with uploads in flight, an epoch retried after a failure is
+    merged after a later one; MLflow's UI shows the view's rows as they are). Columns:
+    ``new``'s, plus any only ``old`` had (before the image column)."""
     if old is None:
         old = {"columns": [], "data": []}
     columns = list(new["columns"])
@@ -203,7 +205,10 @@ def merge(old: Optional[dict], new: dict) -> dict:
         for i, values in enumerate(table["data"]):
             r = dict(zip(table["columns"], values))
             rows.setdefault(_key(r, ("#", n, i)), r)
-    return {"columns": columns, "data": [[r.get(c) for c in columns] for r in rows.values()]}
+    keys = list(rows)
+    if all(isinstance(k[0], int) for k in keys):  # no row without its key: sortable
+        keys.sort()
+    return {"columns": columns, "data": [[rows[k].get(c) for c in columns] for k in keys]}
 
 
 def read(sources: Sequence[Tuple[str, bytes]]) -> Tuple[List[str], List[dict]]:

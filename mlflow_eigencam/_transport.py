@@ -294,8 +294,8 @@ def _send_bundle(client, item: Item, workdir: Optional[Path]) -> None:
                         key = (*_where(item), path)
                         # Merged into this process's view now, so a bundle prepared next
                         # holds these rows too (its upload may land first; see _put_table).
-                        merged = _ordered(_table.merge(_current_table(client, item, path),
-                                                       _load_table(payload)))
+                        merged = _table.merge(_current_table(client, item, path),
+                                              _load_table(payload))
                         _table_cache[key] = merged
                         tables[path] = _table_version[key] = _table_version.get(key, 0) + 1
                         target.parent.mkdir(parents=True, exist_ok=True)
@@ -337,19 +337,6 @@ def _send_bundle(client, item: Item, workdir: Optional[Path]) -> None:
     if item.once is not None:
         _steps_cache.setdefault((*_where(item), item.once[0]), set()).add(int(item.once[1]))
     _tags_sent.update(((item.run_id, k), v) for k, v in (item.tags or {}).items())
-
-
-def _ordered(table: dict) -> dict:
-    """The table view's rows in (epoch, sample_index) order: with items in flight an epoch
-    retried after a failure is merged after a later one (readers sort anyway, see
-    ``_table.read``; MLflow's UI shows the rows as they are)."""
-    cols, data = table["columns"], table["data"]
-    epoch, index = _layout.TABLE_COLUMNS[0], _layout.TABLE_COLUMNS[1]
-    if epoch in cols and index in cols:
-        e, i = cols.index(epoch), cols.index(index)
-        if all(isinstance(r[e], int) and isinstance(r[i], int) for r in data):
-            data.sort(key=lambda r: (r[e], r[i]))
-    return table
 
 
 #: Per (uri, run, table path): the version of the table view last merged, and last uploaded.
