@@ -33,7 +33,7 @@ bundle carries the same rows, so either rule gives the same table for a retry.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -120,18 +120,20 @@ def to_json(rows: List[dict]) -> bytes:
     return dumps({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]})
 
 
-def overlay_cell(at: int, shape: Sequence[int], extent: Optional[Sequence[float]] = None,
+def overlay_cell(at: int, shapes: Mapping[str, Sequence[int]], extent: Optional[Sequence[float]] = None,
                  pred_boxes: Any = None, true_boxes: Any = None) -> dict:
     """A row's ``overlay`` cell (``_layout.TABLE_OVERLAY_COLUMN``).
 
     Args:
         at: The sample's row in the epoch's maps PNG (``_layout.overlay_maps_path``).
-        shape: ``(k, h, w)`` of its maps (the layer's own grid).
+        shapes: ``{layer: (k, h, w)}`` of its maps, each at its layer's own grid (``""``:
+            the first layer).
         extent: ``(fy, fx)`` of the map the image covers (detectors' padding), or None.
         pred_boxes, true_boxes: ``samples.Boxes`` (or None): kept as ``[x1, y1, x2, y2,
             name(, score)]`` lists in input pixels, 0.1 px apart.
     """
-    cell: Dict[str, Any] = {"at": int(at), "layers": {"": [int(v) for v in shape]}}
+    cell: Dict[str, Any] = {"at": int(at),
+                            "layers": {name: [int(v) for v in shape] for name, shape in shapes.items()}}
     if extent is not None:
         cell["extent"] = [round(float(v), 6) for v in extent]
     for name, boxes in (("pred", pred_boxes), ("true", true_boxes)):

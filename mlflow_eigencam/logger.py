@@ -521,15 +521,14 @@ class EigenCAMLogger:
         now = int(time.time() * 1000)
         # For the explorer's overlays: the epoch's maps at their own resolution, uint8, in
         # one grayscale PNG; each raw input once per run (docs/explorer.md, "Overlays").
-        q = quantize_maps(result.maps)
-        files[_layout.overlay_maps_path(mode, ds_id, epoch)] = Encoded(
-            q.reshape(-1, q.shape[-1]) if q.size else np.zeros((1, 1), np.uint8))
-        further = {}  # a further layer's maps: maps-{layer}.png, its shape in the overlay cell
-        for name, r, _ in layers:
-            further[name] = quantize_maps(r.maps)
+        # Layer "" is the first (maps.png), a further layer's is maps-{layer}.png; each
+        # layer's (k, h, w) goes into the rows' overlay cells.
+        shapes: Dict[str, Tuple[int, ...]] = {}
+        for name, maps in [("", result.maps)] + [(n, r.maps) for n, r, _ in layers]:
+            q = quantize_maps(maps)
+            shapes[name] = q.shape[1:]
             files[_layout.overlay_maps_path(mode, ds_id, epoch, name)] = Encoded(
-                further[name].reshape(-1, further[name].shape[-1]) if further[name].size
-                else np.zeros((1, 1), np.uint8))
+                q.reshape(-1, q.shape[-1]) if q.size else np.zeros((1, 1), np.uint8))
         stored, new = self._overlay_inputs.setdefault(key, set()), set()
         for i, s in enumerate(samples):
             if s.sample_id not in stored and s.sample_id not in new:
@@ -549,9 +548,7 @@ class EigenCAMLogger:
             pc1 = result.maps[i, 0] if result.maps.shape[1] else None
             change = self._signals.map_change.update(key, s.sample_id, pc1)
             signals = self._signals.sample(key, s, pc1, extras.get(s.index))
-            overlay = _table.overlay_cell(i, q.shape[1:], s.map_extent, s.pred_boxes,
-                                          s.label_boxes)
-            overlay["layers"].update({name: [int(v) for v in m.shape[1:]] for name, m in further.items()})
+            overlay = _table.overlay_cell(i, shapes, s.map_extent, s.pred_boxes, s.label_boxes)
             rows.append(_table.row(epoch, s, evr, path, change,
                                    _epoch.geometry(s, len(evr), layers, self._more.names), signals,
                                    overlay))
