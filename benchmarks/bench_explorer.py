@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from tests.helpers.readback import MlflowServer, free_port  # noqa: E402
+from tests.helpers.readback import MlflowServer, free_port, stop_group  # noqa: E402
 
 CHROMIUM = os.environ.get("MLFLOW_EIGENCAM_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -116,15 +115,7 @@ class Ui:
         raise SystemExit(f"mlflow-eigencam ui --server {server} did not start")
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        stop_group(self.proc, timeout=30)
 
 
 def tree_cpu(pid: int) -> float:

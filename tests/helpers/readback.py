@@ -72,6 +72,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_group(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to a process started with ``start_new_session=True`` and its children (a
+    server's workers), SIGKILL after ``timeout`` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 with a sqlite backend and served local artifacts."""
 
@@ -110,13 +124,5 @@ class MlflowServer:
     def stop(self) -> None:
         if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=15)
+        stop_group(self.proc, timeout=15)
         self.proc = None
