@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 import threading
-import tracemalloc
 import warnings
 
 import mlflow
@@ -14,6 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_eigencam import EigenCAMLogger, EigenCAMWarning
 from mlflow_eigencam import _table
+from tests.helpers import memory
+from tests.helpers.memory import in_fresh_process
 from tests.helpers.oracle import blob_batch
 from tests.helpers.readback import image_series, list_all, load_json, load_png, metric_steps
 from tests.helpers.spool import feed_epoch
@@ -246,19 +247,9 @@ def test_log_every_n_epochs(tracking_uri):
 
 
 def test_twenty_epochs_do_not_grow_memory(tracking_uri):
-    images, acts, labels, logits = blob_batch(n=8, h=64, w=64, c=64, hh=8, ww=8)
-    with mlflow.start_run():
-        logger = EigenCAMLogger()
-        tracemalloc.start()
-        sizes = []
-        for epoch in range(20):
-            for _ in range(3):
-                logger.on_batch_end(images, acts, labels, logits, mode="eval")
-            logger.on_epoch_end(epoch)
-            logger.flush(timeout=60)
-            sizes.append(tracemalloc.get_traced_memory()[0])
-        tracemalloc.stop()
-        logger.close()
+    # In a fresh process: tracemalloc counts other tests' leftover threads too.
+    sizes = in_fresh_process(memory.twenty_epochs, tracking_uri,
+                             mlflow.get_experiment_by_name("eigencam-tests").experiment_id)
     # After warm-up, 15 more epochs may only add table rows (a few hundred bytes each). A leak
     # grows at every epoch, so it shows in both halves; a one-off step does not (on MLflow
     # 2.10, CI saw traced memory step once by +3.9 MB between epochs 5 and 15, then stay

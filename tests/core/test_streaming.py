@@ -20,6 +20,8 @@ from mlflow_eigencam._streaming import quantize_maps, render_stored, stored_stri
 from mlflow_eigencam._table import part_paths as table_part_paths
 from mlflow_eigencam.metrics import map_change
 from mlflow_eigencam.samples import SampleBuffer
+from tests.helpers import memory
+from tests.helpers.memory import in_fresh_process
 from tests.helpers.readback import image_series, list_all, load_json, load_png, metric_steps
 
 N, BATCH, ROWS = 10, 4, 3  # 10 images in batches of 4, 3 grid rows
@@ -195,26 +197,10 @@ def test_quantize_maps():
 
 def test_memory_stays_flat_over_batches_and_epochs(tracking_uri):
     """Images go to files, not to lists: memory does not grow with the batches of an epoch
-    (beyond a table row and index entry per sample), nor with the epochs."""
-    import tracemalloc
-
-    rng = np.random.default_rng(3)
-    images = rng.integers(0, 256, size=(8, 96, 96, 3), dtype=np.uint8)  # 27 kB each
-    acts = rng.uniform(0, 1, size=(8, 16, 6, 6)).astype(np.float32)
-    with mlflow.start_run():
-        logger = EigenCAMLogger(n_samples=None, n_components=2, grid_max_rows=2)
-        tracemalloc.start()
-        within, across = [], []
-        for epoch in range(6):
-            for b in range(40):  # 320 images an epoch: 8.8 MB of pixels if they were kept
-                shifted = np.roll(images, b, axis=1)  # new sample ids in every batch
-                logger.on_batch_end(shifted, acts, mode="eval")
-                if epoch == 0 and b in (5, 39):
-                    within.append(tracemalloc.get_traced_memory()[0])
-            logger.on_epoch_end(epoch)
-            assert logger.flush(timeout=60)
-            across.append(tracemalloc.get_traced_memory()[0])
-        tracemalloc.stop()
-        logger.close()
+    (beyond a table row and index entry per sample), nor with the epochs. Measured in a
+    fresh process: tracemalloc counts other tests' leftover threads too."""
+    got = in_fresh_process(memory.streaming, tracking_uri,
+                           mlflow.get_experiment_by_name("eigencam-tests").experiment_id)
+    within, across = got["within"], got["across"]
     assert within[1] - within[0] < 1_500_000, within  # 272 rows and index entries, no pixels
     assert across[-1] - across[1] < 1_000_000, across
