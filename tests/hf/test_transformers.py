@@ -151,6 +151,8 @@ def test_evaluate_without_train_logs_into_trainers_run(tmp_path, tracking_uri, h
     assert _no_hooks(model)
     trainer.evaluate(ShapesDataset(2, seed=5), metric_key_prefix="test")
     assert _no_hooks(model)
+    trainer.predict(ShapesDataset(2, seed=6))  # predict() is not captured (no key, no step)
+    assert _no_hooks(model)
     rid = _only_run()  # the run Trainer's MLflowCallback started for its eval metrics: no second one
     assert _eval_steps(rid) == [0]
     assert [s for s, _ in metric_steps(MlflowClient(), rid, "test_loss")] == [0]
