@@ -7,7 +7,8 @@ are generated (``_shapes.py``, next to this file). Run
 
 then open the MLflow UI with the command it prints, and look at the run's "Images" tab (keys
 ``eigencam/eval/val/sample_*``, one point per evaluation at the global step where Trainer
-logs ``eval_loss``).
+logs ``eval_loss``; ``eigencam/test/test/sample_*`` from the ``trainer.evaluate()`` on a
+test set after training, at the last global step, where Trainer logs ``test_loss``).
 """
 
 from __future__ import annotations
@@ -75,9 +76,12 @@ def main(argv: list[str] | None = None) -> str:
         save_strategy="no", logging_strategy="epoch", report_to=["mlflow"],
         run_name="transformers-quickstart", use_cpu=True, seed=args.seed, disable_tqdm=True)
     with mlflow.start_run(run_name="transformers-quickstart") as run:
-        # Trainer's MLflowCallback reuses this run (and leaves it to us to end).
-        Trainer(model=model, args=training_args, train_dataset=Shapes(args.train_size, args.seed),
-                eval_dataset=Shapes(64, args.seed + 1)).train()
+        # Trainer's MLflowCallback reuses this run (and leaves it to us to end), so the test
+        # set's metrics after training land in it too, next to its EigenCAM overlays.
+        trainer = Trainer(model=model, args=training_args, train_dataset=Shapes(args.train_size, args.seed),
+                          eval_dataset=Shapes(64, args.seed + 1))
+        trainer.train()
+        trainer.evaluate(eval_dataset=Shapes(32, args.seed + 2), metric_key_prefix="test")
 
     print(f"\nLogged EigenCAM overlays to run {run.info.run_id}.")
     print("Open the MLflow UI with:")

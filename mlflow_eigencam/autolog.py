@@ -75,6 +75,10 @@ INTEGRATIONS: Tuple[Integration, ...] = (
                 "mlflow_eigencam.integrations.lightning:autolog_add_callback"),
     Integration("Transformers", ("transformers.trainer",), "Trainer",
                 "mlflow_eigencam.integrations.transformers:autolog_add_callback", method="train"),
+    # evaluate() after train() or without it (inside train() the wrapper passes straight through).
+    Integration("Transformers", ("transformers.trainer",), "Trainer",
+                "mlflow_eigencam.integrations.transformers:autolog_add_evaluate_callback",
+                method="evaluate"),
     Integration("Ultralytics", ("ultralytics.engine.model",), "Model",
                 "mlflow_eigencam.integrations.ultralytics:autolog_add_callback", method="train"),
 )
@@ -142,7 +146,7 @@ def autolog(
     for integration in INTEGRATIONS:
         for name in integration.modules:
             register_post_import_hook(functools.partial(_patch, integration), name, overwrite=True)
-    names = " and ".join(i.name for i in INTEGRATIONS)
+    names = " and ".join(dict.fromkeys(i.name for i in INTEGRATIONS))  # Transformers has two entries
     _info(f"mlflow_eigencam autologging enabled for {names} (plain PyTorch loops: "
           "use mlflow_eigencam.pytorch.EigenCAMMonitor)")
 

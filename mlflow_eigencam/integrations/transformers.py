@@ -6,12 +6,11 @@
 
 What it does at each evaluation, inside Trainer's own evaluation loop (no extra forward pass):
 
-* two hooks on the model (a forward pre-hook and a forward hook) are on it from the moment the
-  callback first sees it (``on_init_end`` for a callback passed to ``Trainer``,
-  ``on_train_begin`` for autolog) until ``on_train_end`` or :meth:`EigenCAMCallback.close`.
-  They return at once in training mode. In eval mode, inside ``Trainer.evaluate``, while the
-  logger still wants samples of this evaluation, the pre-hook reads the batch's
-  ``pixel_values`` and labels from the forward's arguments and opens an
+* for the length of each ``Trainer.evaluation_loop`` run by ``Trainer.evaluate`` (during
+  ``train()``, after it, or without it), and only then, two hooks sit on the model (a forward
+  pre-hook and a forward hook); they are removed when the loop returns. While the logger
+  still wants samples of this evaluation, the pre-hook reads the batch's ``pixel_values``
+  and labels from the forward's arguments and opens an
   :meth:`~mlflow_eigencam.pytorch.EigenCAMMonitor.capture` block (its hook on the target
   layer lives only for that forward); the forward hook hands the monitor the model's
   ``logits`` and closes the block. Only the kept rows are detached and copied to the CPU.
@@ -21,20 +20,22 @@ What it does at each evaluation, inside Trainer's own evaluation loop (no extra 
 * ``on_evaluate`` logs them under mode ``"eval"``, dataset id ``"val"``; Trainer's
   ``metric_key_prefix`` names the others: a dict of eval datasets gives ``"val_<name>"``,
   ``trainer.evaluate(ds, metric_key_prefix="test")`` mode and dataset id ``"test"``; another
-  dataset under a prefix already used gets ``"_1"``, ``"_2"``... appended.
+  dataset under a prefix already used gets ``"_1"``, ``"_2"``... appended. An evaluation
+  outside ``train()`` waits there for its upload (the callback's :meth:`close`), so the
+  images are in MLflow when ``evaluate()`` returns.
 
-Why the hooks read the prefix off ``Trainer.evaluate``'s frame: no ``TrainerCallback`` event
-comes before the evaluation loop's first forward (``on_prediction_step`` follows each batch,
-``on_evaluate`` the whole loop), and the samples must be named (mode, dataset id) when they
-are kept. The pre-hook walks up the calling frames to the innermost ``Trainer.evaluate`` and
-reads its ``metric_key_prefix`` argument and its trainer (whose eval dataloader is set by
-then); an eval-mode forward outside ``Trainer.evaluate`` (``Trainer.predict``, the user's own
-inference, the monitor's faithfulness pass) is not captured.
-
-An ``evaluate()`` after ``train()`` returned is not captured (training leaves no hook on the
-model; one warning says so); ``evaluate()`` without training, with the callback passed to
-``Trainer``, is (call :meth:`EigenCAMCallback.close` afterwards: it removes the hooks and
-waits for the upload).
+Why ``Trainer.evaluation_loop`` is wrapped (once, for the ``Trainer`` class, when the first
+callback is built; a pass-through for trainers without one): no ``TrainerCallback`` event
+comes before the loop's first forward (``on_prediction_step`` follows each batch,
+``on_evaluate`` the whole loop), so a callback alone can hook an evaluation only by leaving
+hooks on the model between evaluations, which is what lost ``evaluate()`` after ``train()``
+(its hooks went at ``on_train_end``) and what a user's ``deepcopy`` or pickle of the model
+should never meet. The loop's arguments also name the samples before they are kept: its
+``metric_key_prefix`` and its dataloader. ``Trainer.predict`` (``description="Prediction"``),
+the user's own inference and the monitor's faithfulness pass are not captured, nor is a
+subclass's ``evaluation_loop`` that does not call ``super().evaluation_loop``. ``autolog()``
+wraps ``Trainer.train`` and ``Trainer.evaluate`` to put its callback on the trainer for that
+call (one callback per trainer, kept across its calls: one run, one naming of its datasets).
 
 Where the pieces come from:
 
@@ -50,10 +51,13 @@ Where the pieces come from:
   dropped, non-square grids too); for a Swin its last stage folded onto that stage's grid
   (:func:`_swin_last_stage`); or ``target_layer`` (a module or dotted name, e.g.
   ``"resnet.encoder.stages.1"``);
-* the MLflow run: the run active at the first evaluation. With ``report_to=["mlflow"]``
-  that is the run Trainer's own ``MLflowCallback`` started or reused in ``on_train_begin``;
-  otherwise the user's active run; otherwise the logger starts one and ends it at
-  ``on_train_end``. A run the callback did not start is never ended.
+* the MLflow run: the run active at ``on_train_begin`` (with ``report_to=["mlflow"]`` the
+  run Trainer's own ``MLflowCallback`` started or reused), else the run active at the first
+  evaluation, else the logger starts one and ends it at ``on_train_end`` (or at the end of
+  an ``evaluate()`` outside training). A run the callback did not start is never ended. The
+  callback keeps its run: a later ``evaluate()`` logs into it too, although
+  ``MLflowCallback`` ended a run it started at ``on_train_end`` (Trainer's metrics of that
+  ``evaluate()`` then go to a new run MLflow starts; the images stay with the training).
 
 The step: ``state.global_step``, the step at which Trainer's ``MLflowCallback`` logs its
 ``eval_*`` metrics (and its ``epoch`` metric, a float, at that same step). Not the epoch:
@@ -61,35 +65,43 @@ with ``eval_strategy="steps"`` several evaluations fall in one epoch and would c
 step, and the image slider would not line up with Trainer's eval curves. The run tag
 ``mlflow_eigencam.step`` says so; the table's ``epoch`` column holds the same global step,
 its ``train_epoch`` column ``state.epoch`` (a float: 1.5 halfway through the second epoch).
-An evaluation at a global step already logged for that dataset (``trainer.evaluate()`` right
-after a train that ended with an evaluation) is skipped: one image per step and key.
+An evaluation at a global step already logged for its dataset id (``trainer.evaluate()``
+after a ``train()`` that ended with an evaluation: Trainer logs its ``eval_*`` metrics at
+that same step again) is logged at the step after the last one logged for that dataset id:
+the slider gets a new point after the last, the table's ``train_epoch`` column repeats the
+epoch, an INFO log line names both steps, and the ``mlflow_eigencam.step`` tag says so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import sys
-from types import FrameType
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+import threading
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.integrations import MLflowCallback
 
 from ..errors import WarnOnce
 from ..pytorch import EigenCAMMonitor, resolve_target_layer, unwrap_model
 
 _log = logging.getLogger("mlflow_eigencam")
 
-__all__ = ["EigenCAMCallback", "autolog_add_callback"]
+__all__ = ["EigenCAMCallback", "autolog_add_callback", "autolog_add_evaluate_callback"]
 
 #: Run tag naming what the MLflow step of the images is.
 TAG_STEP = "mlflow_eigencam.step"
 STEP_MEANING = ("transformers global_step (the step of Trainer's eval_* and epoch metrics); the epoch "
-                "of each step: the table's train_epoch column")
+                "of each step: the table's train_epoch column; an evaluation at a step already logged "
+                "for its dataset (trainer.evaluate() after train()) is logged at the next step after "
+                "that dataset's last")
 _IMAGE_KEY = "pixel_values"
 _LABEL_KEY = "labels"
 
@@ -176,33 +188,38 @@ class EigenCAMCallback(TrainerCallback):
             raise TypeError(f"reshape_transform must be callable or None, "
                             f"got {type(reshape_transform).__name__}")
         self._monitor: Optional[EigenCAMMonitor] = None
-        self._run_id: Optional[str] = None  # kept across train() calls: one run per callback
+        # Kept across train() and evaluate() calls: one run per callback.
+        self._run_id: Optional[str] = None
         self._names: Dict[int, Tuple[str, str]] = {}  # id(eval dataset) -> (mode, ds_id)
         self._evals: Dict[str, int] = {}  # ds_id -> evaluations seen
         self._last_step: Dict[str, int] = {}  # ds_id -> last global step logged
         self._model: Optional[nn.Module] = None  # the model the hooks are on
         self._handles: List[Any] = []
+        self._loop: Optional[_Loop] = None  # the evaluation loop running now (hooks on)
+        self._standalone = False  # that loop runs outside train(): on_evaluate sends and closes
         self._block: Optional[_Block] = None  # the capture block of the forward running now
         self._kept: Optional[Tuple[str, str, int]] = None  # (mode, ds_id, step) of this evaluation
         self._busy = False  # inside the monitor (its faithfulness forward): hooks ignore forwards
         self._warn = WarnOnce()
         self._broken = False
+        _wrap_evaluation_loop()
 
     # ----------------------------------------------------------------- Trainer events
 
-    def on_init_end(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None,
-                    **kwargs: Any) -> None:
-        """Hook the model: a callback passed to ``Trainer`` also logs ``evaluate()`` without training."""
-        if model is not None:
-            self._arm(model)
-
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None,
                        **kwargs: Any) -> None:
-        """Check a named target layer against the model, then hook it, before the first step."""
-        if model is not None:
-            if isinstance(self.target_layer, str):
-                resolve_target_layer(unwrap_model(model), self.target_layer)
-            self._arm(model)
+        """Check a named target layer against the model; remember the run training logs to."""
+        if model is not None and isinstance(self.target_layer, str):
+            resolve_target_layer(unwrap_model(model), self.target_layer)
+        active = _active_run_id()
+        if active is not None and active != self._run_id and "run_id" not in self._monitor_args:
+            # Trainer's MLflowCallback (called before us) has started or reused its run by now:
+            # this training's images go there, and so do those of a later evaluate(), after
+            # MLflowCallback ended it. Steps logged in another run do not collide in this one.
+            self.close()
+            self._run_id = active
+            self._last_step.clear()
+            self._evals.clear()
 
     def on_evaluate(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None,
                     eval_dataloader: Any = None, **kwargs: Any) -> None:
@@ -213,31 +230,31 @@ class EigenCAMCallback(TrainerCallback):
             self._evals[named[1]] = self._evals.get(named[1], 0) + 1
         if self._broken or not getattr(state, "is_world_process_zero", True):
             return
-        if kept is None:
-            if self._model is None and model is not None:
-                self._warn.warn("after-train", "EigenCAM: an evaluation after train() returned is not "
-                                "logged (training leaves no hook on the model)")
-            return
-        mode, ds_id, step = kept
-        try:
-            assert self._monitor is not None
-            epoch = getattr(state, "epoch", None)  # a float: 1.5 halfway through the second epoch
-            self._monitor.epoch_end(step, mode=mode, train_epoch=None if epoch is None else float(epoch))
-            self._last_step[ds_id] = step
-        except Exception as exc:  # a logging failure never stops training
-            self._fail(exc, step)
+        if kept is not None:
+            mode, ds_id, step = kept
+            try:
+                assert self._monitor is not None
+                epoch = getattr(state, "epoch", None)  # a float: 1.5 halfway through the second epoch
+                self._monitor.epoch_end(step, mode=mode, train_epoch=None if epoch is None else float(epoch))
+                self._last_step[ds_id] = step
+            except Exception as exc:  # a logging failure never stops training
+                self._fail(exc, step)
+        if self._standalone:  # evaluate() outside train(): its images are in MLflow when it returns
+            self._standalone = False
+            self.close()
 
     def on_predict(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """``Trainer.predict`` is not captured; nothing to end."""
         self._kept = None
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Remove the hooks, send what is pending and close the logger (a later evaluation
-        before a new ``train()`` is not logged)."""
+        """Send what is pending and close the logger (a later ``evaluate()`` opens another,
+        on the same run)."""
         self.close()
 
     def close(self) -> None:
-        """Remove the hooks; flush and close the monitor. Safe to call twice."""
+        """Remove any hooks; flush and close the monitor. Safe to call twice; the next
+        evaluation opens a new monitor on the same run."""
         self._disarm()
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
@@ -247,21 +264,32 @@ class EigenCAMCallback(TrainerCallback):
 
     @property
     def run_id(self) -> Optional[str]:
-        """The MLflow run the images go to (None before the first logged evaluation)."""
+        """The MLflow run the images go to (None before the first logged evaluation, unless a
+        run was active when training began)."""
         return self._monitor.run_id if self._monitor is not None else self._run_id
 
     # ----------------------------------------------------------------- hooks
 
-    def _arm(self, model: nn.Module) -> None:
-        """Put the two model hooks on ``model`` (once; a new model moves them)."""
-        model = unwrap_model(model)
-        if self._model is model or self._broken:
+    @contextlib.contextmanager
+    def _evaluating(self, trainer: Any, prefix: str, dataloader: Any) -> Iterator[None]:
+        """Hook ``trainer.model`` for one evaluation loop, and unhook it after."""
+        if self._broken or self._loop is not None:
+            yield
             return
-        self._disarm()
+        self._loop, self._kept = _Loop(trainer, prefix, dataloader), None
+        self._standalone = not getattr(trainer, "is_in_train", False)
+        if self._standalone and self._run_id is None and "run_id" not in self._monitor_args:
+            _setup_mlflow_callback(trainer)
+        model = unwrap_model(trainer.model)
         self._model = model
         self._handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True)]
+        try:
+            yield
+        finally:
+            self._loop = None
+            self._disarm()
 
     def _disarm(self) -> None:
         for handle in self._handles:
@@ -272,28 +300,27 @@ class EigenCAMCallback(TrainerCallback):
             block.stack.close()
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
-        """An eval-mode forward of ``Trainer.evaluate`` whose samples are wanted: open a
+        """An eval-mode forward of the evaluation loop whose samples are wanted: open a
         capture block (the monitor hooks the target layer for this forward only)."""
-        if module.training or self._busy or self._broken or self._block is not None:
+        loop = self._loop
+        if module.training or self._busy or self._broken or self._block is not None or loop is None:
             return
-        found = _evaluation()
-        if found is None:
-            return
-        trainer, prefix = found
         try:
-            self._open_block(module, trainer, prefix, args, kwargs)
+            self._open_block(module, loop, args, kwargs)
         except Exception as exc:  # a logging failure never stops the evaluation
-            self._fail(exc, getattr(trainer.state, "global_step", "?"))
+            self._fail(exc, getattr(loop.trainer.state, "global_step", "?"))
 
-    def _open_block(self, model: nn.Module, trainer: Any, prefix: str, args: tuple,
-                    kwargs: Dict[str, Any]) -> None:
+    def _open_block(self, model: nn.Module, loop: "_Loop", args: tuple, kwargs: Dict[str, Any]) -> None:
+        trainer = loop.trainer
         if not trainer.is_world_process_zero():
             return
-        mode, ds_id = self._name(trainer, prefix)
-        step = int(trainer.state.global_step)
-        if self._kept is None or self._kept[:2] != (mode, ds_id):  # this evaluation's first batch
-            if self._evals.get(ds_id, 0) % self.log_every_n_evals or self._last_step.get(ds_id) == step:
+        mode, ds_id = self._name(loop)
+        if self._kept is not None:  # a later batch of this evaluation: same step
+            step = self._kept[2]
+        else:  # this evaluation's first batch
+            if self._evals.get(ds_id, 0) % self.log_every_n_evals:
                 return
+            step = self._step(ds_id, int(trainer.state.global_step))
         images = kwargs.get(_IMAGE_KEY, args[0] if args else None)
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -312,6 +339,9 @@ class EigenCAMCallback(TrainerCallback):
         stack = contextlib.ExitStack()
         stack.enter_context(monitor.capture(mode=mode, ds_id=ds_id))
         self._block = _Block(stack, images, labels, boxes)
+        if self._kept is None and step != trainer.state.global_step:
+            _log.info("EigenCAM: %s at global step %d: that step is already logged, this evaluation "
+                      "(after train()?) is logged at step %d", ds_id, trainer.state.global_step, step)
         self._kept = (mode, ds_id, step)
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any], output: Any) -> None:
@@ -341,14 +371,20 @@ class EigenCAMCallback(TrainerCallback):
         self._warn.warn("hf-evaluate", f"EigenCAM: logging at step {step} failed ({exc!r}); "
                         "no more EigenCAM images in this run")
 
-    def _name(self, trainer: Any, prefix: str) -> Tuple[str, str]:
+    def _step(self, ds_id: str, global_step: int) -> int:
+        """The MLflow step of an evaluation at ``global_step``: that step, or the one after
+        the last logged for ``ds_id`` when that is not earlier (see the module docstring)."""
+        last = self._last_step.get(ds_id)
+        return global_step if last is None or global_step > last else last + 1
+
+    def _name(self, loop: "_Loop") -> Tuple[str, str]:
         """``(mode, ds_id)`` of the dataset being evaluated (named at its first evaluation
         after Trainer's metric prefix, see :func:`_mode_and_ds_id`)."""
-        dataset = getattr(trainer.callback_handler.eval_dataloader, "dataset", None)
+        dataset = getattr(loop.dataloader, "dataset", None)
         named = self._names.get(id(dataset))
         if named is not None:
             return named
-        mode, ds_id = _mode_and_ds_id(prefix)
+        mode, ds_id = _mode_and_ds_id(loop.prefix)
         taken = {name[1] for name in self._names.values()}
         if ds_id in taken:  # another dataset under the same prefix: val_1, val_2, ...
             ds_id = next(f"{ds_id}_{i}" for i in range(1, len(taken) + 2) if f"{ds_id}_{i}" not in taken)
@@ -391,19 +427,72 @@ class _Block:
         self.stack, self.images, self.labels, self.boxes = stack, images, labels, boxes
 
 
-def _evaluation() -> Optional[Tuple[Any, str]]:
-    """``(trainer, metric_key_prefix)`` of the innermost ``Trainer.evaluate`` this forward runs
-    in, or None (not in one, or in ``Trainer.predict``): see the module docstring for why."""
-    frame: Optional[FrameType] = sys._getframe(2)
-    while frame is not None:
-        name = frame.f_code.co_name
-        if name in ("evaluate", "predict"):
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, Trainer):
-                prefix = frame.f_locals.get("metric_key_prefix")
-                return (owner, prefix) if name == "evaluate" and isinstance(prefix, str) else None
-        frame = frame.f_back
-    return None
+class _Loop:
+    """The evaluation loop running now: its trainer, metric prefix and dataloader."""
+
+    __slots__ = ("trainer", "prefix", "dataloader")
+
+    def __init__(self, trainer: Any, prefix: str, dataloader: Any) -> None:
+        self.trainer, self.prefix, self.dataloader = trainer, prefix, dataloader
+
+
+_WRAPPED_ATTR = "__mlflow_eigencam_evaluation_loop__"
+_wrap_lock = threading.Lock()
+
+
+def _wrap_evaluation_loop() -> None:
+    """Wrap ``transformers.Trainer.evaluation_loop`` once (see the module docstring for why):
+    for a trainer with :class:`EigenCAMCallback` s, each hooks the model for the loop of an
+    evaluation; otherwise, and for ``Trainer.predict``'s loop, a pass-through."""
+    with _wrap_lock:
+        original = Trainer.__dict__["evaluation_loop"]
+        if getattr(original, _WRAPPED_ATTR, False):
+            return
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def evaluation_loop(self: Any, *args: Any, **kwargs: Any) -> Any:
+            handler = getattr(self, "callback_handler", None)
+            callbacks = [cb for cb in getattr(handler, "callbacks", ()) if isinstance(cb, EigenCAMCallback)]
+            if not callbacks:
+                return original(self, *args, **kwargs)
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+                bound.apply_defaults()
+                prefix, description = bound.arguments["metric_key_prefix"], bound.arguments["description"]
+                dataloader = bound.arguments["dataloader"]
+            except (TypeError, KeyError):  # a signature we do not know: not captured
+                return original(self, *args, **kwargs)
+            if description == "Prediction" or not isinstance(prefix, str):
+                return original(self, *args, **kwargs)
+            with contextlib.ExitStack() as stack:
+                for callback in callbacks:
+                    stack.enter_context(callback._evaluating(self, prefix, dataloader))
+                return original(self, *args, **kwargs)
+
+        setattr(evaluation_loop, _WRAPPED_ATTR, True)
+        Trainer.evaluation_loop = evaluation_loop
+
+
+def _setup_mlflow_callback(trainer: Any) -> None:
+    """Let Trainer's ``MLflowCallback`` start (or reuse) its run now, before the first
+    forward of an ``evaluate()`` without ``train()``, rather than in this evaluation's
+    ``on_log`` after the loop: the images then go to the run its metrics go to, not to a
+    second one. What it does is what it would do a moment later; a failure leaves it to that."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, MLflowCallback) and getattr(callback, "_initialized", True) is False:
+            try:
+                callback.setup(trainer.args, trainer.state, trainer.model)
+            except Exception as exc:  # it will try again in on_log, and say why
+                _log.debug("EigenCAM: MLflowCallback.setup failed early: %r", exc)
+
+
+def _active_run_id() -> Optional[str]:
+    """The id of MLflow's active run in this thread, or None (mlflow is not imported here:
+    a user who never imported it has no active run)."""
+    mlflow = sys.modules.get("mlflow")
+    active = None if mlflow is None else mlflow.active_run()
+    return None if active is None else str(active.info.run_id)
 
 
 def _mode_and_ds_id(prefix: str) -> Tuple[str, str]:
@@ -480,27 +569,66 @@ def _processor_norm(processor: Any) -> Optional[Tuple[List[float], List[float]]]
     return mean_l, std_l
 
 
+#: autolog's callback of each trainer, kept across its train() and evaluate() calls (one run,
+#: one naming of its datasets, one record of the steps logged), with the settings it was built
+#: with. Weak keys: a trainer that goes away takes its entry with it.
+_AUTOLOG_CALLBACKS: "weakref.WeakKeyDictionary[Any, Tuple[Dict[str, Any], EigenCAMCallback]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _autolog_callback(trainer: Any, settings: Dict[str, Any]) -> EigenCAMCallback:
+    """The trainer's autolog callback (a new one when autolog's settings changed)."""
+    kept = _AUTOLOG_CALLBACKS.get(trainer)
+    if kept is not None and _same_settings(kept[0], settings):
+        return kept[1]
+    options = dict(settings)
+    layer = options.pop("layer", None)
+    n_samples = options.pop("n_samples", 5)
+    every = options.pop("log_every_n_epochs", 1)
+    callback = EigenCAMCallback(target_layer=layer, n_samples=n_samples, log_every_n_evals=every,
+                                **options)
+    if isinstance(layer, str):  # a bad name: autolog warns and the call runs without us
+        resolve_target_layer(unwrap_model(trainer.model), layer)
+    if kept is not None:
+        kept[1].close()
+    _AUTOLOG_CALLBACKS[trainer] = (dict(settings), callback)
+    return callback
+
+
+def _same_settings(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # values without a plain == (numpy arrays): treat as changed
+        return False
+
+
+def _add_for_one_call(trainer: Any, settings: Dict[str, Any]) -> Optional[Callable[[], None]]:
+    """Put the trainer's autolog callback on it (unless the user passed one); the undo."""
+    handler = trainer.callback_handler
+    if any(isinstance(cb, EigenCAMCallback) for cb in handler.callbacks):
+        return None
+    callback = _autolog_callback(trainer, settings)
+    trainer.add_callback(callback)
+
+    def undo() -> None:
+        # Leave the trainer as it was: a later call (autolog off, or new settings) starts clean.
+        trainer.remove_callback(callback)
+        callback.close()
+
+    return undo
+
+
 def autolog_add_callback(original: Callable[..., Any], trainer: Any, args: tuple, kw: Dict[str, Any],
                          settings: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any], Optional[Callable[[], None]]]:
     """autolog's entry for ``transformers.Trainer.train``: an :class:`EigenCAMCallback` on the
     trainer for this ``train`` only (one the user passed is not duplicated)."""
-    handler = trainer.callback_handler
-    if any(isinstance(cb, EigenCAMCallback) for cb in handler.callbacks):
-        return args, kw, None
-    settings = dict(settings)
-    layer = settings.pop("layer", None)
-    n_samples = settings.pop("n_samples", 5)
-    every = settings.pop("log_every_n_epochs", 1)
-    callback = EigenCAMCallback(target_layer=layer, n_samples=n_samples, log_every_n_evals=every,
-                                **settings)
-    if isinstance(layer, str):  # a bad name: autolog warns and train() runs without us
-        resolve_target_layer(unwrap_model(trainer.model), layer)
-    trainer.add_callback(callback)
+    return args, kw, _add_for_one_call(trainer, settings)
 
-    def undo() -> None:
-        # Leave the trainer as it was: a later train() (autolog off, or new settings) starts clean.
-        trainer.remove_callback(callback)
-        callback.close()
 
-    return args, kw, undo
-
+def autolog_add_evaluate_callback(original: Callable[..., Any], trainer: Any, args: tuple,
+                                  kw: Dict[str, Any], settings: Dict[str, Any]
+                                  ) -> Tuple[tuple, Dict[str, Any], Optional[Callable[[], None]]]:
+    """autolog's entry for ``transformers.Trainer.evaluate`` called outside ``train()`` (inside
+    it, autolog passes straight through and training's callback logs): the same callback as
+    the trainer's ``train()`` calls, for this ``evaluate`` only, into the same run."""
+    return args, kw, _add_for_one_call(trainer, settings)

@@ -92,11 +92,72 @@ def test_evaluation_every_n_steps_logs_each_at_its_own_step(tmp_path, tracking_u
     table = load_json(MlflowClient(), rid, _layout.table_path("eval", "val"))
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [(r["epoch"], r["train_epoch"]) for r in rows] == [(1, 0.5), (2, 1.0), (3, 1.5), (4, 2.0)]
-    # Same global step as the last evaluation (same weights): skipped, no second point at 4.
-    # (Trainer's MLflowCallback ended its run; its eval metrics now go to a new run.)
+    # evaluate() after train(): Trainer logs it at global step 4 again, which the last in-train
+    # evaluation has: the images go to the step after the last one (5), in the training run
+    # (Trainer's MLflowCallback ended it; its metrics of this evaluate() go to a new run).
     trainer.evaluate()
     assert callback.run_id == rid
-    assert sorted(image_series(MlflowClient(), rid)["eigencam/eval/val/sample_0"]) == [1, 2, 3, 4]
+    assert sorted(image_series(MlflowClient(), rid)["eigencam/eval/val/sample_0"]) == [1, 2, 3, 4, 5]
+
+
+def _table_rows(rid: str, mode: str, ds_id: str) -> list:
+    table = load_json(MlflowClient(), rid, _layout.table_path(mode, ds_id))
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def _no_hooks(model) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_autolog_logs_evaluate_after_train_into_the_training_run(tmp_path, tracking_uri):
+    mlflow_eigencam.autolog(n_samples=2, silent=True, faithfulness=False)
+    model = tiny_resnet()
+    trainer = make_trainer(model, tmp_path / "out")
+    trainer.train()  # evaluations at global steps 2 and 4; Trainer's MLflowCallback ends its run
+    client = MlflowClient()
+    (rid,) = [r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+    assert _no_hooks(model)
+    trainer.evaluate()  # Trainer logs it at global step 4 again: the images at step 5
+    assert _no_hooks(model)
+    test = ShapesDataset(4, seed=5)
+    metrics = trainer.evaluate(test, metric_key_prefix="test")  # a new dataset: step 4
+    assert _no_hooks(model)
+    assert "test_loss" in metrics
+    assert not any(isinstance(cb, EigenCAMCallback) for cb in trainer.callback_handler.callbacks)
+    run = client.get_run(rid)  # the training run (its params are Trainer's), still FINISHED
+    assert run.info.status == "FINISHED" and "learning_rate" in run.data.params
+    assert {k: sorted(v) for k, v in image_series(client, rid).items()} == {
+        **{key: [2, 4, 5] for key in KEYS2},
+        "eigencam/test/test/sample_0": [4], "eigencam/test/test/sample_1": [4]}
+    # Step 5 is the evaluation after training: its epoch is training's last, as at step 4.
+    assert [(r["epoch"], r["train_epoch"]) for r in _table_rows(rid, "eval", "val")] == [
+        (2, 1.0), (2, 1.0), (4, 2.0), (4, 2.0), (5, 2.0), (5, 2.0)]
+    names = ("circle", "square", "triangle")
+    assert [(r["epoch"], r["label"]) for r in _table_rows(rid, "test", "test")] == [
+        (4, names[int(test.labels[i])]) for i in (0, 1)]
+    assert "already logged" in run.data.tags["mlflow_eigencam.step"]
+
+
+@pytest.mark.parametrize("how", ["autolog", "callback"])
+def test_evaluate_without_train_logs_into_trainers_run(tmp_path, tracking_uri, how):
+    callbacks = None
+    if how == "autolog":
+        mlflow_eigencam.autolog(n_samples=1, silent=True, faithfulness=False)
+    else:
+        callbacks = [EigenCAMCallback(n_samples=1, faithfulness=False)]
+    model = tiny_resnet()
+    trainer = make_trainer(model, tmp_path / "out", callbacks=callbacks)
+    trainer.evaluate()
+    assert _no_hooks(model)
+    trainer.evaluate(ShapesDataset(2, seed=5), metric_key_prefix="test")
+    assert _no_hooks(model)
+    trainer.predict(ShapesDataset(2, seed=6))  # predict() is not captured (no key, no step)
+    assert _no_hooks(model)
+    rid = _only_run()  # the run Trainer's MLflowCallback started for its eval metrics: no second one
+    assert _eval_steps(rid) == [0]
+    assert [s for s, _ in metric_steps(MlflowClient(), rid, "test_loss")] == [0]
+    assert {k: sorted(v) for k, v in image_series(MlflowClient(), rid).items()} == {
+        "eigencam/eval/val/sample_0": [0], "eigencam/test/test/sample_0": [0]}
 
 
 def _history(trainer) -> list:
@@ -116,12 +177,18 @@ def test_training_and_the_model_are_unchanged(tmp_path, tracking_uri, make_model
                                val=ShapesDataset(8, seed=2, augment=True),
                                eval_strategy="steps", eval_steps=1, report_to="none")
         trainer.train()
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+        # evaluate() after train(), on the eval set and a test set: logged (checked elsewhere);
+        # same metrics, same random stream afterwards.
+        trainer.evaluate()
+        trainer.evaluate(ShapesDataset(4, seed=5, augment=True), metric_key_prefix="test")
         histories.append(_history(trainer))
         states.append((model.training, [m.training for m in model.modules()],
                        {k: v.clone() for k, v in model.state_dict().items()}, torch.rand(3)))
         assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert histories[0] == histories[1]
     assert any("eval_loss" in entry for entry in histories[1])
+    assert any("test_loss" in entry for entry in histories[1])
     (flag0, flags0, params0, rng0), (flag1, flags1, params1, rng1) = states
     assert flag0 == flag1 and flags0 == flags1
     assert params0.keys() == params1.keys()
@@ -155,8 +222,8 @@ def _layer_after_one_evaluation(tmp_path, model, size=32) -> str:
     callback = EigenCAMCallback(n_samples=2)
     trainer = make_trainer(model, tmp_path / "out", callbacks=[callback], report_to="none",
                            val=ShapesDataset(4, size=size, seed=2))
-    trainer.evaluate()  # standalone: global step 0
-    callback.close()
+    trainer.evaluate()  # standalone: global step 0; its images are in MLflow when it returns
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     rid = callback.run_id
     assert {k: sorted(v) for k, v in image_series(MlflowClient(), rid).items()} == {
         key: [0] for key in KEYS2}

@@ -1,5 +1,5 @@
 """The transformers example runs (fewer epochs, in a tmp dir) and logs its images at Trainer's
-evaluation steps, in the run it started."""
+evaluation steps and of the test set evaluated after training, in the run it started."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def test_transformers_quickstart_runs_and_logs_each_evaluation(tmp_path):
     eval_steps = [step for step, _ in metric_steps(client, run_id, "eval_loss")]
     assert eval_steps == [2, 4]  # 64 images / batch 32, one evaluation per epoch
     series = image_series(client, run_id)
-    assert sorted(series) == [f"eigencam/eval/val/sample_{i}" for i in range(3)]
-    assert all(sorted(steps) == eval_steps for steps in series.values())
+    val = [f"eigencam/eval/val/sample_{i}" for i in range(3)]
+    test = [f"eigencam/test/test/sample_{i}" for i in range(3)]
+    assert sorted(series) == sorted(val + test)
+    assert all(sorted(series[key]) == eval_steps for key in val)
+    # trainer.evaluate(test, metric_key_prefix="test") after training: at Trainer's test_loss step.
+    assert [step for step, _ in metric_steps(client, run_id, "test_loss")] == [4]
+    assert all(sorted(series[key]) == [4] for key in test)
     assert client.get_run(run_id).info.status == "FINISHED"
