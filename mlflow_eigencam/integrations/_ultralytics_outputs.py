@@ -39,6 +39,27 @@ def detections(kept: Sequence[torch.Tensor], image_hws: Sequence[Tuple[int, int]
     return dets
 
 
+def obb_hulls(rows: torch.Tensor) -> torch.Tensor:
+    """An OBB head's NMS rows as axis-aligned detection rows: the core's boxes are ``(x1, y1,
+    x2, y2)`` (``samples.Boxes``), so a rotated box is drawn as the smallest upright box that
+    holds its four corners.
+
+    Args:
+        rows: ``(n, 7)`` Ultralytics' rotated NMS output: ``cx, cy, w, h`` in canvas pixels,
+            confidence, class, angle (radians).
+
+    Returns:
+        ``(n, 6)`` float32: ``x1, y1, x2, y2`` (the hull), confidence, class.
+    """
+    from ultralytics.utils.ops import xywhr2xyxyxyxy
+
+    rows = rows.detach().float()
+    if rows.shape[0] == 0:
+        return rows.new_zeros((0, 6))
+    corners = xywhr2xyxyxyxy(torch.cat([rows[:, :4], rows[:, 6:7]], dim=1))  # (n, 4, 2) xy
+    return torch.cat([corners.amin(dim=1), corners.amax(dim=1), rows[:, 4:6]], dim=1)
+
+
 def proto_of(out: Any) -> Optional[torch.Tensor]:
     """A Segment head's mask prototypes ``(B, nm, mh, mw)`` from its eval-mode output
     ``((y, proto), raw)``; None for other heads."""

@@ -21,7 +21,7 @@ What it logs, and where:
   at that step): the weights it evaluates are not the model this callback explains
   (``trainer.ema.ema``), and an extra step would read as one more epoch on the slider.
 
-How (nothing per training batch). Detection and segmentation with the default fused layers:
+How (nothing per training batch). Every task but classify, with the default fused layers:
 in ``on_val_start`` of an epoch that logs, forward hooks on the chosen layers and on the model
 the validator evaluates (``trainer.ema.ema``) keep the pinned images' rows of the
 validator's own forward (its loader is not shuffled: the k-th image it yields is the
@@ -77,8 +77,15 @@ Tasks:
   of the Classify head (the last feature map, ``model.model[-1].f``); label: the true class,
   prediction: the top class. ``faithfulness`` (docs/signals.md): one more batched forward of
   the perturbed pinned images, the clean row reused from the pinned pass.
+* ``pose``: the Pose head is a Detect head with keypoints: as ``detect`` (boxes with class
+  name and confidence, true boxes in white); the keypoints are not drawn (the core's boxes
+  carry none).
+* ``obb``: the OBB head is a Detect head with an angle: its boxes after Ultralytics' rotated
+  NMS (the OBB validator's), each drawn as its upright hull, the smallest axis-aligned box
+  that holds its four corners (the core draws upright boxes only); the true boxes likewise,
+  from the label's four corners (Ultralytics' own ``bboxes`` of an OBB label).
 
-Other tasks (pose, obb) warn once and log nothing. Multi-GPU (DDP) training runs in
+Other tasks warn once, naming the task, and log nothing. Multi-GPU (DDP) training runs in
 subprocesses that do not get this callback.
 """
 
@@ -95,7 +102,7 @@ import torch
 from torch import nn
 
 from ..errors import WarnOnce
-from ._ultralytics_outputs import detections, predicted_mask, proto_of, true_mask, with_background
+from ._ultralytics_outputs import detections, obb_hulls, predicted_mask, proto_of, true_mask, with_background
 from ..metrics import DEFAULT_FRACTIONS, check_fractions
 
 _log = logging.getLogger("mlflow_eigencam")
@@ -106,8 +113,9 @@ MODE = "eval"
 #: The trainer events the callback listens to (``register`` adds one function for each).
 EVENTS = ("on_train_start", "on_train_epoch_end", "on_val_start", "on_val_end", "on_fit_epoch_end",
           "on_train_end", "teardown")
-#: The tasks it logs (``trainer.args.task``); boxes for the first two.
-TASKS = ("detect", "segment", "classify")
+#: The tasks it logs (``trainer.args.task``): boxes for all but ``segment`` (masks) and
+#: ``classify`` (a class).
+TASKS = ("detect", "segment", "classify", "pose", "obb")
 #: Ultralytics' letterbox grey.
 PAD_VALUE = 114
 
@@ -455,16 +463,21 @@ class EigenCAMCallback:
         return [captured[i] for i in indices], out
 
     def _nms(self, model: nn.Module, y: torch.Tensor) -> List[torch.Tensor]:
-        """The inference output ``y`` after NMS, per image: ``(n, 6 + nm)`` rows of xyxy in
-        canvas pixels, confidence, class and (a segmentation model's) mask coefficients."""
+        """The inference output ``y`` after NMS, per image: ``(n, 6 + extra)`` rows of xyxy in
+        canvas pixels, confidence, class and a segmentation model's mask coefficients (a pose
+        model's keypoints); an OBB model's rows are ``(n, 6)``, each rotated box's upright hull
+        (:func:`_ultralytics_outputs.obb_hulls`)."""
         from ultralytics.utils.nms import non_max_suppression
 
         blocks: Any = model.model  # Ultralytics' nn.Sequential of blocks
         head = blocks[-1]
         nc = int(getattr(head, "nc", 0) or len(getattr(model, "names", {}) or {}))
+        rotated = self._task == "obb"
         with torch.no_grad():
-            return list(non_max_suppression(y, self.conf, self.iou, max_det=self.max_det, nc=nc,
-                                            end2end=bool(getattr(head, "end2end", False))))
+            kept = list(non_max_suppression(y, self.conf, self.iou, max_det=self.max_det, nc=nc,
+                                            end2end=bool(getattr(head, "end2end", False)), rotated=rotated))
+        # The OBB validator's NMS (rotated IoU), then each kept box as its upright hull.
+        return [obb_hulls(k) for k in kept] if rotated else kept
 
     def _faithfulness(self, model: nn.Module, x: torch.Tensor, fused: np.ndarray,
                       probs: np.ndarray) -> Optional[np.ndarray]:
