@@ -161,18 +161,19 @@ def card(s: Sample, maps: np.ndarray, evr: np.ndarray,
          colormap: Union[str, int], alpha: float, layer: Optional[str]) -> np.ndarray:
     """One sample's card: a detector's, a segmenter's, or the classifier's (with the further
     layers' rows ``more``; ``layer`` names the first one when there are several)."""
+    if s.pred_mask is not None or s.label_mask is not None:  # a segmenter's masks (and boxes)
+        return render_segmentation_card(
+            s.image, maps, pred_mask=s.pred_mask, true_mask=s.label_mask, iou=s.iou,
+            pred_boxes=s.pred_boxes, explained_variance=evr, label=s.label, pred=s.pred,
+            sample_id=s.sample_id, colormap=colormap, alpha=alpha, map_extent=s.map_extent)
     if s.pred_boxes is not None or s.label_boxes is not None:  # a detector's boxes
         return render_detection_card(
             s.image, maps, pred_boxes=s.pred_boxes, true_boxes=s.label_boxes,
             explained_variance=evr, label=s.label, pred=s.pred, correct=s.correct,
             sample_id=s.sample_id, colormap=colormap, alpha=alpha,
             map_extent=s.map_extent)
-    if s.pred_mask is not None or s.label_mask is not None:  # a segmenter's masks
-        return render_segmentation_card(
-            s.image, maps, pred_mask=s.pred_mask, true_mask=s.label_mask, iou=s.iou,
-            explained_variance=evr, label=s.label, pred=s.pred, sample_id=s.sample_id,
-            colormap=colormap, alpha=alpha, map_extent=s.map_extent)
-    return render_card(s.image, maps, explained_variance=evr, label=s.label, pred=s.pred,
+    pred = s.pred if s.pred is None or s.pred_score is None else f"{s.pred} {s.pred_score:.2f}"
+    return render_card(s.image, maps, explained_variance=evr, label=s.label, pred=pred,
                        correct=s.correct, sample_id=s.sample_id,
                        colormap=colormap, alpha=alpha, map_extent=s.map_extent,
                        layer=layer if more else None, more_layers=more)

@@ -80,6 +80,9 @@ TABLE_OVERLAY_COLUMN = "overlay"
 #: (``samples.mask_iou``) and the class names in the true mask (a list), after ``correct``
 #: (``label`` and ``prediction`` then name the classes present, joined).
 TABLE_MASK_COLUMNS = ("iou", "classes")
+#: Classifiers whose integration gives the predicted class's probability (``on_batch_end``'s
+#: ``pred_scores``): that probability, after ``correct``; the card writes it after the class.
+TABLE_CONFIDENCE_COLUMN = "confidence"
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-]")
 

@@ -68,6 +68,8 @@ def row(epoch: int, sample: Any, evr: np.ndarray, path: str,
     """
     r = {"epoch": epoch, "sample_index": int(sample.index), "sample_id": sample.sample_id,
          "label": sample.label, "prediction": sample.pred, "correct": sample.correct}
+    if sample.pred_score is not None:
+        r[_layout.TABLE_CONFIDENCE_COLUMN] = round(float(sample.pred_score), 4)
     for c, v in enumerate(evr):
         r[f"evr_{c + 1}"] = round(float(v), 6)
     r[_layout.TABLE_MAP_CHANGE_COLUMN] = None if change is None else round(float(change), 6)
@@ -115,6 +117,8 @@ def to_json(rows: List[dict]) -> bytes:
         columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_BOX_COLUMNS
     if any(_layout.TABLE_MASK_COLUMNS[0] in r for r in rows):  # a segmenter's table
         columns[len(_layout.TABLE_COLUMNS):len(_layout.TABLE_COLUMNS)] = _layout.TABLE_MASK_COLUMNS
+    if any(_layout.TABLE_CONFIDENCE_COLUMN in r for r in rows):  # a classifier's, with its scores
+        columns.insert(len(_layout.TABLE_COLUMNS), _layout.TABLE_CONFIDENCE_COLUMN)
     if any(_layout.TABLE_TRAIN_EPOCH_COLUMN in r for r in rows):
         columns.insert(1, _layout.TABLE_TRAIN_EPOCH_COLUMN)
     return dumps({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]})

@@ -267,7 +267,8 @@ class EigenCAMLogger:
     def on_batch_end(self, images: Any, activations: Any, labels: Any = None, preds: Any = None,
                      *, mode: str, ds_id: Optional[str] = None,
                      map_extent: Optional[Tuple[float, float]] = None,
-                     boxes: Any = None, masks: Any = None, faithfulness: Any = None) -> None:
+                     boxes: Any = None, masks: Any = None, faithfulness: Any = None,
+                     pred_scores: Any = None) -> None:
         """Offer one batch.
 
         Args:
@@ -294,6 +295,10 @@ class EigenCAMLogger:
             faithfulness: ``(B,)`` per-sample scores an integration computed with the model
                 (``metrics.perturbed_batch`` / ``faithfulness_scores``; None or NaN: none);
                 with several layers ``{layer name: (B,) scores}`` (layers left out: none).
+            pred_scores: ``(B,)`` the predicted class's probability per image, computed by the
+                caller (the logger applies no softmax: pass what the model's own softmax
+                gave, once); written after the class on the card (``"cat 0.87"``) and in the
+                table's ``confidence`` column. Class predictions only; NaN: none.
         """
         with self._lock:
             if not self.wants(mode, ds_id):
@@ -306,18 +311,19 @@ class EigenCAMLogger:
                     activations, faithfulness, self.n_samples is not None)
                 extras = _epoch.batch_extras(boxes, masks, faithfulness, np.shape(images)[0])
                 self._batch(images, activations, labels, preds, mode, ds_id, map_extent, extras,
-                            more)
+                            more, pred_scores)
             except Exception as exc:
                 self._fail(exc, f"on_batch_end(mode={mode!r}, ds_id={ds_id!r})")
 
     def _batch(self, images, activations, labels, preds, mode, ds_id, map_extent=None,
-               extras=None, more=None) -> None:
+               extras=None, more=None, pred_scores=None) -> None:
         # The buffer checks shapes and batch sizes, and converts and copies only the rows it
         # keeps; the logger only decides the image layout for the whole batch.
         images = np.asarray(images)
         self._clamp_components(activations)
         per_image = _PER_IMAGE_LAYOUT[self._image_layout(images)] if images.ndim == 4 else None
-        kwargs: Dict[str, Any] = dict(image_layout=per_image, channels_last=self.channels_last)
+        kwargs: Dict[str, Any] = dict(image_layout=per_image, channels_last=self.channels_last,
+                                      pred_scores=pred_scores)
         if more:  # checked before the buffer keeps the first layer's rows
             more = self._more.check(more, images.shape[0], self.channels_last)
         if self.n_samples is None:

@@ -16,7 +16,9 @@ Labels and predictions become one display string per sample (see ``class_values`
 * detections (a list of one dict per image with ``"boxes"`` ``(n, 4)`` xyxy pixels and
   optionally ``"labels"`` ``(n,)`` and ``"scores"`` ``(n,)``, torchvision's detector output
   and targets) -> the text ``"3 boxes"``, the boxes themselves kept per sample as
-  :class:`Boxes` (label names through ``label_mapping``);
+  :class:`Boxes` (label names through ``label_mapping``); an instance segmenter's dicts
+  may add ``"mask"``, the ``(H, W)`` class indices of the image, kept as a :class:`Mask`
+  too (the text then names the mask's classes, as per-pixel classes below);
 * per-pixel classes (semantic segmentation), recognised by their size, the images' ``(H, W)``:
   scores or logits ``(B, K, H, W)`` (or channels-last ``(B, H, W, K)``; argmax over K, one
   channel read as a binary score), or masks ``(B, H, W)`` of class indices (pixels of
@@ -199,6 +201,8 @@ class Sample:
             names the classes present).
         label_mask: The true :class:`Mask` when ``labels`` were per-pixel.
         iou: :func:`mask_iou` of the two masks, None unless both are there.
+        pred_score: The predicted class's probability as the caller gave it (``pred_scores``),
+            or None; class predictions only.
     """
 
     index: int
@@ -214,6 +218,7 @@ class Sample:
     pred_mask: Optional[Mask] = field(default=None, repr=False)
     label_mask: Optional[Mask] = field(default=None, repr=False)
     iou: Optional[float] = None
+    pred_score: Optional[float] = None
 
 
 def sample_id(image_uint8: np.ndarray) -> str:
@@ -452,6 +457,7 @@ class SampleBuffer:
         image_layout: Optional[str] = "HWC",
         channels_last: bool = False,
         map_extent: Optional[tuple[float, float]] = None,
+        pred_scores: Any = None,
     ) -> list[Sample]:
         """Keep the first rows of a batch while this key has room; copy only those rows.
 
@@ -471,6 +477,9 @@ class SampleBuffer:
             channels_last: Whether the activations are NHWC.
             map_extent: ``(fy, fx)`` fractions of the map the images cover (see
                 ``render.overlay``), kept on each sample; None for the whole map.
+            pred_scores: ``(B,)`` the predicted class's probability per image, as the caller
+                computed it (nothing is recomputed: no softmax here); class predictions
+                only. NaN: none for that image.
 
         Returns:
             The samples kept from this batch (possibly none).
@@ -498,6 +507,10 @@ class SampleBuffer:
             sizes["labels"] = _length(labels)
         if preds is not None:
             sizes["preds"] = _length(preds)
+        scores = None
+        if pred_scores is not None:
+            scores = np.asarray(pred_scores, dtype=np.float64).reshape(-1)
+            sizes["pred_scores"] = scores.shape[0]
         if len(set(sizes.values())) > 1:
             raise ValueError("batch sizes differ: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
         batch = images.shape[0]
@@ -522,6 +535,15 @@ class SampleBuffer:
             pred_boxes = self._boxes(preds, n, "preds")
             label_masks = None if label_boxes is not None else self._masks(labels, n, image_hw, "labels")
             pred_masks = None if pred_boxes is not None else self._masks(preds, n, image_hw, "preds")
+            if pred_boxes is not None and all(item.get("mask") is not None for item in list(preds)[:n]):
+                # An instance segmenter's: its boxes and, painted by the caller, its mask.
+                pred_masks = self._masks([item["mask"] for item in list(preds)[:n]], n, image_hw, "preds")
+                if pred_masks is None:
+                    raise ValueError(f"preds' 'mask' must be the images' (H, W) = {tuple(image_hw)} "
+                                     "class indices")
+            if scores is not None and (pred_boxes is not None or pred_masks is not None):
+                raise ValueError("pred_scores are for class predictions (a detection's scores go in "
+                                 "its 'scores')")
             label_values = _values(labels, n, label_boxes, label_masks, image_hw, "labels")
             pred_values = _values(preds, n, pred_boxes, pred_masks, image_hw, "preds")
             head = acts[:n]
@@ -562,6 +584,7 @@ class SampleBuffer:
                     pred_mask=pred_mask,
                     label_mask=label_mask,
                     iou=iou,
+                    pred_score=None if scores is None or not np.isfinite(scores[i]) else float(scores[i]),
                 )
                 kept.append(sample)
                 added.append(sample)
@@ -628,10 +651,10 @@ def _values(x: Any, n: int, boxes: Optional[list], masks: Optional[list],
             image_hw: tuple[int, int], name: str) -> list:
     """Per-sample values of the first ``n`` labels / preds: box counts, mask class names, or
     :func:`class_values`, whose error names the images' size for per-pixel values."""
+    if masks is not None:  # a segmenter's boxes and masks: named by the mask's classes
+        return [m.text() for m in masks]
     if boxes is not None:
         return [count_text(len(b)) for b in boxes]
-    if masks is not None:
-        return [m.text() for m in masks]
     try:
         return class_values(_head(x, n), n, name=name)
     except ValueError as exc:

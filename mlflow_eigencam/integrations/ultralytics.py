@@ -63,19 +63,21 @@ Tasks:
 
 * ``detect``: as above.
 * ``segment``: the Segment head is a Detect head with mask coefficients: its inputs P3-P5
-  fused, as ``detect``; the card shows masks instead of boxes (the core draws one or the
-  other per sample). Predicted: after NMS, each kept detection's mask (coefficients x the
-  head's prototypes, upsampled to the input, cropped to its box: Ultralytics'
-  ``process_mask``), the letterbox taken off as for the boxes, overlaps going to the most
-  confident. True: the label's polygons, filled at the image's size (not the validator's
-  masks, which are a quarter of it). YOLO class ``c`` is mask class ``c + 1``, class 0 the
-  background (``_ultralytics_outputs``); the table gets ``iou`` and ``classes``, and
-  ``localization`` scores the map on the true mask.
+  fused, as ``detect``; the card shows the predicted masks and, over them, the predicted
+  boxes (class name and confidence). Predicted: after NMS, each kept detection's mask
+  (coefficients x the head's prototypes, upsampled to the input, cropped to its box:
+  Ultralytics' ``process_mask``), the letterbox taken off as for the boxes, overlaps going
+  to the most confident. True: the label's polygons, filled at the image's size (not the
+  validator's masks, which are a quarter of it). YOLO class ``c`` is mask class ``c + 1``
+  (the boxes' classes too), class 0 the background (``_ultralytics_outputs``); the table
+  gets ``iou``, ``classes`` and ``n_boxes``, and ``localization`` scores the map on the
+  true mask.
 * ``classify``: the pinned images are spread evenly over the validation set (an ImageFolder
   lists its images class by class, so the first ones would be one class), each as the
   validator sees it (``imgsz`` square, resized and centre-cropped); default layer: the input
   of the Classify head (the last feature map, ``model.model[-1].f``); label: the true class,
-  prediction: the top class. ``faithfulness`` (docs/signals.md): one more batched forward of
+  prediction: the top class, and its probability as ``pred_scores`` (the head's own softmax
+  output, taken as it is). ``faithfulness`` (docs/signals.md): one more batched forward of
   the perturbed pinned images, the clean row reused from the pinned pass.
 * ``pose``: the Pose head is a Detect head with keypoints: as ``detect`` (boxes with class
   name and confidence, true boxes in white); the keypoints are not drawn (the core's boxes
@@ -410,7 +412,9 @@ class EigenCAMCallback:
                 probs = b.y.detach().float().cpu().numpy()  # (n, K) probabilities
                 scores = self._faithfulness(model, b.x, fused, probs)
                 for j, i in enumerate(b.members):
-                    extra: Dict[str, Any] = {"preds": probs[j:j + 1]}
+                    # The Classify head's eval output is already softmaxed: its top value is
+                    # the card's and the table's confidence as it is (no second softmax).
+                    extra: Dict[str, Any] = {"preds": probs[j:j + 1], "pred_scores": probs[j:j + 1].max(axis=1)}
                     if scores is not None:
                         extra["faithfulness"] = scores[j:j + 1]
                     results[i] = (fused[j:j + 1], extra)
@@ -424,7 +428,10 @@ class EigenCAMCallback:
                 if self._task == "segment":
                     if b.proto is None:
                         raise ValueError("the segmentation model's output has no mask prototypes")
-                    pred = [predicted_mask(b.proto[j], kept[j], b.x.shape[-2:], (top, left), (h, w))]
+                    # Boxes and masks on one card; YOLO class c is mask class c + 1 (the names
+                    # start with "background"), for the boxes' names too.
+                    pred = [dict(dets[j], labels=dets[j]["labels"] + 1, mask=predicted_mask(
+                        b.proto[j], kept[j], b.x.shape[-2:], (top, left), (h, w)))]
                 if (top, left) == (0, 0):  # the image at the top left of the map: the card crops
                     results[i] = (fused[j:j + 1], {"preds": pred, "map_extent": (
                         h / b.x.shape[-2], w / b.x.shape[-1])})

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..images import to_rgb_uint8
 from ..samples import BACKGROUND_CLASS
-from .boxes import TRUTH_BOX_COLOUR, box_colour
+from .boxes import TRUTH_BOX_COLOUR, box_colour, draw_boxes
 from .card import card_geometry, card_layout, panel_size, render_card
 from .text import GAP, MUTED, TEXT, clean_text, fit_text, get_font, text_line, text_width
 
@@ -151,6 +151,7 @@ def render_segmentation_card(
     iou: Optional[float] = None,
     label: Optional[str] = None,
     pred: Optional[str] = None,
+    pred_boxes: object = None,
     min_side: int = 128,
     max_side: Optional[int] = 512,
     layout: Optional[str] = "HWC",
@@ -173,6 +174,8 @@ def render_segmentation_card(
         iou: The masks' agreement (``samples.mask_iou``), or None.
         label: The true classes' text, or None.
         pred: The predicted classes' text, or None.
+        pred_boxes: An instance segmenter's boxes as :func:`~.boxes.draw_boxes` takes them,
+            drawn over the masks on every panel (``"name score"`` on the input panel), or None.
         min_side: Passed to :func:`render_card`.
         max_side: Passed to :func:`render_card`.
         layout: Passed to :func:`render_card`.
@@ -204,6 +207,8 @@ def render_segmentation_card(
             panel = draw_mask(panel, true_mask, colour=TRUTH_MASK_COLOUR, thickness=1)
         elif i > 0 and pred_mask is not None:
             panel = draw_mask(panel, pred_mask, thickness=1)
+        if pred_boxes is not None:
+            panel = draw_boxes(panel, pred_boxes, scale=(w / rgb_hw[1], h / rgb_hw[0]), text=i == 0)
         card[y:y + h, x:x + w] = panel
     if captioned:
         ph, pw = panel_size(rgb_hw[0], rgb_hw[1], min_side, max_side)

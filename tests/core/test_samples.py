@@ -231,7 +231,7 @@ def test_bad_label_mapping():
 def test_sample_is_a_dataclass_with_the_contract_fields():
     assert list(Sample.__dataclass_fields__) == [
         "index", "image", "activations", "label", "pred", "correct", "sample_id",
-        "pred_boxes", "label_boxes", "map_extent", "pred_mask", "label_mask", "iou",
+        "pred_boxes", "label_boxes", "map_extent", "pred_mask", "label_mask", "iou", "pred_score",
     ]
 
 
@@ -244,3 +244,42 @@ def test_a_none_label_stays_none_and_is_neither_right_nor_wrong():
     kept = buf.add("eval", None, *batch(3), labels=[None, 1, None], preds=np.array([0, 1, 1]))
     assert [(s.label, s.pred, s.correct) for s in kept] == [
         (None, "circle", None), ("square", "square", True), (None, "square", None)]
+
+
+def test_pred_scores_are_kept_as_given_and_reach_the_table():
+    """The caller's probability of the predicted class, not recomputed (no softmax): the
+    sample keeps it, the table writes it in ``confidence``; boxes and masks refuse it."""
+    from mlflow_eigencam import _table
+
+    buf = SampleBuffer(n_samples=2, label_mapping=["cat", "dog"])
+    probs = np.array([[0.13, 0.87], [0.6, 0.4]])
+    images, acts = np.zeros((2, 8, 8, 3), np.uint8), np.ones((2, 2, 4, 4), np.float32)
+    kept = buf.add("eval", None, images, acts, [1, 1], probs, pred_scores=probs.max(axis=1))
+    assert [(s.pred, s.pred_score) for s in kept] == [("dog", 0.87), ("cat", 0.6)]
+    rows = [_table.row(0, s, np.array([1.0]), "") for s in kept]
+    table = _table.loads(_table.to_json(rows))
+    assert table["columns"][:7] == ["epoch", "sample_index", "sample_id", "label", "prediction", "correct",
+                                    "confidence"]
+    assert [r[6] for r in table["data"]] == [0.87, 0.6]
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        SampleBuffer().add("eval", None, images, acts, None, probs, pred_scores=[0.9])
+    boxes = [{"boxes": np.zeros((0, 4))}] * 2
+    with pytest.raises(ValueError, match="class predictions"):
+        SampleBuffer().add("eval", None, images, acts, None, boxes, pred_scores=[0.9, 0.8])
+
+
+def test_detections_with_a_mask_keep_both():
+    """An instance segmenter's dicts with a ``"mask"``: boxes and mask on one sample, named
+    by the mask's classes."""
+    buf = SampleBuffer(label_mapping=["background", "cat"])
+    mask = np.zeros((8, 8), np.int32)
+    mask[2:5, 2:5] = 1
+    preds = [{"boxes": np.array([[2.0, 2.0, 5.0, 5.0]]), "scores": np.array([0.9]), "labels": np.array([1]),
+              "mask": mask}]
+    (s,) = buf.add("eval", None, np.zeros((1, 8, 8, 3), np.uint8), np.ones((1, 2, 4, 4), np.float32),
+                   mask[None], preds)
+    assert s.pred == "background, cat" and s.pred_boxes.names == ("cat",) and s.iou == 1.0
+    np.testing.assert_array_equal(s.pred_mask.classes, mask)
+    with pytest.raises(ValueError, match="'mask'"):
+        SampleBuffer().add("eval", None, np.zeros((1, 8, 8, 3), np.uint8), np.ones((1, 2, 4, 4), np.float32),
+                           None, [dict(preds[0], mask=np.zeros((3, 3), np.int32))])

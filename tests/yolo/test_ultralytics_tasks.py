@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from _yolo_shapes import write_cls_shapes, write_yolo_shapes
 from mlflow_eigencam import _layout
 from mlflow_eigencam.integrations._ultralytics_outputs import detections, predicted_mask
-from mlflow_eigencam.render import TRUTH_MASK_COLOUR, render_card
+from mlflow_eigencam.render import TRUTH_MASK_COLOUR, box_colour, render_card
 from mlflow_eigencam.ultralytics import EigenCAMCallback
 from tests.helpers.readback import image_series, load_json, load_png
 
@@ -113,6 +113,8 @@ def test_classify_logs_the_classify_heads_input_with_class_and_faithfulness(runs
     assert [r["label"] for r in rows] == list(NAMES) * 2
     assert all(r["prediction"] in NAMES for r in rows)
     assert all(r["correct"] == (r["label"] == r["prediction"]) for r in rows)
+    # The top class's probability: the Classify head's softmax, taken once (3 classes: > 1/3).
+    assert all(1 / 3 <= r["confidence"] <= 1.0 for r in rows)
     assert all(r["evr_1"] >= r["evr_2"] >= r["evr_3"] > 0 for r in rows)  # n_components=3
     assert all(-1.0 <= r["faithfulness"] <= 1.0 for r in rows)
     assert "n_boxes" not in rows[0] and "localization" not in rows[0]
@@ -123,16 +125,22 @@ def test_classify_logs_the_classify_heads_input_with_class_and_faithfulness(runs
 @pytest.mark.slow  # trains (the module's shared runs)
 def test_classify_card_shows_the_image_the_validator_sees(runs):
     """The input tile is the validation PNG (64 x 64: the validator's resize and centre crop
-    leave it as it is), pixel for pixel what the renderer draws for it."""
+    leave it as it is), pixel for pixel what the renderer draws for it; the caption writes
+    the top class's probability after it ("pred: square 0.41")."""
     row = _rows(runs, runs.cls_id)[4]  # epoch 1, the square
     card = load_png(runs.client, runs.cls_id, row["image"])
     path = sorted((runs.cls_data / "val" / "square").glob("*.png"))[0]
     image = np.asarray(Image.open(path).convert("RGB"))
     expected = render_card(image, np.zeros((3, 2, 2), np.float32), label=row["label"],
-                           pred=row["prediction"], sample_id=row["sample_id"])
+                           pred=f"{row['prediction']} {row['confidence']:.2f}", sample_id=row["sample_id"])
     x, y, w, h = row["card"]["boxes"][0]
     assert card.shape == expected.shape
     np.testing.assert_array_equal(card[y:y + h, x:x + w], expected[y:y + h, x:x + w])
+    bottom = max(by + bh for _, by, _, bh in row["card"]["boxes"])  # the caption is below the panels
+    np.testing.assert_array_equal(card[bottom:], expected[bottom:])
+    plain = render_card(image, np.zeros((3, 2, 2), np.float32), label=row["label"], pred=row["prediction"],
+                        sample_id=row["sample_id"])
+    assert not np.array_equal(card[bottom:], plain[bottom:])
 
 
 @pytest.mark.slow  # trains (the module's shared runs)
@@ -146,7 +154,10 @@ def test_segment_logs_the_head_inputs_fused_with_masks(runs):
     # Masks, not boxes: YOLO class c is mask class c + 1, class 0 the background.
     assert [r["classes"] for r in rows] == [["background", NAMES[c]] for c, _ in truth]
     assert [r["label"] for r in rows] == [f"background, {NAMES[c]}" for c, _ in truth]
-    assert "n_boxes" not in rows[0] and "n_true_boxes" not in rows[0]
+    for r in rows:  # boxes too: in the table, and in the overlay cell with name and confidence
+        assert r["n_boxes"] >= 1 and r["n_true_boxes"] is None
+        assert len(r["overlay"]["pred"]) == r["n_boxes"] and "true" not in r["overlay"]
+        assert all(name in NAMES and 0.0 <= score <= 1.0 for *_, name, score in r["overlay"]["pred"])
     for r in rows:  # conf=0: every image has predicted masks, named after the classes
         assert set(r["prediction"].split(", ")) <= {"background", *NAMES}
         assert 0.0 <= r["iou"] <= 1.0
@@ -169,6 +180,22 @@ def test_segment_card_outlines_the_true_polygon_in_white(runs):
         band = _edge_band(np.asarray(inside, bool), 2)
         assert white.sum() >= 0.5 * band.sum() / 4  # the outline runs all round (band: ~4 px wide)
         assert (white & ~band).sum() <= 0.02 * white.sum()  # and nowhere else
+
+
+@pytest.mark.slow  # trains (the module's shared runs)
+def test_segment_card_draws_the_boxes_over_the_masks(runs):
+    """Boxes and masks on one card: the most confident box (drawn last, on top) outlines its
+    place on the input panel in its class's colour (left and right edges, +-1 px)."""
+    for row in _rows(runs, runs.seg_id):
+        card = load_png(runs.client, runs.seg_id, row["image"])
+        x, y, w, h = row["card"]["boxes"][0]
+        panel = card[y:y + h, x:x + w]
+        x1, y1, x2, y2, name, _ = max(row["overlay"]["pred"], key=lambda p: p[5])
+        sx, sy = w / 64, h / 48
+        span = slice(int(round(y1 * sy)), max(int(round(y1 * sy)) + 1, int(round(y2 * sy)) - 1))
+        for col in (int(round(x1 * sx)), int(round(x2 * sx)) - 1):
+            band = panel[span, max(0, col - 1):col + 2]
+            assert np.all(band == box_colour(name), axis=-1).any(axis=1).mean() >= 0.9
 
 
 def test_predicted_mask_is_taken_off_the_letterbox_like_the_boxes():
