@@ -84,7 +84,9 @@ def test_a_run_the_user_may_not_read_is_never_listed_described_or_served(trackin
     from mlflow_eigencam.explorer._server import MAY_READ
 
     mine = _logged(np.array([0, 1, 2]))
-    mlflow.set_experiment("secret")
+    # Its artifacts in tmp_path (a sqlite store puts a new experiment's in ./mlruns).
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment(
+        "secret", artifact_location=(tmp_path / "secret").as_uri()))
     secret = _logged(np.array([0, 1, 2]))
     secret_exp = mlflow.get_run(secret).info.experiment_id
     asked: list = []
