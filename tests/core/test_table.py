@@ -24,7 +24,7 @@ from tests.helpers.readback import free_port
 
 def _sample(i, boxes=False):
     return SimpleNamespace(index=i, sample_id=f"s{i}", label="cat", pred="dog", correct=False,
-                           pred_boxes=[1, 2] if boxes else None, label_boxes=None)
+                           pred_boxes=[1, 2] if boxes else None, label_boxes=None, pred_score=None)
 
 
 def _table_of(rows):
