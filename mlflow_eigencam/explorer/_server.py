@@ -60,14 +60,14 @@ _SAMPLE_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 # A finished run's table and listing do not change; a running run's are re-read this often.
 _LIVE_TTL_S = 2.0
 _IMMUTABLE = "public, max-age=31536000, immutable"
-# Rows whose previews are read ahead when a table is served (about a screenful).
-_PREFETCH_ROWS = 8
-# Of those, the top rows (what a first paint waits for; the page fetches them first too):
-# made from their cards (the path is in the table) while the run's image listing is not read
-# yet. A listing is one request, but of every image of the run (960 entries for 30 epochs x
-# 16 samples, ~60 ms of CPU between the two servers); the preview made from the card is the
-# logged one, byte for byte (the logger made it with the same encoder from the same card).
-_CARD_ROWS = 2
+# Rows whose previews are read ahead when a table is served: the top ones, what a first
+# paint waits for (the page fetches them first too; the rows below it asks for lazily, and
+# reading them ahead here made them compete with these). Made from their cards (the path is
+# in the table) while the run's image listing is not read yet: a listing is one request, but
+# of every image of the run (960 entries for 30 epochs x 16 samples, ~60 ms of CPU between
+# the two servers); the preview made from the card is the logged one, byte for byte (the
+# logger made it with the same encoder from the same card).
+_PREFETCH_ROWS = 2
 # Runs one request may name (the page adds no more than this to a view).
 MAX_RUNS = 64
 #: WSGI environ key an authenticating middleware sets: ``may_read(experiment_id: str) ->
@@ -122,8 +122,10 @@ class Explorer:
         self._inflight: Dict[Tuple[Any, ...], Future] = {}
         # The request's MAY_READ, for the request's own thread (checks never run in a pool).
         self._request = threading.local()
-        # Pillow's WebP encoder, loaded before the first look needs it (~80 ms the first time).
-        self._background.submit(_quietly, _preview_of, _TINY_PNG)
+        # Pillow's WebP encoder is loaded (~80 ms) by the first /api/data, beside the tables:
+        # not here, where no thread may start (gunicorn forks its worker after this; a child
+        # forked during an import in another thread deadlocks on that module's lock).
+        self._warm = False
 
     # -- WSGI ------------------------------------------------------------------------------
     def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -264,6 +266,9 @@ class Explorer:
         if not ds_id or (mode, ds_id) not in pairs:
             ds_id = next((d for m, d in pairs if m == mode), ds_id or _layout.ALL_DS)
         seg = None if ds_id == _layout.ALL_DS else ds_id
+        if not self._warm:
+            self._warm = True
+            self._background.submit(_quietly, _preview_of, _TINY_PNG)
         for res in resolved:  # the runs' experiments' names, beside the tables
             if not isinstance(res, str):
                 self._listings.submit(_quietly, self._experiment, str(res.info.experiment_id))
@@ -293,14 +298,12 @@ class Explorer:
                     if sid not in jobs or jobs[sid][0][0] != r["run_id"]:
                         continue
                     jobs[sid].insert(0, (r["run_id"], row["epoch"], row["index"]))
-            # Only the first screenful: the rows below it are asked for as they scroll into
-            # view, and reading them ahead now would compete with the rows on screen. The
-            # neighbouring epochs (a slider step) are the page's to read ahead, once the rows
-            # on screen have their images: read here, they competed with those rows for the
-            # tracking server, and a cold first paint waited for them.
-            for n, sid in enumerate(list(jobs)[:_PREFETCH_ROWS]):
+            # Only the top rows. The neighbouring epochs (a slider step) are the page's to read
+            # ahead, once the rows on screen have their images: read here, they competed with
+            # those rows for the tracking server, and a cold first paint waited for them.
+            for sid in list(jobs)[:_PREFETCH_ROWS]:
                 for rid, e, index in dict.fromkeys(jobs[sid]):
-                    self._prefetch(rid, mode, seg, e, index, from_card=n < _CARD_ROWS)
+                    self._prefetch(rid, mode, seg, e, index, from_card=True)
         # The previews' listings are not needed for this answer, only for the images the page
         # asks for next: started once the tables are read (beside them, they held the tables
         # up at the tracking server, and the answer with them).
