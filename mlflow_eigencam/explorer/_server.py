@@ -61,8 +61,8 @@ _SAMPLE_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 _LIVE_TTL_S = 2.0
 _IMMUTABLE = "public, max-age=31536000, immutable"
 # Rows whose previews are read ahead when a table is served: the top ones, what a first
-# paint waits for (the page fetches them first too; the rows below it asks for lazily, and
-# reading them ahead here made them compete with these). Made from their cards (the path is
+# paint waits for (the page fetches them first too, and the rows below them lazily: read
+# ahead here, those competed with these). Made from their cards (the path is
 # in the table) while the run's image listing is not read yet: a listing is one request, but
 # of every image of the run (960 entries for 30 epochs x 16 samples, ~60 ms of CPU between
 # the two servers); the preview made from the card is the logged one, byte for byte (the
@@ -114,8 +114,8 @@ class Explorer:
         # first look start only when the first ones are read.
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="eigencam-explorer")
         # The runs' image listings (a few hundred entries each: the slowest read of a first
-        # look), started as soon as the runs are known, beside the tables. Their own pool:
-        # the prefetches wait for them.
+        # look), started once the runs' tables are read (data()). Their own pool: the
+        # prefetches wait for them.
         self._listings = ThreadPoolExecutor(max_workers=8, thread_name_prefix="eigencam-list")
         self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="eigencam-prefetch")
         self._images = _LRU(max_bytes=256 * 2 ** 20)
