@@ -18,10 +18,17 @@ every overlay image in the viewport has loaded (decoded, ``naturalWidth > 0``). 
 * CPU: seconds of CPU the tracking server (its whole process tree) and the explorer spent
   on a cold paint, a figure that a busy machine inflates less than the wall-clock times.
 
-The 1-minute load average is printed beside the figures.
+The 1-minute load average is printed beside the figures. Before each cold paint the
+tracking server (and the fresh explorer) are left to settle: a just started ``mlflow
+server`` spends several seconds of CPU on its own start (its job runner), which a cold paint
+would otherwise be charged with.
+
+``--baseline DIR``: also serve the explorer from another copy of the package (``DIR`` holds
+``mlflow_eigencam/``, e.g. ``git archive REV mlflow_eigencam | tar -x -C DIR``), the two
+arms taking turns in every repeat, and print both side by side.
 
     python benchmarks/bench_explorer.py [--runs 10 --epochs 30 --samples 16 --repeat 3
-                                         --store DIR]
+                                         --store DIR --baseline DIR --paint-only]
 """
 
 from __future__ import annotations
@@ -94,15 +101,15 @@ def log_runs(uri: str, tmp: Path, runs: int, epochs: int, samples: int) -> list:
 class Ui:
     """``mlflow-eigencam ui`` in a subprocess (``server``: gunicorn or stdlib)."""
 
-    def __init__(self, uri: str, server: str) -> None:
+    def __init__(self, uri: str, server: str, root: Path = ROOT) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path),
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + sys.path),
                    MLFLOW_DISABLE_TELEMETRY="true")
         self.proc = subprocess.Popen([sys.executable, "-m", "mlflow_eigencam", "ui", "--tracking-uri",
                                       uri, "--port", str(self.port), "--server", server],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=root)  # -m imports from cwd first
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -137,6 +144,18 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+def settle(pids: list, quiet: float = 0.1, limit: float = 60.0) -> None:
+    """Wait (up to ``limit`` s) until the processes' trees use under ``quiet`` s of CPU a second."""
+    deadline = time.monotonic() + limit
+    last = sum(tree_cpu(p) for p in pids)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = sum(tree_cpu(p) for p in pids)
+        if now - last < quiet:
+            return
+        last = now
+
+
 def load() -> str:
     try:
         return Path("/proc/loadavg").read_text().split()[0]
@@ -152,6 +171,30 @@ def paint(browser, url: str, context=None):
     page.goto(url)
     page.wait_for_function(PAINTED, timeout=120_000, polling=10)
     return time.perf_counter() - t0, page
+
+
+def one(browser, server: MlflowServer, ui: Ui, ids: list, last: int, fan: str, r: dict) -> None:
+    """One cold paint and what follows it (warm, reload, slider steps, fan-out) into ``r``."""
+    assert server.proc is not None
+    url = f"{ui.url}?runs={','.join(ids)}&epoch={last}"
+    settle([server.proc.pid, ui.proc.pid])
+    m0, e0 = tree_cpu(server.proc.pid), tree_cpu(ui.proc.pid)
+    sec, page = paint(browser, url)
+    r["cold"].append(sec * 1000)
+    r["cpu_server"].append(tree_cpu(server.proc.pid) - m0)
+    r["cpu_explorer"].append(tree_cpu(ui.proc.pid) - e0)
+    page.context.close()
+    sec, page = paint(browser, url)
+    r["warm"].append(sec * 1000)
+    t0 = time.perf_counter()
+    page.reload()
+    page.wait_for_function(PAINTED, timeout=120_000, polling=10)
+    r["reload"].append((time.perf_counter() - t0) * 1000)
+    time.sleep(2)  # the page's read-ahead of the neighbouring epochs
+    r["fresh"].append(page.evaluate(TIMED, ["epoch", last - 1]))
+    r["cached"].append(page.evaluate(TIMED, ["epoch", last]))
+    r["fan"].append(page.evaluate(TIMED, ["fan", fan]))
+    page.context.close()
 
 
 def concurrency(ui: Ui, ids: list, epochs: int, samples: int, round_: int) -> tuple:
@@ -192,6 +235,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--store", default=None,
                     help="keep the logged runs in this folder and reuse them on the next call")
+    ap.add_argument("--paint-only", action="store_true",
+                    help="leave out the concurrency figures (8 previews beside an export)")
+    ap.add_argument("--baseline", default=None,
+                    help="a folder holding another copy of mlflow_eigencam/: measured beside this one")
     a = ap.parse_args()
     try:
         from playwright.sync_api import sync_playwright
@@ -224,37 +271,24 @@ def main() -> None:
             for rid in ids:
                 client.get_run(rid)
             loads = [load()]
-            r: dict = {k: [] for k in ("cold", "warm", "reload", "cached", "fresh", "fan",
-                                       "cpu_server", "cpu_explorer")}
+            arms = {"this": ROOT}
+            if a.baseline:
+                arms = {"baseline": Path(a.baseline).resolve(), "this": ROOT}
+            keys = ("cold", "warm", "reload", "cached", "fresh", "fan", "cpu_server", "cpu_explorer")
+            r: dict = {arm: {k: [] for k in keys} for arm in arms}
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
                 for _ in range(a.repeat):
-                    ui = Ui(server.uri, "gunicorn")
-                    try:
-                        url = f"{ui.url}?runs={','.join(ids)}&epoch={last}"
-                        m0, e0 = tree_cpu(server.proc.pid), tree_cpu(ui.proc.pid)
-                        sec, page = paint(browser, url)
-                        r["cold"].append(sec * 1000)
-                        r["cpu_server"].append(tree_cpu(server.proc.pid) - m0)
-                        r["cpu_explorer"].append(tree_cpu(ui.proc.pid) - e0)
-                        page.context.close()
-                        sec, page = paint(browser, url)
-                        r["warm"].append(sec * 1000)
-                        t0 = time.perf_counter()
-                        page.reload()
-                        page.wait_for_function(PAINTED, timeout=120_000, polling=10)
-                        r["reload"].append((time.perf_counter() - t0) * 1000)
-                        time.sleep(2)  # the page's read-ahead of the neighbouring epochs
-                        r["fresh"].append(page.evaluate(TIMED, ["epoch", last - 1]))
-                        r["cached"].append(page.evaluate(TIMED, ["epoch", last]))
-                        r["fan"].append(page.evaluate(TIMED, ["fan", fan]))
-                        page.context.close()
-                    finally:
-                        ui.stop()
+                    for arm, root in arms.items():
+                        ui = Ui(server.uri, "gunicorn", root)
+                        try:
+                            one(browser, server, ui, ids, last, fan, r[arm])
+                        finally:
+                            ui.stop()
                     loads.append(load())
                 browser.close()
             conc = {}
-            for name in ("gunicorn", "stdlib"):
+            for name in () if a.paint_only else ("gunicorn", "stdlib"):
                 ui = Ui(server.uri, name)
                 try:
                     conc[name] = [concurrency(ui, ids, a.epochs, a.samples, k) for k in range(a.repeat)]
@@ -263,20 +297,24 @@ def main() -> None:
         finally:
             server.stop()
     med = statistics.median
-
-    def line(label: str, key: str, goal: str = "") -> None:
-        print(f"  {label:<44}{med(r[key]):7.0f} ms  (all: {', '.join(f'{x:.0f}' for x in r[key])}){goal}")
-
     print(f"the explorer, {a.runs} runs x {a.epochs} epochs x {a.samples} samples, mlflow-eigencam ui "
           f"on gunicorn (median of {a.repeat}; 1-min load average {', '.join(loads)}):")
-    line("first meaningful paint, cold explorer:", "cold", "  goal < 1000 ms")
-    line("first meaningful paint, warm explorer:", "warm")
-    line("reload (HTTP cache):", "reload")
-    line("slider step to a cached epoch:", "cached", "  goal < 100 ms")
-    line("slider step to the epoch before:", "fresh")
-    line(f"fan-out {fan} x {a.runs} runs drawn:", "fan")
-    print(f"  CPU of a cold paint: tracking server {med(r['cpu_server']):.2f} s, "
-          f"explorer {med(r['cpu_explorer']):.2f} s")
+    for arm in arms:
+        m = r[arm]
+
+        def line(label: str, key: str, goal: str = "", m: dict = m) -> None:
+            print(f"  {label:<44}{med(m[key]):7.0f} ms  (all: {', '.join(f'{x:.0f}' for x in m[key])}){goal}")
+
+        if len(arms) > 1:
+            print(f" {arm} ({arms[arm]}):")
+        line("first meaningful paint, cold explorer:", "cold", "  goal < 1000 ms")
+        line("first meaningful paint, warm explorer:", "warm")
+        line("reload (HTTP cache):", "reload")
+        line("slider step to a cached epoch:", "cached", "  goal < 100 ms")
+        line("slider step to the epoch before:", "fresh")
+        line(f"fan-out {fan} x {a.runs} runs drawn:", "fan")
+        print(f"  CPU of a cold paint: tracking server {med(m['cpu_server']):.2f} s, "
+              f"explorer {med(m['cpu_explorer']):.2f} s")
     for name, rows in conc.items():
         alone, beside, export = (med([x[i] for x in rows]) for i in range(3))
         print(f"  {name:<9} 8 previews at once: {alone:6.0f} ms alone, {beside:6.0f} ms beside an HTML "

@@ -512,6 +512,10 @@ class Reader:
         first, listed = self._both(lambda: self.read_or_none(run_id, main),
                                    lambda: self.listing(run_id, _layout.table_parts_dir(mode, ds_id)))
         paths = _table.part_paths(lambda _folder: listed, mode, ds_id)
+        # The parts whose rows samples.json holds as they are are not downloaded (one round
+        # trip each; _table.held_by_view says which, and why that gives the same table).
+        held = {p.rsplit("/", 1)[-1] for p in _table.held_by_view(listed, first)}
+        paths = [p for p in paths if p.rsplit("/", 1)[-1] not in held]
         # The parts first, in their order (the rows' home, see _table), then samples.json:
         # a view that the last writer rewrote, read only for rows no part has.
         sources: List[Tuple[str, bytes]] = []

@@ -187,3 +187,43 @@ def test_ui_runs_on_gunicorn_and_a_stuck_client_holds_no_other_request(tracking_
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_a_first_look_downloads_only_the_table_parts_samples_json_does_not_hold(tracking_uri):
+    """10 runs x 30 epochs were 310 downloads before the first row; the parts whose rows
+    samples.json holds as they are are skipped, and the table is the one every part gives."""
+    from mlflow_eigencam import _table
+    from mlflow_eigencam._reader import Reader
+
+    rid = _logged(np.array([0, 1, 2]), epochs=3)
+    client = mlflow.MlflowClient()
+    reader = Reader(tracking_uri)
+    downloaded: list = []
+    read = reader.read
+    reader.read = lambda run_id, path: downloaded.append(path) or read(run_id, path)  # type: ignore[method-assign]
+
+    def every_part() -> list:
+        """The table as the rule reads it: every part in order, then samples.json."""
+        parts = _table.part_paths(lambda folder: client.list_artifacts(rid, folder), "eval", "val")
+        return _table.read([(p, read(rid, p)) for p in parts + ["eigencam/eval/val/samples.json"]])[1]
+
+    table = reader.table(rid, "eval", "val")
+    assert downloaded == ["eigencam/eval/val/samples.json"]
+    assert table.epochs == [0, 1, 2] and table.rows == every_part()
+    # A second writer's part of epoch 1 (another prediction): both parts of that epoch are
+    # read, and the first one's row stands, as in the full read.
+    first = [p for p in _table.part_paths(lambda f: client.list_artifacts(rid, f), "eval", "val")
+             if "/epoch_0001-" in p][0]
+    other = json.loads(read(rid, first))
+    other["data"][0][other["columns"].index("prediction")] = "tri-by-another-writer"
+    client.log_text(rid, json.dumps(other), "eigencam/eval/val/table/epoch_0001-9999999999999-bb.json")
+    # samples.json rewritten by a writer that had only epoch 0: epoch 2's part is read too.
+    view = json.loads(read(rid, "eigencam/eval/val/samples.json"))
+    view["data"] = [v for v in view["data"] if v[0] == 0]
+    client.log_text(rid, json.dumps(view), "eigencam/eval/val/samples.json")
+    downloaded.clear()
+    again = Reader(tracking_uri)
+    again.read = reader.read  # type: ignore[method-assign]
+    assert again.table(rid, "eval", "val").rows == every_part() == table.rows
+    assert sorted(p.rsplit("/", 1)[-1][:11] for p in downloaded) == \
+        ["epoch_0001-", "epoch_0001-", "epoch_0002-", "samples.jso"]

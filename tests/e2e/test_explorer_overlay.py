@@ -211,3 +211,35 @@ def test_rows_logged_before_overlays_keep_their_card(world, page):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{world.url}api/overlay?{q}", timeout=30)
     assert err.value.code == 404
+
+
+def test_zoom_and_pan_apply_to_the_overlay_canvases(world, page):
+    page.goto(world.url + f"?runs={world.run_id}&mode=eval&ds_id=val&epoch=1&overlay=1")
+    page.wait_for_selector("body[data-ready='1']")
+    _drawn(page, "heat|pred|true|0.5|1|")
+    row = page.locator("#grid tbody tr.sample").nth(0)
+    page.wait_for_function("() => document.querySelector('#grid tbody tr.sample .ov.crop')")
+    wrap = row.locator(".ov.crop").first
+    before = wrap.screenshot()
+    box = wrap.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.wheel(0, -300)
+    page.wait_for_function("() => document.querySelector('#grid tbody tr.sample').dataset.zoom > 1")
+    # Every panel of the row, the input and each composited canvas, shows the same closer look.
+    views = row.locator(".crop").evaluate_all("cs => cs.map(c => [c.className, c.dataset.zoom, c.dataset.view])")
+    canvases = [v for v in views if "ov" in v[0].split()]
+    assert canvases and len(canvases) == row.locator("canvas.overlay").count()
+    assert len({tuple(v[1:]) for v in views}) == 1 and float(views[0][1]) > 2
+    assert wrap.screenshot() != before  # the canvas is drawn larger, cut to its cell
+    cv = row.locator("canvas.overlay").first.bounding_box()
+    assert cv["width"] > 2 * box["width"] and wrap.bounding_box()["width"] == box["width"]
+    # A drag pans the canvases with the rest of the row; the row's reset shows them whole.
+    page.mouse.move(box["x"] + 60, box["y"] + 60)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 30, box["y"] + 40, steps=4)
+    page.mouse.up()
+    panned = row.locator(".crop").evaluate_all("cs => cs.map(c => c.dataset.view)")
+    assert len(set(panned)) == 1 and panned[0] != views[0][2]
+    row.locator(".unzoom").click()
+    assert set(row.locator(".crop").evaluate_all("cs => cs.map(c => c.dataset.zoom)")) == {"1.000"}
+    assert row.locator("canvas.overlay").first.bounding_box()["width"] == box["width"]

@@ -185,8 +185,11 @@ async function fetchData(first) {
   if (!S.runs.length) return;
   let body, text;
   try {
-    const r = await fetch("api/data?" + qs({ runs: S.runs.join(","), mode: S.mode, ds_id: S.ds_id,
-                                             epoch: first ? S.epoch : null }));
+    const url = "api/data?" + qs({ runs: S.runs.join(","), mode: S.mode, ds_id: S.ds_id,
+                                   epoch: first ? S.epoch : null });
+    const early = window.EARLY_DATA; // asked for by index.html while this code loaded
+    window.EARLY_DATA = null;
+    const r = await (early && early.url === url ? early.answer : fetch(url));
     text = await r.text();
     body = JSON.parse(text);
     if (!r.ok) throw new Error(body.error || r.statusText);
@@ -378,13 +381,19 @@ function readAhead(gen) {
 }
 const AHEAD = new Map(); // url -> Image read ahead (kept so that its decoded copy is reused)
 
+// The top rows' images are fetched as soon as they are made, first (the others when they
+// near the viewport): a lazy image waits for a layout, and its request for the others'.
+const EAGER_ROWS = 2;
+let EAGER = false; // panel(): the row being drawn is one of them
+
 function renderGrid(sids) {
   const cols = columns();
   const grid = $("grid");
   const head = el("tr", {}, el("th", { class: "in" }, "input"));
   for (const c of cols) head.append(columnHead(c));
   const body = el("tbody");
-  for (const sid of sids) {
+  for (const [i, sid] of sids.entries()) {
+    EAGER = i < EAGER_ROWS;
     const tr = el("tr", { class: "sample", dataset: { sid } });
     const first = firstRow(sid);
     const label = first ? first.row.label : null;
@@ -399,6 +408,7 @@ function renderGrid(sids) {
   }
   if (!sids.length) body.append(el("tr", {}, el("td", { colspan: cols.length + 1 },
     sampleRows().length ? "No sample matches these filters." : "These runs logged no samples here.")));
+  EAGER = false;
   grid.replaceChildren(el("thead", {}, groupHeadRow(cols), head), body);
   for (const tr of body.querySelectorAll("tr.sample")) {
     const z = ZOOM.get(tr.dataset.sid);
@@ -447,8 +457,8 @@ function imageURL(run, row, kind) {
 // One panel of a row's preview: the input (0) or a component, cropped from the WebP preview.
 function panel(run, row, which) {
   const g = row.g === null || row.g === undefined ? null : run.geometries[row.g];
-  const img = el("img", { loading: "lazy", decoding: "async", alt: `${which ? "PC" + which : "input"} of sample ${row.sample_id}`,
-    src: imageURL(run, row, "preview") });
+  const img = el("img", { loading: EAGER ? "eager" : "lazy", fetchpriority: EAGER ? "high" : null, decoding: "async",
+    alt: `${which ? "PC" + which : "input"} of sample ${row.sample_id}`, src: imageURL(run, row, "preview") });
   img.addEventListener("error", () => {
     const why = row.rendered ? "image missing" : "not rendered";
     img.replaceWith(el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, why));

@@ -119,6 +119,18 @@ const Overlay = (() => {
     if (O.pred) boxes(g, meta.pred, false, scale);
     cv.dataset.drawn = [O.heat && maps ? "heat" : "", O.pred ? "pred" : "", O.truth ? "true" : "",
       O.opacity, component, layer].join("|");
+    zoomable(cv.parentNode, W, H, row.sample_id);
+  }
+
+  // The row's zoom and pan (app.js: ZOOM, placeCrop) apply to the composited canvas as to the
+  // previews' crops: once its size is known, its wrap is a crop of the whole canvas.
+  function zoomable(wrap, W, H, sid) {
+    if (!wrap || typeof placeCrop !== "function") return;
+    const h = Math.round(128 * H / W);
+    wrap._geom = { fx: 0, fy: 0, w: 128, h: 128 * H / W, ph: h };
+    wrap.classList.add("crop");
+    Object.assign(wrap.style, { width: "128px", height: h + "px" });
+    placeCrop(wrap, ZOOM.get(sid));
   }
 
   // The cell's panel in the overlay view: a canvas drawn when its files arrive.
