@@ -239,13 +239,16 @@ def test_the_slider_moves_every_column(world, page):
     assert "epoch=1" in page.url
     srcs = page.eval_on_selector_all(
         "#grid tbody td[data-state='logged'] img",
-        "is => is.map(i => [i.closest('td').dataset.run, i.getAttribute('src')])")
+        "is => is.map(i => [i.closest('td').dataset.run, (i.getAttribute('src') || i.dataset.src)])")
     assert {run for run, _ in srcs} == set(ids)  # every column, the live one too
     assert len(srcs) == 3 * N_SAMPLES and all("epoch=1&" in s for _, s in srcs)
     # The preview images load (lazily) and are WebP previews, not the cards.
     page.wait_for_function("() => [...document.querySelectorAll('#grid tbody td img')]"
                            ".slice(0, 6).every(i => i.complete && i.naturalWidth > 0)")
     assert all("kind=preview" in s for _, s in srcs)
+    # The lower rows' images are given their src once the top rows' have loaded.
+    page.wait_for_function("() => [...document.querySelectorAll('#grid tbody td img')]"
+                           ".every(i => i.getAttribute('src') === i.dataset.src || !i.dataset.src)")
 
 
 @pytest.mark.parametrize("flt", ["correct", "wrong", "changed", "label", "pred"])
@@ -312,7 +315,7 @@ def test_a_deep_link_restores_the_view(world, page):
     assert fresh.input_value("#component") == "2" and fresh.input_value("#filter") == "wrong"
     assert fresh.input_value("#sort") == "map_change"
     srcs = fresh.eval_on_selector_all("#grid tbody td[data-state='logged'] img",
-                                      "is => is.map(i => i.getAttribute('src'))")
+                                      "is => is.map(i => (i.getAttribute('src') || i.dataset.src))")
     assert srcs and all("epoch=1&" in s for s in srcs)
     fresh.close()
 
@@ -721,7 +724,7 @@ def test_a_typed_epoch_and_the_keyboard_move_the_slider(world, page):
 
     def shown_epoch():
         srcs = page.eval_on_selector_all("#grid tbody td[data-state='logged'] img",
-                                         "is => is.map(i => i.getAttribute('src'))")
+                                         "is => is.map(i => (i.getAttribute('src') || i.dataset.src))")
         epochs = {s.split("epoch=")[1].split("&")[0] for s in srcs}
         assert len(epochs) == 1, epochs
         label = page.text_content("#epoch-label")

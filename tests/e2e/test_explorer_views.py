@@ -101,7 +101,8 @@ def _cell_epochs(page) -> List[tuple]:
     """(run, epoch of the image's src) of every logged cell of the first row, in order."""
     return [tuple(c) for c in page.eval_on_selector_all(
         "#grid tbody tr.sample:first-child td[data-state='logged'] img",
-        "is => is.map(i => [i.closest('td').dataset.run, i.getAttribute('src').split('epoch=')[1].split('&')[0]])")]
+        "is => is.map(i => [i.closest('td').dataset.run,"
+        " (i.getAttribute('src') || i.dataset.src).split('epoch=')[1].split('&')[0]])")]
 
 
 def _screenshot(page, name: str, tmp_path: Path) -> Path:

@@ -381,10 +381,22 @@ function readAhead(gen) {
 }
 const AHEAD = new Map(); // url -> Image read ahead (kept so that its decoded copy is reused)
 
-// The top rows' images are fetched as soon as they are made, first (the others when they
-// near the viewport): a lazy image waits for a layout, and its request for the others'.
+// The top rows' images are fetched as soon as they are made, first (a lazy image waits for
+// a layout, and its request for the others'). The lower rows' images get their src only once
+// the top rows' have loaded (or after 3 s): Chromium fetches lazy images far below the fold
+// (~60 requests for one row on screen), and on a small machine those requests took the CPU
+// the top row's previews needed, in the explorer and in the tracking server alike.
 const EAGER_ROWS = 2;
 let EAGER = false; // panel(): the row being drawn is one of them
+let DEFERRED = null; // renderGrid(): the lower rows' images, waiting for their src
+
+function releaseDeferred(body, deferred) {
+  const top = [...body.querySelectorAll("img[src]")].filter((img) => !img.complete).map((img) =>
+    new Promise((ok) => { img.addEventListener("load", ok); img.addEventListener("error", ok); }));
+  Promise.race([Promise.all(top), new Promise((ok) => setTimeout(ok, 3000))]).then(() => {
+    for (const img of deferred) if (img.isConnected && !img.getAttribute("src")) img.src = img.dataset.src;
+  });
+}
 
 function renderGrid(sids) {
   const cols = columns();
@@ -392,6 +404,7 @@ function renderGrid(sids) {
   const head = el("tr", {}, el("th", { class: "in" }, "input"));
   for (const c of cols) head.append(columnHead(c));
   const body = el("tbody");
+  const deferred = DEFERRED = [];
   for (const [i, sid] of sids.entries()) {
     EAGER = i < EAGER_ROWS;
     const tr = el("tr", { class: "sample", dataset: { sid } });
@@ -409,7 +422,9 @@ function renderGrid(sids) {
   if (!sids.length) body.append(el("tr", {}, el("td", { colspan: cols.length + 1 },
     sampleRows().length ? "No sample matches these filters." : "These runs logged no samples here.")));
   EAGER = false;
+  DEFERRED = null;
   grid.replaceChildren(el("thead", {}, groupHeadRow(cols), head), body);
+  releaseDeferred(body, deferred);
   for (const tr of body.querySelectorAll("tr.sample")) {
     const z = ZOOM.get(tr.dataset.sid);
     tr.dataset.zoom = z ? z.z.toFixed(3) : "";
@@ -457,8 +472,12 @@ function imageURL(run, row, kind) {
 // One panel of a row's preview: the input (0) or a component, cropped from the WebP preview.
 function panel(run, row, which) {
   const g = row.g === null || row.g === undefined ? null : run.geometries[row.g];
+  const url = imageURL(run, row, "preview");
+  const later = !EAGER && DEFERRED !== null; // a lower row's: src once the top rows have loaded
   const img = el("img", { loading: EAGER ? "eager" : "lazy", fetchpriority: EAGER ? "high" : null, decoding: "async",
-    alt: `${which ? "PC" + which : "input"} of sample ${row.sample_id}`, src: imageURL(run, row, "preview") });
+    alt: `${which ? "PC" + which : "input"} of sample ${row.sample_id}`, src: later ? null : url,
+    dataset: later ? { src: url } : null });
+  if (later) DEFERRED.push(img);
   img.addEventListener("error", () => {
     const why = row.rendered ? "image missing" : "not rendered";
     img.replaceWith(el("div", { class: "empty", style: { width: CELL + "px", height: CELL + "px" } }, why));
