@@ -32,8 +32,9 @@ def _epoch(logger: EigenCAMLogger, epoch: int) -> None:
 
 def test_an_outage_keeps_nothing_in_memory_that_is_on_disk(tmp_path):
     """Memory after 30 epochs of an outage is what it was after 6: every epoch is a record
-    on disk and the sender keeps no copy of it (it kept 32: ~30 x 0.25 MB here). Measured in
-    a fresh process: tracemalloc counts other tests' leftover threads too."""
+    on disk and the sender keeps no copy of it (it once kept 32: ~30 x 2.2 MB here).
+    Measured in a fresh process (tracemalloc counts other tests' leftover threads too), with
+    the spool's compaction out of the way (see ``memory.outage``)."""
     got = in_fresh_process(memory.outage, str(tmp_path), free_port())
     bundles = [Path(p) for p in got["bundles"]]
     assert len(bundles) == 30  # all on disk, none delivered
