@@ -128,7 +128,7 @@ def test_signals_are_found_from_the_table_and_the_metric_keys(tracking_uri):
     (found by key, whatever their name), and the run's parameters come with its summary."""
     from tests.helpers.explorer_runs import PROBE_METRIC, log_run
 
-    rid = log_run(tracking_uri, "signals", "s", 2, 3, signals=True)
+    rid = log_run(tracking_uri, "eigencam-tests", "s", 2, 3, signals=True)  # artifacts in tmp_path
     app = Explorer(tracking_uri)
     status, body = _get(app, "/api/data", f"runs={rid}&mode=eval&ds_id=val")
     run = json.loads(body)["runs"][0]
