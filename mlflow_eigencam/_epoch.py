@@ -111,13 +111,17 @@ class Signals:
         self.fixation.update(key, s.sample_id, pc1)  # scored at the epoch end, against the others
         return out
 
+    def _means(self, key: Any) -> List[Tuple[str, Optional[float]]]:
+        """``[(signal name, epoch mean or None)]`` of the per-sample signals scored as the
+        samples come (fixation is scored at the epoch end)."""
+        share, hits = self.localization.summary(key)
+        return [(_layout.SIGNAL_LOCALIZATION, share), (_layout.SIGNAL_POINTING_GAME, hits),
+                (_layout.SIGNAL_FAITHFULNESS, self.faithfulness.summary(key))]
+
     def summaries(self, key: Any) -> List[Tuple[str, float]]:
         """``[(name, epoch mean)]`` of ``map_change`` and the signals some sample of ``key``
         had (a further layer's metrics)."""
-        share, hits = self.localization.summary(key)
-        pairs = ((_layout.TABLE_MAP_CHANGE_COLUMN, self.map_change.summary(key)),
-                 (_layout.SIGNAL_LOCALIZATION, share), (_layout.SIGNAL_POINTING_GAME, hits),
-                 (_layout.SIGNAL_FAITHFULNESS, self.faithfulness.summary(key)))
+        pairs = [(_layout.TABLE_MAP_CHANGE_COLUMN, self.map_change.summary(key))] + self._means(key)
         return [(n, float(v)) for n, v in pairs if v is not None]
 
     def score_rows(self, key: Key, rows: Sequence[dict]) -> None:
@@ -137,11 +141,7 @@ class Signals:
         change = self.map_change.summary(key)
         if change is not None:
             metrics.append([_layout.map_change_key(mode, ds_id), change, epoch, now])
-        share, hits = self.localization.summary(key)
-        for name, value in ((_layout.SIGNAL_LOCALIZATION, share),
-                            (_layout.SIGNAL_POINTING_GAME, hits),
-                            (_layout.SIGNAL_FAITHFULNESS, self.faithfulness.summary(key)),
-                            (_layout.SIGNAL_FIXATION, self.fixation.summary(key))):
+        for name, value in self._means(key) + [(_layout.SIGNAL_FIXATION, self.fixation.summary(key))]:
             if value is not None:  # only the signals some sample had
                 metrics.append([_layout.signal_key(mode, ds_id, name), value, epoch, now])
         return metrics

@@ -535,9 +535,10 @@ class SampleBuffer:
             pred_boxes = self._boxes(preds, n, "preds")
             label_masks = None if label_boxes is not None else self._masks(labels, n, image_hw, "labels")
             pred_masks = None if pred_boxes is not None else self._masks(preds, n, image_hw, "preds")
-            if pred_boxes is not None and all(item.get("mask") is not None for item in list(preds)[:n]):
+            given = [item.get("mask") for item in list(preds)[:n]] if pred_boxes is not None else []
+            if given and all(m is not None for m in given):
                 # An instance segmenter's: its boxes and, painted by the caller, its mask.
-                pred_masks = self._masks([item["mask"] for item in list(preds)[:n]], n, image_hw, "preds")
+                pred_masks = self._masks(given, n, image_hw, "preds")
                 if pred_masks is None:
                     raise ValueError(f"preds' 'mask' must be the images' (H, W) = {tuple(image_hw)} "
                                      "class indices")
