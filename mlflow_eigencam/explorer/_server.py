@@ -520,10 +520,9 @@ class Explorer:
         after it finished is kept). Callers that want a value being made wait for it
         instead of asking MLflow again."""
         now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None and (not hit[2] or now - hit[0] < _LIVE_TTL_S):
-                return hit[1]
+        hit = self._hit(key, now)
+        if hit is not None:
+            return hit[1]
 
         def make_and_keep() -> Any:
             live = rid is not None and self._live(rid)
@@ -534,13 +533,17 @@ class Explorer:
 
         return self._single_flight(key, make_and_keep)
 
-    def _peek(self, key: Tuple[Any, ...]) -> Any:
-        """What :meth:`_cached` holds for ``key`` now (None: nothing, or out of date)."""
+    def _hit(self, key: Tuple[Any, ...], now: float) -> Optional[Tuple[float, Any, bool]]:
+        """The cache's ``(time, value, live)`` for ``key`` while it holds: for good when read
+        from a finished run, for ``_LIVE_TTL_S`` when the run was still logging."""
         with self._lock:
             hit = self._cache.get(key)
-        if hit is None or (hit[2] and time.monotonic() - hit[0] >= _LIVE_TTL_S):
-            return None
-        return hit[1]
+        return hit if hit is not None and (not hit[2] or now - hit[0] < _LIVE_TTL_S) else None
+
+    def _peek(self, key: Tuple[Any, ...]) -> Any:
+        """What :meth:`_cached` holds for ``key`` now (None: nothing, or out of date)."""
+        hit = self._hit(key, time.monotonic())
+        return None if hit is None else hit[1]
 
     def _available(self, run) -> List[Tuple[str, str]]:
         rid = run.info.run_id
