@@ -77,7 +77,7 @@ INTEGRATIONS: Tuple[Integration, ...] = (
                 "mlflow_eigencam.integrations.transformers:autolog_add_callback", method="train"),
     # evaluate() after train() or without it (inside train() the wrapper passes straight through).
     Integration("Transformers", ("transformers.trainer",), "Trainer",
-                "mlflow_eigencam.integrations.transformers:autolog_add_evaluate_callback",
+                "mlflow_eigencam.integrations.transformers:autolog_add_callback",
                 method="evaluate"),
     Integration("Ultralytics", ("ultralytics.engine.model",), "Model",
                 "mlflow_eigencam.integrations.ultralytics:autolog_add_callback", method="train"),

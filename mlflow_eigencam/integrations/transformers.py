@@ -94,7 +94,7 @@ from ..pytorch import EigenCAMMonitor, resolve_target_layer, unwrap_model
 
 _log = logging.getLogger("mlflow_eigencam")
 
-__all__ = ["EigenCAMCallback", "autolog_add_callback", "autolog_add_evaluate_callback"]
+__all__ = ["EigenCAMCallback", "autolog_add_callback"]
 
 #: Run tag naming what the MLflow step of the images is.
 TAG_STEP = "mlflow_eigencam.step"
@@ -620,15 +620,8 @@ def _add_for_one_call(trainer: Any, settings: Dict[str, Any]) -> Optional[Callab
 
 def autolog_add_callback(original: Callable[..., Any], trainer: Any, args: tuple, kw: Dict[str, Any],
                          settings: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any], Optional[Callable[[], None]]]:
-    """autolog's entry for ``transformers.Trainer.train``: an :class:`EigenCAMCallback` on the
-    trainer for this ``train`` only (one the user passed is not duplicated)."""
-    return args, kw, _add_for_one_call(trainer, settings)
-
-
-def autolog_add_evaluate_callback(original: Callable[..., Any], trainer: Any, args: tuple,
-                                  kw: Dict[str, Any], settings: Dict[str, Any]
-                                  ) -> Tuple[tuple, Dict[str, Any], Optional[Callable[[], None]]]:
-    """autolog's entry for ``transformers.Trainer.evaluate`` called outside ``train()`` (inside
-    it, autolog passes straight through and training's callback logs): the same callback as
-    the trainer's ``train()`` calls, for this ``evaluate`` only, into the same run."""
+    """autolog's entry for ``transformers.Trainer.train`` and ``Trainer.evaluate`` (called
+    outside ``train()``; inside it, autolog passes straight through and training's callback
+    logs): an :class:`EigenCAMCallback` on the trainer for this call only (one the user passed
+    is not duplicated), the same one across the trainer's calls, so one run."""
     return args, kw, _add_for_one_call(trainer, settings)
